@@ -1,0 +1,87 @@
+"""Plain PyTorch forward hooks on decoder blocks: capture a block's output, or rewrite it.
+
+Block outputs are a plain tensor ``(batch, seq, hidden)`` in transformers 5 and a tuple whose first element is that
+tensor in 4.x; every function here handles both (taking ``output[0]`` of a tensor would silently take the first
+batch element).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+def hidden_of(output) -> torch.Tensor:
+    """The hidden-state tensor of a block's output (tensor or tuple)."""
+    return output if isinstance(output, torch.Tensor) else output[0]
+
+
+def with_hidden(output, hidden: torch.Tensor):
+    """``output`` with its hidden-state tensor replaced, keeping the structure the block returned."""
+    if isinstance(output, torch.Tensor):
+        return hidden
+    return (hidden, *output[1:])
+
+
+def get_module(model: nn.Module, path: str) -> nn.Module:
+    try:
+        return model.get_submodule(path)
+    except AttributeError as err:
+        raise ValueError(f"module path {path!r} does not exist in {type(model).__name__}") from err
+
+
+@contextmanager
+def block_hook(model: nn.Module, path: str, fn: Callable[[torch.Tensor], torch.Tensor | None]) -> Iterator[None]:
+    """Register ``fn(hidden) -> new hidden or None`` on the block at ``path``; removed on exit, even on error."""
+
+    def hook(_module, _inputs, output):
+        new = fn(hidden_of(output))
+        return None if new is None else with_hidden(output, new)
+
+    handle = get_module(model, path).register_forward_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+class _StopForward(Exception):
+    """Raised inside a capture hook to skip the blocks after the captured one."""
+
+
+@torch.no_grad()
+def capture_hidden(
+    model: nn.Module,
+    path: str,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    stop_early: bool = True,
+) -> torch.Tensor:
+    """Run ``model`` on a batch and return the output of the block at ``path``, shape ``(batch, seq, hidden)``.
+
+    Args:
+        model: A causal LM.
+        path: Module path of the block (``gpt_neox.layers.8``).
+        input_ids: Token ids ``(batch, seq)``.
+        attention_mask: 1 for real tokens, 0 for padding.
+        stop_early: Abort the forward pass right after the block: the later blocks and the LM head cost time
+            and change nothing captured.
+    """
+    captured: list[torch.Tensor] = []
+
+    def fn(hidden: torch.Tensor) -> None:
+        captured.append(hidden.detach())
+        if stop_early:
+            raise _StopForward
+
+    with block_hook(model, path, fn):
+        try:
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        except _StopForward:
+            pass
+    if not captured:
+        raise RuntimeError(f"the hook on {path!r} never fired during the forward pass")
+    return captured[0]

@@ -1,0 +1,305 @@
+"""One loader for sender and receiver models, offline presets, the offline tokenizer and layer resolution.
+
+A model is named by a Hugging Face id or local folder (loaded with ``from_pretrained`` and an explicit dtype), or
+by an offline preset built from a config with seeded random weights (``tiny-neox``, ``pythia-160m-shape``, ...;
+``preset:`` may prefix the name). Presets run exactly the same code paths as real models; they exist because no
+model hub is reachable on the development, CI and GPU machines.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+# Pythia shapes from the models' public configs (shared by both sizes unless overridden).
+_PYTHIA_COMMON = dict(
+    vocab_size=50304,
+    max_position_embeddings=2048,
+    rotary_pct=0.25,
+    rotary_emb_base=10000,
+    use_parallel_residual=True,
+    tie_word_embeddings=False,
+    layer_norm_eps=1e-5,
+    hidden_act="gelu",
+    bos_token_id=0,
+    eos_token_id=0,
+)
+# Tiny presets: the offline tokenizer has at most TOKENIZER_VOCAB entries, so a 1024-row embedding covers it.
+TOKENIZER_VOCAB = 1024
+_TINY_COMMON = dict(_PYTHIA_COMMON, vocab_size=TOKENIZER_VOCAB, max_position_embeddings=512)
+
+PRESETS: dict[str, dict] = {
+    "tiny-neox": dict(
+        family="gpt_neox",
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        **_TINY_COMMON,
+    ),
+    "tiny-neox-large": dict(
+        family="gpt_neox",
+        hidden_size=48,
+        num_hidden_layers=4,
+        num_attention_heads=3,
+        intermediate_size=96,
+        **_TINY_COMMON,
+    ),
+    "tiny-gpt2": dict(
+        family="gpt2",
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        vocab_size=TOKENIZER_VOCAB,
+        n_positions=512,
+        bos_token_id=0,
+        eos_token_id=0,
+    ),  # fmt: skip
+    "tiny-llama": dict(
+        family="llama",
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        vocab_size=TOKENIZER_VOCAB,
+        max_position_embeddings=512,
+        bos_token_id=0,
+        eos_token_id=0,
+    ),
+    "pythia-160m-shape": dict(
+        family="gpt_neox",
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        intermediate_size=3072,
+        **_PYTHIA_COMMON,
+    ),  # fmt: skip
+    "pythia-410m-shape": dict(
+        family="gpt_neox",
+        hidden_size=1024,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        intermediate_size=4096,
+        **_PYTHIA_COMMON,
+    ),  # fmt: skip
+}
+
+# Where the decoder blocks live, per architecture family (first match wins).
+LAYER_CONTAINERS = ("gpt_neox.layers", "transformer.h", "model.layers", "model.decoder.layers")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def cache_root(cache_dir: str | None = None) -> Path:
+    """The project's cache folder: ``cache_dir`` if given, else ``$ACTIVATION_TRANSFER_CACHE``, else
+    ``$XDG_CACHE_HOME/activation-transfer`` (``~/.cache/activation-transfer``)."""
+    if cache_dir:
+        return Path(cache_dir)
+    if os.environ.get("ACTIVATION_TRANSFER_CACHE"):
+        return Path(os.environ["ACTIVATION_TRANSFER_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "activation-transfer"
+
+
+def preset_name(name: str) -> str | None:
+    """The preset a model name refers to, or None for a Hub id / local path. Raises on an unknown ``preset:``."""
+    bare = name.removeprefix("preset:")
+    if bare in PRESETS:
+        return bare
+    if name.startswith("preset:"):
+        raise ValueError(f"unknown model preset {bare!r}; known presets: {', '.join(sorted(PRESETS))}")
+    return None
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def build_preset(name: str, seed: int = 0, dtype: str | torch.dtype = "float32") -> nn.Module:
+    """Build a preset model with weights drawn from ``seed`` (the global RNG is left untouched)."""
+    from transformers import AutoModelForCausalLM, GPT2Config, GPTNeoXConfig, LlamaConfig
+
+    spec = dict(PRESETS[name])
+    family = spec.pop("family")
+    config_cls = {"gpt_neox": GPTNeoXConfig, "gpt2": GPT2Config, "llama": LlamaConfig}[family]
+    config = config_cls(**spec)
+    # The tokenizer's id 0 is "<|endoftext|>" (bos = eos = pad, as in Pythia).
+    config.bos_token_id = config.eos_token_id = config.pad_token_id = 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=resolve_dtype(dtype))
+    model.config.name_or_path = f"preset:{name}"
+    return model
+
+
+def load_model(
+    name: str,
+    *,
+    dtype: str | torch.dtype = "float32",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    preset_seed: int = 0,
+) -> nn.Module:
+    """Load a frozen causal LM in eval mode.
+
+    Args:
+        name: Hugging Face id, local folder, or preset name (``tiny-neox``, ``pythia-410m-shape``, ``preset:...``).
+        dtype: ``float32``, ``bfloat16`` or ``float16``. Always explicit: transformers 5 would otherwise load the
+            checkpoint's own dtype.
+        revision: Hub revision (branch, tag or commit) for Hub ids.
+        trust_remote_code: Passed to ``from_pretrained``; off unless a config turns it on.
+        preset_seed: Seed of a preset's random weights.
+
+    Returns:
+        The model, with ``requires_grad`` off for every parameter.
+    """
+    preset = preset_name(name)
+    if preset is not None:
+        model = build_preset(preset, seed=preset_seed, dtype=dtype)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                name, dtype=resolve_dtype(dtype), revision=revision, trust_remote_code=trust_remote_code
+            )
+        except (OSError, ValueError) as err:
+            raise ValueError(
+                f"cannot load model {name!r}: it is not a preset ({', '.join(sorted(PRESETS))}), not a local model "
+                f"folder, and loading it from the Hugging Face Hub failed ({type(err).__name__}: {err})"
+            ) from err
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def model_identity(model: nn.Module) -> dict:
+    """What a checkpoint or result records about a model: its name, revision, family and sizes."""
+    cfg = model.config
+    return {
+        "name": cfg.name_or_path,
+        "revision": getattr(cfg, "_commit_hash", None),
+        "model_type": cfg.model_type,
+        "hidden_size": int(cfg.hidden_size),
+        "num_layers": int(cfg.num_hidden_layers),
+    }
+
+
+# --------------------------------------------------------------------------------------------- tokenizer
+
+
+def _train_offline_tokenizer(vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from datamodules.synthetic_multihop import corpus_text
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],  # id 0, like Pythia's bos/eos/pad
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    # Deterministic corpus: the built-in generator with a fixed seed, never the evaluation seed's samples alone.
+    tok.train_from_iterator(corpus_text(num_samples=3000, seed=0), trainer=trainer)
+    return tok
+
+
+def offline_tokenizer(cache_dir: str | None = None, vocab_size: int = TOKENIZER_VOCAB):
+    """A byte-level BPE tokenizer trained offline on the built-in corpus, cached as ``tokenizer.json``.
+
+    Byte-level BPE encodes any text (the paper's QA files included); its merges fit the synthetic domain.
+    """
+    from transformers import PreTrainedTokenizerFast
+
+    folder = cache_root(cache_dir) / "tokenizers" / f"offline-bpe-{vocab_size}"
+    path = folder / "tokenizer.json"
+    if not path.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".tokenizer.json.{os.getpid()}.tmp"
+        _train_offline_tokenizer(vocab_size).save(str(tmp))
+        os.replace(tmp, path)  # atomic: concurrent processes never read a half-written file
+    tok = PreTrainedTokenizerFast(
+        tokenizer_file=str(path), bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
+    tok.name_or_path = f"offline-bpe-{vocab_size}"
+    return tok
+
+
+def load_tokenizer(name: str, *, revision: str | None = None, cache_dir: str | None = None,
+                   trust_remote_code: bool = False):  # fmt: skip
+    """The tokenizer for a model name: the offline tokenizer for presets, else ``AutoTokenizer``. Pad = EOS."""
+    if preset_name(name) is not None:
+        tok = offline_tokenizer(cache_dir)
+    else:
+        from transformers import AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"cannot load the tokenizer of {name!r} ({type(err).__name__}: {err})") from err
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def tokenizer_fingerprint(tok) -> str:
+    """SHA-256 of a tokenizer's serialized vocabulary and merges: equal fingerprints tokenize identically."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    blob = backend.to_str() if backend is not None else json.dumps(tok.get_vocab(), sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+# --------------------------------------------------------------------------------------------- layers
+
+
+@dataclass(frozen=True)
+class ResolvedLayer:
+    """A decoder block chosen by index or relative depth, with the module path recorded in outputs."""
+
+    index: int
+    path: str
+    num_layers: int
+
+
+def layer_container(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    modules = dict(model.named_modules())
+    for path in LAYER_CONTAINERS:
+        if isinstance(modules.get(path), nn.ModuleList):
+            return path, modules[path]
+    raise ValueError(
+        f"cannot find the decoder blocks of {type(model).__name__}: none of {', '.join(LAYER_CONTAINERS)} is a "
+        "ModuleList"
+    )
+
+
+def resolve_layer(model: nn.Module, layer: int | float) -> ResolvedLayer:
+    """Resolve ``layer`` to a block: an int is an index, a float in [0, 1) a relative depth (``int(rel * n)``)."""
+    container, blocks = layer_container(model)
+    n = len(blocks)
+    if isinstance(layer, bool):
+        raise ValueError(f"layer must be an int index or a float relative depth, got {layer!r}")
+    if isinstance(layer, float):
+        if not 0.0 <= layer < 1.0:
+            raise ValueError(f"relative layer depth must be in [0, 1), got {layer} (model has {n} blocks)")
+        index = int(layer * n)
+    else:
+        index = int(layer)
+    if not 0 <= index < n:
+        raise ValueError(f"layer {layer} is out of range: {model.config.name_or_path} has {n} blocks (0..{n - 1})")
+    return ResolvedLayer(index=index, path=f"{container}.{index}", num_layers=n)

@@ -1,0 +1,55 @@
+"""Test isolation: nothing writes into the repository or the home folder, no network, W&B disabled."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+import pytest
+
+matplotlib.use("Agg")
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+MULTIHOP_DIR = SHARED / "data" / "multihop"
+PAPER_RESULTS_DIR = SHARED / "reference" / "paper_results"
+
+# Set before anything imports transformers or Lightning (they read these at import time).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One project cache per test session (the offline tokenizer is trained once)."""
+    return tmp_path_factory.mktemp("at_cache")
+
+
+@pytest.fixture(autouse=True)
+def _isolate(monkeypatch, tmp_path, cache_dir):
+    monkeypatch.setenv("ACTIVATION_TRANSFER_CACHE", str(cache_dir))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for var in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "MPLCONFIGDIR"):
+        d = tmp_path / "_env" / var.lower()
+        d.mkdir(parents=True, exist_ok=True)
+        monkeypatch.setenv(var, str(d))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "_env" / "inductor"))
+    yield
+
+
+@pytest.fixture
+def multihop_dir() -> Path:
+    if not (MULTIHOP_DIR / "clean_eval.jsonl").exists():
+        pytest.skip("../shared/data/multihop is absent")
+    return MULTIHOP_DIR
+
+
+@pytest.fixture
+def paper_results_dir() -> Path:
+    if not PAPER_RESULTS_DIR.is_dir():
+        pytest.skip("../shared/reference/paper_results is absent")
+    return PAPER_RESULTS_DIR

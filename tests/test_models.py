@@ -1,0 +1,92 @@
+import pytest
+import torch
+
+from lightning_modules.components.hooks import block_hook, capture_hidden
+from lightning_modules.components.models import (
+    PRESETS,
+    load_model,
+    load_tokenizer,
+    model_identity,
+    offline_tokenizer,
+    resolve_layer,
+    tokenizer_fingerprint,
+)
+
+PROMPT = "Context: Bob lives in Tokyo. Tokyo is located in Japan.\nQ: What country does Bob live in?\nA:"
+
+
+@pytest.mark.parametrize("name", ["tiny-neox", "tiny-neox-large", "tiny-gpt2", "tiny-llama"])
+def test_captured_block_output_equals_hidden_states(name):
+    model = load_model(name)
+    tok = load_tokenizer(name)
+    ids = torch.tensor([tok(PROMPT).input_ids])
+    # A non-final block: HF applies the final LayerNorm to the last entry of hidden_states.
+    layer = resolve_layer(model, 0)
+    ref = model(input_ids=ids, output_hidden_states=True).hidden_states[layer.index + 1]
+    for stop_early in (True, False):
+        got = capture_hidden(model, layer.path, ids, stop_early=stop_early)
+        torch.testing.assert_close(got, ref)
+
+
+def test_layer_resolution_relative_and_index():
+    m = load_model("tiny-neox-large")  # 4 blocks
+    assert resolve_layer(m, 0.67).index == 2 and resolve_layer(m, 0.67).path == "gpt_neox.layers.2"
+    assert resolve_layer(m, 3).path == "gpt_neox.layers.3"
+    assert resolve_layer(load_model("tiny-gpt2"), 1).path == "transformer.h.1"
+    assert resolve_layer(load_model("tiny-llama"), 0.5).path == "model.layers.1"
+    for bad in (4, -1, 1.0, -0.1):
+        with pytest.raises(ValueError, match="layer|depth"):
+            resolve_layer(m, bad)
+
+
+def test_pythia_shape_presets_match_published_layers():
+    spec160, spec410 = PRESETS["pythia-160m-shape"], PRESETS["pythia-410m-shape"]
+    assert (spec160["hidden_size"], spec160["num_hidden_layers"], int(0.67 * spec160["num_hidden_layers"])) == (
+        768,
+        12,
+        8,
+    )
+    assert (spec410["hidden_size"], spec410["num_hidden_layers"], int(0.67 * spec410["num_hidden_layers"])) == (
+        1024,
+        24,
+        16,
+    )
+
+
+def test_presets_are_seeded_frozen_and_identified():
+    a, b, c = load_model("tiny-neox", preset_seed=1), load_model("tiny-neox", preset_seed=1), load_model("tiny-neox")
+    pa, pb, pc = (next(m.parameters()) for m in (a, b, c))
+    assert torch.equal(pa, pb) and not torch.equal(pa, pc)
+    assert not a.training and not any(p.requires_grad for p in a.parameters())
+    assert model_identity(a)["name"] == "preset:tiny-neox" and model_identity(a)["hidden_size"] == 32
+    assert load_model("preset:tiny-neox", dtype="bfloat16").dtype == torch.bfloat16
+
+
+def test_unknown_model_names_get_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown model preset 'tiny-nope'"):
+        load_model("preset:tiny-nope")
+    with pytest.raises(ValueError, match="cannot load model .*not a preset"):
+        load_model(str(tmp_path / "no-such-model"))
+    with pytest.raises(ValueError, match="unknown dtype"):
+        load_model("tiny-neox", dtype="float8")
+
+
+def test_offline_tokenizer_is_cached_and_deterministic(cache_dir):
+    t1 = offline_tokenizer()
+    assert (cache_dir / "tokenizers" / "offline-bpe-1024" / "tokenizer.json").exists()
+    assert t1.pad_token_id == t1.eos_token_id == 0
+    assert len(t1) <= 1024
+    fresh = offline_tokenizer(str(cache_dir / "elsewhere"))  # trained again from scratch
+    assert tokenizer_fingerprint(fresh) == tokenizer_fingerprint(t1)
+    assert t1.decode(t1(PROMPT).input_ids) == PROMPT
+
+
+def test_block_hook_rewrites_output_and_is_removed():
+    model = load_model("tiny-neox")
+    tok = load_tokenizer("tiny-neox")
+    ids = torch.tensor([tok(PROMPT).input_ids])
+    base = model(input_ids=ids).logits
+    with block_hook(model, "gpt_neox.layers.0", lambda h: h * torch.linspace(0, 2, h.shape[-1])):
+        changed = model(input_ids=ids).logits
+    assert not torch.allclose(base, changed)
+    torch.testing.assert_close(model(input_ids=ids).logits, base)
