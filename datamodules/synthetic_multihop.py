@@ -15,6 +15,11 @@ import hashlib
 import random
 from dataclasses import asdict, dataclass
 
+# Generator seed of the built-in evaluation set. Anything trained on generated data (the model organisms) must
+# hold this seed out and drop samples whose key also occurs in the evaluation set.
+EVAL_SEED = 1234
+EVAL_NUM_SAMPLES = 300
+
 PEOPLE = (
     "Alice", "Bob", "Carlos", "Dana", "Elena", "Farid", "Grace", "Hiro", "Ines", "Jonas",
     "Kofi", "Lena", "Marco", "Nadia", "Omar", "Priya", "Quinn", "Rosa", "Sven", "Tara",

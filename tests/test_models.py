@@ -90,3 +90,13 @@ def test_block_hook_rewrites_output_and_is_removed():
         changed = model(input_ids=ids).logits
     assert not torch.allclose(base, changed)
     torch.testing.assert_close(model(input_ids=ids).logits, base)
+
+
+def test_load_ref_identity_is_plain_and_complete():
+    from lightning_modules.components.models import ModelRef, load_ref
+
+    loaded = load_ref(ModelRef(name="tiny-neox-large", layer=0.67))
+    ident = loaded.identity()
+    assert ident["layer"] == "gpt_neox.layers.2" and ident["layer_index"] == 2 and ident["hidden_size"] == 48
+    assert all(isinstance(v, (str, int, float, type(None))) for v in ident.values())
+    assert load_ref({"name": "tiny-neox", "layer": 1}).layer.path == "gpt_neox.layers.1"

@@ -303,3 +303,71 @@ def resolve_layer(model: nn.Module, layer: int | float) -> ResolvedLayer:
     if not 0 <= index < n:
         raise ValueError(f"layer {layer} is out of range: {model.config.name_or_path} has {n} blocks (0..{n - 1})")
     return ResolvedLayer(index=index, path=f"{container}.{index}", num_layers=n)
+
+
+# --------------------------------------------------------------------------------------------- config-level reference
+
+
+@dataclass
+class ModelRef:
+    """How configs name a frozen model and the block whose output is read or written.
+
+    Args:
+        name: Hugging Face id, local folder, or preset (``tiny-neox``, ``pythia-160m-shape``).
+        layer: Block index (int) or relative depth in [0, 1) resolved as ``int(rel * num_layers)``.
+        dtype: ``float32``, ``bfloat16`` or ``float16``.
+        revision: Hub revision for Hub ids.
+        trust_remote_code: Allow custom model code from the Hub (off by default, for safety).
+        preset_seed: Seed of a preset's random weights.
+    """
+
+    name: str
+    layer: int | float = 0.67
+    dtype: str = "float32"
+    revision: str | None = None
+    trust_remote_code: bool = False
+    preset_seed: int = 0
+
+
+@dataclass
+class LoadedModel:
+    """A loaded frozen model with its tokenizer and resolved block."""
+
+    ref: ModelRef
+    model: nn.Module
+    tokenizer: object
+    layer: ResolvedLayer
+
+    def identity(self) -> dict:
+        """Plain-dict record (safe for ``weights_only`` checkpoints and JSON results)."""
+        return {
+            **model_identity(self.model),
+            "name": self.ref.name,
+            "layer": self.layer.path,
+            "layer_index": self.layer.index,
+            "dtype": self.ref.dtype,
+            "preset_seed": self.ref.preset_seed if preset_name(self.ref.name) else None,
+            "tokenizer_sha256": tokenizer_fingerprint(self.tokenizer),
+        }
+
+
+def as_ref(ref: ModelRef | dict | str) -> ModelRef:
+    if isinstance(ref, ModelRef):
+        return ref
+    if isinstance(ref, str):
+        return ModelRef(name=ref)
+    return ModelRef(**ref)
+
+
+def load_ref(ref: ModelRef | dict | str, cache_dir: str | None = None) -> LoadedModel:
+    """Load the model, tokenizer and block that ``ref`` names."""
+    ref = as_ref(ref)
+    model = load_model(
+        ref.name,
+        dtype=ref.dtype,
+        revision=ref.revision,
+        trust_remote_code=ref.trust_remote_code,
+        preset_seed=ref.preset_seed,
+    )
+    tok = load_tokenizer(ref.name, revision=ref.revision, cache_dir=cache_dir, trust_remote_code=ref.trust_remote_code)
+    return LoadedModel(ref=ref, model=model, tokenizer=tok, layer=resolve_layer(model, ref.layer))
