@@ -1,0 +1,340 @@
+"""Paired statistics of the paper (PAPER.md 4.4) as pure numpy/scipy functions.
+
+Conventions:
+
+- A *run* of a condition is one 0/1 correctness vector over the evaluation samples (one per seed; one for a
+  deterministic condition). Vectors compared here are already aligned by sample id (see ``reporting``).
+- A paired delta is ``condition - baseline`` per sample (values -1, 0, +1).
+- Multi-run conditions *pool* their paired deltas across runs (3 x 396 = 1,188 values) before bootstrapping; a
+  deterministic baseline is paired with every run.
+- The bootstrap is the simple percentile bootstrap: ``B`` resampled means, sorted, read at index ``int(q * (B - 1))``
+  for ``q = (1 - confidence) / 2`` and ``1 - q``. Its generator is ``numpy.random.default_rng(seed)``; the paper used
+  Python's ``random.Random``, so CI ends agree with the paper's to about +/-0.002, not exactly.
+- TOST and the one-sided degradation test use a normal approximation on the *clustered* view: each sample's delta
+  averaged over runs (n = number of samples), standard error ``sd(ddof=1) / sqrt(n)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import statistics as _stats
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from scipy import stats
+
+DEFAULT_RESAMPLES = 5000
+DEFAULT_MARGINS = (0.05, 0.03)
+# Cap on resample-by-sample index matrices held at once (int64): 2e7 entries = 160 MB is too much, 4e6 = 32 MB.
+_CHUNK_ENTRIES = 4_000_000
+
+
+def derive_seed(seed: int, label: str) -> int:
+    """A deterministic 32-bit seed for one comparison: first 8 hex digits of SHA-256 of ``"{seed}|{label}"``.
+
+    Deriving per comparison (rather than sharing one generator) makes each CI independent of which other
+    conditions happen to be in the report, and of their order.
+
+    Args:
+        seed: The report's base seed.
+        label: A string naming the comparison, e.g. ``"additive|no_inject|word_boundary_contains"``.
+    """
+    return int(hashlib.sha256(f"{seed}|{label}".encode()).hexdigest()[:8], 16)
+
+
+def bootstrap_mean_ci(
+    values: np.ndarray | Sequence[float],
+    resamples: int = DEFAULT_RESAMPLES,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Simple percentile bootstrap CI of the mean (not BCa), vectorized.
+
+    Args:
+        values: The sample (1-D); for paired comparisons, the pooled paired deltas.
+        resamples: Number of bootstrap resamples ``B`` (>= 1).
+        confidence: Two-sided coverage, e.g. 0.95 or 0.90.
+        seed: Seed of ``numpy.random.default_rng``.
+
+    Returns:
+        ``(low, high)``: the sorted resampled means at indices ``int(q * (B - 1))`` and ``int((1 - q) * (B - 1))``
+        with ``q = (1 - confidence) / 2``.
+    """
+    x = np.asarray(values, dtype=np.float64).ravel()
+    if x.size == 0:
+        raise ValueError("bootstrap_mean_ci: empty sample")
+    if resamples < 1:
+        raise ValueError(f"bootstrap_mean_ci: resamples must be >= 1, got {resamples}")
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"bootstrap_mean_ci: confidence must be in (0, 1), got {confidence}")
+    rng = np.random.default_rng(seed)
+    n = x.size
+    means = np.empty(resamples, dtype=np.float64)
+    rows = max(1, _CHUNK_ENTRIES // n)
+    for start in range(0, resamples, rows):
+        stop = min(resamples, start + rows)
+        idx = rng.integers(0, n, size=(stop - start, n))
+        means[start:stop] = x[idx].mean(axis=1)
+    means.sort()
+    q = (1.0 - confidence) / 2.0
+    return float(means[int(q * (resamples - 1))]), float(means[int((1.0 - q) * (resamples - 1))])
+
+
+def _as_bool(a: np.ndarray | Sequence[bool], name: str) -> np.ndarray:
+    arr = np.asarray(a)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
+    return arr.astype(bool)
+
+
+def paired_deltas(condition: np.ndarray | Sequence[bool], baseline: np.ndarray | Sequence[bool]) -> np.ndarray:
+    """Per-sample ``condition - baseline`` of two aligned 0/1 vectors.
+
+    Args:
+        condition: Correctness of the condition, aligned by sample id with ``baseline``.
+        baseline: Correctness of the baseline.
+
+    Returns:
+        An int array of -1/0/+1.
+    """
+    c, b = _as_bool(condition, "condition"), _as_bool(baseline, "baseline")
+    if c.shape != b.shape:
+        raise ValueError(f"condition and baseline differ in length: {c.size} vs {b.size}")
+    return c.astype(np.int64) - b.astype(np.int64)
+
+
+def gained_lost(condition: np.ndarray | Sequence[bool], baseline: np.ndarray | Sequence[bool]) -> tuple[int, int]:
+    """Samples the condition gets right and the baseline wrong (gained), and the reverse (lost).
+
+    Args:
+        condition: Correctness of the condition, aligned with ``baseline``.
+        baseline: Correctness of the baseline.
+    """
+    d = paired_deltas(condition, baseline)
+    return int((d > 0).sum()), int((d < 0).sum())
+
+
+def mcnemar_p(gained: int, lost: int) -> float:
+    """Continuity-corrected McNemar test (chi-square, 1 df; equivalently a two-sided normal approximation).
+
+    ``chi2 = (max(|b - c| - 1, 0))^2 / (b + c)``; no discordant pairs gives p = 1.
+
+    Args:
+        gained: Discordant pairs in the condition's favour (b).
+        lost: Discordant pairs in the baseline's favour (c).
+    """
+    if gained < 0 or lost < 0:
+        raise ValueError(f"mcnemar_p: counts must be >= 0, got {gained}, {lost}")
+    total = gained + lost
+    if total == 0:
+        return 1.0
+    chi2 = max(abs(gained - lost) - 1, 0) ** 2 / total
+    return float(stats.chi2.sf(chi2, df=1))
+
+
+def run_mean_sd(values: Sequence[float]) -> tuple[float, float | None]:
+    """Mean and sample SD (``statistics.stdev``, n - 1) of per-run scores.
+
+    Args:
+        values: One score per run.
+
+    Returns:
+        ``(mean, sd)``; ``sd`` is ``None`` for a single run, where the sample SD is undefined.
+    """
+    vals = [float(v) for v in values]
+    if not vals:
+        raise ValueError("run_mean_sd: no runs")
+    return float(np.mean(vals)), (_stats.stdev(vals) if len(vals) > 1 else None)
+
+
+def _paired_matrix(condition_runs: Sequence, baseline_runs: Sequence) -> np.ndarray:
+    if len(condition_runs) == 0:
+        raise ValueError("no runs to compare")
+    if len(condition_runs) != len(baseline_runs):
+        raise ValueError(
+            f"{len(condition_runs)} condition runs but {len(baseline_runs)} baseline runs; pair them first "
+            "(repeat a deterministic baseline once per run)"
+        )
+    return np.stack([paired_deltas(c, b) for c, b in zip(condition_runs, baseline_runs)])
+
+
+def clustered_deltas(condition_runs: Sequence, baseline_runs: Sequence) -> np.ndarray:
+    """Each sample's paired delta averaged over runs (the "clustered" view, n = number of samples).
+
+    Args:
+        condition_runs: One aligned 0/1 vector per run of the condition.
+        baseline_runs: The baseline vector paired with each run (same length as ``condition_runs``).
+    """
+    return _paired_matrix(condition_runs, baseline_runs).mean(axis=0)
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    """Pooled paired comparison of a condition with a baseline (one metric).
+
+    Attributes:
+        runs: Number of paired runs.
+        n_pairs: Pooled paired deltas (runs x samples).
+        delta: Mean pooled delta.
+        ci_low: Lower percentile-bootstrap end.
+        ci_high: Upper percentile-bootstrap end.
+        gained_per_run: Mean gained samples per run.
+        lost_per_run: Mean lost samples per run.
+        gained: Total gained over runs.
+        lost: Total lost over runs.
+        mcnemar_p: Continuity-corrected McNemar p on the pooled discordant counts.
+        resamples: Bootstrap resamples.
+        confidence: CI coverage.
+        bootstrap_seed: Seed of the bootstrap generator.
+    """
+
+    runs: int
+    n_pairs: int
+    delta: float
+    ci_low: float
+    ci_high: float
+    gained_per_run: float
+    lost_per_run: float
+    gained: int
+    lost: int
+    mcnemar_p: float
+    resamples: int
+    confidence: float
+    bootstrap_seed: int
+
+    def to_dict(self) -> dict:
+        """Plain-dict form for JSON."""
+        return asdict(self)
+
+
+def compare_paired(
+    condition_runs: Sequence,
+    baseline_runs: Sequence,
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> PairedComparison:
+    """Pool the paired deltas of all runs, bootstrap their mean, and count gained/lost samples.
+
+    Args:
+        condition_runs: One aligned 0/1 vector per run of the condition.
+        baseline_runs: The baseline vector paired with each run (same length as ``condition_runs``).
+        resamples: Bootstrap resamples.
+        seed: Bootstrap seed (use :func:`derive_seed` for a per-comparison seed).
+        confidence: CI coverage.
+    """
+    mat = _paired_matrix(condition_runs, baseline_runs)
+    runs = mat.shape[0]
+    pooled = mat.ravel()
+    gained, lost = int((pooled > 0).sum()), int((pooled < 0).sum())
+    lo, hi = bootstrap_mean_ci(pooled, resamples=resamples, confidence=confidence, seed=seed)
+    return PairedComparison(
+        runs=runs,
+        n_pairs=int(pooled.size),
+        delta=float(pooled.mean()),
+        ci_low=lo,
+        ci_high=hi,
+        gained_per_run=gained / runs,
+        lost_per_run=lost / runs,
+        gained=gained,
+        lost=lost,
+        mcnemar_p=mcnemar_p(gained, lost),
+        resamples=resamples,
+        confidence=confidence,
+        bootstrap_seed=seed,
+    )
+
+
+def _mean_se(deltas: np.ndarray | Sequence[float]) -> tuple[float, float, int]:
+    d = np.asarray(deltas, dtype=np.float64).ravel()
+    if d.size < 2:
+        raise ValueError(f"need at least 2 samples for a standard error, got {d.size}")
+    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(d.size)), int(d.size)
+
+
+@dataclass(frozen=True)
+class TostResult:
+    """Two one-sided tests (normal approximation) for ``|delta| < margin``.
+
+    Attributes:
+        n: Number of (clustered) deltas.
+        delta: Mean delta.
+        se: Standard error of the mean.
+        ci90_low: ``delta - z_{1-alpha} * se`` (the (1 - 2 alpha) CI; 90% at alpha 0.05).
+        ci90_high: ``delta + z_{1-alpha} * se``.
+        margin: Equivalence margin.
+        p_lower: p of H0 ``delta <= -margin``.
+        p_upper: p of H0 ``delta >= +margin``.
+        p: ``max(p_lower, p_upper)``.
+        alpha: Level of each one-sided test.
+        equivalent: ``p < alpha`` (equivalently the CI lies inside ``(-margin, margin)``).
+    """
+
+    n: int
+    delta: float
+    se: float
+    ci90_low: float
+    ci90_high: float
+    margin: float
+    p_lower: float
+    p_upper: float
+    p: float
+    alpha: float
+    equivalent: bool
+
+    def to_dict(self) -> dict:
+        """Plain-dict form for JSON."""
+        return asdict(self)
+
+
+def _upper_tail(z_num: float, se: float) -> float:
+    # P(Z >= z_num / se); with se == 0 every resample equals the mean, so the tail is 0 or 1 (never nan).
+    if se == 0.0:
+        return 0.0 if z_num > 0 else 1.0
+    return float(stats.norm.sf(z_num / se))
+
+
+def tost(deltas: np.ndarray | Sequence[float], margin: float, alpha: float = 0.05) -> TostResult:
+    """TOST equivalence test with a normal approximation.
+
+    Args:
+        deltas: Paired deltas (the clustered view: per-sample deltas averaged over runs).
+        margin: Equivalence margin (> 0), in accuracy units.
+        alpha: Level of each one-sided test; the reported CI is the matching (1 - 2 alpha) CI.
+    """
+    if margin <= 0:
+        raise ValueError(f"tost: margin must be > 0, got {margin}")
+    if not 0.0 < alpha < 0.5:
+        raise ValueError(f"tost: alpha must be in (0, 0.5), got {alpha}")
+    mean, se, n = _mean_se(deltas)
+    z = float(stats.norm.ppf(1.0 - alpha))
+    p_lower = _upper_tail(mean + margin, se)  # H0: delta <= -margin
+    p_upper = _upper_tail(margin - mean, se)  # H0: delta >= +margin
+    p = max(p_lower, p_upper)
+    return TostResult(
+        n=n,
+        delta=mean,
+        se=se,
+        ci90_low=mean - z * se,
+        ci90_high=mean + z * se,
+        margin=float(margin),
+        p_lower=p_lower,
+        p_upper=p_upper,
+        p=p,
+        alpha=alpha,
+        equivalent=p < alpha,
+    )
+
+
+def degradation_p(deltas: np.ndarray | Sequence[float]) -> float:
+    """One-sided p of H0 ``delta >= 0`` against H1 ``delta < 0`` (normal approximation).
+
+    With no variation (se = 0) a negative mean gives 0 and a zero or positive mean gives 1.
+
+    Args:
+        deltas: Paired deltas (the clustered view).
+    """
+    mean, se, _ = _mean_se(deltas)
+    return _upper_tail(-mean, se)
