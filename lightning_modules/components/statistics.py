@@ -8,8 +8,10 @@ Conventions:
 - Multi-run conditions *pool* their paired deltas across runs (3 x 396 = 1,188 values) before bootstrapping; a
   deterministic baseline is paired with every run.
 - The bootstrap is the simple percentile bootstrap: ``B`` resampled means, sorted, read at index ``int(q * (B - 1))``
-  for ``q = (1 - confidence) / 2`` and ``1 - q``. Its generator is ``numpy.random.default_rng(seed)``; the paper used
-  Python's ``random.Random``, so CI ends agree with the paper's to about +/-0.002, not exactly.
+  for ``q = (1 - confidence) / 2`` and ``1 - q``. Samples with few distinct values are resampled through multinomial
+  value counts, which has exactly the distribution of index resampling and is ~100x faster. The generator is
+  ``numpy.random.default_rng(seed)``; the paper used Python's ``random.Random``, so CI ends agree with the paper's
+  to about +/-0.002, not exactly.
 - TOST and the one-sided degradation test use a normal approximation on the *clustered* view: each sample's delta
   averaged over runs (n = number of samples), standard error ``sd(ddof=1) / sqrt(n)``.
 """
@@ -29,6 +31,8 @@ DEFAULT_RESAMPLES = 5000
 DEFAULT_MARGINS = (0.05, 0.03)
 # Cap on resample-by-sample index matrices held at once (int64): 2e7 entries = 160 MB is too much, 4e6 = 32 MB.
 _CHUNK_ENTRIES = 4_000_000
+# Up to this many distinct values the bootstrap draws multinomial counts per value instead of indices.
+_MAX_LEVELS = 64
 
 
 def derive_seed(seed: int, label: str) -> int:
@@ -71,12 +75,20 @@ def bootstrap_mean_ci(
         raise ValueError(f"bootstrap_mean_ci: confidence must be in (0, 1), got {confidence}")
     rng = np.random.default_rng(seed)
     n = x.size
-    means = np.empty(resamples, dtype=np.float64)
-    rows = max(1, _CHUNK_ENTRIES // n)
-    for start in range(0, resamples, rows):
-        stop = min(resamples, start + rows)
-        idx = rng.integers(0, n, size=(stop - start, n))
-        means[start:stop] = x[idx].mean(axis=1)
+    uniq, counts = np.unique(x, return_counts=True)
+    if uniq.size <= _MAX_LEVELS:
+        # Few distinct values (0/1 scores, -1/0/+1 deltas, their run averages): how often each value is drawn in a
+        # resample of size n is exactly Multinomial(n, counts / n), so drawing the counts gives the same bootstrap
+        # distribution as drawing n indices, in O(B * levels) instead of O(B * n).
+        draws = rng.multinomial(n, counts / n, size=resamples)
+        means = draws @ uniq / n
+    else:
+        means = np.empty(resamples, dtype=np.float64)
+        rows = max(1, _CHUNK_ENTRIES // n)
+        for start in range(0, resamples, rows):
+            stop = min(resamples, start + rows)
+            idx = rng.integers(0, n, size=(stop - start, n))
+            means[start:stop] = x[idx].mean(axis=1)
     means.sort()
     q = (1.0 - confidence) / 2.0
     return float(means[int(q * (resamples - 1))]), float(means[int((1.0 - q) * (resamples - 1))])

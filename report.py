@@ -1,0 +1,81 @@
+"""Report: per-sample records -> tables, paired CIs, McNemar, TOST and plots (DESIGN.md "Report").
+
+Usage::
+
+    python report.py RESULTS... --out DIR [--baseline no_inject --baseline nl_relay] [--resamples 5000]
+        [--margins 0.05 0.03] [--seed 0] [--intersect]
+
+Each RESULTS is a per-sample JSONL file, one of the paper's JSON result files, or a folder of them. Without
+``--baseline`` the report compares against no_inject and nl_relay, skipping whichever is absent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from lightning_modules.components.reporting import ReportInputError, run_report
+from lightning_modules.components.statistics import DEFAULT_MARGINS, DEFAULT_RESAMPLES
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The fixed command line of DESIGN.md."""
+    parser = argparse.ArgumentParser(prog="report.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", nargs="+", help="per-sample JSONL/JSON files or folders of them")
+    parser.add_argument("--out", required=True, help="output folder (created)")
+    parser.add_argument(
+        "--baseline",
+        action="append",
+        default=None,
+        help="baseline condition (repeatable); default: no_inject and nl_relay, skipping an absent one",
+    )
+    parser.add_argument("--resamples", type=int, default=DEFAULT_RESAMPLES, help="bootstrap resamples (default 5000)")
+    parser.add_argument(
+        "--margins",
+        type=float,
+        nargs="+",
+        default=list(DEFAULT_MARGINS),
+        help="TOST equivalence margins (default 0.05 0.03)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="base bootstrap seed (default 0)")
+    parser.add_argument(
+        "--intersect",
+        action="store_true",
+        help="compare only sample ids common to a condition and its baseline, reporting how many were dropped",
+    )
+    return parser
+
+
+def main(args: Sequence[str] | None = None) -> int:
+    """Run the report and print the summary table and output folder.
+
+    Args:
+        args: Command-line arguments (``None``: ``sys.argv[1:]``).
+
+    Returns:
+        0 on success (bad input exits with status 2 and a one-line error).
+    """
+    parser = build_parser()
+    ns = parser.parse_args(args)
+    try:
+        result = run_report(
+            ns.results,
+            ns.out,
+            baselines=ns.baseline,
+            resamples=ns.resamples,
+            margins=ns.margins,
+            seed=ns.seed,
+            intersect=ns.intersect,
+        )
+    except (ReportInputError, ValueError) as err:
+        parser.exit(2, f"report.py: error: {err}\n")
+    print(result.markdown)
+    for note in result.notes:
+        print(f"note: {note}")
+    print(f"wrote {len(result.files)} files to {ns.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
