@@ -616,14 +616,19 @@ def plot_accuracy(summary: Mapping, metric: str = MAIN_METRIC) -> bytes:
                 label=None if runs_labelled else "single run",
             )
             runs_labelled = True
+        # The value printed beside the CI saves reading it off the axis.
+        ax.annotate(
+            f"{mean:.4f}", (v["ci_high"], y), xytext=(6, 0), textcoords="offset points", va="center", fontsize=8
+        )
     ax.set_yticks(range(len(conds)))
     ax.set_yticklabels([f"{c} (runs={summary['conditions'][c]['runs']})" for c in conds])
-    ax.invert_yaxis()
-    ax.set_xlim(left=0)
+    ax.set_ylim(len(conds) - 0.4, -0.6)  # top-down in report order, half a row of air at both ends
+    ax.set_xlim(0, max(summary["conditions"][c][metric]["ci_high"] for c in conds) * 1.15 + 1e-3)
     ax.set_xlabel(f"{METRIC_LABELS[metric]} accuracy")
     ax.set_title(f"Accuracy per condition ({metric})")
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
+    # Legend below the axes so it never covers a condition's row.
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.6 / (len(conds) + 2)), ncol=2, fontsize=8)
     return _png(fig)
 
 
@@ -663,13 +668,24 @@ def plot_forest(comparisons: Sequence[Mapping], baselines: Sequence[str], metric
                 capsize=3,
                 markersize=5,
             )
+            ax.annotate(
+                f"{c['delta']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]",
+                (c["delta"], y),
+                xytext=(0, 7),
+                textcoords="offset points",
+                ha="center",
+                fontsize=7,
+                color=color,
+                # A translucent box keeps the numbers legible where they cross the zero line or grid.
+                bbox={"fc": "white", "ec": "none", "alpha": 0.75, "pad": 0.5},
+            )
         ax.axvline(0.0, color="k", lw=1, ls="--")
         ax.set_title(f"vs {base}")
         ax.set_xlabel(f"Δ {METRIC_LABELS[metric]} (paired, 95% CI)")
         ax.grid(axis="x", alpha=0.3)
     axes[0].set_yticks(range(len(conds)))
     axes[0].set_yticklabels(conds)
-    axes[0].invert_yaxis()
+    axes[0].set_ylim(len(conds) - 0.4, -0.7)  # shared y: top-down in report order, room for the labels
     fig.suptitle("Paired deltas against each baseline (red: CI excludes 0)", fontsize=10)
     fig.tight_layout()
     return _png(fig)

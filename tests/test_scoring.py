@@ -1,0 +1,224 @@
+"""Answer scorers (PAPER.md 1.4) and their torchmetrics wrappers."""
+
+from __future__ import annotations
+
+import string
+
+import pytest
+import torch
+from hypothesis import assume, given
+from hypothesis import strategies as hs
+
+from lightning_modules.components import scoring
+from lightning_modules.components.qa_metrics import AnswerAccuracy, answer_metric_collection
+from lightning_modules.components.scoring import (
+    ANSWER_PREFIXES,
+    MAIN_METRIC,
+    METRICS,
+    exact_match,
+    first_answer_span,
+    first_answer_span_match,
+    legacy_contains,
+    normalize_answer,
+    normalized_exact_match,
+    score,
+    word_boundary_contains,
+)
+
+# ASCII only: the metrics lowercase with str.lower and strip ASCII punctuation, and some non-ASCII letters do not
+# survive a case round trip ("ß".upper() == "SS"), which is a property of Unicode, not of the scorers.
+LETTERS = string.ascii_letters + string.digits
+words = hs.text(alphabet=LETTERS, min_size=1, max_size=8)
+phrases = hs.lists(words, min_size=1, max_size=3).map(" ".join)
+texts = hs.lists(words, min_size=0, max_size=8).map(" ".join)
+
+
+def test_public_names() -> None:
+    assert METRICS == (
+        "exact_match",
+        "normalized_exact_match",
+        "word_boundary_contains",
+        "first_answer_span_match",
+        "legacy_contains",
+    )
+    assert MAIN_METRIC == "word_boundary_contains"
+    result = score("Paris", "Paris")
+    assert list(result) == list(METRICS)
+    assert all(v is True for v in result.values())
+
+
+@pytest.mark.parametrize(
+    ("prediction", "gold", "expected"),
+    [
+        # exact: strip + lowercase only, punctuation counts
+        (" Paris \n", "paris", dict(exact_match=True, normalized_exact_match=True)),
+        ("Paris.", "Paris", dict(exact_match=False, normalized_exact_match=True)),
+        ("Paris   France", "paris france", dict(exact_match=False, normalized_exact_match=True)),
+        # word boundary vs legacy: the audit's "Japanese" counted as "Japan"
+        ("Japanese people", "Japan", dict(word_boundary_contains=False, legacy_contains=True)),
+        ("They live in Japan, mostly.", "Japan", dict(word_boundary_contains=True, legacy_contains=True)),
+        ('called "Asia". This', "Asia", dict(word_boundary_contains=True, exact_match=False)),
+        ("the United  Kingdom is", "United Kingdom", dict(word_boundary_contains=True, legacy_contains=False)),
+        # punctuation is deleted, not spaced: "Japan's" normalizes to "japans" (the paper's definition)
+        ("Japan's capital", "Japan", dict(word_boundary_contains=False, legacy_contains=True)),
+        ("U.S.A. and more", "USA", dict(word_boundary_contains=True, legacy_contains=False)),
+    ],
+)
+def test_metric_examples(prediction: str, gold: str, expected: dict) -> None:
+    result = score(prediction, gold)
+    for name, value in expected.items():
+        assert result[name] is value, (name, prediction, gold)
+
+
+def test_normalize_answer() -> None:
+    assert normalize_answer("  The  U.S.A.!\n\tis   BIG ") == "the usa is big"
+    assert normalize_answer("") == ""
+
+
+@pytest.mark.parametrize("gold", ["", "   ", "?!", "..."])
+def test_empty_gold_is_invalid(gold: str) -> None:
+    for fn in (exact_match, normalized_exact_match, word_boundary_contains, first_answer_span_match, legacy_contains):
+        with pytest.raises(ValueError, match="empty"):
+            fn("anything at all", gold)
+
+
+def test_non_string_input_raises() -> None:
+    with pytest.raises(TypeError, match="must be str"):
+        score(None, "Paris")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("prediction", "span"),
+    [
+        ("The answer is Paris. It is big.", "paris"),
+        ("\n  A: Paris\nLondon", "paris"),
+        ("A: the answer is: Paris!", "paris"),
+        ("It's Paris? Yes", "paris"),
+        ("it isn't Paris", "it isn't paris"),  # "it is" must end at a word boundary
+        ("Answer: U.S.A. is large", "u.s.a"),  # "U.S.A." ends the sentence only at the final dot
+        ("", ""),
+    ],
+)
+def test_first_answer_span(prediction: str, span: str) -> None:
+    assert first_answer_span(prediction) == span
+
+
+def test_first_answer_span_uses_first_line_and_sentence_only() -> None:
+    assert not first_answer_span_match("Europe\nParis", "Paris")
+    assert not first_answer_span_match("Europe. Paris", "Paris")
+    assert first_answer_span_match("Paris. Europe", "Paris")
+
+
+def _perturb(text: str, data, punct: bool = True) -> str:
+    """Random case flips and ASCII punctuation inserted at random positions."""
+    chars = []
+    for ch in text:
+        if punct and data.draw(hs.booleans()):
+            chars.append(data.draw(hs.sampled_from(string.punctuation)))
+        chars.append(ch.upper() if data.draw(hs.booleans()) else ch.lower())
+    return "".join(chars)
+
+
+@given(pred=texts, gold=phrases, data=hs.data())
+def test_punctuation_and_case_never_change_normalized_matches(pred: str, gold: str, data) -> None:
+    # Half the time the gold is planted in the prediction so that both outcomes are exercised.
+    if data.draw(hs.booleans()):
+        pred = f"{pred} {gold} {data.draw(texts)}"
+    before = score(pred, gold)
+    pred2, gold2 = _perturb(pred, data), _perturb(gold, data)
+    assume(normalize_answer(gold2))
+    after = score(pred2, gold2)
+    for name in ("normalized_exact_match", "word_boundary_contains"):
+        assert after[name] == before[name], (name, pred2, gold2)
+
+
+@given(
+    gold=hs.text(alphabet=string.ascii_lowercase, min_size=3, max_size=8),
+    left=hs.text(alphabet=LETTERS + "_", max_size=4),
+    right=hs.text(alphabet=LETTERS + "_", max_size=4),
+    filler=hs.lists(hs.text(alphabet=string.ascii_lowercase, min_size=1, max_size=2), max_size=4),
+)
+def test_gold_inside_a_longer_word_is_not_a_word_boundary_match(gold, left, right, filler) -> None:
+    assume(left or right)
+    pred = " ".join([*filler, f"{left}{gold}{right}", *filler])  # fillers are shorter than the gold
+    assert legacy_contains(pred, gold)
+    assert not word_boundary_contains(pred, gold)
+    # The same gold as a standalone word does match.
+    assert word_boundary_contains(" ".join([*filler, gold, *filler]), gold)
+
+
+@given(
+    prefixes=hs.lists(hs.sampled_from(ANSWER_PREFIXES), min_size=1, max_size=2),
+    gold=phrases,
+    tail=texts,
+    data=hs.data(),
+)
+def test_first_answer_span_strips_the_listed_prefixes(prefixes, gold, tail, data) -> None:
+    # A gold that itself begins with a prefix ("it is x") would be stripped too: not this property's concern.
+    assume(first_answer_span(gold) == gold.lower())
+    head = " ".join(_perturb(p, data, punct=False) for p in prefixes)
+    pred = f"{head} {gold}. {tail}"
+    assert first_answer_span(pred) == gold.lower()
+    assert first_answer_span_match(pred, gold)
+    # Without stripping, the span would have been different: the prefix really was there.
+    assert not normalized_exact_match(pred.split(".")[0], gold)
+
+
+# ----------------------------------------------------------------------------------------------- torchmetrics
+
+
+PREDS = ["The answer is Paris.", "Japanese food", "London", "It is Asia"]
+GOLDS = ["Paris", "Japan", "Paris", "Asia"]
+
+
+def test_answer_accuracy_matches_pure_scorer() -> None:
+    for name in METRICS:
+        metric = AnswerAccuracy(name)
+        metric.update(PREDS[:2], GOLDS[:2])
+        metric.update(PREDS[2:], GOLDS[2:])
+        expected = sum(score(p, g)[name] for p, g in zip(PREDS, GOLDS)) / len(PREDS)
+        assert metric.compute().item() == pytest.approx(expected), name
+    # The examples separate the metrics: word-boundary 2/4, legacy 3/4.
+    assert AnswerAccuracy("legacy_contains")(PREDS, GOLDS).item() == pytest.approx(0.75)
+    assert AnswerAccuracy("word_boundary_contains")(PREDS, GOLDS).item() == pytest.approx(0.5)
+
+
+def test_answer_accuracy_states_reduce_by_sum() -> None:
+    # What DDP sync does: every rank's states are summed. merge_state applies the same reductions in-process.
+    rank0, rank1, whole = (AnswerAccuracy("legacy_contains") for _ in range(3))
+    rank0.update(PREDS[:1], GOLDS[:1])
+    rank1.update(PREDS[1:], GOLDS[1:])
+    whole.update(PREDS, GOLDS)
+    assert rank0._reductions["correct"] is not None and rank0._reductions["total"] is not None
+    rank0.merge_state(rank1)
+    assert rank0.total.item() == 4
+    assert rank0.compute().item() == pytest.approx(whole.compute().item())
+    # Not the mean of per-rank accuracies (1/1 and 2/3 would give 0.833).
+    assert rank0.compute().item() == pytest.approx(0.75)
+
+
+def test_answer_accuracy_errors_and_empty() -> None:
+    with pytest.raises(ValueError, match="unknown answer metric"):
+        AnswerAccuracy("contains")
+    metric = AnswerAccuracy()
+    with pytest.raises(ValueError, match="2 predictions but 1 gold"):
+        metric.update(["a", "b"], ["a"])
+    with pytest.raises(TypeError, match="sequences of strings"):
+        metric.update("a", "a")
+    assert metric.compute().item() == 0.0
+
+
+def test_metric_collection_keeps_metrics_apart() -> None:
+    coll = answer_metric_collection(prefix="eval/")
+    coll.update(PREDS, GOLDS)
+    coll.update(PREDS, GOLDS)  # a second batch: compute groups (if merged) would now diverge
+    out = {k: v.item() for k, v in coll.compute().items()}
+    assert set(out) == {f"eval/{m}" for m in METRICS}
+    assert out["eval/legacy_contains"] == pytest.approx(0.75)
+    assert out["eval/word_boundary_contains"] == pytest.approx(0.5)
+    assert out["eval/first_answer_span_match"] == pytest.approx(0.5)
+    assert isinstance(coll["legacy_contains"].correct, torch.Tensor)
+
+
+def test_module_has_one_function_per_metric() -> None:
+    assert set(scoring.METRIC_FUNCTIONS) == set(METRICS)
