@@ -1,0 +1,186 @@
+"""Paired statistics (PAPER.md 4.4): bootstrap, gained/lost, McNemar, TOST, degradation, run mean/SD."""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as hs
+from scipy import stats
+
+from lightning_modules.components import statistics as st
+
+
+def test_derive_seed_is_deterministic_and_label_specific() -> None:
+    a = st.derive_seed(0, "additive|no_inject|word_boundary_contains")
+    assert a == st.derive_seed(0, "additive|no_inject|word_boundary_contains")
+    assert a != st.derive_seed(0, "additive|no_inject|legacy_contains")
+    assert a != st.derive_seed(1, "additive|no_inject|word_boundary_contains")
+    assert 0 <= a < 2**32
+
+
+def test_bootstrap_is_seeded() -> None:
+    x = np.random.default_rng(0).integers(-1, 2, size=500)
+    assert st.bootstrap_mean_ci(x, seed=7) == st.bootstrap_mean_ci(x, seed=7)
+    assert st.bootstrap_mean_ci(x, seed=7) != st.bootstrap_mean_ci(x, seed=8)
+
+
+def test_bootstrap_constant_sample_has_a_point_ci() -> None:
+    assert st.bootstrap_mean_ci(np.zeros(100), resamples=200) == (0.0, 0.0)
+    assert st.bootstrap_mean_ci(np.full(10, 0.25), resamples=200) == (0.25, 0.25)
+
+
+@pytest.mark.parametrize("jitter", [False, True], ids=["multinomial-path", "index-path"])
+def test_bootstrap_ci_matches_normal_theory(jitter: bool) -> None:
+    # 0/1 data take the multinomial-count path; tiny jitter forces the index-resampling path. Both must give the
+    # percentile CI of the mean, which for n = 2000 is close to mean +/- 1.96 * sd / sqrt(n).
+    rng = np.random.default_rng(1)
+    x = (rng.random(2000) < 0.1).astype(float)
+    if jitter:
+        x = x + rng.normal(0, 1e-6, size=x.size)
+    lo, hi = st.bootstrap_mean_ci(x, resamples=5000, seed=3)
+    half = 1.96 * x.std(ddof=1) / math.sqrt(x.size)
+    assert lo == pytest.approx(x.mean() - half, abs=0.002)
+    assert hi == pytest.approx(x.mean() + half, abs=0.002)
+    lo90, hi90 = st.bootstrap_mean_ci(x, resamples=5000, seed=3, confidence=0.90)
+    assert lo < lo90 < hi90 < hi
+
+
+def test_bootstrap_reads_the_documented_percentile_index() -> None:
+    # With B = 3 sorted means m0 <= m1 <= m2: q = 0.025 -> index int(0.05) = 0, 1 - q -> index int(1.95) = 1.
+    # For a 2-point sample {0, 1} every resampled mean is 0, 0.5 or 1; reproduce the draws with the same generator.
+    x = np.array([0.0, 1.0])
+    seed = 11
+    draws = np.random.default_rng(seed).multinomial(2, [0.5, 0.5], size=3)
+    means = np.sort(draws @ x / 2)
+    assert st.bootstrap_mean_ci(x, resamples=3, seed=seed) == (means[0], means[1])
+
+
+def test_bootstrap_speed_5000_resamples_of_1188_deltas() -> None:
+    rng = np.random.default_rng(0)
+    deltas = rng.choice([-1, 0, 0, 0, 0, 0, 1], size=1188)
+    t0 = time.perf_counter()
+    st.bootstrap_mean_ci(deltas, resamples=5000, seed=0)
+    discrete = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    st.bootstrap_mean_ci(deltas + rng.normal(0, 1e-6, size=deltas.size), resamples=5000, seed=0)
+    general = time.perf_counter() - t0
+    assert discrete < 0.5, discrete
+    # The general path materializes 5.9M indices; generous bound for a loaded 2-core machine.
+    assert general < 3.0, general
+
+
+def test_bootstrap_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="empty"):
+        st.bootstrap_mean_ci([])
+    with pytest.raises(ValueError, match="resamples"):
+        st.bootstrap_mean_ci([1.0], resamples=0)
+    with pytest.raises(ValueError, match="confidence"):
+        st.bootstrap_mean_ci([1.0], confidence=1.0)
+
+
+def test_paired_deltas_and_gained_lost() -> None:
+    cond = [1, 1, 0, 0, 1]
+    base = [1, 0, 1, 0, 0]
+    assert st.paired_deltas(cond, base).tolist() == [0, 1, -1, 0, 1]
+    assert st.gained_lost(cond, base) == (2, 1)
+    with pytest.raises(ValueError, match="differ in length"):
+        st.paired_deltas([1, 0], [1])
+
+
+def test_mcnemar_continuity_corrected() -> None:
+    # The additive vs no_inject pooled counts: b = 16, c = 11 -> chi2 = (|16 - 11| - 1)^2 / 27.
+    expected = stats.chi2.sf(16 / 27, df=1)
+    assert st.mcnemar_p(16, 11) == pytest.approx(expected)
+    # Same thing as a two-sided normal approximation.
+    assert st.mcnemar_p(16, 11) == pytest.approx(2 * stats.norm.sf(4 / math.sqrt(27)))
+    assert st.mcnemar_p(0, 0) == 1.0
+    assert st.mcnemar_p(5, 5) == 1.0
+    assert st.mcnemar_p(6, 5) == 1.0  # |b - c| - 1 = 0
+    assert st.mcnemar_p(0, 35) < 1e-6
+    with pytest.raises(ValueError):
+        st.mcnemar_p(-1, 2)
+
+
+def test_run_mean_sd_uses_sample_sd() -> None:
+    vals = [35 / 396, 35 / 396, 40 / 396]
+    mean, sd = st.run_mean_sd(vals)
+    assert mean == pytest.approx(sum(vals) / 3)
+    assert sd == pytest.approx(statistics.stdev(vals))
+    assert round(mean, 4) == 0.0926 and round(sd, 4) == 0.0073  # the paper's additive word-boundary figures
+    assert st.run_mean_sd([0.5]) == (0.5, None)
+    with pytest.raises(ValueError):
+        st.run_mean_sd([])
+
+
+def test_compare_paired_pools_runs_against_a_deterministic_baseline() -> None:
+    base = np.array([1, 0, 0, 1, 0, 0], dtype=bool)
+    runs = [np.array(r, dtype=bool) for r in ([1, 1, 0, 1, 0, 0], [0, 1, 1, 1, 0, 0], [1, 0, 0, 1, 0, 0])]
+    cmp_ = st.compare_paired(runs, [base] * 3, resamples=1000, seed=5)
+    assert cmp_.runs == 3 and cmp_.n_pairs == 18
+    assert cmp_.gained == 3 and cmp_.lost == 1
+    assert cmp_.gained_per_run == pytest.approx(1.0) and cmp_.lost_per_run == pytest.approx(1 / 3)
+    assert cmp_.delta == pytest.approx(2 / 18)
+    assert cmp_.ci_low <= cmp_.delta <= cmp_.ci_high
+    assert cmp_.bootstrap_seed == 5 and cmp_.to_dict()["resamples"] == 1000
+    with pytest.raises(ValueError, match="pair them first"):
+        st.compare_paired(runs, [base], resamples=10)
+
+
+def test_clustered_deltas_average_over_runs() -> None:
+    base = np.array([1, 0, 0], dtype=bool)
+    runs = [np.array(r, dtype=bool) for r in ([1, 1, 0], [0, 1, 0], [1, 0, 1])]
+    assert st.clustered_deltas(runs, [base] * 3).tolist() == pytest.approx([-1 / 3, 2 / 3, 1 / 3])
+
+
+def test_tost_against_hand_computation() -> None:
+    rng = np.random.default_rng(4)
+    d = rng.normal(0.01, 0.1, size=400)
+    se = d.std(ddof=1) / math.sqrt(d.size)
+    t = st.tost(d, 0.03)
+    assert t.delta == pytest.approx(d.mean())
+    assert t.se == pytest.approx(se)
+    assert t.ci90_low == pytest.approx(d.mean() - stats.norm.ppf(0.95) * se)
+    assert t.p_lower == pytest.approx(stats.norm.sf((d.mean() + 0.03) / se))
+    assert t.p_upper == pytest.approx(stats.norm.cdf((d.mean() - 0.03) / se))
+    assert t.p == max(t.p_lower, t.p_upper)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    mean=hs.floats(-0.1, 0.1),
+    sd=hs.floats(0.01, 0.3),
+    margin=hs.sampled_from([0.01, 0.03, 0.05]),
+)
+def test_tost_equivalence_iff_ci90_inside_margins(mean: float, sd: float, margin: float) -> None:
+    d = np.random.default_rng(0).normal(0, 1, size=200)
+    d = (d - d.mean()) / d.std(ddof=1) * sd + mean
+    t = st.tost(d, margin)
+    inside = -margin < t.ci90_low and t.ci90_high < margin
+    # Exact ties are measure-zero for continuous draws; skip the boundary within float noise.
+    if min(abs(t.ci90_low + margin), abs(t.ci90_high - margin)) > 1e-12:
+        assert t.equivalent == inside
+
+
+def test_tost_and_degradation_without_variation() -> None:
+    t = st.tost(np.zeros(50), 0.03)
+    assert t.p == 0.0 and t.equivalent and (t.ci90_low, t.ci90_high) == (0.0, 0.0)
+    assert st.degradation_p(np.zeros(50)) == 1.0
+    assert st.degradation_p(np.full(50, -0.1)) == 0.0
+    with pytest.raises(ValueError, match="margin"):
+        st.tost(np.zeros(5), 0.0)
+    with pytest.raises(ValueError, match="at least 2"):
+        st.tost([0.1], 0.05)
+
+
+def test_degradation_p_direction() -> None:
+    rng = np.random.default_rng(2)
+    worse = rng.normal(-0.05, 0.2, size=400)
+    d_mean, se = worse.mean(), worse.std(ddof=1) / 20
+    assert st.degradation_p(worse) == pytest.approx(stats.norm.cdf(d_mean / se))
+    assert st.degradation_p(worse) < 0.01
+    assert st.degradation_p(-worse) > 0.99
