@@ -1,0 +1,291 @@
+"""The injection conditions of PAPER.md 4.2 as pure data and pure tensor functions.
+
+Nothing here touches a model, a file or global RNG state:
+
+* :class:`ConditionSpec` and :func:`build_conditions` name the eleven conditions and what each one needs (the
+  translator, the run seed, the receiver's own states, identical sender/receiver token ids).
+* :func:`apply_injection` rewrites a receiver block output ``h`` (B, T, H) at the real (mask 1) positions only, in
+  one of three modes: ``additive`` (h + scale * v, one vector per row broadcast over its positions), ``replace``
+  (h <- source) and ``rescaled`` (c = normalize(source) * ||h|| per position; h <- alpha * c + (1 - alpha) * h).
+* :func:`bucketed_derangement` is the shuffled-translation donor map; :func:`random_vectors` the seeded
+  same-norm-random source.
+
+With left padding the last real token of every row is column -1; the helpers here use the mask instead, so they are
+correct for any padding side.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# Sources of the vectors a condition writes.
+SOURCE_NONE = "none"  # no injection (no_inject)
+SOURCE_RELAY = "relay"  # no injection, different prompts (nl_relay)
+SOURCE_TRANSLATED = "translated"  # the sample's own translated sender states
+SOURCE_RECEIVER = "receiver"  # the receiver's own states at the block, captured in a separate pass
+SOURCE_RANDOM = "random"  # Gaussian vectors from a per-sample generator seeded by the run seed
+SOURCE_SHUFFLED = "shuffled"  # another sample's translated states (same prompt length)
+SOURCE_ZEROS = "zeros"
+
+MODES = ("none", "additive", "replace", "rescaled")
+
+
+@dataclass(frozen=True)
+class ConditionSpec:
+    """One evaluation condition.
+
+    Args:
+        name: Condition name written into every record (``additive``, ``replace``, ...).
+        mode: ``none``, ``additive``, ``replace`` or ``rescaled`` (see :func:`apply_injection`).
+        source: Where the injected vectors come from (``SOURCE_*``).
+        alpha: Blend weight of the rescaled vector in ``rescaled`` mode (1 = full replacement).
+        scale: Multiplier of the injected vector in ``additive`` mode.
+        strict: Shuffled only: drop samples whose length bucket has a single member instead of self-matching.
+    """
+
+    name: str
+    mode: str
+    source: str
+    alpha: float = 1.0
+    scale: float = 1.0
+    strict: bool = False
+
+    @property
+    def uses_translator(self) -> bool:
+        return self.source in (SOURCE_TRANSLATED, SOURCE_SHUFFLED)
+
+    @property
+    def seeded(self) -> bool:
+        """Whether the run seed changes the result with a fixed translator (random vectors, shuffling)."""
+        return self.source in (SOURCE_RANDOM, SOURCE_SHUFFLED)
+
+    @property
+    def deterministic(self) -> bool:
+        """Run once with ``seed=None``: neither the translator nor a seed is involved."""
+        return not (self.uses_translator or self.seeded)
+
+    @property
+    def needs_same_tokens(self) -> bool:
+        """Position-by-position use of sender states is only meaningful when both models read the same ids."""
+        return self.uses_translator and self.mode != "additive"
+
+    @property
+    def injects(self) -> bool:
+        return self.mode != "none"
+
+
+CONDITION_NAMES: tuple[str, ...] = (
+    "no_inject",
+    "nl_relay",
+    "additive",
+    "replace",
+    "scale_corrected",
+    "best_alpha",
+    "b_to_b_self_inject",
+    "same_norm_random",
+    "shuffled_translation",
+    "shuffled_translation_strict_matched",
+    "zero_replacement",
+)
+
+
+def build_conditions(names: Sequence[str], scale: float = 0.01, alpha: float = 0.3) -> list[ConditionSpec]:
+    """The specs of the named conditions, in the given order.
+
+    Args:
+        names: Condition names (see :data:`CONDITION_NAMES`); duplicates are refused.
+        scale: ``additive``'s injection scale (paper: 0.01).
+        alpha: ``best_alpha``'s blend weight (paper: 0.3). ``scale_corrected`` always uses 1.
+
+    Raises:
+        ValueError: An unknown or repeated name, naming the known ones.
+    """
+    table = {
+        "no_inject": ConditionSpec("no_inject", "none", SOURCE_NONE),
+        "nl_relay": ConditionSpec("nl_relay", "none", SOURCE_RELAY),
+        "additive": ConditionSpec("additive", "additive", SOURCE_TRANSLATED, scale=scale),
+        "replace": ConditionSpec("replace", "replace", SOURCE_TRANSLATED),
+        "scale_corrected": ConditionSpec("scale_corrected", "rescaled", SOURCE_TRANSLATED, alpha=1.0),
+        "best_alpha": ConditionSpec("best_alpha", "rescaled", SOURCE_TRANSLATED, alpha=alpha),
+        "b_to_b_self_inject": ConditionSpec("b_to_b_self_inject", "replace", SOURCE_RECEIVER),
+        "same_norm_random": ConditionSpec("same_norm_random", "rescaled", SOURCE_RANDOM, alpha=1.0),
+        "shuffled_translation": ConditionSpec("shuffled_translation", "rescaled", SOURCE_SHUFFLED, alpha=1.0),
+        "shuffled_translation_strict_matched": ConditionSpec(
+            "shuffled_translation_strict_matched", "rescaled", SOURCE_SHUFFLED, alpha=1.0, strict=True
+        ),
+        "zero_replacement": ConditionSpec("zero_replacement", "replace", SOURCE_ZEROS),
+    }
+    assert tuple(table) == CONDITION_NAMES
+    if not names:
+        raise ValueError("model.conditions is empty; choose from: " + ", ".join(CONDITION_NAMES))
+    seen: set[str] = set()
+    out = []
+    for name in names:
+        if name not in table:
+            raise ValueError(f"unknown condition {name!r} in model.conditions; known: {', '.join(CONDITION_NAMES)}")
+        if name in seen:
+            raise ValueError(f"condition {name!r} is listed twice in model.conditions")
+        seen.add(name)
+        out.append(table[name])
+    return out
+
+
+# --------------------------------------------------------------------------------------------- tensor math
+
+
+def _check_mask(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    if h.dim() != 3 or mask.shape != h.shape[:2]:
+        raise ValueError(f"hidden states {tuple(h.shape)} and attention mask {tuple(mask.shape)} do not line up")
+    return mask.to(device=h.device, dtype=torch.bool)
+
+
+def last_real_index(mask: torch.Tensor) -> torch.Tensor:
+    """Column of each row's last real token (``T - 1`` for every row of a left-padded batch). Shape (B,)."""
+    mask = mask.to(torch.long)
+    cols = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    return torch.where(mask.bool(), cols, torch.full_like(cols, -1)).amax(dim=1)
+
+
+def last_real(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each row's vector at its last real position: (B, T, H) -> (B, H)."""
+    idx = last_real_index(mask).to(x.device)
+    return x[torch.arange(x.shape[0], device=x.device), idx]
+
+
+def masked_norm_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean L2 norm (last dim, fp32) over each row's real positions: (B, T, H) -> (B,)."""
+    m = mask.to(device=x.device, dtype=torch.float32)
+    norms = x.float().norm(dim=-1)
+    return (norms * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+
+
+def rescale_to(source: torch.Tensor, h: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """``normalize(source) * ||h||`` per position, in fp32 (a zero source stays zero)."""
+    return F.normalize(source.float(), dim=-1, eps=eps) * h.float().norm(dim=-1, keepdim=True)
+
+
+def apply_injection(
+    mode: str,
+    h: torch.Tensor,
+    mask: torch.Tensor,
+    source: torch.Tensor | None = None,
+    alpha: float = 1.0,
+    scale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rewrite the block output ``h`` at real positions only; pad positions are returned bit-identical.
+
+    Args:
+        mode: ``none`` (unchanged), ``additive`` (h + scale * source, ``source`` (B, H) broadcast to every real
+            position), ``replace`` (h <- source, (B, T, H)) or ``rescaled`` (c = normalize(source) * ||h|| per
+            position, h <- alpha * c + (1 - alpha) * h).
+        h: Block output (B, T, H).
+        mask: Attention mask (B, T), 1 on real tokens.
+        source: The vectors to write (see ``mode``).
+        alpha: Blend weight of ``rescaled``.
+        scale: Multiplier of ``additive``.
+
+    Returns:
+        ``(new_h, injected_norm_mean)``: the new block output in ``h``'s dtype, and per row the mean norm (over real
+        positions) of the vector the condition wrote: ``scale * source`` for additive, ``source`` for replace, the
+        rescaled ``c`` (before blending) for rescaled; ``None`` for ``none``.
+    """
+    m = _check_mask(h, mask)
+    if mode == "none":
+        return h, None
+    if source is None:
+        raise ValueError(f"injection mode {mode!r} needs a source")
+    if mode == "additive":
+        if source.shape != (h.shape[0], h.shape[2]):
+            raise ValueError(f"additive needs one vector per row {(h.shape[0], h.shape[2])}, got {tuple(source.shape)}")
+        add = (scale * source.float()).to(h.device)
+        new = h.float() + add[:, None, :]
+        injected = add.norm(dim=-1)
+    else:
+        if source.shape != h.shape:
+            raise ValueError(f"{mode} needs a source shaped like the block output {tuple(h.shape)}, got "
+                             f"{tuple(source.shape)}")  # fmt: skip
+        source = source.to(h.device)
+        if mode == "replace":
+            new, written = source.float(), source
+        elif mode == "rescaled":
+            written = rescale_to(source, h)
+            new = written if alpha == 1.0 else alpha * written + (1.0 - alpha) * h.float()
+        else:
+            raise ValueError(f"unknown injection mode {mode!r}; known: {', '.join(MODES)}")
+        injected = masked_norm_mean(written, m)
+    return torch.where(m[..., None], new.to(h.dtype), h), injected
+
+
+# --------------------------------------------------------------------------------------------- seeded sources
+
+
+def sample_seed(seed: int, sample_id: str) -> int:
+    """A 63-bit seed derived from the run seed and a sample id (stable across processes and Python versions)."""
+    digest = hashlib.sha256(f"{seed}:{sample_id}".encode()).hexdigest()
+    return int(digest[:16], 16) & ((1 << 63) - 1)
+
+
+def random_vectors(seed: int, sample_id: str, length: int, hidden: int) -> torch.Tensor:
+    """Gaussian vectors (length, hidden), fp32 on CPU, from a generator seeded by (run seed, sample id).
+
+    One generator per sample (not one per batch) makes a sample's vectors independent of batch size, batch order
+    and DDP rank, so batched and one-at-a-time runs inject the same vectors.
+    """
+    gen = torch.Generator(device="cpu").manual_seed(sample_seed(seed, sample_id))
+    return torch.randn((length, hidden), generator=gen, dtype=torch.float32)
+
+
+@dataclass(frozen=True)
+class Derangement:
+    """Donor map of the shuffled-translation control.
+
+    Args:
+        donors: sample id -> donor sample id (same prompt length).
+        self_fallback: Samples alone in their length bucket (mapped to themselves), sorted.
+    """
+
+    donors: dict[str, str]
+    self_fallback: tuple[str, ...]
+
+    def strict_ids(self) -> list[str]:
+        """Samples with a real (non-self) donor: the strict control's sample set."""
+        fallback = set(self.self_fallback)
+        return [s for s in self.donors if s not in fallback]
+
+
+def bucketed_derangement(sample_ids: Sequence[str], lengths: Sequence[int], seed: int) -> Derangement:
+    """Map every sample to a donor with the same prompt length, never itself unless alone in its bucket.
+
+    Buckets are visited in increasing length; inside a bucket the ids are sorted (so the map does not depend on
+    dataset order or on how samples were split across ranks), shuffled with one ``random.Random(seed)`` shared by
+    all buckets, then shifted cyclically by one: ``donor(ids[k]) = ids[(k + 1) % n]``, a derangement for n >= 2.
+
+    Args:
+        sample_ids: Unique sample ids.
+        lengths: Prompt length (tokens) of each sample.
+        seed: The run seed.
+    """
+    if len(sample_ids) != len(lengths):
+        raise ValueError(f"{len(sample_ids)} sample ids but {len(lengths)} lengths")
+    if len(set(sample_ids)) != len(sample_ids):
+        raise ValueError("sample ids must be unique for the shuffled-translation derangement")
+    buckets: dict[int, list[str]] = {}
+    for sid, n in zip(sample_ids, lengths, strict=True):
+        buckets.setdefault(int(n), []).append(sid)
+    rng = random.Random(seed)
+    donors: dict[str, str] = {}
+    fallback: list[str] = []
+    for length in sorted(buckets):
+        ids = sorted(buckets[length])
+        rng.shuffle(ids)
+        if len(ids) == 1:
+            fallback.append(ids[0])
+        for k, sid in enumerate(ids):
+            donors[sid] = ids[(k + 1) % len(ids)]
+    return Derangement(donors={s: donors[s] for s in sample_ids}, self_fallback=tuple(sorted(fallback)))

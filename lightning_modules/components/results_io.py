@@ -1,0 +1,170 @@
+"""Evaluation outputs on disk: the run folder, per-sample record files, partial shards and run metadata.
+
+Layout of a run folder ``<output_dir>/<run_name>`` (``run_name`` defaults to ``eval-<12 hex>`` of the fingerprint
+of everything that determines the answers, so the same command finds the same folder again)::
+
+    records/<condition>__seed<seed>.jsonl      one finished condition x seed (the fixed record schema)
+    records/<condition>__deterministic.jsonl   a deterministic condition (seed null)
+    partial/<condition>__<seed>/rank<r>.jsonl  records of an unfinished run, appended batch by batch
+    config.yaml                                resolved CLI config
+    meta.json                                  models, layers, checksums, versions, device, timings
+    report/                                    report.run_report output
+
+Finished files are written whole through a temporary file and ``os.replace``: a file either exists complete or
+not at all, which is what lets a re-run skip it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+RECORD_FIELDS = ("sample_id", "condition", "seed", "gold", "prediction", "hops", "metrics", "diagnostics")
+
+
+def run_key(condition: str, seed: int | None) -> str:
+    """``<condition>__seed<seed>`` or ``<condition>__deterministic``."""
+    return f"{condition}__deterministic" if seed is None else f"{condition}__seed{seed}"
+
+
+def records_path(run_dir: str | Path, condition: str, seed: int | None) -> Path:
+    return Path(run_dir) / "records" / f"{run_key(condition, seed)}.jsonl"
+
+
+def partial_dir(run_dir: str | Path, condition: str, seed: int | None) -> Path:
+    return Path(run_dir) / "partial" / run_key(condition, seed)
+
+
+def canonical_json(obj) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def fingerprint(obj) -> str:
+    """SHA-256 of the canonical JSON of ``obj``."""
+    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
+
+
+def default_run_name(config_fingerprint: str) -> str:
+    return f"eval-{config_fingerprint[:12]}"
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` via a temporary file in the same folder and ``os.replace`` (atomic on POSIX)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def atomic_write_json(path: str | Path, obj) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def records_text(records: Iterable[dict]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+
+
+def write_records(path: str | Path, records: Sequence[dict]) -> Path:
+    """Write one finished condition x seed atomically, one JSON object per line, sorted by sample id."""
+    ordered = sorted(records, key=lambda r: r["sample_id"])
+    ids = [r["sample_id"] for r in ordered]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{path}: duplicate sample ids in the records to write")
+    return atomic_write_text(path, records_text(ordered))
+
+
+def read_records(path: str | Path, tolerate_torn_tail: bool = False) -> list[dict]:
+    """Read a records file; every line must be a JSON object with the fixed record fields.
+
+    Args:
+        path: The JSONL file.
+        tolerate_torn_tail: Drop an unparsable *last* line (a partial shard cut by a crash mid-write).
+
+    Raises:
+        ValueError: Naming the file and line of a malformed record.
+    """
+    path = Path(path)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    out = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            if tolerate_torn_tail and i == len(lines):
+                break
+            raise ValueError(f"{path}:{i}: not valid JSON ({err.msg})") from err
+        missing = [f for f in RECORD_FIELDS if f not in rec] if isinstance(rec, dict) else list(RECORD_FIELDS)
+        if missing:
+            raise ValueError(f"{path}:{i}: record lacks field(s) {', '.join(missing)}")
+        out.append(rec)
+    return out
+
+
+def append_partial(run_dir: str | Path, condition: str, seed: int | None, rank: int, records: Sequence[dict]) -> None:
+    """Append one batch of records of an unfinished run to this rank's shard (one write, flushed and synced)."""
+    if not records:
+        return
+    folder = partial_dir(run_dir, condition, seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f"rank{rank}.jsonl", "a", encoding="utf-8") as f:
+        f.write(records_text(records))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_partial(run_dir: str | Path, condition: str, seed: int | None) -> dict[str, dict]:
+    """Records of an unfinished run from every rank's shard (any earlier world size), keyed by sample id."""
+    folder = partial_dir(run_dir, condition, seed)
+    out: dict[str, dict] = {}
+    for shard in sorted(folder.glob("rank*.jsonl")) if folder.is_dir() else []:
+        for rec in read_records(shard, tolerate_torn_tail=True):
+            out.setdefault(rec["sample_id"], rec)
+    return out
+
+
+def remove_partial(run_dir: str | Path, condition: str, seed: int | None) -> None:
+    folder = partial_dir(run_dir, condition, seed)
+    if folder.is_dir():
+        for shard in folder.glob("*"):
+            shard.unlink()
+        folder.rmdir()
+
+
+def library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "transformers", "tokenizers", "pytorch-lightning", "jsonargparse", "torchmetrics", "wandb"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def device_info(device) -> dict:
+    import torch
+
+    info = {"device": str(device), "platform": platform.platform(), "torch_threads": torch.get_num_threads()}
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info

@@ -1,0 +1,145 @@
+"""Pure condition math: masks, modes, derangement, seeded random vectors, the condition registry."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_modules.components.conditions import (
+    CONDITION_NAMES,
+    apply_injection,
+    bucketed_derangement,
+    build_conditions,
+    last_real,
+    last_real_index,
+    masked_norm_mean,
+    random_vectors,
+)
+
+
+@pytest.fixture
+def batch():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(3, 5, 8, generator=g) * 10
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 1]])
+    src = torch.randn(3, 5, 8, generator=g)
+    return h, mask, src
+
+
+def test_registry_has_the_eleven_paper_conditions():
+    specs = build_conditions(CONDITION_NAMES)
+    assert [s.name for s in specs] == list(CONDITION_NAMES) and len(specs) == 11
+    det = {s.name for s in specs if s.deterministic}
+    assert det == {"no_inject", "nl_relay", "b_to_b_self_inject", "zero_replacement"}
+    by = {s.name: s for s in specs}
+    assert by["additive"].scale == 0.01 and by["best_alpha"].alpha == 0.3 and by["scale_corrected"].alpha == 1.0
+    assert by["same_norm_random"].seeded and not by["same_norm_random"].uses_translator
+    assert by["shuffled_translation_strict_matched"].strict and by["shuffled_translation"].seeded
+    assert by["replace"].needs_same_tokens and not by["additive"].needs_same_tokens
+
+
+def test_unknown_or_repeated_condition_is_one_clear_error():
+    with pytest.raises(ValueError, match="unknown condition 'replce'.*known: no_inject"):
+        build_conditions(["no_inject", "replce"])
+    with pytest.raises(ValueError, match="listed twice"):
+        build_conditions(["additive", "additive"])
+
+
+def test_last_real_is_column_minus_one_for_left_padding(batch):
+    h, mask, _ = batch
+    assert last_real_index(mask).tolist() == [4, 4, 4]
+    right = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    assert last_real_index(right).tolist() == [1, 4, 0]
+    assert torch.equal(last_real(h, mask), h[:, -1])
+
+
+@pytest.mark.parametrize("mode", ["additive", "replace", "rescaled"])
+def test_injection_changes_real_positions_only(batch, mode):
+    h, mask, src = batch
+    source = src[:, -1] if mode == "additive" else src
+    new, injected = apply_injection(mode, h, mask, source, alpha=0.3, scale=0.5)
+    pad = ~mask.bool()
+    assert torch.equal(new[pad], h[pad])  # pads bit-identical
+    assert (new[mask.bool()] != h[mask.bool()]).any(dim=-1).all()  # every real position changed
+    assert injected.shape == (3,)
+
+
+def test_additive_broadcasts_scaled_vector(batch):
+    h, mask, src = batch
+    v = src[:, -1]
+    new, injected = apply_injection("additive", h, mask, v, scale=0.01)
+    diff = new - h
+    for b in range(3):
+        real = mask[b].bool()
+        assert torch.allclose(diff[b, real], (0.01 * v[b]).expand(int(real.sum()), -1), atol=1e-5)
+    assert torch.allclose(injected, 0.01 * v.norm(dim=-1), rtol=1e-6)
+
+
+def test_rescaled_alpha_one_has_receiver_norm_and_source_direction(batch):
+    h, mask, src = batch
+    new, injected = apply_injection("rescaled", h, mask, src, alpha=1.0)
+    m = mask.bool()
+    assert torch.allclose(new[m].norm(dim=-1), h[m].norm(dim=-1), rtol=1e-5)
+    cos = torch.nn.functional.cosine_similarity(new[m], src[m], dim=-1)
+    assert torch.allclose(cos, torch.ones_like(cos), atol=1e-5)
+    assert torch.allclose(injected, masked_norm_mean(h, mask), rtol=1e-5)
+
+
+def test_rescaled_alpha_blends(batch):
+    h, mask, src = batch
+    full, _ = apply_injection("rescaled", h, mask, src, alpha=1.0)
+    blend, _ = apply_injection("rescaled", h, mask, src, alpha=0.3)
+    m = mask.bool()
+    assert torch.allclose(blend[m], 0.3 * full[m] + 0.7 * h[m], atol=1e-5)
+
+
+def test_replace_and_zero(batch):
+    h, mask, src = batch
+    new, injected = apply_injection("replace", h, mask, src)
+    m = mask.bool()
+    assert torch.equal(new[m], src[m])
+    zero, zinj = apply_injection("replace", h, mask, torch.zeros_like(h))
+    assert torch.count_nonzero(zero[m]) == 0 and torch.count_nonzero(zero[~m]) == (~m).sum() * 8
+    assert zinj.tolist() == [0.0, 0.0, 0.0]
+
+
+def test_shape_errors(batch):
+    h, mask, src = batch
+    with pytest.raises(ValueError, match="do not line up"):
+        apply_injection("replace", h, mask[:, 1:], src)
+    with pytest.raises(ValueError, match="one vector per row"):
+        apply_injection("additive", h, mask, src)
+
+
+def test_derangement_same_length_no_self_matches_and_fallback():
+    ids = [f"s{i}" for i in range(9)]
+    lengths = [5, 5, 5, 7, 7, 9, 5, 11, 7]
+    d = bucketed_derangement(ids, lengths, seed=42)
+    length_of = dict(zip(ids, lengths))
+    assert set(d.donors) == set(ids)
+    assert all(length_of[d.donors[s]] == length_of[s] for s in ids)
+    assert d.self_fallback == ("s5", "s7")
+    assert all(d.donors[s] != s for s in d.strict_ids()) and len(d.strict_ids()) == 7
+    # a permutation within each bucket
+    assert sorted(d.donors.values()) == sorted(ids)
+    # deterministic, order-independent, seed-dependent
+    rev = bucketed_derangement(ids[::-1], lengths[::-1], seed=42)
+    assert rev.donors == d.donors
+    many = [f"x{i}" for i in range(40)]
+    maps = {seed: bucketed_derangement(many, [3] * 40, seed).donors for seed in (42, 123)}
+    assert maps[42] != maps[123]
+
+
+def test_derangement_rejects_duplicates():
+    with pytest.raises(ValueError, match="unique"):
+        bucketed_derangement(["a", "a"], [1, 1], 0)
+
+
+def test_random_vectors_depend_on_seed_and_sample_only():
+    a = random_vectors(42, "s1", 4, 8)
+    assert torch.equal(a, random_vectors(42, "s1", 4, 8))
+    assert not torch.equal(a, random_vectors(123, "s1", 4, 8))
+    assert not torch.equal(a, random_vectors(42, "s2", 4, 8))
+    state = torch.random.get_rng_state()
+    random_vectors(1, "s", 2, 2)
+    assert torch.equal(state, torch.random.get_rng_state())  # the global RNG is untouched
