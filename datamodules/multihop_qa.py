@@ -7,6 +7,7 @@ padding happen in the evaluation module, which owns the two models' tokenizers (
 from __future__ import annotations
 
 import pytorch_lightning as pl
+import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.qa_sources import PAPER_FILES, QADataError, QASample, load_source, resolve_paper_file
@@ -141,6 +142,11 @@ class MultiHopQADataModule(pl.LightningDataModule):
         return DataLoader(
             self.dataset, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers, collate_fn=list
         )
+
+    def transfer_batch_to_device(self, batch: list[QASample], device: torch.device, dataloader_idx: int) -> list:
+        # Batches hold only strings, and Lightning's default would fail on them: it rebuilds dataclasses field by
+        # field, which a frozen QASample refuses. Hand the list through unchanged (a module may still override this).
+        return batch
 
     def test_dataloader(self) -> DataLoader:
         return self._loader()
