@@ -304,6 +304,13 @@ def test_absent_baselines(tmp_path: Path) -> None:
         run_report(_records("c", 1, [True, True]), tmp_path)
 
 
+def test_only_a_baseline_still_reports(tmp_path: Path) -> None:
+    res = run_report(_records("no_inject", None, [True, False, True]), tmp_path / "out", resamples=50)
+    assert res.comparisons == [] and res.equivalence == []
+    assert res.summary["conditions"]["no_inject"]["word_boundary_contains"]["mean"] == pytest.approx(2 / 3)
+    assert {p.name for p in (tmp_path / "out").iterdir()} == EXPECTED_FILES
+
+
 def test_empty_inputs(tmp_path: Path) -> None:
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(ReportInputError, match="no per-sample records"):

@@ -683,11 +683,19 @@ def plot_forest(comparisons: Sequence[Mapping], baselines: Sequence[str], metric
         ax.set_title(f"vs {base}")
         ax.set_xlabel(f"Δ {METRIC_LABELS[metric]} (paired, 95% CI)")
         ax.grid(axis="x", alpha=0.3)
-    axes[0].set_yticks(range(len(conds)))
-    axes[0].set_yticklabels(conds)
-    axes[0].set_ylim(len(conds) - 0.4, -0.7)  # shared y: top-down in report order, room for the labels
+    if panels:
+        axes[0].set_yticks(range(len(conds)))
+        axes[0].set_yticklabels(conds)
+        axes[0].set_ylim(len(conds) - 0.4, -0.7)  # shared y: top-down in report order, room for the labels
+    else:
+        # Only baselines in the input: say so instead of drawing a blank frame.
+        axes[0].text(
+            0.5, 0.5, "no conditions to compare with a baseline", ha="center", va="center", transform=axes[0].transAxes
+        )
+        axes[0].set_axis_off()
     fig.suptitle("Paired deltas against each baseline (red: CI excludes 0)", fontsize=10)
-    fig.tight_layout()
+    if panels:  # an empty figure has no room to lay out (tight_layout would warn)
+        fig.tight_layout()
     return _png(fig)
 
 
