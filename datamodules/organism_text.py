@@ -1,0 +1,219 @@
+"""Training text for the offline model organisms: paper-format prompts from the built-in generator, with answers.
+
+Each example is the paper's prompt ``Context: {context}\\nQ: {question}\\nA:`` followed by the target
+`` {answer}`` and EOS, right-padded to one fixed length. The loss mask marks the answer tokens and the EOS (so a
+trained organism stops right after its answer under greedy decoding); a second mask marks the prompt tokens for an
+optional, down-weighted language-modelling loss.
+
+The evaluation set (``EVAL_SEED``) is held out twice over: its seed may not be used for training or validation, and
+any training or validation sample whose key also occurs in the evaluation set is dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Sampler, TensorDataset
+
+from datamodules.synthetic_multihop import EVAL_NUM_SAMPLES, EVAL_SEED, MultiHopSample, generate_samples
+
+log = logging.getLogger(__name__)
+
+PROMPT_TEMPLATE = "Context: {context}\nQ: {question}\nA:"
+# Masks stored per token: 0 padding, 1 prompt, 2 answer (target) token.
+PAD, PROMPT, ANSWER = 0, 1, 2
+
+
+def prompt_text(sample: MultiHopSample) -> str:
+    """The paper's prompt (PAPER.md 1.4) for one sample."""
+    return PROMPT_TEMPLATE.format(context=sample.context, question=sample.question)
+
+
+def eval_keys(num_samples: int = EVAL_NUM_SAMPLES, seed: int = EVAL_SEED) -> set[str]:
+    """Keys of the built-in evaluation set: no organism may train or validate on these."""
+    return {s.key for s in generate_samples(num_samples, seed)}
+
+
+def held_out_samples(
+    num_samples: int, seed: int, distractor_prob: float = 0.5, exclude: set[str] | None = None
+) -> list[MultiHopSample]:
+    """Generate samples from ``seed`` and drop those whose key is in ``exclude`` (the evaluation set by default).
+
+    Args:
+        num_samples: How many samples to draw before filtering.
+        seed: Generator seed; must differ from ``EVAL_SEED``.
+        distractor_prob: Passed to the generator.
+        exclude: Keys to drop; ``None`` means the built-in evaluation set's keys.
+
+    Returns:
+        The kept samples (at most ``num_samples``).
+    """
+    if seed == EVAL_SEED:
+        raise ValueError(f"seed {seed} is EVAL_SEED: the evaluation set's generator seed is held out of training")
+    exclude = eval_keys() if exclude is None else exclude
+    samples = generate_samples(num_samples, seed, distractor_prob=distractor_prob)
+    kept = [s for s in samples if s.key not in exclude]
+    if len(kept) < len(samples):
+        log.info("dropped %d of %d samples (seed %d) that also occur in the held-out set", len(samples) - len(kept),
+                 len(samples), seed)  # fmt: skip
+    return kept
+
+
+def encode_samples(samples: list[MultiHopSample], tokenizer, max_length: int) -> dict[str, torch.Tensor]:
+    """Tokenize prompt + `` {answer}`` + EOS into fixed-length, right-padded tensors.
+
+    Args:
+        samples: The samples to encode.
+        tokenizer: A tokenizer whose ``eos_token_id`` doubles as padding (id 0 for the offline tokenizer).
+        max_length: Length every row is padded to; a longer example raises instead of being truncated (truncation
+            would cut the context the answer must be read from).
+
+    Returns:
+        ``input_ids`` (N, max_length) and ``token_type`` (N, max_length) with values PAD / PROMPT / ANSWER.
+    """
+    eos = tokenizer.eos_token_id
+    prompts = tokenizer([prompt_text(s) for s in samples], add_special_tokens=False)["input_ids"]
+    answers = tokenizer([" " + s.answer for s in samples], add_special_tokens=False)["input_ids"]
+    ids = torch.full((len(samples), max_length), eos, dtype=torch.long)
+    kind = torch.full((len(samples), max_length), PAD, dtype=torch.long)
+    for i, (p, a) in enumerate(zip(prompts, answers)):
+        row = p + a + [eos]
+        if len(row) > max_length:
+            raise ValueError(f"sample {samples[i].sample_id} needs {len(row)} tokens but max_length is {max_length}")
+        ids[i, : len(row)] = torch.tensor(row)
+        kind[i, : len(p)] = PROMPT
+        kind[i, len(p) : len(row)] = ANSWER
+    return {"input_ids": ids, "token_type": kind}
+
+
+class LengthBucketBatchSampler(Sampler[list[int]]):
+    """Shuffled batches of similar-length rows: padding (and its compute) shrinks, the order stays seeded.
+
+    Each pass draws a permutation from ``seed`` and the pass number, cuts it into pools of ``pool_batches`` batches,
+    sorts each pool by length, splits it into batches and shuffles the batch order. Incomplete batches are dropped.
+
+    Args:
+        lengths: Used length of every row.
+        batch_size: Rows per batch.
+        seed: Seed of the permutations.
+        pool_batches: Batches per sorting pool (1 disables bucketing; larger gives tighter buckets).
+    """
+
+    def __init__(self, lengths: torch.Tensor, batch_size: int, seed: int = 0, pool_batches: int = 16) -> None:
+        self.lengths, self.batch_size, self.seed, self.pool_batches = lengths, batch_size, seed, pool_batches
+        self.passes = 0
+
+    def __len__(self) -> int:
+        return len(self.lengths) // self.batch_size
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed * 100003 + self.passes)
+        self.passes += 1
+        order = torch.randperm(len(self.lengths), generator=gen)
+        pool = self.batch_size * self.pool_batches
+        batches = []
+        for start in range(0, len(order), pool):
+            chunk = order[start : start + pool]
+            chunk = chunk[torch.argsort(self.lengths[chunk], stable=True)]
+            batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
+        batches = [b for b in batches if len(b) == self.batch_size]
+        for i in torch.randperm(len(batches), generator=gen).tolist():
+            yield batches[i].tolist()
+
+
+class OrganismTextDataModule(pl.LightningDataModule):
+    """Generated multi-hop QA text (prompt + answer) for training the model organisms."""
+
+    def __init__(
+        self,
+        num_train_samples: int = 20000,
+        train_seed: int = 1,
+        num_val_samples: int = 256,
+        val_seed: int = 2,
+        distractor_prob: float = 0.5,
+        max_length: int = 96,
+        batch_size: int = 64,
+        trim_padding: bool = True,
+        bucket_pool_batches: int = 16,
+        num_workers: int = 0,
+        shuffle_seed: int = 0,
+        cache_dir: str | None = None,
+    ) -> None:
+        """Build the data module; the offline tokenizer is loaded here so its vocabulary size can be linked.
+
+        Args:
+            num_train_samples: Training samples drawn from ``train_seed`` (before eval-key de-duplication).
+            train_seed: Generator seed of the training set; must differ from ``EVAL_SEED`` and ``val_seed``.
+            num_val_samples: Validation samples drawn from ``val_seed``.
+            val_seed: Generator seed of the validation set; must differ from ``EVAL_SEED``.
+            distractor_prob: Probability that a sample carries a distractor chain (as in the evaluation set).
+            max_length: Fixed padded length of every row (prompt + answer + EOS); the longest generated example
+                is under 90 tokens with the offline tokenizer.
+            batch_size: Rows per batch.
+            trim_padding: Drop the columns that are padding in every row of a batch. Rows are right-padded and the
+                model is causal, so this changes no loss or gradient, only the compute spent on padding (about half
+                of a 96-token row is padding on average).
+            bucket_pool_batches: Training batches are drawn from pools of this many batches sorted by length, so
+                rows in a batch have similar lengths (with ``trim_padding`` about 1.6x less compute); 1 disables
+                it and draws plain shuffled batches.
+            num_workers: DataLoader workers; 0 keeps tiny CPU runs simple and deterministic.
+            shuffle_seed: Seed of the training order (independent of the global seed).
+            cache_dir: Project cache folder holding the offline tokenizer (default: ``cache_root()``).
+        """
+        super().__init__()
+        for name, seed in (("train_seed", train_seed), ("val_seed", val_seed)):
+            if seed == EVAL_SEED:
+                raise ValueError(f"{name}={seed} is EVAL_SEED, which is held out for evaluation")
+        if train_seed == val_seed:
+            raise ValueError("train_seed and val_seed must differ, or validation would measure memorisation")
+        self.save_hyperparameters()
+        from lightning_modules.components.models import offline_tokenizer
+
+        self.tokenizer = offline_tokenizer(cache_dir)
+        self.train_set: TensorDataset | None = None
+        self.val_set: TensorDataset | None = None
+        self.num_dropped = 0
+
+    @property
+    def vocab_size(self) -> int:
+        """Embedding rows the model needs (linked into ``model.vocab_size`` by the organism CLI)."""
+        return len(self.tokenizer)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        hp = self.hparams
+        exclude = eval_keys()
+        val = held_out_samples(hp.num_val_samples, hp.val_seed, hp.distractor_prob, exclude)
+        # Validation keys are dropped from training too, so val/answer_acc measures reading, not recall.
+        train_all = held_out_samples(hp.num_train_samples, hp.train_seed, hp.distractor_prob, exclude)
+        val_keys = {s.key for s in val}
+        train = [s for s in train_all if s.key not in val_keys]
+        self.num_dropped = hp.num_train_samples - len(train)
+        self.train_keys = {s.key for s in train}
+        enc_train = encode_samples(train, self.tokenizer, hp.max_length)
+        enc_val = encode_samples(val, self.tokenizer, hp.max_length)
+        self.train_set = TensorDataset(enc_train["input_ids"], enc_train["token_type"])
+        self.val_set = TensorDataset(enc_val["input_ids"], enc_val["token_type"])
+
+    def _collate(self, rows):
+        input_ids = torch.stack([r[0] for r in rows])
+        token_type = torch.stack([r[1] for r in rows])
+        if self.hparams.trim_padding:
+            used = int((token_type != PAD).any(dim=0).nonzero().max()) + 1
+            input_ids, token_type = input_ids[:, :used], token_type[:, :used]
+        return input_ids, token_type
+
+    def train_dataloader(self) -> DataLoader:
+        # Private generators: the order depends on shuffle_seed only, not on how much global RNG ran before.
+        hp = self.hparams
+        lengths = (self.train_set.tensors[1] != PAD).sum(dim=1)
+        sampler = LengthBucketBatchSampler(lengths, hp.batch_size, seed=hp.shuffle_seed,
+                                           pool_batches=max(hp.bucket_pool_batches, 1))  # fmt: skip
+        return DataLoader(self.train_set, batch_sampler=sampler, num_workers=hp.num_workers, collate_fn=self._collate)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers,
+                          collate_fn=self._collate)  # fmt: skip

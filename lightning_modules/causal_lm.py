@@ -1,0 +1,198 @@
+"""Training module for the offline model organisms: a small GPT-NeoX causal LM trained to answer multi-hop QA.
+
+The loss is the cross-entropy of the answer tokens and the EOS after them (batches from
+``datamodules.organism_text``), plus an optional down-weighted language-modelling loss on the prompt tokens. The
+prompt loss teaches the model to copy entities that the context repeats ("Tokyo is in Japan. Japan lies in Asia."),
+which are exactly the induction-style lookups the answer needs, so a small weight speeds training up.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torchmetrics import MaxMetric, MeanMetric
+
+from datamodules.organism_text import ANSWER, PROMPT
+
+
+def build_neox(
+    *,
+    vocab_size: int,
+    hidden_size: int,
+    num_layers: int,
+    num_heads: int,
+    intermediate_size: int,
+    max_position_embeddings: int,
+    rotary_pct: float,
+    tie_word_embeddings: bool,
+):
+    """A randomly initialised ``GPTNeoXForCausalLM`` with Pythia's conventions (id 0 = bos = eos = pad)."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    config = GPTNeoXConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=max_position_embeddings,
+        rotary_pct=rotary_pct,
+        rotary_emb_base=10000,
+        use_parallel_residual=True,
+        tie_word_embeddings=tie_word_embeddings,
+        layer_norm_eps=1e-5,
+        hidden_act="gelu",
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
+    return GPTNeoXForCausalLM(config)
+
+
+class CausalLMModule(pl.LightningModule):
+    """Trains a GPT-NeoX causal LM, built from size arguments, on prompt + answer batches."""
+
+    def __init__(
+        self,
+        hidden_size: int = 128,
+        num_layers: int = 4,
+        num_heads: int = 4,
+        intermediate_size: int = 512,
+        vocab_size: int = 1024,
+        max_position_embeddings: int = 256,
+        rotary_pct: float = 0.25,
+        tie_word_embeddings: bool = False,
+        lr: float = 2e-3,
+        weight_decay: float = 0.01,
+        beta1: float = 0.9,
+        beta2: float = 0.98,
+        warmup_steps: int = 30,
+        min_lr_ratio: float = 0.05,
+        prompt_loss_weight: float = 0.1,
+    ) -> None:
+        """Build the model (weights drawn from the global seed that the CLI sets before instantiation).
+
+        Args:
+            hidden_size: Residual width d.
+            num_layers: Number of GPT-NeoX blocks.
+            num_heads: Attention heads (must divide ``hidden_size``).
+            intermediate_size: MLP width (Pythia uses 4 d).
+            vocab_size: Embedding rows; the organism CLI links it from the data module's tokenizer.
+            max_position_embeddings: Longest sequence the config admits (the paper truncates prompts at 256).
+            rotary_pct: Fraction of each head's dimensions that get rotary position embeddings (Pythia: 0.25).
+            tie_word_embeddings: Share input and output embeddings (Pythia: no).
+            lr: Peak AdamW learning rate.
+            weight_decay: AdamW weight decay, applied to matrices only (not to biases, LayerNorms or embeddings).
+            beta1: AdamW first-moment decay.
+            beta2: AdamW second-moment decay; below 0.999 for short runs with a large learning rate.
+            warmup_steps: Linear warmup steps before the cosine decay.
+            min_lr_ratio: Learning rate at the end of the cosine decay, as a fraction of ``lr``.
+            prompt_loss_weight: Weight of the next-token loss on prompt tokens (0 trains on the answer only).
+        """
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"num_heads={num_heads} must divide hidden_size={hidden_size}")
+        self.save_hyperparameters()
+        self.model = build_neox(
+            vocab_size=vocab_size,
+            hidden_size=hidden_size,
+            num_layers=num_layers,
+            num_heads=num_heads,
+            intermediate_size=intermediate_size,
+            max_position_embeddings=max_position_embeddings,
+            rotary_pct=rotary_pct,
+            tie_word_embeddings=tie_word_embeddings,
+        )
+        self.val_loss = MeanMetric()
+        self.val_answer_acc = MeanMetric()
+        self.val_answer_acc_best = MaxMetric()
+
+    def _losses(self, input_ids: torch.Tensor, token_type: torch.Tensor):
+        # No attention mask: rows are right-padded, so under causal attention real tokens never see the padding and
+        # SDPA can take its fused causal path.
+        logits = self.model(input_ids=input_ids).logits[:, :-1]
+        target, kind = input_ids[:, 1:], token_type[:, 1:]
+        nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), target.reshape(-1), reduction="none")
+        nll = nll.view_as(target)
+        answer, prompt = (kind == ANSWER).float(), (kind == PROMPT).float()
+        answer_loss = (nll * answer).sum() / answer.sum().clamp_min(1)
+        prompt_loss = (nll * prompt).sum() / prompt.sum().clamp_min(1)
+        # A sample counts as answered when every answer token (and the EOS) is the argmax.
+        wrong = ((logits.argmax(-1) != target) & (kind == ANSWER)).any(dim=1)
+        return answer_loss, prompt_loss, (~wrong).float()
+
+    def on_train_start(self) -> None:
+        # The sanity-check validation batches must not leak into the first epoch's validation metrics.
+        self.val_loss.reset()
+        self.val_answer_acc.reset()
+        self.val_answer_acc_best.reset()
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        input_ids, token_type = batch
+        answer_loss, prompt_loss, correct = self._losses(input_ids, token_type)
+        loss = answer_loss + self.hparams.prompt_loss_weight * prompt_loss
+        self.log_dict(
+            {
+                "train/loss": loss,
+                "train/answer_loss": answer_loss,
+                "train/prompt_loss": prompt_loss,
+                "train/answer_acc": correct.mean(),
+            },
+            prog_bar=False,
+        )
+        return loss
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        input_ids, token_type = batch
+        answer_loss, _, correct = self._losses(input_ids, token_type)
+        self.val_loss.update(answer_loss, weight=input_ids.size(0))
+        self.val_answer_acc.update(correct)
+        self.log("val/loss", self.val_loss, on_epoch=True, prog_bar=True)
+        self.log("val/answer_acc", self.val_answer_acc, on_epoch=True, prog_bar=True)
+
+    def on_validation_epoch_end(self) -> None:
+        # Logged through .compute() so Lightning does not reset the running maximum.
+        self.val_answer_acc_best.update(self.val_answer_acc.compute())
+        self.log("val/answer_acc_best", self.val_answer_acc_best.compute())
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+        no_decay = [p for n, p in self.model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": hp.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=hp.lr,
+            betas=(hp.beta1, hp.beta2),
+        )
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = min(hp.warmup_steps, total)
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+            return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def export(self, folder: str | Path, tokenizer) -> Path:
+        """Write the model and tokenizer in Hugging Face format (``from_pretrained``-loadable) into ``folder``."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        model = self.model
+        was_training = model.training
+        model.eval()
+        # Generation defaults matching Pythia: id 0 ends and pads.
+        model.generation_config.pad_token_id = model.generation_config.eos_token_id = 0
+        model.generation_config.bos_token_id = 0
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        model.train(was_training)
+        return folder

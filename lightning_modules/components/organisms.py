@@ -1,0 +1,342 @@
+"""Offline model organisms: small GPT-NeoX QA models trained on the built-in generator, cached in HF format.
+
+Nothing on the development, CI or GPU machines can download Pythia, and random-weight presets answer nothing. The
+organisms are a sender and a larger receiver (different width and depth, one shared tokenizer) that actually answer
+the generated multi-hop questions, so activation transfer can be tested end to end offline.
+
+- :func:`ensure_organism` returns the Hugging Face folder of the organism a config describes, training it through
+  the organism CLI only when the cache entry ``cache_root()/organisms/<role>-<hash>/`` is missing.
+- :func:`evaluate_organism` decodes held-out generated questions with the paper's settings and scores them.
+- :func:`chance_rate` is the accuracy of guessing, to put those numbers in context.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from datamodules.organism_text import prompt_text
+from datamodules.synthetic_multihop import (
+    CITIES,
+    CONTINENTS,
+    COUNTRIES,
+    EVAL_NUM_SAMPLES,
+    EVAL_SEED,
+    PEOPLE,
+    MultiHopSample,
+    generate_samples,
+)
+from lightning_modules.components.models import cache_root, load_model, load_tokenizer
+from lightning_modules.components.scoring import METRICS, score
+
+log = logging.getLogger(__name__)
+
+# Bump when the training recipe changes in a way the config does not show, so stale cache entries are not reused.
+ORGANISM_FORMAT_VERSION = 1
+MARKER = "organism.json"  # written last inside the temporary folder: its presence means the entry is complete
+# Top-level and trainer keys that do not change the trained weights; they stay out of the cache hash.
+_UNHASHED = ("config", "export_dir", "ckpt_path")
+_UNHASHED_TRAINER = ("logger", "default_root_dir", "enable_progress_bar", "enable_model_summary",
+                     "log_every_n_steps")  # fmt: skip
+_UNHASHED_DATA = ("num_workers", "cache_dir")
+
+# Paper decoding (PAPER.md 1.4).
+GENERATION_KWARGS = dict(do_sample=False, max_new_tokens=64, repetition_penalty=1.3, no_repeat_ngram_size=3)
+PROMPT_MAX_LENGTH = 256
+
+
+@contextlib.contextmanager
+def _isolated_cli() -> Iterator[None]:
+    """Run a LightningCLI inside another program without side effects on it.
+
+    Training calls ``seed_everything``: the caller's random, numpy and torch streams are restored afterwards. The
+    CLI gets its arguments through ``args=``; LightningCLI warns when the host program's ``sys.argv`` also holds
+    arguments (pytest's, the demo's), so ``sys.argv`` is cut to the program name meanwhile.
+    """
+    import numpy as np
+
+    py_state, np_state = random.getstate(), np.random.get_state()
+    env = os.environ.get("PL_GLOBAL_SEED")
+    argv = sys.argv
+    with torch.random.fork_rng(devices=[]):
+        try:
+            sys.argv = argv[:1]
+            yield
+        finally:
+            sys.argv = argv
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+            if env is None:
+                os.environ.pop("PL_GLOBAL_SEED", None)
+            else:
+                os.environ["PL_GLOBAL_SEED"] = env
+
+
+def resolved_config(config_path: str, overrides: list[str] | None = None) -> dict:
+    """The fully parsed organism config (defaults filled in, overrides applied), without building anything.
+
+    Args:
+        config_path: An organism YAML (``configs/organisms/*.yaml``).
+        overrides: Extra CLI arguments, e.g. ``["--trainer.max_steps", "40"]``.
+
+    Returns:
+        The config as plain JSON types (``model``, ``data``, ``trainer``, ``seed_everything``, ...).
+    """
+    from lightning_modules.organism_cli import OrganismCLI, cli_kwargs
+
+    class _ParseOnly(OrganismCLI):
+        def instantiate_classes(self) -> None:  # parsing is all the cache key needs
+            pass
+
+        def after_instantiate_classes(self) -> None:
+            pass
+
+    with _isolated_cli():
+        cli = _ParseOnly(**cli_kwargs(), args=["-c", str(config_path), *(overrides or [])], run=False)
+    return json.loads(cli.parser.dump(cli.config, format="json", skip_none=False, skip_validation=True))
+
+
+def config_hash(config: dict, tokenizer_sha256: str = "") -> str:
+    """Short SHA-256 of the parts of a resolved config that decide the trained weights."""
+    cfg = {k: v for k, v in config.items() if k not in _UNHASHED}
+    cfg["trainer"] = {k: v for k, v in (cfg.get("trainer") or {}).items() if k not in _UNHASHED_TRAINER}
+    cfg["data"] = {k: v for k, v in (cfg.get("data") or {}).items() if k not in _UNHASHED_DATA}
+    blob = json.dumps(
+        {"config": cfg, "version": ORGANISM_FORMAT_VERSION, "tokenizer": tokenizer_sha256}, sort_keys=True
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def organism_dir(config_path: str, cache_dir: str | None = None, overrides: list[str] | None = None) -> Path:
+    """Where :func:`ensure_organism` keeps the organism a config describes (the folder may not exist yet)."""
+    from lightning_modules.components.models import offline_tokenizer, tokenizer_fingerprint
+
+    config = resolved_config(config_path, overrides)
+    tok_sha = tokenizer_fingerprint(offline_tokenizer((config.get("data") or {}).get("cache_dir") or cache_dir))
+    return cache_root(cache_dir) / "organisms" / f"{Path(config_path).stem}-{config_hash(config, tok_sha)}"
+
+
+def ensure_organism(config_path: str, cache_dir: str | None = None, overrides: list[str] | None = None) -> Path:
+    """Return the Hugging Face folder of the organism ``config_path`` describes, training it only if not cached.
+
+    The cache entry is ``cache_root(cache_dir)/organisms/<role>-<hash>/`` where ``role`` is the config's file stem
+    and ``hash`` covers the resolved config (overrides included), the tokenizer and the recipe version. Training
+    writes into a temporary sibling folder that is renamed into place once complete, so an interrupted or
+    concurrent run never leaves a half-written organism behind. The folder holds ``save_pretrained`` output of the
+    model and tokenizer (load it with ``load_model(str(path))`` / ``load_tokenizer(str(path))``), ``organism.json``
+    (config, hash, training time, final validation metrics) and the training logs under ``training/``.
+
+    Args:
+        config_path: Organism YAML, e.g. ``configs/organisms/receiver.yaml``.
+        cache_dir: Project cache folder (default: ``cache_root()``).
+        overrides: Extra CLI arguments applied after the config, e.g. ``["--trainer.max_steps", "40"]``.
+
+    Returns:
+        The organism's folder.
+    """
+    overrides = list(overrides or [])
+    folder = organism_dir(config_path, cache_dir, overrides)
+    if (folder / MARKER).exists():
+        log.info("reusing the cached organism %s", folder)
+        return folder
+    if folder.exists():  # left by something other than this function (the marker is written before the rename)
+        log.warning("removing the incomplete organism folder %s", folder)
+        shutil.rmtree(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        info = _train(config_path, overrides, tmp, folder.name)
+        (tmp / MARKER).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not (folder / MARKER).exists():
+                raise
+            log.info("another process finished %s first; using its organism", folder)  # identical config and seed
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _train(config_path: str, overrides: list[str], out: Path, name: str) -> dict:
+    from lightning_modules.organism_cli import main
+
+    run_dir = out / "training"
+    logger = {"class_path": "pytorch_lightning.loggers.CSVLogger",
+              "init_args": {"save_dir": str(run_dir), "name": "", "version": ""}}  # fmt: skip
+    args = ["fit", "-c", str(config_path), *overrides, "--trainer.default_root_dir", str(run_dir),
+            f"--trainer.logger={json.dumps(logger)}", "--export_dir", str(out)]  # fmt: skip
+    start = time.perf_counter()
+    with _isolated_cli():
+        cli = main(args)
+    seconds = time.perf_counter() - start
+    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith(("val/", "train/"))}
+    import transformers
+
+    return {
+        "name": name,
+        "config_path": str(config_path),
+        "overrides": overrides,
+        "config": resolved_config(config_path, overrides),
+        "format_version": ORGANISM_FORMAT_VERSION,
+        "train_seconds": round(seconds, 1),
+        "global_step": int(cli.trainer.global_step),
+        "final_metrics": metrics,
+        "torch_num_threads": torch.get_num_threads(),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    }
+
+
+# --------------------------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompts: list[str], batch_size: int = 64, **generation_kwargs) -> list[str]:
+    """Greedy continuations of ``prompts`` with the paper's decoding, batched with left padding.
+
+    Args:
+        model: A causal LM.
+        tokenizer: Its tokenizer (pad = EOS).
+        prompts: Full prompts.
+        batch_size: Prompts per ``generate`` call.
+        **generation_kwargs: Overrides of :data:`GENERATION_KWARGS`.
+
+    Returns:
+        The decoded continuations (special tokens removed), in order.
+    """
+    kwargs = {**GENERATION_KWARGS, **generation_kwargs, "pad_token_id": tokenizer.eos_token_id}
+    padding_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # every prompt then ends at the same column, where generation starts
+    try:
+        out = []
+        for i in range(0, len(prompts), batch_size):
+            enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True, truncation=True,
+                            max_length=PROMPT_MAX_LENGTH)  # fmt: skip
+            enc = enc.to(model.device)
+            gen = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], **kwargs)
+            out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = padding_side
+    return out
+
+
+def evaluate_organism(
+    path: str | Path,
+    num_samples: int = EVAL_NUM_SAMPLES,
+    seed: int = EVAL_SEED,
+    batch_size: int = 64,
+    return_predictions: bool = False,
+) -> dict:
+    """Accuracy of an organism on held-out generated questions with the paper's decoding and metrics.
+
+    Args:
+        path: The organism's folder (or any model name ``load_model`` accepts).
+        num_samples: Questions to decode (the first ``num_samples`` of the set that ``seed`` generates).
+        seed: Generator seed; the default is the held-out evaluation set, which no organism trains on.
+        batch_size: Prompts per ``generate`` call.
+        return_predictions: Also return the per-sample records.
+
+    Returns:
+        ``{"n": ..., <metric>: accuracy for each of METRICS, "by_hops": {hops: word-boundary accuracy},
+        "ambiguous": {"n", "word_boundary_contains"} over the questions whose context names two candidates of the
+        answer's type, "chance": chance_rate(samples)}`` plus ``"predictions"`` when asked for.
+    """
+    model = load_model(str(path), dtype="float32")
+    tokenizer = load_tokenizer(str(path))
+    samples = generate_samples(num_samples, seed)
+    preds = generate_answers(model, tokenizer, [prompt_text(s) for s in samples], batch_size=batch_size)
+    scores = [score(p, s.answer) for p, s in zip(preds, samples)]
+    n = len(samples)
+    result: dict = {"n": n, **{m: sum(sc[m] for sc in scores) / max(n, 1) for m in METRICS}}
+    by_hops: dict[int, list[bool]] = {}
+    for s, sc in zip(samples, scores):
+        by_hops.setdefault(s.hops, []).append(sc["word_boundary_contains"])
+    result["by_hops"] = {h: sum(v) / len(v) for h, v in sorted(by_hops.items())}
+    # Questions whose context names a second entity of the answer's type (a distractor chain) need the chain itself.
+    ambiguous = [sc["word_boundary_contains"] for s, sc in zip(samples, scores)
+                 if len(_context_entities(s.context)[_entity_type(s.answer)]) > 1]  # fmt: skip
+    result["ambiguous"] = {"n": len(ambiguous), "word_boundary_contains": sum(ambiguous) / max(len(ambiguous), 1)}
+    result["chance"] = chance_rate(samples)
+    if return_predictions:
+        result["predictions"] = [
+            {"sample_id": s.sample_id, "gold": s.answer, "prediction": p, "hops": s.hops, "metrics": sc}
+            for s, p, sc in zip(samples, preds, scores)
+        ]
+    return result
+
+
+# --------------------------------------------------------------------------------------------- chance
+
+
+COUNTS = tuple(str(m) for m in range(5, 61))  # the generator's "about {m} countries" range
+ENTITY_POOLS: dict[str, tuple[str, ...]] = {
+    "person": PEOPLE,
+    "city": CITIES,
+    "country": COUNTRIES,
+    "continent": CONTINENTS,
+    "count": COUNTS,
+}
+CHANCE_MODES = ("type_pool", "context_same_type", "context_entity")
+
+
+def _entity_type(answer: str) -> str:
+    for kind, pool in ENTITY_POOLS.items():
+        if answer in pool:
+            return kind
+    raise ValueError(f"answer {answer!r} is not an entity of the generator's pools")
+
+
+def _context_entities(context: str) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for kind, pool in ENTITY_POOLS.items():
+        found[kind] = [e for e in pool if re.search(rf"(?<!\w){re.escape(e)}(?!\w)", context)]
+    return found
+
+
+def chance_rate(
+    samples: list[MultiHopSample] | None = None, mode: str = "type_pool", metric: str = "word_boundary_contains"
+) -> float:
+    """Expected accuracy of a guesser that answers with one uniformly random entity, averaged over ``samples``.
+
+    Modes (the guess is scored with ``score`` against the gold, so partial overlaps count as the metric says):
+
+    - ``type_pool``: a random entity of the answer's type from the generator's pool (26 countries, 6 continents,
+      56 counts): the rate of a model that knows what kind of answer is asked for but reads nothing.
+    - ``context_same_type``: a random entity of the answer's type among those the context mentions (one or two
+      per type, as distractor chains add a second): a model that finds the candidates but not the chain.
+    - ``context_entity``: a random entity of any type that the context mentions.
+
+    Args:
+        samples: The questions (default: the built-in evaluation set).
+        mode: One of :data:`CHANCE_MODES`.
+        metric: Which of ``METRICS`` scores a guess.
+
+    Returns:
+        The mean over samples of the per-sample expected accuracy.
+    """
+    if mode not in CHANCE_MODES:
+        raise ValueError(f"unknown chance mode {mode!r}; choose one of {', '.join(CHANCE_MODES)}")
+    samples = generate_samples(EVAL_NUM_SAMPLES, EVAL_SEED) if samples is None else samples
+    total = 0.0
+    for s in samples:
+        if mode == "type_pool":
+            guesses = list(ENTITY_POOLS[_entity_type(s.answer)])
+        else:
+            found = _context_entities(s.context)
+            guesses = found[_entity_type(s.answer)] if mode == "context_same_type" else sum(found.values(), [])
+        total += sum(score(g, s.answer)[metric] for g in guesses) / len(guesses)
+    return total / max(len(samples), 1)

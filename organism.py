@@ -1,0 +1,6 @@
+"""Train an offline model organism: ``python organism.py fit -c configs/organisms/receiver.yaml``."""
+
+from lightning_modules.organism_cli import main
+
+if __name__ == "__main__":
+    main()

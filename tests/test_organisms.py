@@ -1,0 +1,213 @@
+"""Offline model organisms: training through the CLI, HF export, cache reuse, held-out data, configs, quality."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from datamodules.organism_text import ANSWER, PAD, PROMPT, OrganismTextDataModule, encode_samples, eval_keys
+from datamodules.synthetic_multihop import EVAL_NUM_SAMPLES, EVAL_SEED, generate_samples
+from lightning_modules.components import organisms
+from lightning_modules.components.models import load_model, load_tokenizer, offline_tokenizer
+from lightning_modules.components.organisms import (
+    chance_rate,
+    config_hash,
+    ensure_organism,
+    evaluate_organism,
+    resolved_config,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs" / "organisms").glob("*.yaml"))
+# A few dozen steps of a 1-block, 32-wide model on a small data set: seconds on 2 CPU cores.
+TINY = [
+    "--model.hidden_size", "32", "--model.num_layers", "1", "--model.num_heads", "2", "--model.intermediate_size",
+    "64", "--data.num_train_samples", "512", "--data.num_val_samples", "32", "--data.batch_size", "16",
+    "--trainer.max_steps", "24", "--trainer.val_check_interval", "12",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_organism(tmp_path_factory) -> Path:
+    """One reduced sender trained through ensure_organism into a module-wide cache (reused by several tests)."""
+    cache = tmp_path_factory.mktemp("organisms_cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ACTIVATION_TRANSFER_CACHE", str(cache))
+        return ensure_organism(str(ROOT / "configs/organisms/sender.yaml"), cache_dir=str(cache), overrides=TINY)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_configs_parse(config):
+    cfg = resolved_config(str(config))
+    assert cfg["trainer"]["max_steps"] > 0
+    assert cfg["data"]["train_seed"] != EVAL_SEED and cfg["data"]["val_seed"] != EVAL_SEED
+    assert cfg["data"]["max_length"] <= cfg["model"]["max_position_embeddings"]
+    assert cfg["model"]["hidden_size"] % cfg["model"]["num_heads"] == 0
+
+
+def test_sender_and_receiver_differ_in_width_and_depth():
+    sender = resolved_config(str(ROOT / "configs/organisms/sender.yaml"))["model"]
+    receiver = resolved_config(str(ROOT / "configs/organisms/receiver.yaml"))["model"]
+    assert sender["hidden_size"] < receiver["hidden_size"]
+    assert sender["num_layers"] < receiver["num_layers"]
+
+
+def test_cache_hash_follows_weight_relevant_settings_only():
+    cfg = resolved_config(str(ROOT / "configs/organisms/sender.yaml"))
+    same = resolved_config(str(ROOT / "configs/organisms/sender.yaml"), ["--trainer.enable_progress_bar=true"])
+    other = resolved_config(str(ROOT / "configs/organisms/sender.yaml"), ["--model.lr", "0.001"])
+    assert config_hash(cfg) == config_hash(same)
+    assert config_hash(cfg) != config_hash(other)
+
+
+def test_training_data_excludes_the_evaluation_set():
+    held_out = eval_keys()
+    assert len(held_out) == len({s.key for s in generate_samples(EVAL_NUM_SAMPLES, EVAL_SEED)})
+    dm = OrganismTextDataModule(num_train_samples=3000, num_val_samples=64)
+    dm.setup("fit")
+    assert dm.train_keys and not dm.train_keys & held_out
+    assert len(dm.train_set) == 3000 - dm.num_dropped
+    with pytest.raises(ValueError, match="EVAL_SEED"):
+        OrganismTextDataModule(train_seed=EVAL_SEED)
+    with pytest.raises(ValueError, match="EVAL_SEED"):
+        OrganismTextDataModule(val_seed=EVAL_SEED)
+
+
+def test_training_drops_samples_whose_key_is_in_the_evaluation_set(monkeypatch):
+    # Seeds differ, so real collisions are rare: plant one to check the filter itself.
+    train = generate_samples(50, 1)
+    monkeypatch.setattr("datamodules.organism_text.eval_keys", lambda: {train[3].key, train[7].key})
+    dm = OrganismTextDataModule(num_train_samples=50, num_val_samples=8)
+    dm.setup("fit")
+    assert dm.num_dropped == 2
+    assert train[3].key not in dm.train_keys and train[7].key not in dm.train_keys
+
+
+def test_encoding_marks_answer_and_eos_as_targets():
+    tok = offline_tokenizer()
+    sample = generate_samples(1, 5)[0]
+    enc = encode_samples([sample], tok, max_length=96)
+    ids, kind = enc["input_ids"][0], enc["token_type"][0]
+    answer_ids = ids[kind == ANSWER].tolist()
+    assert answer_ids[-1] == tok.eos_token_id
+    assert tok.decode(answer_ids[:-1]) == " " + sample.answer
+    assert tok.decode(ids[kind == PROMPT].tolist()).endswith(f"Q: {sample.question}\nA:")
+    assert (kind[kind != PAD] != PAD).all() and kind[-1] == PAD  # right padding
+    with pytest.raises(ValueError, match="max_length"):
+        encode_samples([sample], tok, max_length=8)
+
+
+def test_tiny_organism_trains_exports_and_reloads(tiny_organism):
+    path = tiny_organism
+    for name in ("config.json", "model.safetensors", "tokenizer.json", organisms.MARKER):
+        assert (path / name).exists(), name
+    info = json.loads((path / organisms.MARKER).read_text())
+    assert info["global_step"] == 24
+    assert "val/answer_acc" in info["final_metrics"] and "val/loss" in info["final_metrics"]
+    assert path.name.startswith("sender-")
+    assert not list(path.parent.glob(".*tmp*"))  # the temporary folder was renamed away
+
+    model = load_model(str(path))
+    tok = load_tokenizer(str(path))
+    assert model.config.hidden_size == 32 and model.config.num_hidden_layers == 1
+    # The exported tokenizer is the project's offline tokenizer.
+    ref_tok = offline_tokenizer()
+    prompt = "Context: Alice lives in Oslo. Oslo is part of Norway.\nQ: What country does Alice live in?\nA:"
+    assert tok(prompt)["input_ids"] == ref_tok(prompt)["input_ids"]
+    assert tok.eos_token_id == tok.pad_token_id == 0
+
+    # Identical logits: the exported weights against the module's weights rebuilt from the safetensors file.
+    from safetensors.torch import load_file
+
+    from lightning_modules.causal_lm import build_neox
+
+    cfg = info["config"]["model"]
+    rebuilt = build_neox(
+        vocab_size=model.config.vocab_size, hidden_size=cfg["hidden_size"], num_layers=cfg["num_layers"],
+        num_heads=cfg["num_heads"], intermediate_size=cfg["intermediate_size"],
+        max_position_embeddings=cfg["max_position_embeddings"], rotary_pct=cfg["rotary_pct"],
+        tie_word_embeddings=cfg["tie_word_embeddings"],
+    ).eval()  # fmt: skip
+    missing, unexpected = rebuilt.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
+    assert not unexpected and all("rotary" in k or "masked_bias" in k for k in missing)
+    ids = torch.tensor([tok(prompt)["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, rebuilt(ids).logits, rtol=0, atol=0)
+    # A trained model is not the random init: its logits must differ from a fresh build's.
+    fresh = build_neox(vocab_size=model.config.vocab_size, hidden_size=32, num_layers=1, num_heads=2,
+                       intermediate_size=64, max_position_embeddings=256, rotary_pct=cfg["rotary_pct"],
+                       tie_word_embeddings=False).eval()  # fmt: skip
+    with torch.no_grad():
+        assert not torch.allclose(model(ids).logits, fresh(ids).logits)
+
+
+def test_cache_is_reused_without_training(tiny_organism, monkeypatch):
+    cache = tiny_organism.parent.parent
+    stamp = (tiny_organism / "model.safetensors").stat().st_mtime_ns
+
+    def _no_training(*args, **kwargs):
+        raise AssertionError("ensure_organism trained although the organism is cached")
+
+    monkeypatch.setattr(organisms, "_train", _no_training)
+    again = ensure_organism(str(ROOT / "configs/organisms/sender.yaml"), cache_dir=str(cache), overrides=TINY)
+    assert again == tiny_organism
+    assert (again / "model.safetensors").stat().st_mtime_ns == stamp
+    # A different config is a different entry, so it would have to train.
+    with pytest.raises(AssertionError, match="trained although"):
+        ensure_organism(str(ROOT / "configs/organisms/sender.yaml"), cache_dir=str(cache),
+                        overrides=[*TINY, "--trainer.max_steps", "25"])  # fmt: skip
+    assert not list(cache.glob("organisms/.*tmp*"))  # the failed attempt cleaned up after itself
+
+
+def test_training_is_deterministic(tiny_organism, tmp_path):
+    # Same config, fresh cache: bit-identical weights.
+    other = ensure_organism(str(ROOT / "configs/organisms/sender.yaml"), cache_dir=str(tmp_path), overrides=TINY)
+    assert other.name == tiny_organism.name
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(tiny_organism / "model.safetensors")), load_file(str(other / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_evaluate_organism_reports_every_metric(tiny_organism):
+    result = evaluate_organism(tiny_organism, num_samples=8, batch_size=4, return_predictions=True)
+    assert result["n"] == 8
+    for metric in ("exact_match", "normalized_exact_match", "word_boundary_contains", "first_answer_span_match",
+                   "legacy_contains"):  # fmt: skip
+        assert 0.0 <= result[metric] <= 1.0
+    assert [p["gold"] for p in result["predictions"]] == [s.answer for s in generate_samples(8, EVAL_SEED)]
+    assert (
+        result["word_boundary_contains"]
+        == sum(p["metrics"]["word_boundary_contains"] for p in result["predictions"]) / 8
+    )
+
+
+def test_chance_rates():
+    samples = generate_samples(EVAL_NUM_SAMPLES, EVAL_SEED)
+    pool = chance_rate(samples, "type_pool")
+    # By hand: answers are countries (1/26), continents (1/6) or counts (1/56), weighted by how often each is asked.
+    kinds = [organisms._entity_type(s.answer) for s in samples]
+    expected = sum({"country": 1 / 26, "continent": 1 / 6, "count": 1 / 56}[k] for k in kinds) / len(samples)
+    assert pool == pytest.approx(expected)
+    same_type = chance_rate(samples, "context_same_type")
+    # One or two candidates of the answer's type in each context (distractor chains add the second).
+    assert 0.5 < same_type < 1.0
+    assert chance_rate(samples, "context_entity") < same_type
+    with pytest.raises(ValueError, match="chance mode"):
+        chance_rate(samples, "oracle")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("role,threshold", [("receiver", 0.6), ("sender", None)])
+def test_full_organism_quality(role, threshold, tmp_path):
+    """The shipped organisms answer held-out questions: receiver >= 0.6, sender clearly above chance."""
+    path = ensure_organism(str(ROOT / f"configs/organisms/{role}.yaml"))
+    result = evaluate_organism(path)
+    chance = max(chance_rate(mode="type_pool"), chance_rate(mode="context_same_type"))
+    print(role, json.dumps({k: v for k, v in result.items() if k != "predictions"}), "chance", chance)
+    if threshold is not None:
+        assert result["word_boundary_contains"] >= threshold
+    assert result["word_boundary_contains"] > chance + 0.05
