@@ -1,0 +1,84 @@
+"""Save the fully resolved LightningCLI config once per run: into the W&B run (config and a file) and to disk.
+
+The stock ``SaveConfigCallback`` writes ``<trainer.log_dir>/config.yaml`` and aborts when it exists. With a
+``WandbLogger`` ``log_dir`` is the shared ``save_dir``, so every second run would abort (pytorch-lightning #7679,
+#11256, #14162; STYLE.md 2.4). This subclass (option 2 there) writes instead:
+
+- into the W&B run: ``run.config`` gets the whole resolved config, and ``config.yaml`` goes into the run's
+  ``files/`` folder (unique per run, synced with it);
+- without a live W&B run (``WANDB_MODE=disabled``, other loggers, no logger): ``<trainer.log_dir>/config.yaml``,
+  or ``config-1.yaml``, ``config-2.yaml``... when taken, so nothing is ever overwritten and no run aborts.
+
+Generic: it knows nothing about the models; the training and evaluation CLIs both use it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import yaml
+from pytorch_lightning.cli import SaveConfigCallback
+from pytorch_lightning.loggers import WandbLogger
+
+log = logging.getLogger(__name__)
+
+
+def _unique_path(folder: Path, filename: str) -> Path:
+    path = folder / filename
+    stem, suffix = os.path.splitext(filename)
+    i = 1
+    while path.exists():
+        path = folder / f"{stem}-{i}{suffix}"
+        i += 1
+    return path
+
+
+def _live_wandb_runs(trainer) -> list:
+    runs = []
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            run = logger.experiment
+            if not getattr(run, "disabled", False):
+                runs.append(run)
+    return runs
+
+
+class LoggerSaveConfigCallback(SaveConfigCallback):
+    """Save the resolved config to the W&B run (config + file) or, without one, to a never-overwritten file.
+
+    Args:
+        parser: The CLI parser (given by LightningCLI).
+        config: The parsed config (given by LightningCLI).
+        config_filename: File name of the saved config.
+        overwrite: Overwrite an existing file on disk instead of choosing a free name.
+        multifile: Unused (the config is always saved as one file); kept for the parent's signature.
+        save_to_log_dir: Ignored: the parent's ``log_dir`` writing is always off (it is what collides).
+    """
+
+    def __init__(self, parser, config, config_filename: str = "config.yaml", overwrite: bool = False,
+                 multifile: bool = False, save_to_log_dir: bool = False):  # fmt: skip
+        super().__init__(parser, config, config_filename=config_filename, overwrite=overwrite, multifile=multifile,
+                         save_to_log_dir=False)  # fmt: skip
+        self.saved_paths: list[str] = []
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        # Runs on global rank 0 only (the parent guarantees it): no collectives here.
+        text = self.parser.dump(self.config, skip_none=False)
+        runs = _live_wandb_runs(trainer)
+        if runs:
+            as_dict = yaml.safe_load(text)
+            for run in runs:
+                run.config.update(as_dict, allow_val_change=True)
+                folders = [Path(run.dir)]
+        else:
+            folders = [Path(trainer.log_dir or trainer.default_root_dir)]
+        for folder in folders:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / self.config_filename if self.overwrite else _unique_path(folder, self.config_filename)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_text(text)
+            os.replace(tmp, path)
+            self.saved_paths.append(str(path))
+            log.info("saved the resolved config to %s", path)

@@ -1,0 +1,156 @@
+"""Text corpora for activation extraction: the built-in offline corpus, local text/JSONL files, or a Hugging Face
+dataset by name.
+
+A corpus is a list of non-empty documents plus a SHA-256 fingerprint of exactly those documents (in order), so the
+activation cache key changes whenever the text does. Everything is a pure function of the :class:`CorpusSpec`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+BUILTIN = "builtin"
+HF_PREFIX = "hf:"
+
+
+@dataclass
+class CorpusSpec:
+    """Where the extraction text comes from.
+
+    Args:
+        source: ``builtin`` (the synthetic multi-hop generator, offline), a local ``.txt`` file (one document per
+            line) or ``.jsonl`` file (one object per line, text in ``text_field``), or ``hf:<dataset id>`` for a
+            Hugging Face dataset (needs internet or a local HF cache; e.g. ``hf:Salesforce/wikitext``).
+        hf_config: Dataset configuration name for ``hf:`` sources (``wikitext-103-raw-v1``).
+        split: Dataset split for ``hf:`` sources.
+        text_field: Field holding the text in JSONL files and HF datasets.
+        max_documents: Keep only the first N non-empty documents (None: all).
+        builtin_samples: Number of generated samples for the built-in corpus.
+        builtin_seed: Generator seed of the built-in corpus.
+    """
+
+    source: str = BUILTIN
+    hf_config: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+    max_documents: int | None = None
+    builtin_samples: int = 2000
+    builtin_seed: int = 0
+
+
+@dataclass
+class Corpus:
+    """Loaded documents and their fingerprint."""
+
+    documents: list[str]
+    fingerprint: str
+    spec: dict = field(default_factory=dict)
+
+
+def as_spec(spec: CorpusSpec | dict | str | None) -> CorpusSpec:
+    if spec is None:
+        return CorpusSpec()
+    if isinstance(spec, CorpusSpec):
+        return spec
+    if isinstance(spec, str):
+        return CorpusSpec(source=spec)
+    return CorpusSpec(**spec)
+
+
+def documents_fingerprint(documents: list[str]) -> str:
+    """SHA-256 over the documents in order (NUL-separated)."""
+    h = hashlib.sha256()
+    for doc in documents:
+        h.update(doc.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _keep(docs, max_documents: int | None) -> list[str]:
+    out = []
+    for doc in docs:
+        # WikiText-style corpora hold many blank lines; they carry no tokens.
+        if doc is None or not str(doc).strip():
+            continue
+        out.append(str(doc))
+        if max_documents is not None and len(out) >= max_documents:
+            break
+    return out
+
+
+def _read_local(path: Path, spec: CorpusSpec) -> list[str]:
+    if not path.is_file():
+        raise FileNotFoundError(f"corpus file {path} does not exist (option data.corpus.source)")
+    if path.suffix == ".jsonl":
+
+        def rows():
+            with path.open(encoding="utf-8") as f:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        obj = json.loads(line)
+                    except json.JSONDecodeError as err:
+                        raise ValueError(f"corpus file {path}, line {lineno}: not valid JSON ({err})") from err
+                    if not isinstance(obj, dict) or spec.text_field not in obj:
+                        raise ValueError(
+                            f"corpus file {path}, line {lineno}: no {spec.text_field!r} field "
+                            "(option data.corpus.text_field)"
+                        )
+                    yield obj[spec.text_field]
+
+        docs = _keep(rows(), spec.max_documents)
+    else:
+        with path.open(encoding="utf-8") as f:
+            docs = _keep((line.rstrip("\n") for line in f), spec.max_documents)
+    if not docs:
+        raise ValueError(f"corpus file {path} holds no non-empty documents (option data.corpus.source)")
+    return docs
+
+
+def _read_hf(spec: CorpusSpec) -> list[str]:
+    name = spec.source.removeprefix(HF_PREFIX)
+    try:
+        import datasets  # lazy: only users of Hub corpora need it
+    except ImportError as err:  # pragma: no cover - datasets is installed in the dev venv
+        raise ImportError("corpus source 'hf:...' needs the `datasets` package: pip install '.[hf]'") from err
+    try:
+        ds = datasets.load_dataset(name, spec.hf_config, split=spec.split)
+    except Exception as err:  # datasets raises many types (network, missing config, ...): report them all alike
+        raise ValueError(
+            f"cannot load corpus {spec.source!r} (config {spec.hf_config!r}, split {spec.split!r}) from the Hugging "
+            f"Face Hub or cache: {type(err).__name__}: {err}"
+        ) from err
+    if spec.text_field not in ds.column_names:
+        raise ValueError(
+            f"corpus {spec.source!r} has no column {spec.text_field!r} (columns: {ds.column_names}); "
+            "set data.corpus.text_field"
+        )
+    docs = _keep((row[spec.text_field] for row in ds), spec.max_documents)
+    if not docs:
+        raise ValueError(f"corpus {spec.source!r} (split {spec.split!r}) holds no non-empty documents")
+    return docs
+
+
+def load_corpus(spec: CorpusSpec | dict | str | None = None) -> Corpus:
+    """Load the documents a spec names, dropping blank ones, and fingerprint them.
+
+    Raises:
+        FileNotFoundError: a local corpus file is missing.
+        ValueError: the corpus is empty, malformed, or cannot be loaded.
+    """
+    spec = as_spec(spec)
+    if spec.source == BUILTIN:
+        from datamodules.synthetic_multihop import corpus_text
+
+        docs = _keep(corpus_text(num_samples=spec.builtin_samples, seed=spec.builtin_seed), spec.max_documents)
+        if not docs:
+            raise ValueError("the built-in corpus is empty: data.corpus.builtin_samples must be > 0")
+    elif spec.source.startswith(HF_PREFIX):
+        docs = _read_hf(spec)
+    else:
+        docs = _read_local(Path(spec.source).expanduser(), spec)
+    return Corpus(documents=docs, fingerprint=documents_fingerprint(docs), spec=asdict(spec))
