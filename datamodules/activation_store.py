@@ -133,7 +133,7 @@ def read_manifest(folder: str | Path, name: str = MANIFEST) -> dict | None:
 def _folder_lock(folder: Path) -> Iterator[None]:
     """Serialize extraction into one folder across processes (DDP ranks started together, two runs at once)."""
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "w") as f:
+    with open(folder / ".lock", "a") as f:  # "a": never truncate (no write, no mtime change)
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield

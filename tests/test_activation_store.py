@@ -1,0 +1,155 @@
+"""Activation store: extraction, cache reuse/rebuild, resume, and bad input (corpus, models, NaN, tokenizers)."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+import datamodules.activation_store as store_mod
+from datamodules.activation_pairs import ActivationPairDataModule
+from datamodules.activation_store import (
+    NonFiniteActivations,
+    PairStore,
+    StoreError,
+    ensure_store,
+    extract_store,
+    write_pairs_store,
+)
+from datamodules.corpora import CorpusSpec, load_corpus
+from lightning_modules.components.hooks import capture_hidden
+from lightning_modules.components.models import ModelRef, load_ref, offline_tokenizer
+
+SENDER, RECEIVER = ModelRef("tiny-neox", layer=0.67), ModelRef("tiny-neox-large", layer=0.67)
+CORPUS = CorpusSpec(builtin_samples=12)
+SMALL = dict(max_length=64, batch_size=4, shard_rows=100)
+
+
+def test_extraction_pairs_tokens_exactly(tmp_path):
+    folder, manifest = ensure_store(SENDER, RECEIVER, CORPUS, store_dir=str(tmp_path / "s"), **SMALL)
+    s, r = load_ref(SENDER), load_ref(RECEIVER)
+    # Identities first: tokenizer_fingerprint serializes the backend, whose truncation state a call changes.
+    assert manifest["models"]["sender"] == s.identity() and manifest["models"]["receiver"] == r.identity()
+    docs = load_corpus(CORPUS).documents
+    lengths = [len(s.tokenizer(d, truncation=True, max_length=64).input_ids) for d in docs]
+    # Pad positions are skipped: one row per real token.
+    assert manifest["num_tokens"] == sum(lengths) == sum(x["rows"] for x in manifest["shards"])
+    assert len(manifest["shards"]) > 1
+    assert manifest["dims"] == {"sender": 32, "receiver": 48}
+    assert manifest["layers"] == {"sender": "gpt_neox.layers.1", "receiver": "gpt_neox.layers.2"}
+    # Batched, right-padded extraction equals running the last document alone.
+    ids = torch.tensor([s.tokenizer(docs[-1], truncation=True, max_length=64).input_ids])
+    want_s = capture_hidden(s.model, s.layer.path, ids)[0]
+    want_r = capture_hidden(r.model, r.layer.path, ids)[0]
+    store = PairStore(folder)
+    got = store.read_rows(torch.arange(store.num_rows - lengths[-1], store.num_rows).numpy())
+    torch.testing.assert_close(got["sender"], want_s, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got["receiver"], want_r, atol=1e-5, rtol=1e-4)
+
+
+def test_cache_hit_then_mismatch_rebuilt(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="datamodules")
+    folder, m1 = ensure_store(SENDER, RECEIVER, CORPUS, cache_dir=str(tmp_path), **SMALL)
+    assert folder.parent == tmp_path / "activations"
+    caplog.clear()
+    folder2, m2 = ensure_store(SENDER, RECEIVER, CORPUS, cache_dir=str(tmp_path), **SMALL)
+    assert folder2 == folder and m2 == m1 and "cache hit" in caplog.text
+    # A keyed cache whose manifest disagrees (e.g. an older format) is rebuilt, with a log line saying so.
+    bad = dict(m1, spec=dict(m1["spec"], format_version=0))
+    (folder / "manifest.json").write_text(json.dumps(bad))
+    caplog.clear()
+    _, m3 = ensure_store(SENDER, RECEIVER, CORPUS, cache_dir=str(tmp_path), **SMALL)
+    assert "rebuilding" in caplog.text and m3["spec"] == m1["spec"] and m3["num_tokens"] == m1["num_tokens"]
+    # A different max_length is a different key: another folder.
+    other, _ = ensure_store(SENDER, RECEIVER, CORPUS, cache_dir=str(tmp_path), **dict(SMALL, max_length=16))
+    assert other != folder
+
+
+def test_explicit_store_mismatch_is_an_error_and_keeps_data(tmp_path):
+    folder, _ = ensure_store(SENDER, RECEIVER, CORPUS, store_dir=str(tmp_path / "s"), **SMALL)
+    before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if p.name != ".lock"}
+    with pytest.raises(StoreError, match=r"manifest\.json.*max_length.*data\.rebuild"):
+        ensure_store(SENDER, RECEIVER, CORPUS, store_dir=str(folder), **dict(SMALL, max_length=32))
+    assert {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if p.name != ".lock"} == before
+    _, m = ensure_store(SENDER, RECEIVER, CORPUS, store_dir=str(folder), rebuild=True, **dict(SMALL, max_length=32))
+    assert m["max_length"] == 32
+
+
+def test_nan_stops_naming_the_shard_then_resume_matches(tmp_path, monkeypatch, caplog):
+    ref_folder, ref = ensure_store(SENDER, RECEIVER, CORPUS, store_dir=str(tmp_path / "ref"), **SMALL)
+    calls = {"n": 0}
+    real = store_mod.capture_hidden
+
+    def flaky(model, path, ids, mask=None, **kw):
+        calls["n"] += 1
+        out = real(model, path, ids, mask, **kw)
+        return out * float("nan") if calls["n"] == 5 else out  # the sender pass of the 3rd batch
+
+    monkeypatch.setattr(store_mod, "capture_hidden", flaky)
+    folder = tmp_path / "s"
+    with pytest.raises(NonFiniteActivations, match=r"shard-0000\d\.safetensors.*NaN or Inf"):
+        ensure_store(SENDER, RECEIVER, CORPUS, store_dir=str(folder), **SMALL)
+    finished = sorted(p.name for p in folder.glob("shard-*.safetensors"))
+    assert finished and not (folder / "manifest.json").exists() and (folder / "manifest.partial.json").exists()
+    monkeypatch.setattr(store_mod, "capture_hidden", real)
+    caplog.set_level(logging.INFO, logger="datamodules")
+    _, m = ensure_store(SENDER, RECEIVER, CORPUS, store_dir=str(folder), **SMALL)
+    assert "resuming" in caplog.text
+    assert m["num_tokens"] == ref["num_tokens"] and m["shards"] == ref["shards"]
+    a, b = PairStore(folder), PairStore(ref_folder)
+    rows = torch.arange(a.num_rows).numpy()
+    torch.testing.assert_close(a.read_rows(rows), b.read_rows(rows))
+
+
+def test_nan_in_stored_shard_is_reported(tmp_path):
+    s, r = torch.randn(50, 4), torch.randn(50, 3)
+    r[37, 1] = float("inf")
+    write_pairs_store(tmp_path, s, r, shard_rows=20)
+    with pytest.raises(NonFiniteActivations, match=r"shard-00001\.safetensors"):
+        PairStore(tmp_path).read_rows(torch.arange(50).numpy())
+
+
+def test_different_tokenizers_are_refused(tmp_path):
+    s, r = load_ref(SENDER), load_ref(RECEIVER)
+    r.tokenizer = offline_tokenizer(str(tmp_path), vocab_size=400)
+    with pytest.raises(StoreError, match="different tokenizers"):
+        extract_store(s, r, load_corpus(CORPUS), tmp_path / "s", {}, batch_size=4)
+
+
+@pytest.mark.parametrize(
+    ("ref", "match"),
+    [
+        (ModelRef("preset:no-such-model"), r"data\.sender_model.*unknown model preset"),
+        (ModelRef("tiny-neox", layer=7), r"data\.sender_model.*out of range"),
+    ],
+)
+def test_bad_model_through_the_data_module(tmp_path, ref, match):
+    dm = ActivationPairDataModule(sender_model=ref, receiver_model=RECEIVER, corpus=CORPUS,
+                                  store_dir=str(tmp_path / "s"), max_length=32)  # fmt: skip
+    with pytest.raises(ValueError, match=match):
+        _ = dm.sender_dim
+
+
+def test_corpora_local_files_and_errors(tmp_path):
+    txt = tmp_path / "c.txt"
+    txt.write_text("first line\n\n   \nsecond line\n")
+    c = load_corpus(str(txt))
+    assert c.documents == ["first line", "second line"]
+    jl = tmp_path / "c.jsonl"
+    jl.write_text(json.dumps({"text": "first line"}) + "\n" + json.dumps({"text": "second line"}) + "\n")
+    assert load_corpus(CorpusSpec(source=str(jl))).fingerprint == c.fingerprint
+    assert load_corpus(CorpusSpec(source=str(txt), max_documents=1)).fingerprint != c.fingerprint
+    with pytest.raises(FileNotFoundError, match=r"missing\.txt"):
+        load_corpus(str(tmp_path / "missing.txt"))
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(ValueError, match=r"empty\.txt holds no non-empty"):
+        load_corpus(str(empty))
+    with pytest.raises(ValueError, match=r"c\.jsonl, line 1: no 'body' field"):
+        load_corpus(CorpusSpec(source=str(jl), text_field="body"))
+    # A missing corpus stops the data module before any model is loaded.
+    dm = ActivationPairDataModule(SENDER, RECEIVER, corpus=CorpusSpec(source=str(tmp_path / "missing.txt")))
+    with pytest.raises(FileNotFoundError, match=r"missing\.txt"):
+        _ = dm.manifest
