@@ -1,0 +1,86 @@
+"""TranslatorModule: translate(), losses, schedule, checkpoints with weights_only, identity checks."""
+
+from __future__ import annotations
+
+import functools
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from lightning_modules.components.translators import LinearTranslator, MLPTranslator, translator_spec
+from lightning_modules.translator import TranslatorModule, check_translator_matches, load_translator
+
+S_ID = {"name": "tiny-neox", "model_type": "gpt_neox", "hidden_size": 6, "num_layers": 2, "layer": "gpt_neox.layers.1",
+        "layer_index": 1, "preset_seed": 0, "revision": None}  # fmt: skip
+R_ID = dict(S_ID, name="tiny-neox-large", hidden_size=5, num_layers=4, layer="gpt_neox.layers.2", layer_index=2)
+
+
+def test_translate_normalizes_and_keeps_leading_dims():
+    m = TranslatorModule(6, 5)
+    x = torch.randn(2, 7, 6)
+    y = m.translate(x)
+    assert y.shape == (2, 7, 5)
+    torch.testing.assert_close(m.translate(x * 13.0), y)  # per-vector L2 normalization first
+    raw = TranslatorModule(6, 5, normalize=False)
+    raw.translator.load_state_dict(m.translator.state_dict())
+    assert not torch.allclose(raw.translate(x * 13.0), y)
+
+
+def test_losses():
+    pred, target = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    assert TranslatorModule(2, 2, loss="cosine")._loss(pred, target).item() == pytest.approx(1.0)
+    assert TranslatorModule(2, 2, loss="mse")._loss(pred, target).item() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="model.loss"):
+        TranslatorModule(2, 2, loss="l1")
+
+
+def test_warmup_then_linear_decay():
+    m = TranslatorModule(3, 3, lr=1.0, warmup_steps=10, min_lr_ratio=0.0)
+    m._trainer = SimpleNamespace(estimated_stepping_batches=110)
+    sched = m.configure_optimizers()["lr_scheduler"]["scheduler"]
+    factors = [f(s) for s in (0, 4, 9, 10, 60, 110) for f in sched.lr_lambdas]
+    assert factors == pytest.approx([0.1, 0.5, 1.0, 1.0, 0.5, 0.0])
+
+
+@pytest.mark.parametrize(
+    "translator",
+    [LinearTranslator, functools.partial(MLPTranslator, hidden_dim=8), {"class_path": "MLPTranslator",
+                                                                         "init_args": {"hidden_dim": 8}}],
+)  # fmt: skip
+def test_checkpoint_loads_with_weights_only(tmp_path, translator):
+    import pytorch_lightning as pl
+
+    m = TranslatorModule(6, 5, translator=translator, sender=S_ID, receiver=R_ID)
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, max_epochs=0, enable_progress_bar=False,
+                         enable_model_summary=False)  # fmt: skip
+    trainer.strategy.connect(m)
+    path = tmp_path / "t.ckpt"
+    trainer.save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=True)  # no classes, partials, dataclasses or paths in hparams
+    assert ckpt["hyper_parameters"]["translator"] == translator_spec(translator)
+    loaded = load_translator(path)
+    assert type(loaded.translator) is type(m.translator) and not loaded.training
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(loaded.translate(x), m.eval().translate(x))
+    check_translator_matches(loaded, S_ID, R_ID)
+
+
+def test_load_translator_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"missing\.ckpt"):
+        load_translator(tmp_path / "missing.ckpt")
+    bad = tmp_path / "corrupt.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match=r"corrupt\.ckpt"):
+        load_translator(bad)
+
+
+def test_check_translator_matches_lists_differences():
+    m = TranslatorModule(6, 5, sender=S_ID, receiver=R_ID)
+    check_translator_matches(m, dict(S_ID, revision="abc", dtype="bfloat16"), R_ID)  # None revision, dtype: ignored
+    with pytest.raises(ValueError, match=r"receiver layer: translator 'gpt_neox.layers.2', model 'gpt_neox.layers.3'"):
+        check_translator_matches(m, S_ID, dict(R_ID, layer="gpt_neox.layers.3", layer_index=3))
+    with pytest.raises(ValueError, match=r"sender hidden size: translator 6, model 8"):
+        check_translator_matches(m, dict(S_ID, hidden_size=8), R_ID)
+    with pytest.raises(ValueError, match="records no model identity"):
+        check_translator_matches(TranslatorModule(6, 5), S_ID, R_ID)
