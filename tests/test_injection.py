@@ -1,0 +1,126 @@
+"""Prefill-only injection on the tiny offline receiver: where it writes, what it leaves alone, batched generation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from datamodules.prompts import tokenize_left_padded
+from lightning_modules.components.conditions import masked_norm_mean, random_vectors
+from lightning_modules.components.generation import GenerationSettings, decode, generate_ids
+from lightning_modules.components.hooks import block_hook
+from lightning_modules.components.injection import PrefillInjection, prefill_injection
+from lightning_modules.components.models import ModelRef, load_ref
+from lightning_modules.injection_eval import capture_block, left_grid
+
+PROMPTS = [
+    "Context: Alice lives in Tokyo. Tokyo is located in Japan.\nQ: What country does Alice live in?\nA:",
+    "Context: Bob works in Lima.\nQ: Where?\nA:",
+    "Context: Omar moved to Oslo. Oslo is part of Norway. Norway lies in Europe.\nQ: What continent?\nA:",
+]
+SETTINGS = GenerationSettings(max_new_tokens=6)
+
+
+@pytest.fixture(scope="module")
+def receiver():
+    return load_ref(ModelRef("tiny-neox-large", layer=0.67))
+
+
+@pytest.fixture(scope="module")
+def batch(receiver):
+    return tokenize_left_padded(receiver.tokenizer, PROMPTS)
+
+
+def _generate(receiver, ids, mask, inj=None):
+    if inj is None:
+        return decode(receiver.tokenizer, generate_ids(receiver.model, receiver.tokenizer, ids, mask, SETTINGS))
+    with prefill_injection(receiver.model, receiver.layer.path, inj):
+        out = generate_ids(receiver.model, receiver.tokenizer, ids, mask, SETTINGS)
+    return decode(receiver.tokenizer, out)
+
+
+def test_batch_is_left_padded(batch):
+    mask = batch["attention_mask"]
+    assert (mask[:, -1] == 1).all() and (mask == 0).any()  # real padding exists in this batch
+
+
+def test_hook_fires_once_on_prefill_only(receiver, batch):
+    shapes = []
+    with block_hook(receiver.model, receiver.layer.path, lambda h: shapes.append(tuple(h.shape))):
+        generate_ids(receiver.model, receiver.tokenizer, batch["input_ids"], batch["attention_mask"], SETTINGS)
+    assert shapes[0] == (*batch["input_ids"].shape, 48) and all(s[1] == 1 for s in shapes[1:])
+    vec = torch.randn(batch["input_ids"].shape[0], 48, generator=torch.Generator().manual_seed(0))
+    inj = PrefillInjection(batch["attention_mask"], mode="additive", source=vec, scale=1e-3)
+    inj.keep = True
+    _generate(receiver, batch["input_ids"], batch["attention_mask"], inj)
+    assert inj.calls > 1 and inj.after.shape[1] == batch["input_ids"].shape[1]  # wrote on the prefill call only
+
+
+def test_batched_equals_one_at_a_time_fp32(receiver, batch):
+    batched = _generate(receiver, batch["input_ids"], batch["attention_mask"])
+    single = []
+    for p in PROMPTS:
+        t = tokenize_left_padded(receiver.tokenizer, [p])
+        single += _generate(receiver, t["input_ids"], t["attention_mask"])
+    assert batched == single
+    assert any(batched)  # non-empty continuations: the comparison is not vacuous
+
+
+@pytest.mark.parametrize("kind", ["zeros", "random"])
+def test_replacement_changes_every_real_position_and_only_there(receiver, batch, kind):
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    B, T = ids.shape
+    if kind == "zeros":
+        inj = PrefillInjection(mask, mode="replace", source=torch.zeros(B, T, 48))
+    else:
+        rows = [random_vectors(42, f"s{i}", int(n), 48) for i, n in enumerate(mask.sum(1))]
+        inj = PrefillInjection(mask, mode="rescaled", source=left_grid(rows, T, 48, torch.float32, "cpu"))
+    inj.keep = True
+    _generate(receiver, ids, mask, inj)
+    real = mask.bool()
+    changed = (inj.after != inj.before).any(dim=-1)
+    assert changed[real].all() and not changed[~real].any()
+    if kind == "random":  # same norm as the receiver's own state, per position
+        assert torch.allclose(inj.after[real].norm(dim=-1), inj.before[real].norm(dim=-1), rtol=1e-4)
+    else:
+        assert torch.count_nonzero(inj.after[real]) == 0
+
+
+def test_self_inject_equals_no_inject(receiver, batch):
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    own = capture_block(receiver.model, receiver.layer.path, ids, mask)
+    inj = PrefillInjection(mask, mode="replace", source=own)
+    inj.keep = True
+    assert _generate(receiver, ids, mask, inj) == _generate(receiver, ids, mask)
+    # the captured states are the prefill's own states (same position ids as generate)
+    assert torch.allclose(inj.before[mask.bool()], own[mask.bool()], atol=1e-5)
+
+
+def test_additive_injected_norm_is_scale_times_translated_norm(receiver, batch):
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    g = torch.Generator().manual_seed(1)
+    vec = torch.randn(ids.shape[0], 48, generator=g)  # non-constant: a constant shift would vanish in LayerNorm
+    inj = PrefillInjection(mask, mode="additive", source=vec, scale=0.01)
+    inj.keep = True
+    out = _generate(receiver, ids, mask, inj)
+    assert torch.allclose(inj.injected_norm_mean, 0.01 * vec.norm(dim=-1), rtol=1e-5)
+    real = mask.bool()
+    delta = inj.after - inj.before
+    assert torch.allclose(delta[real].norm(dim=-1), (0.01 * vec.norm(dim=-1))[:, None].expand_as(mask)[real], rtol=1e-3)
+    assert torch.count_nonzero(delta[~real]) == 0
+    big = PrefillInjection(mask, mode="additive", source=vec * 1000, scale=1.0)
+    assert _generate(receiver, ids, mask, big) != _generate(receiver, ids, mask)  # steering does reach the output
+    assert len(out) == 3
+    assert torch.allclose(inj.receiver_norm_mean, masked_norm_mean(inj.before, mask), rtol=1e-5)
+
+
+def test_prefill_shape_mismatch_is_an_error(receiver, batch):
+    inj = PrefillInjection(batch["attention_mask"][:, 1:], mode="none")
+    with pytest.raises(RuntimeError, match="prefill pass reached the injection block with shape"):
+        _generate(receiver, batch["input_ids"], batch["attention_mask"], inj)
+
+
+def test_right_padded_batch_is_refused(receiver, batch):
+    with pytest.raises(ValueError, match="not left-padded"):
+        generate_ids(receiver.model, receiver.tokenizer, batch["input_ids"].flip(1), batch["attention_mask"].flip(1),
+                     SETTINGS)  # fmt: skip
