@@ -229,10 +229,12 @@ class InjectionEvalModule(pl.LightningModule):
             log.warning("translator %s does not match the models (allowed by allow_mismatch): %s", path, err)
         # Whatever the names say, the translator must map sender-sized vectors to receiver-sized ones.
         d_s, d_r = self.sender.identity()["hidden_size"], self.receiver.identity()["hidden_size"]
-        with torch.no_grad():
-            out = module.translate(torch.ones(1, d_s, dtype=next(module.parameters()).dtype))
-        if out.shape[-1] != d_r:
-            raise ValueError(f"translator checkpoint {path} maps to {out.shape[-1]} dims, receiver has {d_r}")
+        dims = (module.hparams.get("sender_dim"), module.hparams.get("receiver_dim"))
+        if dims != (d_s, d_r):
+            raise ValueError(
+                f"translator checkpoint {path} maps {dims[0]} -> {dims[1]} dims, but the sender has {d_s} and the "
+                f"receiver {d_r} (allow_mismatch cannot bridge different hidden sizes)"
+            )
         return module
 
     # ------------------------------------------------------------------------------------------------ planning

@@ -1,0 +1,212 @@
+"""InjectionEvalModule through ``trainer.test`` on tiny offline models: records, invariants, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+import lightning_modules.injection_eval as ie
+from datamodules.multihop_qa import MultiHopQADataModule
+from lightning_modules.components import results_io as rio
+from lightning_modules.components.models import ModelRef, load_ref
+from lightning_modules.injection_eval import InjectionEvalModule
+from lightning_modules.translator import TranslatorModule
+
+SENDER = ModelRef("tiny-neox", layer=0.67)
+RECEIVER = ModelRef("tiny-neox-large", layer=0.67)
+CONDS = [
+    "no_inject",
+    "nl_relay",
+    "additive",
+    "replace",
+    "b_to_b_self_inject",
+    "same_norm_random",
+    "shuffled_translation",
+    "shuffled_translation_strict_matched",
+    "zero_replacement",
+]
+N = 8
+
+
+def make_ckpt(path, sender=SENDER, receiver=RECEIVER, seed=0):
+    s, r = load_ref(sender), load_ref(receiver)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module = TranslatorModule(s.identity()["hidden_size"], r.identity()["hidden_size"], sender=s.identity(),
+                                  receiver=r.identity())  # fmt: skip
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)  # fmt: skip
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(str(path), weights_only=True)
+    return str(path)
+
+
+def run_eval(tmp, ckpt, batch_size=8, conditions=CONDS, callbacks=(), **kw):
+    kw.setdefault("seeds", [42, 123])
+    module = InjectionEvalModule(SENDER, RECEIVER, translator_ckpt=ckpt, conditions=list(conditions),
+                                 max_new_tokens=4, relay_max_new_tokens=6, output_dir=str(tmp), report_resamples=50,
+                                 **kw)  # fmt: skip
+    dm = MultiHopQADataModule(source="synthetic", num_samples=N, batch_size=batch_size)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, callbacks=list(callbacks))  # fmt: skip
+    trainer.test(module, datamodule=dm, verbose=False)
+    return module
+
+
+def preds(module):
+    return {k: {r["sample_id"]: r["prediction"] for r in v} for k, v in module.results.items()}
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_ckpt(tmp_path_factory.mktemp("ckpt") / "translator.ckpt")
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, ckpt):
+    return run_eval(tmp_path_factory.mktemp("eval"), ckpt)
+
+
+def test_writes_every_condition_and_seed_with_the_fixed_schema(full_run):
+    run_dir = full_run.run_dir
+    expected = {"no_inject__deterministic", "nl_relay__deterministic", "b_to_b_self_inject__deterministic",
+                "zero_replacement__deterministic"} | {f"{c}__seed{s}" for c in CONDS[2:] if c not in (
+                    "b_to_b_self_inject", "zero_replacement") for s in (42, 123)}  # fmt: skip
+    assert {p.stem for p in (run_dir / "records").glob("*.jsonl")} == expected
+    for key in expected:
+        recs = rio.read_records(run_dir / "records" / f"{key}.jsonl")
+        cond = key.split("__")[0]
+        seed = None if key.endswith("deterministic") else int(key.split("seed")[1])
+        assert all(r["condition"] == cond and r["seed"] == seed for r in recs)
+        assert all(set(r["diagnostics"]) >= {"prompt_len", "translated_norm_mean", "receiver_norm_mean",
+                                             "injected_norm_mean"} for r in recs)  # fmt: skip
+        if not cond.endswith("strict_matched"):
+            assert len(recs) == N and len({r["sample_id"] for r in recs}) == N
+    meta = json.loads((run_dir / "meta.json").read_text())
+    assert meta["models"]["receiver"]["layer"] == "gpt_neox.layers.2"
+    assert len(meta["translators"][0]["sha256"]) == 64 and meta["dataset"]["samples_sha256"]
+    assert meta["libraries"]["torch"] and meta["elapsed_seconds"] > 0 and meta["device"] == "cpu"
+    assert (run_dir / "report" / "summary.json").exists()
+    assert not (run_dir / "partial").exists()
+    assert full_run.summary_metrics["eval/word_boundary_contains/condition=additive"] >= 0.0
+
+
+def test_self_inject_answers_equal_no_inject_on_every_sample(full_run):
+    p = preds(full_run)
+    assert p["b_to_b_self_inject__deterministic"] == p["no_inject__deterministic"]
+    assert any(p["no_inject__deterministic"].values())
+
+
+def test_additive_diagnostics_and_seed_semantics(full_run):
+    recs = {r["sample_id"]: r for r in full_run.results["additive__seed42"]}
+    trans = full_run.translated[0]
+    for sid, r in recs.items():
+        assert r["diagnostics"]["injected_norm_mean"] == pytest.approx(0.01 * float(trans[sid][-1].norm()), rel=1e-5)
+        assert r["diagnostics"]["prompt_len"] == len(trans[sid])
+    p = preds(full_run)
+    # one translator: the seeds change only seeded conditions; additive is generated once and written per seed
+    assert p["additive__seed42"] == p["additive__seed123"]
+    rnd = {s: [r["diagnostics"]["receiver_norm_mean"] for r in full_run.results[f"same_norm_random__seed{s}"]]
+           for s in (42, 123)}  # fmt: skip
+    assert rnd[42] == rnd[123]  # prefill norms before injection do not depend on the seed
+
+
+def test_shuffled_donors_and_strict_variant(full_run):
+    lengths = {r["sample_id"]: r["diagnostics"]["prompt_len"] for r in full_run.results["no_inject__deterministic"]}
+    for seed in (42, 123):
+        full = full_run.results[f"shuffled_translation__seed{seed}"]
+        strict = full_run.results[f"shuffled_translation_strict_matched__seed{seed}"]
+        assert all(lengths[r["diagnostics"]["donor_id"]] == lengths[r["sample_id"]] for r in full)
+        fallback = [r["sample_id"] for r in full if r["diagnostics"]["donor_id"] == r["sample_id"]]
+        assert all(r["diagnostics"]["donor_id"] != r["sample_id"] for r in strict)
+        assert len(strict) == N - len(fallback)
+        meta = json.loads((full_run.run_dir / "meta.json").read_text())
+        assert meta["diagnostics"]["shuffle_self_fallback_count"][str(seed)] == len(fallback)
+
+
+def test_batch_size_does_not_change_answers(tmp_path, ckpt, full_run):
+    one = run_eval(tmp_path, ckpt, batch_size=3, conditions=["no_inject", "additive", "same_norm_random",
+                                                               "shuffled_translation"], seeds=[42])  # fmt: skip
+    p_full, p_one = preds(full_run), preds(one)
+    for key in p_one:
+        assert p_one[key] == p_full[key], key
+
+
+def test_rerun_computes_only_missing_parts(tmp_path, ckpt, monkeypatch):
+    conds = ["no_inject", "zero_replacement", "same_norm_random"]
+    first = run_eval(tmp_path, ckpt, conditions=conds, seeds=[42])
+    run_dir = first.run_dir
+    before = {p.name: p.stat().st_mtime_ns for p in (run_dir / "records").glob("*.jsonl")}
+    target = rio.records_path(run_dir, "same_norm_random", 42)
+    old = target.read_text()
+    # simulate a crash: the final file is gone, 3 samples had reached the partial shard
+    target.unlink()
+    done = [json.loads(line) for line in old.splitlines()[:3]]
+    rio.append_partial(run_dir, "same_norm_random", 42, 0, done)
+    rows = []
+    real = ie.generate_ids
+    monkeypatch.setattr(ie, "generate_ids", lambda *a, **k: rows.append(a[2].shape[0]) or real(*a, **k))
+    second = run_eval(tmp_path, ckpt, conditions=conds, seeds=[42])
+    assert second.run_dir == run_dir  # same command -> same folder
+    assert sum(rows) == N - 3  # only the missing samples of the missing run were generated
+    meta = json.loads((run_dir / "meta.json").read_text())
+    assert meta["computed_this_invocation"] == ["same_norm_random__seed42"]
+    assert sorted(meta["skipped_existing"]) == ["no_inject__deterministic", "zero_replacement__deterministic"]
+    assert target.read_text() == old
+    after = {p.name: p.stat().st_mtime_ns for p in (run_dir / "records").glob("*.jsonl")}
+    assert all(after[k] == v for k, v in before.items() if k != target.name)
+
+
+# --------------------------------------------------------------------------------------------- bad input
+
+
+def test_unknown_condition(ckpt):
+    with pytest.raises(ValueError, match="unknown condition 'adittive'"):
+        InjectionEvalModule(SENDER, RECEIVER, translator_ckpt=ckpt, conditions=["adittive"])
+
+
+def test_translator_conditions_need_a_checkpoint():
+    with pytest.raises(ValueError, match="need a translator: set --model.translator_ckpt"):
+        InjectionEvalModule(SENDER, RECEIVER, conditions=["replace"])
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run_eval(tmp_path, str(tmp_path / "nope.ckpt"), conditions=["additive"], seeds=[42])
+
+
+def test_corrupt_checkpoint(tmp_path):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot load translator checkpoint"):
+        run_eval(tmp_path, str(bad), conditions=["additive"], seeds=[42])
+
+
+def test_checkpoint_for_other_layers_is_refused_unless_allowed(tmp_path):
+    other = make_ckpt(tmp_path / "other.ckpt", receiver=ModelRef("tiny-neox-large", layer=1))
+    with pytest.raises(ValueError, match="receiver layer.*allow_mismatch"):
+        run_eval(tmp_path, other, conditions=["additive"], seeds=[42])
+    module = run_eval(tmp_path, other, conditions=["additive"], seeds=[42], allow_mismatch=True)
+    assert len(module.results["additive__seed42"]) == N
+
+
+def test_checkpoint_for_other_models_has_wrong_dims(tmp_path):
+    swapped = make_ckpt(tmp_path / "swapped.ckpt", sender=RECEIVER, receiver=SENDER)
+    with pytest.raises(ValueError, match="hidden size"):
+        run_eval(tmp_path, swapped, conditions=["additive"], seeds=[42])
+    with pytest.raises(ValueError, match="maps 48 -> 32 dims, but the sender has 32"):
+        run_eval(tmp_path, swapped, conditions=["additive"], seeds=[42], allow_mismatch=True)
+
+
+class _CutSenderDifferently(pl.Callback):
+    def on_test_start(self, trainer, pl_module):
+        pl_module.sender.tokenizer.truncation_side = "left"
+
+
+def test_prompt_truncated_differently_for_the_two_models(tmp_path, ckpt):
+    with pytest.raises(ValueError, match=r"sample 'syn_.*tokenize the prompt differently.*identical token ids"):
+        run_eval(tmp_path, ckpt, conditions=["replace"], seeds=[42], max_prompt_tokens=12,
+                 callbacks=[_CutSenderDifferently()])  # fmt: skip
