@@ -110,6 +110,26 @@ def cache_root(cache_dir: str | None = None) -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "activation-transfer"
 
 
+# ``organism:<role>`` names the offline model organism trained from ``configs/organisms/<role>.yaml`` (cached).
+ORGANISM_PREFIX = "organism:"
+ORGANISM_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "organisms"
+
+
+def resolve_name(name: str, cache_dir: str | None = None) -> str:
+    """The loadable name of ``name``: ``organism:<role>`` becomes the cached organism's local folder (trained on
+    first use, minutes on a CPU); every other name is returned unchanged."""
+    if not name.startswith(ORGANISM_PREFIX):
+        return name
+    role = name.removeprefix(ORGANISM_PREFIX)
+    config = ORGANISM_CONFIG_DIR / f"{role}.yaml"
+    if not config.exists():
+        known = sorted(p.stem for p in ORGANISM_CONFIG_DIR.glob("*.yaml"))
+        raise ValueError(f"unknown organism {role!r} in model name {name!r}: no {config}; known: {', '.join(known)}")
+    from lightning_modules.components.organisms import ensure_organism
+
+    return str(ensure_organism(str(config), cache_dir=cache_dir))
+
+
 def preset_name(name: str) -> str | None:
     """The preset a model name refers to, or None for a Hub id / local path. Raises on an unknown ``preset:``."""
     bare = name.removeprefix("preset:")
@@ -156,7 +176,8 @@ def load_model(
     """Load a frozen causal LM in eval mode.
 
     Args:
-        name: Hugging Face id, local folder, or preset name (``tiny-neox``, ``pythia-410m-shape``, ``preset:...``).
+        name: Hugging Face id, local folder, preset name (``tiny-neox``, ``pythia-410m-shape``, ``preset:...``) or
+            offline model organism (``organism:sender``, ``organism:receiver``).
         dtype: ``float32``, ``bfloat16`` or ``float16``. Always explicit: transformers 5 would otherwise load the
             checkpoint's own dtype.
         revision: Hub revision (branch, tag or commit) for Hub ids.
@@ -174,7 +195,7 @@ def load_model(
 
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                name, dtype=resolve_dtype(dtype), revision=revision, trust_remote_code=trust_remote_code
+                resolve_name(name), dtype=resolve_dtype(dtype), revision=revision, trust_remote_code=trust_remote_code
             )
         except (OSError, ValueError) as err:
             raise ValueError(
@@ -250,7 +271,9 @@ def load_tokenizer(name: str, *, revision: str | None = None, cache_dir: str | N
         from transformers import AutoTokenizer
 
         try:
-            tok = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+            tok = AutoTokenizer.from_pretrained(
+                resolve_name(name, cache_dir), revision=revision, trust_remote_code=trust_remote_code
+            )
         except (OSError, ValueError) as err:
             raise ValueError(f"cannot load the tokenizer of {name!r} ({type(err).__name__}: {err})") from err
     if tok.pad_token is None:
@@ -362,12 +385,13 @@ def as_ref(ref: ModelRef | dict | str) -> ModelRef:
 def load_ref(ref: ModelRef | dict | str, cache_dir: str | None = None) -> LoadedModel:
     """Load the model, tokenizer and block that ``ref`` names."""
     ref = as_ref(ref)
+    name = resolve_name(ref.name, cache_dir)  # an organism is resolved (and trained if needed) once, here
     model = load_model(
-        ref.name,
+        name,
         dtype=ref.dtype,
         revision=ref.revision,
         trust_remote_code=ref.trust_remote_code,
         preset_seed=ref.preset_seed,
     )
-    tok = load_tokenizer(ref.name, revision=ref.revision, cache_dir=cache_dir, trust_remote_code=ref.trust_remote_code)
+    tok = load_tokenizer(name, revision=ref.revision, cache_dir=cache_dir, trust_remote_code=ref.trust_remote_code)
     return LoadedModel(ref=ref, model=model, tokenizer=tok, layer=resolve_layer(model, ref.layer))
