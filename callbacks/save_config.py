@@ -73,7 +73,10 @@ class LoggerSaveConfigCallback(SaveConfigCallback):
                 run.config.update(as_dict, allow_val_change=True)
                 folders = [Path(run.dir)]
         else:
-            folders = [Path(trainer.log_dir or trainer.default_root_dir)]
+            # Not trainer.log_dir: it broadcasts, and this runs on rank 0 only (a collective here hangs DDP).
+            logger = trainer.logger
+            folder = (getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)) if logger else None
+            folders = [Path(folder or trainer.default_root_dir)]
         for folder in folders:
             folder.mkdir(parents=True, exist_ok=True)
             path = folder / self.config_filename if self.overwrite else _unique_path(folder, self.config_filename)

@@ -41,6 +41,16 @@ def setup_logging() -> None:
             logger.setLevel(logging.INFO)
 
 
+def finish_wandb(trainer) -> None:
+    """Close the W&B runs of a finished subcommand, so a next ``main()`` in the same process starts a new run
+    (WandbLogger leaves its run open, and a second WandbLogger would silently log into the first run)."""
+    from pytorch_lightning.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish()
+
+
 def main(args: ArgsType = None, run: bool = True) -> TrainCLI:
     """Build and run the training CLI.
 
@@ -49,7 +59,7 @@ def main(args: ArgsType = None, run: bool = True) -> TrainCLI:
         run: Run the subcommand (False: only instantiate, for tests).
     """
     setup_logging()
-    return TrainCLI(
+    cli = TrainCLI(
         TranslatorModule,
         ActivationPairDataModule,
         save_config_callback=LoggerSaveConfigCallback,
@@ -58,6 +68,9 @@ def main(args: ArgsType = None, run: bool = True) -> TrainCLI:
         args=args,
         run=run,
     )
+    if run:
+        finish_wandb(cli.trainer)
+    return cli
 
 
 if __name__ == "__main__":

@@ -166,7 +166,8 @@ class TranslatorModule(pl.LightningModule):
             return
         self.val_cos_norm_best(self.metrics["val"]["cos_norm"].compute())
         # Log the computed value, not the object, so Lightning does not reset the running best each epoch.
-        self.log("val/cos_norm_best", self.val_cos_norm_best.compute(), prog_bar=True)
+        # sync_dist: the value is already global (synced metric); this only silences the per-rank-value warning.
+        self.log("val/cos_norm_best", self.val_cos_norm_best.compute(), prog_bar=True, sync_dist=True)
 
     # -- optimization -------------------------------------------------------------------------------------------
 
