@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,12 +33,12 @@ TINY = [
 
 
 @pytest.fixture(scope="module")
-def tiny_organism(tmp_path_factory) -> Path:
-    """One reduced sender trained through ensure_organism into a module-wide cache (reused by several tests)."""
-    cache = tmp_path_factory.mktemp("organisms_cache")
+def tiny_organism(cache_dir) -> Path:
+    """One reduced sender trained through ensure_organism into the session cache (reused by several tests)."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("ACTIVATION_TRANSFER_CACHE", str(cache))
-        return ensure_organism(str(ROOT / "configs/organisms/sender.yaml"), cache_dir=str(cache), overrides=TINY)
+        # Module fixtures run before the autouse env isolation: point the cache at the test session's one here too.
+        mp.setenv("ACTIVATION_TRANSFER_CACHE", str(cache_dir))
+        return ensure_organism(str(ROOT / "configs/organisms/sender.yaml"), cache_dir=str(cache_dir), overrides=TINY)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
@@ -119,29 +121,37 @@ def test_tiny_organism_trains_exports_and_reloads(tiny_organism):
     assert tok(prompt)["input_ids"] == ref_tok(prompt)["input_ids"]
     assert tok.eos_token_id == tok.pad_token_id == 0
 
-    # Identical logits: the exported weights against the module's weights rebuilt from the safetensors file.
-    from safetensors.torch import load_file
-
+    # Trained weights are not the random init: the logits must differ from a fresh build's.
     from lightning_modules.causal_lm import build_neox
 
     cfg = info["config"]["model"]
-    rebuilt = build_neox(
-        vocab_size=model.config.vocab_size, hidden_size=cfg["hidden_size"], num_layers=cfg["num_layers"],
-        num_heads=cfg["num_heads"], intermediate_size=cfg["intermediate_size"],
-        max_position_embeddings=cfg["max_position_embeddings"], rotary_pct=cfg["rotary_pct"],
-        tie_word_embeddings=cfg["tie_word_embeddings"],
-    ).eval()  # fmt: skip
-    missing, unexpected = rebuilt.load_state_dict(load_file(str(path / "model.safetensors")), strict=False)
-    assert not unexpected and all("rotary" in k or "masked_bias" in k for k in missing)
+    fresh = build_neox(vocab_size=model.config.vocab_size, hidden_size=32, num_layers=1, num_heads=2,
+                       intermediate_size=64, max_position_embeddings=cfg["max_position_embeddings"],
+                       rotary_pct=cfg["rotary_pct"], tie_word_embeddings=False).eval()  # fmt: skip
     ids = torch.tensor([tok(prompt)["input_ids"]])
     with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, rebuilt(ids).logits, rtol=0, atol=0)
-    # A trained model is not the random init: its logits must differ from a fresh build's.
-    fresh = build_neox(vocab_size=model.config.vocab_size, hidden_size=32, num_layers=1, num_heads=2,
-                       intermediate_size=64, max_position_embeddings=256, rotary_pct=cfg["rotary_pct"],
-                       tie_word_embeddings=False).eval()  # fmt: skip
+        assert not torch.allclose(model(ids).logits, fresh(ids).logits, atol=1e-3)
+
+
+def test_cli_fit_exports_a_model_with_identical_logits(tmp_path, monkeypatch):
+    from lightning_modules.organism_cli import main
+
+    monkeypatch.setattr(sys, "argv", ["organism.py"])  # LightningCLI warns when pytest's own argv is also present
+    export = tmp_path / "export"
+    logger = json.dumps({"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path)}})
+    cli = main(["fit", "-c", str(ROOT / "configs/organisms/receiver.yaml"), *TINY, "--trainer.max_steps", "4",
+                "--trainer.default_root_dir", str(tmp_path), f"--trainer.logger={logger}",
+                "--export_dir", str(export)])  # fmt: skip
+    assert cli.trainer.global_step == 4
+    assert cli.model.model.config.vocab_size == len(cli.datamodule.tokenizer)  # linked from the tokenizer
+    trained = cli.model.model.eval()
+    loaded = load_model(str(export))
+    tok = load_tokenizer(str(export))
+    ids = torch.tensor([tok("Context: Bob moved to Lima. Lima is part of Peru.\nQ: What country did Bob move to?\nA:")
+                        ["input_ids"]])  # fmt: skip
     with torch.no_grad():
-        assert not torch.allclose(model(ids).logits, fresh(ids).logits)
+        torch.testing.assert_close(loaded(ids).logits, trained(ids).logits, rtol=0, atol=0)
+    assert not any(p.requires_grad for p in loaded.parameters())  # the project's loader freezes it
 
 
 def test_cache_is_reused_without_training(tiny_organism, monkeypatch):
@@ -162,8 +172,9 @@ def test_cache_is_reused_without_training(tiny_organism, monkeypatch):
     assert not list(cache.glob("organisms/.*tmp*"))  # the failed attempt cleaned up after itself
 
 
-def test_training_is_deterministic(tiny_organism, tmp_path):
-    # Same config, fresh cache: bit-identical weights.
+def test_training_is_deterministic(tiny_organism, tmp_path, cache_dir):
+    # Same config, fresh organism cache (the tokenizer is copied over, it is not what this test is about).
+    shutil.copytree(cache_dir / "tokenizers", tmp_path / "tokenizers")
     other = ensure_organism(str(ROOT / "configs/organisms/sender.yaml"), cache_dir=str(tmp_path), overrides=TINY)
     assert other.name == tiny_organism.name
     from safetensors.torch import load_file
