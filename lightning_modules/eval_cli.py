@@ -26,11 +26,15 @@ class EvalCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         return {"test": {"model", "dataloaders", "datamodule"}}
 
-    def before_test(self) -> None:
-        if self.config["test"].get("ckpt_path"):
+    def _parse_ckpt_path(self) -> None:
+        # Refuse before Lightning re-parses the checkpoint's hparams over this module's config (a translator's
+        # hparams do not fit InjectionEvalModule and would fail with an obscure parse error).
+        if self.config.get("subcommand") and self.config[self.config.subcommand].get("ckpt_path"):
             raise ValueError(
                 "evaluate.py does not take --ckpt_path: pass the translator checkpoint as --model.translator_ckpt"
             )
+
+    def before_test(self) -> None:
         self.model.resolved_config = self._parser("test").dump(self.config["test"], skip_none=False)
 
 

@@ -1,0 +1,227 @@
+"""``evaluate.py`` through ``lightning_modules.eval_cli.main``: files written, DDP, W&B logging, bad input surfacing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+
+from callbacks.eval_logging import EvalLoggingCallback, sample_table
+from lightning_modules.components import results_io as rio
+from lightning_modules.components.models import ModelRef, load_ref
+from lightning_modules.eval_cli import main
+from lightning_modules.translator import TranslatorModule
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "eval" / "tiny.yaml")
+
+
+@pytest.fixture(autouse=True)
+def _plain_argv(monkeypatch):
+    # LightningCLI warns when both args= and sys.argv (here: pytest's own arguments) are present.
+    monkeypatch.setattr(sys, "argv", ["evaluate.py"])
+    yield
+    import wandb
+
+    if wandb.run is not None:  # the tiny config's WandbLogger (disabled mode) leaves its run open
+        wandb.finish()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    s, r = load_ref(ModelRef("tiny-neox")), load_ref(ModelRef("tiny-neox-large"))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        module = TranslatorModule(32, 48, sender=s.identity(), receiver=r.identity())
+    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False)  # fmt: skip
+    trainer.strategy.connect(module)
+    path = tmp_path_factory.mktemp("ckpt") / "translator.ckpt"
+    trainer.save_checkpoint(str(path), weights_only=True)
+    return str(path)
+
+
+def small(tmp, ckpt, *extra):
+    return ["test", "-c", TINY, "--model.translator_ckpt", ckpt, "--model.output_dir", str(tmp / "out"),
+            "--trainer.logger.init_args.save_dir", str(tmp / "wandb"), "--trainer.default_root_dir", str(tmp),
+            "--data.num_samples", "6", "--data.batch_size", "4", "--model.max_new_tokens", "3",
+            "--model.relay_max_new_tokens", "4", "--model.report_resamples", "50", *extra]  # fmt: skip
+
+
+def test_tiny_config_writes_every_file(tmp_path, ckpt, capsys):
+    cli = main(small(tmp_path, ckpt))
+    run_dir = cli.model.run_dir
+    assert f"run folder: {run_dir}" in capsys.readouterr().out
+    assert run_dir.parent == tmp_path / "out" and run_dir.name.startswith("eval-")
+    stems = {p.stem for p in (run_dir / "records").glob("*.jsonl")}
+    assert len(stems) == 4 + 7 * 3  # 4 deterministic conditions + 7 seeded ones x 3 seeds
+    assert "shuffled_translation_strict_matched__seed456" in stems and "nl_relay__deterministic" in stems
+    meta = json.loads((run_dir / "meta.json").read_text())
+    for key in ("models", "translators", "dataset", "libraries", "device", "elapsed_seconds", "fingerprint"):
+        assert meta[key] is not None, key
+    assert meta["translators"][0]["sha256"] == rio.sha256_file(ckpt)
+    config = (run_dir / "config.yaml").read_text()
+    assert "translator_ckpt: " + ckpt in config and "tiny-neox-large" in config
+    assert (run_dir / "report" / "comparisons.json").exists()
+    metrics = cli.trainer.callback_metrics
+    assert "eval/word_boundary_contains/condition=no_inject" in metrics
+    assert len([k for k in metrics if k.startswith("eval/")]) == 11 * 5
+
+
+def test_print_config_loads_no_model(tmp_path, monkeypatch, capsys):
+    import lightning_modules.injection_eval as ie
+
+    monkeypatch.setattr(ie, "load_ref", lambda *a, **k: pytest.fail("--print_config loaded a model"))
+    with pytest.raises(SystemExit) as exc:
+        main(["test", "-c", TINY, "--print_config"])
+    assert exc.value.code in (0, None)
+    out = capsys.readouterr().out
+    assert "translator_ckpt" in out and "shuffled_translation_strict_matched" in out
+
+
+def test_only_test_subcommand(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "-c", TINY])
+    assert exc.value.code != 0
+
+
+def test_ckpt_path_is_refused(tmp_path, ckpt):
+    with pytest.raises(ValueError, match="--model.translator_ckpt"):
+        main(small(tmp_path, ckpt, "--ckpt_path", ckpt))
+
+
+def test_unknown_condition_via_cli(tmp_path, ckpt):
+    with pytest.raises(ValueError, match="unknown condition 'nope'"):
+        main(small(tmp_path, ckpt, "--model.conditions", "[no_inject, nope]"))
+
+
+@pytest.mark.parametrize(
+    "lines, match",
+    [
+        (['{"context": "A is in B.", "question": "Where is A?", "answer": "B", "id": "x1"}', "{not json"], "JSON"),
+        (['{"context": "A is in B.", "question": "Where is A?", "id": "x1"}'], "answer"),
+        (['{"context": "A is in B.", "question": "Where?", "answer": "B", "id": "x1"}',
+          '{"context": "C is in D.", "question": "Where?", "answer": "D", "id": "x1"}'], "x1"),
+        (['{"context": "A is in B.", "question": "Where is A?", "answer": "  ", "id": "x1"}'], "empty|answer"),
+    ],
+    ids=["not-json", "missing-field", "duplicate-id", "empty-answer"],
+)  # fmt: skip
+def test_bad_qa_file_surfaces_through_evaluate(tmp_path, ckpt, lines, match):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match=match) as exc:
+        main(small(tmp_path, ckpt, "--data.source", str(bad), "--data.num_samples", "null"))
+    assert "bad.jsonl" in str(exc.value)
+
+
+def test_paper_file_sha_mismatch_surfaces_through_evaluate(tmp_path, ckpt, multihop_dir):
+    data = tmp_path / "data"
+    data.mkdir()
+    for p in multihop_dir.iterdir():
+        (data / p.name).write_bytes(p.read_bytes())
+    with open(data / "clean_eval.jsonl", "a") as f:
+        f.write("\n")
+    with pytest.raises(ValueError, match="(?i)sha-?256"):
+        main(small(tmp_path, ckpt, "--data.source", "clean_eval", "--data.data_dir", str(data),
+                   "--data.num_samples", "null", "--data.limit", "2"))  # fmt: skip
+
+
+def test_ddp_two_processes_gather_complete_duplicate_free_results(tmp_path, ckpt):
+    conds = "[no_inject, additive, same_norm_random, shuffled_translation_strict_matched]"
+    args = small(tmp_path, ckpt, "--model.conditions", conds, "--model.seeds", "[42]", "--data.num_samples", "5",
+                 "--data.batch_size", "2", "--trainer.logger", "false", "--trainer.callbacks", "null")  # fmt: skip
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    ddp = [sys.executable, str(ROOT / "evaluate.py"), *args, "--trainer.strategy", "ddp", "--trainer.devices", "2",
+           "--model.output_dir", str(tmp_path / "ddp")]  # fmt: skip
+    proc = subprocess.run(ddp, cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    single = main([*args, "--model.output_dir", str(tmp_path / "one")])
+    ddp_dir = next((tmp_path / "ddp").iterdir())
+    assert ddp_dir.name == single.model.run_dir.name  # world size is not part of the run identity
+    assert json.loads((ddp_dir / "meta.json").read_text())["world_size"] == 2
+    for path in (single.model.run_dir / "records").glob("*.jsonl"):
+        one = rio.read_records(path)
+        two = rio.read_records(ddp_dir / "records" / path.name)
+        ids = [r["sample_id"] for r in two]
+        assert len(ids) == len(set(ids)) == len(one)  # complete and duplicate-free (5 samples on 2 ranks pads one)
+        assert [r["prediction"] for r in two] == [r["prediction"] for r in one]
+
+
+class _FakeRun:
+    offline = False
+    disabled = False
+
+    def __init__(self):
+        self.artifacts = []
+
+    def log_artifact(self, art):
+        self.artifacts.append(art)
+
+
+class _FakeWandbLogger(pl.loggers.Logger):
+    """Duck-typed WandbLogger: records what the callback logs."""
+
+    def __init__(self):
+        super().__init__()
+        self.tables, self.images, self.run = {}, {}, _FakeRun()
+
+    name = "fake"
+    version = "0"
+
+    @property
+    def experiment(self):
+        return self.run
+
+    def log_metrics(self, metrics, step=None):
+        pass
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+    def log_table(self, key, columns, data):
+        self.tables[key] = (columns, data)
+
+    def log_image(self, key, images, **kwargs):
+        self.images[key] = images
+
+
+def test_wandb_table_plot_and_artifact_with_a_fake_logger(tmp_path, ckpt):
+    fake = _FakeWandbLogger()
+    cb = EvalLoggingCallback()
+    from datamodules.multihop_qa import MultiHopQADataModule
+    from lightning_modules.injection_eval import InjectionEvalModule
+
+    module = InjectionEvalModule(ModelRef("tiny-neox"), ModelRef("tiny-neox-large"), translator_ckpt=ckpt,
+                                 conditions=["no_inject", "additive"], seeds=[42], max_new_tokens=3,
+                                 output_dir=str(tmp_path), report_resamples=50)  # fmt: skip
+    trainer = pl.Trainer(accelerator="cpu", logger=fake, callbacks=[cb], enable_progress_bar=False,
+                         enable_model_summary=False)  # fmt: skip
+    trainer.test(module, datamodule=MultiHopQADataModule(num_samples=4, batch_size=4), verbose=False)
+    columns, rows = fake.tables["eval/samples"]
+    assert columns[:4] == ["sample_id", "question", "gold", "hops"] and len(rows) == 4
+    assert "additive__seed42/answer" in columns and "no_inject__deterministic/word_boundary_contains" in columns
+    assert rows[0][1] and rows[0][1].endswith("?")  # the question text
+    assert "eval/by_condition" in fake.images and "eval/report" in fake.images
+    assert len(fake.run.artifacts) == 1 and fake.run.artifacts[0].type == "eval_results"
+    fake.run.offline = True
+    assert not EvalLoggingCallback()._log_artifact.__self__.logged  # a fresh callback has logged nothing
+
+
+def test_sample_table_marks_dropped_samples():
+    results = {
+        "a__deterministic": [{"sample_id": "s1", "gold": "X", "hops": 2, "prediction": "X",
+                              "metrics": {m: True for m in ("exact_match", "normalized_exact_match",
+                                          "word_boundary_contains", "first_answer_span_match", "legacy_contains")}},
+                             {"sample_id": "s2", "gold": "Y", "hops": 3, "prediction": "no",
+                              "metrics": {m: False for m in ("exact_match", "normalized_exact_match",
+                                          "word_boundary_contains", "first_answer_span_match", "legacy_contains")}}],
+        "b__seed1": [],
+    }  # fmt: skip
+    columns, rows = sample_table(results, {})
+    assert len(rows) == 2 and rows[0][4] == "X" and rows[1][columns.index("b__seed1/answer")] is None
