@@ -213,12 +213,15 @@ def test_chance_rates():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("role,threshold", [("receiver", 0.6), ("sender", None)])
-def test_full_organism_quality(role, threshold, tmp_path):
-    """The shipped organisms answer held-out questions: receiver >= 0.6, sender clearly above chance."""
+def test_full_organism_quality(role, threshold):
+    """The shipped organisms answer held-out questions with the paper's decoding: receiver >= 0.6, sender clearly
+    above chance (guessing a random entity named in the context, or a random entity of the answer's type)."""
     path = ensure_organism(str(ROOT / f"configs/organisms/{role}.yaml"))
     result = evaluate_organism(path)
-    chance = max(chance_rate(mode="type_pool"), chance_rate(mode="context_same_type"))
-    print(role, json.dumps({k: v for k, v in result.items() if k != "predictions"}), "chance", chance)
+    chance = max(chance_rate(mode="type_pool"), chance_rate(mode="context_entity"))
+    info = json.loads((path / organisms.MARKER).read_text())
+    print(role, json.dumps(result), f"chance={chance:.3f}", f"train_seconds={info['train_seconds']}")
+    assert result["n"] == EVAL_NUM_SAMPLES
     if threshold is not None:
         assert result["word_boundary_contains"] >= threshold
-    assert result["word_boundary_contains"] > chance + 0.05
+    assert result["word_boundary_contains"] >= chance + 0.2

@@ -158,7 +158,11 @@ def ensure_organism(config_path: str, cache_dir: str | None = None, overrides: l
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        info = _train(config_path, overrides, tmp, folder.name)
+        train_overrides = list(overrides)
+        if cache_dir and not (resolved_config(config_path, overrides).get("data") or {}).get("cache_dir"):
+            # Train with the tokenizer the cache key was computed from (data.cache_dir is not part of the key).
+            train_overrides += ["--data.cache_dir", str(cache_dir)]
+        info = _train(config_path, train_overrides, tmp, folder.name)
         (tmp / MARKER).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
         try:
             os.replace(tmp, folder)
