@@ -100,3 +100,10 @@ def test_load_ref_identity_is_plain_and_complete():
     assert ident["layer"] == "gpt_neox.layers.2" and ident["layer_index"] == 2 and ident["hidden_size"] == 48
     assert all(isinstance(v, (str, int, float, type(None))) for v in ident.values())
     assert load_ref({"name": "tiny-neox", "layer": 1}).layer.path == "gpt_neox.layers.1"
+
+
+def test_tokenizer_fingerprint_ignores_call_time_truncation_state():
+    tok = offline_tokenizer()
+    before = tokenizer_fingerprint(tok)
+    tok([PROMPT], truncation=True, max_length=8, padding="max_length")
+    assert tokenizer_fingerprint(tok) == before

@@ -284,7 +284,14 @@ def load_tokenizer(name: str, *, revision: str | None = None, cache_dir: str | N
 def tokenizer_fingerprint(tok) -> str:
     """SHA-256 of a tokenizer's serialized vocabulary and merges: equal fingerprints tokenize identically."""
     backend = getattr(tok, "backend_tokenizer", None)
-    blob = backend.to_str() if backend is not None else json.dumps(tok.get_vocab(), sort_keys=True)
+    if backend is None:
+        blob = json.dumps(tok.get_vocab(), sort_keys=True)
+    else:
+        state = json.loads(backend.to_str())
+        # Truncation and padding are call-time state (set by any `truncation=True` call), not the tokenization.
+        state.pop("truncation", None)
+        state.pop("padding", None)
+        blob = json.dumps(state, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
