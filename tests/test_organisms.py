@@ -225,3 +225,22 @@ def test_full_organism_quality(role, threshold):
     if threshold is not None:
         assert result["word_boundary_contains"] >= threshold
     assert result["word_boundary_contains"] >= chance + 0.2
+
+
+def test_length_bucket_sampler_is_seeded_and_groups_lengths():
+    from datamodules.organism_text import LengthBucketBatchSampler
+
+    lengths = torch.randint(20, 90, (640,), generator=torch.Generator().manual_seed(0))
+    plain = list(LengthBucketBatchSampler(lengths, 32, seed=3, pool_batches=1))
+    bucketed = list(LengthBucketBatchSampler(lengths, 32, seed=3, pool_batches=20))
+    for batches in (plain, bucketed):
+        flat = [i for b in batches for i in b]
+        assert all(len(b) == 32 for b in batches) and sorted(flat) == list(range(640))  # every row once
+    assert plain == list(LengthBucketBatchSampler(lengths, 32, seed=3, pool_batches=1))  # seeded
+    sampler = LengthBucketBatchSampler(lengths, 32, seed=3)
+    assert list(sampler) != list(sampler)  # a new order each pass
+
+    def spread(batches):
+        return sum(int(lengths[b].max() - lengths[b].min()) for b in batches) / len(batches)
+
+    assert spread(bucketed) < spread(plain) / 4
