@@ -53,10 +53,6 @@ _UNHASHED_TRAINER = ("logger", "default_root_dir", "enable_progress_bar", "enabl
                      "log_every_n_steps")  # fmt: skip
 _UNHASHED_DATA = ("num_workers", "cache_dir")
 
-# Paper decoding (PAPER.md 1.4).
-GENERATION_KWARGS = dict(do_sample=False, max_new_tokens=64, repetition_penalty=1.3, no_repeat_ngram_size=3)
-PROMPT_MAX_LENGTH = 256
-
 
 @contextlib.contextmanager
 def _isolated_cli() -> Iterator[None]:
@@ -209,32 +205,27 @@ def _train(config_path: str, overrides: list[str], out: Path, name: str) -> dict
 
 
 @torch.no_grad()
-def generate_answers(model, tokenizer, prompts: list[str], batch_size: int = 64, **generation_kwargs) -> list[str]:
+def generate_answers(model, tokenizer, prompts: list[str], batch_size: int = 64, **settings) -> list[str]:
     """Greedy continuations of ``prompts`` with the paper's decoding, batched with left padding.
+
+    The same code path as the evaluation (:func:`~lightning_modules.components.generation.generate_texts`).
 
     Args:
         model: A causal LM.
         tokenizer: Its tokenizer (pad = EOS).
         prompts: Full prompts.
         batch_size: Prompts per ``generate`` call.
-        **generation_kwargs: Overrides of :data:`GENERATION_KWARGS`.
+        **settings: Overrides of :class:`~lightning_modules.components.generation.GenerationSettings`.
 
     Returns:
         The decoded continuations (special tokens removed), in order.
     """
-    kwargs = {**GENERATION_KWARGS, **generation_kwargs, "pad_token_id": tokenizer.eos_token_id}
-    padding_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"  # every prompt then ends at the same column, where generation starts
-    try:
-        out = []
-        for i in range(0, len(prompts), batch_size):
-            enc = tokenizer(prompts[i : i + batch_size], return_tensors="pt", padding=True, truncation=True,
-                            max_length=PROMPT_MAX_LENGTH)  # fmt: skip
-            enc = enc.to(model.device)
-            gen = model.generate(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"], **kwargs)
-            out += tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-    finally:
-        tokenizer.padding_side = padding_side
+    from lightning_modules.components.generation import GenerationSettings, generate_texts
+
+    cfg = GenerationSettings(**settings)
+    out: list[str] = []
+    for i in range(0, len(prompts), batch_size):
+        out += generate_texts(model, tokenizer, prompts[i : i + batch_size], cfg)
     return out
 
 
