@@ -17,6 +17,7 @@ from pytorch_lightning.cli import ArgsType, LightningCLI
 from callbacks.save_config import LoggerSaveConfigCallback
 from datamodules.multihop_qa import MultiHopQADataModule
 from lightning_modules.injection_eval import InjectionEvalModule
+from lightning_modules.train_cli import finish_wandb
 
 
 class EvalCLI(LightningCLI):
@@ -40,7 +41,7 @@ class EvalCLI(LightningCLI):
 
 def main(args: ArgsType = None) -> EvalCLI:
     """Run the evaluation CLI; ``args`` replaces ``sys.argv[1:]`` when given (tests pass a list)."""
-    return EvalCLI(
+    cli = EvalCLI(
         InjectionEvalModule,
         MultiHopQADataModule,
         parser_kwargs={"parser_mode": "omegaconf"},
@@ -48,3 +49,6 @@ def main(args: ArgsType = None) -> EvalCLI:
         seed_everything_default=0,
         args=args,
     )
+    # Close the W&B run: a later CLI in the same process (the demo, tests) would otherwise log into this one.
+    finish_wandb(cli.trainer)
+    return cli
