@@ -33,6 +33,8 @@ def build_neox(
     """A randomly initialised ``GPTNeoXForCausalLM`` with Pythia's conventions (id 0 = bos = eos = pad)."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
+    from lightning_modules.components.models import PYTHIA_CONVENTIONS
+
     config = GPTNeoXConfig(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
@@ -41,16 +43,11 @@ def build_neox(
         intermediate_size=intermediate_size,
         max_position_embeddings=max_position_embeddings,
         rotary_pct=rotary_pct,
-        rotary_emb_base=10000,
-        use_parallel_residual=True,
         tie_word_embeddings=tie_word_embeddings,
-        layer_norm_eps=1e-5,
-        hidden_act="gelu",
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        bos_token_id=0,
-        eos_token_id=0,
         pad_token_id=0,
+        **PYTHIA_CONVENTIONS,
     )
     return GPTNeoXForCausalLM(config)
 

@@ -21,17 +21,21 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 # Pythia shapes from the models' public configs (shared by both sizes unless overridden).
-_PYTHIA_COMMON = dict(
-    vocab_size=50304,
-    max_position_embeddings=2048,
-    rotary_pct=0.25,
+# Pythia's architecture conventions, shared by the presets and the offline model organisms.
+PYTHIA_CONVENTIONS = dict(
     rotary_emb_base=10000,
     use_parallel_residual=True,
-    tie_word_embeddings=False,
     layer_norm_eps=1e-5,
     hidden_act="gelu",
     bos_token_id=0,
     eos_token_id=0,
+)
+_PYTHIA_COMMON = dict(
+    PYTHIA_CONVENTIONS,
+    vocab_size=50304,
+    max_position_embeddings=2048,
+    rotary_pct=0.25,
+    tie_word_embeddings=False,
 )
 # Tiny presets: the offline tokenizer has at most TOKENIZER_VOCAB entries, so a 1024-row embedding covers it.
 TOKENIZER_VOCAB = 1024
