@@ -7,8 +7,13 @@ from pathlib import Path
 
 import matplotlib
 import pytest
+from hypothesis import settings
 
 matplotlib.use("Agg")
+# Deterministic property tests (the same examples on every run, CI included) and no .hypothesis/ folder written
+# into the repository.
+settings.register_profile("project", derandomize=True, database=None)
+settings.load_profile("project")
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
