@@ -54,7 +54,7 @@ from lightning_modules.components.conditions import (
     random_vectors,
 )
 from lightning_modules.components.generation import GenerationSettings, decode, generate_ids
-from lightning_modules.components.hooks import block_hook
+from lightning_modules.components.hooks import capture_hidden
 from lightning_modules.components.injection import PrefillInjection, prefill_injection
 from lightning_modules.components.models import ModelRef, as_ref, load_ref
 from lightning_modules.components.scoring import METRICS, score
@@ -64,37 +64,15 @@ log = logging.getLogger(__name__)
 DEFAULT_SEEDS = (42, 123, 456)
 
 
-class _Stop(Exception):
-    pass
-
-
 def position_ids(mask: torch.Tensor) -> torch.Tensor:
     """Position ids of a left-padded batch, as Hugging Face ``generate`` builds them (pads get 1)."""
     pos = mask.long().cumsum(-1) - 1
     return pos.masked_fill(mask == 0, 1)
 
 
-@torch.no_grad()
 def capture_block(model, path: str, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The block output for a left-padded batch, with the same position ids the ``generate`` prefill uses."""
-    captured: list[torch.Tensor] = []
-
-    def fn(h):
-        captured.append(h.detach())
-        raise _Stop
-
-    device = next(model.parameters()).device
-    with block_hook(model, path, fn):
-        try:
-            model(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                position_ids=position_ids(mask).to(device),
-                use_cache=False,
-            )
-        except _Stop:
-            pass
-    return captured[0]
+    return capture_hidden(model, path, ids, mask, position_ids=position_ids(mask))
 
 
 def left_grid(rows: list[torch.Tensor], width: int, hidden: int, dtype, device) -> torch.Tensor:

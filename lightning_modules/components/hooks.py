@@ -59,6 +59,7 @@ def capture_hidden(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     stop_early: bool = True,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run ``model`` on a batch and return the output of the block at ``path``, shape ``(batch, seq, hidden)``.
 
@@ -69,6 +70,7 @@ def capture_hidden(
         attention_mask: 1 for real tokens, 0 for padding.
         stop_early: Abort the forward pass right after the block: the later blocks and the LM head cost time
             and change nothing captured.
+        position_ids: Explicit position ids (e.g. those ``generate`` uses for a left-padded batch).
     """
     captured: list[torch.Tensor] = []
 
@@ -77,9 +79,12 @@ def capture_hidden(
         if stop_early:
             raise _StopForward
 
+    device = next(model.parameters()).device
+    inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+    inputs = {k: v.to(device) for k, v in inputs.items() if v is not None}
     with block_hook(model, path, fn):
         try:
-            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            model(**inputs, use_cache=False)
         except _StopForward:
             pass
     if not captured:
