@@ -1,4 +1,4 @@
-"""Train an offline model organism: ``python organism.py fit -c configs/organisms/receiver.yaml``."""
+"""Train an offline model organism: ``python organism.py fit -c lightning_modules/organism_configs/receiver.yaml``."""
 
 from lightning_modules.organism_cli import main
 

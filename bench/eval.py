@@ -15,11 +15,11 @@ import time
 
 import torch
 
-from datamodules.prompts import format_prompt, tokenize_left_padded
-from datamodules.synthetic_multihop import EVAL_SEED, generate_samples
+from lightning_modules.components.frozen_lm import ModelRef, load_ref
 from lightning_modules.components.generation import GenerationSettings, decode, generate_ids
 from lightning_modules.components.injection import PrefillInjection, prefill_injection
-from lightning_modules.components.models import ModelRef, load_ref
+from lightning_modules.components.prompts import format_prompt, tokenize_left_padded
+from lightning_modules.components.synthetic_multihop import EVAL_SEED, generate_samples
 
 PAIRS = {"tiny": "tiny-neox-large", "pythia-shape": "pythia-410m-shape"}
 

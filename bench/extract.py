@@ -14,7 +14,7 @@ import torch
 
 from datamodules.activation_store import extract_store, store_spec
 from datamodules.corpora import CorpusSpec, load_corpus
-from lightning_modules.components.models import ModelRef, load_ref
+from lightning_modules.components.frozen_lm import ModelRef, load_ref
 
 
 def main() -> None:

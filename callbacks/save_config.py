@@ -22,6 +22,8 @@ import yaml
 from pytorch_lightning.cli import SaveConfigCallback
 from pytorch_lightning.loggers import WandbLogger
 
+from lightning_modules.components.io import atomic_write
+
 log = logging.getLogger(__name__)
 
 
@@ -80,8 +82,6 @@ class LoggerSaveConfigCallback(SaveConfigCallback):
         for folder in folders:
             folder.mkdir(parents=True, exist_ok=True)
             path = folder / self.config_filename if self.overwrite else _unique_path(folder, self.config_filename)
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_text(text)
-            os.replace(tmp, path)
+            atomic_write(path, text)
             self.saved_paths.append(str(path))
             log.info("saved the resolved config to %s", path)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, is_dataclass
@@ -33,7 +32,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from datamodules.activation_store import PairStore, StoreError, ensure_store, read_manifest
 from datamodules.corpora import CorpusSpec
-from lightning_modules.components.models import ModelRef
+from lightning_modules.components.frozen_lm import ModelRef
+from lightning_modules.components.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -356,11 +356,8 @@ class RecordPairIndices(pl.Callback):
         self._seen += batch["index"].tolist()
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        os.makedirs(self.dirpath, exist_ok=True)
         path = Path(self.dirpath) / f"rank{trainer.global_rank}_epoch{trainer.current_epoch}.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self._seen))
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps(self._seen))
 
 
 __all__ = ["ActivationPairDataModule", "PairStream", "RecordPairIndices", "epoch_order", "step_bounds"]

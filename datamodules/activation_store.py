@@ -22,7 +22,6 @@ import fcntl
 import hashlib
 import json
 import logging
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,8 +29,9 @@ from pathlib import Path
 import torch
 
 from datamodules.corpora import Corpus, CorpusSpec, load_corpus
+from lightning_modules.components.frozen_lm import LoadedModel, ModelRef, as_ref, load_ref, resolve_dtype
 from lightning_modules.components.hooks import capture_hidden
-from lightning_modules.components.models import LoadedModel, ModelRef, as_ref, cache_root, load_ref, resolve_dtype
+from lightning_modules.components.io import atomic_output, cache_root, write_json
 
 log = logging.getLogger(__name__)
 
@@ -106,17 +106,14 @@ def diff_spec(expected: dict, found: dict, prefix: str = "") -> list[str]:
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-    os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+    write_json(path, obj)  # readers see the old file or the new one, never half of one
 
 
 def save_shard_atomic(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-    os.replace(tmp, path)
+    with atomic_output(path) as tmp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
 
 
 def read_manifest(folder: str | Path, name: str = MANIFEST) -> dict | None:

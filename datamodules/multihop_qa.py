@@ -1,7 +1,8 @@
 """``MultiHopQADataModule``: the QA samples of an evaluation, from the paper's files, a JSONL file or the generator.
 
 Batches are plain lists of :class:`QASample` in source order: tokenization, truncation at 256 tokens and left
-padding happen in the evaluation module, which owns the two models' tokenizers (see :mod:`datamodules.prompts`).
+padding happen in the evaluation module, which owns the two models' tokenizers (see
+:mod:`lightning_modules.components.prompts`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.qa_sources import PAPER_FILES, QADataError, QASample, load_source, resolve_paper_file
-from datamodules.synthetic_multihop import EVAL_NUM_SAMPLES, EVAL_SEED
+from lightning_modules.components.synthetic_multihop import EVAL_NUM_SAMPLES, EVAL_SEED
 
 __all__ = ["MultiHopQADataModule", "QADataError", "QADataset", "QASample"]
 

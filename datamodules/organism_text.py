@@ -17,18 +17,18 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
-from datamodules.synthetic_multihop import EVAL_NUM_SAMPLES, EVAL_SEED, MultiHopSample, generate_samples
+from lightning_modules.components.prompts import format_prompt
+from lightning_modules.components.synthetic_multihop import (
+    EVAL_NUM_SAMPLES,
+    EVAL_SEED,
+    MultiHopSample,
+    generate_samples,
+)
 
 log = logging.getLogger(__name__)
 
-PROMPT_TEMPLATE = "Context: {context}\nQ: {question}\nA:"
 # Masks stored per token: 0 padding, 1 prompt, 2 answer (target) token.
 PAD, PROMPT, ANSWER = 0, 1, 2
-
-
-def prompt_text(sample: MultiHopSample) -> str:
-    """The paper's prompt (PAPER.md 1.4) for one sample."""
-    return PROMPT_TEMPLATE.format(context=sample.context, question=sample.question)
 
 
 def eval_keys(num_samples: int = EVAL_NUM_SAMPLES, seed: int = EVAL_SEED) -> set[str]:
@@ -74,7 +74,7 @@ def encode_samples(samples: list[MultiHopSample], tokenizer, max_length: int) ->
         ``input_ids`` (N, max_length) and ``token_type`` (N, max_length) with values PAD / PROMPT / ANSWER.
     """
     eos = tokenizer.eos_token_id
-    prompts = tokenizer([prompt_text(s) for s in samples], add_special_tokens=False)["input_ids"]
+    prompts = tokenizer([format_prompt(s.context, s.question) for s in samples], add_special_tokens=False)["input_ids"]
     answers = tokenizer([" " + s.answer for s in samples], add_special_tokens=False)["input_ids"]
     ids = torch.full((len(samples), max_length), eos, dtype=torch.long)
     kind = torch.full((len(samples), max_length), PAD, dtype=torch.long)
@@ -170,7 +170,7 @@ class OrganismTextDataModule(pl.LightningDataModule):
         if train_seed == val_seed:
             raise ValueError("train_seed and val_seed must differ, or validation would measure memorisation")
         self.save_hyperparameters()
-        from lightning_modules.components.models import offline_tokenizer
+        from lightning_modules.components.tokenizer import offline_tokenizer
 
         self.tokenizer = offline_tokenizer(cache_dir)
         self.train_set: TensorDataset | None = None

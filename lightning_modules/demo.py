@@ -1,6 +1,7 @@
 """``make demo``: the paper's whole experiment offline, on the two model organisms, in minutes on a CPU.
 
-1. Organisms: ``organism:sender`` and ``organism:receiver`` (configs/organisms/*.yaml), trained once and cached.
+1. Organisms: ``organism:sender`` and ``organism:receiver`` (``organism_configs/*.yaml``), trained once
+   and cached.
 2. Translator: ``train.py fit -c configs/train/demo.yaml`` (activations extracted once and cached). The checkpoint
    is kept under ``<out>/translator/<key>/`` with a key hashing the config and the organisms, and reused.
 3. Evaluation: ``evaluate.py test -c configs/eval/demo.yaml`` over every condition; the run folder resumes.
@@ -21,18 +22,20 @@ import sys
 import time
 from pathlib import Path
 
+from lightning_modules.components.io import atomic_output
+
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_CONFIG = ROOT / "configs" / "train" / "demo.yaml"
 EVAL_CONFIG = ROOT / "configs" / "eval" / "demo.yaml"
 
 
 def _organisms(cache_dir: str | None) -> dict[str, Path]:
-    from lightning_modules.components.models import resolve_name
+    from lightning_modules.organisms import ensure_organisms
 
     out = {}
     for role in ("sender", "receiver"):
         t0 = time.perf_counter()
-        out[role] = Path(resolve_name(f"organism:{role}", cache_dir))
+        out[role] = ensure_organisms([f"organism:{role}"], cache_dir)[f"organism:{role}"]
         info = json.loads((out[role] / "organism.json").read_text())
         print(f"[demo] organism {role}: {out[role]} ({time.perf_counter() - t0:.0f} s here; trained in "
               f"{info.get('train_seconds')} s)", flush=True)  # fmt: skip
@@ -51,7 +54,7 @@ def _translator(out: Path, organisms: dict[str, Path], extra: list[str]) -> Path
     if ckpt.exists():
         print(f"[demo] reusing translator {ckpt}", flush=True)
         return ckpt
-    from lightning_modules.train_cli import main as train_main
+    from lightning_modules.cli import train_main
 
     cli = train_main(
         ["fit", "-c", str(TRAIN_CONFIG), "--trainer.default_root_dir", str(folder),
@@ -60,9 +63,8 @@ def _translator(out: Path, organisms: dict[str, Path], extra: list[str]) -> Path
     best = cli.trainer.checkpoint_callback.best_model_path
     if not best:
         raise RuntimeError(f"translator training in {folder} saved no checkpoint")
-    tmp = folder / "translator.ckpt.tmp"
-    shutil.copyfile(best, tmp)
-    os.replace(tmp, ckpt)  # the key file appears only once complete: an interrupted run retrains
+    with atomic_output(ckpt) as tmp:  # the key file appears only once complete: an interrupted run retrains
+        shutil.copyfile(best, tmp)
     metrics = {k: round(float(v), 4) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
     print(f"[demo] translator {ckpt}: {metrics}", flush=True)
     return ckpt
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     ckpt = _translator(out, organisms, [])
     print(f"[demo] translator step: {time.perf_counter() - t:.0f} s", flush=True)
 
-    from lightning_modules.eval_cli import main as eval_main
+    from lightning_modules.cli import eval_main
 
     t = time.perf_counter()
     eval_args = ["test", "-c", str(EVAL_CONFIG), "--model.translator_ckpt", str(ckpt),

@@ -38,8 +38,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_only
 
-from datamodules.prompts import check_same_tokens, tokenize_left_padded
-from lightning_modules.components import results_io as rio
+from lightning_modules.components import records as rio
 from lightning_modules.components.conditions import (
     CONDITION_NAMES,
     SOURCE_RANDOM,
@@ -53,10 +52,12 @@ from lightning_modules.components.conditions import (
     build_conditions,
     random_vectors,
 )
+from lightning_modules.components.frozen_lm import ModelRef, as_ref, load_ref
 from lightning_modules.components.generation import GenerationSettings, decode, generate_ids
 from lightning_modules.components.hooks import capture_hidden
 from lightning_modules.components.injection import PrefillInjection, prefill_injection
-from lightning_modules.components.models import ModelRef, as_ref, load_ref
+from lightning_modules.components.io import atomic_write, fingerprint, sha256_file, write_json
+from lightning_modules.components.prompts import check_same_tokens, tokenize_left_padded
 from lightning_modules.components.scoring import METRICS, score
 
 log = logging.getLogger(__name__)
@@ -190,7 +191,7 @@ class InjectionEvalModule(pl.LightningModule):
             for path in self.translator_ckpts:
                 module = self._load_translator(path)
                 self.translators.append(module)
-                self.translator_info.append({"path": str(path), "sha256": rio.sha256_file(path)})
+                self.translator_info.append({"path": str(path), "sha256": sha256_file(path)})
         self._loaded = True
 
     def _load_translator(self, path: str):
@@ -241,7 +242,7 @@ class InjectionEvalModule(pl.LightningModule):
             "scale": self.hparams.scale,
             "alpha": self.hparams.alpha,
             "generation": self.generation.to_dict(),
-            "samples": rio.fingerprint([(s.sample_id, s.context, s.question, s.answer, s.hops) for s in samples]),
+            "samples": fingerprint([(s.sample_id, s.context, s.question, s.answer, s.hops) for s in samples]),
         }
 
     def on_test_start(self) -> None:
@@ -253,7 +254,7 @@ class InjectionEvalModule(pl.LightningModule):
         self.samples_by_id = {s.sample_id: s for s in samples}
         self.data_info = dict(getattr(dm, "source_info", {}) or {})
         fp = self.config_fingerprint(samples)
-        self.fingerprint = rio.fingerprint(fp)
+        self.fingerprint = fingerprint(fp)
         self.run_dir = Path(self.output_dir) / (self.run_name or rio.default_run_name(self.fingerprint))
         self._check_existing_meta(fp)
         if self.trainer.is_global_zero:
@@ -517,8 +518,8 @@ class InjectionEvalModule(pl.LightningModule):
     @rank_zero_only
     def _finish(self) -> None:
         if self.resolved_config is not None:
-            rio.atomic_write_text(self.run_dir / "config.yaml", self.resolved_config)
-        rio.atomic_write_json(self.run_dir / "meta.json", self.metadata())
+            atomic_write(self.run_dir / "config.yaml", self.resolved_config)
+        write_json(self.run_dir / "meta.json", self.metadata())
         if self.do_report:
             self._report()
 
@@ -541,7 +542,7 @@ class InjectionEvalModule(pl.LightningModule):
             "run_dir": str(self.run_dir),
             "models": {"sender": self.sender.identity(), "receiver": self.receiver.identity()},
             "translators": self.translator_info,
-            "dataset": {**self.data_info, "samples_sha256": rio.fingerprint(
+            "dataset": {**self.data_info, "samples_sha256": fingerprint(
                 [(s.sample_id, s.context, s.question, s.answer, s.hops) for s in self.samples_by_id.values()])},
             "conditions": [s.name for s in self.specs],
             "seeds": self.seeds,

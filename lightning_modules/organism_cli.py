@@ -2,11 +2,11 @@
 
 Usage (configs after the subcommand)::
 
-    python organism.py fit -c configs/organisms/receiver.yaml --export_dir /tmp/receiver
+    python organism.py fit -c lightning_modules/organism_configs/receiver.yaml --export_dir /tmp/receiver
 
 ``--export_dir`` receives ``save_pretrained`` output of the model and the tokenizer after ``fit``, so the rest of the
 project loads the organism by path through ``load_model`` / ``load_tokenizer``. Most callers should use
-``lightning_modules.components.organisms.ensure_organism``, which caches the export by a hash of the config.
+``lightning_modules.organisms.ensure_organism``, which caches the export by a hash of the config.
 """
 
 from __future__ import annotations

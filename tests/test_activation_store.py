@@ -19,8 +19,9 @@ from datamodules.activation_store import (
     write_pairs_store,
 )
 from datamodules.corpora import CorpusSpec, load_corpus
+from lightning_modules.components.frozen_lm import ModelRef, load_ref
 from lightning_modules.components.hooks import capture_hidden
-from lightning_modules.components.models import ModelRef, load_ref, offline_tokenizer
+from lightning_modules.components.tokenizer import offline_tokenizer
 
 SENDER, RECEIVER = ModelRef("tiny-neox", layer=0.67), ModelRef("tiny-neox-large", layer=0.67)
 CORPUS = CorpusSpec(builtin_samples=12)

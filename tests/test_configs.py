@@ -10,24 +10,30 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+# The organism recipes are package data (lightning_modules/organism_configs), the rest are user configs.
+ORGANISM_CONFIGS = ROOT / "lightning_modules" / "organism_configs"
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml")) + sorted(ORGANISM_CONFIGS.glob("*.yaml"))
 
 # configs/<folder> -> (entry point "module:function", subcommand)
 ENTRY_POINTS = {
-    "train": ("lightning_modules.train_cli:main", "fit"),
-    "eval": ("lightning_modules.eval_cli:main", "test"),
+    "train": ("lightning_modules.cli:train_main", "fit"),
+    "eval": ("lightning_modules.cli:eval_main", "test"),
     "organisms": ("lightning_modules.organism_cli:main", "fit"),
 }
 
 
+def _folder(path: Path) -> str:
+    return "organisms" if path.parent == ORGANISM_CONFIGS else path.relative_to(ROOT / "configs").parts[0]
+
+
 def test_every_config_folder_has_an_entry_point():
-    folders = {p.relative_to(ROOT / "configs").parts[0] for p in CONFIGS}
+    folders = {_folder(p) for p in CONFIGS}
     assert folders <= set(ENTRY_POINTS), f"configs/ folders without an entry point: {folders - set(ENTRY_POINTS)}"
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT / "configs")))
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_config_parses(path, monkeypatch, capsys):
-    folder = path.relative_to(ROOT / "configs").parts[0]
+    folder = _folder(path)
     target, subcommand = ENTRY_POINTS[folder]
     module_name, func = target.split(":")
     # Not importorskip: a missing entry point is a failure, never a skip.
@@ -36,7 +42,7 @@ def test_config_parses(path, monkeypatch, capsys):
     def no_models(*args, **kwargs):
         raise AssertionError("--print_config must not load models")
 
-    import lightning_modules.components.models as models
+    import lightning_modules.components.frozen_lm as models
 
     monkeypatch.setattr(models, "load_model", no_models)
     monkeypatch.setattr(sys, "argv", [f"{folder}.py"])  # LightningCLI warns when args= and sys.argv both carry args

@@ -15,11 +15,11 @@ from unittest import mock
 
 import pytest
 
-from datamodules.synthetic_multihop import EVAL_SEED, generate_samples
-from lightning_modules.components.organisms import chance_rate, ensure_organism
+from lightning_modules.components.synthetic_multihop import EVAL_SEED, generate_samples
+from lightning_modules.organisms import chance_rate, ensure_organism, organism_config
 
 ROOT = Path(__file__).resolve().parents[1]
-# Reduced recipes of configs/organisms/*.yaml: smaller, fewer steps; the receiver still learns to copy answers.
+# Reduced recipes of the organism configs: smaller, fewer steps; the receiver still learns to copy answers.
 REDUCED = {
     "receiver": ["--model.hidden_size", "96", "--model.num_layers", "3", "--model.num_heads", "4",
                  "--model.intermediate_size", "256", "--data.num_train_samples", "12000", "--data.num_val_samples",
@@ -45,8 +45,7 @@ def _acc(records: list[dict]) -> float:
 
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory, cache_dir):
-    from lightning_modules.eval_cli import main as eval_main
-    from lightning_modules.train_cli import main as train_main
+    from lightning_modules.cli import eval_main, train_main
 
     out = tmp_path_factory.mktemp("e2e")
     # A module-scoped fixture runs before conftest's function-scoped isolation: set what it would, here.
@@ -58,7 +57,7 @@ def experiment(tmp_path_factory, cache_dir):
 
 def _run(out: Path, cache_dir: Path, train_main, eval_main) -> dict:
     paths = {
-        role: ensure_organism(str(ROOT / f"configs/organisms/{role}.yaml"), cache_dir=str(cache_dir), overrides=args)
+        role: ensure_organism(str(organism_config(role)), cache_dir=str(cache_dir), overrides=args)
         for role, args in REDUCED.items()
     }
     train = train_main(

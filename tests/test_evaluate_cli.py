@@ -1,4 +1,4 @@
-"""``evaluate.py`` through ``lightning_modules.eval_cli.main``: files written, DDP, W&B logging, bad input surfacing."""
+"""``evaluate.py`` through ``lightning_modules.cli.eval_main``: files written, DDP, W&B logging, bad input surfacing."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ import pytorch_lightning as pl
 import torch
 
 from callbacks.eval_logging import EvalLoggingCallback, sample_table
-from lightning_modules.components import results_io as rio
-from lightning_modules.components.models import ModelRef, load_ref
-from lightning_modules.eval_cli import main
+from lightning_modules.cli import eval_main as main
+from lightning_modules.components import records as rio
+from lightning_modules.components.frozen_lm import ModelRef, load_ref
+from lightning_modules.components.io import sha256_file
 from lightning_modules.translator import TranslatorModule
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,7 +66,7 @@ def test_tiny_config_writes_every_file(tmp_path, ckpt, capsys):
     meta = json.loads((run_dir / "meta.json").read_text())
     for key in ("models", "translators", "dataset", "libraries", "device", "elapsed_seconds", "fingerprint"):
         assert meta[key] is not None, key
-    assert meta["translators"][0]["sha256"] == rio.sha256_file(ckpt)
+    assert meta["translators"][0]["sha256"] == sha256_file(ckpt)
     config = (run_dir / "config.yaml").read_text()
     assert "translator_ckpt: " + ckpt in config and "tiny-neox-large" in config
     assert (run_dir / "report" / "comparisons.json").exists()

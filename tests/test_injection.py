@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from datamodules.prompts import tokenize_left_padded
 from lightning_modules.components.conditions import masked_norm_mean, random_vectors
+from lightning_modules.components.frozen_lm import ModelRef, load_ref
 from lightning_modules.components.generation import GenerationSettings, decode, generate_ids
 from lightning_modules.components.hooks import block_hook
 from lightning_modules.components.injection import PrefillInjection, prefill_injection
-from lightning_modules.components.models import ModelRef, load_ref
+from lightning_modules.components.prompts import tokenize_left_padded
 from lightning_modules.injection_eval import capture_block, left_grid
 
 PROMPTS = [

@@ -10,8 +10,8 @@ import torch
 
 import lightning_modules.injection_eval as ie
 from datamodules.multihop_qa import MultiHopQADataModule
-from lightning_modules.components import results_io as rio
-from lightning_modules.components.models import ModelRef, load_ref
+from lightning_modules.components import records as rio
+from lightning_modules.components.frozen_lm import ModelRef, load_ref
 from lightning_modules.injection_eval import InjectionEvalModule
 from lightning_modules.translator import TranslatorModule
 

@@ -1,16 +1,9 @@
 import pytest
 import torch
 
+from lightning_modules.components.frozen_lm import PRESETS, load_model, load_tokenizer, model_identity, resolve_layer
 from lightning_modules.components.hooks import block_hook, capture_hidden
-from lightning_modules.components.models import (
-    PRESETS,
-    load_model,
-    load_tokenizer,
-    model_identity,
-    offline_tokenizer,
-    resolve_layer,
-    tokenizer_fingerprint,
-)
+from lightning_modules.components.tokenizer import offline_tokenizer, tokenizer_fingerprint
 
 PROMPT = "Context: Bob lives in Tokyo. Tokyo is located in Japan.\nQ: What country does Bob live in?\nA:"
 
@@ -93,7 +86,7 @@ def test_block_hook_rewrites_output_and_is_removed():
 
 
 def test_load_ref_identity_is_plain_and_complete():
-    from lightning_modules.components.models import ModelRef, load_ref
+    from lightning_modules.components.frozen_lm import ModelRef, load_ref
 
     loaded = load_ref(ModelRef(name="tiny-neox-large", layer=0.67))
     ident = loaded.identity()

@@ -11,14 +11,16 @@ import pytest
 import torch
 
 from datamodules.organism_text import ANSWER, PAD, PROMPT, OrganismTextDataModule, encode_samples, eval_keys
-from datamodules.synthetic_multihop import EVAL_NUM_SAMPLES, EVAL_SEED, generate_samples
-from lightning_modules.components import organisms
-from lightning_modules.components.models import load_model, load_tokenizer, offline_tokenizer
-from lightning_modules.components.organisms import (
+from lightning_modules import organisms
+from lightning_modules.components.frozen_lm import load_model, load_tokenizer
+from lightning_modules.components.synthetic_multihop import EVAL_NUM_SAMPLES, EVAL_SEED, generate_samples
+from lightning_modules.components.tokenizer import offline_tokenizer
+from lightning_modules.organisms import (
     chance_rate,
     config_hash,
     ensure_organism,
     evaluate_organism,
+    organism_config,
     resolved_config,
 )
 
@@ -38,7 +40,7 @@ def tiny_organism(cache_dir) -> Path:
     with pytest.MonkeyPatch.context() as mp:
         # Module fixtures run before the autouse env isolation: point the cache at the test session's one here too.
         mp.setenv("ACTIVATION_TRANSFER_CACHE", str(cache_dir))
-        return ensure_organism(str(ROOT / "configs/organisms/sender.yaml"), cache_dir=str(cache_dir), overrides=TINY)
+        return ensure_organism(str(organism_config("sender")), cache_dir=str(cache_dir), overrides=TINY)
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
@@ -51,16 +53,16 @@ def test_configs_parse(config):
 
 
 def test_sender_and_receiver_differ_in_width_and_depth():
-    sender = resolved_config(str(ROOT / "configs/organisms/sender.yaml"))["model"]
-    receiver = resolved_config(str(ROOT / "configs/organisms/receiver.yaml"))["model"]
+    sender = resolved_config(str(organism_config("sender")))["model"]
+    receiver = resolved_config(str(organism_config("receiver")))["model"]
     assert sender["hidden_size"] < receiver["hidden_size"]
     assert sender["num_layers"] < receiver["num_layers"]
 
 
 def test_cache_hash_follows_weight_relevant_settings_only():
-    cfg = resolved_config(str(ROOT / "configs/organisms/sender.yaml"))
-    same = resolved_config(str(ROOT / "configs/organisms/sender.yaml"), ["--trainer.enable_progress_bar=true"])
-    other = resolved_config(str(ROOT / "configs/organisms/sender.yaml"), ["--model.lr", "0.001"])
+    cfg = resolved_config(str(organism_config("sender")))
+    same = resolved_config(str(organism_config("sender")), ["--trainer.enable_progress_bar=true"])
+    other = resolved_config(str(organism_config("sender")), ["--model.lr", "0.001"])
     assert config_hash(cfg) == config_hash(same)
     assert config_hash(cfg) != config_hash(other)
 
@@ -139,7 +141,7 @@ def test_cli_fit_exports_a_model_with_identical_logits(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["organism.py"])  # LightningCLI warns when pytest's own argv is also present
     export = tmp_path / "export"
     logger = json.dumps({"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path)}})
-    cli = main(["fit", "-c", str(ROOT / "configs/organisms/receiver.yaml"), *TINY, "--trainer.max_steps", "4",
+    cli = main(["fit", "-c", str(organism_config("receiver")), *TINY, "--trainer.max_steps", "4",
                 "--trainer.default_root_dir", str(tmp_path), f"--trainer.logger={logger}",
                 "--export_dir", str(export)])  # fmt: skip
     assert cli.trainer.global_step == 4
@@ -162,12 +164,12 @@ def test_cache_is_reused_without_training(tiny_organism, monkeypatch):
         raise AssertionError("ensure_organism trained although the organism is cached")
 
     monkeypatch.setattr(organisms, "_train", _no_training)
-    again = ensure_organism(str(ROOT / "configs/organisms/sender.yaml"), cache_dir=str(cache), overrides=TINY)
+    again = ensure_organism(str(organism_config("sender")), cache_dir=str(cache), overrides=TINY)
     assert again == tiny_organism
     assert (again / "model.safetensors").stat().st_mtime_ns == stamp
     # A different config is a different entry, so it would have to train.
     with pytest.raises(AssertionError, match="trained although"):
-        ensure_organism(str(ROOT / "configs/organisms/sender.yaml"), cache_dir=str(cache),
+        ensure_organism(str(organism_config("sender")), cache_dir=str(cache),
                         overrides=[*TINY, "--trainer.max_steps", "25"])  # fmt: skip
     assert not list(cache.glob("organisms/.*tmp*"))  # the failed attempt cleaned up after itself
 
@@ -175,7 +177,7 @@ def test_cache_is_reused_without_training(tiny_organism, monkeypatch):
 def test_training_is_deterministic(tiny_organism, tmp_path, cache_dir):
     # Same config, fresh organism cache (the tokenizer is copied over, it is not what this test is about).
     shutil.copytree(cache_dir / "tokenizers", tmp_path / "tokenizers")
-    other = ensure_organism(str(ROOT / "configs/organisms/sender.yaml"), cache_dir=str(tmp_path), overrides=TINY)
+    other = ensure_organism(str(organism_config("sender")), cache_dir=str(tmp_path), overrides=TINY)
     assert other.name == tiny_organism.name
     from safetensors.torch import load_file
 
@@ -216,7 +218,7 @@ def test_chance_rates():
 def test_full_organism_quality(role, threshold):
     """The shipped organisms answer held-out questions with the paper's decoding: receiver >= 0.6, sender clearly
     above chance (guessing a random entity named in the context, or a random entity of the answer's type)."""
-    path = ensure_organism(str(ROOT / f"configs/organisms/{role}.yaml"))
+    path = ensure_organism(str(organism_config(role)))
     result = evaluate_organism(path)
     chance = max(chance_rate(mode="type_pool"), chance_rate(mode="context_entity"))
     info = json.loads((path / organisms.MARKER).read_text())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from datamodules.prompts import (
+from lightning_modules.components.prompts import (
     MAX_PROMPT_TOKENS,
     check_same_tokens,
     format_prompt,
@@ -13,7 +13,7 @@ from datamodules.prompts import (
     format_relay_sender_prompt,
     tokenize_left_padded,
 )
-from lightning_modules.components.models import offline_tokenizer
+from lightning_modules.components.tokenizer import offline_tokenizer
 
 
 @pytest.fixture(scope="module")

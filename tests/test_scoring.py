@@ -5,12 +5,10 @@ from __future__ import annotations
 import string
 
 import pytest
-import torch
 from hypothesis import assume, given
 from hypothesis import strategies as hs
 
 from lightning_modules.components import scoring
-from lightning_modules.components.qa_metrics import AnswerAccuracy, answer_metric_collection
 from lightning_modules.components.scoring import (
     ANSWER_PREFIXES,
     MAIN_METRIC,
@@ -169,62 +167,6 @@ def test_first_answer_span_strips_the_listed_prefixes(prefixes, gold, tail, data
     assert first_answer_span_match(pred, gold)
     # Without stripping, the span would have been different: the prefix really was there.
     assert not normalized_exact_match(pred.split(".")[0], gold)
-
-
-# ----------------------------------------------------------------------------------------------- torchmetrics
-
-
-PREDS = ["The answer is Paris.", "Japanese food", "London", "It is Asia"]
-GOLDS = ["Paris", "Japan", "Paris", "Asia"]
-
-
-def test_answer_accuracy_matches_pure_scorer() -> None:
-    for name in METRICS:
-        metric = AnswerAccuracy(name)
-        metric.update(PREDS[:2], GOLDS[:2])
-        metric.update(PREDS[2:], GOLDS[2:])
-        expected = sum(score(p, g)[name] for p, g in zip(PREDS, GOLDS)) / len(PREDS)
-        assert metric.compute().item() == pytest.approx(expected), name
-    # The examples separate the metrics: word-boundary 2/4, legacy 3/4.
-    assert AnswerAccuracy("legacy_contains")(PREDS, GOLDS).item() == pytest.approx(0.75)
-    assert AnswerAccuracy("word_boundary_contains")(PREDS, GOLDS).item() == pytest.approx(0.5)
-
-
-def test_answer_accuracy_states_reduce_by_sum() -> None:
-    # What DDP sync does: every rank's states are summed. merge_state applies the same reductions in-process.
-    rank0, rank1, whole = (AnswerAccuracy("legacy_contains") for _ in range(3))
-    rank0.update(PREDS[:1], GOLDS[:1])
-    rank1.update(PREDS[1:], GOLDS[1:])
-    whole.update(PREDS, GOLDS)
-    assert rank0._reductions["correct"] is not None and rank0._reductions["total"] is not None
-    rank0.merge_state(rank1)
-    assert rank0.total.item() == 4
-    assert rank0.compute().item() == pytest.approx(whole.compute().item())
-    # Not the mean of per-rank accuracies (1/1 and 2/3 would give 0.833).
-    assert rank0.compute().item() == pytest.approx(0.75)
-
-
-def test_answer_accuracy_errors_and_empty() -> None:
-    with pytest.raises(ValueError, match="unknown answer metric"):
-        AnswerAccuracy("contains")
-    metric = AnswerAccuracy()
-    with pytest.raises(ValueError, match="2 predictions but 1 gold"):
-        metric.update(["a", "b"], ["a"])
-    with pytest.raises(TypeError, match="sequences of strings"):
-        metric.update("a", "a")
-    assert metric.compute().item() == 0.0
-
-
-def test_metric_collection_keeps_metrics_apart() -> None:
-    coll = answer_metric_collection(prefix="eval/")
-    coll.update(PREDS, GOLDS)
-    coll.update(PREDS, GOLDS)  # a second batch: compute groups (if merged) would now diverge
-    out = {k: v.item() for k, v in coll.compute().items()}
-    assert set(out) == {f"eval/{m}" for m in METRICS}
-    assert out["eval/legacy_contains"] == pytest.approx(0.75)
-    assert out["eval/word_boundary_contains"] == pytest.approx(0.5)
-    assert out["eval/first_answer_span_match"] == pytest.approx(0.5)
-    assert isinstance(coll["legacy_contains"].correct, torch.Tensor)
 
 
 def test_module_has_one_function_per_metric() -> None:

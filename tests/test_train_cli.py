@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from datamodules.activation_store import write_pairs_store
-from lightning_modules.train_cli import main
+from lightning_modules.cli import train_main as main
 from lightning_modules.translator import load_translator
 
 ROOT = Path(__file__).resolve().parents[1]

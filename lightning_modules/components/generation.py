@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from datamodules.prompts import tokenize_left_padded
+from lightning_modules.components.prompts import tokenize_left_padded
 
 
 @dataclass

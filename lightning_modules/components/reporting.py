@@ -21,8 +21,6 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from lightning_modules.components import statistics as st
+from lightning_modules.components.io import atomic_write
 from lightning_modules.components.scoring import MAIN_METRIC, METRICS, score
 
 DEFAULT_BASELINES: tuple[str, ...] = ("no_inject", "nl_relay")
@@ -521,19 +520,6 @@ def comparisons_markdown(comparisons: Sequence[Mapping], equivalence: Sequence[M
 # ------------------------------------------------------------------------------------------------------------ files
 
 
-def _atomic_write(path: Path, data: str | bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _json(obj: Any) -> str:
     return json.dumps(obj, indent=2, allow_nan=False) + "\n"
 
@@ -799,16 +785,16 @@ def run_report(
     eq_cols = list(equivalence[0]) if equivalence else ["condition", "baseline", "metric"]
     sum_cols = ["condition", "runs", "n", "metric", "mean", "sd", "ci_low", "ci_high", "per_run"]
     files = {
-        "summary_json": _atomic_write(out / "summary.json", _json(summary)),
-        "comparisons_json": _atomic_write(out / "comparisons.json", _json(comparisons)),
-        "equivalence_json": _atomic_write(out / "equivalence.json", _json(equivalence)),
-        "summary_md": _atomic_write(out / "summary.md", "# Summary\n\n" + md_summary),
-        "comparisons_md": _atomic_write(out / "comparisons.md", md_comparisons),
-        "summary_csv": _atomic_write(out / "summary.csv", _csv(_summary_rows(summary), sum_cols)),
-        "comparisons_csv": _atomic_write(out / "comparisons.csv", _csv(comparisons, cmp_cols)),
-        "equivalence_csv": _atomic_write(out / "equivalence.csv", _csv(equivalence, eq_cols)),
-        "accuracy_png": _atomic_write(out / "accuracy.png", plot_accuracy(summary)),
-        "deltas_png": _atomic_write(out / "deltas.png", plot_forest(comparisons, chosen)),
+        "summary_json": atomic_write(out / "summary.json", _json(summary)),
+        "comparisons_json": atomic_write(out / "comparisons.json", _json(comparisons)),
+        "equivalence_json": atomic_write(out / "equivalence.json", _json(equivalence)),
+        "summary_md": atomic_write(out / "summary.md", "# Summary\n\n" + md_summary),
+        "comparisons_md": atomic_write(out / "comparisons.md", md_comparisons),
+        "summary_csv": atomic_write(out / "summary.csv", _csv(_summary_rows(summary), sum_cols)),
+        "comparisons_csv": atomic_write(out / "comparisons.csv", _csv(comparisons, cmp_cols)),
+        "equivalence_csv": atomic_write(out / "equivalence.csv", _csv(equivalence, eq_cols)),
+        "accuracy_png": atomic_write(out / "accuracy.png", plot_accuracy(summary)),
+        "deltas_png": atomic_write(out / "deltas.png", plot_forest(comparisons, chosen)),
     }
     return ReportResult(summary, comparisons, equivalence, files, md_summary, notes)
 

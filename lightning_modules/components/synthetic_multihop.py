@@ -15,6 +15,8 @@ import hashlib
 import random
 from dataclasses import asdict, dataclass
 
+from lightning_modules.components.prompts import format_prompt
+
 # Generator seed of the built-in evaluation set. Anything trained on generated data (the model organisms) must
 # hold this seed out and drop samples whose key also occurs in the evaluation set.
 EVAL_SEED = 1234
@@ -147,7 +149,7 @@ def generate_samples(
 
 def corpus_text(num_samples: int = 2000, seed: int = 0) -> list[str]:
     """Plain-text lines (prompt plus answer) from the generator: the built-in offline corpus."""
-    return [f"Context: {s.context}\nQ: {s.question}\nA: {s.answer}" for s in generate_samples(num_samples, seed)]
+    return [f"{format_prompt(s.context, s.question)} {s.answer}" for s in generate_samples(num_samples, seed)]
 
 
 def fingerprint(samples: list[MultiHopSample]) -> str:

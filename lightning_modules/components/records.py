@@ -16,12 +16,13 @@ not at all, which is what lets a re-run skip it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+
+from lightning_modules.components.io import atomic_write
 
 RECORD_FIELDS = ("sample_id", "condition", "seed", "gold", "prediction", "hops", "metrics", "diagnostics")
 
@@ -39,42 +40,8 @@ def partial_dir(run_dir: str | Path, condition: str, seed: int | None) -> Path:
     return Path(run_dir) / "partial" / run_key(condition, seed)
 
 
-def canonical_json(obj) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-
-
-def fingerprint(obj) -> str:
-    """SHA-256 of the canonical JSON of ``obj``."""
-    return hashlib.sha256(canonical_json(obj).encode()).hexdigest()
-
-
 def default_run_name(config_fingerprint: str) -> str:
     return f"eval-{config_fingerprint[:12]}"
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` via a temporary file in the same folder and ``os.replace`` (atomic on POSIX)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
-
-
-def atomic_write_json(path: str | Path, obj) -> Path:
-    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def records_text(records: Iterable[dict]) -> str:
@@ -87,7 +54,7 @@ def write_records(path: str | Path, records: Sequence[dict]) -> Path:
     ids = [r["sample_id"] for r in ordered]
     if len(set(ids)) != len(ids):
         raise ValueError(f"{path}: duplicate sample ids in the records to write")
-    return atomic_write_text(path, records_text(ordered))
+    return atomic_write(path, records_text(ordered))
 
 
 def read_records(path: str | Path, tolerate_torn_tail: bool = False) -> list[dict]:

@@ -8,15 +8,15 @@ model hub is reachable on the development, CI and GPU machines.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
-import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from functools import cached_property
 
 import torch
 from torch import nn
+
+from lightning_modules.components.tokenizer import TOKENIZER_VOCAB, offline_tokenizer, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,6 @@ _PYTHIA_COMMON = dict(
     tie_word_embeddings=False,
 )
 # Tiny presets: the offline tokenizer has at most TOKENIZER_VOCAB entries, so a 1024-row embedding covers it.
-TOKENIZER_VOCAB = 1024
 _TINY_COMMON = dict(_PYTHIA_COMMON, vocab_size=TOKENIZER_VOCAB, max_position_embeddings=512)
 
 PRESETS: dict[str, dict] = {
@@ -104,34 +103,28 @@ LAYER_CONTAINERS = ("gpt_neox.layers", "transformer.h", "model.layers", "model.d
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def cache_root(cache_dir: str | None = None) -> Path:
-    """The project's cache folder: ``cache_dir`` if given, else ``$ACTIVATION_TRANSFER_CACHE``, else
-    ``$XDG_CACHE_HOME/activation-transfer`` (``~/.cache/activation-transfer``)."""
-    if cache_dir:
-        return Path(cache_dir)
-    if os.environ.get("ACTIVATION_TRANSFER_CACHE"):
-        return Path(os.environ["ACTIVATION_TRANSFER_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "activation-transfer"
+# Name resolvers: ``<prefix>:<rest>`` names that some other layer knows how to turn into a loadable folder. The
+# organism layer (``lightning_modules.organisms``) registers ``organism:``. Resolving never builds or trains weights.
+_RESOLVERS: dict[str, Callable[[str, str | None], str]] = {}
 
 
-# ``organism:<role>`` names the offline model organism trained from ``configs/organisms/<role>.yaml`` (cached).
-ORGANISM_PREFIX = "organism:"
-ORGANISM_CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "organisms"
+def register_resolver(prefix: str, fn: Callable[[str, str | None], str]) -> None:
+    """Let names starting with ``prefix`` (e.g. ``organism:``) resolve through ``fn(rest, cache_dir) -> folder``."""
+    _RESOLVERS[prefix] = fn
 
 
 def resolve_name(name: str, cache_dir: str | None = None) -> str:
-    """The loadable name of ``name``: ``organism:<role>`` becomes the cached organism's local folder (trained on
-    first use, minutes on a CPU); every other name is returned unchanged."""
-    if not name.startswith(ORGANISM_PREFIX):
-        return name
-    role = name.removeprefix(ORGANISM_PREFIX)
-    config = ORGANISM_CONFIG_DIR / f"{role}.yaml"
-    if not config.exists():
-        known = sorted(p.stem for p in ORGANISM_CONFIG_DIR.glob("*.yaml"))
-        raise ValueError(f"unknown organism {role!r} in model name {name!r}: no {config}; known: {', '.join(known)}")
-    from lightning_modules.components.organisms import ensure_organism
-
-    return str(ensure_organism(str(config), cache_dir=cache_dir))
+    """The loadable name of ``name``: a registered prefix (``organism:<role>``) becomes its local folder; every
+    other name is returned unchanged."""
+    for prefix, fn in _RESOLVERS.items():
+        if name.startswith(prefix):
+            return fn(name.removeprefix(prefix), cache_dir)
+    if name.startswith("organism:"):
+        raise ValueError(
+            f"model name {name!r} needs the organism resolver: import lightning_modules.organisms first (train.py, "
+            "evaluate.py and the demo do)"
+        )
+    return name
 
 
 def preset_name(name: str) -> str | None:
@@ -223,49 +216,6 @@ def model_identity(model: nn.Module) -> dict:
     }
 
 
-# --------------------------------------------------------------------------------------------- tokenizer
-
-
-def _train_offline_tokenizer(vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    from datamodules.synthetic_multihop import corpus_text
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>"],  # id 0, like Pythia's bos/eos/pad
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    # Deterministic corpus: the built-in generator with a fixed seed, never the evaluation seed's samples alone.
-    tok.train_from_iterator(corpus_text(num_samples=3000, seed=0), trainer=trainer)
-    return tok
-
-
-def offline_tokenizer(cache_dir: str | None = None, vocab_size: int = TOKENIZER_VOCAB):
-    """A byte-level BPE tokenizer trained offline on the built-in corpus, cached as ``tokenizer.json``.
-
-    Byte-level BPE encodes any text (the paper's QA files included); its merges fit the synthetic domain.
-    """
-    from transformers import PreTrainedTokenizerFast
-
-    folder = cache_root(cache_dir) / "tokenizers" / f"offline-bpe-{vocab_size}"
-    path = folder / "tokenizer.json"
-    if not path.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = folder / f".tokenizer.json.{os.getpid()}.tmp"
-        _train_offline_tokenizer(vocab_size).save(str(tmp))
-        os.replace(tmp, path)  # atomic: concurrent processes never read a half-written file
-    tok = PreTrainedTokenizerFast(
-        tokenizer_file=str(path), bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>"
-    )
-    tok.name_or_path = f"offline-bpe-{vocab_size}"
-    return tok
-
-
 def load_tokenizer(name: str, *, revision: str | None = None, cache_dir: str | None = None,
                    trust_remote_code: bool = False):  # fmt: skip
     """The tokenizer for a model name: the offline tokenizer for presets, else ``AutoTokenizer``. Pad = EOS."""
@@ -283,20 +233,6 @@ def load_tokenizer(name: str, *, revision: str | None = None, cache_dir: str | N
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
-
-
-def tokenizer_fingerprint(tok) -> str:
-    """SHA-256 of a tokenizer's serialized vocabulary and merges: equal fingerprints tokenize identically."""
-    backend = getattr(tok, "backend_tokenizer", None)
-    if backend is None:
-        blob = json.dumps(tok.get_vocab(), sort_keys=True)
-    else:
-        state = json.loads(backend.to_str())
-        # Truncation and padding are call-time state (set by any `truncation=True` call), not the tokenization.
-        state.pop("truncation", None)
-        state.pop("padding", None)
-        blob = json.dumps(state, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------- layers
@@ -372,8 +308,8 @@ class LoadedModel:
     tokenizer: object
     layer: ResolvedLayer
 
-    def identity(self) -> dict:
-        """Plain-dict record (safe for ``weights_only`` checkpoints and JSON results)."""
+    @cached_property
+    def _identity(self) -> dict:
         return {
             **model_identity(self.model),
             "name": self.ref.name,
@@ -383,6 +319,10 @@ class LoadedModel:
             "preset_seed": self.ref.preset_seed if preset_name(self.ref.name) else None,
             "tokenizer_sha256": tokenizer_fingerprint(self.tokenizer),
         }
+
+    def identity(self) -> dict:
+        """Plain-dict record (safe for ``weights_only`` checkpoints and JSON results), computed once per load."""
+        return dict(self._identity)
 
 
 def as_ref(ref: ModelRef | dict | str) -> ModelRef:
@@ -396,7 +336,7 @@ def as_ref(ref: ModelRef | dict | str) -> ModelRef:
 def load_ref(ref: ModelRef | dict | str, cache_dir: str | None = None) -> LoadedModel:
     """Load the model, tokenizer and block that ``ref`` names."""
     ref = as_ref(ref)
-    name = resolve_name(ref.name, cache_dir)  # an organism is resolved (and trained if needed) once, here
+    name = resolve_name(ref.name, cache_dir)  # a registered prefix (organism:) is resolved once, here
     model = load_model(
         name,
         dtype=ref.dtype,

@@ -28,8 +28,12 @@ from pathlib import Path
 
 import torch
 
-from datamodules.organism_text import prompt_text
-from datamodules.synthetic_multihop import (
+from lightning_modules.components.frozen_lm import load_model, load_tokenizer, register_resolver
+from lightning_modules.components.generation import GenerationSettings, generate_texts
+from lightning_modules.components.io import cache_root
+from lightning_modules.components.prompts import format_prompt
+from lightning_modules.components.scoring import METRICS, score
+from lightning_modules.components.synthetic_multihop import (
     CITIES,
     CONTINENTS,
     COUNTRIES,
@@ -39,8 +43,9 @@ from datamodules.synthetic_multihop import (
     MultiHopSample,
     generate_samples,
 )
-from lightning_modules.components.models import cache_root, load_model, load_tokenizer
-from lightning_modules.components.scoring import METRICS, score
+from lightning_modules.components.tokenizer import offline_tokenizer, tokenizer_fingerprint
+from lightning_modules.organism_cli import OrganismCLI, cli_kwargs
+from lightning_modules.organism_cli import main as organism_main
 
 log = logging.getLogger(__name__)
 
@@ -85,13 +90,12 @@ def resolved_config(config_path: str, overrides: list[str] | None = None) -> dic
     """The fully parsed organism config (defaults filled in, overrides applied), without building anything.
 
     Args:
-        config_path: An organism YAML (``configs/organisms/*.yaml``).
+        config_path: An organism YAML (``lightning_modules/organism_configs/*.yaml``).
         overrides: Extra CLI arguments, e.g. ``["--trainer.max_steps", "40"]``.
 
     Returns:
         The config as plain JSON types (``model``, ``data``, ``trainer``, ``seed_everything``, ...).
     """
-    from lightning_modules.organism_cli import OrganismCLI, cli_kwargs
 
     class _ParseOnly(OrganismCLI):
         def instantiate_classes(self) -> None:  # parsing is all the cache key needs
@@ -118,8 +122,6 @@ def config_hash(config: dict, tokenizer_sha256: str = "") -> str:
 
 def organism_dir(config_path: str, cache_dir: str | None = None, overrides: list[str] | None = None) -> Path:
     """Where :func:`ensure_organism` keeps the organism a config describes (the folder may not exist yet)."""
-    from lightning_modules.components.models import offline_tokenizer, tokenizer_fingerprint
-
     config = resolved_config(config_path, overrides)
     tok_sha = tokenizer_fingerprint(offline_tokenizer((config.get("data") or {}).get("cache_dir") or cache_dir))
     return cache_root(cache_dir) / "organisms" / f"{Path(config_path).stem}-{config_hash(config, tok_sha)}"
@@ -136,7 +138,7 @@ def ensure_organism(config_path: str, cache_dir: str | None = None, overrides: l
     (config, hash, training time, final validation metrics) and the training logs under ``training/``.
 
     Args:
-        config_path: Organism YAML, e.g. ``configs/organisms/receiver.yaml``.
+        config_path: Organism YAML, e.g. ``lightning_modules/organism_configs/receiver.yaml``.
         cache_dir: Project cache folder (default: ``cache_root()``).
         overrides: Extra CLI arguments applied after the config, e.g. ``["--trainer.max_steps", "40"]``.
 
@@ -173,8 +175,6 @@ def ensure_organism(config_path: str, cache_dir: str | None = None, overrides: l
 
 
 def _train(config_path: str, overrides: list[str], out: Path, name: str) -> dict:
-    from lightning_modules.organism_cli import main
-
     run_dir = out / "training"
     logger = {"class_path": "pytorch_lightning.loggers.CSVLogger",
               "init_args": {"save_dir": str(run_dir), "name": "", "version": ""}}  # fmt: skip
@@ -182,7 +182,7 @@ def _train(config_path: str, overrides: list[str], out: Path, name: str) -> dict
             f"--trainer.logger={json.dumps(logger)}", "--export_dir", str(out)]  # fmt: skip
     start = time.perf_counter()
     with _isolated_cli():
-        cli = main(args)
+        cli = organism_main(args)
     seconds = time.perf_counter() - start
     metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith(("val/", "train/"))}
     import transformers
@@ -199,6 +199,59 @@ def _train(config_path: str, overrides: list[str], out: Path, name: str) -> dict
         "torch_num_threads": torch.get_num_threads(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
+
+
+# --------------------------------------------------------------------------------------------- names
+
+# ``organism:<role>`` names the built-in organism whose recipe is ``organism_configs/<role>.yaml`` (package data,
+# so a non-editable install finds it too).
+ORGANISM_PREFIX = "organism:"
+ORGANISM_CONFIG_DIR = Path(__file__).resolve().parent / "organism_configs"
+
+
+def organism_config(role: str) -> Path:
+    """The recipe of ``organism:<role>``; raises naming the known roles."""
+    config = ORGANISM_CONFIG_DIR / f"{role}.yaml"
+    if not config.exists():
+        known = sorted(p.stem for p in ORGANISM_CONFIG_DIR.glob("*.yaml"))
+        raise ValueError(f"unknown organism {role!r} in model name 'organism:{role}'; known: {', '.join(known)}")
+    return config
+
+
+def resolve_organism(role: str, cache_dir: str | None = None) -> str:
+    """The cached folder of ``organism:<role>``. Never trains: a missing organism is an error naming the fix."""
+    folder = organism_dir(str(organism_config(role)), cache_dir)
+    if not (folder / MARKER).exists():
+        raise ValueError(
+            f"organism:{role} is not trained yet (no {folder}); train.py, evaluate.py and `make demo` train it on "
+            f"first use, or call lightning_modules.organisms.ensure_organisms(['organism:{role}'])"
+        )
+    return str(folder)
+
+
+def organism_names(obj) -> list[str]:
+    """Every ``organism:<role>`` string inside a (nested) config, in order of first appearance."""
+    found: list[str] = []
+    if isinstance(obj, str):
+        found = [obj] if obj.startswith(ORGANISM_PREFIX) else []
+    elif isinstance(obj, dict):
+        found = [n for v in obj.values() for n in organism_names(v)]
+    elif isinstance(obj, list | tuple):
+        found = [n for v in obj for n in organism_names(v)]
+    return list(dict.fromkeys(found))
+
+
+def ensure_organisms(names, cache_dir: str | None = None) -> dict[str, Path]:
+    """Train (or reuse) the organisms that ``names`` mention; the explicit step before any ``organism:`` is loaded."""
+    out = {}
+    for name in organism_names(list(names)):
+        role = name.removeprefix(ORGANISM_PREFIX)
+        log.info("organism %s: checking the cache (training takes minutes on a CPU when it is missing)", name)
+        out[name] = ensure_organism(str(organism_config(role)), cache_dir=cache_dir)
+    return out
+
+
+register_resolver(ORGANISM_PREFIX, resolve_organism)
 
 
 # --------------------------------------------------------------------------------------------- evaluation
@@ -220,8 +273,6 @@ def generate_answers(model, tokenizer, prompts: list[str], batch_size: int = 64,
     Returns:
         The decoded continuations (special tokens removed), in order.
     """
-    from lightning_modules.components.generation import GenerationSettings, generate_texts
-
     cfg = GenerationSettings(**settings)
     out: list[str] = []
     for i in range(0, len(prompts), batch_size):
@@ -253,7 +304,8 @@ def evaluate_organism(
     model = load_model(str(path), dtype="float32")
     tokenizer = load_tokenizer(str(path))
     samples = generate_samples(num_samples, seed)
-    preds = generate_answers(model, tokenizer, [prompt_text(s) for s in samples], batch_size=batch_size)
+    prompts = [format_prompt(s.context, s.question) for s in samples]
+    preds = generate_answers(model, tokenizer, prompts, batch_size=batch_size)
     scores = [score(p, s.answer) for p, s in zip(preds, samples)]
     n = len(samples)
     result: dict = {"n": n, **{m: sum(sc[m] for sc in scores) / max(n, 1) for m in METRICS}}

@@ -1,0 +1,133 @@
+"""The two LightningCLIs: ``train.py`` (translator training) and ``evaluate.py`` (injection evaluation).
+
+Configs go after the subcommand::
+
+    python train.py fit -c configs/train/tiny.yaml
+    python evaluate.py test -c configs/eval/tiny.yaml --model.translator_ckpt runs/tiny/.../best.ckpt
+
+Both share :class:`ProjectCLI`: OmegaConf parsing, the project's INFO lines on the console, the config saved beside
+the run, and one explicit step before anything is instantiated that trains (or reuses) every ``organism:<role>``
+model the config names. Model *names* are only ever resolved afterwards, and resolving never trains.
+
+Training links the data module's hidden sizes and model identities (read from the activation store manifest) into
+the TranslatorModule at instantiation time, so a config never states them. ``--print_config`` exits before
+instantiation and therefore loads no model and extracts nothing. Evaluation offers only ``test``; the translator is
+``--model.translator_ckpt``, never the subcommand's ``--ckpt_path`` (that one would try to restore the evaluation
+module itself and is refused).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from pytorch_lightning.cli import ArgsType, LightningCLI
+
+from callbacks.save_config import LoggerSaveConfigCallback
+from datamodules.activation_pairs import ActivationPairDataModule, RecordPairIndices  # noqa: F401 (short class_path)
+from datamodules.multihop_qa import MultiHopQADataModule
+from lightning_modules.components.translators import LinearTranslator, MLPTranslator  # noqa: F401 (short class_path)
+from lightning_modules.injection_eval import InjectionEvalModule
+from lightning_modules.organisms import ensure_organisms, organism_names
+from lightning_modules.translator import TranslatorModule
+
+
+def setup_logging() -> None:
+    """Show this project's INFO lines (activation cache hit/miss/rebuild, config paths) on the console once."""
+    for name in ("datamodules", "lightning_modules", "callbacks"):
+        logger = logging.getLogger(name)
+        if not logger.handlers:
+            handler = logging.StreamHandler()
+            handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)
+
+
+def finish_wandb(trainer) -> None:
+    """Close the W&B runs of a finished subcommand, so a next ``main()`` in the same process starts a new run
+    (WandbLogger leaves its run open, and a second WandbLogger would silently log into the first run)."""
+    from pytorch_lightning.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish()
+
+
+class ProjectCLI(LightningCLI):
+    """What both entry points share: organisms are trained explicitly before instantiation."""
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        names = organism_names(config.as_dict())
+        if names:
+            data, model = config.get("data") or {}, config.get("model") or {}
+            ensure_organisms(names, cache_dir=data.get("cache_dir") or model.get("cache_dir"))
+
+
+class TrainCLI(ProjectCLI):
+    """LightningCLI for TranslatorModule + ActivationPairDataModule with the store-derived values linked."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        for src, dst in (
+            ("data.sender_dim", "model.sender_dim"),
+            ("data.receiver_dim", "model.receiver_dim"),
+            ("data.sender_identity", "model.sender"),
+            ("data.receiver_identity", "model.receiver"),
+        ):
+            parser.link_arguments(src, dst, apply_on="instantiate")
+
+
+class EvalCLI(ProjectCLI):
+    """Only the ``test`` subcommand; the resolved config also goes into the evaluation's run folder."""
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {"test": {"model", "dataloaders", "datamodule"}}
+
+    def _parse_ckpt_path(self) -> None:
+        # Refuse before Lightning re-parses the checkpoint's hparams over this module's config (a translator's
+        # hparams do not fit InjectionEvalModule and would fail with an obscure parse error).
+        if self.config.get("subcommand") and self.config[self.config.subcommand].get("ckpt_path"):
+            raise ValueError(
+                "evaluate.py does not take --ckpt_path: pass the translator checkpoint as --model.translator_ckpt"
+            )
+
+    def before_test(self) -> None:
+        self.model.resolved_config = self._parser("test").dump(self.config["test"], skip_none=False)
+
+
+def train_main(args: ArgsType = None, run: bool = True) -> TrainCLI:
+    """Build and run the training CLI.
+
+    Args:
+        args: Command-line arguments (None: ``sys.argv``), e.g. ``["fit", "-c", "configs/train/tiny.yaml"]``.
+        run: Run the subcommand (False: only instantiate, for tests).
+    """
+    setup_logging()
+    cli = TrainCLI(
+        TranslatorModule,
+        ActivationPairDataModule,
+        save_config_callback=LoggerSaveConfigCallback,
+        parser_kwargs={"parser_mode": "omegaconf"},
+        seed_everything_default=0,
+        args=args,
+        run=run,
+    )
+    if run:
+        finish_wandb(cli.trainer)
+    return cli
+
+
+def eval_main(args: ArgsType = None) -> EvalCLI:
+    """Run the evaluation CLI; ``args`` replaces ``sys.argv[1:]`` when given (tests pass a list)."""
+    setup_logging()
+    cli = EvalCLI(
+        InjectionEvalModule,
+        MultiHopQADataModule,
+        parser_kwargs={"parser_mode": "omegaconf"},
+        save_config_callback=LoggerSaveConfigCallback,
+        seed_everything_default=0,
+        args=args,
+    )
+    # Close the W&B run: a later CLI in the same process (the demo, tests) would otherwise log into this one.
+    finish_wandb(cli.trainer)
+    return cli
