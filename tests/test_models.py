@@ -100,3 +100,24 @@ def test_tokenizer_fingerprint_ignores_call_time_truncation_state():
     before = tokenizer_fingerprint(tok)
     tok([PROMPT], truncation=True, max_length=8, padding="max_length")
     assert tokenizer_fingerprint(tok) == before
+
+
+def test_model_folder_without_tokenizer_files_is_refused(tmp_path):
+    # transformers 5 loads such a folder as an empty 2-token tokenizer; the project refuses it, naming the fix.
+    load_model("tiny-neox").save_pretrained(tmp_path / "model")
+    with pytest.raises(ValueError, match=r"has no tokenizer files .*save_pretrained"):
+        load_tokenizer(str(tmp_path / "model"))
+    offline_tokenizer().save_pretrained(tmp_path / "model")
+    assert load_tokenizer(str(tmp_path / "model")).vocab_size > 2
+
+
+def test_organism_names_need_the_registered_resolver(monkeypatch):
+    # A name never trains a model: without the organism layer's resolver, organism: names are an error.
+    from lightning_modules.components import frozen_lm
+
+    monkeypatch.setattr(frozen_lm, "_RESOLVERS", {})
+    with pytest.raises(ValueError, match="needs the organism resolver"):
+        frozen_lm.resolve_name("organism:sender")
+    assert frozen_lm.resolve_name("tiny-neox") == "tiny-neox"
+    frozen_lm.register_resolver("demo:", lambda rest, cache_dir: f"/models/{rest}")
+    assert frozen_lm.resolve_name("demo:x") == "/models/x"

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -216,6 +217,10 @@ def model_identity(model: nn.Module) -> dict:
     }
 
 
+# A local model folder must hold one of these for AutoTokenizer to load a real tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
+
+
 def load_tokenizer(name: str, *, revision: str | None = None, cache_dir: str | None = None,
                    trust_remote_code: bool = False):  # fmt: skip
     """The tokenizer for a model name: the offline tokenizer for presets, else ``AutoTokenizer``. Pad = EOS."""
@@ -224,10 +229,16 @@ def load_tokenizer(name: str, *, revision: str | None = None, cache_dir: str | N
     else:
         from transformers import AutoTokenizer
 
-        try:
-            tok = AutoTokenizer.from_pretrained(
-                resolve_name(name, cache_dir), revision=revision, trust_remote_code=trust_remote_code
+        resolved = resolve_name(name, cache_dir)
+        folder = Path(resolved)
+        if folder.is_dir() and not any((folder / f).exists() for f in TOKENIZER_FILES):
+            # transformers 5 would build an empty 2-token tokenizer from config.json alone and fail much later.
+            raise ValueError(
+                f"model folder {folder} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); save one with "
+                f"tokenizer.save_pretrained({str(folder)!r})"
             )
+        try:
+            tok = AutoTokenizer.from_pretrained(resolved, revision=revision, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as err:
             raise ValueError(f"cannot load the tokenizer of {name!r} ({type(err).__name__}: {err})") from err
     if tok.pad_token is None:
