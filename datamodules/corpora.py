@@ -81,9 +81,31 @@ def _keep(docs, max_documents: int | None) -> list[str]:
     return out
 
 
+def _first_invalid_utf8(data: bytes) -> int:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return err.start
+    return 0
+
+
 def _read_local(path: Path, spec: CorpusSpec) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"corpus file {path} does not exist (option data.corpus.source)")
+    try:
+        return _read_local_utf8(path, spec)
+    except UnicodeDecodeError:
+        # Name the file, line and byte, and the fix: decoding with a guessed codec would silently change the text.
+        data = path.read_bytes()
+        pos = _first_invalid_utf8(data)
+        line = data[:pos].count(b"\n") + 1
+        raise ValueError(
+            f"corpus file {path}, line {line}: not valid UTF-8 (byte {data[pos]:#04x}); convert it, e.g. "
+            f"`iconv -f latin1 -t utf-8 {path} > corpus.utf8.txt`, and point data.corpus.source at the result"
+        ) from None
+
+
+def _read_local_utf8(path: Path, spec: CorpusSpec) -> list[str]:
     if path.suffix == ".jsonl":
 
         def rows():
