@@ -64,8 +64,8 @@ class MultiHopQADataModule(pl.LightningDataModule):
         super().__init__()
         if num_samples is not None and source != "synthetic":
             raise ValueError(
-                f"num_samples={num_samples} only applies to source 'synthetic' (got source {source!r}); "
-                "use limit to keep the first N samples of a file"
+                f"data.num_samples={num_samples} only applies to source 'synthetic' (got source {source!r}): add "
+                "`--data.num_samples null` (your config sets it), and `--data.limit N` to keep the first N samples"
             )
         if num_samples is not None and num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
