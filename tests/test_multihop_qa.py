@@ -267,7 +267,7 @@ def test_empty_file_raises(tmp_path):
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match=r"num_samples=5 only applies to source .synthetic.* --data.num_samples null"):
+    with pytest.raises(ValueError, match=r"num_samples=5 only applies to source .synthetic.*--data.num_samples null"):
         MultiHopQADataModule("clean_eval", num_samples=5)
     with pytest.raises(ValueError, match="limit must be >= 1"):
         MultiHopQADataModule(limit=0)
