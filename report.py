@@ -1,4 +1,4 @@
-"""Report: per-sample records -> tables, paired CIs, McNemar, TOST and plots (DESIGN.md "Report").
+"""Report: per-sample records -> tables, paired CIs, McNemar, TOST and plots (docs/NOTES.md "Report").
 
 Usage::
 
@@ -15,12 +15,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from lightning_modules.components.reporting import ReportInputError, run_report
-from lightning_modules.components.statistics import DEFAULT_MARGINS, DEFAULT_RESAMPLES
+from lightning_modules.components.report import DEFAULT_MARGINS, DEFAULT_RESAMPLES, ReportInputError, run_report
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The fixed command line of DESIGN.md."""
+    """The report's fixed command line (see the module docstring)."""
     parser = argparse.ArgumentParser(prog="report.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("results", nargs="+", help="per-sample JSONL/JSON files or folders of them")
     parser.add_argument("--out", required=True, help="output folder (created)")

@@ -1,4 +1,4 @@
-"""W&B logging of an injection evaluation: summary metrics, a per-sample table, a bar plot, the results artifact.
+"""W&B logging of an injection evaluation: summary metrics, a per-sample table, an accuracy plot, the results artifact.
 
 Works with any logger that has ``log_table``/``log_image`` (``WandbLogger``); other loggers get the summary metrics
 through ``self.log`` in the module only. The artifact is logged only when the W&B run is online (never in offline or
@@ -13,7 +13,8 @@ from pathlib import Path
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_only
 
-from lightning_modules.components.scoring import MAIN_METRIC, METRICS
+from lightning_modules.components.report import accuracy_figure, accuracy_summary
+from lightning_modules.components.scoring import METRICS
 
 log = logging.getLogger(__name__)
 
@@ -39,22 +40,16 @@ def sample_table(results: dict[str, list[dict]], samples_by_id: dict) -> tuple[l
     return columns, rows
 
 
-def bar_plot(summary_metrics: dict[str, float], metric: str = MAIN_METRIC):
-    """A matplotlib figure: ``metric`` per condition (mean over runs)."""
-    import matplotlib.pyplot as plt
+def accuracy_plot(results: dict[str, list[dict]], report=None):
+    """The report's accuracy figure (per-condition mean, pooled 95% CI, per-run dots); the caller closes it.
 
-    prefix = f"eval/{metric}/condition="
-    items = [(k[len(prefix) :], v) for k, v in summary_metrics.items() if k.startswith(prefix)]
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.7 * len(items) + 2), 3.5))
-    ax.bar([n for n, _ in items], [v for _, v in items], color="tab:blue")
-    ax.set_ylabel(metric)
-    ax.set_ylim(0, max([v for _, v in items] + [0.05]) * 1.15)
-    ax.set_title(f"{metric} by condition")
-    ax.tick_params(axis="x", rotation=60)
-    for label in ax.get_xticklabels():
-        label.set_horizontalalignment("right")
-    fig.tight_layout()
-    return fig
+    Args:
+        results: ``{run_key: [records]}`` of the evaluation.
+        report: The evaluation's ``ReportResult``, whose summary is plotted as is; ``None`` (no baseline, so no
+            report) summarises ``results`` here.
+    """
+    summary = report.summary if report is not None else accuracy_summary([r for rs in results.values() for r in rs])
+    return accuracy_figure(summary)
 
 
 def _is_online(run) -> bool:
@@ -72,7 +67,7 @@ class EvalLoggingCallback(pl.Callback):
 
     Args:
         table_key: Key of the per-sample table.
-        plot_key: Key of the per-condition bar plot.
+        plot_key: Key of the per-condition accuracy plot.
         artifact_type: W&B artifact type of the results (records, meta, report).
     """
 
@@ -92,7 +87,7 @@ class EvalLoggingCallback(pl.Callback):
             columns, rows = sample_table(results, getattr(pl_module, "samples_by_id", {}))
             logger.log_table(key=self.table_key, columns=columns, data=rows)
             self.logged.append(self.table_key)
-            fig = bar_plot(pl_module.summary_metrics)
+            fig = accuracy_plot(results, getattr(pl_module, "report_result", None))
             try:
                 logger.log_image(key=self.plot_key, images=[fig])
                 self.logged.append(self.plot_key)

@@ -524,7 +524,7 @@ class InjectionEvalModule(pl.LightningModule):
             self._report()
 
     def _report(self) -> None:
-        from lightning_modules.components.reporting import run_report
+        from lightning_modules.components.report import run_report
 
         records = [r for recs in self.results.values() for r in recs]
         present = {r["condition"] for r in records}

@@ -1,24 +1,17 @@
-"""report.py / reporting.run_report: paper reproduction, outputs, bad input."""
+"""report.py / report.run_report: paper reproduction, outputs, bad input."""
 
 from __future__ import annotations
 
 import csv
 import importlib.util
 import json
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy import stats
 
-from lightning_modules.components.reporting import (
-    ReportInputError,
-    load_records,
-    log_report_to_wandb,
-    run_report,
-)
+from lightning_modules.components.report import ReportInputError, load_records, run_report
 from lightning_modules.components.scoring import METRICS
 
 
@@ -219,19 +212,6 @@ def test_multi_run_baseline_pairs_by_seed(tmp_path: Path) -> None:
     recs += _records("cond", 3, [True, True, True])
     with pytest.raises(ReportInputError, match="same seeds"):
         run_report(recs, tmp_path, baselines=["base"], resamples=100)
-
-
-def test_log_report_to_wandb_with_a_stub(tmp_path: Path, monkeypatch) -> None:
-    fake = types.SimpleNamespace(
-        Table=lambda columns, data: ("table", tuple(columns), len(data)), Image=lambda p: ("image", p)
-    )
-    monkeypatch.setitem(sys.modules, "wandb", fake)
-    res = run_report(_synthetic(), tmp_path, resamples=100)
-    logged = []
-    payload = log_report_to_wandb(res, types.SimpleNamespace(log=logged.append))
-    assert logged == [payload]
-    assert payload["report/comparisons"][2] == len(res.comparisons)
-    assert payload["report/deltas"] == ("image", str(tmp_path / "deltas.png"))
 
 
 # ------------------------------------------------------------------------------------------------ bad input

@@ -1,4 +1,4 @@
-"""Paired statistics (PAPER.md 4.4): bootstrap, gained/lost, McNemar, TOST, degradation, run mean/SD."""
+"""Paired statistics (arXiv 2606.03280, section 4.4): bootstrap, gained/lost, McNemar, TOST, degradation, run SD."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as hs
 from scipy import stats
 
-from lightning_modules.components import statistics as st
+from lightning_modules.components.report import stats as st
+from lightning_modules.components.report import tost as eq
 
 
 def test_derive_seed_is_deterministic_and_label_specific() -> None:
@@ -141,7 +142,7 @@ def test_tost_against_hand_computation() -> None:
     rng = np.random.default_rng(4)
     d = rng.normal(0.01, 0.1, size=400)
     se = d.std(ddof=1) / math.sqrt(d.size)
-    t = st.tost(d, 0.03)
+    t = eq.tost(d, 0.03)
     assert t.delta == pytest.approx(d.mean())
     assert t.se == pytest.approx(se)
     assert t.ci90_low == pytest.approx(d.mean() - stats.norm.ppf(0.95) * se)
@@ -159,7 +160,7 @@ def test_tost_against_hand_computation() -> None:
 def test_tost_equivalence_iff_ci90_inside_margins(mean: float, sd: float, margin: float) -> None:
     d = np.random.default_rng(0).normal(0, 1, size=200)
     d = (d - d.mean()) / d.std(ddof=1) * sd + mean
-    t = st.tost(d, margin)
+    t = eq.tost(d, margin)
     inside = -margin < t.ci90_low and t.ci90_high < margin
     # Exact ties are measure-zero for continuous draws; skip the boundary within float noise.
     if min(abs(t.ci90_low + margin), abs(t.ci90_high - margin)) > 1e-12:
@@ -167,20 +168,20 @@ def test_tost_equivalence_iff_ci90_inside_margins(mean: float, sd: float, margin
 
 
 def test_tost_and_degradation_without_variation() -> None:
-    t = st.tost(np.zeros(50), 0.03)
+    t = eq.tost(np.zeros(50), 0.03)
     assert t.p == 0.0 and t.equivalent and (t.ci90_low, t.ci90_high) == (0.0, 0.0)
-    assert st.degradation_p(np.zeros(50)) == 1.0
-    assert st.degradation_p(np.full(50, -0.1)) == 0.0
+    assert eq.degradation_p(np.zeros(50)) == 1.0
+    assert eq.degradation_p(np.full(50, -0.1)) == 0.0
     with pytest.raises(ValueError, match="margin"):
-        st.tost(np.zeros(5), 0.0)
+        eq.tost(np.zeros(5), 0.0)
     with pytest.raises(ValueError, match="at least 2"):
-        st.tost([0.1], 0.05)
+        eq.tost([0.1], 0.05)
 
 
 def test_degradation_p_direction() -> None:
     rng = np.random.default_rng(2)
     worse = rng.normal(-0.05, 0.2, size=400)
     d_mean, se = worse.mean(), worse.std(ddof=1) / 20
-    assert st.degradation_p(worse) == pytest.approx(stats.norm.cdf(d_mean / se))
-    assert st.degradation_p(worse) < 0.01
-    assert st.degradation_p(-worse) > 0.99
+    assert eq.degradation_p(worse) == pytest.approx(stats.norm.cdf(d_mean / se))
+    assert eq.degradation_p(worse) < 0.01
+    assert eq.degradation_p(-worse) > 0.99

@@ -1,9 +1,9 @@
-"""Paired statistics of the paper (PAPER.md 4.4) as pure numpy/scipy functions.
+"""Paired statistics of the paper (arXiv 2606.03280, section 4.4) as pure numpy/scipy functions.
 
 Conventions:
 
 - A *run* of a condition is one 0/1 correctness vector over the evaluation samples (one per seed; one for a
-  deterministic condition). Vectors compared here are already aligned by sample id (see ``reporting``).
+  deterministic condition). Vectors compared here are already aligned by sample id (see ``analysis``).
 - A paired delta is ``condition - baseline`` per sample (values -1, 0, +1).
 - Multi-run conditions *pool* their paired deltas across runs (3 x 396 = 1,188 values) before bootstrapping; a
   deterministic baseline is paired with every run.
@@ -12,14 +12,12 @@ Conventions:
   value counts, which has exactly the distribution of index resampling and is ~100x faster. The generator is
   ``numpy.random.default_rng(seed)``; the paper used Python's ``random.Random``, so CI ends agree with the paper's
   to about +/-0.002, not exactly.
-- TOST and the one-sided degradation test use a normal approximation on the *clustered* view: each sample's delta
-  averaged over runs (n = number of samples), standard error ``sd(ddof=1) / sqrt(n)``.
+- The *clustered* view (:func:`clustered_deltas`, tested in ``tost``) averages each sample's delta over runs.
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 import statistics as _stats
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -28,7 +26,6 @@ import numpy as np
 from scipy import stats
 
 DEFAULT_RESAMPLES = 5000
-DEFAULT_MARGINS = (0.05, 0.03)
 # Cap on resample-by-sample index matrices held at once (int64): 2e7 entries = 160 MB is too much, 4e6 = 32 MB.
 _CHUNK_ENTRIES = 4_000_000
 # Up to this many distinct values the bootstrap draws multinomial counts per value instead of indices.
@@ -257,96 +254,3 @@ def compare_paired(
         confidence=confidence,
         bootstrap_seed=seed,
     )
-
-
-def _mean_se(deltas: np.ndarray | Sequence[float]) -> tuple[float, float, int]:
-    d = np.asarray(deltas, dtype=np.float64).ravel()
-    if d.size < 2:
-        raise ValueError(f"need at least 2 samples for a standard error, got {d.size}")
-    return float(d.mean()), float(d.std(ddof=1) / math.sqrt(d.size)), int(d.size)
-
-
-@dataclass(frozen=True)
-class TostResult:
-    """Two one-sided tests (normal approximation) for ``|delta| < margin``.
-
-    Attributes:
-        n: Number of (clustered) deltas.
-        delta: Mean delta.
-        se: Standard error of the mean.
-        ci90_low: ``delta - z_{1-alpha} * se`` (the (1 - 2 alpha) CI; 90% at alpha 0.05).
-        ci90_high: ``delta + z_{1-alpha} * se``.
-        margin: Equivalence margin.
-        p_lower: p of H0 ``delta <= -margin``.
-        p_upper: p of H0 ``delta >= +margin``.
-        p: ``max(p_lower, p_upper)``.
-        alpha: Level of each one-sided test.
-        equivalent: ``p < alpha`` (equivalently the CI lies inside ``(-margin, margin)``).
-    """
-
-    n: int
-    delta: float
-    se: float
-    ci90_low: float
-    ci90_high: float
-    margin: float
-    p_lower: float
-    p_upper: float
-    p: float
-    alpha: float
-    equivalent: bool
-
-    def to_dict(self) -> dict:
-        """Plain-dict form for JSON."""
-        return asdict(self)
-
-
-def _upper_tail(z_num: float, se: float) -> float:
-    # P(Z >= z_num / se); with se == 0 every resample equals the mean, so the tail is 0 or 1 (never nan).
-    if se == 0.0:
-        return 0.0 if z_num > 0 else 1.0
-    return float(stats.norm.sf(z_num / se))
-
-
-def tost(deltas: np.ndarray | Sequence[float], margin: float, alpha: float = 0.05) -> TostResult:
-    """TOST equivalence test with a normal approximation.
-
-    Args:
-        deltas: Paired deltas (the clustered view: per-sample deltas averaged over runs).
-        margin: Equivalence margin (> 0), in accuracy units.
-        alpha: Level of each one-sided test; the reported CI is the matching (1 - 2 alpha) CI.
-    """
-    if margin <= 0:
-        raise ValueError(f"tost: margin must be > 0, got {margin}")
-    if not 0.0 < alpha < 0.5:
-        raise ValueError(f"tost: alpha must be in (0, 0.5), got {alpha}")
-    mean, se, n = _mean_se(deltas)
-    z = float(stats.norm.ppf(1.0 - alpha))
-    p_lower = _upper_tail(mean + margin, se)  # H0: delta <= -margin
-    p_upper = _upper_tail(margin - mean, se)  # H0: delta >= +margin
-    p = max(p_lower, p_upper)
-    return TostResult(
-        n=n,
-        delta=mean,
-        se=se,
-        ci90_low=mean - z * se,
-        ci90_high=mean + z * se,
-        margin=float(margin),
-        p_lower=p_lower,
-        p_upper=p_upper,
-        p=p,
-        alpha=alpha,
-        equivalent=p < alpha,
-    )
-
-
-def degradation_p(deltas: np.ndarray | Sequence[float]) -> float:
-    """One-sided p of H0 ``delta >= 0`` against H1 ``delta < 0`` (normal approximation).
-
-    With no variation (se = 0) a negative mean gives 0 and a zero or positive mean gives 1.
-
-    Args:
-        deltas: Paired deltas (the clustered view).
-    """
-    mean, se, _ = _mean_se(deltas)
-    return _upper_tail(-mean, se)

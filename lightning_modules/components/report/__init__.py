@@ -1,0 +1,64 @@
+"""Per-sample records -> the paper's tables, paired CIs, McNemar, TOST and plots (docs/NOTES.md "Report").
+
+Torch-free (numpy, scipy, matplotlib on first plot), so ``report.py`` starts fast and runs anywhere. Modules:
+
+- ``load``: parse and re-score records from files, folders or dicts; group them by condition and run.
+- ``stats``: bootstrap CIs, paired deltas, gained/lost, McNemar, run mean/SD, the clustered view.
+- ``tost``: equivalence (TOST) and degradation tests on the clustered view.
+- ``analysis``: per-condition accuracy, the summary, paired comparisons and equivalence rows.
+- ``tables``: markdown, CSV and JSON renderings.
+- ``plots``: accuracy per condition and the forest plot of paired deltas.
+- ``run``: :func:`run_report`, the entry point of ``report.py`` and of the evaluation module.
+"""
+
+from lightning_modules.components.report.analysis import (
+    DEFAULT_TOST_RESAMPLES,
+    METRIC_ORDER,
+    build_comparisons,
+    build_summary,
+    condition_accuracy,
+)
+from lightning_modules.components.report.load import (
+    DETERMINISTIC,
+    Record,
+    ReportInputError,
+    group_records,
+    load_records,
+)
+from lightning_modules.components.report.plots import accuracy_figure, plot_accuracy, plot_forest
+from lightning_modules.components.report.run import (
+    DEFAULT_BASELINES,
+    REPORT_SCHEMA,
+    ReportResult,
+    accuracy_summary,
+    run_report,
+)
+from lightning_modules.components.report.stats import DEFAULT_RESAMPLES
+from lightning_modules.components.report.tables import METRIC_LABELS, comparisons_markdown, summary_markdown
+from lightning_modules.components.report.tost import DEFAULT_MARGINS
+
+__all__ = [
+    "DEFAULT_BASELINES",
+    "DEFAULT_MARGINS",
+    "DEFAULT_RESAMPLES",
+    "DEFAULT_TOST_RESAMPLES",
+    "DETERMINISTIC",
+    "METRIC_LABELS",
+    "METRIC_ORDER",
+    "REPORT_SCHEMA",
+    "Record",
+    "ReportInputError",
+    "ReportResult",
+    "accuracy_figure",
+    "accuracy_summary",
+    "build_comparisons",
+    "build_summary",
+    "comparisons_markdown",
+    "condition_accuracy",
+    "group_records",
+    "load_records",
+    "plot_accuracy",
+    "plot_forest",
+    "run_report",
+    "summary_markdown",
+]

@@ -1,0 +1,180 @@
+"""The report's one entry point, :func:`run_report`: records in, every table, test and plot written to a folder.
+
+It serves both ``report.py`` and the evaluation module (which passes its in-memory records).
+
+Baselines: with ``baselines=None`` (the default) the report compares against ``no_inject`` and ``nl_relay``,
+skipping whichever is absent (at least one must be present). Baselines named explicitly must all be present.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lightning_modules.components.io import atomic_write
+from lightning_modules.components.report.analysis import DEFAULT_TOST_RESAMPLES, build_comparisons, build_summary
+from lightning_modules.components.report.load import ReportInputError, group_records, load_records
+from lightning_modules.components.report.plots import plot_accuracy, plot_forest
+from lightning_modules.components.report.stats import DEFAULT_RESAMPLES
+from lightning_modules.components.report.tables import (
+    SUMMARY_COLUMNS,
+    comparisons_markdown,
+    csv_text,
+    json_text,
+    summary_markdown,
+    summary_rows,
+)
+from lightning_modules.components.report.tost import DEFAULT_MARGINS
+from lightning_modules.components.scoring import MAIN_METRIC, METRICS
+
+DEFAULT_BASELINES: tuple[str, ...] = ("no_inject", "nl_relay")
+REPORT_SCHEMA = "activation-transfer.report.v1"
+
+
+@dataclass
+class ReportResult:
+    """What :func:`run_report` built and wrote.
+
+    Attributes:
+        summary: The content of ``summary.json``.
+        comparisons: The content of ``comparisons.json``.
+        equivalence: The content of ``equivalence.json``.
+        files: Every written file by short name (``summary_json``, ``accuracy_png``, ...).
+        markdown: The summary table (markdown) for printing.
+        notes: Human-readable notes (dropped samples, skipped baselines, metric mismatches).
+    """
+
+    summary: dict
+    comparisons: list[dict]
+    equivalence: list[dict]
+    files: dict[str, Path]
+    markdown: str
+    notes: list[str] = field(default_factory=list)
+
+
+def _resolve_baselines(groups: Mapping, baselines: Sequence[str] | None, notes: list[str]) -> list[str]:
+    present = list(groups)
+    if baselines is None:
+        chosen = [b for b in DEFAULT_BASELINES if b in groups]
+        skipped = [b for b in DEFAULT_BASELINES if b not in groups]
+        if not chosen:
+            raise ReportInputError(
+                f"none of the default baselines {list(DEFAULT_BASELINES)} is in the input (conditions: {present}); "
+                "name one with --baseline"
+            )
+        if skipped:
+            notes.append(f"default baseline(s) {skipped} absent from the input: skipped")
+        return chosen
+    if isinstance(baselines, str):
+        baselines = [baselines]
+    missing = [b for b in baselines if b not in groups]
+    if missing:
+        raise ReportInputError(f"baseline(s) {missing} not in the input (conditions: {present})")
+    if not baselines:
+        raise ReportInputError("no baselines given")
+    return list(dict.fromkeys(baselines))
+
+
+def accuracy_summary(records: Sequence[Mapping], resamples: int = 1000, seed: int = 0) -> dict:
+    """The ``conditions`` part of ``summary.json`` for records that get no report (e.g. no baseline among them).
+
+    What :func:`plots.accuracy_figure` reads; conditions in first-appearance order.
+
+    Args:
+        records: Per-sample record dicts; none at all gives no conditions.
+        resamples: Bootstrap resamples of the pooled 95% CIs.
+        seed: Base seed of the CIs.
+    """
+    if not records:
+        return {"conditions": {}}
+    groups = group_records(load_records(list(records)))
+    return {"conditions": build_summary(groups, list(groups), resamples, seed)}
+
+
+def run_report(
+    inputs: Sequence[str | Path] | Sequence[Mapping],
+    out_dir: str | Path,
+    baselines: Sequence[str] | None = None,
+    resamples: int = DEFAULT_RESAMPLES,
+    margins: Sequence[float] = DEFAULT_MARGINS,
+    seed: int = 0,
+    intersect: bool = False,
+    tost_resamples: int = DEFAULT_TOST_RESAMPLES,
+) -> ReportResult:
+    """Build every table, test and plot from per-sample records and write them into ``out_dir``.
+
+    Args:
+        inputs: JSONL files, the paper's JSON result files, folders of them, or already-loaded record dicts
+            (``components.records.RECORD_FIELDS``; the evaluation module passes its in-memory records).
+        out_dir: Output folder (created). Files are written atomically (temporary file, then ``os.replace``).
+        baselines: Baselines to compare against. ``None``: ``no_inject`` and ``nl_relay``, skipping an absent one
+            (a note says so; at least one must be present). An explicit list must be fully present.
+        resamples: Bootstrap resamples for the 95% CIs (accuracy and paired deltas).
+        margins: TOST equivalence margins (accuracy units, each > 0).
+        seed: Base seed; each CI derives its own seed from it and a label, recorded next to the CI.
+        intersect: Compare only the sample ids common to a condition and its baseline, reporting how many were
+            dropped, instead of failing when they differ.
+        tost_resamples: Resamples of the clustered bootstrap 90% CI reported next to TOST.
+
+    Returns:
+        A :class:`ReportResult`.
+
+    Raises:
+        ReportInputError: Bad or empty input, absent baseline, mismatching sample ids without ``intersect``.
+    """
+    if resamples < 1:
+        raise ValueError(f"resamples must be >= 1, got {resamples}")
+    margins = [float(g) for g in margins]
+    if not margins or any(g <= 0 for g in margins):
+        raise ValueError(f"margins must be positive numbers, got {margins}")
+    counters: dict[str, int] = {}
+    records = load_records(list(inputs), counters)
+    groups = group_records(records)
+    notes: list[str] = []
+    if counters.get("metric_mismatch"):
+        notes.append(f"{counters['metric_mismatch']} record(s) carried stored metrics that differ from re-scoring")
+    chosen = _resolve_baselines(groups, baselines, notes)
+    order = chosen + [c for c in groups if c not in chosen]
+
+    meta = {
+        "schema": REPORT_SCHEMA,
+        "seed": seed,
+        "resamples": resamples,
+        "confidence": 0.95,
+        "margins": margins,
+        "tost_alpha": 0.05,
+        "tost_resamples": tost_resamples,
+        "baselines": chosen,
+        "intersect": intersect,
+        "metrics": list(METRICS),
+        "main_metric": MAIN_METRIC,
+        "n_records": len(records),
+        "inputs": [str(i) for i in inputs if not isinstance(i, Mapping)],
+    }
+    summary = {"conditions": build_summary(groups, order, resamples, seed), "meta": meta}
+    comparisons, equivalence, cmp_notes = build_comparisons(
+        groups, order, chosen, resamples, margins, seed, intersect, tost_resamples
+    )
+    notes += cmp_notes
+    meta["notes"] = notes
+
+    out = Path(out_dir)
+    md_summary = summary_markdown(summary)
+    md_comparisons = comparisons_markdown(comparisons, equivalence, meta)
+    cmp_cols = list(comparisons[0]) if comparisons else ["condition", "baseline", "metric"]
+    eq_cols = list(equivalence[0]) if equivalence else ["condition", "baseline", "metric"]
+    summary_csv = csv_text(summary_rows(summary), SUMMARY_COLUMNS)
+    files = {
+        "summary_json": atomic_write(out / "summary.json", json_text(summary)),
+        "comparisons_json": atomic_write(out / "comparisons.json", json_text(comparisons)),
+        "equivalence_json": atomic_write(out / "equivalence.json", json_text(equivalence)),
+        "summary_md": atomic_write(out / "summary.md", "# Summary\n\n" + md_summary),
+        "comparisons_md": atomic_write(out / "comparisons.md", md_comparisons),
+        "summary_csv": atomic_write(out / "summary.csv", summary_csv),
+        "comparisons_csv": atomic_write(out / "comparisons.csv", csv_text(comparisons, cmp_cols)),
+        "equivalence_csv": atomic_write(out / "equivalence.csv", csv_text(equivalence, eq_cols)),
+        "accuracy_png": atomic_write(out / "accuracy.png", plot_accuracy(summary)),
+        "deltas_png": atomic_write(out / "deltas.png", plot_forest(comparisons, chosen)),
+    }
+    return ReportResult(summary, comparisons, equivalence, files, md_summary, notes)

@@ -1,0 +1,158 @@
+"""The report's text renderings: markdown tables in the paper's layout, CSV and JSON.
+
+Numbers are printed to 4 decimals, p-values to 3 significant digits (scientific below 0.001).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from lightning_modules.components.report.analysis import METRIC_ORDER
+from lightning_modules.components.scoring import MAIN_METRIC
+
+SUMMARY_COLUMNS = ("condition", "runs", "n", "metric", "mean", "sd", "ci_low", "ci_high", "per_run")
+METRIC_LABELS = {
+    "exact_match": "Exact match",
+    "normalized_exact_match": "Normalized EM",
+    "word_boundary_contains": "Word-boundary contains",
+    "first_answer_span_match": "First-answer span",
+    "legacy_contains": "Legacy contains",
+}
+
+
+def _f(x: float | None, signed: bool = False) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "n/a"
+    # "+0.0000" would suggest a positive effect: print zero unsigned.
+    if signed and round(x, 4) != 0:
+        return f"{x:+.4f}"
+    return f"{abs(x) if round(x, 4) == 0 else x:.4f}"
+
+
+def _p(p: float) -> str:
+    return f"{p:.3g}" if p >= 1e-3 else f"{p:.2e}"
+
+
+def _per_run_fmt(v: float) -> str:
+    return f"{v:.1f}"
+
+
+def summary_markdown(summary: Mapping) -> str:
+    """The paper's main table: condition, runs, n, then mean +/- sample SD of each metric (main metric first)."""
+    head = ["Condition", "Runs", "n", *(METRIC_LABELS[m] for m in METRIC_ORDER)]
+    lines = ["| " + " | ".join(head) + " |", "| --- | ---: | ---: |" + " ---: |" * len(METRIC_ORDER)]
+    for cond, e in summary["conditions"].items():
+        cells = [cond, str(e["runs"]), str(e["n"])]
+        for m in METRIC_ORDER:
+            v = e[m]
+            cells.append(_f(v["mean"]) if v["sd"] is None else f"{_f(v['mean'])} ± {_f(v['sd'])}")
+        lines.append("| " + " | ".join(cells) + " |")
+    meta = summary["meta"]
+    return (
+        "\n".join(lines)
+        + f"\n\nValues are mean ± sample SD over runs (single runs: the run's value). Main metric: {MAIN_METRIC}. "
+        f"Scored from gold and prediction; seed {meta['seed']}.\n"
+    )
+
+
+def comparisons_markdown(comparisons: Sequence[Mapping], equivalence: Sequence[Mapping], meta: Mapping) -> str:
+    """Paired-delta tables per baseline and metric (the paper's layout), then the clustered TOST tables."""
+    out = [
+        "# Paired comparisons",
+        "",
+        f"Δ = condition − baseline, per sample, matched by sample id; multi-run conditions pool their paired deltas "
+        f"across runs. {int(meta['confidence'] * 100)}% simple percentile bootstrap, {meta['resamples']} resamples "
+        f"(seed {meta['seed']}, one derived seed per comparison). McNemar: continuity-corrected chi-square.",
+        "",
+    ]
+    for base in meta["baselines"]:
+        for m in METRIC_ORDER:
+            rows = [c for c in comparisons if c["baseline"] == base and c["metric"] == m]
+            if not rows:
+                continue
+            out += [
+                f"## vs {base}: {m}",
+                "",
+                "| Condition | Runs | Pairs | Δ | 95% CI | Mean gained / lost per run | McNemar p |",
+                "| --- | ---: | ---: | ---: | --- | --- | ---: |",
+            ]
+            for c in rows:
+                out.append(
+                    f"| {c['condition']} | {c['runs']} | {c['n_pairs']} | {_f(c['delta'], True)} | "
+                    f"[{_f(c['ci_low'], True)}, {_f(c['ci_high'], True)}] | "
+                    f"{_per_run_fmt(c['gained_per_run'])} / {_per_run_fmt(c['lost_per_run'])} | {_p(c['mcnemar_p'])} |"
+                )
+            out.append("")
+    margins = meta["margins"]
+    out += [
+        "# Equivalence (TOST) and degradation",
+        "",
+        "Clustered view: each sample's delta averaged over runs; normal approximation, 90% CI, α = 0.05 per "
+        "one-sided test. Degradation p: one-sided test of Δ < 0.",
+        "",
+    ]
+    for base in meta["baselines"]:
+        for m in METRIC_ORDER:
+            rows = [e for e in equivalence if e["baseline"] == base and e["metric"] == m]
+            if not rows:
+                continue
+            head = ["Condition", "n", "Δ", "90% CI", *(f"TOST p (±{g:g})" for g in margins), "Degradation p"]
+            out += [f"## vs {base}: {m}", "", "| " + " | ".join(head) + " |"]
+            out.append("| --- | ---: | ---: | --- |" + " ---: |" * (len(margins) + 1))
+            for cond in dict.fromkeys(e["condition"] for e in rows):
+                by_margin = {e["margin"]: e for e in rows if e["condition"] == cond}
+                e0 = next(iter(by_margin.values()))
+                ps = [
+                    _p(by_margin[g]["p"]) + (" (equiv.)" if by_margin[g]["equivalent"] else "")
+                    for g in map(float, margins)
+                ]
+                out.append(
+                    f"| {cond} | {e0['n']} | {_f(e0['delta'], True)} | "
+                    f"[{_f(e0['ci90_low'], True)}, {_f(e0['ci90_high'], True)}] | "
+                    + " | ".join(ps)
+                    + f" | {_p(e0['degradation_p'])} |"
+                )
+            out.append("")
+    return "\n".join(out)
+
+
+def json_text(obj: Any) -> str:
+    """Indented JSON with a final newline; NaN or infinity is an error (strict JSON readers reject them)."""
+    return json.dumps(obj, indent=2, allow_nan=False) + "\n"
+
+
+def csv_text(rows: Sequence[Mapping], columns: Sequence[str]) -> str:
+    """CSV of ``rows`` with the header ``columns``; list and dict cells as JSON, keys outside ``columns`` dropped."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: (json.dumps(v) if isinstance(v, list | dict) else v) for k, v in row.items()})
+    return buf.getvalue()
+
+
+def summary_rows(summary: Mapping) -> list[dict]:
+    """One row per condition and metric (the rows of ``summary.csv``), metrics in table order."""
+    rows = []
+    for cond, e in summary["conditions"].items():
+        for m in METRIC_ORDER:
+            v = e[m]
+            rows.append(
+                {
+                    "condition": cond,
+                    "runs": e["runs"],
+                    "n": e["n"],
+                    "metric": m,
+                    "mean": v["mean"],
+                    "sd": "" if v["sd"] is None else v["sd"],
+                    "ci_low": v["ci_low"],
+                    "ci_high": v["ci_high"],
+                    "per_run": ";".join(f"{k}={x:.6g}" for k, x in v["per_run"].items()),
+                }
+            )
+    return rows
