@@ -1,4 +1,4 @@
-"""Answer scoring: the five string-match metrics of the paper (arXiv 2606.03280, section 1.4 of its protocol), as pure functions.
+"""Answer scoring: the five string-match metrics of the paper (arXiv 2606.03280, section 1.4), as pure functions.
 
 Every metric compares one decoded continuation (``prediction``) with one gold answer and returns a bool:
 
