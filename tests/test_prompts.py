@@ -1,4 +1,4 @@
-"""Prompt strings of the paper (arXiv 2606.03280, section 1.4), left-padded tokenization with right truncation, and the token-id check."""
+"""Prompt strings of the paper (arXiv 2606.03280, section 1.4), left-padded tokenization, the token-id check."""
 
 from __future__ import annotations
 
