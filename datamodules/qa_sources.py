@@ -104,7 +104,7 @@ class QASample:
         return format_relay_sender_prompt(self.context)
 
     def relay_receiver_prompt(self, relay: str) -> str:
-        """The relay receiver's prompt: the sender's relay and the question, never the context."""
+        """The relay receiver's prompt: the sender's relay (stripped) and the question, never the context."""
         return format_relay_receiver_prompt(relay, self.question)
 
     def to_dict(self) -> dict:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 import torch
 
@@ -10,10 +12,9 @@ from lightning_modules.components.conditions import (
     apply_injection,
     bucketed_derangement,
     build_conditions,
-    last_real,
-    last_real_index,
     masked_norm_mean,
     random_vectors,
+    sequential_random_vectors,
 )
 
 
@@ -43,14 +44,6 @@ def test_unknown_or_repeated_condition_is_one_clear_error():
         build_conditions(["no_inject", "replce"])
     with pytest.raises(ValueError, match="listed twice"):
         build_conditions(["additive", "additive"])
-
-
-def test_last_real_is_column_minus_one_for_left_padding(batch):
-    h, mask, _ = batch
-    assert last_real_index(mask).tolist() == [4, 4, 4]
-    right = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
-    assert last_real_index(right).tolist() == [1, 4, 0]
-    assert torch.equal(last_real(h, mask), h[:, -1])
 
 
 @pytest.mark.parametrize("mode", ["additive", "replace", "rescaled"])
@@ -85,12 +78,15 @@ def test_rescaled_alpha_one_has_receiver_norm_and_source_direction(batch):
     assert torch.allclose(injected, masked_norm_mean(h, mask), rtol=1e-5)
 
 
-def test_rescaled_alpha_blends(batch):
+def test_rescaled_alpha_blends_and_reports_the_blended_norm(batch):
     h, mask, src = batch
     full, _ = apply_injection("rescaled", h, mask, src, alpha=1.0)
-    blend, _ = apply_injection("rescaled", h, mask, src, alpha=0.3)
+    blend, injected = apply_injection("rescaled", h, mask, src, alpha=0.3)
     m = mask.bool()
     assert torch.allclose(blend[m], 0.3 * full[m] + 0.7 * h[m], atol=1e-5)
+    # The paper records the norm of the blended state it injects, which is below ||h|| (the rescaled c's norm).
+    assert torch.allclose(injected, masked_norm_mean(blend, mask), rtol=1e-5)
+    assert (injected < masked_norm_mean(h, mask) * 0.999).all()
 
 
 def test_replace_and_zero(batch):
@@ -122,17 +118,78 @@ def test_derangement_same_length_no_self_matches_and_fallback():
     assert all(d.donors[s] != s for s in d.strict_ids()) and len(d.strict_ids()) == 7
     # a permutation within each bucket
     assert sorted(d.donors.values()) == sorted(ids)
-    # deterministic, order-independent, seed-dependent
-    rev = bucketed_derangement(ids[::-1], lengths[::-1], seed=42)
-    assert rev.donors == d.donors
     many = [f"x{i}" for i in range(40)]
     maps = {seed: bucketed_derangement(many, [3] * 40, seed).donors for seed in (42, 123)}
     assert maps[42] != maps[123]
 
 
+def _paper_donor_map(pairs, seed, strict):
+    """A literal transcription of the paper runner's shuffle (arXiv 2606.03280, section 4.2), on indices."""
+    buckets = {}
+    for idx, (_, length) in enumerate(pairs):
+        buckets.setdefault(length, []).append(idx)
+    rng = random.Random(seed)
+    donor_idx = {}
+    for _, bucket in buckets.items():
+        bucket_copy = list(bucket)
+        rng.shuffle(bucket_copy)
+        n = len(bucket_copy)
+        if n == 1:
+            if not strict:
+                donor_idx[bucket_copy[0]] = bucket_copy[0]
+            continue
+        for i in range(n):
+            donor_idx[bucket_copy[i]] = bucket_copy[(i + 1) % n]
+    return {pairs[i][0]: pairs[j][0] for i, j in donor_idx.items()}
+
+
+# Lengths whose first appearances are not sorted (12 before 5 before 9), with two singleton buckets.
+PAIRS = [("q7", 12), ("q2", 5), ("q9", 12), ("q0", 9), ("q4", 5), ("q1", 12), ("q8", 30), ("q3", 9), ("q5", 5),
+         ("q6", 12), ("q10", 7), ("q11", 5)]  # fmt: skip
+
+
+@pytest.mark.parametrize("seed", [42, 123, 456])
+def test_derangement_is_the_papers_algorithm(seed):
+    d = bucketed_derangement([i for i, _ in PAIRS], [n for _, n in PAIRS], seed)
+    assert d.donors == _paper_donor_map(PAIRS, seed, strict=False)
+    assert d.self_fallback == ("q10", "q8")
+    strict = _paper_donor_map(PAIRS, seed, strict=True)
+    assert set(d.strict_ids()) == set(strict)
+    assert {s: d.donors[s] for s in d.strict_ids()} == strict
+
+
+def test_derangement_depends_on_dataset_order():
+    # The paper's map is a function of the evaluation set in its order: bucket visiting order drives the rng.
+    fwd = bucketed_derangement([i for i, _ in PAIRS], [n for _, n in PAIRS], 42)
+    rev = bucketed_derangement([i for i, _ in PAIRS[::-1]], [n for _, n in PAIRS[::-1]], 42)
+    assert rev.donors == _paper_donor_map(PAIRS[::-1], 42, strict=False) and rev.donors != fwd.donors
+
+
 def test_derangement_rejects_duplicates():
     with pytest.raises(ValueError, match="unique"):
         bucketed_derangement(["a", "a"], [1, 1], 0)
+
+
+def test_sequential_random_vectors_are_the_papers_stream():
+    lengths = [("a", 3), ("b", 1), ("c", 5), ("d", 2), ("e", 4), ("f", 3), ("g", 2), ("h", 6), ("i", 1), ("j", 2)]
+    got = sequential_random_vectors(123, lengths, 8)
+    g = torch.Generator(device="cpu").manual_seed(123)
+    # The paper's loop: one randn of the block output's shape per sample, in dataset order.
+    expected = {sid: torch.randn((1, n, 8), generator=g, dtype=torch.float32)[0] for sid, n in lengths}
+    assert list(got) == list(expected)
+    assert all(got[sid].shape == (n, 8) and torch.equal(got[sid], expected[sid]) for sid, n in lengths)
+    # Sub-batches of any size, in any order, pick the same vectors: nothing is drawn per batch.
+    for size in (1, 3, 8):
+        chunks = [lengths[i : i + size] for i in range(0, len(lengths), size)]
+        for chunk in reversed(chunks):
+            assert all(torch.equal(got[sid], expected[sid]) for sid, _ in chunk)
+    # Whereas a fresh generator per batch of 3 (the trap) would repeat the first batch's stream.
+    g = torch.Generator(device="cpu").manual_seed(123)
+    per_batch = [torch.randn((1, n, 8), generator=g)[0] for _, n in lengths[3:6]]
+    assert not torch.equal(per_batch[0], got["d"])
+    assert not torch.equal(sequential_random_vectors(42, lengths, 8)["a"], got["a"])
+    with pytest.raises(ValueError, match="unique"):
+        sequential_random_vectors(0, [("a", 1), ("a", 2)], 4)
 
 
 def test_random_vectors_depend_on_seed_and_sample_only():

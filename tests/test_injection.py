@@ -31,11 +31,30 @@ def batch(receiver):
     return tokenize_left_padded(receiver.tokenizer, PROMPTS)
 
 
+class Recorder:
+    """Wraps an injection and keeps the prefill block output before and after it."""
+
+    def __init__(self, inj: PrefillInjection) -> None:
+        self.inj = inj
+        self.before: torch.Tensor | None = None
+        self.after: torch.Tensor | None = None
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor | None:
+        new = self.inj(h)
+        if self.before is None:
+            self.before, self.after = h.detach().clone(), (h if new is None else new).detach().clone()
+        return new
+
+
 def _generate(receiver, ids, mask, inj=None):
     if inj is None:
         return decode(receiver.tokenizer, generate_ids(receiver.model, receiver.tokenizer, ids, mask, SETTINGS))
-    with prefill_injection(receiver.model, receiver.layer.path, inj):
-        out = generate_ids(receiver.model, receiver.tokenizer, ids, mask, SETTINGS)
+    if isinstance(inj, Recorder):
+        with block_hook(receiver.model, receiver.layer.path, inj):
+            out = generate_ids(receiver.model, receiver.tokenizer, ids, mask, SETTINGS)
+    else:
+        with prefill_injection(receiver.model, receiver.layer.path, inj):
+            out = generate_ids(receiver.model, receiver.tokenizer, ids, mask, SETTINGS)
     return decode(receiver.tokenizer, out)
 
 
@@ -50,10 +69,9 @@ def test_hook_fires_once_on_prefill_only(receiver, batch):
         generate_ids(receiver.model, receiver.tokenizer, batch["input_ids"], batch["attention_mask"], SETTINGS)
     assert shapes[0] == (*batch["input_ids"].shape, 48) and all(s[1] == 1 for s in shapes[1:])
     vec = torch.randn(batch["input_ids"].shape[0], 48, generator=torch.Generator().manual_seed(0))
-    inj = PrefillInjection(batch["attention_mask"], mode="additive", source=vec, scale=1e-3)
-    inj.keep = True
-    _generate(receiver, batch["input_ids"], batch["attention_mask"], inj)
-    assert inj.calls > 1 and inj.after.shape[1] == batch["input_ids"].shape[1]  # wrote on the prefill call only
+    rec = Recorder(PrefillInjection(batch["attention_mask"], mode="additive", source=vec, scale=1e-3))
+    _generate(receiver, batch["input_ids"], batch["attention_mask"], rec)
+    assert rec.inj.calls > 1 and rec.after.shape[1] == batch["input_ids"].shape[1]  # wrote on the prefill call only
 
 
 def test_batched_equals_one_at_a_time_fp32(receiver, batch):
@@ -75,25 +93,24 @@ def test_replacement_changes_every_real_position_and_only_there(receiver, batch,
     else:
         rows = [random_vectors(42, f"s{i}", int(n), 48) for i, n in enumerate(mask.sum(1))]
         inj = PrefillInjection(mask, mode="rescaled", source=left_grid(rows, T, 48, torch.float32, "cpu"))
-    inj.keep = True
-    _generate(receiver, ids, mask, inj)
+    rec = Recorder(inj)
+    _generate(receiver, ids, mask, rec)
     real = mask.bool()
-    changed = (inj.after != inj.before).any(dim=-1)
+    changed = (rec.after != rec.before).any(dim=-1)
     assert changed[real].all() and not changed[~real].any()
     if kind == "random":  # same norm as the receiver's own state, per position
-        assert torch.allclose(inj.after[real].norm(dim=-1), inj.before[real].norm(dim=-1), rtol=1e-4)
+        assert torch.allclose(rec.after[real].norm(dim=-1), rec.before[real].norm(dim=-1), rtol=1e-4)
     else:
-        assert torch.count_nonzero(inj.after[real]) == 0
+        assert torch.count_nonzero(rec.after[real]) == 0
 
 
 def test_self_inject_equals_no_inject(receiver, batch):
     ids, mask = batch["input_ids"], batch["attention_mask"]
     own = capture_block(receiver.model, receiver.layer.path, ids, mask)
-    inj = PrefillInjection(mask, mode="replace", source=own)
-    inj.keep = True
-    assert _generate(receiver, ids, mask, inj) == _generate(receiver, ids, mask)
+    rec = Recorder(PrefillInjection(mask, mode="replace", source=own))
+    assert _generate(receiver, ids, mask, rec) == _generate(receiver, ids, mask)
     # the captured states are the prefill's own states (same position ids as generate)
-    assert torch.allclose(inj.before[mask.bool()], own[mask.bool()], atol=1e-5)
+    assert torch.allclose(rec.before[mask.bool()], own[mask.bool()], atol=1e-5)
 
 
 def test_additive_injected_norm_is_scale_times_translated_norm(receiver, batch):
@@ -101,17 +118,33 @@ def test_additive_injected_norm_is_scale_times_translated_norm(receiver, batch):
     g = torch.Generator().manual_seed(1)
     vec = torch.randn(ids.shape[0], 48, generator=g)  # non-constant: a constant shift would vanish in LayerNorm
     inj = PrefillInjection(mask, mode="additive", source=vec, scale=0.01)
-    inj.keep = True
-    out = _generate(receiver, ids, mask, inj)
+    rec = Recorder(inj)
+    out = _generate(receiver, ids, mask, rec)
     assert torch.allclose(inj.injected_norm_mean, 0.01 * vec.norm(dim=-1), rtol=1e-5)
+    assert torch.allclose(inj.source_norm, vec.norm(dim=-1), rtol=1e-6)  # the paper's additive translated norm
     real = mask.bool()
-    delta = inj.after - inj.before
+    delta = rec.after - rec.before
     assert torch.allclose(delta[real].norm(dim=-1), (0.01 * vec.norm(dim=-1))[:, None].expand_as(mask)[real], rtol=1e-3)
     assert torch.count_nonzero(delta[~real]) == 0
     big = PrefillInjection(mask, mode="additive", source=vec * 1000, scale=1.0)
     assert _generate(receiver, ids, mask, big) != _generate(receiver, ids, mask)  # steering does reach the output
     assert len(out) == 3
-    assert torch.allclose(inj.receiver_norm_mean, masked_norm_mean(inj.before, mask), rtol=1e-5)
+    assert torch.allclose(inj.receiver_norm_mean, masked_norm_mean(rec.before, mask), rtol=1e-5)
+
+
+def test_best_alpha_records_the_blended_norm(receiver, batch):
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    rows = [random_vectors(7, f"s{i}", int(n), 48) for i, n in enumerate(mask.sum(1))]
+    source = left_grid(rows, ids.shape[1], 48, torch.float32, "cpu")
+    inj = PrefillInjection(mask, mode="rescaled", source=source, alpha=0.3)
+    rec = Recorder(inj)
+    _generate(receiver, ids, mask, rec)
+    assert torch.allclose(inj.injected_norm_mean, masked_norm_mean(rec.after, mask), rtol=1e-5)
+    assert (inj.injected_norm_mean < inj.receiver_norm_mean).all()  # blending two directions shortens the state
+    assert torch.allclose(inj.source_norm, masked_norm_mean(source, mask), rtol=1e-6)
+    none = PrefillInjection(mask)
+    _generate(receiver, ids, mask, none)
+    assert none.source_norm is None and none.injected_norm_mean is None and none.receiver_norm_mean is not None
 
 
 def test_prefill_shape_mismatch_is_an_error(receiver, batch):

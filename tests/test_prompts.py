@@ -1,10 +1,11 @@
-"""Prompt strings of PAPER.md 1.4, left-padded tokenization with right truncation, and the token-id check."""
+"""Prompt strings of the paper (arXiv 2606.03280, section 1.4), left-padded tokenization, the token-id check."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from datamodules.qa_sources import QASample
 from lightning_modules.components.prompts import (
     MAX_PROMPT_TOKENS,
     check_same_tokens,
@@ -33,6 +34,13 @@ def test_paper_prompt_is_exact():
 def test_relay_prompts_are_exact():
     assert format_relay_sender_prompt("Bob works in Tokyo.") == "Bob works in Tokyo.\n\nKey facts:"
     assert format_relay_receiver_prompt("Bob is in Tokyo.", "Where?") == "Bob is in Tokyo.\nQ: Where?\nA:"
+
+
+def test_relay_receiver_prompt_uses_the_stripped_relay():
+    # A decoded relay continues "Key facts:" and so starts with a space; the paper strips it before use.
+    assert format_relay_receiver_prompt(" Bob is in Tokyo.\n\n", "Where?") == "Bob is in Tokyo.\nQ: Where?\nA:"
+    sample = QASample(sample_id="s0", context="Bob works in Tokyo.", question="Where?", answer="Tokyo", hops=1)
+    assert sample.relay_receiver_prompt("  Bob is in Tokyo. ") == "Bob is in Tokyo.\nQ: Where?\nA:"
 
 
 def test_braces_in_text_are_kept_verbatim():

@@ -1,4 +1,4 @@
-"""The injection conditions of PAPER.md 4.2 as pure data and pure tensor functions.
+"""The injection conditions of the paper (arXiv 2606.03280, section 4.2) as pure data and pure tensor functions.
 
 Nothing here touches a model, a file or global RNG state:
 
@@ -7,11 +7,11 @@ Nothing here touches a model, a file or global RNG state:
 * :func:`apply_injection` rewrites a receiver block output ``h`` (B, T, H) at the real (mask 1) positions only, in
   one of three modes: ``additive`` (h + scale * v, one vector per row broadcast over its positions), ``replace``
   (h <- source) and ``rescaled`` (c = normalize(source) * ||h|| per position; h <- alpha * c + (1 - alpha) * h).
-* :func:`bucketed_derangement` is the shuffled-translation donor map; :func:`random_vectors` the seeded
-  same-norm-random source.
+* :func:`bucketed_derangement` is the shuffled-translation donor map; :func:`sequential_random_vectors` (the
+  paper's draw) and :func:`random_vectors` (one generator per sample) the seeded same-norm-random sources.
 
-With left padding the last real token of every row is column -1; the helpers here use the mask instead, so they are
-correct for any padding side.
+The helpers here use the mask, never a column index, so they are correct for any padding side. docs/conditions.md
+lists, condition by condition, the paper's definition and what the project adds.
 """
 
 from __future__ import annotations
@@ -29,11 +29,14 @@ SOURCE_NONE = "none"  # no injection (no_inject)
 SOURCE_RELAY = "relay"  # no injection, different prompts (nl_relay)
 SOURCE_TRANSLATED = "translated"  # the sample's own translated sender states
 SOURCE_RECEIVER = "receiver"  # the receiver's own states at the block, captured in a separate pass
-SOURCE_RANDOM = "random"  # Gaussian vectors from a per-sample generator seeded by the run seed
+SOURCE_RANDOM = "random"  # Gaussian vectors seeded by the run seed (see RANDOM_DRAWS)
 SOURCE_SHUFFLED = "shuffled"  # another sample's translated states (same prompt length)
 SOURCE_ZEROS = "zeros"
 
 MODES = ("none", "additive", "replace", "rescaled")
+# How same_norm_random draws its vectors: the paper's one generator run through the dataset in order, or one
+# generator per sample (seeded by run seed and sample id; independent of the dataset's other samples).
+RANDOM_DRAWS = ("sequential", "per_sample")
 
 
 @dataclass(frozen=True)
@@ -74,10 +77,6 @@ class ConditionSpec:
     def needs_same_tokens(self) -> bool:
         """Position-by-position use of sender states is only meaningful when both models read the same ids."""
         return self.uses_translator and self.mode != "additive"
-
-    @property
-    def injects(self) -> bool:
-        return self.mode != "none"
 
 
 CONDITION_NAMES: tuple[str, ...] = (
@@ -145,19 +144,6 @@ def _check_mask(h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return mask.to(device=h.device, dtype=torch.bool)
 
 
-def last_real_index(mask: torch.Tensor) -> torch.Tensor:
-    """Column of each row's last real token (``T - 1`` for every row of a left-padded batch). Shape (B,)."""
-    mask = mask.to(torch.long)
-    cols = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-    return torch.where(mask.bool(), cols, torch.full_like(cols, -1)).amax(dim=1)
-
-
-def last_real(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Each row's vector at its last real position: (B, T, H) -> (B, H)."""
-    idx = last_real_index(mask).to(x.device)
-    return x[torch.arange(x.shape[0], device=x.device), idx]
-
-
 def masked_norm_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean L2 norm (last dim, fp32) over each row's real positions: (B, T, H) -> (B,)."""
     m = mask.to(device=x.device, dtype=torch.float32)
@@ -191,9 +177,10 @@ def apply_injection(
         scale: Multiplier of ``additive``.
 
     Returns:
-        ``(new_h, injected_norm_mean)``: the new block output in ``h``'s dtype, and per row the mean norm (over real
-        positions) of the vector the condition wrote: ``scale * source`` for additive, ``source`` for replace, the
-        rescaled ``c`` (before blending) for rescaled; ``None`` for ``none``.
+        ``(new_h, injected_norm_mean)``: the new block output in ``h``'s dtype, and per row the norm of what the
+        condition injects, as the paper records it: the added vector ``scale * source`` for additive, and the mean
+        over real positions of the new state for replace (``source``) and rescaled (the *blended*
+        ``alpha * c + (1 - alpha) * h``, which is ``c`` at alpha 1); ``None`` for ``none``.
     """
     m = _check_mask(h, mask)
     if mode == "none":
@@ -212,13 +199,13 @@ def apply_injection(
                              f"{tuple(source.shape)}")  # fmt: skip
         source = source.to(h.device)
         if mode == "replace":
-            new, written = source.float(), source
+            new = source.float()
         elif mode == "rescaled":
-            written = rescale_to(source, h)
-            new = written if alpha == 1.0 else alpha * written + (1.0 - alpha) * h.float()
+            c = rescale_to(source, h)
+            new = c if alpha == 1.0 else alpha * c + (1.0 - alpha) * h.float()
         else:
             raise ValueError(f"unknown injection mode {mode!r}; known: {', '.join(MODES)}")
-        injected = masked_norm_mean(written, m)
+        injected = masked_norm_mean(new, m)
     return torch.where(m[..., None], new.to(h.dtype), h), injected
 
 
@@ -234,11 +221,36 @@ def sample_seed(seed: int, sample_id: str) -> int:
 def random_vectors(seed: int, sample_id: str, length: int, hidden: int) -> torch.Tensor:
     """Gaussian vectors (length, hidden), fp32 on CPU, from a generator seeded by (run seed, sample id).
 
-    One generator per sample (not one per batch) makes a sample's vectors independent of batch size, batch order
-    and DDP rank, so batched and one-at-a-time runs inject the same vectors.
+    The ``per_sample`` draw: a sample's vectors depend on nothing but the run seed, its id and its length, so they
+    survive a change of the evaluation set (a subset, another order), which the paper's sequential draw does not.
     """
     gen = torch.Generator(device="cpu").manual_seed(sample_seed(seed, sample_id))
     return torch.randn((length, hidden), generator=gen, dtype=torch.float32)
+
+
+def sequential_random_vectors(seed: int, lengths: Sequence[tuple[str, int]], hidden: int) -> dict[str, torch.Tensor]:
+    """The paper's ``same_norm_random`` draw: one generator run through the whole evaluation set in dataset order.
+
+    The paper's runner seeds one CPU ``torch.Generator`` with the run seed and, sample after sample, draws
+    ``randn((1, L_i, H), float32)`` (arXiv 2606.03280, section 4.2). Drawing every sample's vectors up front, before
+    any batching, reproduces that stream exactly and keeps each sample's vectors independent of batch size, batch
+    composition and DDP rank. Memory: ``sum(L_i) * hidden`` floats (396 prompts of about 60 tokens at 1024 dims is
+    about 100 MB).
+
+    Args:
+        seed: The run seed.
+        lengths: ``(sample_id, prompt length)`` of every sample of the evaluation set, in dataset order (all of
+            them, also those a strict or resumed run skips: each draw advances the generator).
+        hidden: The receiver's hidden size.
+
+    Returns:
+        sample id -> Gaussian vectors (L_i, hidden), fp32 on CPU.
+    """
+    ids = [sid for sid, _ in lengths]
+    if len(set(ids)) != len(ids):
+        raise ValueError("sample ids must be unique for the sequential random draw")
+    gen = torch.Generator(device="cpu").manual_seed(int(seed))
+    return {sid: torch.randn((1, int(n), hidden), generator=gen, dtype=torch.float32)[0] for sid, n in lengths}
 
 
 @dataclass(frozen=True)
@@ -247,7 +259,8 @@ class Derangement:
 
     Args:
         donors: sample id -> donor sample id (same prompt length).
-        self_fallback: Samples alone in their length bucket (mapped to themselves), sorted.
+        self_fallback: Samples alone in their length bucket (mapped to themselves), sorted (the paper's
+            ``shuffle_self_fallback_count`` is their number).
     """
 
     donors: dict[str, str]
@@ -262,12 +275,14 @@ class Derangement:
 def bucketed_derangement(sample_ids: Sequence[str], lengths: Sequence[int], seed: int) -> Derangement:
     """Map every sample to a donor with the same prompt length, never itself unless alone in its bucket.
 
-    Buckets are visited in increasing length; inside a bucket the ids are sorted (so the map does not depend on
-    dataset order or on how samples were split across ranks), shuffled with one ``random.Random(seed)`` shared by
-    all buckets, then shifted cyclically by one: ``donor(ids[k]) = ids[(k + 1) % n]``, a derangement for n >= 2.
+    The paper's algorithm (arXiv 2606.03280, section 4.2): buckets keyed by prompt length in order of first
+    appearance in the evaluation set, each bucket's ids in dataset order; one ``random.Random(seed)`` runs through
+    the buckets in that order, shuffling a copy of each, and ``donor(ids[k]) = ids[(k + 1) % n]``, a derangement
+    for n >= 2. The map therefore depends on the dataset order: pass the whole evaluation set in its given order
+    (not one rank's share), so every rank builds the same map.
 
     Args:
-        sample_ids: Unique sample ids.
+        sample_ids: Unique sample ids, in dataset order.
         lengths: Prompt length (tokens) of each sample.
         seed: The run seed.
     """
@@ -281,8 +296,8 @@ def bucketed_derangement(sample_ids: Sequence[str], lengths: Sequence[int], seed
     rng = random.Random(seed)
     donors: dict[str, str] = {}
     fallback: list[str] = []
-    for length in sorted(buckets):
-        ids = sorted(buckets[length])
+    for bucket in buckets.values():  # insertion order = order of first appearance
+        ids = list(bucket)
         rng.shuffle(ids)
         if len(ids) == 1:
             fallback.append(ids[0])

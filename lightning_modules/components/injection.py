@@ -21,6 +21,15 @@ from lightning_modules.components.hooks import block_hook
 class PrefillInjection:
     """The state of one prefill-only injection: what to write and what was seen.
 
+    After the prefill call, per row (CPU tensors of shape (B,), ``None`` where they do not apply):
+
+    * ``receiver_norm_mean``: mean norm of the receiver's own block output over real positions, before injection.
+    * ``source_norm``: norm of the source vectors: for ``additive`` the one (last-token) vector per row, which is
+      what the paper records as the translated norm of additive; otherwise the mean over real positions.
+    * ``injected_norm_mean``: norm of what is injected, as the paper records it (see
+      ``conditions.apply_injection``): ``scale * ||source||`` for additive, the new state for replace and rescaled
+      (for best_alpha the blended state).
+
     Args:
         mask: Attention mask (B, T) of the prompt batch, 1 on real tokens; pads are never written.
         mode: ``none`` (record only), ``additive``, ``replace`` or ``rescaled`` (see ``conditions.apply_injection``).
@@ -43,11 +52,9 @@ class PrefillInjection:
         self.alpha = alpha
         self.scale = scale
         self.calls = 0
-        self.receiver_norm_mean: torch.Tensor | None = None  # (B,) at prefill, before injection
-        self.injected_norm_mean: torch.Tensor | None = None  # (B,) or None when nothing is written
-        self.before: torch.Tensor | None = None  # the prefill block output, kept only when ``keep`` is set
-        self.after: torch.Tensor | None = None
-        self.keep = False
+        self.receiver_norm_mean: torch.Tensor | None = None
+        self.source_norm: torch.Tensor | None = None
+        self.injected_norm_mean: torch.Tensor | None = None
 
     @property
     def fired(self) -> bool:
@@ -67,8 +74,9 @@ class PrefillInjection:
         source = self.source(h) if callable(self.source) else self.source
         new, injected = apply_injection(self.mode, h, mask, source, alpha=self.alpha, scale=self.scale)
         self.injected_norm_mean = None if injected is None else injected.cpu()
-        if self.keep:
-            self.before, self.after = h.detach().clone(), new.detach().clone()
+        if self.mode != "none":  # apply_injection has checked the source's shape
+            norm = source.float().norm(dim=-1) if self.mode == "additive" else masked_norm_mean(source, mask)
+            self.source_norm = norm.cpu()
         return None if self.mode == "none" else new
 
 

@@ -1,4 +1,4 @@
-"""Prompt strings of the paper (PAPER.md 1.4) and the tokenization helpers the evaluation module uses.
+"""Prompt strings of the paper (arXiv 2606.03280, section 1.4) and the tokenization helpers the evaluation module uses.
 
 Everything here is pure: no model, no file, no global state. The evaluation module owns the two models'
 tokenizers and calls :func:`tokenize_left_padded` itself; replacement-mode conditions call
@@ -33,8 +33,13 @@ def format_relay_sender_prompt(context: str) -> str:
 
 
 def format_relay_receiver_prompt(relay: str, question: str) -> str:
-    """The relay receiver's prompt ``{relay}\\nQ: {question}\\nA:``."""
-    return RELAY_RECEIVER_TEMPLATE.format(relay=relay, question=question)
+    """The relay receiver's prompt ``{relay}\\nQ: {question}\\nA:``, built from the stripped relay.
+
+    A decoded relay usually starts with a space (the sender continues ``Key facts:``); the paper's runner strips
+    every generated text before using it (arXiv 2606.03280, section 1.4), so the receiver's prompt starts with the
+    relay's first word.
+    """
+    return RELAY_RECEIVER_TEMPLATE.format(relay=relay.strip(), question=question)
 
 
 def tokenize_left_padded(tokenizer, texts: Sequence[str], max_length: int = MAX_PROMPT_TOKENS) -> dict:
