@@ -30,8 +30,9 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from datamodules.activation_store import PairStore, StoreError, ensure_store, read_manifest
+from datamodules.activation_store import ensure_store
 from datamodules.corpora import CorpusSpec
+from datamodules.store_format import PairStore, StoreError, read_manifest
 from lightning_modules.components.frozen_lm import ModelRef
 from lightning_modules.components.io import atomic_write
 
