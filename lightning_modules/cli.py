@@ -10,7 +10,8 @@ the run, one output root per run (``--trainer.default_root_dir``: checkpoints, W
 under it), and one explicit step before anything is instantiated that trains (or reuses) every ``organism:<role>``
 model the config names. Model *names* are only ever resolved afterwards, and resolving never trains.
 
-Training links the data module's hidden sizes and model identities (read from the
+Training's defaults are the paper's recipe (``TRAINER_DEFAULTS`` and the classes' own defaults), so an experiment
+config states only what differs. Training links the data module's hidden sizes and model identities (read from the
 activation store manifest) into the TranslatorModule at instantiation time, so a config never states them.
 ``--print_config`` exits before instantiation and therefore loads no model and extracts nothing. Evaluation offers
 only ``test``; the translator is ``--model.translator_ckpt``, never the subcommand's ``--ckpt_path`` (that one would
@@ -103,10 +104,36 @@ class ProjectCLI(LightningCLI):
             ensure_organisms(names, cache_dir=data.get("cache_dir") or model.get("cache_dir"))
 
 
+# The paper's training recipe (arXiv 2606.03280, sections 2-3) as the trainer's defaults: 30 epochs, gradient-norm
+# clipping 1.0, W&B logging, and the best-validation-loss checkpoint kept. A config states only what differs.
+TRAINER_DEFAULTS = {
+    "trainer.max_epochs": 30,
+    "trainer.gradient_clip_val": 1.0,
+    "trainer.gradient_clip_algorithm": "norm",
+    "trainer.logger": {
+        "class_path": "pytorch_lightning.loggers.WandbLogger",
+        "init_args": {"project": "activation-transfer", "job_type": "train"},
+    },
+    "trainer.callbacks": [
+        {
+            "class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
+            # No metric in the file name: "val/loss" would create a sub-folder.
+            "init_args": {
+                "monitor": "val/loss",
+                "mode": "min",
+                "filename": "best-{epoch:02d}-{step}",
+                "auto_insert_metric_name": False,
+            },
+        }
+    ],
+}
+
+
 class TrainCLI(ProjectCLI):
     """LightningCLI for TranslatorModule + ActivationPairDataModule with the store-derived values linked."""
 
     def add_arguments_to_parser(self, parser) -> None:
+        parser.set_defaults(TRAINER_DEFAULTS)
         for src, dst in (
             ("data.sender_dim", "model.sender_dim"),
             ("data.receiver_dim", "model.receiver_dim"),
@@ -148,7 +175,7 @@ def train_main(args: ArgsType = None, run: bool = True) -> TrainCLI:
         ActivationPairDataModule,
         save_config_callback=LoggerSaveConfigCallback,
         parser_kwargs={"parser_mode": "omegaconf"},
-        seed_everything_default=0,
+        seed_everything_default=42,  # the paper's first seed
         args=args,
         run=run,
     )
