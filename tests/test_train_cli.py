@@ -198,3 +198,23 @@ def test_ddp_two_cpu_ranks_see_disjoint_pairs(tmp_path):
     r1 = json.loads((tmp_path / "seen" / "rank1_epoch0.json").read_text())
     assert not set(r0) & set(r1)
     assert sorted(r0 + r1) == list(range(900))  # every train pair once; the last 10% are validation
+
+
+def test_paper_config_resolves_to_the_paper_recipe(capsys):
+    # The config states only models, corpus and root; everything else must come out as the paper's recipe.
+    import yaml
+
+    with pytest.raises(SystemExit):
+        main(["fit", "-c", str(ROOT / "configs/train/pythia-160m_to_410m.yaml"), "--print_config"])
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    model, data, trainer = cfg["model"], cfg["data"], cfg["trainer"]
+    assert (model["loss"], model["lr"], model["warmup_steps"], model["decay"], model["normalize"]) == (
+        "mse", 1e-4, 100, "linear", True)  # fmt: skip
+    assert model["translator"] == {"class_path": "lightning_modules.components.translators.LinearTranslator",
+                                   "init_args": {"bias": True}}  # fmt: skip
+    assert (data["batch_size"], data["val_fraction"], data["max_length"], data["seed"], cfg["seed_everything"]) == (
+        32, 0.1, 256, 42, 42)  # fmt: skip
+    assert (trainer["max_epochs"], trainer["gradient_clip_val"]) == (30, 1.0)
+    (ckpt,) = trainer["callbacks"]
+    assert (ckpt["init_args"]["monitor"], ckpt["init_args"]["mode"]) == ("val/loss", "min")
+    assert trainer["logger"]["init_args"]["save_dir"] == "."  # unset: becomes default_root_dir at instantiation
