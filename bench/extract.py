@@ -12,8 +12,9 @@ import time
 
 import torch
 
-from datamodules.activation_store import extract_store, store_spec
+from datamodules.activation_store import extract_store
 from datamodules.corpora import CorpusSpec, load_corpus
+from datamodules.store_format import store_spec
 from lightning_modules.components.frozen_lm import ModelRef, load_ref
 
 

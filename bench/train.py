@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from datamodules.activation_pairs import PairStream
-from datamodules.activation_store import write_pairs_store
+from datamodules.store_format import write_pairs_store
 from lightning_modules.translator import TranslatorModule
 
 

@@ -2,10 +2,11 @@
 
 The stock ``SaveConfigCallback`` writes ``<trainer.log_dir>/config.yaml`` and aborts when it exists. With a
 ``WandbLogger`` ``log_dir`` is the shared ``save_dir``, so every second run would abort (pytorch-lightning #7679,
-#11256, #14162; STYLE.md 2.4). This subclass (option 2 there) writes instead:
+#11256, #14162). This subclass writes instead:
 
-- into the W&B run: ``run.config`` gets the whole resolved config, and ``config.yaml`` goes into the run's
-  ``files/`` folder (unique per run, synced with it);
+- into the W&B run: ``run.config`` gets the whole resolved config, and ``resolved_config.yaml`` goes into the run's
+  ``files/`` folder (unique per run, synced with it; not ``config.yaml``, the name W&B itself writes
+  ``run.config`` to when the run finishes);
 - without a live W&B run (``WANDB_MODE=disabled``, other loggers, no logger): ``<trainer.log_dir>/config.yaml``,
   or ``config-1.yaml``, ``config-2.yaml``... when taken, so nothing is ever overwritten and no run aborts.
 
@@ -25,6 +26,8 @@ from pytorch_lightning.loggers import WandbLogger
 from lightning_modules.components.io import atomic_write
 
 log = logging.getLogger(__name__)
+
+WANDB_FILENAME = "resolved_config.yaml"
 
 
 def _unique_path(folder: Path, filename: str) -> Path:
@@ -53,7 +56,7 @@ class LoggerSaveConfigCallback(SaveConfigCallback):
     Args:
         parser: The CLI parser (given by LightningCLI).
         config: The parsed config (given by LightningCLI).
-        config_filename: File name of the saved config.
+        config_filename: File name of the config saved on disk (in a W&B run it is ``resolved_config.yaml``).
         overwrite: Overwrite an existing file on disk instead of choosing a free name.
         multifile: Unused (the config is always saved as one file); kept for the parent's signature.
         save_to_log_dir: Ignored: the parent's ``log_dir`` writing is always off (it is what collides).
@@ -73,15 +76,15 @@ class LoggerSaveConfigCallback(SaveConfigCallback):
             as_dict = yaml.safe_load(text)
             for run in runs:
                 run.config.update(as_dict, allow_val_change=True)
-                folders = [Path(run.dir)]
+            folders, filename = [Path(run.dir) for run in runs], WANDB_FILENAME
         else:
             # Not trainer.log_dir: it broadcasts, and this runs on rank 0 only (a collective here hangs DDP).
             logger = trainer.logger
             folder = (getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None)) if logger else None
-            folders = [Path(folder or trainer.default_root_dir)]
+            folders, filename = [Path(folder or trainer.default_root_dir)], self.config_filename
         for folder in folders:
             folder.mkdir(parents=True, exist_ok=True)
-            path = folder / self.config_filename if self.overwrite else _unique_path(folder, self.config_filename)
+            path = folder / filename if self.overwrite else _unique_path(folder, filename)
             atomic_write(path, text)
             self.saved_paths.append(str(path))
             log.info("saved the resolved config to %s", path)

@@ -30,8 +30,9 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from datamodules.activation_store import PairStore, StoreError, ensure_store, read_manifest
+from datamodules.activation_store import ensure_store
 from datamodules.corpora import CorpusSpec
+from datamodules.store_format import PairStore, StoreError, read_manifest
 from lightning_modules.components.frozen_lm import ModelRef
 from lightning_modules.components.io import atomic_write
 
@@ -201,7 +202,7 @@ class ActivationPairDataModule(pl.LightningDataModule):
         val_fraction: Fraction of pairs held out for validation, taken from the end of the store (the paper: 0.1).
         shuffle_buffer: Rows per shuffle window; bounds the loader's memory (about 2 windows per worker).
         chunk_rows: Consecutive rows that stay together when shuffling.
-        seed: Shuffle seed (each epoch reshuffles with (seed, epoch)).
+        seed: Shuffle seed (each epoch reshuffles with (seed, epoch)); the paper's first seed is 42.
         num_workers: DataLoader worker processes.
     """
 
@@ -222,7 +223,7 @@ class ActivationPairDataModule(pl.LightningDataModule):
         val_fraction: float = 0.1,
         shuffle_buffer: int = 16384,
         chunk_rows: int = 64,
-        seed: int = 0,
+        seed: int = 42,
         num_workers: int = 0,
     ):
         super().__init__()

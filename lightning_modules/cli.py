@@ -3,23 +3,29 @@
 Configs go after the subcommand::
 
     python train.py fit -c configs/train/tiny.yaml
-    python evaluate.py test -c configs/eval/tiny.yaml --model.translator_ckpt runs/tiny/.../best.ckpt
+    python evaluate.py test -c configs/eval/tiny.yaml --model.translator_ckpt runs/tiny/checkpoints/best-02-15.ckpt
 
 Both share :class:`ProjectCLI`: OmegaConf parsing, the project's INFO lines on the console, the config saved beside
-the run, and one explicit step before anything is instantiated that trains (or reuses) every ``organism:<role>``
+the run, one output root per run (``--trainer.default_root_dir``: checkpoints, W&B files and run folders all go
+under it), and one explicit step before anything is instantiated that trains (or reuses) every ``organism:<role>``
 model the config names. Model *names* are only ever resolved afterwards, and resolving never trains.
 
-Training links the data module's hidden sizes and model identities (read from the activation store manifest) into
-the TranslatorModule at instantiation time, so a config never states them. ``--print_config`` exits before
-instantiation and therefore loads no model and extracts nothing. Evaluation offers only ``test``; the translator is
-``--model.translator_ckpt``, never the subcommand's ``--ckpt_path`` (that one would try to restore the evaluation
-module itself and is refused).
+Training's defaults are the paper's recipe (``TRAINER_DEFAULTS`` and the classes' own defaults), so an experiment
+config states only what differs. Training links the data module's hidden sizes and model identities (read from the
+activation store manifest) into the TranslatorModule at instantiation time, so a config never states them.
+``--print_config`` exits before instantiation and therefore loads no model and extracts nothing. Evaluation offers
+only ``test``; the translator is ``--model.translator_ckpt``, never the subcommand's ``--ckpt_path`` (that one would
+try to restore the evaluation module itself and is refused).
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
+from pathlib import Path
 
+from jsonargparse import Namespace
+from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import ArgsType, LightningCLI
 
 from callbacks.save_config import LoggerSaveConfigCallback
@@ -52,21 +58,82 @@ def finish_wandb(trainer) -> None:
             logger.experiment.finish()
 
 
+def _class_of(entry) -> type | None:
+    """The class a parsed ``{class_path, init_args}`` entry names (None for anything else)."""
+    path = entry.get("class_path") if isinstance(entry, Namespace) else None
+    if not path or "." not in path:
+        return None
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name, None)
+
+
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def use_one_output_root(trainer: Namespace) -> None:
+    """Make ``trainer.default_root_dir`` the one folder a run writes to, so no config repeats an output path.
+
+    A logger without an explicit ``save_dir`` (None, or ``"."``, WandbLogger's default: both mean "here") gets the
+    root, so W&B files land in ``<root>/wandb/``; a ModelCheckpoint without a ``dirpath`` writes to
+    ``<root>/checkpoints`` instead of Lightning's ``<save_dir>/<project>/<run id>/checkpoints``. Explicit values win.
+    """
+    root = trainer.get("default_root_dir") or "."
+    for logger in _as_list(trainer.get("logger")):
+        args = logger.get("init_args") if isinstance(logger, Namespace) else None
+        if args is not None and "save_dir" in args and args.get("save_dir") in (None, ".") and not args.get("dir"):
+            args["save_dir"] = root
+    for callback in _as_list(trainer.get("callbacks")):
+        cls = _class_of(callback)
+        if cls is not None and issubclass(cls, ModelCheckpoint):
+            if callback.get("init_args") is None:
+                callback["init_args"] = Namespace()
+            if callback.init_args.get("dirpath") is None:
+                callback.init_args["dirpath"] = str(Path(root) / "checkpoints")
+
+
 class ProjectCLI(LightningCLI):
-    """What both entry points share: organisms are trained explicitly before instantiation."""
+    """What both entry points share: one output root, and organisms trained explicitly before instantiation."""
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
+        use_one_output_root(config.trainer)
         names = organism_names(config.as_dict())
         if names:
             data, model = config.get("data") or {}, config.get("model") or {}
             ensure_organisms(names, cache_dir=data.get("cache_dir") or model.get("cache_dir"))
 
 
+# The paper's training recipe (arXiv 2606.03280, sections 2-3) as the trainer's defaults: 30 epochs, gradient-norm
+# clipping 1.0, W&B logging, and the best-validation-loss checkpoint kept. A config states only what differs.
+TRAINER_DEFAULTS = {
+    "trainer.max_epochs": 30,
+    "trainer.gradient_clip_val": 1.0,
+    "trainer.gradient_clip_algorithm": "norm",
+    "trainer.logger": {
+        "class_path": "pytorch_lightning.loggers.WandbLogger",
+        "init_args": {"project": "activation-transfer", "job_type": "train"},
+    },
+    "trainer.callbacks": [
+        {
+            "class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
+            # No metric in the file name: "val/loss" would create a sub-folder.
+            "init_args": {
+                "monitor": "val/loss",
+                "mode": "min",
+                "filename": "best-{epoch:02d}-{step}",
+                "auto_insert_metric_name": False,
+            },
+        }
+    ],
+}
+
+
 class TrainCLI(ProjectCLI):
     """LightningCLI for TranslatorModule + ActivationPairDataModule with the store-derived values linked."""
 
     def add_arguments_to_parser(self, parser) -> None:
+        parser.set_defaults(TRAINER_DEFAULTS)
         for src, dst in (
             ("data.sender_dim", "model.sender_dim"),
             ("data.receiver_dim", "model.receiver_dim"),
@@ -108,7 +175,7 @@ def train_main(args: ArgsType = None, run: bool = True) -> TrainCLI:
         ActivationPairDataModule,
         save_config_callback=LoggerSaveConfigCallback,
         parser_kwargs={"parser_mode": "omegaconf"},
-        seed_everything_default=0,
+        seed_everything_default=42,  # the paper's first seed
         args=args,
         run=run,
     )

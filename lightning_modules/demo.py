@@ -56,10 +56,7 @@ def _translator(out: Path, organisms: dict[str, Path], extra: list[str]) -> Path
         return ckpt
     from lightning_modules.cli import train_main
 
-    cli = train_main(
-        ["fit", "-c", str(TRAIN_CONFIG), "--trainer.default_root_dir", str(folder),
-         "--trainer.logger.init_args.save_dir", str(folder), *extra]
-    )  # fmt: skip
+    cli = train_main(["fit", "-c", str(TRAIN_CONFIG), "--trainer.default_root_dir", str(folder), *extra])
     best = cli.trainer.checkpoint_callback.best_model_path
     if not best:
         raise RuntimeError(f"translator training in {folder} saved no checkpoint")

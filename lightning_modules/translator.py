@@ -1,17 +1,17 @@
 """TranslatorModule: trains a translator from sender to receiver hidden states on paired activations.
 
-Normalization, loss and metrics follow PAPER.md section 3:
+Normalization, loss and metrics follow the paper (arXiv 2606.03280, section 3); the defaults are its values:
 
 - Inputs and targets are L2-normalized per vector (``normalize=True``, the paper's "normalized space").
-- Loss ``cosine`` (1 - mean cosine; the project default from the design card) or ``mse`` (``nn.MSELoss`` between
-  the translated normalized input and the normalized target; the paper's loss).
+- Loss ``mse`` (``nn.MSELoss`` between the translated normalized input and the normalized target; the paper's
+  loss and the default) or ``cosine`` (1 - mean cosine).
 - Metrics per stage (val, test), all streaming (fixed-size states, whatever the epoch length):
 
   - ``cos_norm``: mean per-row cosine between ``translate(x)`` and the normalized target;
   - ``r2_norm``: R² in normalized space, ``multioutput="variance_weighted"`` (1 - total residual sum of squares
     over total variance summed over dimensions: the fraction of the target's variance explained);
   - ``cos_raw`` / ``r2_raw``: the same translator applied to the *raw* sender vector, compared with the *raw*
-    receiver vector (our reading of the paper's "raw" columns, whose exact definition is unknown: PAPER.md 6);
+    receiver vector (our reading of the paper's "raw" columns, whose exact definition it does not give);
   - ``norm_ratio``: mean of ``||translate(x)|| / ||y||`` with y the target as the loss sees it (normalized when
     normalization is on, so the paper's translator would show about 0.85);
   - ``cos_norm_best``: best ``cos_norm`` so far (validation only).
@@ -46,7 +46,7 @@ class TranslatorModule(pl.LightningModule):
             ``lightning_modules.components.translators`` with its options (``LinearTranslator``, the paper's, or
             ``MLPTranslator``).
         normalize: L2-normalize inputs and targets per vector (the paper's normalized space).
-        loss: ``cosine`` (1 - cosine; project default) or ``mse`` (on normalized vectors; the paper's).
+        loss: ``mse`` (on normalized vectors; the paper's) or ``cosine`` (1 - cosine).
         lr: Peak learning rate of AdamW.
         weight_decay: AdamW weight decay.
         betas: AdamW betas.
@@ -63,7 +63,7 @@ class TranslatorModule(pl.LightningModule):
         receiver_dim: int,
         translator: Callable[[int, int], nn.Module] = LinearTranslator,
         normalize: bool = True,
-        loss: Literal["cosine", "mse"] = "cosine",
+        loss: Literal["cosine", "mse"] = "mse",
         lr: float = 1e-4,
         weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.999),

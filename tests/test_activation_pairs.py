@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from datamodules.activation_pairs import ActivationPairDataModule, PairStream, epoch_order, step_bounds
-from datamodules.activation_store import PairStore, write_pairs_store
+from datamodules.store_format import PairStore, write_pairs_store
 
 
 @pytest.fixture

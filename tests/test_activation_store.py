@@ -10,15 +10,9 @@ import torch
 
 import datamodules.activation_store as store_mod
 from datamodules.activation_pairs import ActivationPairDataModule
-from datamodules.activation_store import (
-    NonFiniteActivations,
-    PairStore,
-    StoreError,
-    ensure_store,
-    extract_store,
-    write_pairs_store,
-)
+from datamodules.activation_store import ensure_store, extract_store
 from datamodules.corpora import CorpusSpec, load_corpus
+from datamodules.store_format import NonFiniteActivations, PairStore, StoreError, write_pairs_store
 from lightning_modules.components.frozen_lm import ModelRef, load_ref
 from lightning_modules.components.hooks import capture_hidden
 from lightning_modules.components.tokenizer import offline_tokenizer

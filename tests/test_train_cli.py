@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from datamodules.activation_store import write_pairs_store
+from datamodules.store_format import write_pairs_store
 from lightning_modules.cli import train_main as main
 from lightning_modules.translator import load_translator
 
@@ -29,7 +29,6 @@ def _plain_argv(monkeypatch):
 def _run_args(tmp_path: Path) -> list[str]:
     return [
         "--trainer.default_root_dir", str(tmp_path / "runs"),
-        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
         "--trainer.enable_progress_bar", "false",
         "--trainer.enable_model_summary", "false",
     ]  # fmt: skip
@@ -44,6 +43,8 @@ def _linear_store(folder: Path, n: int = 3000, seed: int = 0) -> None:
     write_pairs_store(folder, x, y, shard_rows=700)
 
 
+# A second run into the same root puts its checkpoint next to the first one's (a "-v1" name); Lightning says so.
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
 def test_tiny_config_trains_and_reuses_the_cache(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="datamodules")
     args = ["fit", "-c", TINY, *_run_args(tmp_path), "--trainer.max_epochs", "1",
@@ -126,13 +127,9 @@ def _wandb_records(path: Path) -> list[bytes]:
 
 
 def test_wandb_offline_run_records_metrics_and_config(tmp_path, monkeypatch, request):
-    import wandb
     from wandb.proto import wandb_internal_pb2
 
-    # wandb keeps process-wide settings (mode included) from its first setup: start and end with a fresh one.
-    wandb.teardown()
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    request.addfinalizer(wandb.teardown)
+    _offline_wandb(monkeypatch, request)
     _linear_store(tmp_path / "store", n=600)
     main([
         "fit", "-c", TINY, *_run_args(tmp_path),
@@ -152,7 +149,36 @@ def test_wandb_offline_run_records_metrics_and_config(tmp_path, monkeypatch, req
             config_keys |= {item.key for item in rec.config.update}
     assert {"val/cos_norm", "val/r2_norm", "train/loss"} <= history_keys
     assert {"model", "data", "trainer"} <= config_keys  # the full resolved config, from LoggerSaveConfigCallback
-    assert (runs[0] / "files" / "config.yaml").is_file()
+    # The resolved config sits beside W&B's own files/config.yaml (run.config), under a name W&B does not use.
+    assert "builtin_samples" in (runs[0] / "files" / "resolved_config.yaml").read_text()
+
+
+def _offline_wandb(monkeypatch, request) -> None:
+    import wandb
+
+    # wandb keeps process-wide settings (mode included) from its first setup: start and end with a fresh one.
+    wandb.teardown()
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    request.addfinalizer(wandb.teardown)
+
+
+def test_default_root_dir_is_the_one_output_root(tmp_path, monkeypatch, request):
+    _offline_wandb(monkeypatch, request)
+    cwd, root = tmp_path / "cwd", tmp_path / "root"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)  # anything written to a relative path would land here
+    before = {p for p in tmp_path.rglob("*") if p.is_file()}
+    cli = main(["fit", "-c", TINY, "--trainer.default_root_dir", str(root), "--trainer.max_epochs", "1",
+                "--data.corpus.builtin_samples", "60"])  # fmt: skip
+    best = Path(cli.trainer.checkpoint_callback.best_model_path)
+    assert best.parent == root / "checkpoints" and best.is_file()
+    (run,) = (root / "wandb").glob("offline-run-*")
+    assert list(run.glob("run-*.wandb")) and (run / "files" / "resolved_config.yaml").is_file()
+    written = {p for p in tmp_path.rglob("*") if p.is_file()} - before
+    # W&B's per-user folders (settings, artifact cache) stand in for the home folder: not the run's output.
+    outside = sorted(str(p) for p in written if not p.is_relative_to(root) and not p.is_relative_to(tmp_path / "_env"))
+    assert not outside, f"written outside --trainer.default_root_dir: {outside}"
+    assert not any(cwd.iterdir())
 
 
 def test_ddp_two_cpu_ranks_see_disjoint_pairs(tmp_path):
@@ -172,3 +198,23 @@ def test_ddp_two_cpu_ranks_see_disjoint_pairs(tmp_path):
     r1 = json.loads((tmp_path / "seen" / "rank1_epoch0.json").read_text())
     assert not set(r0) & set(r1)
     assert sorted(r0 + r1) == list(range(900))  # every train pair once; the last 10% are validation
+
+
+def test_paper_config_resolves_to_the_paper_recipe(capsys):
+    # The config states only models, corpus and root; everything else must come out as the paper's recipe.
+    import yaml
+
+    with pytest.raises(SystemExit):
+        main(["fit", "-c", str(ROOT / "configs/train/pythia-160m_to_410m.yaml"), "--print_config"])
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    model, data, trainer = cfg["model"], cfg["data"], cfg["trainer"]
+    assert (model["loss"], model["lr"], model["warmup_steps"], model["decay"], model["normalize"]) == (
+        "mse", 1e-4, 100, "linear", True)  # fmt: skip
+    assert model["translator"] == {"class_path": "lightning_modules.components.translators.LinearTranslator",
+                                   "init_args": {"bias": True}}  # fmt: skip
+    assert (data["batch_size"], data["val_fraction"], data["max_length"], data["seed"], cfg["seed_everything"]) == (
+        32, 0.1, 256, 42, 42)  # fmt: skip
+    assert (trainer["max_epochs"], trainer["gradient_clip_val"]) == (30, 1.0)
+    (ckpt,) = trainer["callbacks"]
+    assert (ckpt["init_args"]["monitor"], ckpt["init_args"]["mode"]) == ("val/loss", "min")
+    assert trainer["logger"]["init_args"]["save_dir"] == "."  # unset: becomes default_root_dir at instantiation
