@@ -1,10 +1,11 @@
 """TranslatorModule: trains a translator from sender to receiver hidden states on paired activations.
 
-Normalization, loss and metrics follow the paper (arXiv 2606.03280, section 3); the defaults are its values:
+Normalization, loss and metrics follow the paper (arXiv 2606.03280, section 3); the defaults are its values except
+the loss, where the project's default is the cosine loss of its design and the reproduction configs set ``mse``:
 
 - Inputs and targets are L2-normalized per vector (``normalize=True``, the paper's "normalized space").
-- Loss ``mse`` (``nn.MSELoss`` between the translated normalized input and the normalized target; the paper's
-  loss and the default) or ``cosine`` (1 - mean cosine).
+- Loss ``cosine`` (1 - mean cosine, the default) or ``mse`` (``nn.MSELoss`` between the translated normalized
+  input and the normalized target; the paper's loss, set by ``configs/train/pythia-160m_to_410m.yaml``).
 - Metrics per stage (val, test), all streaming (fixed-size states, whatever the epoch length):
 
   - ``cos_norm``: mean per-row cosine between ``translate(x)`` and the normalized target;
@@ -46,7 +47,7 @@ class TranslatorModule(pl.LightningModule):
             ``lightning_modules.components.translators`` with its options (``LinearTranslator``, the paper's, or
             ``MLPTranslator``).
         normalize: L2-normalize inputs and targets per vector (the paper's normalized space).
-        loss: ``mse`` (on normalized vectors; the paper's) or ``cosine`` (1 - cosine).
+        loss: ``cosine`` (1 - cosine; the project's default) or ``mse`` (on normalized vectors; the paper's).
         lr: Peak learning rate of AdamW.
         weight_decay: AdamW weight decay.
         betas: AdamW betas.
@@ -63,7 +64,7 @@ class TranslatorModule(pl.LightningModule):
         receiver_dim: int,
         translator: Callable[[int, int], nn.Module] = LinearTranslator,
         normalize: bool = True,
-        loss: Literal["cosine", "mse"] = "mse",
+        loss: Literal["cosine", "mse"] = "cosine",
         lr: float = 1e-4,
         weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.999),
