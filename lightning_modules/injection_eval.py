@@ -68,7 +68,7 @@ class InjectionEvalModule(pl.LightningModule):
             Hidden sizes must always match.
         run_name: Run folder name; default ``eval-<hash>`` of the answer-determining config, so rerunning the same
             command resumes the same folder.
-        report: Run ``report.run_report`` on the finished records into ``<run_dir>/report``.
+        report: Write the report of the finished records into ``<run_dir>/report``.
         report_resamples: Bootstrap resamples of the report.
         cache_dir: Project cache (offline tokenizer); default ``$ACTIVATION_TRANSFER_CACHE``.
 
@@ -115,7 +115,9 @@ class InjectionEvalModule(pl.LightningModule):
             needing = [s.name for s in self.specs if s.uses_translator]
             raise ValueError(f"conditions {', '.join(needing)} need a translator: set --model.translator_ckpt")
         self.translator_ckpts = ckpts
-        self.generation = dataclasses.replace(generation)  # a copy: the default instance is shared
+        # A copy (the default instance is shared); a dict is what hparams hold, so they rebuild the module.
+        self.generation = GenerationSettings(**generation) if isinstance(generation, dict) else dataclasses.replace(
+            generation)  # fmt: skip
         self.allow_mismatch, self.run_name, self.cache_dir = allow_mismatch, run_name, cache_dir
         self.do_report, self.report_resamples = report, report_resamples
         self.save_hyperparameters(ignore=["sender", "receiver", "generation"])

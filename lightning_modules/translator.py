@@ -1,6 +1,6 @@
 """TranslatorModule: trains a translator from sender to receiver hidden states on paired activations.
 
-Normalization, loss and metrics follow PAPER.md section 3:
+Normalization, loss and metrics follow the paper (arXiv 2606.03280, section 3):
 
 - Inputs and targets are L2-normalized per vector (``normalize=True``, the paper's "normalized space").
 - Loss ``cosine`` (1 - mean cosine; the project default from the design card) or ``mse`` (``nn.MSELoss`` between
@@ -11,7 +11,7 @@ Normalization, loss and metrics follow PAPER.md section 3:
   - ``r2_norm``: R² in normalized space, ``multioutput="variance_weighted"`` (1 - total residual sum of squares
     over total variance summed over dimensions: the fraction of the target's variance explained);
   - ``cos_raw`` / ``r2_raw``: the same translator applied to the *raw* sender vector, compared with the *raw*
-    receiver vector (our reading of the paper's "raw" columns, whose exact definition is unknown: PAPER.md 6);
+    receiver vector (our reading of the paper's "raw" columns, whose exact definition the paper does not give);
   - ``norm_ratio``: mean of ``||translate(x)|| / ||y||`` with y the target as the loss sees it (normalized when
     normalization is on, so the paper's translator would show about 0.85);
   - ``cos_norm_best``: best ``cos_norm`` so far (validation only).

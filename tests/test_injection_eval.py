@@ -222,3 +222,4 @@ def test_generation_is_one_option_saved_as_a_plain_dict(tmp_path):
     torch.save(dict(module.hparams), tmp_path / "hparams.pt")
     assert torch.load(tmp_path / "hparams.pt", weights_only=True)["generation"]["max_new_tokens"] == 7
     assert InjectionEvalModule(SENDER, RECEIVER, conditions=["no_inject"]).generation == GenerationSettings()
+    assert InjectionEvalModule(**module.hparams).generation == settings  # hparams rebuild the module
