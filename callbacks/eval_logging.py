@@ -78,13 +78,17 @@ class EvalLoggingCallback(pl.Callback):
 
     @rank_zero_only
     def on_test_end(self, trainer: pl.Trainer, pl_module) -> None:
-        results = getattr(pl_module, "results", None)
+        """Log from an ``InjectionEvalModule``'s public results.
+
+        Reads ``results``, ``samples_by_id``, ``summary_metrics``, ``report_result`` and ``run_dir``.
+        """
+        results = pl_module.results
         if not results:
             return
         for logger in trainer.loggers:
             if not hasattr(logger, "log_table"):
                 continue
-            columns, rows = sample_table(results, getattr(pl_module, "samples_by_id", {}))
+            columns, rows = sample_table(results, pl_module.samples_by_id)
             logger.log_table(key=self.table_key, columns=columns, data=rows)
             self.logged.append(self.table_key)
             fig = accuracy_plot(results, getattr(pl_module, "report_result", None))
@@ -95,7 +99,7 @@ class EvalLoggingCallback(pl.Callback):
                 import matplotlib.pyplot as plt
 
                 plt.close(fig)
-            report = getattr(pl_module, "report_result", None)
+            report = pl_module.report_result
             pngs = [p for p in (report.files.values() if report else []) if str(p).endswith(".png")]
             if pngs:
                 logger.log_image(key="eval/report", images=[str(p) for p in pngs])

@@ -22,6 +22,7 @@ the loss, where the project's default is the cosine loss of its design and the r
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -33,6 +34,8 @@ from torch import nn
 from torchmetrics import MaxMetric, MeanMetric, R2Score
 
 from lightning_modules.components.translators import LinearTranslator, build_translator, translator_spec
+
+log = logging.getLogger(__name__)
 
 STAGES = ("val", "test")
 
@@ -242,4 +245,35 @@ def load_translator(path: str | Path, map_location: str | torch.device = "cpu") 
     return module
 
 
-__all__ = ["TranslatorModule", "check_translator_matches", "load_translator"]
+def load_translator_for(
+    path: str | Path, sender_identity: dict, receiver_identity: dict, allow_mismatch: bool = False
+) -> TranslatorModule:
+    """Load a frozen translator for the given models: names and layers must match, hidden sizes always.
+
+    Args:
+        path: The checkpoint.
+        sender_identity: ``LoadedModel.identity()`` of the sender it will read.
+        receiver_identity: ``LoadedModel.identity()`` of the receiver it will write into.
+        allow_mismatch: Log a warning instead of raising when names or layers differ.
+    """
+    module = load_translator(path, map_location="cpu")
+    module.requires_grad_(False)
+    try:
+        check_translator_matches(module, sender_identity, receiver_identity)
+    except ValueError as err:
+        if not allow_mismatch:
+            raise ValueError(f"{err} (translator checkpoint {path}; set --model.allow_mismatch true to "
+                             "evaluate it anyway)") from err  # fmt: skip
+        log.warning("translator %s does not match the models (allowed by allow_mismatch): %s", path, err)
+    # Whatever the names say, the translator must map sender-sized vectors to receiver-sized ones.
+    d_s, d_r = sender_identity["hidden_size"], receiver_identity["hidden_size"]
+    dims = (module.hparams.get("sender_dim"), module.hparams.get("receiver_dim"))
+    if dims != (d_s, d_r):
+        raise ValueError(
+            f"translator checkpoint {path} maps {dims[0]} -> {dims[1]} dims, but the sender has {d_s} and the "
+            f"receiver {d_r} (allow_mismatch cannot bridge different hidden sizes)"
+        )
+    return module
+
+
+__all__ = ["TranslatorModule", "check_translator_matches", "load_translator", "load_translator_for"]

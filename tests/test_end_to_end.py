@@ -72,8 +72,8 @@ def _run(out: Path, cache_dir: Path, train_main, eval_main) -> dict:
         ["test", "-c", str(ROOT / "configs/eval/demo.yaml"), "--model.translator_ckpt", ckpt,
          "--model.sender.name", str(paths["sender"]), "--model.receiver.name", str(paths["receiver"]),
          "--model.conditions", json.dumps(CONDITIONS),
-         "--model.seeds", "[42]", "--model.max_new_tokens", "8", "--model.report_resamples", "200",
-         "--model.output_dir", str(out / "eval"), "--trainer.default_root_dir", str(out / "eval"),
+         "--model.seeds", "[42]", "--model.generation.max_new_tokens", "8", "--model.report_resamples", "200",
+         "--trainer.default_root_dir", str(out / "eval"),
          "--trainer.logger.init_args.save_dir", str(out / "eval"), "--data.num_samples", str(NUM_EVAL)]
     )  # fmt: skip
     return {"val": val, "records": _records(ev.model.run_dir), "run_dir": ev.model.run_dir}

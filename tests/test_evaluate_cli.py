@@ -16,6 +16,7 @@ from callbacks.eval_logging import EvalLoggingCallback, sample_table
 from lightning_modules.cli import eval_main as main
 from lightning_modules.components import records as rio
 from lightning_modules.components.frozen_lm import ModelRef, load_ref
+from lightning_modules.components.generation import GenerationSettings
 from lightning_modules.components.io import sha256_file
 from lightning_modules.translator import TranslatorModule
 
@@ -49,10 +50,10 @@ def ckpt(tmp_path_factory):
 
 
 def small(tmp, ckpt, *extra):
-    return ["test", "-c", TINY, "--model.translator_ckpt", ckpt, "--model.output_dir", str(tmp / "out"),
-            "--trainer.logger.init_args.save_dir", str(tmp / "wandb"), "--trainer.default_root_dir", str(tmp),
-            "--data.num_samples", "6", "--data.batch_size", "4", "--model.max_new_tokens", "3",
-            "--model.relay_max_new_tokens", "4", "--model.report_resamples", "50", *extra]  # fmt: skip
+    return ["test", "-c", TINY, "--model.translator_ckpt", ckpt, "--trainer.default_root_dir", str(tmp / "out"),
+            "--trainer.logger.init_args.save_dir", str(tmp / "wandb"), "--data.num_samples", "6",
+            "--data.batch_size", "4", "--model.generation.max_new_tokens", "3",
+            "--model.generation.relay_max_new_tokens", "4", "--model.report_resamples", "50", *extra]  # fmt: skip
 
 
 def test_tiny_config_writes_every_file(tmp_path, ckpt, capsys):
@@ -139,11 +140,11 @@ def test_ddp_two_processes_gather_complete_duplicate_free_results(tmp_path, ckpt
                  "--data.batch_size", "2", "--trainer.logger", "false", "--trainer.callbacks", "null")  # fmt: skip
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     ddp = [sys.executable, str(ROOT / "evaluate.py"), *args, "--trainer.strategy", "ddp", "--trainer.devices", "2",
-           "--model.output_dir", str(tmp_path / "ddp")]  # fmt: skip
+           "--trainer.default_root_dir", str(tmp_path / "ddp")]  # fmt: skip
     proc = subprocess.run(ddp, cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    single = main([*args, "--model.output_dir", str(tmp_path / "one")])
-    ddp_dir = next((tmp_path / "ddp").iterdir())
+    single = main([*args, "--trainer.default_root_dir", str(tmp_path / "one")])
+    ddp_dir = next(p for p in (tmp_path / "ddp").iterdir() if p.name.startswith("eval-"))
     assert ddp_dir.name == single.model.run_dir.name  # world size is not part of the run identity
     assert json.loads((ddp_dir / "meta.json").read_text())["world_size"] == 2
     for path in (single.model.run_dir / "records").glob("*.jsonl"):
@@ -199,10 +200,10 @@ def test_wandb_table_plot_and_artifact_with_a_fake_logger(tmp_path, ckpt):
     from lightning_modules.injection_eval import InjectionEvalModule
 
     module = InjectionEvalModule(ModelRef("tiny-neox"), ModelRef("tiny-neox-large"), translator_ckpt=ckpt,
-                                 conditions=["no_inject", "additive"], seeds=[42], max_new_tokens=3,
-                                 output_dir=str(tmp_path), report_resamples=50)  # fmt: skip
+                                 conditions=["no_inject", "additive"], seeds=[42],
+                                 generation=GenerationSettings(max_new_tokens=3), report_resamples=50)  # fmt: skip
     trainer = pl.Trainer(accelerator="cpu", logger=fake, callbacks=[cb], enable_progress_bar=False,
-                         enable_model_summary=False)  # fmt: skip
+                         enable_model_summary=False, default_root_dir=str(tmp_path))  # fmt: skip
     trainer.test(module, datamodule=MultiHopQADataModule(num_samples=4, batch_size=4), verbose=False)
     columns, rows = fake.tables["eval/samples"]
     assert columns[:4] == ["sample_id", "question", "gold", "hops"] and len(rows) == 4

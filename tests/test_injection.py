@@ -11,7 +11,7 @@ from lightning_modules.components.generation import GenerationSettings, decode, 
 from lightning_modules.components.hooks import block_hook
 from lightning_modules.components.injection import PrefillInjection, prefill_injection
 from lightning_modules.components.prompts import tokenize_left_padded
-from lightning_modules.injection_eval import capture_block, left_grid
+from lightning_modules.components.sources import capture_block, left_grid
 
 PROMPTS = [
     "Context: Alice lives in Tokyo. Tokyo is located in Japan.\nQ: What country does Alice live in?\nA:",

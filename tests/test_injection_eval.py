@@ -8,10 +8,11 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-import lightning_modules.injection_eval as ie
+import lightning_modules.components.answering as answering
 from datamodules.multihop_qa import MultiHopQADataModule
 from lightning_modules.components import records as rio
 from lightning_modules.components.frozen_lm import ModelRef, load_ref
+from lightning_modules.components.generation import GenerationSettings
 from lightning_modules.injection_eval import InjectionEvalModule
 from lightning_modules.translator import TranslatorModule
 
@@ -44,14 +45,14 @@ def make_ckpt(path, sender=SENDER, receiver=RECEIVER, seed=0):
     return str(path)
 
 
-def run_eval(tmp, ckpt, batch_size=8, conditions=CONDS, callbacks=(), **kw):
+def run_eval(tmp, ckpt, batch_size=8, conditions=CONDS, callbacks=(), max_prompt_tokens=256, **kw):
     kw.setdefault("seeds", [42, 123])
+    generation = GenerationSettings(max_new_tokens=4, relay_max_new_tokens=6, max_prompt_tokens=max_prompt_tokens)
     module = InjectionEvalModule(SENDER, RECEIVER, translator_ckpt=ckpt, conditions=list(conditions),
-                                 max_new_tokens=4, relay_max_new_tokens=6, output_dir=str(tmp), report_resamples=50,
-                                 **kw)  # fmt: skip
+                                 generation=generation, report_resamples=50, **kw)  # fmt: skip
     dm = MultiHopQADataModule(source="synthetic", num_samples=N, batch_size=batch_size)
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=list(callbacks))  # fmt: skip
+                         enable_model_summary=False, callbacks=list(callbacks), default_root_dir=str(tmp))  # fmt: skip
     trainer.test(module, datamodule=dm, verbose=False)
     return module
 
@@ -147,8 +148,8 @@ def test_rerun_computes_only_missing_parts(tmp_path, ckpt, monkeypatch):
     done = [json.loads(line) for line in old.splitlines()[:3]]
     rio.append_partial(run_dir, "same_norm_random", 42, 0, done)
     rows = []
-    real = ie.generate_ids
-    monkeypatch.setattr(ie, "generate_ids", lambda *a, **k: rows.append(a[2].shape[0]) or real(*a, **k))
+    real = answering.generate_ids
+    monkeypatch.setattr(answering, "generate_ids", lambda *a, **k: rows.append(a[2].shape[0]) or real(*a, **k))
     second = run_eval(tmp_path, ckpt, conditions=conds, seeds=[42])
     assert second.run_dir == run_dir  # same command -> same folder
     assert sum(rows) == N - 3  # only the missing samples of the missing run were generated
@@ -210,3 +211,15 @@ def test_prompt_truncated_differently_for_the_two_models(tmp_path, ckpt):
     with pytest.raises(ValueError, match=r"sample 'syn_.*tokenize the prompt differently.*identical token ids"):
         run_eval(tmp_path, ckpt, conditions=["replace"], seeds=[42], max_prompt_tokens=12,
                  callbacks=[_CutSenderDifferently()])  # fmt: skip
+
+
+def test_generation_is_one_option_saved_as_a_plain_dict(tmp_path):
+    settings = GenerationSettings(max_new_tokens=7, repetition_penalty=1.0)
+    module = InjectionEvalModule(SENDER, RECEIVER, conditions=["no_inject"], generation=settings)
+    assert module.generation == settings and module.generation is not settings
+    assert module.hparams["generation"] == {**GenerationSettings().to_dict(), "max_new_tokens": 7,
+                                            "repetition_penalty": 1.0}  # fmt: skip
+    torch.save(dict(module.hparams), tmp_path / "hparams.pt")
+    assert torch.load(tmp_path / "hparams.pt", weights_only=True)["generation"]["max_new_tokens"] == 7
+    assert InjectionEvalModule(SENDER, RECEIVER, conditions=["no_inject"]).generation == GenerationSettings()
+    assert InjectionEvalModule(**module.hparams).generation == settings  # hparams rebuild the module

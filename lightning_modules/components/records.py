@@ -1,7 +1,7 @@
 """Evaluation outputs on disk: the run folder, per-sample record files, partial shards and run metadata.
 
-Layout of a run folder ``<output_dir>/<run_name>`` (``run_name`` defaults to ``eval-<12 hex>`` of the fingerprint
-of everything that determines the answers, so the same command finds the same folder again)::
+Layout of a run folder ``<trainer.default_root_dir>/<run_name>`` (``run_name`` defaults to ``eval-<12 hex>`` of the
+fingerprint of everything that determines the answers, so the same command finds the same folder again)::
 
     records/<condition>__seed<seed>.jsonl      one finished condition x seed (the fixed record schema)
     records/<condition>__deterministic.jsonl   a deterministic condition (seed null)
@@ -23,8 +23,31 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from lightning_modules.components.io import atomic_write
+from lightning_modules.components.scoring import score
 
 RECORD_FIELDS = ("sample_id", "condition", "seed", "gold", "prediction", "hops", "metrics", "diagnostics")
+
+
+def make_record(sample, condition: str, seed: int | None, prediction: str, diagnostics: dict) -> dict:
+    """One sample's record (the fields of ``RECORD_FIELDS``, in order), scored against its gold answer.
+
+    Args:
+        sample: The QA sample (``sample_id``, ``answer``, ``hops``).
+        condition: The condition name.
+        seed: The run seed (None for a deterministic condition).
+        prediction: The receiver's decoded answer.
+        diagnostics: Norms and condition-specific extras (``donor_id``, ``relay``).
+    """
+    return {
+        "sample_id": sample.sample_id,
+        "condition": condition,
+        "seed": seed,
+        "gold": sample.answer,
+        "prediction": prediction,
+        "hops": sample.hops,
+        "metrics": score(prediction, sample.answer),
+        "diagnostics": diagnostics,
+    }
 
 
 def run_key(condition: str, seed: int | None) -> str:
@@ -109,11 +132,32 @@ def read_partial(run_dir: str | Path, condition: str, seed: int | None) -> dict[
 
 
 def remove_partial(run_dir: str | Path, condition: str, seed: int | None) -> None:
+    """Delete a finished run's shards, and ``partial/`` itself once empty (shards of other runs stay)."""
     folder = partial_dir(run_dir, condition, seed)
     if folder.is_dir():
         for shard in folder.glob("*"):
             shard.unlink()
         folder.rmdir()
+    try:
+        folder.parent.rmdir()
+    except OSError:
+        pass
+
+
+def finished_keys(run_dir: str | Path) -> set[str]:
+    """Run keys (``<condition>__seed<seed>``) whose records file exists in the run folder."""
+    return {p.stem for p in (Path(run_dir) / "records").glob("*.jsonl")}
+
+
+def check_fingerprint(run_dir: str | Path, fingerprint: str) -> None:
+    """Refuse a run folder whose ``meta.json`` records another configuration's fingerprint."""
+    meta_path = Path(run_dir) / "meta.json"
+    old = json.loads(meta_path.read_text()).get("fingerprint") if meta_path.exists() else None
+    if old and old != fingerprint:
+        raise ValueError(
+            f"run folder {run_dir} holds results of a different configuration (fingerprint {old[:12]} vs "
+            f"{fingerprint[:12]}); choose another --model.run_name or --trainer.default_root_dir"
+        )
 
 
 def library_versions() -> dict[str, str]:

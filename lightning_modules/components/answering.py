@@ -1,0 +1,104 @@
+"""The receiver's answers for one sub-batch of one condition, with each record's diagnostics.
+
+Every answer is one batched greedy ``generate`` under a prefill-only hook on the receiver's block: the hook writes
+the condition's source (or nothing) and records the receiver's own norm there, so every record carries
+``prompt_len``, ``translated_norm_mean``, ``receiver_norm_mean`` and ``injected_norm_mean``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from lightning_modules.components.conditions import ConditionSpec
+from lightning_modules.components.frozen_lm import LoadedModel
+from lightning_modules.components.generation import GenerationSettings, decode, generate_ids
+from lightning_modules.components.injection import PrefillInjection, prefill_injection
+from lightning_modules.components.prompts import (
+    format_relay_receiver_prompt,
+    format_relay_sender_prompt,
+    tokenize_left_padded,
+)
+
+
+def _generate(receiver: LoadedModel, ids, mask, settings: GenerationSettings, inj: PrefillInjection) -> list[str]:
+    with prefill_injection(receiver.model, receiver.layer.path, inj):
+        new_ids = generate_ids(receiver.model, receiver.tokenizer, ids, mask, settings)
+    return decode(receiver.tokenizer, new_ids)
+
+
+def _diagnostics(inj: PrefillInjection, mask: torch.Tensor) -> list[dict]:
+    return [
+        {
+            "prompt_len": int(n),
+            "translated_norm_mean": None,
+            "receiver_norm_mean": float(inj.receiver_norm_mean[i]),
+            "injected_norm_mean": None if inj.injected_norm_mean is None else float(inj.injected_norm_mean[i]),
+        }
+        for i, n in enumerate(mask.sum(1).tolist())
+    ]
+
+
+def answer_injected(
+    receiver: LoadedModel,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    settings: GenerationSettings,
+    spec: ConditionSpec,
+    source: torch.Tensor | None,
+    translated_rows: Sequence[torch.Tensor] | None = None,
+    donor_ids: Sequence[str] | None = None,
+) -> tuple[list[str], list[dict]]:
+    """Answer the prompts ``ids`` while ``spec`` writes ``source`` at prefill.
+
+    Args:
+        receiver: The frozen receiver and its block.
+        ids: Receiver token ids (B, T), left padded.
+        mask: Their attention mask.
+        settings: Decoding settings.
+        spec: The condition (mode, alpha, scale).
+        source: What :func:`sources.condition_source` returned for this sub-batch.
+        translated_rows: Per-sample translated sequences behind ``source`` (their mean norm is recorded).
+        donor_ids: Per-sample shuffled donor (recorded as ``donor_id``).
+    """
+    inj = PrefillInjection(mask, mode=spec.mode, source=source, alpha=spec.alpha, scale=spec.scale)
+    preds = _generate(receiver, ids, mask, settings, inj)
+    diags = _diagnostics(inj, mask)
+    for i, d in enumerate(diags):
+        if translated_rows is not None:
+            d["translated_norm_mean"] = float(translated_rows[i].float().norm(dim=-1).mean())
+        if donor_ids is not None:
+            d["donor_id"] = donor_ids[i]
+    return preds, diags
+
+
+def answer_relay(
+    sender: LoadedModel,
+    receiver: LoadedModel,
+    contexts: Sequence[str],
+    questions: Sequence[str],
+    settings: GenerationSettings,
+) -> tuple[list[str], list[dict]]:
+    """``nl_relay``: the sender continues ``{context}\\n\\nKey facts:``, the receiver answers from that relay alone.
+
+    The receiver runs under a hook that writes nothing, so its norms are recorded as in every other condition.
+    """
+    stok = tokenize_left_padded(
+        sender.tokenizer, [format_relay_sender_prompt(c) for c in contexts], settings.max_prompt_tokens
+    )
+    relay_ids = generate_ids(sender.model, sender.tokenizer, stok["input_ids"], stok["attention_mask"], settings,
+                             settings.relay_max_new_tokens)  # fmt: skip
+    relays = decode(sender.tokenizer, relay_ids)
+    rtok = tokenize_left_padded(
+        receiver.tokenizer,
+        [format_relay_receiver_prompt(r, q) for r, q in zip(relays, questions)],
+        settings.max_prompt_tokens,
+    )
+    inj = PrefillInjection(rtok["attention_mask"])
+    preds = _generate(receiver, rtok["input_ids"], rtok["attention_mask"], settings, inj)
+    diags = _diagnostics(inj, rtok["attention_mask"])
+    for d, relay in zip(diags, relays):
+        d["injected_norm_mean"] = None
+        d["relay"] = relay
+    return preds, diags

@@ -1,0 +1,128 @@
+"""What each condition writes into the receiver, for one left-padded sub-batch of prompts.
+
+The paper's conditions (arXiv 2606.03280, section 4.2) differ only in the vectors written at the receiver's block:
+the sample's own translated sender states, another sample's (shuffled), seeded Gaussian vectors, the receiver's own
+states, or zeros. Translations are computed once per sample and translator (:func:`translate_prompts`) because a
+shuffled donor may sit in another batch or on another rank; the functions here only look them up and lay them out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from lightning_modules.components.conditions import (
+    SOURCE_RANDOM,
+    SOURCE_RECEIVER,
+    SOURCE_SHUFFLED,
+    SOURCE_TRANSLATED,
+    SOURCE_ZEROS,
+    ConditionSpec,
+    Derangement,
+    random_vectors,
+)
+from lightning_modules.components.frozen_lm import LoadedModel
+from lightning_modules.components.hooks import capture_hidden
+from lightning_modules.components.prompts import tokenize_left_padded
+
+
+def position_ids(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of a left-padded batch, as Hugging Face ``generate`` builds them (pads get 1)."""
+    pos = mask.long().cumsum(-1) - 1
+    return pos.masked_fill(mask == 0, 1)
+
+
+def capture_block(model, path: str, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The block output for a left-padded batch, with the same position ids the ``generate`` prefill uses."""
+    return capture_hidden(model, path, ids, mask, position_ids=position_ids(mask))
+
+
+def left_grid(rows: list[torch.Tensor], width: int, hidden: int, dtype, device) -> torch.Tensor:
+    """Place per-sample (L_i, H) tensors at the right end of a zero (B, width, H) grid (left padding)."""
+    grid = torch.zeros((len(rows), width, hidden), dtype=dtype, device=device)
+    for i, r in enumerate(rows):
+        if len(r):
+            grid[i, width - len(r) :] = r.to(device=device, dtype=dtype)
+    return grid
+
+
+@torch.no_grad()
+def translate_prompts(
+    sender: LoadedModel,
+    translator,
+    sample_ids: Sequence[str],
+    prompts: Sequence[str],
+    batch_size: int,
+    max_prompt_tokens: int,
+    dtype: torch.dtype,
+) -> dict[str, torch.Tensor]:
+    """Each sample's translated sequence (L_i, d_r) in ``dtype``, on the sender's device.
+
+    Args:
+        sender: The frozen sender and its block.
+        translator: A module with ``translate(h)`` mapping (B, T, d_s) to (B, T, d_r).
+        sample_ids: One id per prompt.
+        prompts: The prompts, tokenized as the receiver's are (left padded, right truncated).
+        batch_size: Prompts per sender forward pass.
+        max_prompt_tokens: Prompt truncation length.
+        dtype: Dtype of the returned rows (the receiver's).
+    """
+    t_dtype = next(translator.parameters()).dtype
+    out: dict[str, torch.Tensor] = {}
+    for start in range(0, len(prompts), batch_size):
+        tok = tokenize_left_padded(sender.tokenizer, list(prompts[start : start + batch_size]), max_prompt_tokens)
+        h = capture_block(sender.model, sender.layer.path, tok["input_ids"], tok["attention_mask"])
+        tr = translator.translate(h.to(t_dtype)).to(dtype)
+        width = tr.shape[1]
+        for i, n in enumerate(tok["attention_mask"].sum(1).tolist()):
+            out[sample_ids[start + i]] = tr[i, width - int(n) :]
+    return out
+
+
+def condition_source(
+    spec: ConditionSpec,
+    seed: int | None,
+    sample_ids: Sequence[str],
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    receiver: LoadedModel,
+    translated: Mapping[str, torch.Tensor] | None = None,
+    derangement: Derangement | None = None,
+) -> tuple[torch.Tensor | None, list[torch.Tensor] | None]:
+    """The vectors ``spec`` writes for a sub-batch, and the translated rows it used (for diagnostics).
+
+    Args:
+        spec: The condition.
+        seed: The run seed (random vectors; with ``derangement``, the shuffle).
+        sample_ids: The sub-batch's sample ids, one per row of ``ids``.
+        ids: Receiver token ids (B, T), left padded.
+        mask: Their attention mask.
+        receiver: The frozen receiver and its block (dtype, device, hidden size, own states).
+        translated: Sample id -> translated sequence (L_i, d_r), for the translator conditions.
+        derangement: The seed's donor map, for the shuffled conditions.
+
+    Returns:
+        ``(source, rows)``: ``source`` is (B, T, d_r), or (B, d_r) (the last translated vector) for ``additive``,
+        or None when nothing is written; ``rows`` are the per-sample translated sequences or None.
+    """
+    width = ids.shape[1]
+    hidden = receiver.identity()["hidden_size"]
+    param = next(receiver.model.parameters())
+    dtype, device = param.dtype, param.device
+    if spec.source == SOURCE_TRANSLATED:
+        rows = [translated[sid] for sid in sample_ids]
+        if spec.mode == "additive":
+            return torch.stack([r[-1] for r in rows]), rows
+        return left_grid(rows, width, hidden, dtype, device), rows
+    if spec.source == SOURCE_SHUFFLED:
+        rows = [translated[derangement.donors[sid]] for sid in sample_ids]
+        return left_grid(rows, width, hidden, dtype, device), rows
+    if spec.source == SOURCE_RANDOM:
+        rows = [random_vectors(seed, sid, int(n), hidden) for sid, n in zip(sample_ids, mask.sum(1).tolist())]
+        return left_grid(rows, width, hidden, dtype, device), None
+    if spec.source == SOURCE_RECEIVER:
+        return capture_block(receiver.model, receiver.layer.path, ids, mask), None
+    if spec.source == SOURCE_ZEROS:
+        return torch.zeros((len(sample_ids), width, hidden), dtype=dtype, device=device), None
+    return None, None
