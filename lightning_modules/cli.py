@@ -143,8 +143,21 @@ class TrainCLI(ProjectCLI):
             parser.link_arguments(src, dst, apply_on="instantiate")
 
 
+# Evaluation logs to W&B (summary metrics, per-sample table, plot, results artifact) unless a config says otherwise.
+EVAL_TRAINER_DEFAULTS = {
+    "trainer.logger": {
+        "class_path": "pytorch_lightning.loggers.WandbLogger",
+        "init_args": {"project": "activation-transfer", "job_type": "eval"},
+    },
+    "trainer.callbacks": [{"class_path": "callbacks.eval_logging.EvalLoggingCallback"}],
+}
+
+
 class EvalCLI(ProjectCLI):
     """Only the ``test`` subcommand; the resolved config also goes into the evaluation's run folder."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.set_defaults(EVAL_TRAINER_DEFAULTS)
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:

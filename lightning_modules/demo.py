@@ -91,8 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t = time.perf_counter()
     eval_args = ["test", "-c", str(EVAL_CONFIG), "--model.translator_ckpt", str(ckpt),
-                 "--trainer.default_root_dir", str(out / "eval"), "--trainer.logger.init_args.save_dir",
-                 str(out / "eval")]  # fmt: skip
+                 "--trainer.default_root_dir", str(out / "eval")]  # fmt: skip
     if args.num_samples:
         eval_args += ["--data.num_samples", str(args.num_samples)]
     cli = eval_main(eval_args)

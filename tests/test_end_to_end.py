@@ -64,7 +64,7 @@ def _run(out: Path, cache_dir: Path, train_main, eval_main) -> dict:
         ["fit", "-c", str(ROOT / "configs/train/demo.yaml"),
          "--data.sender_model.name", str(paths["sender"]), "--data.receiver_model.name", str(paths["receiver"]),
          "--data.corpus.builtin_samples", "400", "--trainer.max_epochs", "2", "--model.warmup_steps", "10",
-         "--trainer.default_root_dir", str(out / "train"), "--trainer.logger.init_args.save_dir", str(out / "train")]
+         "--trainer.default_root_dir", str(out / "train")]
     )  # fmt: skip
     ckpt = train.trainer.checkpoint_callback.best_model_path
     val = {k: float(v) for k, v in train.trainer.callback_metrics.items() if k.startswith("val/")}
@@ -74,7 +74,7 @@ def _run(out: Path, cache_dir: Path, train_main, eval_main) -> dict:
          "--model.conditions", json.dumps(CONDITIONS),
          "--model.seeds", "[42]", "--model.generation.max_new_tokens", "8", "--model.report_resamples", "200",
          "--trainer.default_root_dir", str(out / "eval"),
-         "--trainer.logger.init_args.save_dir", str(out / "eval"), "--data.num_samples", str(NUM_EVAL)]
+         "--data.num_samples", str(NUM_EVAL)]
     )  # fmt: skip
     return {"val": val, "records": _records(ev.model.run_dir), "run_dir": ev.model.run_dir}
 

@@ -223,3 +223,28 @@ def test_generation_is_one_option_saved_as_a_plain_dict(tmp_path):
     assert torch.load(tmp_path / "hparams.pt", weights_only=True)["generation"]["max_new_tokens"] == 7
     assert InjectionEvalModule(SENDER, RECEIVER, conditions=["no_inject"]).generation == GenerationSettings()
     assert InjectionEvalModule(**module.hparams).generation == settings  # hparams rebuild the module
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_same_norm_random_writes_the_papers_sequential_draw(tmp_path, ckpt, monkeypatch, batch_size):
+    # The paper: one generator seeded by the run seed, randn((1, L_i, H)) sample after sample in dataset order.
+    import lightning_modules.injection_eval as ie
+    from lightning_modules.components.conditions import sequential_random_vectors
+
+    seen: dict[str, torch.Tensor] = {}
+    original = ie.condition_source
+
+    def capture(spec, seed, sample_ids, ids, mask, *args, **kwargs):
+        source, rows = original(spec, seed, sample_ids, ids, mask, *args, **kwargs)
+        for i, (sid, n) in enumerate(zip(sample_ids, mask.sum(1).tolist())):
+            seen[sid] = source[i, source.shape[1] - int(n) :].clone()
+        return source, rows
+
+    monkeypatch.setattr(ie, "condition_source", capture)
+    module = run_eval(tmp_path, ckpt, batch_size=batch_size, conditions=["same_norm_random"], seeds=[42])
+    samples = list(module.samples_by_id.values())
+    tok = module.receiver.tokenizer([s.prompt for s in samples], truncation=True, max_length=256)["input_ids"]
+    expected = sequential_random_vectors(42, [(s.sample_id, len(t)) for s, t in zip(samples, tok)], 48)
+    assert set(seen) == set(expected)
+    for sid, rows in expected.items():
+        assert torch.equal(seen[sid], rows), sid

@@ -25,7 +25,8 @@ from lightning_modules.components.prompts import (
 def _generate(receiver: LoadedModel, ids, mask, settings: GenerationSettings, inj: PrefillInjection) -> list[str]:
     with prefill_injection(receiver.model, receiver.layer.path, inj):
         new_ids = generate_ids(receiver.model, receiver.tokenizer, ids, mask, settings)
-    return decode(receiver.tokenizer, new_ids)
+    # Stripped as the paper stores every generated text (scoring strips anyway).
+    return [p.strip() for p in decode(receiver.tokenizer, new_ids)]
 
 
 def _diagnostics(inj: PrefillInjection, mask: torch.Tensor) -> list[dict]:
@@ -59,7 +60,8 @@ def answer_injected(
         settings: Decoding settings.
         spec: The condition (mode, alpha, scale).
         source: What :func:`sources.condition_source` returned for this sub-batch.
-        translated_rows: Per-sample translated sequences behind ``source`` (their mean norm is recorded).
+        translated_rows: Per-sample translated sequences behind ``source`` (``translated_norm_mean`` is the norm of
+            what was written, as the paper records it; ``translated_norm_mean_all_positions`` their mean norm).
         donor_ids: Per-sample shuffled donor (recorded as ``donor_id``).
     """
     inj = PrefillInjection(mask, mode=spec.mode, source=source, alpha=spec.alpha, scale=spec.scale)
@@ -67,7 +69,9 @@ def answer_injected(
     diags = _diagnostics(inj, mask)
     for i, d in enumerate(diags):
         if translated_rows is not None:
-            d["translated_norm_mean"] = float(translated_rows[i].float().norm(dim=-1).mean())
+            # The paper's field: the norm of what the translator contributed (additive: the last-token vector).
+            d["translated_norm_mean"] = float(inj.source_norm[i])
+            d["translated_norm_mean_all_positions"] = float(translated_rows[i].float().norm(dim=-1).mean())
         if donor_ids is not None:
             d["donor_id"] = donor_ids[i]
     return preds, diags
@@ -89,7 +93,7 @@ def answer_relay(
     )
     relay_ids = generate_ids(sender.model, sender.tokenizer, stok["input_ids"], stok["attention_mask"], settings,
                              settings.relay_max_new_tokens)  # fmt: skip
-    relays = decode(sender.tokenizer, relay_ids)
+    relays = [r.strip() for r in decode(sender.tokenizer, relay_ids)]  # the paper strips the relay before use
     rtok = tokenize_left_padded(
         receiver.tokenizer,
         [format_relay_receiver_prompt(r, q) for r, q in zip(relays, questions)],

@@ -89,6 +89,7 @@ def condition_source(
     receiver: LoadedModel,
     translated: Mapping[str, torch.Tensor] | None = None,
     derangement: Derangement | None = None,
+    random_rows: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor | None, list[torch.Tensor] | None]:
     """The vectors ``spec`` writes for a sub-batch, and the translated rows it used (for diagnostics).
 
@@ -101,6 +102,8 @@ def condition_source(
         receiver: The frozen receiver and its block (dtype, device, hidden size, own states).
         translated: Sample id -> translated sequence (L_i, d_r), for the translator conditions.
         derangement: The seed's donor map, for the shuffled conditions.
+        random_rows: Sample id -> the seed's sequential random vectors (the paper's draw); None: the per-sample
+            draw (``conditions.random_vectors``).
 
     Returns:
         ``(source, rows)``: ``source`` is (B, T, d_r), or (B, d_r) (the last translated vector) for ``additive``,
@@ -119,7 +122,10 @@ def condition_source(
         rows = [translated[derangement.donors[sid]] for sid in sample_ids]
         return left_grid(rows, width, hidden, dtype, device), rows
     if spec.source == SOURCE_RANDOM:
-        rows = [random_vectors(seed, sid, int(n), hidden) for sid, n in zip(sample_ids, mask.sum(1).tolist())]
+        if random_rows is not None:
+            rows = [random_rows[sid] for sid in sample_ids]
+        else:
+            rows = [random_vectors(seed, sid, int(n), hidden) for sid, n in zip(sample_ids, mask.sum(1).tolist())]
         return left_grid(rows, width, hidden, dtype, device), None
     if spec.source == SOURCE_RECEIVER:
         return capture_block(receiver.model, receiver.layer.path, ids, mask), None
