@@ -53,7 +53,7 @@ PAPER_FILES: dict[str, PaperFile] = {
     f.name: f
     for f in (
         # clean_eval's hash is the paper's frozen one; the others were computed with sha256sum from the files of
-        # the artifact at PAPER_COMMIT (../shared/data/multihop).
+        # the artifact's data/tasks/multi_hop_reasoning folder at PAPER_COMMIT.
         PaperFile("clean_eval", "clean_eval.jsonl", "504e077cf17433e22967c86e98d321532d4e803dbe24d96af14c7e8ecdd0dcbb",
                   396, "the frozen evaluation set of the paper"),
         PaperFile("train", "train.jsonl", "f7dcaf6798e580b3883ac1d64d8403fd4af6dd99c724cd44f8181f2fe665fab3",
