@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from callbacks.progress import progress_callbacks
 from lightning_modules.components.frozen_lm import load_model, load_tokenizer, register_resolver
 from lightning_modules.components.generation import GenerationSettings, generate_texts
 from lightning_modules.components.io import cache_root
@@ -104,8 +105,15 @@ def resolved_config(config_path: str, overrides: list[str] | None = None) -> dic
         def after_instantiate_classes(self) -> None:
             pass
 
-    with _isolated_cli():
-        cli = _ParseOnly(**cli_kwargs(), args=["-c", str(config_path), *(overrides or [])], run=False)
+    # Parsing seeds the RNGs (restored by _isolated_cli); its "Seed set to" line is noise for a cache look-up.
+    seed_log = logging.getLogger("lightning_fabric.utilities.seed")
+    level = seed_log.level
+    seed_log.setLevel(logging.WARNING)
+    try:
+        with _isolated_cli():
+            cli = _ParseOnly(**cli_kwargs(), args=["-c", str(config_path), *(overrides or [])], run=False)
+    finally:
+        seed_log.setLevel(level)
     return json.loads(cli.parser.dump(cli.config, format="json", skip_none=False, skip_validation=True))
 
 
@@ -160,6 +168,7 @@ def ensure_organism(config_path: str, cache_dir: str | None = None, overrides: l
         if cache_dir and not (resolved_config(config_path, overrides).get("data") or {}).get("cache_dir"):
             # Train with the tokenizer the cache key was computed from (data.cache_dir is not part of the key).
             train_overrides += ["--data.cache_dir", str(cache_dir)]
+        log.info("training the organism %s (minutes on a CPU; cached afterwards)", folder.name)
         info = _train(config_path, train_overrides, tmp, folder.name)
         (tmp / MARKER).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
         try:
@@ -178,7 +187,12 @@ def _train(config_path: str, overrides: list[str], out: Path, name: str) -> dict
     run_dir = out / "training"
     logger = {"class_path": "pytorch_lightning.loggers.CSVLogger",
               "init_args": {"save_dir": str(run_dir), "name": "", "version": ""}}  # fmt: skip
-    args = ["fit", "-c", str(config_path), *overrides, "--trainer.default_root_dir", str(run_dir),
+    # A bar on a terminal, plain lines in a log (the recipe's own setting would leave a log silent for minutes).
+    bar, extra = progress_callbacks(None)
+    progress = [f"--trainer.enable_progress_bar={str(bar).lower()}"] + [
+        "--trainer.callbacks+=callbacks.progress.PlainProgress" for _ in extra
+    ]
+    args = ["fit", "-c", str(config_path), *overrides, *progress, "--trainer.default_root_dir", str(run_dir),
             f"--trainer.logger={json.dumps(logger)}", "--export_dir", str(out)]  # fmt: skip
     start = time.perf_counter()
     with _isolated_cli():
