@@ -273,8 +273,8 @@ class InjectionEvalModule(pl.LightningModule):
     def _answer(self, spec, seed, sub, tok: dict, rows: list[int]) -> tuple[list[str], list[dict]]:
         """One condition's answers and diagnostics for the samples ``sub`` (rows ``rows`` of the batch ``tok``)."""
         if spec.source == SOURCE_RELAY:
-            return answer_relay(self.sender, self.receiver, [s.context for s in sub], [s.question for s in sub],
-                                self.generation)  # fmt: skip
+            return answer_relay(self.sender, self.receiver, [s.sample_id for s in sub], [s.context for s in sub],
+                                [s.question for s in sub], self.generation)  # fmt: skip
         ids, mask = tok["input_ids"][rows], tok["attention_mask"][rows]
         # Drop columns that are padding in every selected row (left padding: a prefix of columns).
         start = int(mask.any(0).long().argmax())
@@ -285,7 +285,8 @@ class InjectionEvalModule(pl.LightningModule):
         source, trans_rows = condition_source(spec, seed, sample_ids, ids, mask, self.receiver, translated,
                                               derangement, self.random_rows.get(seed))  # fmt: skip
         donors = [derangement.donors[sid] for sid in sample_ids] if derangement is not None else None
-        return answer_injected(self.receiver, ids, mask, self.generation, spec, source, trans_rows, donors)
+        return answer_injected(self.receiver, ids, mask, self.generation, spec, sample_ids, source, trans_rows,
+                               donors)  # fmt: skip
 
     # ------------------------------------------------------------------------------------------------ finishing
 

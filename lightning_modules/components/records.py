@@ -67,8 +67,19 @@ def default_run_name(config_fingerprint: str) -> str:
     return f"eval-{config_fingerprint[:12]}"
 
 
+def _record_line(record: dict) -> str:
+    try:
+        return json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n"
+    except ValueError as err:  # bare NaN would make the file invalid JSON and score as a wrong answer
+        raise ValueError(
+            f"record of sample {record.get('sample_id')!r}, condition {record.get('condition')!r} holds a NaN or "
+            f"infinity ({err}); a non-finite value means the run is broken, it is not written"
+        ) from err
+
+
 def records_text(records: Iterable[dict]) -> str:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+    """JSON lines of ``records``; NaN and infinities are refused (they are not JSON)."""
+    return "".join(_record_line(r) for r in records)
 
 
 def write_records(path: str | Path, records: Sequence[dict]) -> Path:
@@ -115,10 +126,56 @@ def append_partial(run_dir: str | Path, condition: str, seed: int | None, rank: 
         return
     folder = partial_dir(run_dir, condition, seed)
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / f"rank{rank}.jsonl", "a", encoding="utf-8") as f:
-        f.write(records_text(records))
+    text = records_text(records)  # before touching the shard: a bad record leaves it as it was
+    shard = folder / f"rank{rank}.jsonl"
+    if shard.exists():
+        cut_torn_tail(shard)
+    with open(shard, "a", encoding="utf-8") as f:
+        f.write(text)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _line_start(f, end: int) -> int:
+    """Offset where the line that ends at byte ``end`` (its newline, if any, is byte ``end - 1``) begins."""
+    pos = end - 1
+    while pos > 0:
+        lo = max(0, pos - (1 << 16))
+        f.seek(lo)
+        i = f.read(pos - lo).rfind(b"\n")
+        if i >= 0:
+            return lo + i + 1
+        pos = lo
+    return 0
+
+
+def _complete(line: bytes) -> bool:
+    if not line.endswith(b"\n"):
+        return False
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
+
+
+def cut_torn_tail(shard: str | Path) -> None:
+    """Truncate a shard to its last complete line (ends in a newline and parses), reading from the end only.
+
+    A crash, a full disk or a power loss mid-append leaves a torn last line; appending after it would glue the next
+    record onto it and make the shard unreadable on every later resume.
+    """
+    with open(shard, "rb+") as f:
+        end = keep = f.seek(0, os.SEEK_END)
+        while keep:
+            start = _line_start(f, keep)
+            f.seek(start)
+            if _complete(f.read(keep - start)):
+                break
+            keep = start
+        if keep != end:
+            f.truncate(keep)
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def read_partial(run_dir: str | Path, condition: str, seed: int | None) -> dict[str, dict]:
