@@ -232,7 +232,7 @@ def load_translator(path: str | Path, map_location: str | torch.device = "cpu") 
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: the file is not a readable TranslatorModule checkpoint.
+        ValueError: the file is not a readable TranslatorModule checkpoint, or holds NaN/infinite weights.
     """
     path = Path(path)
     if not path.is_file():
@@ -241,6 +241,11 @@ def load_translator(path: str | Path, map_location: str | torch.device = "cpu") 
         module = TranslatorModule.load_from_checkpoint(str(path), map_location=map_location, weights_only=True)
     except Exception as err:  # torch/zip/pickle/Lightning raise many types for bad files: report them alike
         raise ValueError(f"cannot load translator checkpoint {path}: {type(err).__name__}: {err}") from err
+    # A diverged training run saves NaN weights; they would turn every answer into "" and score as accuracy 0.
+    bad = [k for k, t in module.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(f"translator checkpoint {path} holds NaN or infinite weights ({', '.join(bad[:5])}); "
+                         "retrain it or pick an earlier checkpoint")  # fmt: skip
     module.eval()
     return module
 

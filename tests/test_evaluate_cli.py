@@ -65,8 +65,10 @@ def test_tiny_config_writes_every_file(tmp_path, ckpt, capsys):
     assert len(stems) == 4 + 7 * 3  # 4 deterministic conditions + 7 seeded ones x 3 seeds
     assert "shuffled_translation_strict_matched__seed456" in stems and "nl_relay__deterministic" in stems
     meta = json.loads((run_dir / "meta.json").read_text())
-    for key in ("models", "translators", "dataset", "libraries", "device", "elapsed_seconds", "fingerprint"):
+    for key in ("models", "translators", "dataset", "fingerprint", "precision"):
         assert meta[key] is not None, key
+    for key in ("libraries", "device", "elapsed_seconds", "started_at", "computed"):
+        assert meta["invocations"][-1][key] is not None, key
     assert meta["translators"][0]["sha256"] == sha256_file(ckpt)
     config = (run_dir / "config.yaml").read_text()
     assert "translator_ckpt: " + ckpt in config and "tiny-neox-large" in config
@@ -146,7 +148,7 @@ def test_ddp_two_processes_gather_complete_duplicate_free_results(tmp_path, ckpt
     single = main([*args, "--trainer.default_root_dir", str(tmp_path / "one")])
     ddp_dir = next(p for p in (tmp_path / "ddp").iterdir() if p.name.startswith("eval-"))
     assert ddp_dir.name == single.model.run_dir.name  # world size is not part of the run identity
-    assert json.loads((ddp_dir / "meta.json").read_text())["world_size"] == 2
+    assert json.loads((ddp_dir / "meta.json").read_text())["invocations"][-1]["world_size"] == 2
     for path in (single.model.run_dir / "records").glob("*.jsonl"):
         one = rio.read_records(path)
         two = rio.read_records(ddp_dir / "records" / path.name)

@@ -45,14 +45,16 @@ def make_ckpt(path, sender=SENDER, receiver=RECEIVER, seed=0):
     return str(path)
 
 
-def run_eval(tmp, ckpt, batch_size=8, conditions=CONDS, callbacks=(), max_prompt_tokens=256, **kw):
+def run_eval(tmp, ckpt, batch_size=8, conditions=CONDS, callbacks=(), max_prompt_tokens=256, dm=None, trainer_kw=None,
+             **kw):  # fmt: skip
     kw.setdefault("seeds", [42, 123])
     generation = GenerationSettings(max_new_tokens=4, relay_max_new_tokens=6, max_prompt_tokens=max_prompt_tokens)
     module = InjectionEvalModule(SENDER, RECEIVER, translator_ckpt=ckpt, conditions=list(conditions),
                                  generation=generation, report_resamples=50, **kw)  # fmt: skip
-    dm = MultiHopQADataModule(source="synthetic", num_samples=N, batch_size=batch_size)
+    dm = dm or MultiHopQADataModule(source="synthetic", num_samples=N, batch_size=batch_size)
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=list(callbacks), default_root_dir=str(tmp))  # fmt: skip
+                         enable_model_summary=False, callbacks=list(callbacks), default_root_dir=str(tmp),
+                         **(trainer_kw or {}))  # fmt: skip
     trainer.test(module, datamodule=dm, verbose=False)
     return module
 
@@ -89,7 +91,8 @@ def test_writes_every_condition_and_seed_with_the_fixed_schema(full_run):
     meta = json.loads((run_dir / "meta.json").read_text())
     assert meta["models"]["receiver"]["layer"] == "gpt_neox.layers.2"
     assert len(meta["translators"][0]["sha256"]) == 64 and meta["dataset"]["samples_sha256"]
-    assert meta["libraries"]["torch"] and meta["elapsed_seconds"] > 0 and meta["device"] == "cpu"
+    (invocation,) = meta["invocations"]
+    assert invocation["libraries"]["torch"] and invocation["elapsed_seconds"] > 0 and invocation["device"] == "cpu"
     assert (run_dir / "report" / "summary.json").exists()
     assert not (run_dir / "partial").exists()
     assert full_run.summary_metrics["eval/word_boundary_contains/condition=additive"] >= 0.0
@@ -154,8 +157,12 @@ def test_rerun_computes_only_missing_parts(tmp_path, ckpt, monkeypatch):
     assert second.run_dir == run_dir  # same command -> same folder
     assert sum(rows) == N - 3  # only the missing samples of the missing run were generated
     meta = json.loads((run_dir / "meta.json").read_text())
-    assert meta["computed_this_invocation"] == ["same_norm_random__seed42"]
-    assert sorted(meta["skipped_existing"]) == ["no_inject__deterministic", "zero_replacement__deterministic"]
+    assert [i["computed"] for i in meta["invocations"]] == [
+        sorted(k[:-6] for k in before),
+        ["same_norm_random__seed42"],
+    ]
+    assert sorted(meta["invocations"][1]["skipped_existing"]) == ["no_inject__deterministic",
+                                                                  "zero_replacement__deterministic"]  # fmt: skip
     assert target.read_text() == old
     after = {p.name: p.stat().st_mtime_ns for p in (run_dir / "records").glob("*.jsonl")}
     assert all(after[k] == v for k, v in before.items() if k != target.name)

@@ -99,3 +99,10 @@ def test_needs_same_tokens_only_for_positionwise_translator_runs():
     assert build(["shuffled_translation"]).needs_same_tokens
     finished = {"shuffled_translation__seed42", "shuffled_translation__seed123"}
     assert not build(["shuffled_translation"], finished=finished).needs_same_tokens
+
+
+def test_prompt_kinds_name_the_tokenizers_that_read_a_prompt_this_time():
+    assert build(["no_inject"]).prompt_kinds() == ["receiver"]
+    assert build(["no_inject", "additive", "nl_relay"]).prompt_kinds() == ["receiver", "sender", "relay_sender"]
+    done = {"nl_relay__deterministic", "additive__seed42", "additive__seed123"}
+    assert build(["no_inject", "additive", "nl_relay"], finished=done).prompt_kinds() == ["receiver"]

@@ -2,7 +2,8 @@
 
 Every answer is one batched greedy ``generate`` under a prefill-only hook on the receiver's block: the hook writes
 the condition's source (or nothing) and records the receiver's own norm there, so every record carries
-``prompt_len``, ``translated_norm_mean``, ``receiver_norm_mean`` and ``injected_norm_mean``.
+``prompt_len``, ``translated_norm_mean``, ``receiver_norm_mean`` and ``injected_norm_mean``. A NaN or infinity
+there stops the run (naming the condition and samples): it would decode to an empty answer and score as wrong.
 """
 
 from __future__ import annotations
@@ -29,6 +30,24 @@ def _generate(receiver: LoadedModel, ids, mask, settings: GenerationSettings, in
     return [p.strip() for p in decode(receiver.tokenizer, new_ids)]
 
 
+def check_finite_states(inj: PrefillInjection, condition: str, sample_ids: Sequence[str]) -> None:
+    """Raise ``FloatingPointError`` when the receiver's block output or the injected state of a sample is not finite.
+
+    The norms are fp32 means over each row's real positions, so one NaN or infinity anywhere in a row shows.
+    """
+    for what, norms in (
+        ("receiver's block output", inj.receiver_norm_mean),
+        ("injected state", inj.injected_norm_mean),
+    ):
+        bad = [] if norms is None else [sid for sid, ok in zip(sample_ids, torch.isfinite(norms).tolist()) if not ok]
+        if bad:
+            raise FloatingPointError(
+                f"condition {condition}: the {what} at the injection block is NaN or infinite for {len(bad)} "
+                f"sample(s), e.g. {', '.join(map(str, bad[:5]))}; a model or translator weight is broken or the "
+                "precision overflows (try --trainer.precision 32-true)"
+            )
+
+
 def _diagnostics(inj: PrefillInjection, mask: torch.Tensor) -> list[dict]:
     return [
         {
@@ -47,6 +66,7 @@ def answer_injected(
     mask: torch.Tensor,
     settings: GenerationSettings,
     spec: ConditionSpec,
+    sample_ids: Sequence[str],
     source: torch.Tensor | None,
     translated_rows: Sequence[torch.Tensor] | None = None,
     donor_ids: Sequence[str] | None = None,
@@ -59,6 +79,7 @@ def answer_injected(
         mask: Their attention mask.
         settings: Decoding settings.
         spec: The condition (mode, alpha, scale).
+        sample_ids: One id per row (named when a state is not finite).
         source: What :func:`sources.condition_source` returned for this sub-batch.
         translated_rows: Per-sample translated sequences behind ``source`` (``translated_norm_mean`` is the norm of
             what was written, as the paper records it; ``translated_norm_mean_all_positions`` their mean norm).
@@ -66,6 +87,7 @@ def answer_injected(
     """
     inj = PrefillInjection(mask, mode=spec.mode, source=source, alpha=spec.alpha, scale=spec.scale)
     preds = _generate(receiver, ids, mask, settings, inj)
+    check_finite_states(inj, spec.name, sample_ids)
     diags = _diagnostics(inj, mask)
     for i, d in enumerate(diags):
         if translated_rows is not None:
@@ -80,13 +102,15 @@ def answer_injected(
 def answer_relay(
     sender: LoadedModel,
     receiver: LoadedModel,
+    sample_ids: Sequence[str],
     contexts: Sequence[str],
     questions: Sequence[str],
     settings: GenerationSettings,
 ) -> tuple[list[str], list[dict]]:
     """``nl_relay``: the sender continues ``{context}\\n\\nKey facts:``, the receiver answers from that relay alone.
 
-    The receiver runs under a hook that writes nothing, so its norms are recorded as in every other condition.
+    The receiver runs under a hook that writes nothing, so its norms are recorded (and checked) as in every other
+    condition.
     """
     stok = tokenize_left_padded(
         sender.tokenizer, [format_relay_sender_prompt(c) for c in contexts], settings.max_prompt_tokens
@@ -101,6 +125,7 @@ def answer_relay(
     )
     inj = PrefillInjection(rtok["attention_mask"])
     preds = _generate(receiver, rtok["input_ids"], rtok["attention_mask"], settings, inj)
+    check_finite_states(inj, "nl_relay", sample_ids)
     diags = _diagnostics(inj, rtok["attention_mask"])
     for d, relay in zip(diags, relays):
         d["injected_norm_mean"] = None

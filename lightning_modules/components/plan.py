@@ -13,7 +13,13 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from lightning_modules.components.conditions import SOURCE_SHUFFLED, ConditionSpec, Derangement, bucketed_derangement
+from lightning_modules.components.conditions import (
+    SOURCE_RELAY,
+    SOURCE_SHUFFLED,
+    ConditionSpec,
+    Derangement,
+    bucketed_derangement,
+)
 from lightning_modules.components.records import run_key
 
 Run = tuple[ConditionSpec, int | None]
@@ -109,6 +115,16 @@ class EvalPlan:
     def needs_same_tokens(self) -> bool:
         """Whether a pending run uses sender states position by position (sender and receiver ids must agree)."""
         return any(s.needs_same_tokens for s, _ in self.pending)
+
+    def prompt_kinds(self) -> list[str]:
+        """Which prompts this invocation tokenizes: ``receiver`` always, ``sender`` (the same prompt) when a
+        translator or a same-token check reads it, ``relay_sender`` when ``nl_relay`` has samples left."""
+        kinds = ["receiver"]
+        if self.translators_needed() or self.needs_same_tokens:
+            kinds.append("sender")
+        if any(s.source == SOURCE_RELAY and self.todo[run_key(s.name, sd)] for s, sd in self.pending):
+            kinds.append("relay_sender")
+        return kinds
 
     def translators_needed(self) -> list[int]:
         """Indices of the translators that a pending run with samples left to generate uses."""

@@ -141,3 +141,38 @@ def check_same_tokens(
             f"{len(b)} tokens, first difference at position {pos}: {got_a} vs {got_b}); replacement-mode "
             "conditions need identical token ids (same tokenizer, same truncation)"
         )
+
+
+def over_length(tokenizer, sample_ids: Sequence[str], texts: Sequence[str], max_length: int) -> list[str]:
+    """Ids of the prompts that :func:`tokenize_left_padded` cuts: longer than ``max_length`` tokens.
+
+    Tokenizing to ``max_length + 1`` tells them apart without encoding a huge context in full; ``max_length`` counts
+    special tokens as Hugging Face's truncation does.
+    """
+    rows = tokenizer(list(texts), truncation=True, max_length=max_length + 1, padding=False)["input_ids"]
+    return [sid for sid, row in zip(sample_ids, rows, strict=True) if len(row) > max_length]
+
+
+def truncation_check(checks: dict[str, tuple], sample_ids: Sequence[str], max_length: int) -> tuple[dict, str | None]:
+    """Which prompts are cut at ``max_length`` tokens, per kind, and one warning line (None when none is).
+
+    Args:
+        checks: Prompt kind (``receiver``, ``sender``...) -> (its tokenizer, one prompt per sample).
+        sample_ids: The samples' ids, in the prompts' order.
+        max_length: ``generation.max_prompt_tokens``.
+
+    Returns:
+        ``({"max_prompt_tokens": n, kind: {"count": c, "ids": [...]}}, warning)``.
+    """
+    cut = {kind: over_length(tok, sample_ids, texts, max_length) for kind, (tok, texts) in checks.items()}
+    info = {"max_prompt_tokens": max_length, **{k: {"count": len(v), "ids": v} for k, v in cut.items()}}
+    some = sorted({sid for v in cut.values() for sid in v})
+    if not some:
+        return info, None
+    counts = ", ".join(f"{k} {len(v)}" for k, v in cut.items() if v)
+    # Truncation keeps the start: the question at the end of the prompt is what gets lost.
+    return info, (
+        f"{len(some)} of {len(sample_ids)} prompts are longer than generation.max_prompt_tokens={max_length} tokens "
+        f"({counts}) and are cut at the end, dropping their question, e.g. {', '.join(map(str, some[:5]))}; raise "
+        "--model.generation.max_prompt_tokens"
+    )

@@ -80,6 +80,19 @@ def translate_prompts(
     return out
 
 
+def check_finite_rows(
+    rows: Sequence[torch.Tensor], condition: str, sample_ids: Sequence[str], owners: Sequence[str]
+) -> None:
+    """Raise ``FloatingPointError`` naming the samples whose translated rows (of sample ``owners[i]``) hold NaN/inf."""
+    bad = [(sid, o) for sid, o, r in zip(sample_ids, owners, rows) if not bool(torch.isfinite(r).all())]
+    if bad:
+        shown = ", ".join(str(sid) if sid == o else f"{sid} (donor {o})" for sid, o in bad[:5])
+        raise FloatingPointError(
+            f"condition {condition}: the translated states are NaN or infinite for {len(bad)} sample(s), e.g. "
+            f"{shown}; the sender's states or the translator overflow (try --trainer.precision 32-true)"
+        )
+
+
 def condition_source(
     spec: ConditionSpec,
     seed: int | None,
@@ -113,13 +126,12 @@ def condition_source(
     hidden = receiver.identity()["hidden_size"]
     param = next(receiver.model.parameters())
     dtype, device = param.dtype, param.device
-    if spec.source == SOURCE_TRANSLATED:
-        rows = [translated[sid] for sid in sample_ids]
-        if spec.mode == "additive":
+    if spec.source in (SOURCE_TRANSLATED, SOURCE_SHUFFLED):
+        owners = [derangement.donors[sid] for sid in sample_ids] if spec.source == SOURCE_SHUFFLED else sample_ids
+        rows = [translated[sid] for sid in owners]
+        check_finite_rows(rows, spec.name, sample_ids, owners)
+        if spec.source == SOURCE_TRANSLATED and spec.mode == "additive":
             return torch.stack([r[-1] for r in rows]), rows
-        return left_grid(rows, width, hidden, dtype, device), rows
-    if spec.source == SOURCE_SHUFFLED:
-        rows = [translated[derangement.donors[sid]] for sid in sample_ids]
         return left_grid(rows, width, hidden, dtype, device), rows
     if spec.source == SOURCE_RANDOM:
         if random_rows is not None:
