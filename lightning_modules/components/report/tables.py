@@ -42,6 +42,17 @@ def _per_run_fmt(v: float) -> str:
     return f"{v:.1f}"
 
 
+def _collapsed_text(meta: Mapping) -> str:
+    """A sentence per condition whose identical runs were counted once (empty when none were)."""
+    parts = [
+        f"{cond}: seeds {', '.join(same)} are one translator's answers to a condition that ignores the seed, "
+        f"counted once (run {kept})."
+        for cond, merged in meta.get("collapsed_runs", {}).items()
+        for kept, same in merged.items()
+    ]
+    return ("\n\nOne computation, one run: " + " ".join(parts) + "\n") if parts else ""
+
+
 def summary_markdown(summary: Mapping) -> str:
     """The paper's main table: condition, runs, n, then mean +/- sample SD of each metric (main metric first)."""
     head = ["Condition", "Runs", "n", *(METRIC_LABELS[m] for m in METRIC_ORDER)]
@@ -56,7 +67,7 @@ def summary_markdown(summary: Mapping) -> str:
     return (
         "\n".join(lines)
         + f"\n\nValues are mean ± sample SD over runs (single runs: the run's value). Main metric: {MAIN_METRIC}. "
-        f"Scored from gold and prediction; seed {meta['seed']}.\n"
+        f"Scored from gold and prediction; seed {meta['seed']}.\n" + _collapsed_text(meta)
     )
 
 
@@ -67,7 +78,8 @@ def comparisons_markdown(comparisons: Sequence[Mapping], equivalence: Sequence[M
         "",
         f"Δ = condition − baseline, per sample, matched by sample id; multi-run conditions pool their paired deltas "
         f"across runs. {int(meta['confidence'] * 100)}% simple percentile bootstrap, {meta['resamples']} resamples "
-        f"(seed {meta['seed']}, one derived seed per comparison). McNemar: continuity-corrected chi-square.",
+        f"(seed {meta['seed']}, one derived seed per comparison). McNemar: continuity-corrected chi-square."
+        + _collapsed_text(meta),
         "",
     ]
     for base in meta["baselines"]:
