@@ -285,7 +285,11 @@ class InjectionEvalModule(pl.LightningModule):
         source, trans_rows = condition_source(spec, seed, sample_ids, ids, mask, self.receiver, translated,
                                               derangement, self.random_rows.get(seed))  # fmt: skip
         donors = [derangement.donors[sid] for sid in sample_ids] if derangement is not None else None
-        return answer_injected(self.receiver, ids, mask, self.generation, spec, source, trans_rows, donors)
+        preds, diags = answer_injected(self.receiver, ids, mask, self.generation, spec, source, trans_rows, donors)
+        if spec.uses_translator:  # lets the report count one translator's seed-free answers once, not once per seed
+            sha = self.translator_info[self.plan.translator_index(seed)]["sha256"]
+            diags = [{**d, "translator_sha256": sha, "seeded": spec.seeded} for d in diags]
+        return preds, diags
 
     # ------------------------------------------------------------------------------------------------ finishing
 
