@@ -88,6 +88,19 @@ def test_distinct_translators_seeded_conditions_and_unnamed_records_stay_separat
         assert (c["runs"], c["n_pairs"], c["collapsed_runs"]) == (runs, runs * N, {}), name
     assert res.summary["meta"]["collapsed_runs"] == {}
     assert "one computation" not in (tmp_path / "out" / "summary.md").read_text()
+    # Identical runs whose records name no translator stay separate, but the reader is warned.
+    warnings = [n for n in res.notes if n.startswith("WARNING")]
+    assert len(warnings) == 1 and warnings[0].startswith("WARNING replace: runs 42, 123, 456 give identical answers")
+    assert res.summary["meta"]["unnamed_identical_runs"] == {"replace": [["42", "123", "456"]]}
+    for md in ("summary.md", "comparisons.md"):
+        assert "**Warning**: replace: seeds 42, 123, 456 give identical answers" in (tmp_path / "out" / md).read_text()
+
+
+def test_the_papers_locked_outputs_are_three_runs_without_warnings(paper_results_dir: Path, tmp_path: Path) -> None:
+    res = run_report([paper_results_dir], tmp_path / "out", resamples=200)
+    assert res.summary["conditions"]["additive"]["runs"] == 3 and res.summary["meta"]["collapsed_runs"] == {}
+    assert not [n for n in res.notes if "WARNING" in n or "one computation" in n]
+    assert res.summary["meta"]["unnamed_identical_runs"] == {}
 
 
 def test_a_repeated_translator_among_several_collapses_only_its_runs(tmp_path: Path) -> None:

@@ -43,8 +43,8 @@ class Record:
         scores: ``{metric: bool}`` re-scored from gold and prediction.
         where: ``"file:line"`` (or ``"<records>[i]"``) for error messages.
         prediction: The decoded answer.
-        same_for_every_seed: The translator checksum when the record says its answer does not depend on the run seed
-            (``diagnostics.translator_sha256`` with ``diagnostics.seeded`` false), else None.
+        translator: ``diagnostics.translator_sha256``: the checksum of the translator behind the answer, if named.
+        seeded: ``diagnostics.seeded``: whether the run seed changes the answer with that translator, if said.
     """
 
     sample_id: str
@@ -53,7 +53,13 @@ class Record:
     scores: dict[str, bool]
     where: str
     prediction: str = ""
-    same_for_every_seed: str | None = None
+    translator: str | None = None
+    seeded: bool | None = None
+
+    @property
+    def same_for_every_seed(self) -> str | None:
+        """The translator checksum when the record says its answer does not depend on the seed, else None."""
+        return self.translator if self.seeded is False else None
 
 
 def sort_runs(runs: Iterable[str]) -> list[str]:
@@ -69,16 +75,16 @@ def _run_key(seed: Any, where: str) -> str:
     return str(seed)
 
 
-def _seed_free_translator(obj: Mapping, where: str) -> str | None:
+def _translator_identity(obj: Mapping, where: str) -> tuple[str | None, bool | None]:
     diag = obj.get("diagnostics")
     if not isinstance(diag, Mapping) or diag.get("translator_sha256") is None:
-        return None
+        return None, None
     sha, seeded = diag["translator_sha256"], diag.get("seeded")
     if not isinstance(sha, str) or not sha:
         raise ReportInputError(f"{where}: 'diagnostics.translator_sha256' must be a non-empty string, got {sha!r}")
     if seeded is not None and not isinstance(seeded, bool):
         raise ReportInputError(f"{where}: 'diagnostics.seeded' must be true, false or absent, got {seeded!r}")
-    return sha if seeded is False else None
+    return sha, seeded
 
 
 def _parse_record(obj: Any, where: str, notes: dict[str, Any]) -> Record:
@@ -100,8 +106,8 @@ def _parse_record(obj: Any, where: str, notes: dict[str, Any]) -> Record:
     if isinstance(stored, Mapping) and any(k in stored and bool(stored[k]) != v for k, v in scores.items()):
         notes["metric_mismatch"] = notes.get("metric_mismatch", 0) + 1
     run = _run_key(obj.get("seed"), where)
-    translator = _seed_free_translator(obj, where)
-    return Record(str(obj["sample_id"]), obj["condition"], run, scores, where, obj["prediction"], translator)
+    translator, seeded = _translator_identity(obj, where)
+    return Record(str(obj["sample_id"]), obj["condition"], run, scores, where, obj["prediction"], translator, seeded)
 
 
 def _load_file(path: Path, notes: dict[str, Any], in_folder: bool = False) -> list[Record]:
@@ -225,41 +231,60 @@ def group_records(records: Sequence[Record]) -> dict[str, dict[str, dict[str, di
     return groups
 
 
+@dataclass
+class RunCollapse:
+    """What :func:`collapse_repeated_runs` found.
+
+    Attributes:
+        groups: ``{condition: {run: {sample_id: scores}}}`` with each computation once.
+        collapsed: ``{condition: {kept run: [every run it stands for]}}``, for the conditions where runs were merged.
+        unnamed_twins: ``{condition: [runs]}``: runs with identical answers whose records name no translator (files
+            written before records carried it); they stay separate runs, and the report warns.
+    """
+
+    groups: dict[str, dict[str, dict[str, dict[str, bool]]]]
+    collapsed: dict[str, dict[str, list[str]]]
+    unnamed_twins: dict[str, list[list[str]]]
+
+
 def collapse_repeated_runs(
     groups: Mapping[str, Mapping[str, Mapping[str, Mapping[str, bool]]]], records: Sequence[Record]
-) -> tuple[dict[str, dict[str, dict[str, dict[str, bool]]]], dict[str, dict[str, list[str]]]]:
+) -> RunCollapse:
     """Count runs of a condition that are one computation once: one run, not one per seed.
 
     Runs are one computation when every record of each says it does not depend on the seed and names the same
-    translator (``Record.same_for_every_seed``), and the runs hold the same samples with the same predictions. The
-    lowest seed stands for them. Runs from different translators, seeded conditions (random vectors, shuffling)
-    and records without a translator identity stay separate runs.
+    translator (``Record.same_for_every_seed``), and the runs hold the same samples with the same predictions (a
+    translator alone does not fix the answers: other settings could differ). The lowest seed stands for them. Runs
+    from different translators, seeded conditions (random vectors, shuffling) and records without a translator
+    identity stay separate runs.
 
     Args:
         groups: Output of :func:`group_records`.
         records: The records ``groups`` was built from.
-
-    Returns:
-        ``(groups, collapsed)``: the groups with repeated runs removed, and ``{condition: {kept run: [every run it
-        stands for]}}`` for the conditions where that happened.
     """
     identity: dict[tuple[str, str], set[str | None]] = {}
+    named: dict[tuple[str, str], bool] = {}
     answers: dict[tuple[str, str], dict[str, str]] = {}
     for r in records:
         identity.setdefault((r.condition, r.run), set()).add(r.same_for_every_seed)
+        named[r.condition, r.run] = named.get((r.condition, r.run), False) or r.translator is not None
         answers.setdefault((r.condition, r.run), {})[r.sample_id] = r.prediction
-    out: dict[str, dict[str, dict[str, dict[str, bool]]]] = {}
-    collapsed: dict[str, dict[str, list[str]]] = {}
+    result = RunCollapse({}, {}, {})
     for cond, runs in groups.items():
         kept: dict[tuple, list[str]] = {}
+        unnamed: dict[tuple, list[str]] = {}
         for run in sort_runs(runs):
             ident = identity.get((cond, run), {None})
             shared = next(iter(ident)) if len(ident) == 1 else None
-            # Same translator and seed-free is the claim; equal answers confirm it (other settings could differ).
-            key = (shared, tuple(sorted(answers[cond, run].items()))) if shared is not None else (run,)
-            kept.setdefault(key, []).append(run)
-        out[cond] = {same[0]: dict(runs[same[0]]) for same in kept.values()}
+            same_answers = tuple(sorted(answers[cond, run].items()))
+            kept.setdefault((shared, same_answers) if shared is not None else (run,), []).append(run)
+            if not named[cond, run]:
+                unnamed.setdefault(same_answers, []).append(run)
+        result.groups[cond] = {same[0]: dict(runs[same[0]]) for same in kept.values()}
         merged = {same[0]: same for same in kept.values() if len(same) > 1}
         if merged:
-            collapsed[cond] = merged
-    return out, collapsed
+            result.collapsed[cond] = merged
+        twins = [same for same in unnamed.values() if len(same) > 1]
+        if twins:
+            result.unnamed_twins[cond] = twins
+    return result

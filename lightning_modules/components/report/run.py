@@ -17,6 +17,7 @@ from lightning_modules.components.io import atomic_write
 from lightning_modules.components.report.analysis import DEFAULT_TOST_RESAMPLES, build_comparisons, build_summary
 from lightning_modules.components.report.load import (
     ReportInputError,
+    RunCollapse,
     collapse_repeated_runs,
     group_records,
     load_records,
@@ -95,17 +96,27 @@ def accuracy_summary(records: Sequence[Mapping], resamples: int = 1000, seed: in
     if not records:
         return {"conditions": {}}
     loaded = load_records(list(records))
-    groups, collapsed = collapse_repeated_runs(group_records(loaded), loaded)
-    return {"conditions": build_summary(groups, list(groups), resamples, seed, collapsed)}
+    runs = collapse_repeated_runs(group_records(loaded), loaded)
+    return {"conditions": build_summary(runs.groups, list(runs.groups), resamples, seed, runs.collapsed)}
 
 
-def _collapse_notes(collapsed: Mapping[str, Mapping[str, list[str]]]) -> list[str]:
-    return [
+def _collapse_notes(runs: RunCollapse) -> list[str]:
+    notes = [
         f"{cond}: runs {', '.join(same)} are one computation (one translator checkpoint, a condition that ignores the "
         f"seed, identical answers): counted once, as run {kept}"
-        for cond, merged in collapsed.items()
+        for cond, merged in runs.collapsed.items()
         for kept, same in merged.items()
     ]
+    # Older records name no translator: identical runs may be one computation written per seed, or translators that
+    # happen to agree. Only the evaluation knows; the numbers stay as they are, but the reader is warned.
+    notes += [
+        f"WARNING {cond}: runs {', '.join(same)} give identical answers on every sample but their records name no "
+        "translator; if one translator checkpoint produced them, they are one run and the pooled CIs and McNemar p "
+        "here are too narrow (re-evaluate to record translator identities, or report one of the runs)"
+        for cond, twins in runs.unnamed_twins.items()
+        for same in twins
+    ]
+    return notes
 
 
 def run_report(
@@ -153,14 +164,15 @@ def run_report(
         raise ReportInputError(f"--out {out} is a file, not a folder: name a folder (it is created if absent)")
     counters: dict[str, Any] = {}
     records = load_records(list(inputs), counters)
-    groups, collapsed = collapse_repeated_runs(group_records(records), records)
+    runs = collapse_repeated_runs(group_records(records), records)
+    groups, collapsed = runs.groups, runs.collapsed
     notes: list[str] = []
     if counters.get("skipped_files"):
         names = ", ".join(Path(f).name for f in counters["skipped_files"])
         notes.append(f"skipped {len(counters['skipped_files'])} JSON file(s) that hold no records: {names}")
     if counters.get("metric_mismatch"):
         notes.append(f"{counters['metric_mismatch']} record(s) carried stored metrics that differ from re-scoring")
-    notes += _collapse_notes(collapsed)
+    notes += _collapse_notes(runs)
     chosen = _resolve_baselines(groups, baselines, notes)
     order = chosen + [c for c in groups if c not in chosen]
 
@@ -179,6 +191,7 @@ def run_report(
         "n_records": len(records),
         "inputs": [str(i) for i in inputs if not isinstance(i, Mapping)],
         "collapsed_runs": collapsed,
+        "unnamed_identical_runs": runs.unnamed_twins,
     }
     summary = {"conditions": build_summary(groups, order, resamples, seed, collapsed), "meta": meta}
     comparisons, equivalence, cmp_notes = build_comparisons(

@@ -42,15 +42,22 @@ def _per_run_fmt(v: float) -> str:
     return f"{v:.1f}"
 
 
-def _collapsed_text(meta: Mapping) -> str:
-    """A sentence per condition whose identical runs were counted once (empty when none were)."""
+def _runs_text(meta: Mapping) -> str:
+    """What the report did about runs that may be one computation (empty when nothing): see ``load.RunCollapse``."""
     parts = [
         f"{cond}: seeds {', '.join(same)} are one translator's answers to a condition that ignores the seed, "
         f"counted once (run {kept})."
         for cond, merged in meta.get("collapsed_runs", {}).items()
         for kept, same in merged.items()
     ]
-    return ("\n\nOne computation, one run: " + " ".join(parts) + "\n") if parts else ""
+    text = ("One computation, one run: " + " ".join(parts)) if parts else ""
+    warn = [
+        f"{cond}: seeds {', '.join(same)} give identical answers but name no translator; if one translator produced "
+        "them they are one run, and the pooled statistics here are too narrow."
+        for cond, twins in meta.get("unnamed_identical_runs", {}).items()
+        for same in twins
+    ]
+    return "\n\n".join(t for t in (text, ("**Warning**: " + " ".join(warn)) if warn else "") if t)
 
 
 def summary_markdown(summary: Mapping) -> str:
@@ -67,7 +74,8 @@ def summary_markdown(summary: Mapping) -> str:
     return (
         "\n".join(lines)
         + f"\n\nValues are mean ± sample SD over runs (single runs: the run's value). Main metric: {MAIN_METRIC}. "
-        f"Scored from gold and prediction; seed {meta['seed']}.\n" + _collapsed_text(meta)
+        f"Scored from gold and prediction; seed {meta['seed']}.\n"
+        + (f"\n{_runs_text(meta)}\n" if _runs_text(meta) else "")
     )
 
 
@@ -78,10 +86,11 @@ def comparisons_markdown(comparisons: Sequence[Mapping], equivalence: Sequence[M
         "",
         f"Δ = condition − baseline, per sample, matched by sample id; multi-run conditions pool their paired deltas "
         f"across runs. {int(meta['confidence'] * 100)}% simple percentile bootstrap, {meta['resamples']} resamples "
-        f"(seed {meta['seed']}, one derived seed per comparison). McNemar: continuity-corrected chi-square."
-        + _collapsed_text(meta),
+        f"(seed {meta['seed']}, one derived seed per comparison). McNemar: continuity-corrected chi-square.",
         "",
     ]
+    if _runs_text(meta):
+        out += [_runs_text(meta), ""]
     for base in meta["baselines"]:
         for m in METRIC_ORDER:
             rows = [c for c in comparisons if c["baseline"] == base and c["metric"] == m]
