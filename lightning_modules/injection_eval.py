@@ -286,10 +286,11 @@ class InjectionEvalModule(pl.LightningModule):
                                               derangement, self.random_rows.get(seed))  # fmt: skip
         donors = [derangement.donors[sid] for sid in sample_ids] if derangement is not None else None
         preds, diags = answer_injected(self.receiver, ids, mask, self.generation, spec, source, trans_rows, donors)
-        if spec.uses_translator:  # lets the report count one translator's seed-free answers once, not once per seed
-            sha = self.translator_info[self.plan.translator_index(seed)]["sha256"]
-            diags = [{**d, "translator_sha256": sha, "seeded": spec.seeded} for d in diags]
-        return preds, diags
+        # Whether the seed matters, and which translator: the report counts one translator's seed-free answers once.
+        ident = {"seeded": spec.seeded}
+        if spec.uses_translator:
+            ident["translator_sha256"] = self.translator_info[self.plan.translator_index(seed)]["sha256"]
+        return preds, [{**d, **ident} for d in diags]
 
     # ------------------------------------------------------------------------------------------------ finishing
 

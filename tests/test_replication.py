@@ -94,6 +94,11 @@ def test_distinct_translators_seeded_conditions_and_unnamed_records_stay_separat
     assert res.summary["meta"]["unnamed_identical_runs"] == {"replace": [["42", "123", "456"]]}
     for md in ("summary.md", "comparisons.md"):
         assert "**Warning**: replace: seeds 42, 123, 456 give identical answers" in (tmp_path / "out" / md).read_text()
+    # Records that say their seed matters (same_norm_random from this evaluation) are not suspects.
+    seeded = _run("no_inject", None, base)
+    for seed in (42, 123):
+        seeded += [{**r, "diagnostics": {"seeded": True}} for r in _run("same_norm_random", seed, cond)]
+    assert run_report(seeded, tmp_path / "seeded", resamples=50).summary["meta"]["unnamed_identical_runs"] == {}
 
 
 def test_the_papers_locked_outputs_are_three_runs_without_warnings(paper_results_dir: Path, tmp_path: Path) -> None:
@@ -142,6 +147,7 @@ def test_eval_records_name_their_translator_and_its_report_counts_one_translator
         assert all(r["diagnostics"]["seeded"] is False for r in shared.results[f"additive__seed{seed}"])
         assert all(r["diagnostics"]["seeded"] is True for r in shared.results[f"shuffled_translation__seed{seed}"])
     assert "translator_sha256" not in shared.results["no_inject__deterministic"][0]["diagnostics"]
+    assert shared.report_result.summary["meta"]["unnamed_identical_runs"] == {}
     by = {c["condition"]: c for c in shared.report_result.comparisons if c["metric"] == WB}
     assert (by["additive"]["runs"], by["additive"]["n_pairs"]) == (1, 6)
     assert (by["shuffled_translation"]["runs"], by["shuffled_translation"]["n_pairs"]) == (2, 12)

@@ -44,7 +44,7 @@ class Record:
         where: ``"file:line"`` (or ``"<records>[i]"``) for error messages.
         prediction: The decoded answer.
         translator: ``diagnostics.translator_sha256``: the checksum of the translator behind the answer, if named.
-        seeded: ``diagnostics.seeded``: whether the run seed changes the answer with that translator, if said.
+        seeded: ``diagnostics.seeded``: whether the run seed changes the answer (with a fixed translator), if said.
     """
 
     sample_id: str
@@ -77,10 +77,10 @@ def _run_key(seed: Any, where: str) -> str:
 
 def _translator_identity(obj: Mapping, where: str) -> tuple[str | None, bool | None]:
     diag = obj.get("diagnostics")
-    if not isinstance(diag, Mapping) or diag.get("translator_sha256") is None:
+    if not isinstance(diag, Mapping):
         return None, None
-    sha, seeded = diag["translator_sha256"], diag.get("seeded")
-    if not isinstance(sha, str) or not sha:
+    sha, seeded = diag.get("translator_sha256"), diag.get("seeded")
+    if sha is not None and (not isinstance(sha, str) or not sha):
         raise ReportInputError(f"{where}: 'diagnostics.translator_sha256' must be a non-empty string, got {sha!r}")
     if seeded is not None and not isinstance(seeded, bool):
         raise ReportInputError(f"{where}: 'diagnostics.seeded' must be true, false or absent, got {seeded!r}")
@@ -238,8 +238,9 @@ class RunCollapse:
     Attributes:
         groups: ``{condition: {run: {sample_id: scores}}}`` with each computation once.
         collapsed: ``{condition: {kept run: [every run it stands for]}}``, for the conditions where runs were merged.
-        unnamed_twins: ``{condition: [runs]}``: runs with identical answers whose records name no translator (files
-            written before records carried it); they stay separate runs, and the report warns.
+        unnamed_twins: ``{condition: [[runs]]}``: runs with identical answers whose records say neither which
+            translator nor whether the seed matters (files written before records carried it); they stay separate
+            runs, and the report warns.
     """
 
     groups: dict[str, dict[str, dict[str, dict[str, bool]]]]
@@ -267,7 +268,8 @@ def collapse_repeated_runs(
     answers: dict[tuple[str, str], dict[str, str]] = {}
     for r in records:
         identity.setdefault((r.condition, r.run), set()).add(r.same_for_every_seed)
-        named[r.condition, r.run] = named.get((r.condition, r.run), False) or r.translator is not None
+        described = r.translator is not None or r.seeded is not None
+        named[r.condition, r.run] = named.get((r.condition, r.run), False) or described
         answers.setdefault((r.condition, r.run), {})[r.sample_id] = r.prediction
     result = RunCollapse({}, {}, {})
     for cond, runs in groups.items():

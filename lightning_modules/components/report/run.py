@@ -107,12 +107,12 @@ def _collapse_notes(runs: RunCollapse) -> list[str]:
         for cond, merged in runs.collapsed.items()
         for kept, same in merged.items()
     ]
-    # Older records name no translator: identical runs may be one computation written per seed, or translators that
-    # happen to agree. Only the evaluation knows; the numbers stay as they are, but the reader is warned.
+    # Older records say nothing about their translator: identical runs may be one computation written per seed, or
+    # translators that happen to agree. Only the evaluation knew: the numbers stay as they are, the reader is warned.
     notes += [
-        f"WARNING {cond}: runs {', '.join(same)} give identical answers on every sample but their records name no "
-        "translator; if one translator checkpoint produced them, they are one run and the pooled CIs and McNemar p "
-        "here are too narrow (re-evaluate to record translator identities, or report one of the runs)"
+        f"WARNING {cond}: runs {', '.join(same)} give identical answers on every sample but their records carry no "
+        "translator identity; if one translator checkpoint produced them, they are one run and the pooled CIs and "
+        "McNemar p here are too narrow (re-evaluate to record translator identities, or report one of the runs)"
         for cond, twins in runs.unnamed_twins.items()
         for same in twins
     ]

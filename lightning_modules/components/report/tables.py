@@ -52,8 +52,8 @@ def _runs_text(meta: Mapping) -> str:
     ]
     text = ("One computation, one run: " + " ".join(parts)) if parts else ""
     warn = [
-        f"{cond}: seeds {', '.join(same)} give identical answers but name no translator; if one translator produced "
-        "them they are one run, and the pooled statistics here are too narrow."
+        f"{cond}: seeds {', '.join(same)} give identical answers but carry no translator identity; if one translator "
+        "produced them they are one run, and the pooled statistics here are too narrow."
         for cond, twins in meta.get("unnamed_identical_runs", {}).items()
         for same in twins
     ]
