@@ -3,10 +3,15 @@
 Usage::
 
     python report.py RESULTS... --out DIR [--baseline no_inject --baseline nl_relay] [--resamples 5000]
-        [--margins 0.05 0.03] [--seed 0] [--intersect]
+        [--margins 0.05 0.03] [--seed 0] [--intersect] [--debug]
 
-Each RESULTS is a per-sample JSONL file, one of the paper's JSON result files, or a folder of them. Without
-``--baseline`` the report compares against no_inject and nl_relay, skipping whichever is absent.
+Each RESULTS is a per-sample JSONL file, one of the paper's JSON result files, a folder of them, or an evaluation
+run folder (its ``records/`` are read; ``meta.json`` and other JSON files that hold no records are skipped with a
+note). Without ``--baseline`` the report compares against no_inject and nl_relay, skipping whichever is absent. The
+strict-matched shuffled control holds fewer samples by design and is compared on the samples it holds; any other
+difference in sample ids needs ``--intersect``. Runs that are one translator's answers to a condition that ignores
+the seed count as one run. Bad input exits with status 2 and one line naming the file, record or option at fault
+(``--debug`` shows the traceback).
 """
 
 from __future__ import annotations
@@ -21,8 +26,10 @@ from lightning_modules.components.report import DEFAULT_MARGINS, DEFAULT_RESAMPL
 def build_parser() -> argparse.ArgumentParser:
     """The report's fixed command line (see the module docstring)."""
     parser = argparse.ArgumentParser(prog="report.py", description=__doc__.split("\n\n")[0])
-    parser.add_argument("results", nargs="+", help="per-sample JSONL/JSON files or folders of them")
-    parser.add_argument("--out", required=True, help="output folder (created)")
+    parser.add_argument(
+        "results", nargs="+", help="per-sample JSONL/JSON files, folders of them, or evaluation run folders"
+    )
+    parser.add_argument("--out", required=True, help="output folder (created; not a file)")
     parser.add_argument(
         "--baseline",
         action="append",
@@ -43,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="compare only sample ids common to a condition and its baseline, reporting how many were dropped",
     )
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return parser
 
 
@@ -67,7 +75,9 @@ def main(args: Sequence[str] | None = None) -> int:
             seed=ns.seed,
             intersect=ns.intersect,
         )
-    except (ReportInputError, ValueError) as err:
+    except (ReportInputError, ValueError, OSError) as err:
+        if ns.debug:
+            raise
         parser.exit(2, f"report.py: error: {err}\n")
     print(result.markdown)
     for note in result.notes:

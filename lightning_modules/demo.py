@@ -2,9 +2,13 @@
 
 1. Organisms: ``organism:sender`` and ``organism:receiver`` (``organism_configs/*.yaml``), trained once
    and cached.
-2. Translator: ``train.py fit -c configs/train/demo.yaml`` (activations extracted once and cached). The checkpoint
-   is kept under ``<out>/translator/<key>/`` with a key hashing the config and the organisms, and reused.
-3. Evaluation: ``evaluate.py test -c configs/eval/demo.yaml`` over every condition; the run folder resumes.
+2. Translators: one per seed of the evaluation (42, 123, 456), as the paper trained them: ``train.py fit -c
+   configs/train/demo.yaml --seed_everything S --data.seed S`` (activations extracted once and cached, so each seed
+   costs only translator training). Each checkpoint is kept under ``<out>/translator/seed<S>-<key>/`` with a key
+   hashing the config, the organisms and the seed, and reused.
+3. Evaluation: ``evaluate.py test -c configs/eval/demo.yaml --model.translator_ckpt '[ckpt42, ckpt123, ckpt456]'``
+   over every condition (seed ``seeds[i]`` uses checkpoint ``i``); the run folder resumes. One shared checkpoint
+   would make the translator conditions one computation written per seed, which the report counts as one run.
 4. Report: the table is printed with the folder of plots; W&B runs are offline unless ``WANDB_MODE`` says
    otherwise (``wandb sync <folder>/wandb/offline-run-*`` uploads them later).
 
@@ -42,14 +46,15 @@ def _organisms(cache_dir: str | None) -> dict[str, Path]:
     return out
 
 
-def _translator(out: Path, organisms: dict[str, Path], extra: list[str]) -> Path:
-    """Train the demo translator, or reuse the one trained with the same config and organisms."""
+def _translator(out: Path, organisms: dict[str, Path], seed: int) -> Path:
+    """Train the demo translator of one seed, or reuse the one trained with the same config, organisms and seed."""
+    extra = ["--seed_everything", str(seed), "--data.seed", str(seed)]
     key_src = json.dumps(
         {"config": TRAIN_CONFIG.read_text(), "organisms": {k: v.name for k, v in organisms.items()}, "extra": extra},
         sort_keys=True,
     )
     key = hashlib.sha256(key_src.encode()).hexdigest()[:12]
-    folder = out / "translator" / key
+    folder = out / "translator" / f"seed{seed}-{key}"
     ckpt = folder / "translator.ckpt"
     if ckpt.exists():
         print(f"[demo] reusing translator {ckpt}", flush=True)
@@ -63,8 +68,16 @@ def _translator(out: Path, organisms: dict[str, Path], extra: list[str]) -> Path
     with atomic_output(ckpt) as tmp:  # the key file appears only once complete: an interrupted run retrains
         shutil.copyfile(best, tmp)
     metrics = {k: round(float(v), 4) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
-    print(f"[demo] translator {ckpt}: {metrics}", flush=True)
+    print(f"[demo] translator seed {seed} {ckpt}: {metrics}", flush=True)
     return ckpt
+
+
+def eval_args(out: Path, ckpts: list[Path], seeds: list[int], num_samples: int | None) -> list[str]:
+    """The evaluation's command line: one translator checkpoint per seed, in the order of ``--model.seeds``."""
+    args = ["test", "-c", str(EVAL_CONFIG), "--model.seeds", json.dumps(seeds),
+            "--model.translator_ckpt", json.dumps([str(c) for c in ckpts]),
+            "--trainer.default_root_dir", str(out / "eval")]  # fmt: skip
+    return args + (["--data.num_samples", str(num_samples)] if num_samples else [])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,18 +96,17 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
 
     organisms = _organisms(args.cache_dir)
+    from lightning_modules.injection_eval import DEFAULT_SEEDS
+
+    seeds = list(DEFAULT_SEEDS)
     t = time.perf_counter()
-    ckpt = _translator(out, organisms, [])
-    print(f"[demo] translator step: {time.perf_counter() - t:.0f} s", flush=True)
+    ckpts = [_translator(out, organisms, seed) for seed in seeds]
+    print(f"[demo] translator step ({len(ckpts)} seeds): {time.perf_counter() - t:.0f} s", flush=True)
 
     from lightning_modules.cli import eval_main
 
     t = time.perf_counter()
-    eval_args = ["test", "-c", str(EVAL_CONFIG), "--model.translator_ckpt", str(ckpt),
-                 "--trainer.default_root_dir", str(out / "eval")]  # fmt: skip
-    if args.num_samples:
-        eval_args += ["--data.num_samples", str(args.num_samples)]
-    cli = eval_main(eval_args)
+    cli = eval_main(eval_args(out, ckpts, seeds, args.num_samples))
     module = cli.model
     print(f"[demo] evaluation step: {time.perf_counter() - t:.0f} s", flush=True)
 

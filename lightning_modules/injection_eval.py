@@ -301,8 +301,13 @@ class InjectionEvalModule(pl.LightningModule):
         source, trans_rows = condition_source(spec, seed, sample_ids, ids, mask, self.receiver, translated,
                                               derangement, self.random_rows.get(seed))  # fmt: skip
         donors = [derangement.donors[sid] for sid in sample_ids] if derangement is not None else None
-        return answer_injected(self.receiver, ids, mask, self.generation, spec, sample_ids, source, trans_rows,
-                               donors)  # fmt: skip
+        # Whether the seed matters, and which translator: the report counts one translator's seed-free answers once.
+        ident = {"seeded": spec.seeded}
+        if spec.uses_translator:
+            ident["translator_sha256"] = self.translator_info[self.plan.translator_index(seed)]["sha256"]
+        preds, diags = answer_injected(self.receiver, ids, mask, self.generation, spec, sample_ids, source,
+                                       trans_rows, donors)  # fmt: skip
+        return preds, [{**d, **ident} for d in diags]
 
     # ------------------------------------------------------------------------------------------------ finishing
 

@@ -2,7 +2,8 @@
 
 Torch-free (numpy, scipy, matplotlib on first plot), so ``report.py`` starts fast and runs anywhere. Modules:
 
-- ``load``: parse and re-score records from files, folders or dicts; group them by condition and run.
+- ``load``: parse and re-score records from files, folders or dicts; group them by condition and run, counting
+  runs of one computation once.
 - ``stats``: bootstrap CIs, paired deltas, gained/lost, McNemar, run mean/SD, the clustered view.
 - ``tost``: equivalence (TOST) and degradation tests on the clustered view.
 - ``analysis``: per-condition accuracy, the summary, paired comparisons and equivalence rows.
@@ -22,6 +23,8 @@ from lightning_modules.components.report.load import (
     DETERMINISTIC,
     Record,
     ReportInputError,
+    RunCollapse,
+    collapse_repeated_runs,
     group_records,
     load_records,
 )
@@ -49,10 +52,12 @@ __all__ = [
     "Record",
     "ReportInputError",
     "ReportResult",
+    "RunCollapse",
     "accuracy_figure",
     "accuracy_summary",
     "build_comparisons",
     "build_summary",
+    "collapse_repeated_runs",
     "comparisons_markdown",
     "condition_accuracy",
     "group_records",

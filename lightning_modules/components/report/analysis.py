@@ -3,16 +3,18 @@
 Pairing: a condition's runs are paired with a single-run (deterministic) baseline run by run; a multi-run baseline
 is paired by equal seed (or each of its runs with a single-run condition). Paired runs must hold the same sample
 ids; with ``intersect=True`` only the ids common to all paired runs are kept and the number dropped is reported.
+A condition of :data:`SUBSET_CONDITIONS` is compared on the samples it holds whenever they are a subset of the
+baseline's (a note says how many were dropped); any other difference needs ``intersect``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from lightning_modules.components.report.load import ReportInputError
+from lightning_modules.components.report.load import ReportInputError, sort_runs
 from lightning_modules.components.report.stats import (
     bootstrap_mean_ci,
     clustered_deltas,
@@ -28,10 +30,10 @@ DEFAULT_TOST_RESAMPLES = 10_000
 # The paper's table order: main metric, then legacy contains (its comparison metric), then the strict ones.
 _PAPER_ORDER = ("word_boundary_contains", "legacy_contains", "normalized_exact_match", "exact_match")
 METRIC_ORDER: tuple[str, ...] = tuple(dict.fromkeys((MAIN_METRIC, *_PAPER_ORDER, *METRICS)))
-
-
-def _sort_runs(runs: Iterable[str]) -> list[str]:
-    return sorted(runs, key=lambda r: (0, int(r), r) if r.lstrip("-").isdigit() else (1, 0, r))
+# Conditions evaluated on a subset of the samples by design: the strict shuffled control drops the samples alone in
+# their prompt-length bucket (``ConditionSpec.strict`` in components/conditions.py, which imports torch; this package
+# must not).
+SUBSET_CONDITIONS: tuple[str, ...] = ("shuffled_translation_strict_matched",)
 
 
 def condition_accuracy(groups: Mapping[str, Mapping[str, Mapping[str, Mapping[str, bool]]]]) -> dict[str, dict]:
@@ -49,7 +51,7 @@ def condition_accuracy(groups: Mapping[str, Mapping[str, Mapping[str, Mapping[st
     """
     out: dict[str, dict] = {}
     for cond, runs in groups.items():
-        keys = _sort_runs(runs)
+        keys = sort_runs(runs)
         out[cond] = {}
         for m in METRICS:
             per_run = {k: float(np.mean([s[m] for s in runs[k].values()])) for k in keys}
@@ -57,24 +59,30 @@ def condition_accuracy(groups: Mapping[str, Mapping[str, Mapping[str, Mapping[st
     return out
 
 
-def build_summary(groups: Mapping, order: Sequence[str], resamples: int, seed: int) -> dict[str, dict]:
+def build_summary(
+    groups: Mapping, order: Sequence[str], resamples: int, seed: int, collapsed: Mapping | None = None
+) -> dict[str, dict]:
     """Per condition: runs, n, and per metric the run mean, sample SD, per-run values and a pooled 95% CI.
 
     Args:
-        groups: Output of ``load.group_records``.
+        groups: Output of ``load.group_records`` (after ``load.collapse_repeated_runs``).
         order: Conditions in report order.
         resamples: Bootstrap resamples for the accuracy CI (pooled over runs' samples).
         seed: Base seed; each CI uses ``derive_seed(seed, "{condition}|accuracy|{metric}")``.
+        collapsed: ``{condition: {run: [runs it stands for]}}`` from ``load.collapse_repeated_runs``; a condition
+            listed there gets a ``collapsed_runs`` entry.
     """
     accuracy = condition_accuracy({cond: groups[cond] for cond in order})
     out: dict[str, dict] = {}
     for cond in order:
         runs = groups[cond]
-        keys = _sort_runs(runs)
+        keys = sort_runs(runs)
         sizes = {k: len(runs[k]) for k in keys}
         entry: dict[str, Any] = {"runs": len(keys), "n": min(sizes.values())}
         if len(set(sizes.values())) > 1:
             entry["n_per_run"] = sizes
+        if collapsed and cond in collapsed:
+            entry["collapsed_runs"] = collapsed[cond]
         for m in METRICS:
             per_run = accuracy[cond][m]["per_run"]
             pooled = np.array([s[m] for k in keys for s in runs[k].values()], dtype=np.float64)
@@ -108,13 +116,14 @@ def _pair_runs(cond: str, cond_runs: Sequence[str], base: str, base_runs: Sequen
 def _align(
     groups: Mapping, cond: str, base: str, pairs: Sequence[tuple[str, str]], intersect: bool
 ) -> tuple[list[str], int]:
-    """Sample ids shared by every paired run; without ``intersect`` any difference is an error."""
+    """Sample ids shared by every paired run; without ``intersect`` a difference is an error (but see
+    :data:`SUBSET_CONDITIONS`)."""
     id_sets = [set(groups[cond][c]) for c, _ in pairs] + [set(groups[base][b]) for _, b in pairs]
     common = set.intersection(*id_sets)
     if not intersect:
         for c, b in pairs:
             ci, bi = set(groups[cond][c]), set(groups[base][b])
-            if ci != bi:
+            if ci != bi and not (cond in SUBSET_CONDITIONS and ci < bi):
                 only_c, only_b = sorted(ci - bi), sorted(bi - ci)
                 raise ReportInputError(
                     f"condition {cond!r} run {c} and baseline {base!r} run {b} differ in sample ids: "
@@ -142,6 +151,7 @@ def build_comparisons(
     seed: int,
     intersect: bool,
     tost_resamples: int = DEFAULT_TOST_RESAMPLES,
+    collapsed: Mapping | None = None,
 ) -> tuple[list[dict], list[dict], list[str]]:
     """Paired comparisons (pooled bootstrap, gained/lost, McNemar) and clustered TOST for every pair.
 
@@ -154,6 +164,8 @@ def build_comparisons(
         seed: Base seed; comparison CIs use ``derive_seed(seed, "{condition}|{baseline}|{metric}")``.
         intersect: Keep only common sample ids instead of failing on a mismatch.
         tost_resamples: Resamples of the clustered bootstrap 90% CI reported next to TOST.
+        collapsed: ``{condition: {run: [runs it stands for]}}`` from ``load.collapse_repeated_runs``; each
+            comparison's ``collapsed_runs`` holds the entries of its condition and baseline.
 
     Returns:
         ``(comparisons, equivalence, notes)``.
@@ -162,15 +174,16 @@ def build_comparisons(
     equivalence: list[dict] = []
     notes: list[str] = []
     for base in baselines:
-        base_runs = _sort_runs(groups[base])
+        base_runs = sort_runs(groups[base])
         for cond in order:
             if cond == base:
                 continue
-            pairs = _pair_runs(cond, _sort_runs(groups[cond]), base, base_runs)
+            pairs = _pair_runs(cond, sort_runs(groups[cond]), base, base_runs)
             ids, dropped = _align(groups, cond, base, pairs, intersect)
             if dropped:
+                why = "--intersect dropped" if intersect else "a strict-matched subset by design: dropped"
                 notes.append(
-                    f"{cond} vs {base}: --intersect dropped {dropped} unpaired sample observations "
+                    f"{cond} vs {base}: {why} {dropped} unpaired sample observations "
                     f"({len(ids)} common samples x {len(pairs)} runs kept)"
                 )
             for m in METRIC_ORDER:
@@ -196,6 +209,7 @@ def build_comparisons(
                         "n_samples": len(ids),
                         "dropped": dropped,
                         "paired_runs": [list(p) for p in pairs],
+                        "collapsed_runs": {k: collapsed[k] for k in (cond, base) if collapsed and k in collapsed},
                         "confidence": cmp_.confidence,
                         "resamples": cmp_.resamples,
                         "bootstrap_seed": cmp_.bootstrap_seed,

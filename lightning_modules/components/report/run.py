@@ -11,10 +11,17 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from lightning_modules.components.io import atomic_write
 from lightning_modules.components.report.analysis import DEFAULT_TOST_RESAMPLES, build_comparisons, build_summary
-from lightning_modules.components.report.load import ReportInputError, group_records, load_records
+from lightning_modules.components.report.load import (
+    ReportInputError,
+    RunCollapse,
+    collapse_repeated_runs,
+    group_records,
+    load_records,
+)
 from lightning_modules.components.report.plots import plot_accuracy, plot_forest
 from lightning_modules.components.report.stats import DEFAULT_RESAMPLES
 from lightning_modules.components.report.tables import (
@@ -88,8 +95,28 @@ def accuracy_summary(records: Sequence[Mapping], resamples: int = 1000, seed: in
     """
     if not records:
         return {"conditions": {}}
-    groups = group_records(load_records(list(records)))
-    return {"conditions": build_summary(groups, list(groups), resamples, seed)}
+    loaded = load_records(list(records))
+    runs = collapse_repeated_runs(group_records(loaded), loaded)
+    return {"conditions": build_summary(runs.groups, list(runs.groups), resamples, seed, runs.collapsed)}
+
+
+def _collapse_notes(runs: RunCollapse) -> list[str]:
+    notes = [
+        f"{cond}: runs {', '.join(same)} are one computation (one translator checkpoint, a condition that ignores the "
+        f"seed, identical answers): counted once, as run {kept}"
+        for cond, merged in runs.collapsed.items()
+        for kept, same in merged.items()
+    ]
+    # Older records say nothing about their translator: identical runs may be one computation written per seed, or
+    # translators that happen to agree. Only the evaluation knew: the numbers stay as they are, the reader is warned.
+    notes += [
+        f"WARNING {cond}: runs {', '.join(same)} give identical answers on every sample but their records carry no "
+        "translator identity; if one translator checkpoint produced them, they are one run and the pooled CIs and "
+        "McNemar p here are too narrow (re-evaluate to record translator identities, or report one of the runs)"
+        for cond, twins in runs.unnamed_twins.items()
+        for same in twins
+    ]
+    return notes
 
 
 def run_report(
@@ -114,26 +141,38 @@ def run_report(
         margins: TOST equivalence margins (accuracy units, each > 0).
         seed: Base seed; each CI derives its own seed from it and a label, recorded next to the CI.
         intersect: Compare only the sample ids common to a condition and its baseline, reporting how many were
-            dropped, instead of failing when they differ.
+            dropped, instead of failing when they differ (a strict-matched subset is compared on its samples anyway).
         tost_resamples: Resamples of the clustered bootstrap 90% CI reported next to TOST.
 
     Returns:
         A :class:`ReportResult`.
 
     Raises:
-        ReportInputError: Bad or empty input, absent baseline, mismatching sample ids without ``intersect``.
+        ReportInputError: Bad or empty input, absent baseline, mismatching sample ids without ``intersect``, an
+            ``out_dir`` that is a file or cannot be created.
+
+    Runs of one computation (one translator's answers to a condition that ignores the seed, written once per seed)
+    count as one run: see ``load.collapse_repeated_runs``; ``summary.json``'s ``meta.collapsed_runs`` lists them.
     """
     if resamples < 1:
         raise ValueError(f"resamples must be >= 1, got {resamples}")
     margins = [float(g) for g in margins]
     if not margins or any(g <= 0 for g in margins):
         raise ValueError(f"margins must be positive numbers, got {margins}")
-    counters: dict[str, int] = {}
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ReportInputError(f"--out {out} is a file, not a folder: name a folder (it is created if absent)")
+    counters: dict[str, Any] = {}
     records = load_records(list(inputs), counters)
-    groups = group_records(records)
+    runs = collapse_repeated_runs(group_records(records), records)
+    groups, collapsed = runs.groups, runs.collapsed
     notes: list[str] = []
+    if counters.get("skipped_files"):
+        names = ", ".join(Path(f).name for f in counters["skipped_files"])
+        notes.append(f"skipped {len(counters['skipped_files'])} JSON file(s) that hold no records: {names}")
     if counters.get("metric_mismatch"):
         notes.append(f"{counters['metric_mismatch']} record(s) carried stored metrics that differ from re-scoring")
+    notes += _collapse_notes(runs)
     chosen = _resolve_baselines(groups, baselines, notes)
     order = chosen + [c for c in groups if c not in chosen]
 
@@ -151,15 +190,20 @@ def run_report(
         "main_metric": MAIN_METRIC,
         "n_records": len(records),
         "inputs": [str(i) for i in inputs if not isinstance(i, Mapping)],
+        "collapsed_runs": collapsed,
+        "unnamed_identical_runs": runs.unnamed_twins,
     }
-    summary = {"conditions": build_summary(groups, order, resamples, seed), "meta": meta}
+    summary = {"conditions": build_summary(groups, order, resamples, seed, collapsed), "meta": meta}
     comparisons, equivalence, cmp_notes = build_comparisons(
-        groups, order, chosen, resamples, margins, seed, intersect, tost_resamples
+        groups, order, chosen, resamples, margins, seed, intersect, tost_resamples, collapsed
     )
     notes += cmp_notes
     meta["notes"] = notes
 
-    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ReportInputError(f"--out {out}: cannot create the folder ({err.strerror or err})") from err
     md_summary = summary_markdown(summary)
     md_comparisons = comparisons_markdown(comparisons, equivalence, meta)
     cmp_cols = list(comparisons[0]) if comparisons else ["condition", "baseline", "metric"]

@@ -42,6 +42,24 @@ def _per_run_fmt(v: float) -> str:
     return f"{v:.1f}"
 
 
+def _runs_text(meta: Mapping) -> str:
+    """What the report did about runs that may be one computation (empty when nothing): see ``load.RunCollapse``."""
+    parts = [
+        f"{cond}: seeds {', '.join(same)} are one translator's answers to a condition that ignores the seed, "
+        f"counted once (run {kept})."
+        for cond, merged in meta.get("collapsed_runs", {}).items()
+        for kept, same in merged.items()
+    ]
+    text = ("One computation, one run: " + " ".join(parts)) if parts else ""
+    warn = [
+        f"{cond}: seeds {', '.join(same)} give identical answers but carry no translator identity; if one translator "
+        "produced them they are one run, and the pooled statistics here are too narrow."
+        for cond, twins in meta.get("unnamed_identical_runs", {}).items()
+        for same in twins
+    ]
+    return "\n\n".join(t for t in (text, ("**Warning**: " + " ".join(warn)) if warn else "") if t)
+
+
 def summary_markdown(summary: Mapping) -> str:
     """The paper's main table: condition, runs, n, then mean +/- sample SD of each metric (main metric first)."""
     head = ["Condition", "Runs", "n", *(METRIC_LABELS[m] for m in METRIC_ORDER)]
@@ -57,6 +75,7 @@ def summary_markdown(summary: Mapping) -> str:
         "\n".join(lines)
         + f"\n\nValues are mean ± sample SD over runs (single runs: the run's value). Main metric: {MAIN_METRIC}. "
         f"Scored from gold and prediction; seed {meta['seed']}.\n"
+        + (f"\n{_runs_text(meta)}\n" if _runs_text(meta) else "")
     )
 
 
@@ -70,6 +89,8 @@ def comparisons_markdown(comparisons: Sequence[Mapping], equivalence: Sequence[M
         f"(seed {meta['seed']}, one derived seed per comparison). McNemar: continuity-corrected chi-square.",
         "",
     ]
+    if _runs_text(meta):
+        out += [_runs_text(meta), ""]
     for base in meta["baselines"]:
         for m in METRIC_ORDER:
             rows = [c for c in comparisons if c["baseline"] == base and c["metric"] == m]
