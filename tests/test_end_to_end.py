@@ -15,8 +15,9 @@ from unittest import mock
 
 import pytest
 
+from lightning_modules.components.organism_eval import chance_rate
 from lightning_modules.components.synthetic_multihop import EVAL_SEED, generate_samples
-from lightning_modules.organisms import chance_rate, ensure_organism, organism_config
+from lightning_modules.organisms import ensure_organism, organism_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # Reduced recipes of the organism configs: smaller, fewer steps; the receiver still learns to copy answers.

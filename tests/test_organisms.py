@@ -12,14 +12,14 @@ import torch
 
 from datamodules.organism_text import ANSWER, PAD, PROMPT, OrganismTextDataModule, encode_samples, eval_keys
 from lightning_modules import organisms
+from lightning_modules.components import organism_eval
 from lightning_modules.components.frozen_lm import load_model, load_tokenizer
+from lightning_modules.components.organism_eval import chance_rate, evaluate_organism
 from lightning_modules.components.synthetic_multihop import EVAL_NUM_SAMPLES, EVAL_SEED, generate_samples
 from lightning_modules.components.tokenizer import offline_tokenizer
 from lightning_modules.organisms import (
-    chance_rate,
     config_hash,
     ensure_organism,
-    evaluate_organism,
     organism_config,
     resolved_config,
 )
@@ -202,7 +202,7 @@ def test_chance_rates():
     samples = generate_samples(EVAL_NUM_SAMPLES, EVAL_SEED)
     pool = chance_rate(samples, "type_pool")
     # By hand: answers are countries (1/26), continents (1/6) or counts (1/56), weighted by how often each is asked.
-    kinds = [organisms._entity_type(s.answer) for s in samples]
+    kinds = [organism_eval._entity_type(s.answer) for s in samples]
     expected = sum({"country": 1 / 26, "continent": 1 / 6, "count": 1 / 56}[k] for k in kinds) / len(samples)
     assert pool == pytest.approx(expected)
     same_type = chance_rate(samples, "context_same_type")
