@@ -115,11 +115,12 @@ class PairStream(IterableDataset):
         self.batch_size, self.shuffle, self.seed = int(batch_size), bool(shuffle), int(seed)
         self.chunk_rows, self.shuffle_buffer = int(chunk_rows), int(shuffle_buffer)
         self.rank, self.world_size = int(rank), int(world_size)
-        self.epoch = 0
+        self.epoch, self.skip_steps = 0, 0
         self.bounds = step_bounds(self.hi - self.lo, self.batch_size, self.world_size)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+    def set_epoch(self, epoch: int, skip_steps: int = 0) -> None:
+        """Visit epoch ``epoch``'s order, starting after its first ``skip_steps`` steps (a mid-epoch resume)."""
+        self.epoch, self.skip_steps = int(epoch), int(skip_steps)
 
     def __len__(self) -> int:
         return len(self.bounds)
@@ -140,7 +141,8 @@ class PairStream(IterableDataset):
                                      chunk_rows=self.chunk_rows, window_rows=self.shuffle_buffer)  # fmt: skip
         wends = np.append(wstarts[1:], n)
         windows: dict[int, dict[str, torch.Tensor]] = {}
-        for s in range(worker, len(self.bounds), num_workers):
+        # The loader takes batches from workers in turn, so worker k serves the (skip + k)-th step, and so on.
+        for s in range(self.skip_steps + worker, len(self.bounds), num_workers):
             pos = rank_positions(self.bounds[s], self.rank, self.world_size)
             wid = np.searchsorted(wstarts, pos, side="right") - 1
             for j in [j for j in windows if j < wid[0]]:
@@ -156,16 +158,41 @@ class PairStream(IterableDataset):
             yield {k: torch.cat(v) for k, v in parts.items()}
 
 
-class _EpochLoader(DataLoader):
-    """A DataLoader that tells its dataset the epoch before each pass (workers get a fresh copy every pass)."""
+class _LazyIterator:
+    """An iterator that calls ``start()`` for the real one when the first item is asked for."""
 
-    def __init__(self, dataset: PairStream, epoch_fn: Callable[[], int], **kwargs):
+    def __init__(self, start: Callable[[], Iterator]):
+        self._start, self._it = start, None
+
+    def __iter__(self) -> _LazyIterator:
+        return self
+
+    def __next__(self):
+        if self._it is None:
+            self._it = self._start()
+        return next(self._it)
+
+
+class _EpochLoader(DataLoader):
+    """A DataLoader that tells its dataset where to start before each pass (workers get a fresh copy every pass).
+
+    ``position_fn`` returns ``(epoch, steps already taken)``; it is read when the pass's first batch is asked for,
+    not when ``iter()`` is called: Lightning creates the first iterator while estimating the number of steps,
+    *before* it restores a checkpoint's loop state, so a resumed run would otherwise replay epoch 0's order.
+    """
+
+    def __init__(self, dataset: PairStream, position_fn: Callable[[], tuple[int, int]], **kwargs):
         super().__init__(dataset, **kwargs)
-        self._epoch_fn = epoch_fn
+        self._position_fn = position_fn
+
+    def _start(self) -> Iterator:
+        epoch, done = self._position_fn()
+        # Steps taken are 0 at a fresh epoch, and all of them when the last epoch finished: skip nothing then.
+        self.dataset.set_epoch(epoch, done if 0 < done < len(self.dataset) else 0)
+        return super().__iter__()
 
     def __iter__(self):
-        self.dataset.set_epoch(self._epoch_fn())
-        return super().__iter__()
+        return _LazyIterator(self._start)
 
 
 # --------------------------------------------------------------------------------------------- data module
@@ -235,8 +262,11 @@ class ActivationPairDataModule(pl.LightningDataModule):
             raise ValueError("data.store_dir is required when data.sender_model and data.receiver_model are not given")
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
-        if batch_size < 1 or shuffle_buffer < 1 or chunk_rows < 1:
-            raise ValueError("data.batch_size, data.shuffle_buffer and data.chunk_rows must be >= 1")
+        for option, value in (("max_length", max_length), ("extract_batch_size", extract_batch_size),
+                              ("shard_rows", shard_rows), ("batch_size", batch_size),
+                              ("shuffle_buffer", shuffle_buffer), ("chunk_rows", chunk_rows)):  # fmt: skip
+            if value < 1:
+                raise ValueError(f"data.{option} must be >= 1, got {value}")
         self.save_hyperparameters()
         for key in ("sender_model", "receiver_model", "corpus"):
             self.hparams[key] = _plain(self.hparams[key])
@@ -317,8 +347,16 @@ class ActivationPairDataModule(pl.LightningDataModule):
             return int(trainer.global_rank), int(trainer.world_size)
         return 0, 1
 
-    def _epoch(self) -> int:
-        return int(self.trainer.current_epoch) if self.trainer is not None else 0
+    def _train_position(self) -> tuple[int, int]:
+        """``(epoch, steps already taken in it)`` for the training pass whose first batch is being asked for.
+
+        Both come from the trainer's loop state, which a checkpoint restores: a run resumed at an epoch's end
+        continues with the next epoch's order, and one resumed mid-epoch (a checkpoint every n steps) skips exactly
+        the steps taken, so a resumed run sees what an uninterrupted one sees.
+        """
+        if self.trainer is None:
+            return 0, 0
+        return int(self.trainer.current_epoch), int(self.trainer.fit_loop.epoch_loop.batch_progress.current.ready)
 
     def _loader(self, rows: tuple[int, int], shuffle: bool) -> DataLoader:
         rank, world = self._rank_world()
@@ -327,7 +365,8 @@ class ActivationPairDataModule(pl.LightningDataModule):
                         chunk_rows=h.chunk_rows, shuffle_buffer=h.shuffle_buffer, rank=rank,
                         world_size=world)  # fmt: skip
         # batch_size=None: the dataset yields whole batches (it decides which rows go to which rank and worker).
-        return _EpochLoader(ds, self._epoch, batch_size=None, num_workers=h.num_workers)
+        position = self._train_position if shuffle else lambda: (0, 0)  # validation: always all of it, in order
+        return _EpochLoader(ds, position, batch_size=None, num_workers=h.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.split_rows()[0], shuffle=True)
