@@ -194,6 +194,14 @@ class _EpochLoader(DataLoader):
     def __iter__(self):
         return _LazyIterator(self._start)
 
+    # Nothing to save: the position is the trainer's loop state, restored from the same checkpoint. Having these
+    # methods tells Lightning that this loader resumes mid-epoch correctly (it warns about loaders without them).
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
 
 # --------------------------------------------------------------------------------------------- data module
 

@@ -105,7 +105,8 @@ class ProjectCLI(LightningCLI):
 
 
 # The paper's training recipe (arXiv 2606.03280, sections 2-3) as the trainer's defaults: 30 epochs, gradient-norm
-# clipping 1.0, W&B logging, and the best-validation-loss checkpoint kept. A config states only what differs.
+# clipping 1.0, W&B logging, and the best-validation-loss checkpoint kept (plus last.ckpt, to resume). A config
+# states only what differs.
 TRAINER_DEFAULTS = {
     "trainer.max_epochs": 30,
     "trainer.gradient_clip_val": 1.0,
@@ -123,6 +124,8 @@ TRAINER_DEFAULTS = {
                 "mode": "min",
                 "filename": "best-{epoch:02d}-{step}",
                 "auto_insert_metric_name": False,
+                # last.ckpt: what `fit --ckpt_path last` resumes from after an interruption.
+                "save_last": True,
             },
         }
     ],
