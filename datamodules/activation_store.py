@@ -49,6 +49,14 @@ def _folder_lock(folder: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _remove_temporaries(folder: Path) -> None:
+    """Remove what killed writers left behind (``atomic_output``'s ``.<name>.*.tmp``, a whole shard each).
+
+    Called under the folder's lock, which every writer of the folder holds, so no live write is touched."""
+    for p in folder.glob(".*.tmp"):
+        p.unlink(missing_ok=True)
+
+
 def _clear_store(folder: Path) -> None:
     for p in list(folder.glob("shard-*.safetensors")) + [folder / MANIFEST, folder / PARTIAL]:
         p.unlink(missing_ok=True)
@@ -121,8 +129,9 @@ def extract_store(
         nonlocal buf_rows, buf_doc_start
         name = shard_name(len(shards))
         tensors = {k: torch.cat(v) for k, v in buf.items()}
-        save_shard(folder / name, tensors)
-        shards.append({"file": name, "rows": buf_rows, "doc_start": buf_doc_start, "doc_end": doc_end})
+        digest = save_shard(folder / name, tensors)
+        shards.append({"file": name, "rows": buf_rows, "doc_start": buf_doc_start, "doc_end": doc_end,
+                       "sha256": digest})  # fmt: skip
         write_json(folder / PARTIAL, {**base, "shards": shards})
         for v in buf.values():
             v.clear()
@@ -190,8 +199,9 @@ def ensure_store(
 ) -> tuple[Path, dict]:
     """Return ``(folder, manifest)`` of a complete store for this configuration, extracting only what is missing.
 
-    A complete matching store is reused. In the keyed cache a mismatching store is rebuilt; in an explicit
-    ``store_dir`` it is an error (the user's data is never deleted implicitly) unless ``rebuild`` is set.
+    A complete matching store is reused. In the keyed cache a mismatching or unreadable store is rebuilt; in an
+    explicit ``store_dir`` it is an error (the user's data is never deleted implicitly) unless ``rebuild`` is set.
+    ``rebuild`` always rebuilds, whatever the folder holds. Stale temporary files of killed writers are removed.
     """
     sender, receiver = as_ref(sender), as_ref(receiver)
     corpus_obj = load_corpus(corpus)
@@ -199,17 +209,28 @@ def ensure_store(
     explicit = store_dir is not None
     folder = Path(store_dir).expanduser() if explicit else default_store_dir(spec, cache_dir)
     with _folder_lock(folder):
+        _remove_temporaries(folder)
+        if rebuild:
+            log.warning("data.rebuild is set: rebuilding %s", folder)
+            _clear_store(folder)
         for name in (MANIFEST, PARTIAL):
-            found = read_manifest(folder, name)
+            try:
+                found = read_manifest(folder, name)
+            except StoreError as err:
+                if explicit:
+                    raise
+                log.warning("%s: rebuilding", err)
+                _clear_store(folder)
+                break
             if found is None:
                 continue
             if found.get("spec") == spec:
-                if name == MANIFEST and not rebuild:
+                if name == MANIFEST:
                     log.info("activation cache hit: reusing %s (%d pairs)", folder, found["num_tokens"])
                     return folder, found
                 break  # a matching partial: resume below
-            diffs = diff_spec(spec, found.get("spec", {}))
-            if explicit and not rebuild:
+            diffs = diff_spec(spec, found.get("spec") or {})
+            if explicit:
                 raise StoreError(
                     f"activation store {folder / name} was built for a different configuration: "
                     f"{'; '.join(diffs)}. Use another data.store_dir, or --data.rebuild true to rebuild it"
@@ -219,9 +240,6 @@ def ensure_store(
             break
         else:
             log.info("activation cache miss: extracting into %s", folder)
-        if rebuild and read_manifest(folder, MANIFEST) is not None:
-            log.warning("data.rebuild is set: rebuilding %s", folder)
-            _clear_store(folder)
         s = _load_for_option(sender, "data.sender_model", cache_dir)
         r = _load_for_option(receiver, "data.receiver_model", cache_dir)
         dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
