@@ -11,7 +11,7 @@ import contextlib
 import fcntl
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -26,6 +26,7 @@ from datamodules.store_format import (
     default_store_dir,
     diff_spec,
     read_manifest,
+    ref_spec,
     save_shard,
     shard_name,
     store_spec,
@@ -176,9 +177,10 @@ def extract_store(
     return manifest
 
 
-def _load_for_option(ref: ModelRef, option: str, cache_dir: str | None) -> LoadedModel:
+def _for_option(option: str, fn: Callable, *args):
+    """``fn(*args)``, with a ValueError prefixed by the config option it is about."""
     try:
-        return load_ref(ref, cache_dir=cache_dir)
+        return fn(*args)
     except ValueError as err:
         raise ValueError(f"{option}: {err}") from err
 
@@ -205,7 +207,10 @@ def ensure_store(
     """
     sender, receiver = as_ref(sender), as_ref(receiver)
     corpus_obj = load_corpus(corpus)
-    spec = store_spec(sender, receiver, corpus_obj.fingerprint, max_length, store_dtype)
+    # The spec holds the weights' identities (a local folder's digest, a Hub commit), read without loading models.
+    s_spec = _for_option("data.sender_model", ref_spec, sender, cache_dir)
+    r_spec = _for_option("data.receiver_model", ref_spec, receiver, cache_dir)
+    spec = store_spec(s_spec, r_spec, corpus_obj.fingerprint, max_length, store_dtype)
     explicit = store_dir is not None
     folder = Path(store_dir).expanduser() if explicit else default_store_dir(spec, cache_dir)
     with _folder_lock(folder):
@@ -240,8 +245,8 @@ def ensure_store(
             break
         else:
             log.info("activation cache miss: extracting into %s", folder)
-        s = _load_for_option(sender, "data.sender_model", cache_dir)
-        r = _load_for_option(receiver, "data.receiver_model", cache_dir)
+        s = _for_option("data.sender_model", load_ref, sender, cache_dir)
+        r = _for_option("data.receiver_model", load_ref, receiver, cache_dir)
         dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                            ("cpu" if device == "auto" else device))  # fmt: skip
         s.model.to(dev)

@@ -16,7 +16,9 @@ ends at a batch boundary and records the document range it covers (``datamodules
 resumes stores; this module only reads and writes the format).
 
 The cache key (``store_key``) hashes everything the activations depend on: both models (name, revision, layer,
-dtype, preset seed), the corpus fingerprint, ``max_length`` and the storage dtype.
+dtype, preset seed, and the weights' identity: a local folder's content digest or a Hub revision's commit, so new
+weights under an old name never reuse old activations), the corpus fingerprint, ``max_length`` and the storage
+dtype.
 """
 
 from __future__ import annotations
@@ -28,10 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lightning_modules.components.frozen_lm import ModelRef, as_ref
+from lightning_modules.components.frozen_lm import ModelRef, as_ref, weights_identity
 from lightning_modules.components.io import atomic_output, cache_root, sha256_file, write_json
 
-FORMAT_VERSION = 2  # 2: per-shard SHA-256 in the manifest
+FORMAT_VERSION = 2  # 2: per-shard SHA-256 in the manifest, weights identities in the spec
 MANIFEST = "manifest.json"
 PARTIAL = "manifest.partial.json"
 REBUILD_HINT = "rebuild the store with --data.rebuild true (extraction needs data.sender_model and data.receiver_model)"
@@ -48,8 +50,9 @@ class NonFiniteActivations(StoreError):
 # --------------------------------------------------------------------------------------------- keys and specs
 
 
-def ref_spec(ref: ModelRef | dict | str) -> dict:
-    """The fields of a model reference that change its activations (trust_remote_code does not)."""
+def ref_spec(ref: ModelRef | dict | str, cache_dir: str | None = None) -> dict:
+    """The fields of a model reference that change its activations (trust_remote_code does not), with the identity
+    of the weights the name stands for now (:func:`weights_identity`; ``cache_dir`` resolves ``organism:`` names)."""
     ref = as_ref(ref)
     return {
         "name": ref.name,
@@ -57,21 +60,19 @@ def ref_spec(ref: ModelRef | dict | str) -> dict:
         "layer": ref.layer,
         "dtype": ref.dtype,
         "preset_seed": ref.preset_seed,
+        **weights_identity(ref, cache_dir),
     }
 
 
 def store_spec(
-    sender: ModelRef | dict | str,
-    receiver: ModelRef | dict | str,
-    corpus_fingerprint: str,
-    max_length: int,
-    store_dtype: str = "float32",
+    sender: dict, receiver: dict, corpus_fingerprint: str, max_length: int, store_dtype: str = "float32"
 ) -> dict:
-    """Everything a store's content depends on; two stores with equal specs hold the same pairs."""
+    """Everything a store's content depends on (``sender``/``receiver``: :func:`ref_spec` of each model); two
+    stores with equal specs hold the same pairs."""
     return {
         "format_version": FORMAT_VERSION,
-        "sender": ref_spec(sender),
-        "receiver": ref_spec(receiver),
+        "sender": sender,
+        "receiver": receiver,
         "corpus_fingerprint": corpus_fingerprint,
         "max_length": int(max_length),
         "store_dtype": store_dtype,

@@ -106,6 +106,25 @@ def test_nan_in_stored_shard_is_reported(tmp_path):
         PairStore(tmp_path).read_rows(torch.arange(50).numpy())
 
 
+def test_new_weights_in_a_local_model_folder_rebuild_the_store(tmp_path, caplog):
+    # Same folder name, other weights (a new export, a retrained organism): the activations must be re-extracted.
+    from lightning_modules.components.frozen_lm import load_model
+
+    folder = tmp_path / "model"
+    load_model("tiny-neox").save_pretrained(folder)
+    offline_tokenizer().save_pretrained(folder)
+    ref, cache = ModelRef(str(folder), layer=1), str(tmp_path / "cache")
+    first, m1 = ensure_store(ref, RECEIVER, CORPUS, cache_dir=cache, **SMALL)
+    load_model("tiny-neox", preset_seed=1).save_pretrained(folder)
+    caplog.set_level(logging.INFO, logger="datamodules")
+    second, m2 = ensure_store(ref, RECEIVER, CORPUS, cache_dir=cache, **SMALL)
+    assert second != first and "cache miss" in caplog.text
+    digests = (m1["models"]["sender"]["weights_sha256"], m2["models"]["sender"]["weights_sha256"])
+    assert None not in digests and digests[0] != digests[1] and m2["spec"]["sender"]["weights_sha256"] == digests[1]
+    rows = torch.arange(10).numpy()
+    assert not torch.equal(PairStore(first).read_rows(rows)["sender"], PairStore(second).read_rows(rows)["sender"])
+
+
 def test_different_tokenizers_are_refused(tmp_path):
     s, r = load_ref(SENDER), load_ref(RECEIVER)
     r.tokenizer = offline_tokenizer(str(tmp_path), vocab_size=400)
