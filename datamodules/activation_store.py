@@ -231,7 +231,7 @@ def ensure_store(
                 continue
             if found.get("spec") == spec:
                 if name == MANIFEST:
-                    log.info("activation cache hit: reusing %s (%d pairs)", folder, found["num_tokens"])
+                    log.info("activation cache hit: reusing %s (%s pairs)", folder, found.get("num_tokens"))
                     return folder, found
                 break  # a matching partial: resume below
             diffs = diff_spec(spec, found.get("spec") or {})
