@@ -14,7 +14,7 @@ import torch
 
 from datamodules.activation_store import extract_store
 from datamodules.corpora import CorpusSpec, load_corpus
-from datamodules.store_format import store_spec
+from datamodules.store_format import ref_spec, store_spec
 from lightning_modules.components.frozen_lm import ModelRef, load_ref
 
 
@@ -35,7 +35,7 @@ def main() -> None:
     sender, receiver = load_ref(s), load_ref(r)
     load_s = time.perf_counter() - t0
     corpus = load_corpus(CorpusSpec(builtin_samples=args.samples))
-    spec = store_spec(s, r, corpus.fingerprint, args.max_length)
+    spec = store_spec(ref_spec(s), ref_spec(r), corpus.fingerprint, args.max_length)
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
         m = extract_store(sender, receiver, corpus, d, spec, batch_size=args.batch_size)

@@ -11,7 +11,7 @@ import contextlib
 import fcntl
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -26,6 +26,7 @@ from datamodules.store_format import (
     default_store_dir,
     diff_spec,
     read_manifest,
+    ref_spec,
     save_shard,
     shard_name,
     store_spec,
@@ -47,6 +48,14 @@ def _folder_lock(folder: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _remove_temporaries(folder: Path) -> None:
+    """Remove what killed writers left behind (``atomic_output``'s ``.<name>.*.tmp``, a whole shard each).
+
+    Called under the folder's lock, which every writer of the folder holds, so no live write is touched."""
+    for p in folder.glob(".*.tmp"):
+        p.unlink(missing_ok=True)
 
 
 def _clear_store(folder: Path) -> None:
@@ -121,8 +130,9 @@ def extract_store(
         nonlocal buf_rows, buf_doc_start
         name = shard_name(len(shards))
         tensors = {k: torch.cat(v) for k, v in buf.items()}
-        save_shard(folder / name, tensors)
-        shards.append({"file": name, "rows": buf_rows, "doc_start": buf_doc_start, "doc_end": doc_end})
+        digest = save_shard(folder / name, tensors)
+        shards.append({"file": name, "rows": buf_rows, "doc_start": buf_doc_start, "doc_end": doc_end,
+                       "sha256": digest})  # fmt: skip
         write_json(folder / PARTIAL, {**base, "shards": shards})
         for v in buf.values():
             v.clear()
@@ -167,9 +177,10 @@ def extract_store(
     return manifest
 
 
-def _load_for_option(ref: ModelRef, option: str, cache_dir: str | None) -> LoadedModel:
+def _for_option(option: str, fn: Callable, *args):
+    """``fn(*args)``, with a ValueError prefixed by the config option it is about."""
     try:
-        return load_ref(ref, cache_dir=cache_dir)
+        return fn(*args)
     except ValueError as err:
         raise ValueError(f"{option}: {err}") from err
 
@@ -190,26 +201,41 @@ def ensure_store(
 ) -> tuple[Path, dict]:
     """Return ``(folder, manifest)`` of a complete store for this configuration, extracting only what is missing.
 
-    A complete matching store is reused. In the keyed cache a mismatching store is rebuilt; in an explicit
-    ``store_dir`` it is an error (the user's data is never deleted implicitly) unless ``rebuild`` is set.
+    A complete matching store is reused. In the keyed cache a mismatching or unreadable store is rebuilt; in an
+    explicit ``store_dir`` it is an error (the user's data is never deleted implicitly) unless ``rebuild`` is set.
+    ``rebuild`` always rebuilds, whatever the folder holds. Stale temporary files of killed writers are removed.
     """
     sender, receiver = as_ref(sender), as_ref(receiver)
     corpus_obj = load_corpus(corpus)
-    spec = store_spec(sender, receiver, corpus_obj.fingerprint, max_length, store_dtype)
+    # The spec holds the weights' identities (a local folder's digest, a Hub commit), read without loading models.
+    s_spec = _for_option("data.sender_model", ref_spec, sender, cache_dir)
+    r_spec = _for_option("data.receiver_model", ref_spec, receiver, cache_dir)
+    spec = store_spec(s_spec, r_spec, corpus_obj.fingerprint, max_length, store_dtype)
     explicit = store_dir is not None
     folder = Path(store_dir).expanduser() if explicit else default_store_dir(spec, cache_dir)
     with _folder_lock(folder):
+        _remove_temporaries(folder)
+        if rebuild:
+            log.warning("data.rebuild is set: rebuilding %s", folder)
+            _clear_store(folder)
         for name in (MANIFEST, PARTIAL):
-            found = read_manifest(folder, name)
+            try:
+                found = read_manifest(folder, name)
+            except StoreError as err:
+                if explicit:
+                    raise
+                log.warning("%s: rebuilding", err)
+                _clear_store(folder)
+                break
             if found is None:
                 continue
             if found.get("spec") == spec:
-                if name == MANIFEST and not rebuild:
-                    log.info("activation cache hit: reusing %s (%d pairs)", folder, found["num_tokens"])
+                if name == MANIFEST:
+                    log.info("activation cache hit: reusing %s (%s pairs)", folder, found.get("num_tokens"))
                     return folder, found
                 break  # a matching partial: resume below
-            diffs = diff_spec(spec, found.get("spec", {}))
-            if explicit and not rebuild:
+            diffs = diff_spec(spec, found.get("spec") or {})
+            if explicit:
                 raise StoreError(
                     f"activation store {folder / name} was built for a different configuration: "
                     f"{'; '.join(diffs)}. Use another data.store_dir, or --data.rebuild true to rebuild it"
@@ -219,11 +245,8 @@ def ensure_store(
             break
         else:
             log.info("activation cache miss: extracting into %s", folder)
-        if rebuild and read_manifest(folder, MANIFEST) is not None:
-            log.warning("data.rebuild is set: rebuilding %s", folder)
-            _clear_store(folder)
-        s = _load_for_option(sender, "data.sender_model", cache_dir)
-        r = _load_for_option(receiver, "data.receiver_model", cache_dir)
+        s = _for_option("data.sender_model", load_ref, sender, cache_dir)
+        r = _for_option("data.receiver_model", load_ref, receiver, cache_dir)
         dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                            ("cpu" if device == "auto" else device))  # fmt: skip
         s.model.to(dev)

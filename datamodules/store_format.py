@@ -7,12 +7,18 @@ Layout of a store folder::
     shard-00000.safetensors  tensors "sender" (n, d_s), "receiver" (n, d_r), "doc" int64 (n,), "pos" int32 (n,)
     ...
 
+The manifest lists each shard's rows and SHA-256. A reader checks every shard's shapes against the manifest when it
+opens the store, and each shard's bytes against its SHA-256 once per process (``PairStore(verify=True)``), so an
+edited manifest or a changed file stops the run with the shard's name instead of training on wrong data.
+
 Rows are ordered by document, then token position, so "the last 10% of rows" is a deterministic split. Each shard
 ends at a batch boundary and records the document range it covers (``datamodules.activation_store`` extracts and
 resumes stores; this module only reads and writes the format).
 
 The cache key (``store_key``) hashes everything the activations depend on: both models (name, revision, layer,
-dtype, preset seed), the corpus fingerprint, ``max_length`` and the storage dtype.
+dtype, preset seed, and the weights' identity: a local folder's content digest or a Hub revision's commit, so new
+weights under an old name never reuse old activations), the corpus fingerprint, ``max_length`` and the storage
+dtype.
 """
 
 from __future__ import annotations
@@ -24,12 +30,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lightning_modules.components.frozen_lm import ModelRef, as_ref
-from lightning_modules.components.io import atomic_output, cache_root, write_json
+from lightning_modules.components.frozen_lm import ModelRef, as_ref, weights_identity
+from lightning_modules.components.io import atomic_output, cache_root, sha256_file, write_json
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-shard SHA-256 in the manifest, weights identities in the spec
 MANIFEST = "manifest.json"
 PARTIAL = "manifest.partial.json"
+REBUILD_HINT = "rebuild the store with --data.rebuild true (extraction needs data.sender_model and data.receiver_model)"
 
 
 class StoreError(ValueError):
@@ -43,8 +50,9 @@ class NonFiniteActivations(StoreError):
 # --------------------------------------------------------------------------------------------- keys and specs
 
 
-def ref_spec(ref: ModelRef | dict | str) -> dict:
-    """The fields of a model reference that change its activations (trust_remote_code does not)."""
+def ref_spec(ref: ModelRef | dict | str, cache_dir: str | None = None) -> dict:
+    """The fields of a model reference that change its activations (trust_remote_code does not), with the identity
+    of the weights the name stands for now (:func:`weights_identity`; ``cache_dir`` resolves ``organism:`` names)."""
     ref = as_ref(ref)
     return {
         "name": ref.name,
@@ -52,21 +60,19 @@ def ref_spec(ref: ModelRef | dict | str) -> dict:
         "layer": ref.layer,
         "dtype": ref.dtype,
         "preset_seed": ref.preset_seed,
+        **weights_identity(ref, cache_dir),
     }
 
 
 def store_spec(
-    sender: ModelRef | dict | str,
-    receiver: ModelRef | dict | str,
-    corpus_fingerprint: str,
-    max_length: int,
-    store_dtype: str = "float32",
+    sender: dict, receiver: dict, corpus_fingerprint: str, max_length: int, store_dtype: str = "float32"
 ) -> dict:
-    """Everything a store's content depends on; two stores with equal specs hold the same pairs."""
+    """Everything a store's content depends on (``sender``/``receiver``: :func:`ref_spec` of each model); two
+    stores with equal specs hold the same pairs."""
     return {
         "format_version": FORMAT_VERSION,
-        "sender": ref_spec(sender),
-        "receiver": ref_spec(receiver),
+        "sender": sender,
+        "receiver": receiver,
         "corpus_fingerprint": corpus_fingerprint,
         "max_length": int(max_length),
         "store_dtype": store_dtype,
@@ -101,12 +107,14 @@ def shard_name(i: int) -> str:
     return f"shard-{i:05d}.safetensors"
 
 
-def save_shard(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Write one shard atomically: readers see the old file or the new one, never half of one."""
+def save_shard(path: Path, tensors: dict[str, torch.Tensor]) -> str:
+    """Write one shard atomically (readers see the old file or the new one, never half of one); return its SHA-256."""
     from safetensors.torch import save_file
 
     with atomic_output(path) as tmp:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
+        digest = sha256_file(tmp)
+    return digest
 
 
 def read_manifest(folder: str | Path, name: str = MANIFEST) -> dict | None:
@@ -114,9 +122,12 @@ def read_manifest(folder: str | Path, name: str = MANIFEST) -> dict | None:
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise StoreError(f"activation store manifest {path} is not valid JSON ({err})") from err
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise StoreError(f"activation store manifest {path} is not valid JSON ({err}); {REBUILD_HINT}") from err
+    if not isinstance(manifest, dict):
+        raise StoreError(f"activation store manifest {path} is not a JSON object; {REBUILD_HINT}")
+    return manifest
 
 
 def check_finite(t: torch.Tensor, what: str) -> None:
@@ -148,9 +159,9 @@ def write_pairs_store(
         hi = min(lo + shard_rows, n)
         name = shard_name(i)
         idx = torch.arange(lo, hi)
-        save_shard(folder / name, {"sender": sender[lo:hi], "receiver": receiver[lo:hi], "doc": idx,
-                                          "pos": torch.zeros(hi - lo, dtype=torch.int32)})  # fmt: skip
-        shards.append({"file": name, "rows": hi - lo, "doc_start": lo, "doc_end": hi})
+        digest = save_shard(folder / name, {"sender": sender[lo:hi], "receiver": receiver[lo:hi], "doc": idx,
+                                            "pos": torch.zeros(hi - lo, dtype=torch.int32)})  # fmt: skip
+        shards.append({"file": name, "rows": hi - lo, "doc_start": lo, "doc_end": hi, "sha256": digest})
     manifest = {
         "format_version": FORMAT_VERSION,
         "spec": spec or {"synthetic": True},
@@ -170,30 +181,85 @@ def write_pairs_store(
 # --------------------------------------------------------------------------------------------- reading
 
 
+# Shards whose bytes matched the manifest in this process: (path, size, mtime_ns, sha256). Hashing a store is a
+# full read of it, so it happens once per process, not at every epoch's reopening.
+_VERIFIED: set[tuple[str, int, int, str]] = set()
+
+
+def _verify_shard(path: Path, expected: str) -> None:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, expected)
+    if key in _VERIFIED:
+        return
+    if sha256_file(path) != expected:
+        raise StoreError(
+            f"activation shard {path} does not match the SHA-256 its manifest records (the file changed after "
+            f"extraction); {REBUILD_HINT}"
+        )
+    _VERIFIED.add(key)
+
+
 class PairStore:
     """Read access to a complete store: contiguous row ranges, loaded lazily shard by shard.
 
     Only the rows asked for are read (safetensors slices of memory-mapped files), so memory follows the
-    request size, not the store size.
+    request size, not the store size. Opening checks the manifest against the shards (see the module docstring).
+
+    Args:
+        folder: Store folder.
+        verify: Check each shard's bytes against the manifest's SHA-256 (once per process and file).
     """
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, verify: bool = True):
         self.folder = Path(folder)
         manifest = read_manifest(self.folder)
         if manifest is None:
             hint = " (an unfinished extraction: rerun it to resume)" if (self.folder / PARTIAL).is_file() else ""
             raise StoreError(f"activation store {self.folder / MANIFEST} does not exist{hint}")
+        where = self.folder / MANIFEST
+        if manifest.get("format_version") != FORMAT_VERSION:
+            raise StoreError(f"activation store {where} has format version {manifest.get('format_version')!r}, "
+                             f"this code reads {FORMAT_VERSION}; {REBUILD_HINT}")  # fmt: skip
+        try:
+            self.shards = manifest["shards"]
+            self.offsets = [0]
+            for s in self.shards:
+                self.offsets.append(self.offsets[-1] + int(s["rows"]))
+            self.sender_dim = int(manifest["dims"]["sender"])
+            self.receiver_dim = int(manifest["dims"]["receiver"])
+            num_tokens = int(manifest["num_tokens"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise StoreError(f"activation store {where} lacks or garbles {err}; {REBUILD_HINT}") from err
         self.manifest = manifest
-        self.shards = manifest["shards"]
-        self.offsets = [0]
-        for s in self.shards:
-            self.offsets.append(self.offsets[-1] + int(s["rows"]))
         self.num_rows = self.offsets[-1]
-        self.sender_dim = int(manifest["dims"]["sender"])
-        self.receiver_dim = int(manifest["dims"]["receiver"])
+        if num_tokens != self.num_rows:
+            raise StoreError(f"activation store {where} says num_tokens {num_tokens} but its shards list "
+                             f"{self.num_rows} rows; {REBUILD_HINT}")  # fmt: skip
         for s in self.shards:
-            if not (self.folder / s["file"]).is_file():
-                raise StoreError(f"activation shard {self.folder / s['file']} listed in the manifest is missing")
+            self._check_shard(s, verify)
+
+    def _check_shard(self, shard: dict, verify: bool) -> None:
+        """The shard exists, holds the tensors and shapes its manifest entry promises, and (verify) its bytes."""
+        from safetensors import safe_open
+
+        path, rows = self.folder / shard["file"], int(shard["rows"])
+        if not path.is_file():
+            raise StoreError(f"activation shard {path} listed in the manifest is missing; {REBUILD_HINT}")
+        expected = {"sender": [rows, self.sender_dim], "receiver": [rows, self.receiver_dim], "doc": [rows],
+                    "pos": [rows]}  # fmt: skip
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                found = {k: list(f.get_slice(k).get_shape()) if k in f.keys() else None for k in expected}
+        except Exception as err:  # safetensors raises its own error types for truncated or corrupt files
+            raise StoreError(f"cannot read activation shard {path}: {type(err).__name__}: {err}; "
+                             f"{REBUILD_HINT}") from err  # fmt: skip
+        bad = [f"{k} {found[k]} (manifest: {v})" for k, v in expected.items() if found[k] != v]
+        if bad:
+            raise StoreError(f"activation shard {path} does not match its manifest: {', '.join(bad)}; {REBUILD_HINT}")
+        if verify:
+            if "sha256" not in shard:
+                raise StoreError(f"activation shard {path} has no SHA-256 in its manifest; {REBUILD_HINT}")
+            _verify_shard(path, shard["sha256"])
 
     def __len__(self) -> int:
         return self.num_rows

@@ -20,8 +20,11 @@ try to restore the evaluation module itself and is refused).
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from jsonargparse import Namespace
@@ -92,12 +95,48 @@ def use_one_output_root(trainer: Namespace) -> None:
                 callback.init_args["dirpath"] = str(Path(root) / "checkpoints")
 
 
+# W&B's folders besides the run's own (sub-folders of ``<root>/wandb``): unset, they default to the home folder
+# (~/.cache/wandb, ~/.local/share/wandb/artifacts/staging, ~/.config/wandb) and fill with files every run.
+WANDB_FOLDERS = {
+    "WANDB_DIR": None,  # the root itself: W&B puts its runs into <WANDB_DIR>/wandb
+    "WANDB_CACHE_DIR": "cache",
+    "WANDB_DATA_DIR": "data",
+    "WANDB_ARTIFACT_DIR": "artifacts",
+    "WANDB_CONFIG_DIR": "config",
+}
+
+
+def keep_wandb_under(root: str | Path) -> None:
+    """Point W&B's folders that the user did not set at ``root`` (see ``WANDB_FOLDERS``); see :func:`restored_env`."""
+    root = Path(root).resolve()
+    for var, sub in WANDB_FOLDERS.items():
+        if not os.environ.get(var):
+            os.environ[var] = str(root if sub is None else root / "wandb" / sub)
+
+
+@contextlib.contextmanager
+def restored_env(names) -> Iterator[None]:
+    """Restore the environment variables ``names`` on exit: a CLI's settings end with it (tests and the demo run
+    several CLIs in one process)."""
+    saved = {name: os.environ.get(name) for name in names}
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 class ProjectCLI(LightningCLI):
-    """What both entry points share: one output root, and organisms trained explicitly before instantiation."""
+    """What both entry points share: one output root (W&B's folders included), and organisms trained explicitly
+    before instantiation."""
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         use_one_output_root(config.trainer)
+        keep_wandb_under(config.trainer.get("default_root_dir") or ".")  # before the logger exists
         names = organism_names(config.as_dict())
         if names:
             data, model = config.get("data") or {}, config.get("model") or {}
@@ -105,7 +144,8 @@ class ProjectCLI(LightningCLI):
 
 
 # The paper's training recipe (arXiv 2606.03280, sections 2-3) as the trainer's defaults: 30 epochs, gradient-norm
-# clipping 1.0, W&B logging, and the best-validation-loss checkpoint kept. A config states only what differs.
+# clipping 1.0, W&B logging, and the best-validation-loss checkpoint kept (plus last.ckpt, to resume). A config
+# states only what differs.
 TRAINER_DEFAULTS = {
     "trainer.max_epochs": 30,
     "trainer.gradient_clip_val": 1.0,
@@ -123,6 +163,8 @@ TRAINER_DEFAULTS = {
                 "mode": "min",
                 "filename": "best-{epoch:02d}-{step}",
                 "auto_insert_metric_name": False,
+                # last.ckpt: what `fit --ckpt_path last` resumes from after an interruption.
+                "save_last": True,
             },
         }
     ],
@@ -183,31 +225,33 @@ def train_main(args: ArgsType = None, run: bool = True) -> TrainCLI:
         run: Run the subcommand (False: only instantiate, for tests).
     """
     setup_logging()
-    cli = TrainCLI(
-        TranslatorModule,
-        ActivationPairDataModule,
-        save_config_callback=LoggerSaveConfigCallback,
-        parser_kwargs={"parser_mode": "omegaconf"},
-        seed_everything_default=42,  # the paper's first seed
-        args=args,
-        run=run,
-    )
-    if run:
-        finish_wandb(cli.trainer)
+    with restored_env(WANDB_FOLDERS):
+        cli = TrainCLI(
+            TranslatorModule,
+            ActivationPairDataModule,
+            save_config_callback=LoggerSaveConfigCallback,
+            parser_kwargs={"parser_mode": "omegaconf"},
+            seed_everything_default=42,  # the paper's first seed
+            args=args,
+            run=run,
+        )
+        if run:
+            finish_wandb(cli.trainer)
     return cli
 
 
 def eval_main(args: ArgsType = None) -> EvalCLI:
     """Run the evaluation CLI; ``args`` replaces ``sys.argv[1:]`` when given (tests pass a list)."""
     setup_logging()
-    cli = EvalCLI(
-        InjectionEvalModule,
-        MultiHopQADataModule,
-        parser_kwargs={"parser_mode": "omegaconf"},
-        save_config_callback=LoggerSaveConfigCallback,
-        seed_everything_default=0,
-        args=args,
-    )
-    # Close the W&B run: a later CLI in the same process (the demo, tests) would otherwise log into this one.
-    finish_wandb(cli.trainer)
+    with restored_env(WANDB_FOLDERS):
+        cli = EvalCLI(
+            InjectionEvalModule,
+            MultiHopQADataModule,
+            parser_kwargs={"parser_mode": "omegaconf"},
+            save_config_callback=LoggerSaveConfigCallback,
+            seed_everything_default=0,
+            args=args,
+        )
+        # Close the W&B run: a later CLI in the same process (the demo, tests) would otherwise log into this one.
+        finish_wandb(cli.trainer)
     return cli

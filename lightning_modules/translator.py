@@ -198,13 +198,17 @@ class TranslatorModule(pl.LightningModule):
 # --------------------------------------------------------------------------------------------- evaluation helpers
 
 # Identity fields that must agree between the models a translator was trained on and the models it is used with.
-MATCH_KEYS = ("name", "model_type", "hidden_size", "num_layers", "layer", "layer_index", "preset_seed", "revision")
+MATCH_KEYS = ("name", "model_type", "hidden_size", "num_layers", "layer", "layer_index", "preset_seed", "revision",
+              "weights_sha256")  # fmt: skip
+# Recorded only for some models (Hub commits, local folders' digests): compared when both sides have a value.
+OPTIONAL_KEYS = ("revision", "weights_sha256")
 
 
 def check_translator_matches(module: TranslatorModule, sender_identity: dict, receiver_identity: dict) -> None:
     """Raise ``ValueError`` listing every difference between the translator's recorded models and the given ones.
 
-    A ``revision`` recorded as None on either side is not compared (local folders and presets have none).
+    A ``revision`` or ``weights_sha256`` recorded as None on either side is not compared (a local folder has no
+    revision, a Hub model or preset no folder digest, and checkpoints from before the digest have none).
     """
     h = module.hparams
     problems = []
@@ -219,7 +223,7 @@ def check_translator_matches(module: TranslatorModule, sender_identity: dict, re
             continue
         for key in MATCH_KEYS:
             a, b = recorded.get(key), given.get(key)
-            if key == "revision" and (a is None or b is None):
+            if key in OPTIONAL_KEYS and (a is None or b is None):
                 continue
             if key in recorded and key in given and a != b:
                 problems.append(f"{role} {key}: translator {a!r}, model {b!r}")

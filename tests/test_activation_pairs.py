@@ -100,3 +100,10 @@ def test_data_module_bad_options(tmp_path):
     dm = ActivationPairDataModule(store_dir=str(tmp_path / "nowhere"))
     with pytest.raises(ValueError, match=r"nowhere/manifest\.json does not exist"):
         _ = dm.sender_dim
+
+
+@pytest.mark.parametrize("option", ["extract_batch_size", "max_length"])
+@pytest.mark.parametrize("value", [0, -3])
+def test_sizes_below_one_name_the_option(tmp_path, option, value):
+    with pytest.raises(ValueError, match=rf"^data\.{option} must be >= 1, got {value}$"):
+        ActivationPairDataModule(store_dir=str(tmp_path), **{option: value})

@@ -106,6 +106,25 @@ def test_nan_in_stored_shard_is_reported(tmp_path):
         PairStore(tmp_path).read_rows(torch.arange(50).numpy())
 
 
+def test_new_weights_in_a_local_model_folder_rebuild_the_store(tmp_path, caplog):
+    # Same folder name, other weights (a new export, a retrained organism): the activations must be re-extracted.
+    from lightning_modules.components.frozen_lm import load_model
+
+    folder = tmp_path / "model"
+    load_model("tiny-neox").save_pretrained(folder)
+    offline_tokenizer().save_pretrained(folder)
+    ref, cache = ModelRef(str(folder), layer=1), str(tmp_path / "cache")
+    first, m1 = ensure_store(ref, RECEIVER, CORPUS, cache_dir=cache, **SMALL)
+    load_model("tiny-neox", preset_seed=1).save_pretrained(folder)
+    caplog.set_level(logging.INFO, logger="datamodules")
+    second, m2 = ensure_store(ref, RECEIVER, CORPUS, cache_dir=cache, **SMALL)
+    assert second != first and "cache miss" in caplog.text
+    digests = (m1["models"]["sender"]["weights_sha256"], m2["models"]["sender"]["weights_sha256"])
+    assert None not in digests and digests[0] != digests[1] and m2["spec"]["sender"]["weights_sha256"] == digests[1]
+    rows = torch.arange(10).numpy()
+    assert not torch.equal(PairStore(first).read_rows(rows)["sender"], PairStore(second).read_rows(rows)["sender"])
+
+
 def test_different_tokenizers_are_refused(tmp_path):
     s, r = load_ref(SENDER), load_ref(RECEIVER)
     r.tokenizer = offline_tokenizer(str(tmp_path), vocab_size=400)
@@ -148,3 +167,81 @@ def test_corpora_local_files_and_errors(tmp_path):
     dm = ActivationPairDataModule(SENDER, RECEIVER, corpus=CorpusSpec(source=str(tmp_path / "missing.txt")))
     with pytest.raises(FileNotFoundError, match=r"missing\.txt"):
         _ = dm.manifest
+
+
+# --------------------------------------------------------------------------------------------- store integrity
+
+
+def _small_store(folder):
+    g = torch.Generator().manual_seed(0)
+    write_pairs_store(folder, torch.randn(50, 4, generator=g), torch.randn(50, 3, generator=g), shard_rows=20)
+    return folder
+
+
+def _edit_manifest(folder, edit) -> None:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    edit(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _rows(shard: int, rows: int):
+    def edit(m):
+        m["num_tokens"] += rows - m["shards"][shard]["rows"]
+        m["shards"][shard]["rows"] = rows
+
+    return edit
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (_rows(1, 19), r"shard-00001\.safetensors does not match its manifest: sender \[20, 4\] \(manifest: \[19, "),
+        (_rows(2, 11), r"shard-00002\.safetensors does not match its manifest: sender \[10, 4\] \(manifest: \[11, "),
+        (lambda m: m["dims"].update(sender=5), r"shard-00000\.safetensors .*sender \[20, 4\] \(manifest: \[20, 5\]\)"),
+        (lambda m: m.update(num_tokens=40), r"num_tokens 40 but its shards list 50 rows"),
+    ],
+    ids=["rows-smaller-than-shard", "rows-larger-than-shard", "dims-edited", "num-tokens-edited"],
+)
+def test_manifest_disagreeing_with_its_shards_is_refused_on_open(tmp_path, edit, match):
+    folder = _small_store(tmp_path / "s")
+    _edit_manifest(folder, edit)
+    with pytest.raises(StoreError, match=match + r".*--data\.rebuild true"):
+        _ = ActivationPairDataModule(store_dir=str(folder)).sender_dim
+
+
+def test_finite_bit_flip_in_a_shard_is_detected(tmp_path):
+    folder = _small_store(tmp_path / "s")
+    path = folder / "shard-00001.safetensors"
+    data = bytearray(path.read_bytes())
+    header_len = int.from_bytes(data[:8], "little")
+    start = 8 + header_len + json.loads(data[8 : 8 + header_len])["sender"]["data_offsets"][0]
+    data[start] ^= 1  # the lowest mantissa bit of a float32: the value stays finite
+    path.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match=r"shard-00001\.safetensors does not match the SHA-256.*--data\.rebuild true"):
+        _ = ActivationPairDataModule(store_dir=str(folder)).sender_dim
+    # Only the digest catches it: without verification the changed row reads as an ordinary number.
+    dm = ActivationPairDataModule(store_dir=str(folder), verify=False)
+    assert dm.sender_dim == 4 and torch.isfinite(PairStore(folder, verify=False).read(0, 50)["sender"]).all()
+
+
+def test_rebuild_repairs_an_unreadable_manifest(tmp_path, caplog):
+    folder, m = ensure_store(SENDER, RECEIVER, CORPUS, store_dir=str(tmp_path / "s"), **SMALL)
+    (folder / "manifest.json").write_text("{not json")
+    with pytest.raises(StoreError, match=r"manifest\.json is not valid JSON.*--data\.rebuild true"):
+        ensure_store(SENDER, RECEIVER, CORPUS, store_dir=str(folder), **SMALL)
+    _, rebuilt = ensure_store(SENDER, RECEIVER, CORPUS, store_dir=str(folder), rebuild=True, **SMALL)
+    assert rebuilt["shards"] == m["shards"] and PairStore(folder).num_rows == m["num_tokens"]
+    # In the keyed cache an unreadable manifest is rebuilt without being asked, saying so.
+    keyed, _ = ensure_store(SENDER, RECEIVER, CORPUS, cache_dir=str(tmp_path / "cache"), **SMALL)
+    (keyed / "manifest.json").write_bytes(b"\xff\xfe")
+    caplog.set_level(logging.WARNING, logger="datamodules")
+    _, again = ensure_store(SENDER, RECEIVER, CORPUS, cache_dir=str(tmp_path / "cache"), **SMALL)
+    assert "rebuilding" in caplog.text and again["shards"] == m["shards"]
+
+
+def test_temporary_files_of_killed_writers_are_removed(tmp_path):
+    folder, _ = ensure_store(SENDER, RECEIVER, CORPUS, store_dir=str(tmp_path / "s"), **SMALL)
+    leaked = folder / ".shard-00001.safetensors.k9x2ab.tmp"  # what atomic_output leaves after kill -9
+    leaked.write_bytes(b"\0" * 1000)
+    ensure_store(SENDER, RECEIVER, CORPUS, store_dir=str(folder), **SMALL)  # a cache hit still cleans up
+    assert not leaked.exists() and (folder / "manifest.json").is_file()

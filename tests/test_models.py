@@ -121,3 +121,21 @@ def test_organism_names_need_the_registered_resolver(monkeypatch):
     assert frozen_lm.resolve_name("tiny-neox") == "tiny-neox"
     frozen_lm.register_resolver("demo:", lambda rest, cache_dir: f"/models/{rest}")
     assert frozen_lm.resolve_name("demo:x") == "/models/x"
+
+
+def test_local_folder_identity_is_a_content_digest_remembered_by_size_and_mtime(tmp_path, monkeypatch):
+    from lightning_modules.components import weights
+    from lightning_modules.components.frozen_lm import ModelRef, load_ref, weights_identity
+
+    folder = tmp_path / "model"
+    load_model("tiny-neox").save_pretrained(folder)
+    offline_tokenizer().save_pretrained(folder)
+    first = weights_identity(ModelRef(str(folder)))["weights_sha256"]
+    assert load_ref(ModelRef(str(folder), layer=1)).identity()["weights_sha256"] == first
+    assert load_ref(ModelRef("tiny-neox")).identity()["weights_sha256"] is None  # a preset: name + seed
+    hashed, real = [], weights.sha256_file
+    monkeypatch.setattr(weights, "sha256_file", lambda p: hashed.append(p.name) or "0" * 64)
+    assert weights_identity(ModelRef(str(folder)))["weights_sha256"] == first and hashed == []  # nothing re-read
+    load_model("tiny-neox", preset_seed=1).save_pretrained(folder)  # same name, other weights
+    monkeypatch.setattr(weights, "sha256_file", real)
+    assert weights_identity(ModelRef(str(folder)))["weights_sha256"] != first

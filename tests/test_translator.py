@@ -84,3 +84,11 @@ def test_check_translator_matches_lists_differences():
         check_translator_matches(m, dict(S_ID, hidden_size=8), R_ID)
     with pytest.raises(ValueError, match="records no model identity"):
         check_translator_matches(TranslatorModule(6, 5), S_ID, R_ID)
+
+
+def test_check_translator_matches_compares_weight_digests_when_both_sides_have_one():
+    m = TranslatorModule(6, 5, sender=dict(S_ID, weights_sha256="a" * 64), receiver=R_ID)
+    check_translator_matches(m, dict(S_ID, weights_sha256="a" * 64), R_ID)
+    check_translator_matches(m, S_ID, dict(R_ID, weights_sha256="c" * 64))  # recorded on one side only: skipped
+    with pytest.raises(ValueError, match=r"sender weights_sha256: translator 'a+', model 'b+'"):
+        check_translator_matches(m, dict(S_ID, weights_sha256="b" * 64), R_ID)

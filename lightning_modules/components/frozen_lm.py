@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lightning_modules.components.tokenizer import TOKENIZER_VOCAB, offline_tokenizer, tokenizer_fingerprint
+from lightning_modules.components.weights import folder_sha256
 
 log = logging.getLogger(__name__)
 
@@ -318,6 +319,7 @@ class LoadedModel:
     model: nn.Module
     tokenizer: object
     layer: ResolvedLayer
+    weights_sha256: str | None = None  # content digest of a local folder (Hub: the revision; presets: the seed)
 
     @cached_property
     def _identity(self) -> dict:
@@ -329,6 +331,7 @@ class LoadedModel:
             "dtype": self.ref.dtype,
             "preset_seed": self.ref.preset_seed if preset_name(self.ref.name) else None,
             "tokenizer_sha256": tokenizer_fingerprint(self.tokenizer),
+            "weights_sha256": self.weights_sha256,
         }
 
     def identity(self) -> dict:
@@ -344,6 +347,31 @@ def as_ref(ref: ModelRef | dict | str) -> ModelRef:
     return ModelRef(**ref)
 
 
+def weights_identity(ref: ModelRef | dict | str, cache_dir: str | None = None) -> dict:
+    """What identifies the weights behind a name, without loading them: ``{"weights_sha256", "commit"}``.
+
+    A local folder (``organism:`` names resolve to one) gets its content digest, a Hub id the commit its revision
+    resolves to (``config._commit_hash``: a branch such as ``main`` moves); a preset neither, since its name and
+    ``preset_seed`` already are its identity.
+    """
+    ref = as_ref(ref)
+    if preset_name(ref.name) is not None:
+        return {"weights_sha256": None, "commit": None}
+    name = resolve_name(ref.name, cache_dir)
+    if Path(name).is_dir():
+        return {"weights_sha256": folder_sha256(name, cache_dir), "commit": None}
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(name, revision=ref.revision, trust_remote_code=ref.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"cannot load model {ref.name!r}: it is not a preset ({', '.join(sorted(PRESETS))}), not a "
+            f"local model folder, and its Hub config failed to load ({type(err).__name__}: {err})"
+        ) from err
+    return {"weights_sha256": None, "commit": getattr(config, "_commit_hash", None)}
+
+
 def load_ref(ref: ModelRef | dict | str, cache_dir: str | None = None) -> LoadedModel:
     """Load the model, tokenizer and block that ``ref`` names."""
     ref = as_ref(ref)
@@ -356,4 +384,7 @@ def load_ref(ref: ModelRef | dict | str, cache_dir: str | None = None) -> Loaded
         preset_seed=ref.preset_seed,
     )
     tok = load_tokenizer(name, revision=ref.revision, cache_dir=cache_dir, trust_remote_code=ref.trust_remote_code)
-    return LoadedModel(ref=ref, model=model, tokenizer=tok, layer=resolve_layer(model, ref.layer))
+    digest = folder_sha256(name, cache_dir) if Path(name).is_dir() else None
+    return LoadedModel(
+        ref=ref, model=model, tokenizer=tok, layer=resolve_layer(model, ref.layer), weights_sha256=digest
+    )

@@ -1,0 +1,69 @@
+"""Training is reproducible: the same config gives the same weights, and a resumed run equals an uninterrupted one."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_modules.cli import train_main as main
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "train" / "tiny.yaml")
+
+# A resumed run writes into the root of the run it continues; Lightning warns that the folder is not empty.
+pytestmark = pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_plain_argv(monkeypatch):
+    # Bit-identity is only meaningful with a fixed thread count (CPU reductions depend on it).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setattr(sys, "argv", ["train.py"])  # LightningCLI warns when args= and pytest's argv are both present
+    yield
+    torch.set_num_threads(threads)
+
+
+def _train(root: Path, *extra: str):
+    """A small tiny.yaml training; constant lr after warmup, so stopping at 2 of 4 epochs changes no schedule."""
+    cli = main(["fit", "-c", TINY, "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
+                "--trainer.enable_model_summary", "false", "--data.corpus.builtin_samples", "60",
+                "--model.decay", "constant", *extra])  # fmt: skip
+    return cli, {k: v.clone() for k, v in cli.model.translator.state_dict().items()}
+
+
+def _assert_identical(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs by up to {(a[k] - b[k]).abs().max().item():.3g}"
+
+
+def test_same_config_gives_bit_identical_weights(tmp_path):
+    # The first run extracts the activations (cache miss), the second reuses them: neither may change the weights.
+    cache = ["--data.cache_dir", str(tmp_path / "cache")]
+    _, a = _train(tmp_path / "a", "--trainer.max_epochs", "2", *cache)
+    _, b = _train(tmp_path / "b", "--trainer.max_epochs", "2", *cache)
+    _assert_identical(a, b)
+
+
+def test_resume_from_last_ckpt_equals_an_uninterrupted_run(tmp_path):
+    _, full = _train(tmp_path / "full", "--trainer.max_epochs", "4")
+    _train(tmp_path / "part", "--trainer.max_epochs", "2", "--trainer.callbacks.save_last", "true")
+    last = tmp_path / "part" / "checkpoints" / "last.ckpt"
+    _, resumed = _train(tmp_path / "part", "--trainer.max_epochs", "4", "--ckpt_path", str(last))
+    _assert_identical(full, resumed)
+
+
+def test_ckpt_path_last_resumes_mid_epoch(tmp_path):
+    # A checkpoint every 5 steps, the run stopped mid-epoch (step 55 of about 40 per epoch): `--ckpt_path last`
+    # finds the default callback's last.ckpt and the stream skips exactly the steps already taken.
+    _, full = _train(tmp_path / "full", "--trainer.max_epochs", "3")
+    every = ["--trainer.callbacks.every_n_train_steps", "5", "--trainer.callbacks.monitor", "null"]
+    part, _ = _train(tmp_path / "part", "--trainer.max_epochs", "3", "--trainer.max_steps", "55", *every)
+    assert part.trainer.global_step == 55 and 0 < part.trainer.fit_loop.epoch_loop.batch_progress.current.ready
+    cli, resumed = _train(tmp_path / "part", "--trainer.max_epochs", "3", "--ckpt_path", "last", *every)
+    assert Path(cli.trainer.ckpt_path) == tmp_path / "part" / "checkpoints" / "last.ckpt"
+    _assert_identical(full, resumed)
