@@ -42,6 +42,8 @@ def _artifact_records(run_dir: Path) -> list:
 
 
 def test_offline_training_logs_the_translator_as_a_model_artifact(tmp_path, monkeypatch, request):
+    import wandb
+
     _offline_wandb(monkeypatch, request)
     _linear_store(tmp_path / "store", n=600)
     cli = train_main([
@@ -57,6 +59,8 @@ def test_offline_training_logs_the_translator_as_a_model_artifact(tmp_path, monk
     x = torch.randn(4, 12)
     assert torch.equal(from_pretrained(cb.exported).translate(x), load_translator(best).translate(x))
 
+    # An offline run's finish() returns before W&B's service has written the last records; teardown waits for it.
+    wandb.teardown()
     (run_dir,) = (tmp_path / "runs" / "wandb").glob("offline-run-*")
     (art,) = _artifact_records(run_dir)
     run_id = run_dir.name.rsplit("-", 1)[1]
