@@ -28,14 +28,22 @@ def is_online(run) -> bool:
     return not offline
 
 
-def recording_runs(trainer: pl.Trainer) -> list:
-    """The W&B runs (online or offline) of the trainer's loggers that record artifacts; disabled runs are left out."""
+def wandb_runs(trainer: pl.Trainer) -> list:
+    """The runs of the trainer's W&B-like loggers (those with ``log_table``), whatever their mode.
+
+    On ranks other than 0 a ``WandbLogger``'s experiment is a dummy without artifact methods: none is returned.
+    """
     runs = []
     for logger in trainer.loggers:
         run = getattr(logger, "experiment", None) if hasattr(logger, "log_table") else None
-        if run is not None and hasattr(run, "log_artifact") and not getattr(run, "disabled", False):
+        if run is not None and hasattr(run, "log_artifact"):
             runs.append(run)
     return runs
+
+
+def recording_runs(trainer: pl.Trainer) -> list:
+    """The W&B runs (online or offline) of the trainer that record artifacts; disabled runs are left out."""
+    return [run for run in wandb_runs(trainer) if not getattr(run, "disabled", False)]
 
 
 def files_artifact(name: str, type_: str, files: Mapping[str, str | Path] | None = None,

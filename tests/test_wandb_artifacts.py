@@ -12,7 +12,7 @@ import torch
 from test_train_cli import TINY, _linear_store, _offline_wandb, _run_args, _wandb_records
 
 from callbacks.model_artifact import TranslatorArtifactCallback
-from callbacks.wandb_artifacts import is_online, resolve_translator_ref
+from callbacks.wandb_artifacts import is_online, recording_runs, resolve_translator_ref, wandb_runs
 from lightning_modules.cli import train_main
 from lightning_modules.components.translator_export import from_pretrained
 from lightning_modules.translator import load_translator
@@ -136,3 +136,21 @@ def test_a_real_offline_run_is_refused(tmp_path, monkeypatch, request):
             resolve_translator_ref("wandb:p/translator-x:best", run, tmp_path)
     finally:
         run.finish()
+
+
+def test_runs_of_the_trainer_by_mode():
+    class Logger:
+        def __init__(self, run):
+            self.experiment = run
+
+        def log_table(self, **kwargs):
+            pass
+
+    class Trainer:
+        loggers = [Logger(_FakeRun({})), Logger(_FakeRun({})), Logger(object())]  # the last: a rank>0 dummy
+
+    Trainer.loggers[1].experiment.disabled = True
+    Trainer.loggers[0].experiment.log_artifact = lambda art: None
+    Trainer.loggers[1].experiment.log_artifact = lambda art: None
+    assert wandb_runs(Trainer) == [Trainer.loggers[0].experiment, Trainer.loggers[1].experiment]
+    assert recording_runs(Trainer) == [Trainer.loggers[0].experiment]
