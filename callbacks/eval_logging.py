@@ -1,43 +1,78 @@
-"""W&B logging of an injection evaluation: summary metrics, a per-sample table, an accuracy plot, the results artifact.
+"""W&B logging of an injection evaluation: summary metrics, per-sample and report tables, plots, the results artifact.
 
 Works with any logger that has ``log_table``/``log_image`` (``WandbLogger``); other loggers get the summary metrics
-through ``self.log`` in the module only. The artifact is logged only when the W&B run is online (never in offline or
-disabled mode, where uploading is impossible). Runs on global rank 0 only.
+through ``self.log`` in the module only. Logged at the end of ``test`` on global rank 0:
+
+- ``eval/samples``: one row per sample x condition x seed (long format: filter or group by ``condition`` in W&B);
+- ``eval/tables/{summary,comparisons,equivalence}``: the report's tables (``<run folder>/report/*.json``);
+- ``eval/by_condition`` and ``eval/report``: the accuracy plot and the report's figures;
+- an ``eval_results`` artifact with the records, ``meta.json``, ``config.yaml`` and ``report/``, online and offline
+  (``wandb sync`` uploads it with the run); a disabled run logs none.
+
+No key starts with ``_``: W&B reserves those names (``_step``, ``_runtime``, ``_timestamp``, ``_wandb``).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_only
 
+from callbacks.wandb_artifacts import files_artifact, log_to_runs, recording_runs
 from lightning_modules.components.report import accuracy_figure, accuracy_summary
+from lightning_modules.components.report.tables import SUMMARY_COLUMNS, summary_rows
 from lightning_modules.components.scoring import METRICS
 
 log = logging.getLogger(__name__)
 
+SAMPLE_COLUMNS = ("sample_id", "condition", "seed", "question", "gold", "prediction", "hops", *METRICS)
+REPORT_TABLES = ("summary", "comparisons", "equivalence")
+
 
 def sample_table(results: dict[str, list[dict]], samples_by_id: dict) -> tuple[list[str], list[list]]:
-    """One row per sample: question, gold, hops, then per run (condition x seed) the answer and metric flags."""
-    keys = sorted(results)
-    columns = ["sample_id", "question", "gold", "hops"]
-    for key in keys:
-        columns += [f"{key}/answer"] + [f"{key}/{m}" for m in METRICS]
-    by_run = {k: {r["sample_id"]: r for r in recs} for k, recs in results.items()}
-    ids = sorted({sid for recs in by_run.values() for sid in recs})
+    """One row per record (sample x condition x seed) with the columns of ``SAMPLE_COLUMNS``.
+
+    Samples a strict run dropped simply have no row for that run. Rows are ordered by run key, then sample id.
+    """
     rows = []
-    for sid in ids:
-        s = samples_by_id.get(sid)
-        any_rec = next(by_run[k][sid] for k in keys if sid in by_run[k])
-        row = [sid, getattr(s, "question", None), any_rec["gold"], any_rec.get("hops")]
-        for key in keys:
-            rec = by_run[key].get(sid)  # None for samples a strict run dropped
-            row += [None if rec is None else rec["prediction"]]
-            row += [None if rec is None else bool(rec["metrics"][m]) for m in METRICS]
-        rows.append(row)
-    return columns, rows
+    for key in sorted(results):
+        for rec in sorted(results[key], key=lambda r: r["sample_id"]):
+            question = getattr(samples_by_id.get(rec["sample_id"]), "question", None)
+            rows.append([rec["sample_id"], rec["condition"], rec["seed"], question, rec["gold"], rec["prediction"],
+                         rec.get("hops")] + [bool(rec["metrics"][m]) for m in METRICS])  # fmt: skip
+    return list(SAMPLE_COLUMNS), rows
+
+
+def _cell(value):
+    """A W&B table cell: lists and dicts as JSON text, the CSV's empty string as a missing value."""
+    if isinstance(value, list | dict):
+        return json.dumps(value, sort_keys=True)
+    return None if value == "" else value
+
+
+def _table(rows: list[dict], columns: list[str] | None = None) -> tuple[list[str], list[list]]:
+    columns = columns or list(dict.fromkeys(k for row in rows for k in row))
+    return columns, [[_cell(row.get(c)) for c in columns] for row in rows]
+
+
+def report_tables(report_dir: str | Path) -> dict[str, tuple[list[str], list[list]]]:
+    """The report's tables read from ``summary.json``, ``comparisons.json`` and ``equivalence.json``.
+
+    Returns ``{name: (columns, rows)}`` for each file present and non-empty (no baseline, no comparisons).
+    """
+    out = {}
+    for name in REPORT_TABLES:
+        path = Path(report_dir) / f"{name}.json"
+        if not path.is_file():
+            continue
+        data = json.loads(path.read_text())
+        columns, rows = _table(summary_rows(data), list(SUMMARY_COLUMNS)) if name == "summary" else _table(data)
+        if rows:
+            out[name] = (columns, rows)
+    return out
 
 
 def accuracy_plot(results: dict[str, list[dict]], report=None):
@@ -52,28 +87,23 @@ def accuracy_plot(results: dict[str, list[dict]], report=None):
     return accuracy_figure(summary)
 
 
-def _is_online(run) -> bool:
-    if run is None or getattr(run, "disabled", False):
-        return False
-    offline = getattr(run, "offline", None)
-    if offline is None:
-        settings = getattr(run, "settings", None)
-        offline = getattr(settings, "_offline", True) if settings is not None else True
-    return not offline
-
-
 class EvalLoggingCallback(pl.Callback):
-    """Log the evaluation's table, plot and (online) artifact to W&B-like loggers at the end of ``test``.
+    """Log the evaluation's tables, plots and results artifact to W&B-like loggers at the end of ``test``.
 
     Args:
         table_key: Key of the per-sample table.
         plot_key: Key of the per-condition accuracy plot.
+        tables_prefix: Prefix of the report's tables' keys (``<prefix>/summary``, ...).
         artifact_type: W&B artifact type of the results (records, meta, report).
     """
 
     def __init__(self, table_key: str = "eval/samples", plot_key: str = "eval/by_condition",
-                 artifact_type: str = "eval_results") -> None:  # fmt: skip
-        self.table_key, self.plot_key, self.artifact_type = table_key, plot_key, artifact_type
+                 tables_prefix: str = "eval/tables", artifact_type: str = "eval_results") -> None:  # fmt: skip
+        for key in (table_key, plot_key, tables_prefix):
+            if any(part.startswith("_") for part in key.split("/")):
+                raise ValueError(f"W&B reserves names starting with '_': choose another key than {key!r}")
+        self.table_key, self.plot_key, self.tables_prefix = table_key, plot_key, tables_prefix
+        self.artifact_type = artifact_type
         self.logged: list[str] = []
 
     @rank_zero_only
@@ -85,38 +115,38 @@ class EvalLoggingCallback(pl.Callback):
         results = pl_module.results
         if not results:
             return
+        run_dir = Path(pl_module.run_dir) if pl_module.run_dir is not None else None
+        tables = {self.table_key: sample_table(results, pl_module.samples_by_id)}
+        if run_dir is not None:
+            tables |= {f"{self.tables_prefix}/{k}": v for k, v in report_tables(run_dir / "report").items()}
         for logger in trainer.loggers:
             if not hasattr(logger, "log_table"):
                 continue
-            columns, rows = sample_table(results, pl_module.samples_by_id)
-            logger.log_table(key=self.table_key, columns=columns, data=rows)
-            self.logged.append(self.table_key)
-            fig = accuracy_plot(results, getattr(pl_module, "report_result", None))
-            try:
-                logger.log_image(key=self.plot_key, images=[fig])
-                self.logged.append(self.plot_key)
-            finally:
-                import matplotlib.pyplot as plt
+            for key, (columns, rows) in tables.items():
+                logger.log_table(key=key, columns=columns, data=rows)
+                self.logged.append(key)
+            self._log_plots(logger, results, pl_module.report_result)
+        runs = recording_runs(trainer)
+        if runs and run_dir is not None:
+            self._log_artifact(runs, run_dir, getattr(pl_module, "summary_metrics", {}))
 
-                plt.close(fig)
-            report = pl_module.report_result
-            pngs = [p for p in (report.files.values() if report else []) if str(p).endswith(".png")]
-            if pngs:
-                logger.log_image(key="eval/report", images=[str(p) for p in pngs])
-                self.logged.append("eval/report")
-            run = getattr(logger, "experiment", None)
-            if _is_online(run) and pl_module.run_dir is not None:
-                self._log_artifact(run, Path(pl_module.run_dir))
+    def _log_plots(self, logger, results, report) -> None:
+        fig = accuracy_plot(results, report)
+        try:
+            logger.log_image(key=self.plot_key, images=[fig])
+            self.logged.append(self.plot_key)
+        finally:
+            import matplotlib.pyplot as plt
 
-    def _log_artifact(self, run, run_dir: Path) -> None:
-        import wandb
+            plt.close(fig)
+        pngs = [p for p in (report.files.values() if report else []) if str(p).endswith(".png")]
+        if pngs:
+            logger.log_image(key="eval/report", images=[str(p) for p in pngs])
+            self.logged.append("eval/report")
 
-        art = wandb.Artifact(name=f"{run_dir.name}-results", type=self.artifact_type)
-        art.add_dir(str(run_dir / "records"), name="records")
-        for name in ("meta.json", "config.yaml"):
-            if (run_dir / name).exists():
-                art.add_file(str(run_dir / name))
-        if (run_dir / "report").is_dir():
-            art.add_dir(str(run_dir / "report"), name="report")
-        run.log_artifact(art)
+    def _log_artifact(self, runs: list, run_dir: Path, metrics: dict) -> None:
+        files = {name: run_dir / name for name in ("meta.json", "config.yaml")}
+        folders = {name: run_dir / name for name in ("records", "report")}
+        art = files_artifact(f"{run_dir.name}-results", self.artifact_type, files, folders, metrics)
+        log_to_runs(runs, art)
         self.logged.append("artifact")

@@ -1,0 +1,120 @@
+"""The evaluation's W&B logging (``callbacks.eval_logging``): the long per-sample table, the report's tables, the
+results artifact online and offline (read back from an offline run's ``.wandb`` file), no W&B-reserved key."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import pytorch_lightning as pl
+from test_evaluate_cli import _FakeWandbLogger, ckpt, small  # noqa: F401 (ckpt: the module-scoped fixture)
+from test_train_cli import _offline_wandb, _wandb_records
+
+from callbacks.eval_logging import SAMPLE_COLUMNS, EvalLoggingCallback, report_tables, sample_table
+from lightning_modules.cli import eval_main
+from lightning_modules.components.frozen_lm import ModelRef
+from lightning_modules.components.generation import GenerationSettings
+from lightning_modules.components.scoring import METRICS
+
+
+@pytest.fixture(autouse=True)
+def _plain_argv(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["evaluate.py"])
+
+
+def _record(sid, condition, seed, prediction, ok):
+    return {"sample_id": sid, "condition": condition, "seed": seed, "gold": "X", "prediction": prediction, "hops": 2,
+            "metrics": dict.fromkeys(METRICS, ok), "diagnostics": {}}  # fmt: skip
+
+
+def test_sample_table_is_one_row_per_sample_condition_and_seed():
+    class Sample:
+        question = "Who?"
+
+    results = {
+        "b__seed1": [_record("s2", "b", 1, "no", False), _record("s1", "b", 1, "X", True)],
+        "a__deterministic": [_record("s1", "a", None, "X", True)],  # s2 dropped by a strict run: no row
+    }
+    columns, rows = sample_table(results, {"s1": Sample()})
+    assert columns == list(SAMPLE_COLUMNS) and len(columns) == 7 + len(METRICS)
+    assert [(r[0], r[1], r[2]) for r in rows] == [("s1", "a", None), ("s1", "b", 1), ("s2", "b", 1)]
+    assert rows[0][3] == "Who?" and rows[2][3] is None  # question text, when the sample is known
+    assert rows[2][5] == "no" and rows[2][7:] == [False] * len(METRICS)
+
+
+def test_fake_logger_gets_long_table_report_tables_and_artifact(tmp_path, ckpt):  # noqa: F811
+    import wandb
+
+    from datamodules.multihop_qa import MultiHopQADataModule
+    from lightning_modules.injection_eval import InjectionEvalModule
+
+    fake, cb = _FakeWandbLogger(), EvalLoggingCallback()
+    module = InjectionEvalModule(ModelRef("tiny-neox"), ModelRef("tiny-neox-large"), translator_ckpt=ckpt,
+                                 conditions=["no_inject", "additive"], seeds=[42],
+                                 generation=GenerationSettings(max_new_tokens=3), report_resamples=50)  # fmt: skip
+    trainer = pl.Trainer(accelerator="cpu", logger=fake, callbacks=[cb], enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=str(tmp_path))  # fmt: skip
+    trainer.test(module, datamodule=MultiHopQADataModule(num_samples=4, batch_size=4), verbose=False)
+    columns, rows = fake.tables["eval/samples"]
+    assert columns == list(SAMPLE_COLUMNS) and len(rows) == 4 * 2  # 4 samples x (no_inject, additive seed 42)
+    assert {(r[1], r[2]) for r in rows} == {("no_inject", None), ("additive", 42)}
+    assert all(r[3].endswith("?") for r in rows)
+    assert {"eval/tables/summary", "eval/tables/comparisons", "eval/tables/equivalence"} <= set(fake.tables)
+    summary_cols, summary = fake.tables["eval/tables/summary"]
+    assert summary_cols[:4] == ["condition", "runs", "n", "metric"] and len(summary) == 2 * len(METRICS)
+    comparison_cols, comparisons = fake.tables["eval/tables/comparisons"]
+    assert {"condition", "baseline", "delta", "mcnemar_p"} <= set(comparison_cols) and comparisons
+    for key, (cols, data) in fake.tables.items():
+        wandb.Table(columns=cols, data=data)  # what WandbLogger.log_table builds: types must be consistent
+        assert not any(part.startswith("_") for part in key.split("/"))
+    (art,) = fake.run.artifacts
+    assert art.type == "eval_results" and art.name == f"{module.run_dir.name}-results"
+    names = set(art.manifest.entries)
+    assert {"meta.json", "report/summary.json", "records/additive__seed42.jsonl"} <= names
+    assert art.metadata["eval/word_boundary_contains/condition=no_inject"] >= 0
+
+
+def test_report_tables_skip_absent_files(tmp_path):
+    assert report_tables(tmp_path) == {}
+    (tmp_path / "comparisons.json").write_text("[]")  # no baseline pairs: no table
+    (tmp_path / "equivalence.json").write_text(json.dumps([{"condition": "a", "margin": 0.05, "runs": [1, 2]}]))
+    assert report_tables(tmp_path) == {"equivalence": (["condition", "margin", "runs"], [["a", 0.05, "[1, 2]"]])}
+
+
+def test_reserved_keys_are_refused():
+    with pytest.raises(ValueError, match="W&B reserves"):
+        EvalLoggingCallback(table_key="eval/_samples")
+
+
+def test_offline_evaluation_logs_tables_and_the_results_artifact(tmp_path, ckpt, monkeypatch, request):  # noqa: F811
+    from wandb.proto import wandb_internal_pb2
+
+    _offline_wandb(monkeypatch, request)
+    cli = eval_main(small(tmp_path, ckpt, "--model.conditions", "[no_inject, additive]", "--model.seeds", "[42]"))
+    import wandb
+
+    # An offline run's finish() returns before W&B's service has written the last records; teardown waits for it.
+    wandb.teardown()
+    (run_dir,) = (tmp_path / "wandb" / "wandb").glob("offline-run-*")
+    (record_file,) = run_dir.glob("run-*.wandb")
+    artifacts, history_keys = [], set()
+    for data in _wandb_records(record_file):
+        rec = wandb_internal_pb2.Record()
+        rec.ParseFromString(data)
+        kind = rec.WhichOneof("record_type")
+        if kind == "artifact":
+            artifacts.append(rec.artifact)
+        elif kind == "history":
+            history_keys |= {item.key or "/".join(item.nested_key) for item in rec.history.item}
+    # W&B itself stores each logged table as a `run_table` artifact; ours is the one `eval_results`.
+    (art,) = [a for a in artifacts if a.type == "eval_results"]
+    assert art.name == f"{cli.model.run_dir.name}-results"
+    paths = {entry.path for entry in art.manifest.contents}
+    assert {"meta.json", "config.yaml", "records/no_inject__deterministic.jsonl", "report/comparisons.json"} <= paths
+    # A logged table or image is a history entry `<key>/_type` (plus its path, size, ...) pointing to a media file.
+    media = {k.removesuffix("/_type") for k in history_keys if k.endswith("/_type")}
+    assert {"eval/samples", "eval/tables/summary", "eval/tables/comparisons", "eval/by_condition"} <= media
+    # Tables land as files of the run; none under W&B's own names (config.yaml, wandb-summary.json, ...).
+    table_files = {p.relative_to(run_dir / "files").as_posix() for p in (run_dir / "files").rglob("*.table.json")}
+    assert any(name.startswith("media/table/eval/samples") for name in table_files), table_files

@@ -1,0 +1,68 @@
+"""Evaluation with an exported translator folder or a ``wandb:`` reference instead of a ``.ckpt``.
+
+Acceptance tests of the wiring into ``lightning_modules/translator.py`` (``load_translator`` reads exported folders)
+and ``lightning_modules/injection_eval.py`` (``setup`` resolves ``wandb:`` references, ``translator_sha256``).
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+from test_evaluate_cli import _FakeWandbLogger, ckpt, small  # noqa: F401 (ckpt: the module-scoped fixture)
+
+from lightning_modules.cli import eval_main
+from lightning_modules.components.frozen_lm import ModelRef
+from lightning_modules.components.generation import GenerationSettings
+from lightning_modules.components.translator_export import export_from_checkpoint
+
+# Until the wiring is in, these fail; strict: once it is, they pass and this mark must go.
+pytestmark = pytest.mark.xfail(strict=True, reason="wiring of translator.py/injection_eval.py not applied yet")
+TWO = ("--model.conditions", "[no_inject, replace]", "--model.seeds", "[42]")
+
+
+@pytest.fixture(autouse=True)
+def _plain_argv(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["evaluate.py"])
+
+
+def test_an_exported_folder_evaluates_as_its_checkpoint(tmp_path, ckpt):  # noqa: F811
+    folder = export_from_checkpoint(ckpt, tmp_path / "exported")
+    a = eval_main(small(tmp_path / "a", ckpt, *TWO)).model
+    b = eval_main(small(tmp_path / "b", str(folder), *TWO)).model
+    assert "replace__seed42" in a.results
+    assert {k: [r["prediction"] for r in v] for k, v in a.results.items()} == {
+        k: [r["prediction"] for r in v] for k, v in b.results.items()}  # fmt: skip
+    assert b.translator_info[0]["path"] == str(folder) and len(b.translator_info[0]["sha256"]) == 64
+
+
+def test_a_wandb_reference_is_used_downloaded_and_recorded(tmp_path, ckpt):  # noqa: F811
+    from datamodules.multihop_qa import MultiHopQADataModule
+    from lightning_modules.injection_eval import InjectionEvalModule
+
+    class Artifact:
+        def download(self, root):
+            Path(root).mkdir(parents=True, exist_ok=True)
+            shutil.copy(ckpt, Path(root) / "best-00-9.ckpt")
+            return root
+
+    fake, used = _FakeWandbLogger(), []
+    fake.run.use_artifact = lambda name: used.append(name) or Artifact()
+    ref = "wandb:me/proj/translator-abc:best"
+    module = InjectionEvalModule(ModelRef("tiny-neox"), ModelRef("tiny-neox-large"), translator_ckpt=ref,
+                                 conditions=["no_inject", "additive"], seeds=[42],
+                                 generation=GenerationSettings(max_new_tokens=3), report_resamples=50)  # fmt: skip
+    trainer = pl.Trainer(accelerator="cpu", logger=fake, enable_progress_bar=False, enable_model_summary=False,
+                         default_root_dir=str(tmp_path))  # fmt: skip
+    trainer.test(module, datamodule=MultiHopQADataModule(num_samples=4, batch_size=4), verbose=False)
+    assert used == ["me/proj/translator-abc:best"]
+    info = module.translator_info[0]
+    assert info["ref"] == ref and Path(info["path"]).is_relative_to(tmp_path / "artifacts")
+
+
+def test_a_wandb_reference_without_an_online_run_says_how_to_proceed(tmp_path, ckpt):  # noqa: F811
+    with pytest.raises(ValueError, match="only an online W&B run can download"):
+        eval_main(small(tmp_path, "wandb:me/proj/translator-abc:best", *TWO))
