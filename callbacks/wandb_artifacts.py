@@ -122,3 +122,15 @@ def resolve_translator_ref(ref: str, run, root: str | Path) -> str:
         return str(exported[0])
     found = [str(p.relative_to(folder)) for p in ckpts] or "none"
     raise ValueError(f"W&B artifact {name!r} must hold exactly one translator checkpoint (.ckpt); found {found}")
+
+
+def local_translator(ref: str, trainer: pl.Trainer) -> str:
+    """``ref`` as a local path on every rank: rank 0 resolves a ``wandb:`` reference through its run (``use_artifact``,
+    so W&B records the lineage), since other ranks' W&B runs are placeholders; the path is broadcast."""
+    if not is_wandb_ref(ref):
+        return ref
+    path = None
+    if trainer.is_global_zero:
+        runs = wandb_runs(trainer)
+        path = resolve_translator_ref(ref, runs[0] if runs else None, trainer.default_root_dir)
+    return trainer.strategy.broadcast(path, src=0)

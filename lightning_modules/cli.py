@@ -166,7 +166,9 @@ TRAINER_DEFAULTS = {
                 # last.ckpt: what `fit --ckpt_path last` resumes from after an interruption.
                 "save_last": True,
             },
-        }
+        },
+        # The best translator as a W&B `model` artifact (aliases best/latest) and as a save_pretrained folder.
+        {"class_path": "callbacks.model_artifact.TranslatorArtifactCallback"},
     ],
 }
 

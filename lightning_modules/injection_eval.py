@@ -33,6 +33,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_only
 
+from callbacks.wandb_artifacts import local_translator
 from lightning_modules.components import records as rio
 from lightning_modules.components.answering import answer_injected, answer_relay
 from lightning_modules.components.conditions import (
@@ -46,13 +47,13 @@ from lightning_modules.components.conditions import (
 )
 from lightning_modules.components.frozen_lm import LoadedModel, ModelRef, as_ref, load_ref
 from lightning_modules.components.generation import GenerationSettings
-from lightning_modules.components.io import atomic_write, fingerprint, sha256_file
+from lightning_modules.components.io import atomic_write, fingerprint
 from lightning_modules.components.plan import EvalPlan
 from lightning_modules.components.prompts import check_same_tokens, tokenize_left_padded, truncation_check
 from lightning_modules.components.prompts import format_relay_sender_prompt as relay_prompt
-from lightning_modules.components.report import condition_accuracy, group_records, load_records, run_report
-from lightning_modules.components.scoring import METRICS
+from lightning_modules.components.report import logged_metrics, run_report
 from lightning_modules.components.sources import condition_source, translate_prompts
+from lightning_modules.components.translator_export import translator_sha256
 from lightning_modules.translator import load_translator_for
 
 log = logging.getLogger(__name__)
@@ -181,9 +182,10 @@ class InjectionEvalModule(pl.LightningModule):
         self.sender_model, self.receiver_model = self.sender.model, self.receiver.model
         identities = self.sender.identity(), self.receiver.identity()
         if any(s.uses_translator for s in self.specs):
-            for path in self.translator_ckpts:
+            for ref in self.translator_ckpts:  # a .ckpt, an exported folder, or wandb:<entity/project/name:alias>
+                path = local_translator(ref, self.trainer)
                 self.translators.append(load_translator_for(path, *identities, allow_mismatch=self.allow_mismatch))
-                self.translator_info.append({"path": str(path), "sha256": sha256_file(path)})
+                self.translator_info.append({"path": str(path), "ref": ref, "sha256": translator_sha256(path)})
 
     # ------------------------------------------------------------------------------------------------ planning
 
@@ -333,7 +335,7 @@ class InjectionEvalModule(pl.LightningModule):
             key = rio.run_key(spec.name, seed)
             if key not in self.results:
                 self.results[key] = rio.read_records(rio.records_path(self.run_dir, spec.name, seed))
-        self.summary_metrics = summarize(self.results)
+        self.summary_metrics = logged_metrics([r for recs in self.results.values() for r in recs])
         for name, value in self.summary_metrics.items():
             self.log(name, value)
         self.timing_by_run = {k: sum(t.get(k, 0.0) for t in timings) for k in self.new_records}
@@ -390,10 +392,3 @@ class InjectionEvalModule(pl.LightningModule):
             **rio.device_info(self.device),
         }
         return summary, invocation
-
-
-def summarize(results: dict[str, list[dict]]) -> dict[str, float]:
-    """``eval/<metric>/condition=<name>``: the report's per-condition accuracy (mean over runs of run accuracies)."""
-    records = [r for recs in results.values() for r in recs]
-    accuracy = condition_accuracy(group_records(load_records(records))) if records else {}
-    return {f"eval/{m}/condition={c}": acc[m]["mean"] for c, acc in accuracy.items() for m in METRICS}

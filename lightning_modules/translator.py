@@ -33,6 +33,12 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric, R2Score
 
+from lightning_modules.components.translator_export import (
+    PretrainedTranslator,
+    apply_translator,
+    from_pretrained,
+    is_pretrained_folder,
+)
 from lightning_modules.components.translators import LinearTranslator, build_translator, translator_spec
 
 log = logging.getLogger(__name__)
@@ -114,8 +120,7 @@ class TranslatorModule(pl.LightningModule):
 
     def translate(self, x: torch.Tensor) -> torch.Tensor:
         """Map sender vectors ``(..., d_s)`` to ``(..., d_r)``: L2-normalize (if on), then apply the translator."""
-        x = x.to(dtype=next(self.translator.parameters()).dtype)
-        return self.translator(self._prep(x))
+        return apply_translator(self.translator, x, self.hparams.normalize)
 
     forward = translate
 
@@ -231,20 +236,25 @@ def check_translator_matches(module: TranslatorModule, sender_identity: dict, re
         raise ValueError("translator does not match the models it is used with: " + "; ".join(problems))
 
 
-def load_translator(path: str | Path, map_location: str | torch.device = "cpu") -> TranslatorModule:
-    """Load a TranslatorModule checkpoint safely (``weights_only=True``) in eval mode.
+def load_translator(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> TranslatorModule | PretrainedTranslator:
+    """Load a TranslatorModule checkpoint safely (``weights_only=True``), or an exported folder, in eval mode.
 
     Raises:
         FileNotFoundError: the file does not exist.
         ValueError: the file is not a readable TranslatorModule checkpoint, or holds NaN/infinite weights.
     """
     path = Path(path)
-    if not path.is_file():
+    if is_pretrained_folder(path):  # save_pretrained output (safetensors + config.json): same translations
+        module = from_pretrained(path, map_location=str(map_location))
+    elif not path.is_file():
         raise FileNotFoundError(f"translator checkpoint {path} does not exist")
-    try:
-        module = TranslatorModule.load_from_checkpoint(str(path), map_location=map_location, weights_only=True)
-    except Exception as err:  # torch/zip/pickle/Lightning raise many types for bad files: report them alike
-        raise ValueError(f"cannot load translator checkpoint {path}: {type(err).__name__}: {err}") from err
+    else:
+        try:
+            module = TranslatorModule.load_from_checkpoint(str(path), map_location=map_location, weights_only=True)
+        except Exception as err:  # torch/zip/pickle/Lightning raise many types for bad files: report them alike
+            raise ValueError(f"cannot load translator checkpoint {path}: {type(err).__name__}: {err}") from err
     # A diverged training run saves NaN weights; they would turn every answer into "" and score as accuracy 0.
     bad = [k for k, t in module.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
@@ -256,7 +266,7 @@ def load_translator(path: str | Path, map_location: str | torch.device = "cpu") 
 
 def load_translator_for(
     path: str | Path, sender_identity: dict, receiver_identity: dict, allow_mismatch: bool = False
-) -> TranslatorModule:
+) -> TranslatorModule | PretrainedTranslator:
     """Load a frozen translator for the given models: names and layers must match, hidden sizes always.
 
     Args:

@@ -12,7 +12,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from callbacks.eval_logging import EvalLoggingCallback, sample_table
+from callbacks.eval_logging import EvalLoggingCallback
 from lightning_modules.cli import eval_main as main
 from lightning_modules.components import records as rio
 from lightning_modules.components.frozen_lm import ModelRef, load_ref
@@ -208,24 +208,10 @@ def test_wandb_table_plot_and_artifact_with_a_fake_logger(tmp_path, ckpt):
                          enable_model_summary=False, default_root_dir=str(tmp_path))  # fmt: skip
     trainer.test(module, datamodule=MultiHopQADataModule(num_samples=4, batch_size=4), verbose=False)
     columns, rows = fake.tables["eval/samples"]
-    assert columns[:4] == ["sample_id", "question", "gold", "hops"] and len(rows) == 4
-    assert "additive__seed42/answer" in columns and "no_inject__deterministic/word_boundary_contains" in columns
-    assert rows[0][1] and rows[0][1].endswith("?")  # the question text
+    assert columns[:7] == ["sample_id", "condition", "seed", "question", "gold", "prediction", "hops"]
+    assert len(rows) == 8 and {(r[1], r[2]) for r in rows} == {("additive", 42), ("no_inject", None)}
+    assert rows[0][3] and rows[0][3].endswith("?")  # the question text
     assert "eval/by_condition" in fake.images and "eval/report" in fake.images
     assert len(fake.run.artifacts) == 1 and fake.run.artifacts[0].type == "eval_results"
     fake.run.offline = True
     assert not EvalLoggingCallback()._log_artifact.__self__.logged  # a fresh callback has logged nothing
-
-
-def test_sample_table_marks_dropped_samples():
-    results = {
-        "a__deterministic": [{"sample_id": "s1", "gold": "X", "hops": 2, "prediction": "X",
-                              "metrics": {m: True for m in ("exact_match", "normalized_exact_match",
-                                          "word_boundary_contains", "first_answer_span_match", "legacy_contains")}},
-                             {"sample_id": "s2", "gold": "Y", "hops": 3, "prediction": "no",
-                              "metrics": {m: False for m in ("exact_match", "normalized_exact_match",
-                                          "word_boundary_contains", "first_answer_span_match", "legacy_contains")}}],
-        "b__seed1": [],
-    }  # fmt: skip
-    columns, rows = sample_table(results, {})
-    assert len(rows) == 2 and rows[0][4] == "X" and rows[1][columns.index("b__seed1/answer")] is None

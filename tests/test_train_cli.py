@@ -215,6 +215,7 @@ def test_paper_config_resolves_to_the_paper_recipe(capsys):
     assert (data["batch_size"], data["val_fraction"], data["max_length"], data["seed"], cfg["seed_everything"]) == (
         32, 0.1, 256, 42, 42)  # fmt: skip
     assert (trainer["max_epochs"], trainer["gradient_clip_val"]) == (30, 1.0)
-    (ckpt,) = trainer["callbacks"]
+    ckpt, artifact = trainer["callbacks"]
+    assert artifact["class_path"] == "callbacks.model_artifact.TranslatorArtifactCallback"
     assert (ckpt["init_args"]["monitor"], ckpt["init_args"]["mode"]) == ("val/loss", "min")
     assert trainer["logger"]["init_args"]["save_dir"] == "."  # unset: becomes default_root_dir at instantiation

@@ -20,7 +20,6 @@ from lightning_modules.components.generation import GenerationSettings
 from lightning_modules.components.translator_export import export_from_checkpoint
 
 # Until the wiring is in, these fail; strict: once it is, they pass and this mark must go.
-pytestmark = pytest.mark.xfail(strict=True, reason="wiring of translator.py/injection_eval.py not applied yet")
 TWO = ("--model.conditions", "[no_inject, replace]", "--model.seeds", "[42]")
 
 

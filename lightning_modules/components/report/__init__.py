@@ -34,6 +34,7 @@ from lightning_modules.components.report.run import (
     REPORT_SCHEMA,
     ReportResult,
     accuracy_summary,
+    logged_metrics,
     run_report,
 )
 from lightning_modules.components.report.stats import DEFAULT_RESAMPLES
@@ -62,6 +63,7 @@ __all__ = [
     "condition_accuracy",
     "group_records",
     "load_records",
+    "logged_metrics",
     "plot_accuracy",
     "plot_forest",
     "run_report",

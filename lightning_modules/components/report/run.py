@@ -14,7 +14,12 @@ from pathlib import Path
 from typing import Any
 
 from lightning_modules.components.io import atomic_write
-from lightning_modules.components.report.analysis import DEFAULT_TOST_RESAMPLES, build_comparisons, build_summary
+from lightning_modules.components.report.analysis import (
+    DEFAULT_TOST_RESAMPLES,
+    build_comparisons,
+    build_summary,
+    condition_accuracy,
+)
 from lightning_modules.components.report.load import (
     ReportInputError,
     RunCollapse,
@@ -222,3 +227,16 @@ def run_report(
         "deltas_png": atomic_write(out / "deltas.png", plot_forest(comparisons, chosen)),
     }
     return ReportResult(summary, comparisons, equivalence, files, md_summary, notes)
+
+
+def logged_metrics(records: Sequence[Mapping], stage: str = "eval") -> dict[str, float]:
+    """``<stage>/<metric>/condition=<name>``: the report's per-condition accuracy, for a logger.
+
+    The same numbers as the summary (mean over runs of each run's accuracy, one translator's repeated seed-free runs
+    counted once), so what W&B shows equals what ``summary.json`` says.
+    """
+    if not records:
+        return {}
+    loaded = load_records(list(records))
+    accuracy = condition_accuracy(collapse_repeated_runs(group_records(loaded), loaded).groups)
+    return {f"{stage}/{m}/condition={c}": acc[m]["mean"] for c, acc in accuracy.items() for m in METRICS}
