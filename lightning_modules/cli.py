@@ -31,10 +31,12 @@ from jsonargparse import Namespace
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import ArgsType, LightningCLI
 
+from callbacks.progress import progress_callbacks
 from callbacks.save_config import LoggerSaveConfigCallback
 from datamodules.activation_pairs import ActivationPairDataModule, RecordPairIndices  # noqa: F401 (short class_path)
 from datamodules.multihop_qa import MultiHopQADataModule
 from lightning_modules.components.translators import LinearTranslator, MLPTranslator  # noqa: F401 (short class_path)
+from lightning_modules.console import eval_summary, train_summary
 from lightning_modules.injection_eval import InjectionEvalModule
 from lightning_modules.organisms import ensure_organisms, organism_names
 from lightning_modules.translator import TranslatorModule
@@ -129,6 +131,15 @@ def restored_env(names) -> Iterator[None]:
                 os.environ[name] = value
 
 
+def show_progress(trainer: Namespace) -> None:
+    """A progress bar on a terminal, plain progress lines in a log (``callbacks.progress``): never a silent run."""
+    enable, extra = progress_callbacks(trainer.get("enable_progress_bar"))
+    trainer["enable_progress_bar"] = enable
+    if extra:
+        plain = Namespace(class_path="callbacks.progress.PlainProgress", init_args=Namespace(every_seconds=30.0))
+        trainer["callbacks"] = [*_as_list(trainer.get("callbacks") or []), plain]
+
+
 class ProjectCLI(LightningCLI):
     """What both entry points share: one output root (W&B's folders included), and organisms trained explicitly
     before instantiation."""
@@ -136,6 +147,7 @@ class ProjectCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         use_one_output_root(config.trainer)
+        show_progress(config.trainer)
         keep_wandb_under(config.trainer.get("default_root_dir") or ".")  # before the logger exists
         names = organism_names(config.as_dict())
         if names:
@@ -155,6 +167,9 @@ TRAINER_DEFAULTS = {
         "init_args": {"project": "activation-transfer", "job_type": "train"},
     },
     "trainer.callbacks": [
+        # The best translator as a W&B `model` artifact (aliases best/latest) and as a save_pretrained folder.
+        {"class_path": "callbacks.model_artifact.TranslatorArtifactCallback"},
+        # Last in the list, so `--trainer.callbacks.monitor ...` on the command line reaches the checkpoint.
         {
             "class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
             # No metric in the file name: "val/loss" would create a sub-folder.
@@ -167,8 +182,6 @@ TRAINER_DEFAULTS = {
                 "save_last": True,
             },
         },
-        # The best translator as a W&B `model` artifact (aliases best/latest) and as a save_pretrained folder.
-        {"class_path": "callbacks.model_artifact.TranslatorArtifactCallback"},
     ],
 }
 
@@ -215,8 +228,17 @@ class EvalCLI(ProjectCLI):
                 "evaluate.py does not take --ckpt_path: pass the translator checkpoint as --model.translator_ckpt"
             )
 
+    def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        parser.set_defaults(verbose=False)  # evaluate.py prints its own per-condition table (console.eval_summary)
+        return parser
+
     def before_test(self) -> None:
         self.model.resolved_config = self._parser("test").dump(self.config["test"], skip_none=False)
+
+    def after_test(self) -> None:
+        if self.trainer.is_global_zero:
+            print(eval_summary(self.model), flush=True)
 
 
 def train_main(args: ArgsType = None, run: bool = True) -> TrainCLI:
@@ -234,9 +256,13 @@ def train_main(args: ArgsType = None, run: bool = True) -> TrainCLI:
             save_config_callback=LoggerSaveConfigCallback,
             parser_kwargs={"parser_mode": "omegaconf"},
             seed_everything_default=42,  # the paper's first seed
+            # The schedule is the module's (AdamW, warmup + linear decay); --optimizer would silently replace it.
+            auto_configure_optimizers=False,
             args=args,
             run=run,
         )
+        if run and cli.subcommand == "fit" and cli.trainer.is_global_zero:
+            print(train_summary(cli.trainer), flush=True)
         if run:
             finish_wandb(cli.trainer)
     return cli
@@ -252,6 +278,7 @@ def eval_main(args: ArgsType = None) -> EvalCLI:
             parser_kwargs={"parser_mode": "omegaconf"},
             save_config_callback=LoggerSaveConfigCallback,
             seed_everything_default=0,
+            auto_configure_optimizers=False,  # nothing is optimized in an evaluation
             args=args,
         )
         # Close the W&B run: a later CLI in the same process (the demo, tests) would otherwise log into this one.

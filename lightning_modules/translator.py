@@ -39,7 +39,7 @@ from lightning_modules.components.translator_export import (
     from_pretrained,
     is_pretrained_folder,
 )
-from lightning_modules.components.translators import LinearTranslator, build_translator, translator_spec
+from lightning_modules.components.translators import LinearTranslator, Translator, build_translator, translator_spec
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class TranslatorModule(pl.LightningModule):
         self,
         sender_dim: int,
         receiver_dim: int,
-        translator: Callable[[int, int], nn.Module] = LinearTranslator,
+        translator: Callable[[int, int], Translator] = LinearTranslator,
         normalize: bool = True,
         loss: Literal["cosine", "mse"] = "cosine",
         lr: float = 1e-4,

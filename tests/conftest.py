@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import matplotlib
@@ -44,6 +45,10 @@ def _isolate(monkeypatch, tmp_path, cache_dir):
         monkeypatch.setenv(var, str(d))
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "_env" / "inductor"))
     yield
+    # A WandbLogger in disabled mode leaves its run open; the next test's logger would reuse it (and warn).
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()
 
 
 @pytest.fixture

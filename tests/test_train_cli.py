@@ -162,7 +162,7 @@ def _offline_wandb(monkeypatch, request) -> None:
     request.addfinalizer(wandb.teardown)
 
 
-def test_default_root_dir_is_the_one_output_root(tmp_path, monkeypatch, request):
+def test_default_root_dir_is_the_one_output_root(tmp_path, monkeypatch, request, capsys):
     _offline_wandb(monkeypatch, request)
     cwd, root = tmp_path / "cwd", tmp_path / "root"
     cwd.mkdir()
@@ -172,6 +172,12 @@ def test_default_root_dir_is_the_one_output_root(tmp_path, monkeypatch, request)
                 "--data.corpus.builtin_samples", "60"])  # fmt: skip
     best = Path(cli.trainer.checkpoint_callback.best_model_path)
     assert best.parent == root / "checkpoints" and best.is_file()
+    # The exported translator folder sits beside it, and the command says where both are.
+    exported = best.with_suffix("")
+    assert (exported / "model.safetensors").is_file() and (exported / "config.json").is_file()
+    printed = capsys.readouterr().out
+    assert f"best checkpoint: {best} (val/loss " in printed
+    assert f"exported translator (from_pretrained / --model.translator_ckpt): {exported}" in printed
     (run,) = (root / "wandb").glob("offline-run-*")
     assert list(run.glob("run-*.wandb")) and (run / "files" / "resolved_config.yaml").is_file()
     written = {p for p in tmp_path.rglob("*") if p.is_file()} - before
@@ -215,7 +221,7 @@ def test_paper_config_resolves_to_the_paper_recipe(capsys):
     assert (data["batch_size"], data["val_fraction"], data["max_length"], data["seed"], cfg["seed_everything"]) == (
         32, 0.1, 256, 42, 42)  # fmt: skip
     assert (trainer["max_epochs"], trainer["gradient_clip_val"]) == (30, 1.0)
-    ckpt, artifact = trainer["callbacks"]
+    artifact, ckpt = trainer["callbacks"]
     assert artifact["class_path"] == "callbacks.model_artifact.TranslatorArtifactCallback"
     assert (ckpt["init_args"]["monitor"], ckpt["init_args"]["mode"]) == ("val/loss", "min")
     assert trainer["logger"]["init_args"]["save_dir"] == "."  # unset: becomes default_root_dir at instantiation

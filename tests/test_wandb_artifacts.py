@@ -50,7 +50,6 @@ def test_offline_training_logs_the_translator_as_a_model_artifact(tmp_path, monk
         "fit", "-c", TINY, *_run_args(tmp_path),
         "--data.sender_model", "null", "--data.receiver_model", "null", "--data.store_dir", str(tmp_path / "store"),
         "--trainer.max_epochs", "1", "--trainer.log_every_n_steps", "2",
-        "--trainer.callbacks+=callbacks.model_artifact.TranslatorArtifactCallback",
     ])  # fmt: skip
     best = Path(cli.trainer.checkpoint_callback.best_model_path)
     (cb,) = [c for c in cli.trainer.callbacks if isinstance(c, TranslatorArtifactCallback)]

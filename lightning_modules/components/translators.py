@@ -15,7 +15,14 @@ import torch
 from torch import nn
 
 
-class LinearTranslator(nn.Module):
+class Translator(nn.Module):
+    """Base of the project's translators: ``--model.translator`` offers its subclasses (not every torch module).
+
+    A new architecture subclasses it and takes ``(in_dim, out_dim, **options)``.
+    """
+
+
+class LinearTranslator(Translator):
     """One affine map per token: the paper's translator (``nn.Linear(768, 1024, bias=True)``).
 
     Args:
@@ -32,7 +39,7 @@ class LinearTranslator(nn.Module):
         return self.linear(x)
 
 
-class MLPTranslator(nn.Module):
+class MLPTranslator(Translator):
     """A small MLP with a linear skip path (not the paper's; for checking whether nonlinearity helps).
 
     Args:

@@ -1,0 +1,51 @@
+"""What the two commands say when they finish: where the results are and what they are.
+
+A user should not have to search ``<save_dir>/<project>/<run id>/`` for a checkpoint or read Lightning's truncated
+55-row metrics table: ``train.py`` ends with the best checkpoint, its validation metrics and the exported translator
+folder; ``evaluate.py`` with the per-condition summary table and the run and report folders.
+"""
+
+from __future__ import annotations
+
+from pytorch_lightning.callbacks import ModelCheckpoint
+
+from callbacks.model_artifact import TranslatorArtifactCallback
+from lightning_modules.components.scoring import MAIN_METRIC
+
+
+def _value(v) -> str:
+    try:
+        return f"{float(v):.4f}"
+    except (TypeError, ValueError):
+        return str(v)
+
+
+def train_summary(trainer) -> str:
+    """The end of ``train.py fit``: best checkpoint (and its score), validation metrics, exported folder."""
+    lines = []
+    for cb in trainer.checkpoint_callbacks:
+        if isinstance(cb, ModelCheckpoint) and cb.best_model_path:
+            score = "" if cb.best_model_score is None else f" ({cb.monitor} {_value(cb.best_model_score)})"
+            lines.append(f"best checkpoint: {cb.best_model_path}{score}")
+            if cb.last_model_path:
+                lines.append(f"last checkpoint: {cb.last_model_path} (resume with --ckpt_path last)")
+    val = {k: v for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+    if val:
+        lines.append("validation (last epoch): " + ", ".join(f"{k} {_value(v)}" for k, v in sorted(val.items())))
+    for cb in trainer.callbacks:
+        if isinstance(cb, TranslatorArtifactCallback) and cb.exported is not None:
+            lines.append(f"exported translator (from_pretrained / --model.translator_ckpt): {cb.exported}")
+    return "\n".join(lines) if lines else "no checkpoint was saved (no validation ran?)"
+
+
+def eval_summary(module) -> str:
+    """The end of ``evaluate.py test``: the per-condition table (the report's, with runs and n) and the folders."""
+    lines = [f"run folder: {module.run_dir}"]
+    report = module.report_result
+    if report is not None:
+        lines += [report.markdown.rstrip(), f"report (tables, CIs, plots): {report.files['summary_json'].parent}"]
+    else:  # no baseline condition in the run: no report, so the logged per-condition accuracies
+        prefix = f"eval/{MAIN_METRIC}/condition="
+        rows = [(k[len(prefix) :], v) for k, v in module.summary_metrics.items() if k.startswith(prefix)]
+        lines += [f"| Condition | {MAIN_METRIC} |", "| --- | ---: |"] + [f"| {c} | {v:.4f} |" for c, v in rows]
+    return "\n".join(lines)

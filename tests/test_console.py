@@ -1,0 +1,38 @@
+"""What the commands print and offer: the evaluation's own summary table, a readable --help."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from test_evaluate_cli import ckpt, small  # noqa: F401 (ckpt: the module-scoped fixture)
+
+from lightning_modules.cli import eval_main, train_main
+
+
+@pytest.fixture(autouse=True)
+def _plain_argv(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["evaluate.py"])
+
+
+def test_evaluate_prints_the_condition_table_and_folders_not_lightnings_metrics(tmp_path, ckpt, capsys):  # noqa: F811
+    cli = eval_main(small(tmp_path, ckpt, "--model.conditions", "[no_inject, additive]", "--model.seeds", "[42]"))
+    out = capsys.readouterr().out
+    assert f"run folder: {cli.model.run_dir}" in out
+    assert "| no_inject | 1 | 6 |" in out and "| additive | 1 | 6 |" in out
+    assert f"report (tables, CIs, plots): {cli.model.run_dir / 'report'}" in out
+    assert "Test metric" not in out and "DataLoader 0" not in out  # Lightning's wide table is off (verbose=False)
+
+
+def _help(main, subcommand: str, capsys) -> str:
+    with pytest.raises(SystemExit):
+        main([subcommand, "--help"])
+    return capsys.readouterr().out
+
+
+def test_help_lists_the_projects_translators_and_no_optimizer_options(capsys):
+    text = _help(train_main, "fit", capsys)
+    assert "LinearTranslator" in text and "MLPTranslator" in text
+    assert "torch.nn.Linear" not in text and "TransformerEncoder" not in text  # not every torch module
+    assert "--optimizer" not in text and "--lr_scheduler" not in text  # the module's AdamW schedule is the one
+    assert "--optimizer" not in _help(eval_main, "test", capsys)
