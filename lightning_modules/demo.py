@@ -110,8 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     module = cli.model
     print(f"[demo] evaluation step: {time.perf_counter() - t:.0f} s", flush=True)
 
-    report = module.report_result
-    print("\n" + (report.markdown if report is not None else "(no report)"))
+    # evaluate.py's own summary (the per-condition table, run and report folders) has been printed above.
     print(f"\n[demo] run folder: {module.run_dir}")
     print(f"[demo] report and plots: {module.run_dir / 'report'}")
     wandb_dirs = sorted(str(p) for p in out.rglob("offline-run-*"))
