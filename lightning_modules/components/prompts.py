@@ -27,6 +27,14 @@ def format_prompt(context: str, question: str) -> str:
     return PROMPT_TEMPLATE.format(context=context, question=question)
 
 
+def split_prompt(context: str, question: str) -> tuple[str, str]:
+    """The paper's prompt in two parts, ``Context: {context}\n`` and ``Q: {question}\nA:`` (the split protocol's
+    sender reads both, its receiver only the second); their concatenation is :func:`format_prompt`'s output."""
+    full = format_prompt(context, question)
+    cut = full.rindex("Q: " + question)
+    return full[:cut], full[cut:]
+
+
 def format_relay_sender_prompt(context: str) -> str:
     """The relay sender's prompt ``{context}\\n\\nKey facts:``."""
     return RELAY_SENDER_TEMPLATE.format(context=context)
