@@ -24,9 +24,11 @@ import contextlib
 import importlib
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import yaml
 from jsonargparse import Namespace
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import ArgsType, LightningCLI
@@ -35,8 +37,10 @@ from callbacks.progress import progress_callbacks
 from callbacks.save_config import LoggerSaveConfigCallback
 from datamodules.activation_pairs import ActivationPairDataModule, RecordPairIndices  # noqa: F401 (short class_path)
 from datamodules.multihop_qa import MultiHopQADataModule
+from datamodules.qa_training import QATrainingDataModule
 from lightning_modules.components.translators import LinearTranslator, MLPTranslator  # noqa: F401 (short class_path)
 from lightning_modules.console import eval_summary, train_summary
+from lightning_modules.functional_translator import FunctionalTranslatorModule
 from lightning_modules.injection_eval import InjectionEvalModule
 from lightning_modules.organisms import ensure_organisms, organism_names
 from lightning_modules.translator import TranslatorModule
@@ -151,7 +155,8 @@ class ProjectCLI(LightningCLI):
         keep_wandb_under(config.trainer.get("default_root_dir") or ".")  # before the logger exists
         names = organism_names(config.as_dict())
         if names:
-            data, model = config.get("data") or {}, config.get("model") or {}
+            # Subclass-mode configs (the functional trainer) hold the options under init_args.
+            data, model = ((config.get(k) or {}).get("init_args") or config.get(k) or {} for k in ("data", "model"))
             ensure_organisms(names, cache_dir=data.get("cache_dir") or model.get("cache_dir"))
 
 
@@ -200,6 +205,49 @@ class TrainCLI(ProjectCLI):
             parser.link_arguments(src, dst, apply_on="instantiate")
 
 
+class FunctionalTrainCLI(ProjectCLI):
+    """``train.py`` for translators trained *for use*: FunctionalTranslatorModule + QATrainingDataModule, written
+    in the config as ``model.class_path`` / ``data.class_path`` (which is how :func:`train_main` picks this CLI)."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.set_defaults(TRAINER_DEFAULTS)
+
+    def _parse_ckpt_path(self) -> None:
+        # The module's hparams hold derived identities (dims, model digests) that are no __init__ arguments, so
+        # they cannot be re-parsed over the config: the config rebuilds the module, the checkpoint restores the
+        # translator's weights, the optimizer and the loop state.
+        return
+
+
+def _named_model(value) -> str | None:
+    """The model class named by a parsed config's ``model`` entry (``{class_path: ...}`` or a class name)."""
+    if isinstance(value, dict):
+        value = value.get("class_path")
+    return value if isinstance(value, str) else None
+
+
+def wants_functional(args: ArgsType = None) -> bool:
+    """Whether a ``train.py`` command line asks for FunctionalTranslatorModule: a config file (``-c``/``--config``)
+    or ``--model``/``--model.class_path`` naming it as the model's class_path (the last one given wins)."""
+    if isinstance(args, dict | Namespace):
+        args = args.as_dict() if isinstance(args, Namespace) else args
+        sub = args.get("fit", args)
+        named = [_named_model(sub.get("model"))]
+    else:
+        argv = list(sys.argv[1:] if args is None else args)
+        named = []
+        for i, arg in enumerate(argv):
+            key, eq, value = arg.partition("=")
+            if not eq:
+                value = argv[i + 1] if i + 1 < len(argv) else ""
+            if key in ("-c", "--config") and Path(value).is_file():
+                named.append(_named_model((yaml.safe_load(Path(value).read_text()) or {}).get("model")))
+            elif key in ("--model", "--model.class_path"):
+                named.append(value)
+    named = [n for n in named if n]
+    return bool(named) and named[-1].rsplit(".", 1)[-1] == FunctionalTranslatorModule.__name__
+
+
 # Evaluation logs to W&B (summary metrics, per-sample table, plot, results artifact) unless a config says otherwise.
 EVAL_TRAINER_DEFAULTS = {
     "trainer.logger": {
@@ -241,18 +289,24 @@ class EvalCLI(ProjectCLI):
             print(eval_summary(self.model), flush=True)
 
 
-def train_main(args: ArgsType = None, run: bool = True) -> TrainCLI:
-    """Build and run the training CLI.
+def train_main(args: ArgsType = None, run: bool = True) -> TrainCLI | FunctionalTrainCLI:
+    """Build and run the training CLI: FunctionalTrainCLI when the config's ``model.class_path`` is
+    FunctionalTranslatorModule (:func:`wants_functional`), else TrainCLI.
 
     Args:
         args: Command-line arguments (None: ``sys.argv``), e.g. ``["fit", "-c", "configs/train/tiny.yaml"]``.
         run: Run the subcommand (False: only instantiate, for tests).
     """
     setup_logging()
+    if wants_functional(args):
+        cli_class, classes = FunctionalTrainCLI, (FunctionalTranslatorModule, QATrainingDataModule)
+        subclass_mode = {"subclass_mode_model": True, "subclass_mode_data": True}
+    else:
+        cli_class, classes, subclass_mode = TrainCLI, (TranslatorModule, ActivationPairDataModule), {}
     with restored_env(WANDB_FOLDERS):
-        cli = TrainCLI(
-            TranslatorModule,
-            ActivationPairDataModule,
+        cli = cli_class(
+            *classes,
+            **subclass_mode,
             save_config_callback=LoggerSaveConfigCallback,
             parser_kwargs={"parser_mode": "omegaconf"},
             seed_everything_default=42,  # the paper's first seed

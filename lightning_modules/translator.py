@@ -33,10 +33,13 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric, R2Score
 
+from lightning_modules.components.optim import adamw_warmup_decay, check_decay
 from lightning_modules.components.translator_export import (
     PretrainedTranslator,
     apply_translator,
+    checkpoint_translator,
     from_pretrained,
+    is_functional_checkpoint,
     is_pretrained_folder,
 )
 from lightning_modules.components.translators import LinearTranslator, Translator, build_translator, translator_spec
@@ -86,8 +89,7 @@ class TranslatorModule(pl.LightningModule):
         super().__init__()
         if loss not in ("cosine", "mse"):
             raise ValueError(f"model.loss must be 'cosine' or 'mse', got {loss!r}")
-        if decay not in ("linear", "constant"):
-            raise ValueError(f"model.decay must be 'linear' or 'constant', got {decay!r}")
+        check_decay(decay)
         spec = translator_spec(translator)
         self.save_hyperparameters()
         # Plain dicts/lists only, so checkpoints load with weights_only=True (no classes, partials or tuples).
@@ -182,22 +184,10 @@ class TranslatorModule(pl.LightningModule):
 
     def configure_optimizers(self):
         h = self.hparams
-        opt = torch.optim.AdamW(self.translator.parameters(), lr=h.lr, weight_decay=h.weight_decay,
-                                betas=tuple(h.betas))  # fmt: skip
-        total = max(1, int(self.trainer.estimated_stepping_batches)) if self._trainer is not None else 1
-        warmup = max(0, int(h.warmup_steps))
-
-        def factor(step: int) -> float:
-            if warmup and step < warmup:
-                return (step + 1) / warmup
-            if h.decay == "constant":
-                return 1.0
-            span = max(1, total - warmup)
-            frac = min(1.0, (step - warmup) / span)
-            return max(h.min_lr_ratio, 1.0 - frac * (1.0 - h.min_lr_ratio))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
+        return adamw_warmup_decay(self.translator.parameters(), lr=h.lr, weight_decay=h.weight_decay, betas=h.betas,
+                                  warmup_steps=h.warmup_steps, decay=h.decay, min_lr_ratio=h.min_lr_ratio,
+                                  total_steps=total)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------- evaluation helpers
@@ -239,7 +229,8 @@ def check_translator_matches(module: TranslatorModule, sender_identity: dict, re
 def load_translator(
     path: str | Path, map_location: str | torch.device = "cpu"
 ) -> TranslatorModule | PretrainedTranslator:
-    """Load a TranslatorModule checkpoint safely (``weights_only=True``), or an exported folder, in eval mode.
+    """Load a TranslatorModule checkpoint safely (``weights_only=True``), an exported folder, or the translator of a
+    FunctionalTranslatorModule checkpoint (as a PretrainedTranslator), in eval mode.
 
     Raises:
         FileNotFoundError: the file does not exist.
@@ -250,6 +241,8 @@ def load_translator(
         module = from_pretrained(path, map_location=str(map_location))
     elif not path.is_file():
         raise FileNotFoundError(f"translator checkpoint {path} does not exist")
+    elif is_functional_checkpoint(path):  # FunctionalTranslatorModule: the translator alone, without its LMs
+        module = checkpoint_translator(path)
     else:
         try:
             module = TranslatorModule.load_from_checkpoint(str(path), map_location=map_location, weights_only=True)

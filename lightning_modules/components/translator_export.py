@@ -72,6 +72,8 @@ class PretrainedTranslator(
         loss: Training loss (``cosine`` or ``mse``), for the record.
         metrics: Training metrics (validation values, best score), for the record.
         source: Where it came from (checkpoint file name and SHA-256, W&B run), for the record.
+        training: How a functional translator was trained (objective, slot spec, protocol), for the record; absent
+            for aligned translators.
         dtype: Dtype of the weights (``float32`` unless trained otherwise).
         export_format: Format tag of ``config.json``.
         export_format_version: Version of that format.
@@ -88,6 +90,7 @@ class PretrainedTranslator(
         loss: str | None = None,
         metrics: dict | None = None,
         source: dict | None = None,
+        training: dict | None = None,
         dtype: str = "float32",
         export_format: str = EXPORT_FORMAT,
         export_format_version: int = EXPORT_FORMAT_VERSION,
@@ -110,6 +113,8 @@ class PretrainedTranslator(
             "export_format": EXPORT_FORMAT,
             "export_format_version": EXPORT_FORMAT_VERSION,
         }
+        if training is not None:  # only functional translators have it: aligned exports stay as they were
+            self.config["training"] = dict(training)
         self.translator = build_translator(self.config["translator"], int(sender_dim), int(receiver_dim))
         self.translator.to(getattr(torch, dtype))
         self.requires_grad_(False)
@@ -179,7 +184,7 @@ def config_from_hparams(hparams: Mapping, metrics: Mapping | None = None, source
 
     Args:
         hparams: ``sender_dim``, ``receiver_dim``, ``translator`` and, if present, ``normalize``, ``sender``,
-            ``receiver``, ``loss``.
+            ``receiver``, ``loss``, ``training``.
         metrics: Training metrics to record.
         source: Provenance to record.
     """
@@ -193,6 +198,7 @@ def config_from_hparams(hparams: Mapping, metrics: Mapping | None = None, source
         "loss": hparams.get("loss"),
         "metrics": dict(metrics or {}),
         "source": dict(source or {}),
+        **({"training": dict(hparams["training"])} if hparams.get("training") else {}),
     }
 
 
@@ -212,7 +218,8 @@ def save_pretrained(folder: str | Path, translator: nn.Module, config: Mapping) 
 
 
 def checkpoint_translator(ckpt_path: str | Path, metrics: Mapping | None = None) -> PretrainedTranslator:
-    """The translator of a ``TranslatorModule`` checkpoint, read safely (``weights_only=True``), without Lightning."""
+    """The translator of a ``TranslatorModule`` (or functional) checkpoint, read safely (``weights_only=True``),
+    without Lightning."""
     ckpt = torch.load(str(ckpt_path), map_location="cpu", weights_only=True)
     hparams = ckpt.get("hyper_parameters") or {}
     if "translator" not in hparams or "sender_dim" not in hparams:
@@ -224,6 +231,17 @@ def checkpoint_translator(ckpt_path: str | Path, metrics: Mapping | None = None)
     out = PretrainedTranslator(**config_from_hparams(hparams, metrics, source), dtype=dtype)
     out.translator.load_state_dict(state, strict=True)
     return out
+
+
+def is_functional_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a FunctionalTranslatorModule checkpoint (its hparams record ``training``); False for any
+    other file, readable or not (the caller reports unreadable files)."""
+    try:
+        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 (any unreadable file is "not functional"; the aligned loader says why)
+        return False
+    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    return isinstance(hparams, dict) and bool(hparams.get("training")) and "translator" in hparams
 
 
 def export_from_checkpoint(ckpt_path: str | Path, folder: str | Path, metrics: Mapping | None = None) -> Path:

@@ -1,0 +1,130 @@
+"""``QATrainingDataModule``: QA samples for training translators *for use* (functional training), never the
+evaluation set.
+
+Batches are plain lists of :class:`QASample`; the functional module owns both tokenizers and tokenizes them itself
+(:mod:`lightning_modules.components.functional`). Held out twice over, as for the model organisms
+(:mod:`datamodules.organism_text`): the generator's evaluation seed ``EVAL_SEED`` is refused, and every generated
+sample whose key also occurs in the built-in evaluation set is dropped; validation keys are dropped from training
+too. The paper's evaluation files are refused as training or validation sources.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, RandomSampler
+
+from datamodules.multihop_qa import QADataset
+from datamodules.organism_text import held_out_samples
+from datamodules.qa_sources import PAPER_FILES, QASample, load_source, resolve_paper_file
+from lightning_modules.components.synthetic_multihop import EVAL_SEED
+
+log = logging.getLogger(__name__)
+
+# The paper's files a translator may learn from; the others hold (or overlap) its evaluation questions.
+TRAINING_PAPER_FILES = ("train", "val")
+
+
+def sample_key(s: QASample) -> str:
+    """Exact-match key of a sample (the generator's ``MultiHopSample.key``)."""
+    return f"{s.context}\n{s.question}\n{s.answer}"
+
+
+class QATrainingDataModule(pl.LightningDataModule):
+    """Training and validation QA samples for functional translator training.
+
+    Args:
+        train_source: ``synthetic`` (the built-in generator, seed ``train_seed``), the paper's ``train`` or ``val``
+            file, or a local JSONL file with ``context``, ``question``, ``answer``.
+        val_source: Same choices, for the validation samples (``synthetic`` uses ``val_seed``).
+        num_train_samples: Generated training samples (before de-duplication); a file keeps its first N when set.
+        num_val_samples: Generated validation samples; a file keeps its first N when set.
+        train_seed: Generator seed of the training samples; must differ from ``EVAL_SEED`` and ``val_seed``.
+        val_seed: Generator seed of the validation samples; must differ from ``EVAL_SEED``.
+        shuffle_seed: Seed of the training order (independent of the global seed).
+        batch_size: Samples per batch.
+        data_dir: Local folder holding the paper's files (else downloaded once, SHA-256 checked).
+        cache_dir: Cache folder for downloads.
+        num_workers: DataLoader worker processes.
+    """
+
+    def __init__(
+        self,
+        train_source: str = "synthetic",
+        val_source: str = "synthetic",
+        num_train_samples: int | None = 2000,
+        num_val_samples: int | None = 128,
+        train_seed: int = 1,
+        val_seed: int = 2,
+        shuffle_seed: int = 0,
+        batch_size: int = 16,
+        data_dir: str | None = None,
+        cache_dir: str | None = None,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        for name, source in (("train_source", train_source), ("val_source", val_source)):
+            if source in PAPER_FILES and source not in TRAINING_PAPER_FILES:
+                raise ValueError(
+                    f"data.{name}={source!r} is one of the paper's evaluation files; train and validate on "
+                    f"{' or '.join(TRAINING_PAPER_FILES)}, 'synthetic' or a local JSONL file"
+                )
+        for name, seed in (("train_seed", train_seed), ("val_seed", val_seed)):
+            if seed == EVAL_SEED:
+                raise ValueError(f"data.{name}={seed} is EVAL_SEED, the held-out evaluation set's generator seed; "
+                                 "pick another seed")  # fmt: skip
+        if train_source == val_source == "synthetic" and train_seed == val_seed:
+            raise ValueError("data.train_seed and data.val_seed must differ, or validation would measure memorisation")
+        for name, n in (("num_train_samples", num_train_samples), ("num_val_samples", num_val_samples)):
+            if n is not None and n < 1:
+                raise ValueError(f"data.{name} must be >= 1 or null, got {n}")
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+        self.save_hyperparameters()
+        self.train_set: QADataset | None = None
+        self.val_set: QADataset | None = None
+
+    def prepare_data(self) -> None:
+        # One process per node downloads a paper file before every rank reads it.
+        for source in {self.hparams.train_source, self.hparams.val_source} & set(TRAINING_PAPER_FILES):
+            if self.hparams.data_dir is None:
+                resolve_paper_file(source, cache_dir=self.hparams.cache_dir)
+
+    def _load(self, source: str, num: int | None, seed: int) -> list[QASample]:
+        h = self.hparams
+        if source == "synthetic":
+            gen = held_out_samples(2000 if num is None else num, seed)
+            return [QASample(s.sample_id, s.context, s.question, s.answer, s.hops) for s in gen]
+        samples, _ = load_source(source, data_dir=h.data_dir, cache_dir=h.cache_dir)
+        return samples if num is None else samples[:num]
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        h = self.hparams
+        val = self._load(h.val_source, h.num_val_samples, h.val_seed)
+        train_all = self._load(h.train_source, h.num_train_samples, h.train_seed)
+        val_keys = {sample_key(s) for s in val}
+        train = [s for s in train_all if sample_key(s) not in val_keys]
+        if len(train) < len(train_all):
+            log.info("dropped %d training samples that are also validation samples", len(train_all) - len(train))
+        if not train or not val:
+            raise ValueError(f"no {'training' if not train else 'validation'} samples left (data.train_source "
+                             f"{h.train_source!r}, data.val_source {h.val_source!r})")  # fmt: skip
+        self.train_set, self.val_set = QADataset(train), QADataset(val)
+
+    def train_dataloader(self) -> DataLoader:
+        # A private generator: the order depends on shuffle_seed only, not on how much global RNG ran before.
+        gen = torch.Generator().manual_seed(int(self.hparams.shuffle_seed))
+        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, sampler=RandomSampler(self.train_set,
+                          generator=gen), num_workers=self.hparams.num_workers, collate_fn=list)  # fmt: skip
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.hparams.batch_size, shuffle=False,
+                          num_workers=self.hparams.num_workers, collate_fn=list)  # fmt: skip
+
+    def transfer_batch_to_device(self, batch: list[QASample], device: torch.device, dataloader_idx: int) -> list:
+        # Strings only: the module tokenizes and moves tensors itself (Lightning cannot rebuild a frozen QASample).
+        return batch

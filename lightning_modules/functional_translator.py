@@ -1,0 +1,254 @@
+"""FunctionalTranslatorModule: trains a translator *for use*, through the frozen receiver (split-context protocol).
+
+Per batch of QA samples (:mod:`lightning_modules.components.functional` builds the token layouts):
+
+1. the frozen sender reads ``Context: ...\\nQ: ...\\nA:``; its block-Ls states at the context positions, picked by the
+   :class:`SlotSpec`, are translated (``translate()``: the aligned translator's contract, L2-normalize if on, map);
+2. the frozen receiver reads ``[slot] * K + Q: ...\\nA: {answer}<eos>`` (teacher forcing on the gold answer) and a
+   hook at its block Lr writes the translated vectors at the slot positions (``apply_injection`` ``replace``,
+   differentiable in the source), so the loss backpropagates through the receiver from Lr up into the translator;
+3. the objective is ``answer_ce`` (cross-entropy of the gold answer tokens and EOS) or ``distill`` (KL from the
+   receiver that reads the whole prompt, context included, to the slot-fed receiver, on the positions that predict
+   the *gold* answer tokens and EOS: both are teacher-forced on the gold answer, never on a decoded one), plus
+   ``mse_weight`` times the MSE between the slot vectors and the receiver's own block-Lr states of the context part
+   (picked by the same SlotSpec; computed in a separate, gradient-free pass).
+
+Only the translator is trained: both LMs are frozen (``requires_grad_(False)``, eval mode, kept in eval by
+``train()``), absent from the optimizer and from the checkpoints (``__init__`` reloads them from their names). The
+hparams hold the same identity fields as TranslatorModule's (dims, ``sender``/``receiver`` identities, ``translator``,
+``normalize``, ``loss``) plus ``training`` (objective, slot spec, protocol), so ``load_translator``, the exported
+folder and evaluation treat the result like an aligned translator. bf16 on a GPU: ``--trainer.precision
+bf16-mixed`` (Lightning autocasts the steps); fp32 by default.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict
+from typing import Literal
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+
+from lightning_modules.components.conditions import apply_injection
+from lightning_modules.components.frozen_lm import ModelRef, as_ref, load_ref
+from lightning_modules.components.functional import (
+    IGNORE,
+    answer_accuracy,
+    answer_ce,
+    answer_logits,
+    build_batch,
+    check_objective,
+    context_vectors,
+    distill_kl,
+)
+from lightning_modules.components.hooks import block_hook
+from lightning_modules.components.optim import adamw_warmup_decay, check_decay
+from lightning_modules.components.slots import SlotSpec, slot_grid
+from lightning_modules.components.sources import capture_block, position_ids
+from lightning_modules.components.translator_export import apply_translator
+from lightning_modules.components.translators import LinearTranslator, Translator, build_translator, translator_spec
+
+FROZEN = ("sender.", "receiver.")  # state_dict prefixes of the frozen LMs (never checkpointed)
+
+
+class FunctionalTranslatorModule(pl.LightningModule):
+    """Learn a sender -> receiver translator whose slot vectors make the frozen receiver answer.
+
+    Args:
+        sender_model: Sender model and block Ls (``{name, layer, dtype, ...}``); frozen.
+        receiver_model: Receiver model and block Lr whose slot outputs are overwritten; frozen.
+        translator: Translator architecture, built as ``translator(sender_dim, receiver_dim)`` (as TranslatorModule).
+        normalize: L2-normalize the sender vectors before the map (the aligned translators' ``translate()``).
+        objective: ``answer_ce`` (gold answer cross-entropy) or ``distill`` (KL from the full-context receiver,
+            teacher-forced on the gold answer).
+        mse_weight: Weight of the MSE between slot vectors and the receiver's own block-Lr context states (0: off).
+        distill_temperature: Softmax temperature of ``distill`` (the KL is scaled by T^2).
+        slots: Which sender context states feed how many slots (``scheme`` all/last/pooled, ``k``, ``token_id``,
+            ``max_context_tokens``).
+        max_question_tokens: Question-part tokens kept (right truncation).
+        max_answer_tokens: Answer tokens kept before the EOS (right truncation).
+        lr: Peak learning rate of AdamW.
+        weight_decay: AdamW weight decay.
+        betas: AdamW betas.
+        warmup_steps: Steps of linear warmup from 0 to ``lr``.
+        decay: ``linear`` (to ``min_lr_ratio * lr`` at the last step) or ``constant`` after warmup.
+        min_lr_ratio: Final learning rate as a fraction of ``lr`` for linear decay.
+        cache_dir: Project cache folder (offline tokenizer, organisms).
+    """
+
+    def __init__(
+        self,
+        sender_model: ModelRef,
+        receiver_model: ModelRef,
+        translator: Callable[[int, int], Translator] = LinearTranslator,
+        normalize: bool = True,
+        objective: Literal["answer_ce", "distill"] = "answer_ce",
+        mse_weight: float = 0.0,
+        distill_temperature: float = 1.0,
+        slots: SlotSpec | None = None,
+        max_question_tokens: int = 64,
+        max_answer_tokens: int = 16,
+        lr: float = 1e-3,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_steps: int = 50,
+        decay: Literal["linear", "constant"] = "linear",
+        min_lr_ratio: float = 0.0,
+        cache_dir: str | None = None,
+    ):
+        super().__init__()
+        check_objective(objective)
+        check_decay(decay)
+        if mse_weight < 0:
+            raise ValueError(f"model.mse_weight must be >= 0, got {mse_weight}")
+        if distill_temperature <= 0:
+            raise ValueError(f"model.distill_temperature must be > 0, got {distill_temperature}")
+        for name, n in (("max_question_tokens", max_question_tokens), ("max_answer_tokens", max_answer_tokens)):
+            if n < 1:
+                raise ValueError(f"model.{name} must be >= 1, got {n}")
+        spec = translator_spec(translator)
+        self.slot_spec = slots if isinstance(slots, SlotSpec) else SlotSpec(**(slots or {}))
+        self.save_hyperparameters(ignore=["sender_model", "receiver_model", "translator", "slots"])
+        self.sender_lm = load_ref(sender_model, cache_dir)
+        self.receiver_lm = load_ref(receiver_model, cache_dir)
+        # Registered (so they follow .to(device)) but frozen, in eval mode and left out of checkpoints.
+        self.sender, self.receiver = self.sender_lm.model, self.receiver_lm.model
+        for lm in (self.sender, self.receiver):
+            lm.requires_grad_(False).eval()
+        d_s, d_r = int(self.sender_lm.identity()["hidden_size"]), int(self.receiver_lm.identity()["hidden_size"])
+        loss = f"functional:{objective}" + (f"+mse*{mse_weight:g}" if mse_weight else "")
+        # Plain dicts/lists only, so checkpoints load with weights_only=True; the identity fields are
+        # TranslatorModule's, so load_translator, the export and the evaluation's identity check read them alike.
+        self.hparams.update(
+            sender_model=asdict(as_ref(sender_model)),
+            receiver_model=asdict(as_ref(receiver_model)),
+            translator=spec,
+            slots=self.slot_spec.to_dict(),
+            betas=[float(b) for b in betas],
+            sender_dim=d_s,
+            receiver_dim=d_r,
+            sender=self.sender_lm.identity(),
+            receiver=self.receiver_lm.identity(),
+            loss=loss,
+            training={
+                "kind": "functional",
+                "protocol": "split",
+                "objective": objective,
+                "mse_weight": mse_weight,
+                "distill_on": "gold_answer",
+                "slots": self.slot_spec.to_dict(),
+            },  # fmt: skip
+        )
+        self.translator = build_translator(spec, d_s, d_r)
+
+    # -- the map: the same contract as TranslatorModule.translate ----------------------------------------------
+
+    def translate(self, x: torch.Tensor) -> torch.Tensor:
+        """Map sender vectors ``(..., d_s)`` to ``(..., d_r)``: L2-normalize (if on), then apply the translator."""
+        return apply_translator(self.translator, x, self.hparams.normalize)
+
+    forward = translate
+
+    def train(self, mode: bool = True):
+        # Lightning puts the whole module in train mode each epoch: the frozen LMs stay in eval (no dropout).
+        super().train(mode)
+        self.sender.eval()
+        self.receiver.eval()
+        return self
+
+    # -- one batch ------------------------------------------------------------------------------------------------
+
+    def slot_vectors(self, batch: dict) -> list[torch.Tensor]:
+        """Per sample the translated slot vectors ``(K_i, d_r)`` (differentiable in the translator)."""
+        s = batch["sender"]
+        ids, mask = s["input_ids"].to(self.device), s["attention_mask"].to(self.device)
+        states = capture_block(self.sender, self.sender_lm.layer.path, ids, mask)  # no grad: the sender is frozen
+        picked = context_vectors(states, s["context_slices"], self.slot_spec)
+        return list(self.translate(torch.cat(picked)).split([len(p) for p in picked]))
+
+    def _logits(self, layout: dict, slots: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Receiver logits of a layout, with ``slots`` written at its slot positions at block Lr when given."""
+        ids, mask = layout["input_ids"].to(self.device), layout["attention_mask"].to(self.device)
+        inputs = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
+        if slots is None:
+            return self.receiver(**inputs).logits
+        slot_mask = layout["slot_mask"].to(self.device)
+        grid = slot_grid(slots, slot_mask, device=self.device)
+
+        def write(h: torch.Tensor) -> torch.Tensor:
+            return apply_injection("replace", h, slot_mask, source=grid)[0]
+
+        with block_hook(self.receiver, self.receiver_lm.layer.path, write):
+            return self.receiver(**inputs).logits
+
+    def losses(self, samples) -> dict[str, torch.Tensor]:
+        """Every loss term and metric of a batch of QA samples; ``loss`` is what is optimized."""
+        h = self.hparams
+        batch = build_batch(samples, self.sender_lm.tokenizer, self.receiver_lm.tokenizer, self.slot_spec,
+                            h.max_question_tokens, h.max_answer_tokens)  # fmt: skip
+        slots = self.slot_vectors(batch)
+        labels = batch["student"]["labels"]
+        student, targets = answer_logits(self._logits(batch["student"], slots), labels.to(self.device))
+        lengths = labels.ne(IGNORE).sum(dim=1).tolist()
+        out = {"ce": answer_ce(student, targets), **answer_accuracy(student.detach(), targets, lengths)}
+        out["loss"] = out["ce"]
+        teacher = batch["teacher"]
+        if h.objective == "distill":
+            with torch.no_grad():
+                teacher_logits, _ = answer_logits(self._logits(teacher), teacher["labels"].to(self.device))
+            out["kl"] = distill_kl(student, teacher_logits, h.distill_temperature)
+            out["loss"] = out["kl"]
+        if h.mse_weight:
+            out["mse"] = self._mse_to_receiver(slots, teacher)
+            out["loss"] = out["loss"] + h.mse_weight * out["mse"]
+        return out
+
+    def _mse_to_receiver(self, slots: list[torch.Tensor], teacher: dict) -> torch.Tensor:
+        ids, mask = teacher["input_ids"].to(self.device), teacher["attention_mask"].to(self.device)
+        states = capture_block(self.receiver, self.receiver_lm.layer.path, ids, mask)
+        targets = context_vectors(states, teacher["context_slices"], self.slot_spec)
+        if [len(t) for t in targets] != [len(s) for s in slots]:
+            raise ValueError(
+                "model.mse_weight needs as many receiver context states as slots, but the two tokenizers split a "
+                "context differently; use model.slots.scheme last/pooled or model.mse_weight 0"
+            )
+        return F.mse_loss(torch.cat(slots).float(), torch.cat(targets).float())
+
+    # -- steps ----------------------------------------------------------------------------------------------------
+
+    def _log_all(self, stage: str, out: dict, n: int) -> None:
+        for key, value in out.items():
+            self.log(f"{stage}/{key}", value.detach(), on_step=stage == "train", on_epoch=True,
+                     prog_bar=key == "loss", batch_size=n)  # fmt: skip
+
+    def training_step(self, batch: list, batch_idx: int) -> torch.Tensor:
+        out = self.losses(batch)
+        self._log_all("train", out, len(batch))
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
+        return out["loss"]
+
+    def validation_step(self, batch: list, batch_idx: int) -> None:
+        self._log_all("val", self.losses(batch), len(batch))
+
+    # -- checkpoints: the translator and the optimizer only -------------------------------------------------------
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The frozen LMs are the configured models (hundreds of MB for Pythia): __init__ reloads them by name.
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(FROZEN)}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Put the freshly loaded frozen weights back so the strict state_dict load checks the translator's keys.
+        frozen = {k: v for k, v in self.state_dict().items() if k.startswith(FROZEN)}
+        checkpoint["state_dict"] = {**checkpoint["state_dict"], **frozen}
+
+    def configure_optimizers(self):
+        h = self.hparams
+        total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
+        return adamw_warmup_decay(self.translator.parameters(), lr=h.lr, weight_decay=h.weight_decay, betas=h.betas,
+                                  warmup_steps=h.warmup_steps, decay=h.decay, min_lr_ratio=h.min_lr_ratio,
+                                  total_steps=total)  # fmt: skip
+
+
+__all__ = ["FunctionalTranslatorModule"]
