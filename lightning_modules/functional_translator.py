@@ -13,11 +13,11 @@ Per batch of QA samples (:mod:`lightning_modules.components.functional` builds t
    ``mse_weight`` times the MSE between the slot vectors and the receiver's own block-Lr states of the context part
    (picked by the same SlotSpec; computed in a separate, gradient-free pass).
 
-Only the translator is trained: both LMs are frozen (``requires_grad_(False)``, eval mode, kept in eval by
-``train()``), absent from the optimizer and from the checkpoints (``__init__`` reloads them from their names). The
-hparams hold the same identity fields as TranslatorModule's (dims, ``sender``/``receiver`` identities, ``translator``,
-``normalize``, ``loss``) plus ``training`` (objective, slot spec, protocol), so ``load_translator``, the exported
-folder and evaluation treat the result like an aligned translator. bf16 on a GPU: ``--trainer.precision
+Only the translator is trained: both LMs are frozen (``requires_grad_(False)``, eval mode) and are no submodules,
+so they are absent from the optimizer, from ``train()`` and from the checkpoints (``__init__`` reloads them by name).
+The hparams hold the same identity fields as TranslatorModule's (dims, ``sender``/``receiver`` identities,
+``translator``, ``normalize``, ``loss``) plus ``training`` (objective, slot spec, protocol), so ``load_translator``,
+the exported folder and evaluation treat the result like an aligned translator. bf16 on a GPU: ``--trainer.precision
 bf16-mixed`` (Lightning autocasts the steps); fp32 by default.
 """
 
@@ -49,8 +49,6 @@ from lightning_modules.components.slots import SlotSpec, slot_grid
 from lightning_modules.components.sources import capture_block, position_ids
 from lightning_modules.components.translator_export import apply_translator
 from lightning_modules.components.translators import LinearTranslator, Translator, build_translator, translator_spec
-
-FROZEN = ("sender.", "receiver.")  # state_dict prefixes of the frozen LMs (never checkpointed)
 
 
 class FunctionalTranslatorModule(pl.LightningModule):
@@ -113,8 +111,6 @@ class FunctionalTranslatorModule(pl.LightningModule):
         self.save_hyperparameters(ignore=["sender_model", "receiver_model", "translator", "slots"])
         self.sender_lm = load_ref(sender_model, cache_dir)
         self.receiver_lm = load_ref(receiver_model, cache_dir)
-        # Registered (so they follow .to(device)) but frozen, in eval mode and left out of checkpoints.
-        self.sender, self.receiver = self.sender_lm.model, self.receiver_lm.model
         for lm in (self.sender, self.receiver):
             lm.requires_grad_(False).eval()
         d_s, d_r = int(self.sender_lm.identity()["hidden_size"]), int(self.receiver_lm.identity()["hidden_size"])
@@ -151,11 +147,21 @@ class FunctionalTranslatorModule(pl.LightningModule):
 
     forward = translate
 
-    def train(self, mode: bool = True):
-        # Lightning puts the whole module in train mode each epoch: the frozen LMs stay in eval (no dropout).
-        super().train(mode)
-        self.sender.eval()
-        self.receiver.eval()
+    # The frozen LMs are not submodules: Lightning's train() leaves them in eval mode, the optimizer and the
+    # checkpoints (state_dict) never see them, and __init__ reloads them by name. _apply moves them with the module.
+
+    @property
+    def sender(self) -> torch.nn.Module:
+        return self.sender_lm.model
+
+    @property
+    def receiver(self) -> torch.nn.Module:
+        return self.receiver_lm.model
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        for lm in (self.sender, self.receiver):
+            lm._apply(fn, *args, **kwargs)
         return self
 
     # -- one batch ------------------------------------------------------------------------------------------------
@@ -231,17 +237,6 @@ class FunctionalTranslatorModule(pl.LightningModule):
 
     def validation_step(self, batch: list, batch_idx: int) -> None:
         self._log_all("val", self.losses(batch), len(batch))
-
-    # -- checkpoints: the translator and the optimizer only -------------------------------------------------------
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # The frozen LMs are the configured models (hundreds of MB for Pythia): __init__ reloads them by name.
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(FROZEN)}
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        # Put the freshly loaded frozen weights back so the strict state_dict load checks the translator's keys.
-        frozen = {k: v for k, v in self.state_dict().items() if k.startswith(FROZEN)}
-        checkpoint["state_dict"] = {**checkpoint["state_dict"], **frozen}
 
     def configure_optimizers(self):
         h = self.hparams
