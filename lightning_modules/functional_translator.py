@@ -174,12 +174,20 @@ class FunctionalTranslatorModule(pl.LightningModule):
         picked = context_vectors(states, s["context_slices"], self.slot_spec)
         return list(self.translate(torch.cat(picked)).split([len(p) for p in picked]))
 
-    def _logits(self, layout: dict, slots: list[torch.Tensor] | None = None) -> torch.Tensor:
-        """Receiver logits of a layout, with ``slots`` written at its slot positions at block Lr when given."""
+    def answer_logits(self, layout: dict, slots: list[torch.Tensor] | None = None):
+        """The receiver's logits ``(N, V)`` at the N positions that predict a layout's answer tokens, and those
+        tokens ``(N,)``; ``slots`` are written at the layout's slot positions at block Lr when given.
+
+        The answer ends every (left-padded) row, so the LM head runs on the last ``longest answer + 1`` columns only
+        (``logits_to_keep``): a full-vocabulary head on every position would dominate the memory of a Pythia batch.
+        """
         ids, mask = layout["input_ids"].to(self.device), layout["attention_mask"].to(self.device)
-        inputs = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False)
+        labels = layout["labels"].to(self.device)
+        keep = int(labels.ne(IGNORE).sum(dim=1).max()) + 1
+        inputs = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False,
+                      logits_to_keep=keep)  # fmt: skip
         if slots is None:
-            return self.receiver(**inputs).logits
+            return answer_logits(self.receiver(**inputs).logits, labels[:, -keep:])
         slot_mask = layout["slot_mask"].to(self.device)
         grid = slot_grid(slots, slot_mask, device=self.device)
 
@@ -187,23 +195,26 @@ class FunctionalTranslatorModule(pl.LightningModule):
             return apply_injection("replace", h, slot_mask, source=grid)[0]
 
         with block_hook(self.receiver, self.receiver_lm.layer.path, write):
-            return self.receiver(**inputs).logits
+            return answer_logits(self.receiver(**inputs).logits, labels[:, -keep:])
 
     def losses(self, samples) -> dict[str, torch.Tensor]:
-        """Every loss term and metric of a batch of QA samples; ``loss`` is what is optimized."""
+        """Every loss term and metric of a batch of QA samples; ``loss`` is what is optimized.
+
+        ``exact`` is the fraction of samples whose every answer token and EOS is the argmax under teacher forcing,
+        i.e. exactly the samples that greedy decoding answers with the gold answer (no decoding needed).
+        """
         h = self.hparams
         batch = build_batch(samples, self.sender_lm.tokenizer, self.receiver_lm.tokenizer, self.slot_spec,
                             h.max_question_tokens, h.max_answer_tokens)  # fmt: skip
         slots = self.slot_vectors(batch)
-        labels = batch["student"]["labels"]
-        student, targets = answer_logits(self._logits(batch["student"], slots), labels.to(self.device))
-        lengths = labels.ne(IGNORE).sum(dim=1).tolist()
+        student, targets = self.answer_logits(batch["student"], slots)
+        lengths = batch["student"]["labels"].ne(IGNORE).sum(dim=1).tolist()
         out = {"ce": answer_ce(student, targets), **answer_accuracy(student.detach(), targets, lengths)}
         out["loss"] = out["ce"]
         teacher = batch["teacher"]
         if h.objective == "distill":
             with torch.no_grad():
-                teacher_logits, _ = answer_logits(self._logits(teacher), teacher["labels"].to(self.device))
+                teacher_logits, _ = self.answer_logits(teacher)
             out["kl"] = distill_kl(student, teacher_logits, h.distill_temperature)
             out["loss"] = out["kl"]
         if h.mse_weight:

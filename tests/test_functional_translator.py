@@ -12,6 +12,8 @@ import torch
 
 from datamodules.qa_training import QATrainingDataModule
 from lightning_modules.cli import train_main, wants_functional
+from lightning_modules.components.functional import answer_logits, build_batch
+from lightning_modules.components.sources import position_ids
 from lightning_modules.components.synthetic_multihop import EVAL_SEED
 from lightning_modules.components.translator_export import from_pretrained
 from lightning_modules.functional_translator import FunctionalTranslatorModule
@@ -52,6 +54,25 @@ def test_only_the_translator_learns(tmp_path):
     assert any(not torch.equal(v, module.translator.state_dict()[k]) for k, v in before.items())
 
 
+def test_answer_logits_only_on_the_last_columns_match_the_full_head():
+    module = FunctionalTranslatorModule(SENDER, RECEIVER)
+    data = QATrainingDataModule(num_train_samples=8, num_val_samples=4, batch_size=4)
+    data.setup()
+    samples = list(data.val_set.samples)
+    batch = build_batch(samples, module.sender_lm.tokenizer, module.receiver_lm.tokenizer, module.slot_spec, 64, 16)
+    teacher = batch["teacher"]
+    mask = teacher["attention_mask"]
+    with torch.no_grad():
+        full = module.receiver(input_ids=teacher["input_ids"], attention_mask=mask, position_ids=position_ids(mask),
+                               use_cache=False).logits  # fmt: skip
+        expected, expected_targets = answer_logits(full, teacher["labels"])
+        got, targets = module.answer_logits(teacher)
+    # Every answer token + EOS of every row, in row order.
+    assert len(targets) == int(teacher["labels"].ne(-100).sum()) > len(samples)
+    assert torch.equal(targets, expected_targets)
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
 def _val_ce(module: FunctionalTranslatorModule, samples) -> float:
     module.eval()
     with torch.no_grad():
@@ -76,17 +97,20 @@ def test_answer_loss_falls_when_only_the_sender_reads_the_context(tmp_path):
     assert final < 0.8 * initial, (initial, final)
 
 
+# The resumed run writes into the first run's checkpoint folder on purpose; Lightning says so.
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
 def test_cli_fit_exports_a_translator_that_translates_like_the_module(tmp_path):
     assert wants_functional(["fit", "-c", DEMO])
     assert not wants_functional(["fit", "-c", str(ROOT / "configs" / "train" / "tiny.yaml")])
-    cli = train_main([
+    args = [
         "fit", "-c", DEMO, "--trainer.default_root_dir", str(tmp_path / "runs"),
-        "--trainer.enable_progress_bar", "false", "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2",
+        "--trainer.enable_progress_bar", "false", "--trainer.limit_train_batches", "2",
         "--trainer.log_every_n_steps", "1",
         "--model.init_args.sender_model.name", "tiny-neox", "--model.init_args.receiver_model.name", "tiny-neox-large",
         "--data.init_args.num_train_samples", "32", "--data.init_args.num_val_samples", "8",
-        "--data.init_args.batch_size", "8",
-    ])  # fmt: skip
+        "--data.init_args.batch_size", "8", "--trainer.max_epochs", "1",
+    ]  # fmt: skip
+    cli = train_main(args)
     module = cli.model
     assert isinstance(module, FunctionalTranslatorModule)
     best = Path(cli.trainer.checkpoint_callback.best_model_path)
@@ -102,10 +126,13 @@ def test_cli_fit_exports_a_translator_that_translates_like_the_module(tmp_path):
         assert torch.equal(loaded.translate(x), expected)
         assert loaded.hparams["receiver_dim"] == 48 and loaded.hparams["loss"] == "functional:answer_ce"
     assert from_pretrained(folder).config["training"]["slots"]["scheme"] == "all"
-    # Resuming restores the translator into a module whose frozen LMs come from the config.
+    # Loading restores the translator into a module whose frozen LMs come from the given models.
     resumed = FunctionalTranslatorModule.load_from_checkpoint(str(best), sender_model=SENDER, receiver_model=RECEIVER,
                                                               weights_only=True)  # fmt: skip
     assert torch.equal(resumed.translate(x), expected)
+    # `fit --ckpt_path last` resumes through the functional CLI (the checkpoint holds no LM weights).
+    again = train_main([*args[:-2], "--trainer.max_epochs", "2", "--ckpt_path", "last"])
+    assert again.trainer.current_epoch == 2 and again.trainer.global_step == 4
 
 
 def test_bad_options_fail_clearly():
