@@ -237,8 +237,9 @@ class FunctionalTranslatorModule(pl.LightningModule):
 
     def _log_all(self, stage: str, out: dict, n: int) -> None:
         for key, value in out.items():
+            # sync_dist on validation: under DDP each rank holds a shard of the validation samples.
             self.log(f"{stage}/{key}", value.detach(), on_step=stage == "train", on_epoch=True,
-                     prog_bar=key == "loss", batch_size=n)  # fmt: skip
+                     prog_bar=key == "loss", batch_size=n, sync_dist=stage != "train")  # fmt: skip
 
     def training_step(self, batch: list, batch_idx: int) -> torch.Tensor:
         out = self.losses(batch)
