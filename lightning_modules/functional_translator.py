@@ -9,7 +9,8 @@ Per batch of QA samples (:mod:`lightning_modules.components.functional` builds t
    differentiable in the source), so the loss backpropagates through the receiver from Lr up into the translator;
 3. the objective is ``answer_ce`` (cross-entropy of the gold answer tokens and EOS) or ``distill`` (KL from the
    receiver that reads the whole prompt, context included, to the slot-fed receiver, on the positions that predict
-   the *gold* answer tokens and EOS: both are teacher-forced on the gold answer, never on a decoded one), plus
+   the answer tokens and EOS; both are teacher-forced on the same sequence: the gold answer by default, or with
+   ``distill_on: teacher_greedy`` the full-context receiver's own greedy answer, so no label is needed), plus
    ``mse_weight`` times the MSE between the slot vectors and the receiver's own block-Lr states of the context part
    (picked by the same SlotSpec; computed in a separate, gradient-free pass).
 
@@ -42,6 +43,8 @@ from lightning_modules.components.functional import (
     check_objective,
     context_vectors,
     distill_kl,
+    full_prompts,
+    until_eos,
 )
 from lightning_modules.components.hooks import block_hook
 from lightning_modules.components.optim import adamw_warmup_decay, check_decay
@@ -49,6 +52,8 @@ from lightning_modules.components.slots import SlotSpec, slot_grid
 from lightning_modules.components.sources import capture_block, position_ids
 from lightning_modules.components.translator_export import apply_translator
 from lightning_modules.components.translators import LinearTranslator, Translator, build_translator, translator_spec
+
+DISTILL_ON = ("gold", "teacher_greedy")
 
 
 class FunctionalTranslatorModule(pl.LightningModule):
@@ -59,8 +64,9 @@ class FunctionalTranslatorModule(pl.LightningModule):
         receiver_model: Receiver model and block Lr whose slot outputs are overwritten; frozen.
         translator: Translator architecture, built as ``translator(sender_dim, receiver_dim)`` (as TranslatorModule).
         normalize: L2-normalize the sender vectors before the map (the aligned translators' ``translate()``).
-        objective: ``answer_ce`` (gold answer cross-entropy) or ``distill`` (KL from the full-context receiver,
-            teacher-forced on the gold answer).
+        objective: ``answer_ce`` (gold answer cross-entropy) or ``distill`` (KL from the full-context receiver).
+        distill_on: What ``distill`` teacher-forces both receivers on: ``gold`` (the gold answer) or
+            ``teacher_greedy`` (the full-context receiver's own greedy answer: no labels needed).
         mse_weight: Weight of the MSE between slot vectors and the receiver's own block-Lr context states (0: off).
         distill_temperature: Softmax temperature of ``distill`` (the KL is scaled by T^2).
         slots: Which sender context states feed how many slots (``scheme`` all/last/pooled, ``k``, ``token_id``,
@@ -84,6 +90,7 @@ class FunctionalTranslatorModule(pl.LightningModule):
         normalize: bool = True,
         objective: Literal["answer_ce", "distill"] = "answer_ce",
         mse_weight: float = 0.0,
+        distill_on: Literal["gold", "teacher_greedy"] = "gold",
         distill_temperature: float = 1.0,
         slots: SlotSpec | None = None,
         max_question_tokens: int = 64,
@@ -101,6 +108,8 @@ class FunctionalTranslatorModule(pl.LightningModule):
         check_decay(decay)
         if mse_weight < 0:
             raise ValueError(f"model.mse_weight must be >= 0, got {mse_weight}")
+        if distill_on not in DISTILL_ON:
+            raise ValueError(f"model.distill_on must be one of {', '.join(DISTILL_ON)}, got {distill_on!r}")
         if distill_temperature <= 0:
             raise ValueError(f"model.distill_temperature must be > 0, got {distill_temperature}")
         for name, n in (("max_question_tokens", max_question_tokens), ("max_answer_tokens", max_answer_tokens)):
@@ -133,7 +142,7 @@ class FunctionalTranslatorModule(pl.LightningModule):
                 "protocol": "split",
                 "objective": objective,
                 "mse_weight": mse_weight,
-                "distill_on": "gold_answer",
+                "distill_on": distill_on if objective == "distill" else None,
                 "slots": self.slot_spec.to_dict(),
             },  # fmt: skip
         )
@@ -201,11 +210,14 @@ class FunctionalTranslatorModule(pl.LightningModule):
         """Every loss term and metric of a batch of QA samples; ``loss`` is what is optimized.
 
         ``exact`` is the fraction of samples whose every answer token and EOS is the argmax under teacher forcing,
-        i.e. exactly the samples that greedy decoding answers with the gold answer (no decoding needed).
+        i.e. exactly the samples that greedy decoding answers with the gold answer (no decoding needed). Under
+        ``distill_on: teacher_greedy``, ``ce``/``token_acc``/``exact`` compare with the teacher's answer instead.
         """
         h = self.hparams
+        greedy = h.objective == "distill" and h.distill_on == "teacher_greedy"
+        answers = self.teacher_answers(samples) if greedy else None
         batch = build_batch(samples, self.sender_lm.tokenizer, self.receiver_lm.tokenizer, self.slot_spec,
-                            h.max_question_tokens, h.max_answer_tokens)  # fmt: skip
+                            h.max_question_tokens, h.max_answer_tokens, answer_ids=answers)  # fmt: skip
         slots = self.slot_vectors(batch)
         student, targets = self.answer_logits(batch["student"], slots)
         lengths = batch["student"]["labels"].ne(IGNORE).sum(dim=1).tolist()
@@ -221,6 +233,17 @@ class FunctionalTranslatorModule(pl.LightningModule):
             out["mse"] = self._mse_to_receiver(slots, teacher)
             out["loss"] = out["loss"] + h.mse_weight * out["mse"]
         return out
+
+    @torch.no_grad()
+    def teacher_answers(self, samples) -> list[list[int]]:
+        """The full-context receiver's greedy answers (token rows ending with EOS, at most ``max_answer_tokens``
+        before it): ``distill``'s teacher-forced sequence under ``distill_on: teacher_greedy``."""
+        h, tok = self.hparams, self.receiver_lm.tokenizer
+        prompts = full_prompts(samples, tok, self.slot_spec, h.max_question_tokens)
+        ids, mask = prompts["input_ids"].to(self.device), prompts["attention_mask"].to(self.device)
+        out = self.receiver.generate(input_ids=ids, attention_mask=mask, max_new_tokens=h.max_answer_tokens,
+                                     do_sample=False, pad_token_id=tok.eos_token_id)  # fmt: skip
+        return until_eos(out[:, ids.shape[1] :], tok.eos_token_id)
 
     def _mse_to_receiver(self, slots: list[torch.Tensor], teacher: dict) -> torch.Tensor:
         ids, mask = teacher["input_ids"].to(self.device), teacher["attention_mask"].to(self.device)

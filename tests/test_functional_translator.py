@@ -73,6 +73,28 @@ def test_answer_logits_only_on_the_last_columns_match_the_full_head():
     assert torch.allclose(got, expected, atol=1e-5)
 
 
+def test_distill_on_the_teachers_greedy_answer_lines_up_with_its_own_argmax():
+    module = FunctionalTranslatorModule(SENDER, RECEIVER, objective="distill", distill_on="teacher_greedy")
+    with torch.no_grad():  # a larger head than the random 0.02 one: no near-ties between greedy steps
+        module.receiver.get_output_embeddings().weight.mul_(50.0)
+    data = QATrainingDataModule(num_train_samples=8, num_val_samples=4, batch_size=4)
+    data.setup()
+    samples = list(data.val_set.samples)
+    answers = module.teacher_answers(samples)
+    eos = module.receiver_lm.tokenizer.eos_token_id
+    assert all(a[-1] == eos and eos not in a[:-1] for a in answers)
+    batch = build_batch(samples, module.sender_lm.tokenizer, module.receiver_lm.tokenizer, module.slot_spec, 64, 16,
+                        answer_ids=answers)  # fmt: skip
+    with torch.no_grad():
+        logits, targets = module.answer_logits(batch["teacher"])
+        out = module.losses(samples)
+    # Teacher forcing on its own greedy answer reproduces every greedy step at the paired positions (an EOS may be
+    # appended to an answer cut at max_answer_tokens: that one is no greedy step).
+    steps = targets != eos
+    assert steps.sum() > len(samples) and torch.equal(logits.argmax(dim=-1)[steps], targets[steps])
+    assert torch.isfinite(out["loss"]) and float(out["kl"]) >= 0.0 and torch.equal(out["loss"], out["kl"])
+
+
 def _val_ce(module: FunctionalTranslatorModule, samples) -> float:
     module.eval()
     with torch.no_grad():
@@ -144,5 +166,7 @@ def test_bad_options_fail_clearly():
         QATrainingDataModule(train_seed=3, val_seed=3)
     with pytest.raises(ValueError, match="model.objective must be one of answer_ce, distill, got 'mse'"):
         FunctionalTranslatorModule(SENDER, RECEIVER, objective="mse")
+    with pytest.raises(ValueError, match="model.distill_on must be one of gold, teacher_greedy, got 'labels'"):
+        FunctionalTranslatorModule(SENDER, RECEIVER, objective="distill", distill_on="labels")
     with pytest.raises(ValueError, match="model.mse_weight must be >= 0"):
         FunctionalTranslatorModule(SENDER, RECEIVER, mse_weight=-1.0)

@@ -49,8 +49,11 @@ def answer_labels(input_ids: torch.Tensor, answer_lengths: Sequence[int]) -> tor
 
 
 def build_batch(samples, sender_tokenizer, receiver_tokenizer, spec: SlotSpec, max_question_tokens: int,
-                max_answer_tokens: int) -> dict:  # fmt: skip
+                max_answer_tokens: int, answer_ids: Sequence[Sequence[int]] | None = None) -> dict:  # fmt: skip
     """Tokenize QA samples (``context``, ``question``, ``answer``) into the three layouts of the module docstring.
+
+    ``answer_ids`` (receiver token rows ending with EOS, e.g. the full-context receiver's own greedy answers) replace
+    the gold answers as the teacher-forced sequence when given.
 
     Returns:
         ``{"sender": sender_batch(...), "student": receiver_batch(...) + labels, "teacher": sender_batch(...) of the
@@ -65,7 +68,10 @@ def build_batch(samples, sender_tokenizer, receiver_tokenizer, spec: SlotSpec, m
     r_ctx, r_q = encode_parts(receiver_tokenizer, contexts, questions, spec.max_context_tokens, max_question_tokens)
     if any(not c for c in s_ctx):
         raise ValueError("a sample's context part has no sender token; the split protocol needs a context")
-    answers = answer_rows(receiver_tokenizer, [s.answer for s in samples], max_answer_tokens)
+    if answer_ids is None:
+        answers = answer_rows(receiver_tokenizer, [s.answer for s in samples], max_answer_tokens)
+    else:
+        answers = [list(a) for a in answer_ids]
     lengths = [len(a) for a in answers]
     counts = [spec.count(len(c)) for c in s_ctx]
     slot_id = receiver_tokenizer.eos_token_id if spec.token_id is None else int(spec.token_id)
@@ -80,6 +86,21 @@ def build_batch(samples, sender_tokenizer, receiver_tokenizer, spec: SlotSpec, m
         "teacher": teacher,
         "slot_counts": counts,
     }
+
+
+def full_prompts(samples, receiver_tokenizer, spec: SlotSpec, max_question_tokens: int) -> dict:
+    """The receiver's full prompts ``context part + question part`` (left padded): what the teacher answers."""
+    ctx, qst = encode_parts(receiver_tokenizer, [s.context for s in samples], [s.question for s in samples],
+                            spec.max_context_tokens, max_question_tokens)  # fmt: skip
+    return sender_batch(ctx, qst, receiver_tokenizer.eos_token_id)
+
+
+def until_eos(rows: torch.Tensor, eos_id: int) -> list[list[int]]:
+    """Generated token rows cut after their first EOS (one is appended where none was generated)."""
+    out = []
+    for row in rows.tolist():
+        out.append(row[: row.index(eos_id) + 1] if eos_id in row else [*row, eos_id])
+    return out
 
 
 def context_vectors(states: torch.Tensor, slices: Sequence[slice], spec: SlotSpec) -> list[torch.Tensor]:
