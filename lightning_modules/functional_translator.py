@@ -2,8 +2,9 @@
 
 Per batch of QA samples (:mod:`lightning_modules.components.functional` builds the token layouts):
 
-1. the frozen sender reads ``Context: ...\\nQ: ...\\nA:``; its block-Ls states at the context positions, picked by the
-   :class:`SlotSpec`, are translated (``translate()``: the aligned translator's contract, L2-normalize if on, map);
+1. the frozen sender reads ``Context: ...\\nQ: ...\\nA:``; its block-Ls states at the context positions are translated
+   (``translate()``: the aligned translator's contract, L2-normalize if on, map) and picked by the :class:`SlotSpec`,
+   as the split evaluation (``components/split_protocol.py``) does;
 2. the frozen receiver reads ``[slot] * K + Q: ...\\nA: {answer}<eos>`` (teacher forcing on the gold answer) and a
    hook at its block Lr writes the translated vectors at the slot positions (``apply_injection`` ``replace``,
    differentiable in the source), so the loss backpropagates through the receiver from Lr up into the translator;
@@ -176,12 +177,15 @@ class FunctionalTranslatorModule(pl.LightningModule):
     # -- one batch ------------------------------------------------------------------------------------------------
 
     def slot_vectors(self, batch: dict) -> list[torch.Tensor]:
-        """Per sample the translated slot vectors ``(K_i, d_r)`` (differentiable in the translator)."""
+        """Per sample the slot vectors ``(K_i, d_r)`` (differentiable in the translator): the context positions'
+        states translated, then picked by the SlotSpec, in the order the split evaluation uses (it matters for
+        ``pooled``: the mean of translations)."""
         s = batch["sender"]
         ids, mask = s["input_ids"].to(self.device), s["attention_mask"].to(self.device)
         states = capture_block(self.sender, self.sender_lm.layer.path, ids, mask)  # no grad: the sender is frozen
-        picked = context_vectors(states, s["context_slices"], self.slot_spec)
-        return list(self.translate(torch.cat(picked)).split([len(p) for p in picked]))
+        context = [states[i, sl] for i, sl in enumerate(s["context_slices"])]
+        translated = self.translate(torch.cat(context)).split([len(c) for c in context])
+        return [self.slot_spec.pick(t) for t in translated]
 
     def answer_logits(self, layout: dict, slots: list[torch.Tensor] | None = None):
         """The receiver's logits ``(N, V)`` at the N positions that predict a layout's answer tokens, and those
