@@ -24,6 +24,7 @@ import contextlib
 import importlib
 import logging
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -42,8 +43,16 @@ from lightning_modules.organisms import ensure_organisms, organism_names
 from lightning_modules.translator import TranslatorModule
 
 
+class _DropAdvertisement(logging.Filter):
+    """Lightning 2.6 prints a "Tip: ... litlogger" advertisement on every Trainer: not information for the user."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "litlogger" not in record.getMessage()
+
+
 def setup_logging() -> None:
-    """Show this project's INFO lines (activation cache hit/miss/rebuild, config paths) on the console once."""
+    """Show this project's INFO lines (activation cache hit/miss/rebuild, progress, config paths) on the console
+    once, and drop upstream noise that says nothing about the run."""
     for name in ("datamodules", "lightning_modules", "callbacks"):
         logger = logging.getLogger(name)
         if not logger.handlers:
@@ -51,6 +60,13 @@ def setup_logging() -> None:
             handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
             logger.addHandler(handler)
             logger.setLevel(logging.INFO)
+    rank_zero = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    if not any(isinstance(f, _DropAdvertisement) for f in rank_zero.filters):
+        rank_zero.addFilter(_DropAdvertisement())
+    # PL 2.6.6 on torch >= 2.13 calls a deprecated pytree check on every fit (fixed upstream after 2.6.6), and
+    # WandbLogger always passes `anonymous`, which wandb 0.31 says has no effect: both harmless, both every run.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).* is deprecated")
+    warnings.filterwarnings("ignore", message="The anonymous setting has no effect")
 
 
 def finish_wandb(trainer) -> None:
@@ -74,6 +90,19 @@ def _class_of(entry) -> type | None:
 
 def _as_list(value) -> list:
     return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def group_runs(config: Namespace) -> None:
+    """A W&B logger without a ``group`` gets the config file's name, so ``train.py -c configs/train/X.yaml`` and
+    ``evaluate.py -c configs/eval/X.yaml`` land in one group ``X``."""
+    files = [str(p) for p in (config.get("config") or []) if p]
+    if not files:
+        return
+    for logger in _as_list(config.trainer.get("logger")):
+        cls = _class_of(logger)
+        args = logger.get("init_args") if cls is not None else None
+        if cls is not None and cls.__name__ == "WandbLogger" and args is not None and not args.get("group"):
+            args["group"] = Path(files[-1]).stem
 
 
 def use_one_output_root(trainer: Namespace) -> None:
@@ -148,6 +177,7 @@ class ProjectCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         use_one_output_root(config.trainer)
         show_progress(config.trainer)
+        group_runs(config)
         keep_wandb_under(config.trainer.get("default_root_dir") or ".")  # before the logger exists
         names = organism_names(config.as_dict())
         if names:

@@ -141,7 +141,7 @@ class InjectionEvalModule(pl.LightningModule):
             generation)  # fmt: skip
         self.allow_mismatch, self.run_name, self.cache_dir = allow_mismatch, run_name, cache_dir
         self.do_report, self.report_resamples = report, report_resamples
-        self.save_hyperparameters(ignore=["sender", "receiver", "generation"])
+        self.save_hyperparameters(ignore=["sender", "receiver", "generation"], logger=False)  # config: save_config
         # Plain dicts only, so hparams stay loadable with weights_only.
         self.hparams.update(sender=dataclasses.asdict(self.sender_ref), receiver=dataclasses.asdict(self.receiver_ref),
                             generation=self.generation.to_dict())  # fmt: skip
