@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import logging
 import os
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,36 +35,10 @@ from callbacks.save_config import LoggerSaveConfigCallback
 from datamodules.activation_pairs import ActivationPairDataModule, RecordPairIndices  # noqa: F401 (short class_path)
 from datamodules.multihop_qa import MultiHopQADataModule
 from lightning_modules.components.translators import LinearTranslator, MLPTranslator  # noqa: F401 (short class_path)
-from lightning_modules.console import eval_summary, train_summary
+from lightning_modules.console import eval_summary, setup_logging, train_summary
 from lightning_modules.injection_eval import InjectionEvalModule
 from lightning_modules.organisms import ensure_organisms, organism_names
 from lightning_modules.translator import TranslatorModule
-
-
-class _DropAdvertisement(logging.Filter):
-    """Lightning 2.6 prints a "Tip: ... litlogger" advertisement on every Trainer: not information for the user."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "litlogger" not in record.getMessage()
-
-
-def setup_logging() -> None:
-    """Show this project's INFO lines (activation cache hit/miss/rebuild, progress, config paths) on the console
-    once, and drop upstream noise that says nothing about the run."""
-    for name in ("datamodules", "lightning_modules", "callbacks"):
-        logger = logging.getLogger(name)
-        if not logger.handlers:
-            handler = logging.StreamHandler()
-            handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-            logger.addHandler(handler)
-            logger.setLevel(logging.INFO)
-    rank_zero = logging.getLogger("pytorch_lightning.utilities.rank_zero")
-    if not any(isinstance(f, _DropAdvertisement) for f in rank_zero.filters):
-        rank_zero.addFilter(_DropAdvertisement())
-    # PL 2.6.6 on torch >= 2.13 calls a deprecated pytree check on every fit (fixed upstream after 2.6.6), and
-    # WandbLogger always passes `anonymous`, which wandb 0.31 says has no effect: both harmless, both every run.
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).* is deprecated")
-    warnings.filterwarnings("ignore", message="The anonymous setting has no effect")
 
 
 def finish_wandb(trainer) -> None:
