@@ -70,6 +70,11 @@ def train_summary(trainer) -> str:
 def eval_summary(module) -> str:
     """The end of ``evaluate.py test``: the per-condition table (the report's, with runs and n) and the folders."""
     lines = [f"run folder: {module.run_dir}"]
+    for key, records in module.results.items():  # one line per condition x seed, with its generation time
+        acc = sum(bool(r["metrics"][MAIN_METRIC]) for r in records) / max(len(records), 1)
+        seconds = module.timing_by_run.get(key)
+        spent = "reused from an earlier invocation" if seconds is None else f"{seconds:.1f} s generating"
+        lines.append(f"  {key}: {MAIN_METRIC} {acc:.4f} on {len(records)} samples ({spent})")
     report = module.report_result
     if report is not None:
         lines += [report.markdown.rstrip(), f"report (tables, CIs, plots): {report.files['summary_json'].parent}"]

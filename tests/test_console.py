@@ -19,6 +19,7 @@ def test_evaluate_prints_the_condition_table_and_folders_not_lightnings_metrics(
     cli = eval_main(small(tmp_path, ckpt, "--model.conditions", "[no_inject, additive]", "--model.seeds", "[42]"))
     out = capsys.readouterr().out
     assert f"run folder: {cli.model.run_dir}" in out
+    assert "  additive__seed42: word_boundary_contains " in out and " on 6 samples (" in out
     assert "| no_inject | 1 | 6 |" in out and "| additive | 1 | 6 |" in out
     assert f"report (tables, CIs, plots): {cli.model.run_dir / 'report'}" in out
     assert "Test metric" not in out and "DataLoader 0" not in out  # Lightning's wide table is off (verbose=False)
