@@ -33,7 +33,7 @@ from callbacks.wandb_artifacts import local_translator
 from lightning_modules.components import conditions as cnd
 from lightning_modules.components import records as rio
 from lightning_modules.components.answering import answer_injected, answer_relay
-from lightning_modules.components.frozen_lm import LoadedModel, ModelRef, as_ref, load_ref
+from lightning_modules.components.frozen_lm import ModelRef, as_ref, load_ref
 from lightning_modules.components.generation import GenerationSettings
 from lightning_modules.components.io import atomic_write, fingerprint
 from lightning_modules.components.plan import EvalPlan, checkpoint_list
@@ -64,7 +64,7 @@ class InjectionEvalModule(pl.LightningModule):
         receiver: The frozen receiver model and the block whose output is rewritten.
         translator_ckpt: Translator checkpoint from ``train.py``, or a list with one checkpoint per seed (same
             order as ``seeds``). Needed only when a translator condition is selected.
-        conditions: Condition names (default null: the eleven of the paper, section 4.2, or every split condition).
+        conditions: Condition names (default, or null: the paper's eleven, section 4.2; under protocol split: all).
         seeds: Run seeds of the non-deterministic conditions (default, or null: the paper's 42, 123, 456).
         scale: ``additive``'s injection scale.
         alpha: ``best_alpha``'s blend weight (``scale_corrected`` uses 1).
@@ -98,7 +98,7 @@ class InjectionEvalModule(pl.LightningModule):
         sender: ModelRef,
         receiver: ModelRef,
         translator_ckpt: str | list[str] | None = None,
-        conditions: Sequence[str] | None = None,
+        conditions: Sequence[str] | None = cnd.CONDITION_NAMES,
         seeds: Sequence[int] | None = DEFAULT_SEEDS,
         scale: float = 0.01,
         alpha: float = 0.3,
@@ -115,8 +115,10 @@ class InjectionEvalModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.sender_ref, self.receiver_ref = as_ref(sender), as_ref(receiver)
-        default = cnd.SPLIT_CONDITION_NAMES if protocol == "split" else cnd.CONDITION_NAMES
-        self.protocol, self.specs = protocol, cnd.build_conditions(list(conditions or default), scale, alpha, protocol)
+        names = list(conditions or cnd.CONDITION_NAMES)
+        if protocol == "split" and tuple(names) == cnd.CONDITION_NAMES:  # the default list, useless to a split run
+            names = list(cnd.SPLIT_CONDITION_NAMES)
+        self.protocol, self.specs = protocol, cnd.build_conditions(names, scale, alpha, protocol)
         self.seeds = [int(s) for s in (DEFAULT_SEEDS if seeds is None else seeds)]
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"model.seeds has duplicates: {self.seeds}")
@@ -140,9 +142,7 @@ class InjectionEvalModule(pl.LightningModule):
                             generation=self.generation.to_dict(), slots=self.slots.to_dict())  # fmt: skip
         self.resolved_config: str | None = None
         # setup: the frozen models (registered as submodules so Lightning moves them) and the translators.
-        self.sender: LoadedModel | None
-        self.receiver: LoadedModel | None
-        self.sender = self.receiver = self.sender_model = self.receiver_model = None
+        self.sender = self.receiver = self.sender_model = self.receiver_model = None  # LoadedModel x2, nn.Module x2
         self.translators, self.functional_translators = torch.nn.ModuleList(), torch.nn.ModuleList()
         self.translator_info: list[dict] = []  # path and sha256 of each translator checkpoint
         self.functional_info: list[dict] = []
@@ -254,10 +254,9 @@ class InjectionEvalModule(pl.LightningModule):
                                                              ("functional", self.functional_info))}  # fmt: skip
             return self.split.prepare(self.plan, translators, shas, batch_size)
         # The paper's sequential draw runs through the whole dataset in order: drawn up front (batch/rank invariant).
-        hidden = self.receiver.identity()["hidden_size"]
-        self.random_rows = random_draws(self.plan, list(buckets.items()), hidden) if self.random_draw == \
-            "sequential" else {}  # fmt: skip
-        dtype = next(self.receiver_model.parameters()).dtype
+        hidden, dtype = self.receiver.identity()["hidden_size"], next(self.receiver_model.parameters()).dtype
+        sequential = self.random_draw == "sequential"  # per_sample: condition_source draws per batch
+        self.random_rows = random_draws(self.plan, list(buckets.items()), hidden) if sequential else {}
         for kind, table in (("aligned", self.translated), ("functional", self.translated_functional)):
             table.update({t: translate_prompts(self.sender, translators[kind][t], ids, prompts, batch_size,
                                                self.generation.max_prompt_tokens, dtype)

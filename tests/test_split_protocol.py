@@ -215,6 +215,9 @@ def test_split_run_resumes_like_a_paper_run(tmp_path, ckpts, monkeypatch):
 
 
 def test_split_options_are_checked(ckpts):
+    both = InjectionEvalModule(SENDER, RECEIVER, translator_ckpt=ckpts[0], functional_translator_ckpt=ckpts[1],
+                               protocol="split")  # fmt: skip
+    assert tuple(s.name for s in both.specs) == SPLIT_CONDITION_NAMES  # the default list means every split condition
     with pytest.raises(ValueError, match="unknown condition 'no_inject'.*split protocol"):
         InjectionEvalModule(SENDER, RECEIVER, conditions=["no_inject"], protocol="split")
     with pytest.raises(
@@ -236,3 +239,27 @@ def test_paper_functional_variants_read_the_functional_translator(tmp_path, ckpt
                      functional_translator_ckpt=ckpts[1])  # fmt: skip
     sha = other.results["replace_functional__seed42"][0]["diagnostics"]["translator_sha256"]
     assert sha == other.functional_info[0]["sha256"] != module.translator_info[0]["sha256"]
+
+
+def test_evaluate_cli_runs_the_split_protocol(tmp_path, monkeypatch, capsys):
+    import sys
+
+    import wandb
+    from test_evaluate_cli import small
+
+    from lightning_modules.cli import eval_main
+
+    monkeypatch.setattr(sys, "argv", ["evaluate.py"])
+    ckpt = make_ckpt(tmp_path / "translator.ckpt")
+    args = small(tmp_path, ckpt, "--model.protocol", "split", "--model.seeds", "[42]", "--model.conditions",
+                 "[receiver_alone, skyline, slots_translated, slots_functional]", "--model.slots.scheme", "last",
+                 "--model.slots.k", "2", "--model.functional_translator_ckpt", ckpt)  # fmt: skip
+    try:
+        cli = eval_main(args)
+    finally:
+        if wandb.run is not None:
+            wandb.finish()
+    assert cli.model.slots == SlotSpec("last", k=2) and cli.model.protocol == "split"
+    recs = cli.model.results["slots_functional__seed42"]
+    assert len(recs) == 6 and all(r["diagnostics"]["slot_count"] == 2 for r in recs)
+    assert "skyline" in capsys.readouterr().out
