@@ -24,11 +24,11 @@ import torch
 
 from lightning_modules.components.answering import answer_injected, answer_relay
 from lightning_modules.components.conditions import (
+    SOURCE_NONE,
     SOURCE_RANDOM,
     SOURCE_RECEIVER,
     SOURCE_RELAY,
     SOURCE_SHUFFLED,
-    SOURCE_TRANSLATED,
     SOURCE_ZEROS,
     ConditionSpec,
     rescale_to,
@@ -190,22 +190,18 @@ class SplitProtocol:
             preds, diags = answer_injected(self.receiver, tok["input_ids"], tok["attention_mask"], self.settings,
                                            spec, sample_ids, None)  # fmt: skip
             return preds, [{**d, "slot_count": 0, "seeded": False} for d in diags]
-        vectors, rows, donors = (None, None, None) if spec.source not in (
-            SOURCE_TRANSLATED, SOURCE_SHUFFLED, SOURCE_RANDOM, SOURCE_RECEIVER, SOURCE_ZEROS
-        ) else self.slot_vectors(spec, seed, plan, sample_ids)  # fmt: skip
-        counts = [0] * len(sub) if vectors is None else [len(v) for v in vectors]
+        # receiver_alone (no source) reads the question part without slots; every other condition writes slots.
+        slotted = spec.source != SOURCE_NONE
+        vectors, rows, donors = self.slot_vectors(spec, seed, plan, sample_ids) if slotted else (None, None, None)
+        counts = [len(v) for v in vectors] if slotted else [0] * len(sub)
         batch = receiver_batch([self.parts["receiver"][sid][1] for sid in sample_ids], counts, self.slot_id,
                                self.pad_id)  # fmt: skip
         ids, mask, slot_mask = batch["input_ids"], batch["attention_mask"], batch["slot_mask"]
-        source = None
-        if vectors is not None:
-            param = next(self.receiver.model.parameters())
-            source = slot_grid(vectors, slot_mask, dtype=param.dtype, device=param.device)
+        param = next(self.receiver.model.parameters())
+        source = slot_grid(vectors, slot_mask, dtype=param.dtype, device=param.device) if slotted else None
         preds, diags = answer_injected(self.receiver, ids, mask, self.settings, spec, sample_ids, source, rows, donors,
-                                       write_mask=slot_mask if vectors is not None else None)  # fmt: skip
+                                       write_mask=slot_mask if slotted else None)  # fmt: skip
         ident = {"seeded": spec.seeded}
-        if spec.translator_kind:
-            ident["translator_sha256"] = self.shas[spec.translator_kind][
-                plan.translator_index(seed, spec.translator_kind)
-            ]
+        if kind := spec.translator_kind:  # the report counts one translator's seed-free answers once
+            ident["translator_sha256"] = self.shas[kind][plan.translator_index(seed, kind)]
         return preds, [{**d, "slot_count": k, **ident} for d, k in zip(diags, counts)]
