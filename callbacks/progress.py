@@ -9,24 +9,15 @@ step, the epoch, the latest loss and an ETA, and one line per finished validatio
 from __future__ import annotations
 
 import logging
-import sys
 import time
 
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_only
 
+from lightning_modules.components import progress as components_progress
+from lightning_modules.components.progress import eta, fmt_seconds
+
 log = logging.getLogger(__name__)
-
-
-def _fmt_seconds(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-def _eta(elapsed: float, done: int, total) -> str:
-    if not total or total == float("inf") or done < 1:
-        return "?"
-    return _fmt_seconds(elapsed / done * (total - done))
 
 
 def _scalars(metrics: dict, prefixes: tuple[str, ...]) -> str:
@@ -77,7 +68,7 @@ class PlainProgress(pl.Callback):
         elapsed = time.monotonic() - self._start
         loss = _scalars(trainer.callback_metrics, ("train/",))
         log.info("epoch %d step %d/%s %s elapsed %s eta %s", trainer.current_epoch, step, total,
-                 f"({loss})" if loss else "", _fmt_seconds(elapsed), _eta(elapsed, step, total))  # fmt: skip
+                 f"({loss})" if loss else "", fmt_seconds(elapsed), eta(elapsed, step, total))  # fmt: skip
 
     @rank_zero_only
     def on_validation_end(self, trainer, pl_module) -> None:
@@ -97,13 +88,8 @@ class PlainProgress(pl.Callback):
         total = trainer.num_test_batches[dataloader_idx] if trainer.num_test_batches else 0
         done = batch_idx + 1
         elapsed = time.monotonic() - self._start
-        log.info("test batch %d/%s elapsed %s eta %s", done, total or "?", _fmt_seconds(elapsed),
-                 _eta(elapsed, done, total))  # fmt: skip
-
-
-def interactive() -> bool:
-    """Whether progress goes to a terminal (bars) or to a log (plain lines)."""
-    return sys.stderr.isatty()
+        log.info("test batch %d/%s elapsed %s eta %s", done, total or "?", fmt_seconds(elapsed),
+                 eta(elapsed, done, total))  # fmt: skip
 
 
 def progress_callbacks(enable_progress_bar: bool | None) -> tuple[bool, list[pl.Callback]]:
@@ -114,5 +100,5 @@ def progress_callbacks(enable_progress_bar: bool | None) -> tuple[bool, list[pl.
             still gets plain lines: switching the bar off must not make a long run silent.
     """
     if enable_progress_bar is None:
-        enable_progress_bar = interactive()
+        enable_progress_bar = components_progress.interactive()
     return enable_progress_bar, ([] if enable_progress_bar else [PlainProgress()])

@@ -101,7 +101,7 @@ class ActivationPairDataModule(pl.LightningDataModule):
                               ("shuffle_buffer", shuffle_buffer), ("chunk_rows", chunk_rows)):  # fmt: skip
             if value < 1:
                 raise ValueError(f"data.{option} must be >= 1, got {value}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # the logger gets the nested CLI config (save_config), once
         for key in ("sender_model", "receiver_model", "corpus"):
             self.hparams[key] = _plain(self.hparams[key])
         self.sender_model, self.receiver_model = sender_model, receiver_model

@@ -34,6 +34,7 @@ from datamodules.store_format import (
 from lightning_modules.components.frozen_lm import LoadedModel, ModelRef, as_ref, load_ref, resolve_dtype
 from lightning_modules.components.hooks import capture_hidden
 from lightning_modules.components.io import write_json
+from lightning_modules.components.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +140,7 @@ def extract_store(
         buf_rows, buf_doc_start = 0, doc_end
 
     docs = corpus.documents
+    progress = Progress(len(docs) - doc_start, f"extracting activations into {folder.name}", "tokens", log)
     for b0 in range(doc_start, len(docs), batch_size):
         b1 = min(b0 + batch_size, len(docs))
         enc = tok(docs[b0:b1], truncation=True, max_length=spec["max_length"], padding=True, return_tensors="pt")
@@ -158,10 +160,12 @@ def extract_store(
         buf["pos"].append(pos)
         buf_rows += int(keep.sum())
         new_tokens += int(keep.sum())
+        progress.update(b1 - b0, int(keep.sum()))
         if buf_rows >= shard_rows:
             flush(b1)
     if buf_rows:
         flush(len(docs))
+    progress.close()
     seconds = time.perf_counter() - t0
     manifest = {
         **base,

@@ -75,7 +75,7 @@ class MultiHopQADataModule(pl.LightningDataModule):
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # the logger gets the nested CLI config (save_config), once
         self.source = source
         self.data_dir = data_dir
         self.cache_dir = cache_dir

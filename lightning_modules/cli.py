@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -39,22 +38,11 @@ from datamodules.activation_pairs import ActivationPairDataModule, RecordPairInd
 from datamodules.multihop_qa import MultiHopQADataModule
 from datamodules.qa_training import QATrainingDataModule
 from lightning_modules.components.translators import LinearTranslator, MLPTranslator  # noqa: F401 (short class_path)
-from lightning_modules.console import eval_summary, train_summary
+from lightning_modules.console import eval_summary, setup_logging, train_summary
 from lightning_modules.functional_translator import FunctionalTranslatorModule
 from lightning_modules.injection_eval import InjectionEvalModule
 from lightning_modules.organisms import ensure_organisms, organism_names
 from lightning_modules.translator import TranslatorModule
-
-
-def setup_logging() -> None:
-    """Show this project's INFO lines (activation cache hit/miss/rebuild, config paths) on the console once."""
-    for name in ("datamodules", "lightning_modules", "callbacks"):
-        logger = logging.getLogger(name)
-        if not logger.handlers:
-            handler = logging.StreamHandler()
-            handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-            logger.addHandler(handler)
-            logger.setLevel(logging.INFO)
 
 
 def finish_wandb(trainer) -> None:
@@ -78,6 +66,19 @@ def _class_of(entry) -> type | None:
 
 def _as_list(value) -> list:
     return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def group_runs(config: Namespace) -> None:
+    """A W&B logger without a ``group`` gets the config file's name, so ``train.py -c configs/train/X.yaml`` and
+    ``evaluate.py -c configs/eval/X.yaml`` land in one group ``X``."""
+    files = [str(p) for p in (config.get("config") or []) if p]
+    if not files:
+        return
+    for logger in _as_list(config.trainer.get("logger")):
+        cls = _class_of(logger)
+        args = logger.get("init_args") if cls is not None else None
+        if cls is not None and cls.__name__ == "WandbLogger" and args is not None and not args.get("group"):
+            args["group"] = Path(files[-1]).stem
 
 
 def use_one_output_root(trainer: Namespace) -> None:
@@ -152,6 +153,7 @@ class ProjectCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         use_one_output_root(config.trainer)
         show_progress(config.trainer)
+        group_runs(config)
         keep_wandb_under(config.trainer.get("default_root_dir") or ".")  # before the logger exists
         names = organism_names(config.as_dict())
         if names:

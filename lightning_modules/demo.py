@@ -87,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", default=None, help="project cache (default $ACTIVATION_TRANSFER_CACHE)")
     parser.add_argument("--num-samples", type=int, default=None, help="evaluation questions (default: config)")
     args = parser.parse_args(argv)
+    from lightning_modules.console import setup_logging
+
+    setup_logging()  # progress lines of organism and translator training, cache hits
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("WANDB_MODE", "offline")  # no API key needed; `wandb sync` uploads later

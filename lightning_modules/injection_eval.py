@@ -1,19 +1,15 @@
 """``InjectionEvalModule``: the paper's conditions (arXiv 2606.03280, section 4.2) on multi-hop QA, as Lightning glue.
 
-Flow (``trainer.test`` with a ``MultiHopQADataModule``):
+``protocol: paper`` (default): both models read the same prompt. ``protocol: split``: the receiver reads only the
+question, after slots that carry the sender's context (``components.split_protocol``; same plan, records, resume).
 
-* ``setup``: load the frozen sender and receiver and the translator checkpoint(s); check that models, layers and
-  dims match what the checkpoint was trained on (``allow_mismatch`` downgrades a name/layer mismatch to a warning).
-* ``on_test_start``: fix the run folder ``<trainer.default_root_dir>/<run_name>`` (default name: hash of everything
-  that determines the answers) bound to it by ``fingerprint.json``, tokenize every prompt once (one warning counts
-  those cut at ``generation.max_prompt_tokens``), plan what is left to compute (``components.plan``: finished
-  files are skipped, partial shards resumed, shuffle donors drawn over the whole dataset), and translate every
-  sample once per translator (``components.sources``; a shuffled donor may sit in another batch or rank).
-* ``test_step``: per batch and pending computation, one batched ``generate`` with a prefill-only injection hook
-  (``components.answering``); the records go to a partial shard (crash-safe).
-* ``on_test_epoch_end``: gather across DDP ranks, drop DistributedSampler duplicates, check completeness, write one
-  records file per condition x seed atomically, log ``eval/<metric>/condition=<name>``, add this invocation to
-  ``meta.json`` and write the report.
+Flow (``trainer.test``): ``setup`` loads the frozen models and translators (checked against what they were trained
+on); ``on_test_start`` binds the run folder ``<default_root_dir>/<run_name>`` to the config's fingerprint, plans
+what is left (``components.plan``: finished files skipped, partial shards resumed, shuffle donors drawn over the
+whole dataset) and translates every sample once per translator (a donor may sit in another batch or rank);
+``test_step`` answers each pending computation with one batched ``generate`` under a prefill hook and appends the
+records to a partial shard; ``on_test_epoch_end`` gathers the ranks, writes one records file per condition x seed,
+logs ``eval/<metric>/condition=<name>``, updates ``meta.json`` and writes the report.
 
 Deterministic conditions run once with seed null, the others once per seed; with one translator checkpoint the
 translator-only conditions are generated once and written per seed, with one checkpoint per seed (as in the paper)
@@ -34,25 +30,19 @@ import torch
 from pytorch_lightning.utilities import rank_zero_only
 
 from callbacks.wandb_artifacts import local_translator
+from lightning_modules.components import conditions as cnd
 from lightning_modules.components import records as rio
 from lightning_modules.components.answering import answer_injected, answer_relay
-from lightning_modules.components.conditions import (
-    CONDITION_NAMES,
-    RANDOM_DRAWS,
-    SOURCE_RANDOM,
-    SOURCE_RELAY,
-    SOURCE_SHUFFLED,
-    build_conditions,
-    sequential_random_vectors,
-)
-from lightning_modules.components.frozen_lm import LoadedModel, ModelRef, as_ref, load_ref
+from lightning_modules.components.frozen_lm import ModelRef, as_ref, load_ref
 from lightning_modules.components.generation import GenerationSettings
 from lightning_modules.components.io import atomic_write, fingerprint
-from lightning_modules.components.plan import EvalPlan
+from lightning_modules.components.plan import EvalPlan, checkpoint_list
 from lightning_modules.components.prompts import check_same_tokens, tokenize_left_padded, truncation_check
 from lightning_modules.components.prompts import format_relay_sender_prompt as relay_prompt
 from lightning_modules.components.report import logged_metrics, run_report
-from lightning_modules.components.sources import condition_source, translate_prompts
+from lightning_modules.components.slots import SlotSpec
+from lightning_modules.components.sources import condition_source, random_draws, translate_prompts
+from lightning_modules.components.split_protocol import SplitProtocol
 from lightning_modules.components.translator_export import translator_sha256
 from lightning_modules.translator import load_translator_for
 
@@ -61,6 +51,7 @@ log = logging.getLogger(__name__)
 DEFAULT_SEEDS = (42, 123, 456)
 RUNNER_VERSION = 2
 PAPER_GENERATION = GenerationSettings()
+DEFAULT_SLOTS = SlotSpec()  # frozen, so the shared default instance is safe
 
 
 class InjectionEvalModule(pl.LightningModule):
@@ -73,7 +64,7 @@ class InjectionEvalModule(pl.LightningModule):
         receiver: The frozen receiver model and the block whose output is rewritten.
         translator_ckpt: Translator checkpoint from ``train.py``, or a list with one checkpoint per seed (same
             order as ``seeds``). Needed only when a translator condition is selected.
-        conditions: Condition names (default, or null: all eleven of the paper, section 4.2).
+        conditions: Condition names (default, or null: the paper's eleven, section 4.2; under protocol split: all).
         seeds: Run seeds of the non-deterministic conditions (default, or null: the paper's 42, 123, 456).
         scale: ``additive``'s injection scale.
         alpha: ``best_alpha``'s blend weight (``scale_corrected`` uses 1).
@@ -88,6 +79,10 @@ class InjectionEvalModule(pl.LightningModule):
         report: Write the report of the finished records into ``<run_dir>/report``.
         report_resamples: Bootstrap resamples of the report.
         cache_dir: Project cache (offline tokenizer); default ``$ACTIVATION_TRANSFER_CACHE``.
+        protocol: ``paper`` (both models read the prompt) or ``split`` (the receiver reads the question after slots).
+        functional_translator_ckpt: The functional translator (trained through the receiver), as ``translator_ckpt``:
+            a .ckpt or exported folder, one or one per seed; read by the ``*_functional`` conditions.
+        slots: The split protocol's slot scheme (``SlotSpec``: scheme, k, token_id, max_context_tokens).
 
     Attributes:
         run_dir: The run folder (set at test start).
@@ -103,7 +98,7 @@ class InjectionEvalModule(pl.LightningModule):
         sender: ModelRef,
         receiver: ModelRef,
         translator_ckpt: str | list[str] | None = None,
-        conditions: Sequence[str] | None = CONDITION_NAMES,
+        conditions: Sequence[str] | None = cnd.CONDITION_NAMES,
         seeds: Sequence[int] | None = DEFAULT_SEEDS,
         scale: float = 0.01,
         alpha: float = 0.3,
@@ -114,54 +109,53 @@ class InjectionEvalModule(pl.LightningModule):
         report: bool = True,
         report_resamples: int = 5000,
         cache_dir: str | None = None,
+        protocol: str = "paper",
+        functional_translator_ckpt: str | list[str] | None = None,
+        slots: SlotSpec = DEFAULT_SLOTS,
     ) -> None:
         super().__init__()
         self.sender_ref, self.receiver_ref = as_ref(sender), as_ref(receiver)
-        self.specs = build_conditions(list(conditions or CONDITION_NAMES), scale, alpha)
+        names = list(conditions or cnd.CONDITION_NAMES)
+        if protocol == "split" and tuple(names) == cnd.CONDITION_NAMES:  # the default list, useless to a split run
+            names = list(cnd.SPLIT_CONDITION_NAMES)
+        self.protocol, self.specs = protocol, cnd.build_conditions(names, scale, alpha, protocol)
         self.seeds = [int(s) for s in (DEFAULT_SEEDS if seeds is None else seeds)]
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"model.seeds has duplicates: {self.seeds}")
         if not self.seeds and any(not s.deterministic for s in self.specs):
             raise ValueError("model.seeds is empty but non-deterministic conditions are selected")
-        ckpts = [translator_ckpt] if isinstance(translator_ckpt, str) else list(translator_ckpt or [])
-        if len(ckpts) > 1 and len(ckpts) != len(self.seeds):
-            raise ValueError(
-                f"model.translator_ckpt lists {len(ckpts)} checkpoints for {len(self.seeds)} seeds; give one "
-                "checkpoint, or one per seed in the order of model.seeds"
-            )
-        if not ckpts and any(s.uses_translator for s in self.specs):
-            needing = [s.name for s in self.specs if s.uses_translator]
-            raise ValueError(f"conditions {', '.join(needing)} need a translator: set --model.translator_ckpt")
-        self.translator_ckpts = ckpts
-        if random_draw not in RANDOM_DRAWS:
-            raise ValueError(f"model.random_draw must be one of {', '.join(RANDOM_DRAWS)}, got {random_draw!r}")
+        self.translator_ckpts = checkpoint_list(translator_ckpt, self.seeds, self.specs, "aligned", "translator_ckpt")
+        self.functional_ckpts = checkpoint_list(functional_translator_ckpt, self.seeds, self.specs, "functional",
+                                                "functional_translator_ckpt")  # fmt: skip
+        self.slots = SlotSpec(**slots) if isinstance(slots, dict) else slots
+        if random_draw not in cnd.RANDOM_DRAWS:
+            raise ValueError(f"model.random_draw must be one of {', '.join(cnd.RANDOM_DRAWS)}, got {random_draw!r}")
         self.random_draw = random_draw
         # A copy (the default instance is shared); a dict is what hparams hold, so they rebuild the module.
         self.generation = GenerationSettings(**generation) if isinstance(generation, dict) else dataclasses.replace(
             generation)  # fmt: skip
         self.allow_mismatch, self.run_name, self.cache_dir = allow_mismatch, run_name, cache_dir
         self.do_report, self.report_resamples = report, report_resamples
-        self.save_hyperparameters(ignore=["sender", "receiver", "generation"])
+        self.save_hyperparameters(ignore=["sender", "receiver", "generation", "slots"], logger=False)  # see save_config
         # Plain dicts only, so hparams stay loadable with weights_only.
         self.hparams.update(sender=dataclasses.asdict(self.sender_ref), receiver=dataclasses.asdict(self.receiver_ref),
-                            generation=self.generation.to_dict())  # fmt: skip
+                            generation=self.generation.to_dict(), slots=self.slots.to_dict())  # fmt: skip
         self.resolved_config: str | None = None
         # setup: the frozen models (registered as submodules so Lightning moves them) and the translators.
-        self.sender: LoadedModel | None = None
-        self.receiver: LoadedModel | None = None
-        self.sender_model: torch.nn.Module | None = None
-        self.receiver_model: torch.nn.Module | None = None
-        self.translators = torch.nn.ModuleList()
+        self.sender = self.receiver = self.sender_model = self.receiver_model = None  # LoadedModel x2, nn.Module x2
+        self.translators, self.functional_translators = torch.nn.ModuleList(), torch.nn.ModuleList()
         self.translator_info: list[dict] = []  # path and sha256 of each translator checkpoint
+        self.functional_info: list[dict] = []
+        self.split: SplitProtocol | None = None  # the split protocol's inputs and sources (set at test start)
         # on_test_start: what this invocation computes.
         self.run_dir: Path | None = None
-        self.samples_by_id: dict = {}
-        self.data_info: dict = {}
+        self.samples_by_id, self.data_info = {}, {}
         self.run_identity: dict = {}  # everything that determines the answers; its hash is the fingerprint
         self.fingerprint: str | None = None
         self.plan: EvalPlan | None = None
         self.truncated: dict = {}  # prompts longer than generation.max_prompt_tokens, per tokenizer/prompt kind
-        self.translated: dict[int, dict[str, torch.Tensor]] = {}  # translator index -> sample id -> (L_i, d_r)
+        # Translator index -> sample id -> (L_i, d_r), of the aligned and of the functional translators.
+        self.translated, self.translated_functional = {}, {}
         self.random_rows: dict[int, dict[str, torch.Tensor]] = {}  # seed -> sample id -> (L_i, d_r), sequential draw
         self.new_records: dict[str, list[dict]] = {}  # run key -> records generated by this rank
         self.timings: dict[str, float] = {}  # run key -> generation seconds on this rank
@@ -181,11 +175,13 @@ class InjectionEvalModule(pl.LightningModule):
         self.receiver = load_ref(self.receiver_ref, cache_dir=self.cache_dir)
         self.sender_model, self.receiver_model = self.sender.model, self.receiver.model
         identities = self.sender.identity(), self.receiver.identity()
-        if any(s.uses_translator for s in self.specs):
-            for ref in self.translator_ckpts:  # a .ckpt, an exported folder, or wandb:<entity/project/name:alias>
-                path = local_translator(ref, self.trainer)
-                self.translators.append(load_translator_for(path, *identities, allow_mismatch=self.allow_mismatch))
-                self.translator_info.append({"path": str(path), "ref": ref, "sha256": translator_sha256(path)})
+        for kind, refs, modules, info in (("aligned", self.translator_ckpts, self.translators, self.translator_info),
+                                          ("functional", self.functional_ckpts, self.functional_translators,
+                                           self.functional_info)):  # fmt: skip
+            for ref in refs if any(s.translator_kind == kind for s in self.specs) else ():
+                path = local_translator(ref, self.trainer)  # a .ckpt, an exported folder, or wandb:<...:alias>
+                modules.append(load_translator_for(path, *identities, allow_mismatch=self.allow_mismatch))
+                info.append({"path": str(path), "ref": ref, "sha256": translator_sha256(path)})
 
     # ------------------------------------------------------------------------------------------------ planning
 
@@ -206,6 +202,9 @@ class InjectionEvalModule(pl.LightningModule):
             "device_type": self.device.type,
             "libraries": {k: v for k, v in rio.library_versions().items() if k in ("torch", "transformers")},
             "samples": fingerprint([(s.sample_id, s.context, s.question, s.answer, s.hops) for s in samples]),
+            # Only when used, so a paper run's fingerprint (and folder) stays what it was.
+            **({"functional_translators": [t["sha256"] for t in self.functional_info]} if self.functional_info else {}),
+            **({"protocol": "split", "slots": self.slots.to_dict()} if self.protocol == "split" else {}),
         }
 
     def on_test_start(self) -> None:
@@ -224,42 +223,44 @@ class InjectionEvalModule(pl.LightningModule):
             (self.run_dir / "records").mkdir(parents=True, exist_ok=True)
             print(f"run folder: {self.run_dir}", flush=True)
         self.trainer.strategy.barrier()  # no rank writes a record before the folder is bound
+        self.timings, batch_size = {}, int(getattr(dm, "batch_size", 16) or 16)
         ids, prompts = [s.sample_id for s in samples], [s.prompt for s in samples]
-        # Token ids of every prompt, once: lengths for the shuffle buckets, sender/receiver equality.
-        rec = self._token_rows(self.receiver.tokenizer, prompts)
-        self.plan = EvalPlan.build(
-            self.specs, self.seeds, len(self.translator_ckpts), {sid: len(r) for sid, r in zip(ids, rec)},
-            finished=rio.finished_keys(self.run_dir), partials=lambda c, seed: rio.read_partial(self.run_dir, c, seed),
-        )  # fmt: skip
-        if self.plan.needs_same_tokens:
-            check_same_tokens(self._token_rows(self.sender.tokenizer, prompts), rec, ids)
-        # Prompts cut at max_prompt_tokens lose their question: one warning for the dataset, the ids in meta.json.
-        checks = {"receiver": (self.receiver.tokenizer, prompts), "sender": (self.sender.tokenizer, prompts),
-                  "relay_sender": (self.sender.tokenizer, [relay_prompt(s.context) for s in samples])}  # fmt: skip
-        limit = self.generation.max_prompt_tokens
-        self.truncated, warning = truncation_check({k: checks[k] for k in self.plan.prompt_kinds()}, ids, limit)
+        if self.protocol == "split":  # its shuffle buckets are slot counts
+            self.split = SplitProtocol(self.sender, self.receiver, self.slots, self.generation, samples,
+                                       self.random_draw)  # fmt: skip
+            buckets = self.split.slot_counts
+        else:  # token ids of every prompt, once: lengths for the shuffle buckets, sender/receiver equality
+            rec = self._token_rows(self.receiver.tokenizer, prompts)
+            buckets = {sid: len(r) for sid, r in zip(ids, rec)}
+        partials = lambda c, seed: rio.read_partial(self.run_dir, c, seed)  # noqa: E731 (read lazily, per pending run)
+        self.plan = EvalPlan.build(self.specs, self.seeds, len(self.translator_ckpts), buckets,
+                                   rio.finished_keys(self.run_dir), partials, len(self.functional_ckpts))  # fmt: skip
+        self.new_records = {k: [] for k in self.plan.todo}
+        if self.split is not None:
+            self.truncated, warning = self.split.truncation()
+        else:
+            if self.plan.needs_same_tokens:
+                check_same_tokens(self._token_rows(self.sender.tokenizer, prompts), rec, ids)
+            # Prompts cut at max_prompt_tokens lose their question: one warning for the dataset, the ids in meta.json.
+            checks = {"receiver": (self.receiver.tokenizer, prompts), "sender": (self.sender.tokenizer, prompts),
+                      "relay_sender": (self.sender.tokenizer, [relay_prompt(s.context) for s in samples])}  # fmt: skip
+            self.truncated, warning = truncation_check({k: checks[k] for k in self.plan.prompt_kinds()}, ids,
+                                                       self.generation.max_prompt_tokens)  # fmt: skip
         if warning and self.trainer.is_global_zero:
             log.warning(warning)
-        self.new_records = {k: [] for k in self.plan.todo}
-        self.timings = {}
-        batch_size = int(getattr(dm, "batch_size", 16) or 16)
-        dtype = next(self.receiver_model.parameters()).dtype
-        # The paper's random draw runs through the whole dataset in order, so it is drawn up front (batch and rank
-        # invariant), for every sample: a resumed run's skipped samples still advance the generator.
-        lengths = [(sid, len(r)) for sid, r in zip(ids, rec)]
-        hidden = self.receiver.identity()["hidden_size"]
-        self.random_rows = {
-            seed: sequential_random_vectors(seed, lengths, hidden)
-            for spec, seed in self.plan.pending
-            if spec.source == SOURCE_RANDOM
-            and self.random_draw == "sequential"
-            and self.plan.todo[rio.run_key(spec.name, seed)]
-        }
-        self.translated = {
-            t: translate_prompts(self.sender, self.translators[t], ids, prompts, batch_size,
-                                 self.generation.max_prompt_tokens, dtype)
-            for t in self.plan.translators_needed()
-        }  # fmt: skip
+        translators = {"aligned": self.translators, "functional": self.functional_translators}
+        if self.split is not None:
+            shas = {k: [t["sha256"] for t in v] for k, v in (("aligned", self.translator_info),
+                                                             ("functional", self.functional_info))}  # fmt: skip
+            return self.split.prepare(self.plan, translators, shas, batch_size)
+        # The paper's sequential draw runs through the whole dataset in order: drawn up front (batch/rank invariant).
+        hidden, dtype = self.receiver.identity()["hidden_size"], next(self.receiver_model.parameters()).dtype
+        sequential = self.random_draw == "sequential"  # per_sample: condition_source draws per batch
+        self.random_rows = random_draws(self.plan, list(buckets.items()), hidden) if sequential else {}
+        for kind, table in (("aligned", self.translated), ("functional", self.translated_functional)):
+            table.update({t: translate_prompts(self.sender, translators[kind][t], ids, prompts, batch_size,
+                                               self.generation.max_prompt_tokens, dtype)
+                          for t in self.plan.translators_needed(kind)})  # fmt: skip
 
     def _token_rows(self, tokenizer, texts: list[str]) -> list[list[int]]:
         enc = tokenizer(texts, truncation=True, max_length=self.generation.max_prompt_tokens, padding=False)
@@ -269,9 +270,9 @@ class InjectionEvalModule(pl.LightningModule):
 
     def test_step(self, batch, batch_idx: int) -> None:
         samples = list(batch)
-        tok = tokenize_left_padded(
+        tok = None if self.split else tokenize_left_padded(
             self.receiver.tokenizer, [s.prompt for s in samples], self.generation.max_prompt_tokens
-        )
+        )  # fmt: skip
         for group in self.plan.groups:
             rows = self.plan.rows_to_generate(group, [s.sample_id for s in samples])
             if not rows:
@@ -290,7 +291,9 @@ class InjectionEvalModule(pl.LightningModule):
 
     def _answer(self, spec, seed, sub, tok: dict, rows: list[int]) -> tuple[list[str], list[dict]]:
         """One condition's answers and diagnostics for the samples ``sub`` (rows ``rows`` of the batch ``tok``)."""
-        if spec.source == SOURCE_RELAY:
+        if self.split is not None:
+            return self.split.answer(spec, seed, self.plan, sub)
+        if spec.source == cnd.SOURCE_RELAY:
             return answer_relay(self.sender, self.receiver, [s.sample_id for s in sub], [s.context for s in sub],
                                 [s.question for s in sub], self.generation)  # fmt: skip
         ids, mask = tok["input_ids"][rows], tok["attention_mask"][rows]
@@ -298,15 +301,18 @@ class InjectionEvalModule(pl.LightningModule):
         start = int(mask.any(0).long().argmax())
         ids, mask = ids[:, start:], mask[:, start:]
         sample_ids = [s.sample_id for s in sub]
-        translated = self.translated.get(self.plan.translator_index(seed)) if spec.uses_translator else None
-        derangement = self.plan.derangements.get(seed) if spec.source == SOURCE_SHUFFLED else None
+        kind = spec.translator_kind
+        table = self.translated_functional if kind == "functional" else self.translated
+        translated = table.get(self.plan.translator_index(seed, kind)) if kind else None
+        derangement = self.plan.derangements.get(seed) if spec.source == cnd.SOURCE_SHUFFLED else None
         source, trans_rows = condition_source(spec, seed, sample_ids, ids, mask, self.receiver, translated,
                                               derangement, self.random_rows.get(seed))  # fmt: skip
         donors = [derangement.donors[sid] for sid in sample_ids] if derangement is not None else None
         # Whether the seed matters, and which translator: the report counts one translator's seed-free answers once.
         ident = {"seeded": spec.seeded}
-        if spec.uses_translator:
-            ident["translator_sha256"] = self.translator_info[self.plan.translator_index(seed)]["sha256"]
+        if kind:
+            info = self.functional_info if kind == "functional" else self.translator_info
+            ident["translator_sha256"] = info[self.plan.translator_index(seed, kind)]["sha256"]
         preds, diags = answer_injected(self.receiver, ids, mask, self.generation, spec, sample_ids, source,
                                        trans_rows, donors)  # fmt: skip
         return preds, [{**d, **ident} for d in diags]
@@ -322,8 +328,7 @@ class InjectionEvalModule(pl.LightningModule):
         return [obj]
 
     def on_test_epoch_end(self) -> None:
-        gathered = self._gather(self.new_records)
-        timings = self._gather(self.timings)
+        gathered, timings = zip(*self._gather((self.new_records, self.timings)), strict=True)
         for spec, seed in self.plan.pending:
             key = rio.run_key(spec.name, seed)
             self.results[key] = self.plan.merge(key, (rec for part in gathered for rec in part.get(key, [])))
@@ -352,7 +357,7 @@ class InjectionEvalModule(pl.LightningModule):
     def _report(self) -> None:
         records = [r for recs in self.results.values() for r in recs]
         present = {r["condition"] for r in records}
-        baselines = [b for b in ("no_inject", "nl_relay") if b in present]
+        baselines = [b for b in cnd.BASELINES[self.protocol] if b in present]
         if not baselines:
             log.info("no baseline condition in this run: the report is skipped")
             return
@@ -367,15 +372,14 @@ class InjectionEvalModule(pl.LightningModule):
             "run_dir": str(self.run_dir),
             "models": {"sender": self.sender.identity(), "receiver": self.receiver.identity()},
             "translators": self.translator_info,
+            **({"functional_translators": self.functional_info} if self.functional_info else {}),
+            **({"protocol": "split", "slots": self.slots.to_dict()} if self.split else {}),
             "dataset": {**self.data_info, "samples_sha256": self.run_identity["samples"]},
             "scale": self.hparams.scale,
             "alpha": self.hparams.alpha,
             "generation": self.generation.to_dict(),
             "precision": self.run_identity["precision"],
-            "random_vectors": {
-                "sequential": "one CPU torch.Generator seeded by the run seed, randn((1, L_i, H)) per sample in order",
-                "per_sample": "per-sample CPU torch.Generator seeded by sha256(f'{seed}:{sample_id}')[:16]",
-            }[self.random_draw],
+            "random_vectors": cnd.RANDOM_DRAW_NOTES[self.random_draw],
             "diagnostics": self.plan.shuffle_diagnostics(),
             "truncated_prompts": self.truncated,
         }

@@ -91,7 +91,7 @@ class TranslatorModule(pl.LightningModule):
             raise ValueError(f"model.loss must be 'cosine' or 'mse', got {loss!r}")
         check_decay(decay)
         spec = translator_spec(translator)
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # the logger gets the nested CLI config (save_config), once
         # Plain dicts/lists only, so checkpoints load with weights_only=True (no classes, partials or tuples).
         self.hparams["translator"] = spec
         self.hparams["betas"] = [float(b) for b in betas]

@@ -68,6 +68,7 @@ def test_fake_logger_gets_long_table_report_tables_and_artifact(tmp_path, ckpt):
     for key, (cols, data) in fake.tables.items():
         wandb.Table(columns=cols, data=data)  # what WandbLogger.log_table builds: types must be consistent
         assert not any(part.startswith("_") for part in key.split("/"))
+    assert "eval/by_condition" in fake.images and "eval/report" in fake.images
     (art,) = fake.run.artifacts
     assert art.type == "eval_results" and art.name == f"{module.run_dir.name}-results"
     names = set(art.manifest.entries)

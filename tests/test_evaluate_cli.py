@@ -12,11 +12,9 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from callbacks.eval_logging import EvalLoggingCallback
 from lightning_modules.cli import eval_main as main
 from lightning_modules.components import records as rio
 from lightning_modules.components.frozen_lm import ModelRef, load_ref
-from lightning_modules.components.generation import GenerationSettings
 from lightning_modules.components.io import sha256_file
 from lightning_modules.translator import TranslatorModule
 
@@ -193,25 +191,3 @@ class _FakeWandbLogger(pl.loggers.Logger):
 
     def log_image(self, key, images, **kwargs):
         self.images[key] = images
-
-
-def test_wandb_table_plot_and_artifact_with_a_fake_logger(tmp_path, ckpt):
-    fake = _FakeWandbLogger()
-    cb = EvalLoggingCallback()
-    from datamodules.multihop_qa import MultiHopQADataModule
-    from lightning_modules.injection_eval import InjectionEvalModule
-
-    module = InjectionEvalModule(ModelRef("tiny-neox"), ModelRef("tiny-neox-large"), translator_ckpt=ckpt,
-                                 conditions=["no_inject", "additive"], seeds=[42],
-                                 generation=GenerationSettings(max_new_tokens=3), report_resamples=50)  # fmt: skip
-    trainer = pl.Trainer(accelerator="cpu", logger=fake, callbacks=[cb], enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=str(tmp_path))  # fmt: skip
-    trainer.test(module, datamodule=MultiHopQADataModule(num_samples=4, batch_size=4), verbose=False)
-    columns, rows = fake.tables["eval/samples"]
-    assert columns[:7] == ["sample_id", "condition", "seed", "question", "gold", "prediction", "hops"]
-    assert len(rows) == 8 and {(r[1], r[2]) for r in rows} == {("additive", 42), ("no_inject", None)}
-    assert rows[0][3] and rows[0][3].endswith("?")  # the question text
-    assert "eval/by_condition" in fake.images and "eval/report" in fake.images
-    assert len(fake.run.artifacts) == 1 and fake.run.artifacts[0].type == "eval_results"
-    fake.run.offline = True
-    assert not EvalLoggingCallback()._log_artifact.__self__.logged  # a fresh callback has logged nothing

@@ -13,7 +13,9 @@ import torch
 from datamodules.qa_training import QATrainingDataModule
 from lightning_modules.cli import train_main, wants_functional
 from lightning_modules.components.functional import answer_logits, build_batch
+from lightning_modules.components.generation import GenerationSettings
 from lightning_modules.components.sources import position_ids
+from lightning_modules.components.split_protocol import SplitProtocol
 from lightning_modules.components.synthetic_multihop import EVAL_SEED
 from lightning_modules.components.translator_export import from_pretrained
 from lightning_modules.functional_translator import FunctionalTranslatorModule
@@ -93,6 +95,22 @@ def test_distill_on_the_teachers_greedy_answer_lines_up_with_its_own_argmax():
     steps = targets != eos
     assert steps.sum() > len(samples) and torch.equal(logits.argmax(dim=-1)[steps], targets[steps])
     assert torch.isfinite(out["loss"]) and float(out["kl"]) >= 0.0 and torch.equal(out["loss"], out["kl"])
+
+
+def test_training_slots_are_the_split_evaluations_slots():
+    # pooled + normalize: translating then pooling differs from pooling then translating, so the order is checked.
+    module = FunctionalTranslatorModule(SENDER, RECEIVER, slots={"scheme": "pooled", "k": 2})
+    data = QATrainingDataModule(num_train_samples=8, num_val_samples=5, batch_size=4)
+    data.setup()
+    samples = list(data.val_set.samples)
+    batch = build_batch(samples, module.sender_lm.tokenizer, module.receiver_lm.tokenizer, module.slot_spec, 64, 16)
+    with torch.no_grad():
+        trained = module.slot_vectors(batch)
+        split = SplitProtocol(module.sender_lm, module.receiver_lm, module.slot_spec, GenerationSettings(), samples)
+        evaluated = split.translate(module, batch_size=2)  # other batches: other padding, same vectors
+    for sample, vectors in zip(samples, trained, strict=True):
+        assert vectors.shape == (2, 48)
+        assert torch.allclose(vectors, evaluated[sample.sample_id], atol=1e-5)
 
 
 def _val_ce(module: FunctionalTranslatorModule, samples) -> float:

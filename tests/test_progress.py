@@ -49,7 +49,7 @@ def test_plain_progress_reports_steps_eta_and_validation(tmp_path, caplog):
 
 
 def test_bar_on_a_terminal_plain_lines_elsewhere(monkeypatch):
-    import callbacks.progress as progress
+    from lightning_modules.components import progress
 
     monkeypatch.setattr(progress, "interactive", lambda: True)
     assert progress_callbacks(None) == (True, [])
@@ -59,3 +59,16 @@ def test_bar_on_a_terminal_plain_lines_elsewhere(monkeypatch):
     # Switching the bar off explicitly still leaves plain lines.
     assert isinstance(progress_callbacks(False)[1][0], PlainProgress)
     assert progress_callbacks(True) == (True, [])
+
+
+def test_extraction_progress_lines_in_a_log(caplog):
+    from lightning_modules.components.progress import Progress
+
+    log = logging.getLogger("datamodules.test")
+    with caplog.at_level(logging.INFO, logger="datamodules.test"):
+        p = Progress(4, "extracting", "tokens", log, every_seconds=1e9)
+        p.update(2, 100)  # not due yet: nothing
+        p.update(2, 60)  # the last item: always a line
+        p.close()
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line.startswith("extracting: 4/4, 160 tokens (") and line.endswith("eta 0:00:00")

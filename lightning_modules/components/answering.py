@@ -70,6 +70,7 @@ def answer_injected(
     source: torch.Tensor | None,
     translated_rows: Sequence[torch.Tensor] | None = None,
     donor_ids: Sequence[str] | None = None,
+    write_mask: torch.Tensor | None = None,
 ) -> tuple[list[str], list[dict]]:
     """Answer the prompts ``ids`` while ``spec`` writes ``source`` at prefill.
 
@@ -84,8 +85,11 @@ def answer_injected(
         translated_rows: Per-sample translated sequences behind ``source`` (``translated_norm_mean`` is the norm of
             what was written, as the paper records it; ``translated_norm_mean_all_positions`` their mean norm).
         donor_ids: Per-sample shuffled donor (recorded as ``donor_id``).
+        write_mask: Where the hook writes (and measures its norms), (B, T); default ``mask``. The split protocol
+            passes its slot mask, so only the slots are written.
     """
-    inj = PrefillInjection(mask, mode=spec.mode, source=source, alpha=spec.alpha, scale=spec.scale)
+    inj = PrefillInjection(mask if write_mask is None else write_mask, mode=spec.mode, source=source, alpha=spec.alpha,
+                           scale=spec.scale)  # fmt: skip
     preds = _generate(receiver, ids, mask, settings, inj)
     check_finite_states(inj, spec.name, sample_ids)
     diags = _diagnostics(inj, mask)

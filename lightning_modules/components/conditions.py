@@ -16,6 +16,7 @@ lists, condition by condition, the paper's definition and what the project adds.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import random
 from collections.abc import Sequence
@@ -37,6 +38,11 @@ MODES = ("none", "additive", "replace", "rescaled")
 # How same_norm_random draws its vectors: the paper's one generator run through the dataset in order, or one
 # generator per sample (seeded by run seed and sample id; independent of the dataset's other samples).
 RANDOM_DRAWS = ("sequential", "per_sample")
+# What meta.json says about the draw (L_i: the prompt length, or the slot count in the split protocol).
+RANDOM_DRAW_NOTES = {
+    "sequential": "one CPU torch.Generator seeded by the run seed, randn((1, L_i, H)) per sample in order",
+    "per_sample": "per-sample CPU torch.Generator seeded by sha256(f'{seed}:{sample_id}')[:16]",
+}
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,9 @@ class ConditionSpec:
         alpha: Blend weight of the rescaled vector in ``rescaled`` mode (1 = full replacement).
         scale: Multiplier of the injected vector in ``additive`` mode.
         strict: Shuffled only: drop samples whose length bucket has a single member instead of self-matching.
+        translator: Which translator the condition reads: ``aligned`` (``translator_ckpt``) or ``functional``
+            (``functional_translator_ckpt``); None: the aligned one when the source needs a translator. Set for the
+            ``*_functional`` variants and for random vectors rescaled to translated norms (split protocol).
     """
 
     name: str
@@ -58,10 +67,16 @@ class ConditionSpec:
     alpha: float = 1.0
     scale: float = 1.0
     strict: bool = False
+    translator: str | None = None
 
     @property
     def uses_translator(self) -> bool:
-        return self.source in (SOURCE_TRANSLATED, SOURCE_SHUFFLED)
+        return self.translator is not None or self.source in (SOURCE_TRANSLATED, SOURCE_SHUFFLED)
+
+    @property
+    def translator_kind(self) -> str | None:
+        """``aligned`` or ``functional`` for a condition that reads a translator, else None."""
+        return (self.translator or "aligned") if self.uses_translator else None
 
     @property
     def seeded(self) -> bool:
@@ -92,15 +107,59 @@ CONDITION_NAMES: tuple[str, ...] = (
     "shuffled_translation_strict_matched",
     "zero_replacement",
 )
+# The paper's translator conditions with the functional translator (trained through the receiver) instead.
+FUNCTIONAL_VARIANTS: tuple[str, ...] = ("replace_functional", "scale_corrected_functional")
+# The split-context protocol (components/split_protocol.py): the receiver reads only the question part, after K slots.
+SPLIT_CONDITION_NAMES: tuple[str, ...] = (
+    "receiver_alone",
+    "skyline",
+    "nl_relay",
+    "slots_self",
+    "slots_translated",
+    "slots_functional",
+    "slots_shuffled",
+    "slots_shuffled_functional",
+    "slots_random",
+    "slots_random_functional",
+    "slots_zero",
+)
+PROTOCOLS = ("paper", "split")
+# What the report compares every condition with, per protocol.
+BASELINES = {"paper": ("no_inject", "nl_relay"), "split": ("receiver_alone", "skyline")}
 
 
-def build_conditions(names: Sequence[str], scale: float = 0.01, alpha: float = 0.3) -> list[ConditionSpec]:
+def _split_table() -> dict[str, ConditionSpec]:
+    """The split protocol's conditions: slot conditions replace the receiver's block output at the slots only."""
+    f = "functional"
+    return {
+        "receiver_alone": ConditionSpec("receiver_alone", "none", SOURCE_NONE),
+        "skyline": ConditionSpec("skyline", "none", SOURCE_NONE),
+        "nl_relay": ConditionSpec("nl_relay", "none", SOURCE_RELAY),
+        "slots_self": ConditionSpec("slots_self", "replace", SOURCE_RECEIVER),
+        "slots_translated": ConditionSpec("slots_translated", "replace", SOURCE_TRANSLATED),
+        "slots_functional": ConditionSpec("slots_functional", "replace", SOURCE_TRANSLATED, translator=f),
+        "slots_shuffled": ConditionSpec("slots_shuffled", "replace", SOURCE_SHUFFLED),
+        "slots_shuffled_functional": ConditionSpec(
+            "slots_shuffled_functional", "replace", SOURCE_SHUFFLED, translator=f
+        ),  # fmt: skip
+        # Random vectors take the norms of the translated slot vectors they replace: they read a translator.
+        "slots_random": ConditionSpec("slots_random", "replace", SOURCE_RANDOM, translator="aligned"),
+        "slots_random_functional": ConditionSpec("slots_random_functional", "replace", SOURCE_RANDOM, translator=f),
+        "slots_zero": ConditionSpec("slots_zero", "replace", SOURCE_ZEROS),
+    }
+
+
+def build_conditions(
+    names: Sequence[str], scale: float = 0.01, alpha: float = 0.3, protocol: str = "paper"
+) -> list[ConditionSpec]:
     """The specs of the named conditions, in the given order.
 
     Args:
-        names: Condition names (see :data:`CONDITION_NAMES`); duplicates are refused.
+        names: Condition names (see :data:`CONDITION_NAMES`, :data:`FUNCTIONAL_VARIANTS` and, for the split
+            protocol, :data:`SPLIT_CONDITION_NAMES`); duplicates are refused.
         scale: ``additive``'s injection scale (paper: 0.01).
         alpha: ``best_alpha``'s blend weight (paper: 0.3). ``scale_corrected`` always uses 1.
+        protocol: ``paper`` (both models read the same prompt) or ``split`` (the receiver reads the question only).
 
     Raises:
         ValueError: An unknown or repeated name, naming the known ones.
@@ -121,13 +180,23 @@ def build_conditions(names: Sequence[str], scale: float = 0.01, alpha: float = 0
         "zero_replacement": ConditionSpec("zero_replacement", "replace", SOURCE_ZEROS),
     }
     assert tuple(table) == CONDITION_NAMES
+    table["replace_functional"] = dataclasses.replace(
+        table["replace"], name="replace_functional", translator="functional"
+    )
+    table["scale_corrected_functional"] = dataclasses.replace(
+        table["scale_corrected"], name="scale_corrected_functional", translator="functional"
+    )
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"model.protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
+    table = _split_table() if protocol == "split" else table
     if not names:
-        raise ValueError("model.conditions is empty; choose from: " + ", ".join(CONDITION_NAMES))
+        raise ValueError("model.conditions is empty; choose from: " + ", ".join(table))
     seen: set[str] = set()
     out = []
     for name in names:
         if name not in table:
-            raise ValueError(f"unknown condition {name!r} in model.conditions; known: {', '.join(CONDITION_NAMES)}")
+            raise ValueError(f"unknown condition {name!r} in model.conditions of the {protocol} protocol; known: "
+                             f"{', '.join(table)}")  # fmt: skip
         if name in seen:
             raise ValueError(f"condition {name!r} is listed twice in model.conditions")
         seen.add(name)

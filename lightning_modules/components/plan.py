@@ -32,6 +32,24 @@ def plan_runs(specs: Sequence[ConditionSpec], seeds: Sequence[int]) -> list[Run]
     ]
 
 
+def checkpoint_list(value: str | Sequence[str] | None, seeds: Sequence[int], specs: Sequence[ConditionSpec],
+                    kind: str = "aligned", option: str = "translator_ckpt") -> list[str]:  # fmt: skip
+    """A translator option as a list (one checkpoint, or one per seed in the order of ``seeds``).
+
+    Raises:
+        ValueError: Another number of checkpoints than 1 or ``len(seeds)``, or none while a selected condition reads
+            a translator of ``kind``.
+    """
+    ckpts = [value] if isinstance(value, str) else list(value or [])
+    if len(ckpts) > 1 and len(ckpts) != len(seeds):
+        raise ValueError(f"model.{option} lists {len(ckpts)} checkpoints for {len(seeds)} seeds; give one "
+                         "checkpoint, or one per seed in the order of model.seeds")  # fmt: skip
+    needing = [s.name for s in specs if s.translator_kind == kind]
+    if not ckpts and needing:
+        raise ValueError(f"conditions {', '.join(needing)} need a translator: set --model.{option}")
+    return ckpts
+
+
 def _no_partials(condition: str, seed: int | None) -> dict[str, dict]:
     return {}
 
@@ -51,6 +69,7 @@ class EvalPlan:
         done: Per pending run key, the records already in its partial shards (sample id -> record).
         todo: Per pending run key, the sample ids still to generate.
         groups: Pending runs that share one computation, in run order.
+        functional_count: Number of functional translator checkpoints (0, 1, or one per seed).
     """
 
     seeds: list[int]
@@ -63,6 +82,7 @@ class EvalPlan:
     done: dict[str, dict[str, dict]] = field(default_factory=dict)
     todo: dict[str, set[str]] = field(default_factory=dict)
     groups: list[list[Run]] = field(default_factory=list)
+    functional_count: int = 0
 
     @classmethod
     def build(
@@ -73,6 +93,7 @@ class EvalPlan:
         prompt_len: Mapping[str, int],
         finished: Collection[str] = (),
         partials: Callable[[str, int | None], Mapping[str, dict]] = _no_partials,
+        functional_count: int = 0,
     ) -> EvalPlan:
         """Plan the runs of ``specs`` x ``seeds`` over the samples of ``prompt_len``.
 
@@ -80,14 +101,17 @@ class EvalPlan:
             specs: The selected conditions.
             seeds: The run seeds.
             translator_count: Number of translator checkpoints (one shared, or one per seed).
-            prompt_len: Receiver prompt length (tokens) of every sample, in dataset order; the shuffle buckets.
+            prompt_len: Receiver prompt length (tokens) of every sample, in dataset order; the shuffle buckets (the
+                split protocol passes slot counts).
             finished: Keys of the runs whose records file exists (skipped).
             partials: ``(condition, seed) -> {sample_id: record}`` of an interrupted run's shards.
+            functional_count: Number of functional translator checkpoints.
         """
         runs = plan_runs(specs, seeds)
         keys = [run_key(s.name, seed) for s, seed in runs]
         pending = [run for run, key in zip(runs, keys) if key not in finished]
-        plan = cls(list(seeds), translator_count, runs, pending, skipped=[k for k in keys if k in finished])
+        plan = cls(list(seeds), translator_count, runs, pending, skipped=[k for k in keys if k in finished],
+                   functional_count=functional_count)  # fmt: skip
         ids = list(prompt_len)
         for s, seed in pending:
             if s.source == SOURCE_SHUFFLED and seed not in plan.derangements:
@@ -102,13 +126,15 @@ class EvalPlan:
         plan.groups = list(groups.values())
         return plan
 
-    def translator_index(self, seed: int | None) -> int:
-        """The translator a seed uses: the only one, or ``seeds.index(seed)`` with one per seed."""
-        return 0 if self.translator_count <= 1 else self.seeds.index(seed)
+    def translator_index(self, seed: int | None, kind: str = "aligned") -> int:
+        """The translator of ``kind`` a seed uses: the only one, or ``seeds.index(seed)`` with one per seed."""
+        count = self.functional_count if kind == "functional" else self.translator_count
+        return 0 if count <= 1 else self.seeds.index(seed)
 
     def compute_key(self, spec: ConditionSpec, seed: int | None) -> tuple:
         """Runs with equal keys produce identical answers (condition, translator, and the seed only if seeded)."""
-        translator = self.translator_index(seed) if spec.uses_translator else None
+        kind = spec.translator_kind
+        translator = (kind, self.translator_index(seed, kind)) if kind else None
         return spec.name, translator, seed if spec.seeded else None
 
     @property
@@ -120,19 +146,19 @@ class EvalPlan:
         """Which prompts this invocation tokenizes: ``receiver`` always, ``sender`` (the same prompt) when a
         translator or a same-token check reads it, ``relay_sender`` when ``nl_relay`` has samples left."""
         kinds = ["receiver"]
-        if self.translators_needed() or self.needs_same_tokens:
+        if self.translators_needed() or self.translators_needed("functional") or self.needs_same_tokens:
             kinds.append("sender")
         if any(s.source == SOURCE_RELAY and self.todo[run_key(s.name, sd)] for s, sd in self.pending):
             kinds.append("relay_sender")
         return kinds
 
-    def translators_needed(self) -> list[int]:
-        """Indices of the translators that a pending run with samples left to generate uses."""
+    def translators_needed(self, kind: str = "aligned") -> list[int]:
+        """Indices of the translators of ``kind`` that a pending run with samples left to generate uses."""
         return sorted(
             {
-                self.translator_index(sd)
+                self.translator_index(sd, kind)
                 for s, sd in self.pending
-                if s.uses_translator and self.todo[run_key(s.name, sd)]
+                if s.translator_kind == kind and self.todo[run_key(s.name, sd)]
             }
         )
 

@@ -21,10 +21,13 @@ from lightning_modules.components.conditions import (
     ConditionSpec,
     Derangement,
     random_vectors,
+    sequential_random_vectors,
 )
 from lightning_modules.components.frozen_lm import LoadedModel
 from lightning_modules.components.hooks import capture_hidden
+from lightning_modules.components.plan import EvalPlan
 from lightning_modules.components.prompts import tokenize_left_padded
+from lightning_modules.components.records import run_key
 
 
 def position_ids(mask: torch.Tensor) -> torch.Tensor:
@@ -78,6 +81,23 @@ def translate_prompts(
         for i, n in enumerate(tok["attention_mask"].sum(1).tolist()):
             out[sample_ids[start + i]] = tr[i, width - int(n) :]
     return out
+
+
+def random_draws(plan: EvalPlan, lengths: Sequence[tuple[str, int]], hidden: int,
+                 per_sample: bool = False) -> dict[int, dict[str, torch.Tensor]]:  # fmt: skip
+    """Per seed of a pending random run with samples left: every sample's Gaussian vectors (L_i, hidden), fp32, CPU.
+
+    Args:
+        plan: The evaluation plan.
+        lengths: ``(sample_id, L_i)`` of every sample in dataset order: the sequential draw (the paper's) runs through
+            all of them, also those a resumed run skips, since each draw advances the generator.
+        hidden: The receiver's hidden size.
+        per_sample: Draw with ``random_vectors`` (one generator per sample) instead.
+    """
+    seeds = {sd for s, sd in plan.pending if s.source == SOURCE_RANDOM and plan.todo[run_key(s.name, sd)]}
+    if per_sample:
+        return {seed: {sid: random_vectors(seed, sid, int(n), hidden) for sid, n in lengths} for seed in seeds}
+    return {seed: sequential_random_vectors(seed, lengths, hidden) for seed in seeds}
 
 
 def check_finite_rows(
