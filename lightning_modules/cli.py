@@ -243,7 +243,8 @@ def wants_functional(args: ArgsType = None) -> bool:
             if not eq:
                 value = argv[i + 1] if i + 1 < len(argv) else ""
             if key in ("-c", "--config") and Path(value).is_file():
-                named.append(_named_model((yaml.safe_load(Path(value).read_text()) or {}).get("model")))
+                doc = yaml.safe_load(Path(value).read_text())
+                named.append(_named_model(doc.get("model")) if isinstance(doc, dict) else None)
             elif key in ("--model", "--model.class_path"):
                 named.append(value)
     named = [n for n in named if n]
