@@ -18,6 +18,7 @@ from lightning_modules.components.organism_eval import chance_rate, evaluate_org
 from lightning_modules.components.synthetic_multihop import EVAL_NUM_SAMPLES, EVAL_SEED, generate_samples
 from lightning_modules.components.tokenizer import offline_tokenizer
 from lightning_modules.organisms import (
+    ORGANISM_CONFIG_DIR,
     config_hash,
     ensure_organism,
     organism_config,
@@ -25,7 +26,8 @@ from lightning_modules.organisms import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs" / "organisms").glob("*.yaml"))
+CONFIGS = sorted(ORGANISM_CONFIG_DIR.glob("*.yaml"))
+assert CONFIGS, f"no organism recipes in {ORGANISM_CONFIG_DIR}"
 # A few dozen steps of a 1-block, 32-wide model on a small data set: seconds on 2 CPU cores.
 TINY = [
     "--model.hidden_size", "32", "--model.num_layers", "1", "--model.num_heads", "2", "--model.intermediate_size",
