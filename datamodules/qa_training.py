@@ -82,7 +82,7 @@ class QATrainingDataModule(pl.LightningDataModule):
                 raise ValueError(f"data.{name} must be >= 1 or null, got {n}")
         if batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
-        self.save_hyperparameters()
+        self.save_hyperparameters(logger=False)  # the logger gets the nested CLI config (save_config), once
         self.train_set: QADataset | None = None
         self.val_set: QADataset | None = None
 

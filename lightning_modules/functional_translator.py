@@ -118,7 +118,7 @@ class FunctionalTranslatorModule(pl.LightningModule):
                 raise ValueError(f"model.{name} must be >= 1, got {n}")
         spec = translator_spec(translator)
         self.slot_spec = slots if isinstance(slots, SlotSpec) else SlotSpec(**(slots or {}))
-        self.save_hyperparameters(ignore=["sender_model", "receiver_model", "translator", "slots"])
+        self.save_hyperparameters(ignore=["sender_model", "receiver_model", "translator", "slots"], logger=False)
         self.sender_lm = load_ref(sender_model, cache_dir)
         self.receiver_lm = load_ref(receiver_model, cache_dir)
         for lm in (self.sender, self.receiver):
