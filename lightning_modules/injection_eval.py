@@ -180,7 +180,8 @@ class InjectionEvalModule(pl.LightningModule):
                                            self.functional_info)):  # fmt: skip
             for ref in refs if any(s.translator_kind == kind for s in self.specs) else ():
                 path = local_translator(ref, self.trainer)  # a .ckpt, an exported folder, or wandb:<...:alias>
-                modules.append(load_translator_for(path, *identities, allow_mismatch=self.allow_mismatch))
+                slots = self.slots.to_dict() if self.protocol == "split" else None
+                modules.append(load_translator_for(path, *identities, self.allow_mismatch, slots))
                 info.append({"path": str(path), "ref": ref, "sha256": translator_sha256(path)})
 
     # ------------------------------------------------------------------------------------------------ planning

@@ -199,14 +199,20 @@ MATCH_KEYS = ("name", "model_type", "hidden_size", "num_layers", "layer", "layer
 OPTIONAL_KEYS = ("revision", "weights_sha256")
 
 
-def check_translator_matches(module: TranslatorModule, sender_identity: dict, receiver_identity: dict) -> None:
+def check_translator_matches(module: TranslatorModule, sender_identity: dict, receiver_identity: dict,
+                             slots: dict | None = None) -> None:  # fmt: skip
     """Raise ``ValueError`` listing every difference between the translator's recorded models and the given ones.
 
     A ``revision`` or ``weights_sha256`` recorded as None on either side is not compared (a local folder has no
-    revision, a Hub model or preset no folder digest, and checkpoints from before the digest have none).
+    revision, a Hub model or preset no folder digest, and checkpoints from before the digest have none). ``slots``
+    (the evaluation's slot spec) is compared with the slots a functional translator was trained with, if any: it
+    learnt what K slots at those positions mean.
     """
     h = module.hparams
     problems = []
+    trained = (h.get("training") or {}).get("slots")
+    if slots is not None and trained is not None and dict(trained) != dict(slots):
+        problems.append(f"slots: trained with {dict(trained)}, evaluated with {dict(slots)}")
     for role, recorded, given, dim in (
         ("sender", h.get("sender"), sender_identity, h.get("sender_dim")),
         ("receiver", h.get("receiver"), receiver_identity, h.get("receiver_dim")),
@@ -258,7 +264,11 @@ def load_translator(
 
 
 def load_translator_for(
-    path: str | Path, sender_identity: dict, receiver_identity: dict, allow_mismatch: bool = False
+    path: str | Path,
+    sender_identity: dict,
+    receiver_identity: dict,
+    allow_mismatch: bool = False,
+    slots: dict | None = None,
 ) -> TranslatorModule | PretrainedTranslator:
     """Load a frozen translator for the given models: names and layers must match, hidden sizes always.
 
@@ -266,12 +276,13 @@ def load_translator_for(
         path: The checkpoint.
         sender_identity: ``LoadedModel.identity()`` of the sender it will read.
         receiver_identity: ``LoadedModel.identity()`` of the receiver it will write into.
-        allow_mismatch: Log a warning instead of raising when names or layers differ.
+        allow_mismatch: Log a warning instead of raising when names, layers or slots differ.
+        slots: The evaluation's slot spec (split protocol), checked against a functional translator's training slots.
     """
     module = load_translator(path, map_location="cpu")
     module.requires_grad_(False)
     try:
-        check_translator_matches(module, sender_identity, receiver_identity)
+        check_translator_matches(module, sender_identity, receiver_identity, slots)
     except ValueError as err:
         if not allow_mismatch:
             raise ValueError(f"{err} (translator checkpoint {path}; set --model.allow_mismatch true to "

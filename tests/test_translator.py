@@ -92,3 +92,18 @@ def test_check_translator_matches_compares_weight_digests_when_both_sides_have_o
     check_translator_matches(m, S_ID, dict(R_ID, weights_sha256="c" * 64))  # recorded on one side only: skipped
     with pytest.raises(ValueError, match=r"sender weights_sha256: translator 'a+', model 'b+'"):
         check_translator_matches(m, dict(S_ID, weights_sha256="b" * 64), R_ID)
+
+
+def test_a_functional_translator_is_checked_against_the_evaluations_slots():
+    # It learnt what K slots at given positions mean: another slot spec is a mismatch (allow_mismatch can accept it).
+    from lightning_modules.components.slots import SlotSpec
+
+    m = TranslatorModule(6, 5, sender=S_ID, receiver=R_ID)
+    trained = SlotSpec("last", k=4).to_dict()
+    m.hparams["training"] = {"objective": "answer_ce", "slots": trained}
+    check_translator_matches(m, S_ID, R_ID, slots=SlotSpec("last", k=4).to_dict())
+    check_translator_matches(m, S_ID, R_ID)  # the paper protocol has no slots to compare
+    with pytest.raises(ValueError, match=r"slots: trained with .*'k': 4.*evaluated with .*'k': 8"):
+        check_translator_matches(m, S_ID, R_ID, slots=SlotSpec("last", k=8).to_dict())
+    aligned = TranslatorModule(6, 5, sender=S_ID, receiver=R_ID)  # no training slots: nothing to compare
+    check_translator_matches(aligned, S_ID, R_ID, slots=SlotSpec("pooled").to_dict())
