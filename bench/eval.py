@@ -2,10 +2,15 @@
 
     python bench/eval.py --pair tiny --dtype float32 --num-prompts 16 --batch-size 16 --device cpu
     python bench/eval.py --pair pythia-shape --num-prompts 4 --max-new-tokens 16
+    python bench/eval.py --pair pythia-shape --data ../shared/data/multihop/clean_eval.jsonl --num-prompts 396 \
+        --batch-size 64 --device cuda --dtype float32 bfloat16 --single-time-limit 200
 
 Both paths run the receiver with the paper's decoding settings and an additive prefill injection hook (so the hook
 cost is included), on prompts from the built-in generator. Prints samples/s of each path, the ratio, and how many
-answers differ between the two (0 expected on fp32; bf16 may differ).
+answers differ between the two (0 expected on fp32; bf16 may differ). ``--data`` reads prompts from a JSONL file in
+the paper's format (e.g. ``clean_eval.jsonl``, 396 rows) instead. ``--single-time-limit`` stops the one-at-a-time loop
+after that many seconds and reports its rate over the prompts it finished (said in the output), so a slow device
+still yields a measured rate.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import time
 
 import torch
 
+from datamodules.qa_sources import read_jsonl
 from lightning_modules.components.frozen_lm import ModelRef, load_ref
 from lightning_modules.components.generation import GenerationSettings, decode, generate_ids
 from lightning_modules.components.injection import PrefillInjection, prefill_injection
@@ -24,9 +30,11 @@ from lightning_modules.components.synthetic_multihop import EVAL_SEED, generate_
 PAIRS = {"tiny": "tiny-neox-large", "pythia-shape": "pythia-410m-shape"}
 
 
-def run(receiver, prompts, settings, batch_size, device):
+def run(receiver, prompts, settings, batch_size, device, deadline=None):
     answers = []
     for start in range(0, len(prompts), batch_size):
+        if deadline is not None and time.perf_counter() > deadline:
+            break
         tok = tokenize_left_padded(receiver.tokenizer, prompts[start : start + batch_size])
         ids, mask = tok["input_ids"], tok["attention_mask"]
         # One vector per prompt (seeded by its index), so batching does not change what is injected.
@@ -42,41 +50,61 @@ def run(receiver, prompts, settings, batch_size, device):
     return answers
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pair", choices=sorted(PAIRS), default="tiny")
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--num-prompts", type=int, default=16)
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--device", default="cpu")
-    args = p.parse_args()
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    return f"cpu ({torch.get_num_threads()} threads)"
 
-    receiver = load_ref(ModelRef(PAIRS[args.pair], layer=0.67, dtype=args.dtype))
+
+def bench_dtype(args, dtype: str, prompts: list[str]) -> None:
+    receiver = load_ref(ModelRef(PAIRS[args.pair], layer=0.67, dtype=dtype))
     receiver.model.to(args.device)
-    samples = generate_samples(args.num_prompts, EVAL_SEED)
-    prompts = [format_prompt(s.context, s.question) for s in samples]
     settings = GenerationSettings(max_new_tokens=args.max_new_tokens)
     run(receiver, prompts[:1], settings, 1, args.device)  # warm-up
 
-    def timed(bs):
+    def timed(bs, limit=None):
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        out = run(receiver, prompts, settings, bs, args.device)
+        out = run(receiver, prompts, settings, bs, args.device, None if limit is None else t0 + limit)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         return out, time.perf_counter() - t0
 
-    single, t_single = timed(1)
     batched, t_batched = timed(args.batch_size)
+    single, t_single = timed(1, args.single_time_limit)
     differ = sum(a != b for a, b in zip(single, batched))
-    n = len(prompts)
-    print(f"pair={args.pair} dtype={args.dtype} device={args.device} prompts={n} batch_size={args.batch_size} "
-          f"max_new_tokens={args.max_new_tokens} threads={torch.get_num_threads()}")  # fmt: skip
-    print(f"one-at-a-time: {n / t_single:.2f} samples/s ({t_single:.2f} s)")
+    n, n1 = len(prompts), len(single)
+    print(f"pair={args.pair} ({PAIRS[args.pair]}) dtype={dtype} device={device_name(args.device)} prompts={n} "
+          f"batch_size={args.batch_size} max_new_tokens={args.max_new_tokens} torch={torch.__version__}")  # fmt: skip
+    cut = "" if n1 == n else f" (stopped by --single-time-limit after {n1}/{n} prompts)"
+    print(f"one-at-a-time: {n1 / t_single:.2f} samples/s ({t_single:.2f} s){cut}")
     print(f"batched:       {n / t_batched:.2f} samples/s ({t_batched:.2f} s)")
-    print(f"speed-up: {t_single / t_batched:.2f}x; answers differing between the two: {differ}/{n}")
+    print(f"speed-up (samples/s ratio): {(n / t_batched) / (n1 / t_single):.2f}x; "
+          f"answers differing between the two: {differ}/{n1}", flush=True)  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--pair", choices=sorted(PAIRS), default="tiny")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], nargs="+", default=["float32"])
+    p.add_argument("--data", help="JSONL file in the paper's format (default: the built-in generator)")
+    p.add_argument("--num-prompts", type=int, default=16)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--single-time-limit", type=float, help="seconds after which the one-at-a-time loop stops")
+    args = p.parse_args()
+
+    if args.data:
+        samples = read_jsonl(args.data)[: args.num_prompts]
+    else:
+        samples = generate_samples(args.num_prompts, EVAL_SEED)
+    prompts = [format_prompt(s.context, s.question) for s in samples]
+    for dtype in args.dtype:
+        bench_dtype(args, dtype, prompts)
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()  # the previous dtype's receiver is gone with bench_dtype's frame
 
 
 if __name__ == "__main__":

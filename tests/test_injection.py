@@ -157,3 +157,18 @@ def test_right_padded_batch_is_refused(receiver, batch):
     with pytest.raises(ValueError, match="not left-padded"):
         generate_ids(receiver.model, receiver.tokenizer, batch["input_ids"].flip(1), batch["attention_mask"].flip(1),
                      SETTINGS)  # fmt: skip
+
+
+def test_frozen_models_run_without_cudnn_attention_and_restore_it(receiver, batch):
+    """cuDNN's SDPA plans per shape (slow for generation); it is off inside the model's forward, and the global
+    setting is back afterwards, also when the forward is cut short by an exception (the early stop of extraction)."""
+    seen = []
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    with block_hook(
+        receiver.model, receiver.layer.path, lambda h: seen.append(torch.backends.cuda.cudnn_sdp_enabled())
+    ):
+        generate_ids(receiver.model, receiver.tokenizer, batch["input_ids"], batch["attention_mask"], SETTINGS)
+    assert seen and not any(seen)
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    capture_block(receiver.model, receiver.layer.path, batch["input_ids"], batch["attention_mask"])  # stops early
+    assert torch.backends.cuda.cudnn_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lightning_modules.components.hooks import avoid_cudnn_attention
 from lightning_modules.components.tokenizer import TOKENIZER_VOCAB, offline_tokenizer, tokenizer_fingerprint
 from lightning_modules.components.weights import folder_sha256
 
@@ -203,6 +204,7 @@ def load_model(
             ) from err
     model.eval()
     model.requires_grad_(False)
+    avoid_cudnn_attention(model)
     return model
 
 

@@ -90,3 +90,34 @@ def capture_hidden(
     if not captured:
         raise RuntimeError(f"the hook on {path!r} never fired during the forward pass")
     return captured[0]
+
+
+# cuDNN's SDPA backend builds an execution plan per new tensor shape. Generation (the key/value length grows every
+# step, and every batch has its own padded length) and QA training (a new padded length every batch) almost never
+# repeat a shape, so on Hopper GPUs, where PyTorch prefers cuDNN for bf16, those plans dominate: measured on an H200
+# (torch 2.11), bf16 functional training ran at 29 samples/s against 278 in fp32, 45% of its CPU time in
+# _cudnn_attention_forward. The memory-efficient and flash kernels need no plan.
+_NO_CUDNN_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+
+
+def avoid_cudnn_attention(model: nn.Module) -> None:
+    """Run every forward pass of ``model`` with SDPA's cuDNN backend excluded (see ``_NO_CUDNN_BACKENDS``).
+
+    The choice holds for the forward pass and for the backward pass of what it computed; outside the model's forward
+    calls the global SDPA settings are untouched (restored even when the forward raises, e.g. an early stop).
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = [getattr(SDPBackend, name) for name in _NO_CUDNN_BACKENDS]
+    active: list = []
+
+    def enter(_module, _args):
+        ctx = sdpa_kernel(backends)
+        ctx.__enter__()
+        active.append(ctx)
+
+    def leave(_module, _args, _output):
+        active.pop().__exit__(None, None, None)
+
+    model.register_forward_pre_hook(enter)
+    model.register_forward_hook(leave, always_call=True)
