@@ -7,6 +7,8 @@ Torch-free (numpy, scipy, matplotlib on first plot), so ``report.py`` starts fas
 - ``stats``: bootstrap CIs, paired deltas, gained/lost, McNemar, run mean/SD, the clustered view.
 - ``tost``: equivalence (TOST) and degradation tests on the clustered view.
 - ``analysis``: per-condition accuracy, the summary, paired comparisons and equivalence rows.
+- ``gap``: the fraction of the ``receiver_alone`` -> ``skyline`` gap a condition recovers, with a question-clustered
+  bootstrap CI (split-context runs).
 - ``tables``: markdown, CSV and JSON renderings.
 - ``plots``: accuracy per condition and the forest plot of paired deltas.
 - ``run``: :func:`run_report`, the entry point of ``report.py`` and of the evaluation module.
@@ -19,6 +21,7 @@ from lightning_modules.components.report.analysis import (
     build_summary,
     condition_accuracy,
 )
+from lightning_modules.components.report.gap import gap_recovered
 from lightning_modules.components.report.load import (
     DETERMINISTIC,
     Record,
@@ -61,6 +64,7 @@ __all__ = [
     "collapse_repeated_runs",
     "comparisons_markdown",
     "condition_accuracy",
+    "gap_recovered",
     "group_records",
     "load_records",
     "logged_metrics",

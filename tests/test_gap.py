@@ -1,0 +1,174 @@
+"""report.gap: the fraction of the receiver_alone -> skyline gap recovered, and its question-clustered bootstrap CI."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lightning_modules.components.report import condition_accuracy, gap_recovered
+from lightning_modules.components.report import gap as gap_module
+from lightning_modules.components.report.stats import derive_seed
+from lightning_modules.components.scoring import MAIN_METRIC, METRICS
+
+LOW, HIGH = "receiver_alone", "skyline"
+
+
+def _run(correct, ids=None) -> dict[str, dict[str, bool]]:
+    """One run: ``{sample_id: {metric: bool}}`` with every metric equal to the given correctness."""
+    ids = ids if ids is not None else [f"q{i:04d}" for i in range(len(correct))]
+    return {sid: dict.fromkeys(METRICS, bool(ok)) for sid, ok in zip(ids, correct)}
+
+
+def _groups(low, high, **conds) -> dict:
+    """Groups with a deterministic floor and ceiling; each condition is a list of runs (seeds 42, 123, 456)."""
+    out = {LOW: {"deterministic": _run(low)}, HIGH: {"deterministic": _run(high)}}
+    for name, runs in conds.items():
+        out[name] = {str(seed): _run(r) for seed, r in zip((42, 123, 456), runs)}
+    return out
+
+
+def _random(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A floor near 0.3, a ceiling near 0.7 (never below the floor on a question), and a condition near 0.5."""
+    rng = np.random.default_rng(seed)
+    low = rng.random(n) < 0.3
+    high = low | (rng.random(n) < 0.57)
+    cond = np.where(high & ~low, rng.random(n) < 0.5, low)
+    return low, high, cond
+
+
+def _width(row: dict) -> float:
+    return row["ci_high"] - row["ci_low"]
+
+
+# ------------------------------------------------------------------------------------------------ point and CI
+
+
+def test_point_estimate_is_exact_and_agrees_with_the_summary() -> None:
+    low = [True, False, False, False] * 25  # 0.25
+    high = [True, True, True, False] * 25  # 0.75
+    runs = [[True, True, False, False] * 25, [True, True, True, False] * 25]  # 0.5 and 0.75: mean 0.625
+    groups = _groups(low, high, c=runs)
+    (row,) = gap_recovered(groups, resamples=500, seed=7)
+    assert row["fraction"] == (0.625 - 0.25) / 0.5 == 0.75
+    acc = condition_accuracy(groups)
+    assert (row["acc_condition"], row["acc_low"], row["acc_high"]) == tuple(
+        acc[c][MAIN_METRIC]["mean"] for c in ("c", LOW, HIGH)
+    )
+    assert row["bootstrap_seed"] == derive_seed(7, f"c|gap|{LOW}|{HIGH}|{MAIN_METRIC}")
+    assert (row["condition"], row["metric"], row["low"], row["high"]) == ("c", MAIN_METRIC, LOW, HIGH)
+    assert (row["runs"], row["n"], row["resamples"], row["confidence"]) == (2, 100, 500, 0.95)
+    assert set(row) == set(gap_module.GAP_COLUMNS) - {"dropped", "undefined_resamples", "note"}
+    assert row["ci_low"] <= row["fraction"] <= row["ci_high"]
+
+
+def test_identical_to_skyline_is_one_and_to_receiver_alone_zero() -> None:
+    low, high, _ = _random(80)
+    groups = _groups(low, high, like_sky=[high] * 3, like_alone=[low], sky_and_alone=[high, low])
+    rows = {r["condition"]: r for r in gap_recovered(groups, resamples=1000)}
+    assert list(rows) == ["like_sky", "like_alone", "sky_and_alone"]  # groups order, floor and ceiling left out
+    # The point reads the summary's run means, which can be an ulp off for identical runs (mean of three equal
+    # floats); the CI is computed in integer counts, so it is exact.
+    assert rows["like_sky"]["fraction"] == pytest.approx(1.0, abs=1e-12)
+    assert rows["like_sky"]["ci_low"] == rows["like_sky"]["ci_high"] == 1.0
+    assert (rows["like_alone"]["fraction"], rows["like_alone"]["ci_low"], rows["like_alone"]["ci_high"]) == (0, 0, 0)
+    # One run as the ceiling, one as the floor: exactly half in every resample, because both runs are resampled on
+    # the same questions (runs resampled apart would scatter around 0.5).
+    half = rows["sky_and_alone"]
+    assert half["fraction"] == pytest.approx(0.5) and half["ci_low"] == half["ci_high"] == pytest.approx(0.5)
+
+
+def test_ci_contains_the_point_and_narrows_as_n_grows() -> None:
+    widths = []
+    for n in (100, 1600):
+        low, high, cond = _random(n, seed=n)
+        (row,) = gap_recovered(_groups(low, high, c=[cond]), resamples=1000)
+        assert row["ci_low"] < row["fraction"] < row["ci_high"]
+        widths.append(_width(row))
+    assert widths[1] < widths[0] / 2  # 16x the questions: about a quarter of the width
+
+
+def test_same_seed_same_rows_and_chunking_changes_nothing(monkeypatch) -> None:
+    low, high, cond = _random(60)
+    groups = _groups(low, high, c=[cond, high, low])
+    a = gap_recovered(groups, resamples=700, seed=3)
+    assert a == gap_recovered(groups, resamples=700, seed=3)
+    assert (a[0]["ci_low"], a[0]["ci_high"]) != tuple(gap_recovered(groups, resamples=700, seed=4)[0][k] for k in
+                                                      ("ci_low", "ci_high"))  # fmt: skip
+    # Index matrices drawn 4 resamples at a time continue the same random stream as one 700 x 60 matrix.
+    monkeypatch.setattr(gap_module, "_CHUNK_ENTRIES", 4 * 60)
+    assert gap_recovered(groups, resamples=700, seed=3) == a
+
+
+def test_resampling_is_paired_by_question() -> None:
+    # The condition is the ceiling except on 4 of 400 questions: the three accuracies move together from one
+    # resample to the next, so the fraction hardly moves; resampled apart, each accuracy's own noise (SD ~0.023
+    # on a gap of ~0.4) would spread it widely.
+    n, resamples = 400, 2000
+    low, high, _ = _random(n, seed=1)
+    cond = high.copy()
+    cond[np.flatnonzero(high & ~low)[:4]] = False
+    (row,) = gap_recovered(_groups(low, high, c=[cond]), resamples=resamples, seed=0)
+
+    rng = np.random.default_rng(0)
+    means = [x.astype(float)[rng.integers(0, n, size=(resamples, n))].mean(axis=1) for x in (cond, low, high)]
+    unpaired = np.sort((means[0] - means[1]) / (means[2] - means[1]))
+    bound = unpaired[int(0.975 * (resamples - 1))] - unpaired[int(0.025 * (resamples - 1))]
+    assert bound > 0.15  # the unpaired bootstrap is wide here...
+    assert _width(row) < bound / 5  # ...the paired one is not
+    # Paired, the fraction is 1 - (questions lost) / (gap questions) in every resample: never above 1.
+    assert 0.9 < row["ci_low"] <= row["fraction"] <= row["ci_high"] <= 1.0
+
+
+# ------------------------------------------------------------------------------------------------ edge cases
+
+
+def test_absent_floor_or_ceiling_gives_no_rows() -> None:
+    groups = _groups([True, False], [True, True], c=[[True, False]])
+    assert gap_recovered({k: v for k, v in groups.items() if k != HIGH}) == []
+    assert gap_recovered({k: v for k, v in groups.items() if k != LOW}) == []
+    assert gap_recovered(groups, low="no_inject") == []
+
+
+def test_gap_of_zero_or_less_has_no_fraction() -> None:
+    for low, high in (([True, False, True], [True, False, True]), ([True, True, False], [True, False, False])):
+        (row,) = gap_recovered(_groups(low, high, c=[[True, True, True]]), resamples=50)
+        assert row["fraction"] is None and row["ci_low"] is None and row["ci_high"] is None
+        assert "undefined" in row["note"] and "undefined_resamples" not in row
+
+
+def test_resamples_without_a_gap_are_left_out_and_counted() -> None:
+    # The ceiling beats the floor on one question of 20: about (19/20)^20 = 36% of resamples miss it.
+    low = [False] * 10 + [True] * 10
+    high = [True] + [False] * 9 + [True] * 10
+    (row,) = gap_recovered(_groups(low, high, c=[high]), resamples=1000)
+    assert 200 < row["undefined_resamples"] < 500 and "note" not in row
+    assert row["fraction"] == row["ci_low"] == row["ci_high"] == 1.0  # every defined resample: 1
+    # No resample with a gap at all (one resample, drawn without that question): no CI, a note says why.
+    label = f"c|gap|{LOW}|{HIGH}|{MAIN_METRIC}"
+    seed = next(s for s in range(100) if 0 not in np.random.default_rng(derive_seed(s, label)).integers(0, 20, 20))
+    (row,) = gap_recovered(_groups(low, high, c=[high]), resamples=1, seed=seed)
+    assert row["fraction"] == 1.0 and row["ci_low"] is None and row["undefined_resamples"] == 1
+    assert "any resample" in row["note"]
+
+
+def test_ids_not_common_to_every_run_are_dropped_from_the_ci_only() -> None:
+    low, high, cond = _random(50)
+    groups = _groups(low, high, c=[cond, cond])
+    del groups["c"]["123"]["q0003"]  # one run of the condition misses a question
+    (row,) = gap_recovered(groups, resamples=200)
+    assert (row["n"], row["dropped"]) == (49, 1)
+    acc = condition_accuracy(groups)
+    want = (acc["c"][MAIN_METRIC]["mean"] - acc[LOW][MAIN_METRIC]["mean"]) / (
+        acc[HIGH][MAIN_METRIC]["mean"] - acc[LOW][MAIN_METRIC]["mean"]
+    )
+    assert row["fraction"] == want  # the summary's accuracies, every sample of each run
+
+
+def test_bad_arguments() -> None:
+    groups = _groups([False, True], [True, True], c=[[True, True]])
+    with pytest.raises(ValueError, match="unknown metric"):
+        gap_recovered(groups, metric="accuracy")
+    with pytest.raises(ValueError, match="both"):
+        gap_recovered(groups, low=HIGH)
+    with pytest.raises(ValueError, match="resamples"):
+        gap_recovered(groups, resamples=0)
