@@ -7,10 +7,13 @@ Usage::
 
 Each RESULTS is a per-sample JSONL file, one of the paper's JSON result files, a folder of them, or an evaluation
 run folder (its ``records/`` are read; ``meta.json`` and other JSON files that hold no records are skipped with a
-note). Without ``--baseline`` the report compares against no_inject and nl_relay, skipping whichever is absent. The
-strict-matched shuffled control holds fewer samples by design and is compared on the samples it holds; any other
-difference in sample ids needs ``--intersect``. Runs that are one translator's answers to a condition that ignores
-the seed count as one run. Bad input exits with status 2 and one line naming the file, record or option at fault
+note). Without ``--baseline`` the report compares against no_inject and nl_relay, or, for split-context records
+(receiver_alone or skyline present, no_inject absent), against receiver_alone and skyline, skipping whichever is
+absent. With both receiver_alone and skyline present it also writes gap_recovered.{json,csv,md}: the fraction of the
+gap between them that each other condition recovers, with a bootstrap CI over questions. The strict-matched
+shuffled control holds fewer samples by design and is compared on the samples it holds; any other difference in
+sample ids needs ``--intersect``. Runs that are one translator's answers to a condition that ignores the seed count
+as one run. Bad input exits with status 2 and one line naming the file, record or option at fault
 (``--debug`` shows the traceback).
 """
 
@@ -34,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--baseline",
         action="append",
         default=None,
-        help="baseline condition (repeatable); default: no_inject and nl_relay, skipping an absent one",
+        help="baseline condition (repeatable); default: no_inject and nl_relay, or receiver_alone and skyline for "
+        "split-context records (no no_inject), skipping an absent one",
     )
     parser.add_argument("--resamples", type=int, default=DEFAULT_RESAMPLES, help="bootstrap resamples (default 5000)")
     parser.add_argument(

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import csv
+import json
+from pathlib import Path
+
 import numpy as np
 import pytest
+from test_report import EXPECTED_FILES, _records, _write_jsonl, main  # report.py's main, loaded by path
 
-from lightning_modules.components.report import condition_accuracy, gap_recovered
+from lightning_modules.components.report import ReportResult, condition_accuracy, gap_recovered, run_report
 from lightning_modules.components.report import gap as gap_module
 from lightning_modules.components.report.stats import derive_seed
 from lightning_modules.components.scoring import MAIN_METRIC, METRICS
 
 LOW, HIGH = "receiver_alone", "skyline"
+GAP_FILES = {"gap_recovered.json", "gap_recovered.csv", "gap_recovered.md"}
 
 
 def _run(correct, ids=None) -> dict[str, dict[str, bool]]:
@@ -172,3 +178,63 @@ def test_bad_arguments() -> None:
         gap_recovered(groups, low=HIGH)
     with pytest.raises(ValueError, match="resamples"):
         gap_recovered(groups, resamples=0)
+
+
+# ------------------------------------------------------------------------------------------------ in the report
+
+
+def _split_records(n: int = 40) -> list[dict]:
+    low, high, cond = _random(n, seed=2)
+    recs = _records(LOW, None, low.tolist()) + _records(HIGH, None, high.tolist())
+    recs += _records("nl_relay", None, cond.tolist())  # split runs evaluate nl_relay too
+    recs += _records("slots_self", None, high.tolist())
+    for k, seed in enumerate((42, 123, 456)):  # three different runs: the ceiling on a third of the questions each
+        recs += _records("slots_translated", seed, np.where(np.arange(n) % 3 == k, high, cond).tolist())
+    return recs
+
+
+def test_report_on_split_records_compares_with_receiver_alone_and_skyline(tmp_path: Path, capsys) -> None:
+    path = _write_jsonl(tmp_path / "split.jsonl", _split_records())
+    out = tmp_path / "out"
+    assert main([str(path), "--out", str(out), "--resamples", "300", "--margins", "0.1"]) == 0
+    assert {p.name for p in out.iterdir()} == EXPECTED_FILES | GAP_FILES
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["meta"]["baselines"] == [LOW, HIGH]
+    comparisons = json.loads((out / "comparisons.json").read_text())
+    assert {c["baseline"] for c in comparisons} == {LOW, HIGH}
+
+    rows = json.loads((out / "gap_recovered.json").read_text())
+    assert [r["condition"] for r in rows] == ["nl_relay", "slots_self", "slots_translated"]
+    by = {r["condition"]: r for r in rows}
+    assert by["slots_self"]["fraction"] == by["slots_self"]["ci_low"] == 1.0 and by["slots_translated"]["runs"] == 3
+    for r in rows:  # the summary's accuracies, exactly
+        assert r["acc_condition"] == summary["conditions"][r["condition"]][MAIN_METRIC]["mean"]
+        assert r["acc_low"] == summary["conditions"][LOW][MAIN_METRIC]["mean"]
+    with open(out / "gap_recovered.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [t["condition"] for t in table] == [r["condition"] for r in rows]
+    assert float(table[2]["fraction"]) == pytest.approx(rows[2]["fraction"]) and table[0]["dropped"] == ""
+    md = (out / "gap_recovered.md").read_text()
+    assert md.startswith("# Fraction of the gap recovered") and "| slots_self | 1 | 40 |" in md
+
+
+def test_run_report_returns_the_gap_rows_and_keeps_its_positional_fields(tmp_path: Path) -> None:
+    recs = _split_records()
+    res = run_report(recs, tmp_path / "a", resamples=200)
+    assert res.gap_recovered == json.loads((tmp_path / "a" / "gap_recovered.json").read_text())
+    assert {"gap_recovered_json", "gap_recovered_csv", "gap_recovered_md"} <= set(res.files)
+    # Whatever the baselines: the gap needs only the floor and the ceiling in the input.
+    assert run_report(recs, tmp_path / "b", resamples=200, baselines=["nl_relay"]).gap_recovered == res.gap_recovered
+    legacy = ReportResult(res.summary, res.comparisons, res.equivalence, res.files, res.markdown, res.notes)
+    assert legacy.gap_recovered == []
+    # Paper records: no gap files, no gap rows.
+    paper = _records("no_inject", None, [True, False, True]) + _records("c", 1, [True, True, True])
+    res = run_report(paper, tmp_path / "p", resamples=50)
+    assert res.gap_recovered == [] and {p.name for p in (tmp_path / "p").iterdir()} == EXPECTED_FILES
+
+
+def test_default_baselines_with_only_one_split_baseline(tmp_path: Path) -> None:
+    recs = [r for r in _split_records() if r["condition"] != HIGH]
+    res = run_report(recs, tmp_path, resamples=50)
+    assert res.summary["meta"]["baselines"] == [LOW] and any(HIGH in n and "skipped" in n for n in res.notes)
+    assert res.gap_recovered == [] and not (tmp_path / "gap_recovered.json").exists()

@@ -2,8 +2,16 @@
 
 It serves both ``report.py`` and the evaluation module (which passes its in-memory records).
 
-Baselines: with ``baselines=None`` (the default) the report compares against ``no_inject`` and ``nl_relay``,
-skipping whichever is absent (at least one must be present). Baselines named explicitly must all be present.
+Baselines: with ``baselines=None`` (the default) the report compares against the baselines of the protocol the records
+come from: the paper's ``no_inject`` and ``nl_relay``, or, for split-context records (``receiver_alone`` or
+``skyline`` present, ``no_inject`` absent), ``receiver_alone`` and ``skyline``, as the evaluation module does
+(``conditions.BASELINES``); an absent one is skipped with a note, and at least one must be present. Split records
+hold ``nl_relay`` too, so its presence does not make them paper records. Baselines named explicitly must all be
+present.
+
+With both ``receiver_alone`` and ``skyline`` present the report also writes the fraction of the gap each other
+condition recovers (``gap.gap_recovered``) to ``gap_recovered.{json,csv,md}``; without them it writes exactly the
+paper protocol's files.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from lightning_modules.components.report.analysis import (
     build_summary,
     condition_accuracy,
 )
+from lightning_modules.components.report.gap import GAP_COLUMNS, GAP_HIGH, GAP_LOW, gap_recovered
 from lightning_modules.components.report.load import (
     ReportInputError,
     RunCollapse,
@@ -33,6 +42,7 @@ from lightning_modules.components.report.tables import (
     SUMMARY_COLUMNS,
     comparisons_markdown,
     csv_text,
+    gap_markdown,
     json_text,
     summary_markdown,
     summary_rows,
@@ -41,6 +51,8 @@ from lightning_modules.components.report.tost import DEFAULT_MARGINS
 from lightning_modules.components.scoring import MAIN_METRIC, METRICS
 
 DEFAULT_BASELINES: tuple[str, ...] = ("no_inject", "nl_relay")
+# The split-context protocol's floor and ceiling (``conditions.BASELINES["split"]``; that module imports torch).
+SPLIT_BASELINES: tuple[str, ...] = (GAP_LOW, GAP_HIGH)
 REPORT_SCHEMA = "activation-transfer.report.v1"
 
 
@@ -55,6 +67,8 @@ class ReportResult:
         files: Every written file by short name (``summary_json``, ``accuracy_png``, ...).
         markdown: The summary table (markdown) for printing.
         notes: Human-readable notes (dropped samples, skipped baselines, metric mismatches).
+        gap_recovered: The content of ``gap_recovered.json`` (``gap.gap_recovered`` rows); empty, and the file not
+            written, unless both ``receiver_alone`` and ``skyline`` are in the input.
     """
 
     summary: dict
@@ -63,17 +77,29 @@ class ReportResult:
     files: dict[str, Path]
     markdown: str
     notes: list[str] = field(default_factory=list)
+    gap_recovered: list[dict] = field(default_factory=list)
+
+
+def _default_baselines(groups: Mapping) -> tuple[str, ...]:
+    """The paper's baselines, or the split protocol's when its records are in and the paper's ``no_inject`` is not.
+
+    ``nl_relay`` cannot tell the protocols apart (both evaluate it), ``no_inject`` and the split floor/ceiling can.
+    """
+    if "no_inject" not in groups and any(b in groups for b in SPLIT_BASELINES):
+        return SPLIT_BASELINES
+    return DEFAULT_BASELINES
 
 
 def _resolve_baselines(groups: Mapping, baselines: Sequence[str] | None, notes: list[str]) -> list[str]:
     present = list(groups)
     if baselines is None:
-        chosen = [b for b in DEFAULT_BASELINES if b in groups]
-        skipped = [b for b in DEFAULT_BASELINES if b not in groups]
+        defaults = _default_baselines(groups)
+        chosen = [b for b in defaults if b in groups]
+        skipped = [b for b in defaults if b not in groups]
         if not chosen:
             raise ReportInputError(
-                f"none of the default baselines {list(DEFAULT_BASELINES)} is in the input (conditions: {present}); "
-                "name one with --baseline"
+                f"none of the default baselines {list(DEFAULT_BASELINES)} (split records: {list(SPLIT_BASELINES)}) "
+                f"is in the input (conditions: {present}); name one with --baseline"
             )
         if skipped:
             notes.append(f"default baseline(s) {skipped} absent from the input: skipped")
@@ -140,8 +166,10 @@ def run_report(
         inputs: JSONL files, the paper's JSON result files, folders of them, or already-loaded record dicts
             (``components.records.RECORD_FIELDS``; the evaluation module passes its in-memory records).
         out_dir: Output folder (created). Files are written atomically (temporary file, then ``os.replace``).
-        baselines: Baselines to compare against. ``None``: ``no_inject`` and ``nl_relay``, skipping an absent one
-            (a note says so; at least one must be present). An explicit list must be fully present.
+        baselines: Baselines to compare against. ``None``: ``no_inject`` and ``nl_relay``, or for split-context
+            records (``receiver_alone`` or ``skyline`` present, ``no_inject`` absent) ``receiver_alone`` and
+            ``skyline``, skipping an absent one (a note says so; at least one must be present). An explicit list must
+            be fully present.
         resamples: Bootstrap resamples for the 95% CIs (accuracy and paired deltas).
         margins: TOST equivalence margins (accuracy units, each > 0).
         seed: Base seed; each CI derives its own seed from it and a label, recorded next to the CI.
@@ -155,6 +183,10 @@ def run_report(
     Raises:
         ReportInputError: Bad or empty input, absent baseline, mismatching sample ids without ``intersect``, an
             ``out_dir`` that is a file or cannot be created.
+
+    With both ``receiver_alone`` and ``skyline`` in the input (whatever the baselines), every other condition also
+    gets the fraction of the gap between them that it recovers (main metric, same ``resamples`` and ``seed``),
+    written to ``gap_recovered.json``, ``.csv`` and ``.md``.
 
     Runs of one computation (one translator's answers to a condition that ignores the seed, written once per seed)
     count as one run: see ``load.collapse_repeated_runs``; ``summary.json``'s ``meta.collapsed_runs`` lists them.
@@ -203,6 +235,9 @@ def run_report(
         groups, order, chosen, resamples, margins, seed, intersect, tost_resamples, collapsed
     )
     notes += cmp_notes
+    with_gap = GAP_LOW in groups and GAP_HIGH in groups
+    gap_rows = gap_recovered(groups, resamples=resamples, seed=seed) if with_gap else []
+    notes += _gap_notes(gap_rows)
     meta["notes"] = notes
 
     try:
@@ -226,7 +261,30 @@ def run_report(
         "accuracy_png": atomic_write(out / "accuracy.png", plot_accuracy(summary)),
         "deltas_png": atomic_write(out / "deltas.png", plot_forest(comparisons, chosen)),
     }
-    return ReportResult(summary, comparisons, equivalence, files, md_summary, notes)
+    if with_gap:
+        # Files of their own: comparisons.json keeps its schema, and paper-protocol reports their file set.
+        files["gap_recovered_json"] = atomic_write(out / "gap_recovered.json", json_text(gap_rows))
+        files["gap_recovered_csv"] = atomic_write(out / "gap_recovered.csv", csv_text(gap_rows, GAP_COLUMNS))
+        files["gap_recovered_md"] = atomic_write(out / "gap_recovered.md", gap_markdown(gap_rows, meta))
+    return ReportResult(summary, comparisons, equivalence, files, md_summary, notes, gap_rows)
+
+
+def _gap_notes(rows: Sequence[Mapping]) -> list[str]:
+    """Notes for gap rows whose CI leaves samples or resamples out, or that have no fraction."""
+    notes = [f"gap recovered, {r['condition']}: {r['note']}" for r in rows if r.get("note")]
+    notes += [
+        f"gap recovered, {r['condition']}: {r['undefined_resamples']} of {r['resamples']} resamples had "
+        f"{r['high']} not above {r['low']} and were left out of the CI"
+        for r in rows
+        if r.get("undefined_resamples")
+    ]
+    notes += [
+        f"gap recovered, {r['condition']}: the CI uses the {r['n']} sample ids common to every run of it, "
+        f"{r['low']} and {r['high']} ({r['dropped']} left out)"
+        for r in rows
+        if r.get("dropped")
+    ]
+    return notes
 
 
 def logged_metrics(records: Sequence[Mapping], stage: str = "eval") -> dict[str, float]:

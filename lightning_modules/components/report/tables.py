@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lightning_modules.components.report.analysis import METRIC_ORDER
+from lightning_modules.components.report.gap import GAP_HIGH, GAP_LOW
 from lightning_modules.components.scoring import MAIN_METRIC
 
 SUMMARY_COLUMNS = ("condition", "runs", "n", "metric", "mean", "sd", "ci_low", "ci_high", "per_run")
@@ -140,6 +141,43 @@ def comparisons_markdown(comparisons: Sequence[Mapping], equivalence: Sequence[M
                 )
             out.append("")
     return "\n".join(out)
+
+
+def gap_markdown(rows: Sequence[Mapping], meta: Mapping) -> str:
+    """The "Fraction of the gap recovered" section: one row per condition, its accuracy, fraction and 95% CI."""
+    first = rows[0] if rows else {"low": GAP_LOW, "high": GAP_HIGH, "metric": MAIN_METRIC}
+    low, high, metric = first["low"], first["high"], first["metric"]
+    out = [
+        "# Fraction of the gap recovered",
+        "",
+        f"(acc(condition) − acc({low})) / (acc({high}) − acc({low})): 0 is {low}, 1 is {high}. Accuracies are the "
+        f"summary's ({metric}). {int(meta['confidence'] * 100)}% simple percentile bootstrap over questions, "
+        f"{meta['resamples']} resamples (seed {meta['seed']}, one derived seed per condition): each resample draws "
+        f"sample ids once for every run of the condition, {low} and {high}.",
+        "",
+        "| Condition | Runs | n | Accuracy | Fraction | 95% CI |",
+        "| --- | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for r in rows:
+        ci = "n/a" if r["ci_low"] is None else f"[{_f(r['ci_low'], True)}, {_f(r['ci_high'], True)}]"
+        out.append(
+            f"| {r['condition']} | {r['runs']} | {r['n']} | {_f(r['acc_condition'])} | {_f(r['fraction'], True)} "
+            f"| {ci} |"
+        )
+    if rows:
+        out += ["", f"{low}: {_f(rows[0]['acc_low'])}; {high}: {_f(rows[0]['acc_high'])}."]
+    notes = [f"{r['condition']}: {r['note']}." for r in rows if r.get("note")]
+    notes += [
+        f"{r['condition']}: {r['undefined_resamples']} resample(s) with {high} not above {low} left out of the CI."
+        for r in rows
+        if r.get("undefined_resamples")
+    ]
+    notes += [
+        f"{r['condition']}: the CI uses the {r['n']} ids common to all runs ({r['dropped']} left out)."
+        for r in rows
+        if r.get("dropped")
+    ]
+    return "\n".join(out + ([""] + notes if notes else [])) + "\n"
 
 
 def json_text(obj: Any) -> str:
