@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from lightning_modules.components.io import atomic_output
+from lightning_modules.components.weights import folder_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_CONFIG = ROOT / "configs" / "train" / "demo.yaml"
@@ -46,11 +47,21 @@ def _organisms(cache_dir: str | None) -> dict[str, Path]:
     return out
 
 
-def _translator(out: Path, organisms: dict[str, Path], seed: int) -> Path:
-    """Train the demo translator of one seed, or reuse the one trained with the same config, organisms and seed."""
-    extra = ["--seed_everything", str(seed), "--data.seed", str(seed)]
+def _translator(out: Path, organisms: dict[str, Path], seed: int, config: Path = TRAIN_CONFIG,
+                extra: list[str] | None = None) -> Path:  # fmt: skip
+    """Train the translator of one seed with ``config`` (+ ``extra`` arguments), or reuse the one trained with the
+    same config, organisms, seed and arguments."""
+    # The aligned translator's pair stream shuffles with data.seed; the functional config's caller seeds its data.
+    seeding = ["--data.seed", str(seed)] if config == TRAIN_CONFIG else []
+    extra = ["--seed_everything", str(seed), *seeding, *(extra or [])]
     key_src = json.dumps(
-        {"config": TRAIN_CONFIG.read_text(), "organisms": {k: v.name for k, v in organisms.items()}, "extra": extra},
+        # The organisms' content, not their folder names: a retrained organism (other thread count, new recipe
+        # code) keeps its folder name, and a translator of the old weights must not be reused with the new ones.
+        {
+            "config": config.read_text(),
+            "extra": extra,
+            "organisms": {k: folder_sha256(v) for k, v in organisms.items()},
+        },  # fmt: skip
         sort_keys=True,
     )
     key = hashlib.sha256(key_src.encode()).hexdigest()[:12]
@@ -61,14 +72,14 @@ def _translator(out: Path, organisms: dict[str, Path], seed: int) -> Path:
         return ckpt
     from lightning_modules.cli import train_main
 
-    cli = train_main(["fit", "-c", str(TRAIN_CONFIG), "--trainer.default_root_dir", str(folder), *extra])
+    cli = train_main(["fit", "-c", str(config), "--trainer.default_root_dir", str(folder), *extra])
     best = cli.trainer.checkpoint_callback.best_model_path
     if not best:
         raise RuntimeError(f"translator training in {folder} saved no checkpoint")
     with atomic_output(ckpt) as tmp:  # the key file appears only once complete: an interrupted run retrains
         shutil.copyfile(best, tmp)
     metrics = {k: round(float(v), 4) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
-    print(f"[demo] translator seed {seed} {ckpt}: {metrics}", flush=True)
+    print(f"[demo] translator seed {seed} ({config.name}) {ckpt}: {metrics}", flush=True)
     return ckpt
 
 
@@ -86,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/demo", help="output folder (translator, evaluation, report)")
     parser.add_argument("--cache-dir", default=None, help="project cache (default $ACTIVATION_TRANSFER_CACHE)")
     parser.add_argument("--num-samples", type=int, default=None, help="evaluation questions (default: config)")
+    parser.add_argument("--skip-split", action="store_true", help="run only the paper protocol")
     args = parser.parse_args(argv)
     from lightning_modules.console import setup_logging
 
@@ -119,6 +131,15 @@ def main(argv: list[str] | None = None) -> int:
     wandb_dirs = sorted(str(p) for p in out.rglob("offline-run-*"))
     if wandb_dirs:
         print(f"[demo] W&B offline runs (upload with `wandb sync <dir>`): {len(wandb_dirs)} under {out}")
+    if not args.skip_split:
+        from lightning_modules.split_demo import gap_lines, run_split
+
+        split_dir = run_split(out, organisms, seeds, args.num_samples, _translator)
+        lines = gap_lines(split_dir / "report")
+        if lines:
+            print("[demo] fraction of the receiver_alone -> skyline gap recovered (95% bootstrap CI over questions):")
+            print("\n".join(lines))
+        print(f"[demo] split report and plots: {split_dir / 'report'}")
     print(f"[demo] total wall time: {time.perf_counter() - start:.0f} s")
     return 0
 

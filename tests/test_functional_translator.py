@@ -157,7 +157,7 @@ def test_cli_fit_exports_a_translator_that_translates_like_the_module(tmp_path):
     ckpt = torch.load(best, weights_only=True)
     assert set(ckpt["state_dict"]) == {f"translator.{k}" for k in module.translator.state_dict()}
     assert ckpt["hyper_parameters"]["training"]["objective"] == "answer_ce"
-    assert ckpt["hyper_parameters"]["receiver"]["layer"] == "gpt_neox.layers.2"
+    assert ckpt["hyper_parameters"]["receiver"]["layer"] == "gpt_neox.layers.0"  # the config's receiver block
     folder = best.with_suffix("")
     x = torch.randn(5, 32)
     module.cpu().eval()

@@ -182,11 +182,14 @@ def test_demo_trains_one_translator_per_seed_and_evaluates_with_the_list(tmp_pat
         return SimpleNamespace(model=SimpleNamespace(report_result=None, run_dir=tmp_path / "demo" / "eval" / "x"))
 
     organisms = {"sender": tmp_path / "s", "receiver": tmp_path / "r"}
+    for role, folder in organisms.items():
+        folder.mkdir()
+        (folder / "model.safetensors").write_text(role)
     monkeypatch.setattr(demo, "_organisms", lambda cache_dir: organisms)
     monkeypatch.setattr(cli, "train_main", fake_train)
     monkeypatch.setattr(cli, "eval_main", fake_eval)
     monkeypatch.setattr(sys, "argv", ["demo"])
-    assert demo.main(["--out", str(tmp_path / "demo")]) == 0
+    assert demo.main(["--out", str(tmp_path / "demo"), "--skip-split"]) == 0
 
     def opt(args, name):
         return args[args.index(name) + 1]
@@ -201,8 +204,12 @@ def test_demo_trains_one_translator_per_seed_and_evaluates_with_the_list(tmp_pat
     ckpts = [Path(p) for p in json.loads(opt(ev, "--model.translator_ckpt"))]
     assert [p.read_text() for p in ckpts] == ["42", "123", "456"]  # checkpoint i belongs to seed i
     # A second demo run reuses the three checkpoints.
-    assert demo.main(["--out", str(tmp_path / "demo")]) == 0
+    assert demo.main(["--out", str(tmp_path / "demo"), "--skip-split"]) == 0
     assert len(trained) == 3 and evaluated[1] == ev
+    # New organism weights in the same folders: the translators are retrained, not reused.
+    (organisms["receiver"] / "model.safetensors").write_text("retrained")
+    assert demo.main(["--out", str(tmp_path / "demo"), "--skip-split"]) == 0
+    assert len(trained) == 6
 
 
 @pytest.mark.parametrize("bad", [{"translator_sha256": 5}, {"translator_sha256": "ab", "seeded": "no"}])

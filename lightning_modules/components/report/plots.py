@@ -14,7 +14,8 @@ from lightning_modules.components.report.tables import METRIC_LABELS
 from lightning_modules.components.scoring import MAIN_METRIC
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot with the headless Agg backend."""
     import matplotlib
 
     matplotlib.use("Agg")  # headless: the report runs on servers and in tests
@@ -23,8 +24,9 @@ def _pyplot():
     return plt
 
 
-def _png(fig) -> bytes:
-    plt = _pyplot()
+def figure_png(fig) -> bytes:
+    """The figure as PNG bytes (closed afterwards)."""
+    plt = pyplot()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=130, bbox_inches="tight")
     plt.close(fig)
@@ -41,7 +43,7 @@ def accuracy_figure(summary: Mapping, metric: str = MAIN_METRIC):
     Returns:
         A matplotlib figure; the caller closes it.
     """
-    plt = _pyplot()
+    plt = pyplot()
     conds = list(summary["conditions"])
     fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(conds) + 1.4))
     if not conds:  # an evaluation whose runs all came back empty
@@ -96,7 +98,7 @@ def plot_accuracy(summary: Mapping, metric: str = MAIN_METRIC) -> bytes:
         summary: The content of ``summary.json``.
         metric: Metric to plot.
     """
-    return _png(accuracy_figure(summary, metric))
+    return figure_png(accuracy_figure(summary, metric))
 
 
 def plot_forest(comparisons: Sequence[Mapping], baselines: Sequence[str], metric: str = MAIN_METRIC) -> bytes:
@@ -107,7 +109,7 @@ def plot_forest(comparisons: Sequence[Mapping], baselines: Sequence[str], metric
         baselines: Baselines (one panel each).
         metric: Metric to plot.
     """
-    plt = _pyplot()
+    plt = pyplot()
     panels = [b for b in baselines if any(c["baseline"] == b and c["metric"] == metric for c in comparisons)]
     conds = list(dict.fromkeys(c["condition"] for c in comparisons if c["metric"] == metric))
     width = 5.0 * max(1, len(panels)) + 1.5
@@ -159,4 +161,4 @@ def plot_forest(comparisons: Sequence[Mapping], baselines: Sequence[str], metric
     fig.suptitle("Paired deltas against each baseline (red: CI excludes 0)", fontsize=10)
     if panels:  # an empty figure has no room to lay out (tight_layout would warn)
         fig.tight_layout()
-    return _png(fig)
+    return figure_png(fig)
