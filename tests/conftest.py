@@ -63,3 +63,38 @@ def paper_results_dir() -> Path:
     if not PAPER_RESULTS_DIR.is_dir():
         pytest.skip("../shared/reference/paper_results is absent")
     return PAPER_RESULTS_DIR
+
+
+@pytest.fixture
+def fake_demo(tmp_path, monkeypatch):
+    """``make demo`` with its training faked: two organism folders, ``train_main`` writing a checkpoint that holds its
+    own command line, ``eval_main`` delegating to ``fake_demo.evaluate(args)`` (set by the test). Returns a namespace
+    with ``trained``/``evaluated`` (the command lines, in order), ``organisms`` and ``evaluate``."""
+    from types import SimpleNamespace
+
+    import lightning_modules.cli as cli
+    from lightning_modules import demo
+
+    state = SimpleNamespace(trained=[], evaluated=[], evaluate=None, organisms={})
+
+    def fake_train(args):
+        state.trained.append(args)
+        best = Path(args[args.index("--trainer.default_root_dir") + 1]) / "checkpoints" / "best.ckpt"
+        best.parent.mkdir(parents=True)
+        best.write_text(" ".join(args))
+        trainer = SimpleNamespace(checkpoint_callback=SimpleNamespace(best_model_path=str(best)), callback_metrics={})
+        return SimpleNamespace(trainer=trainer)
+
+    def fake_eval(args):
+        state.evaluated.append(args)
+        return state.evaluate(args)
+
+    for role in ("sender", "receiver"):
+        state.organisms[role] = tmp_path / role
+        state.organisms[role].mkdir()
+        (state.organisms[role] / "model.safetensors").write_text(role)
+    monkeypatch.setattr(demo, "_organisms", lambda cache_dir: state.organisms)
+    monkeypatch.setattr(cli, "train_main", fake_train)
+    monkeypatch.setattr(cli, "eval_main", fake_eval)
+    monkeypatch.setattr(sys, "argv", ["demo"])
+    return state

@@ -162,33 +162,11 @@ def test_eval_records_name_their_translator_and_its_report_counts_one_translator
     assert (add["runs"], add["n_pairs"]) == (2, 12)
 
 
-def test_demo_trains_one_translator_per_seed_and_evaluates_with_the_list(tmp_path: Path, monkeypatch) -> None:
-    import lightning_modules.cli as cli
-
-    trained: list[list[str]] = []
-    evaluated: list[list[str]] = []
-
-    def fake_train(args):
-        trained.append(args)
-        root = Path(args[args.index("--trainer.default_root_dir") + 1])
-        best = root / "checkpoints" / "best.ckpt"
-        best.parent.mkdir(parents=True)
-        best.write_text(args[args.index("--seed_everything") + 1])
-        trainer = SimpleNamespace(checkpoint_callback=SimpleNamespace(best_model_path=str(best)), callback_metrics={})
-        return SimpleNamespace(trainer=trainer)
-
-    def fake_eval(args):
-        evaluated.append(args)
-        return SimpleNamespace(model=SimpleNamespace(report_result=None, run_dir=tmp_path / "demo" / "eval" / "x"))
-
-    organisms = {"sender": tmp_path / "s", "receiver": tmp_path / "r"}
-    for role, folder in organisms.items():
-        folder.mkdir()
-        (folder / "model.safetensors").write_text(role)
-    monkeypatch.setattr(demo, "_organisms", lambda cache_dir: organisms)
-    monkeypatch.setattr(cli, "train_main", fake_train)
-    monkeypatch.setattr(cli, "eval_main", fake_eval)
-    monkeypatch.setattr(sys, "argv", ["demo"])
+def test_demo_trains_one_translator_per_seed_and_evaluates_with_the_list(tmp_path: Path, fake_demo) -> None:
+    fake_demo.evaluate = lambda args: SimpleNamespace(
+        model=SimpleNamespace(report_result=None, run_dir=tmp_path / "demo" / "eval" / "x")
+    )
+    trained, evaluated = fake_demo.trained, fake_demo.evaluated
     assert demo.main(["--out", str(tmp_path / "demo"), "--skip-split"]) == 0
 
     def opt(args, name):
@@ -202,12 +180,13 @@ def test_demo_trains_one_translator_per_seed_and_evaluates_with_the_list(tmp_pat
     (ev,) = evaluated
     assert json.loads(opt(ev, "--model.seeds")) == [42, 123, 456]
     ckpts = [Path(p) for p in json.loads(opt(ev, "--model.translator_ckpt"))]
-    assert [p.read_text() for p in ckpts] == ["42", "123", "456"]  # checkpoint i belongs to seed i
+    # checkpoint i belongs to seed i
+    assert [opt(p.read_text().split(), "--seed_everything") for p in ckpts] == ["42", "123", "456"]
     # A second demo run reuses the three checkpoints.
     assert demo.main(["--out", str(tmp_path / "demo"), "--skip-split"]) == 0
     assert len(trained) == 3 and evaluated[1] == ev
     # New organism weights in the same folders: the translators are retrained, not reused.
-    (organisms["receiver"] / "model.safetensors").write_text("retrained")
+    (fake_demo.organisms["receiver"] / "model.safetensors").write_text("retrained")
     assert demo.main(["--out", str(tmp_path / "demo"), "--skip-split"]) == 0
     assert len(trained) == 6
 

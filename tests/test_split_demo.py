@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,23 +26,12 @@ def test_choose_layer_takes_the_best_slots_self_and_the_shallowest_tie() -> None
         split_demo.choose_layer([])
 
 
-def test_split_demo_sweeps_on_validation_questions_and_uses_the_chosen_block(tmp_path: Path, monkeypatch, capsys):
-    import lightning_modules.cli as cli
+def test_split_demo_sweeps_on_validation_questions_and_uses_the_chosen_block(
+    tmp_path: Path, monkeypatch, capsys, fake_demo
+) -> None:
     import lightning_modules.components.frozen_lm as frozen_lm
 
-    trained: list[list[str]] = []
-    evaluated: list[list[str]] = []
-
-    def fake_train(args):
-        trained.append(args)
-        best = Path(opt(args, "--trainer.default_root_dir")) / "checkpoints" / "best.ckpt"
-        best.parent.mkdir(parents=True)
-        best.write_text(" ".join(args))
-        trainer = SimpleNamespace(checkpoint_callback=SimpleNamespace(best_model_path=str(best)), callback_metrics={})
-        return SimpleNamespace(trainer=trainer)
-
     def fake_eval(args):
-        evaluated.append(args)
         run_dir = Path(opt(args, "--trainer.default_root_dir")) / "run"
         layer = int(opt(args, "--model.receiver.layer") or 0)
         conds = {"receiver_alone": 0.05, "skyline": 0.7, "slots_self": SWEEP[layer], "slots_zero": 0.06}
@@ -54,17 +42,10 @@ def test_split_demo_sweeps_on_validation_questions_and_uses_the_chosen_block(tmp
         (run_dir / "report" / "gap_recovered.json").write_text(json.dumps(gap))
         return SimpleNamespace(model=SimpleNamespace(report_result=None, run_dir=run_dir))
 
-    organisms = {"sender": tmp_path / "s", "receiver": tmp_path / "r"}
-    for role, folder in organisms.items():
-        folder.mkdir()
-        (folder / "model.safetensors").write_text(role)
-    monkeypatch.setattr(demo, "_organisms", lambda cache_dir: organisms)
-    monkeypatch.setattr(cli, "train_main", fake_train)
-    monkeypatch.setattr(cli, "eval_main", fake_eval)
-    monkeypatch.setattr(
-        frozen_lm, "load_model", lambda name: SimpleNamespace(config=SimpleNamespace(num_hidden_layers=3))
-    )
-    monkeypatch.setattr(sys, "argv", ["demo"])
+    fake_demo.evaluate = fake_eval
+    trained, evaluated = fake_demo.trained, fake_demo.evaluated
+    blocks = SimpleNamespace(config=SimpleNamespace(num_hidden_layers=len(SWEEP)))
+    monkeypatch.setattr(frozen_lm, "load_model", lambda name: blocks)
     assert demo.main(["--out", str(tmp_path / "demo")]) == 0
 
     paper_eval, *sweep, split_eval = evaluated
