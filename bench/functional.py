@@ -1,6 +1,8 @@
 """Benchmark functional translator training (backpropagation through the frozen receiver): samples/s and peak memory.
 
     python bench/functional.py                                               # tiny presets, CPU
+    python bench/functional.py --sender organism:sender --receiver organism:receiver --receiver-layer 0 \
+        --batch-size 16                                                      # make demo's functional translator
     python bench/functional.py --sender pythia-160m-shape --receiver pythia-410m-shape --sender-layer 8 \\
         --receiver-layer 16 --device cuda --bf16                              # the paper's shapes (random weights)
 
@@ -21,6 +23,7 @@ import torch
 
 from datamodules.qa_training import QATrainingDataModule
 from lightning_modules.functional_translator import FunctionalTranslatorModule
+from lightning_modules.organisms import ensure_organisms
 
 
 def rss_mb() -> float:
@@ -50,6 +53,7 @@ def main() -> None:
         return int(v) if v >= 1 else v
 
     device = torch.device(args.device)
+    ensure_organisms([args.sender, args.receiver])  # organism:<role> names: trained once and cached, then resolved
     module = FunctionalTranslatorModule({"name": args.sender, "layer": layer(args.sender_layer)},
                                         {"name": args.receiver, "layer": layer(args.receiver_layer)},
                                         objective=args.objective, mse_weight=args.mse_weight).to(device)  # fmt: skip
