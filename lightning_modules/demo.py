@@ -11,8 +11,11 @@
    would make the translator conditions one computation written per seed, which the report counts as one run.
 4. Report: the table is printed with the folder of plots; W&B runs are offline unless ``WANDB_MODE`` says
    otherwise (``wandb sync <folder>/wandb/offline-run-*`` uploads them later).
+5. The split-context protocol on the same organisms (``split_demo.py``): a ``slots_self`` layer sweep on validation
+   questions, aligned and functional translators per seed at the chosen block, every split condition, the fraction
+   of the gap recovered; ``--skip-split`` leaves it out.
 
-Usage: ``python -m lightning_modules.demo [--out runs/demo] [--num-samples 300]``.
+Usage: ``python -m lightning_modules.demo [--out runs/demo] [--num-samples 300] [--skip-split]``.
 """
 
 from __future__ import annotations
