@@ -46,6 +46,13 @@ def choose_layer(sweep: list[dict]) -> int:
     return min(row["layer"] for row in sweep if row["slots_self"] == best)
 
 
+def receiver_blocks(folder: Path) -> int:
+    """How many blocks the receiver has, read from its config (the weights are not needed to plan the sweep)."""
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(str(folder)).num_hidden_layers)
+
+
 def layer_sweep(out: Path, num_layers: int, num_samples: int | None) -> list[dict]:
     """``SWEEP_CONDITIONS`` at every receiver block on the validation questions; one row per block."""
     from lightning_modules.cli import eval_main
@@ -97,10 +104,9 @@ def sweep_plot(rows: list[dict], chosen: int) -> bytes:
 def run_split(out: Path, organisms: dict[str, Path], seeds: list[int], num_samples: int | None, translator) -> Path:
     """Steps 1-3; returns the split evaluation's run folder. ``translator`` is the demo's cached trainer."""
     from lightning_modules.cli import eval_main
-    from lightning_modules.components.frozen_lm import load_model
 
     t = time.perf_counter()
-    num_layers = load_model(str(organisms["receiver"])).config.num_hidden_layers
+    num_layers = receiver_blocks(organisms["receiver"])
     rows = layer_sweep(out, num_layers, num_samples)
     chosen = choose_layer(rows)
     print(f"[demo] slots_self layer sweep on validation questions (generator seed {SELECTION_SEED}), "

@@ -29,8 +29,6 @@ def test_choose_layer_takes_the_best_slots_self_and_the_shallowest_tie() -> None
 def test_split_demo_sweeps_on_validation_questions_and_uses_the_chosen_block(
     tmp_path: Path, monkeypatch, capsys, fake_demo
 ) -> None:
-    import lightning_modules.components.frozen_lm as frozen_lm
-
     def fake_eval(args):
         run_dir = Path(opt(args, "--trainer.default_root_dir")) / "run"
         layer = int(opt(args, "--model.receiver.layer") or 0)
@@ -44,8 +42,7 @@ def test_split_demo_sweeps_on_validation_questions_and_uses_the_chosen_block(
 
     fake_demo.evaluate = fake_eval
     trained, evaluated = fake_demo.trained, fake_demo.evaluated
-    blocks = SimpleNamespace(config=SimpleNamespace(num_hidden_layers=len(SWEEP)))
-    monkeypatch.setattr(frozen_lm, "load_model", lambda name: blocks)
+    monkeypatch.setattr(split_demo, "receiver_blocks", lambda folder: len(SWEEP))
     assert demo.main(["--out", str(tmp_path / "demo")]) == 0
 
     paper_eval, *sweep, split_eval = evaluated
