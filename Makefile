@@ -31,7 +31,7 @@ test-full: lint
 	$(BIN)/python -m pytest -q -m ""
 
 demo: install
-	$(BIN)/python -m lightning_modules.demo
+	$(BIN)/python -m cli.demo
 
 clean:
 	rm -rf $(VENV) runs .cache

@@ -1,7 +1,7 @@
 """Evaluate a translator by injection on multi-hop QA: ``python evaluate.py test -c configs/eval/tiny.yaml
---model.translator_ckpt PATH``. A thin wrapper: the CLI lives in ``lightning_modules.cli``."""
+--model.translator_ckpt PATH``. A thin wrapper: the CLI lives in ``cli.lightning_cli``."""
 
-from lightning_modules.cli import eval_main as main
+from cli.lightning_cli import eval_main as main
 
 if __name__ == "__main__":
     main()

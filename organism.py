@@ -1,6 +1,6 @@
-"""Train an offline model organism: ``python organism.py fit -c lightning_modules/organism_configs/receiver.yaml``."""
+"""Train an offline model organism: ``python organism.py fit -c configs/organisms/receiver.yaml``."""
 
-from lightning_modules.organism_cli import main
+from cli.organism_cli import main
 
 if __name__ == "__main__":
     main()

@@ -23,7 +23,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from lightning_modules.components.report import DEFAULT_MARGINS, DEFAULT_RESAMPLES, ReportInputError, run_report
+from activation_transfer.report import DEFAULT_MARGINS, DEFAULT_RESAMPLES, ReportInputError, run_report
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,6 +1,6 @@
-"""Train a translator: ``python train.py fit -c configs/train/tiny.yaml`` (the CLI is lightning_modules/cli.py)."""
+"""Train a translator: ``python train.py fit -c configs/train/tiny.yaml`` (the CLI is cli/lightning_cli.py)."""
 
-from lightning_modules.cli import train_main as main
+from cli.lightning_cli import train_main as main
 
 if __name__ == "__main__":
     main()

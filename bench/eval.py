@@ -20,12 +20,12 @@ import time
 
 import torch
 
+from activation_transfer.injection.prefill_hook import PrefillInjection, prefill_injection
+from activation_transfer.models.frozen_lm import ModelRef, load_ref
+from activation_transfer.models.generation import GenerationSettings, decode, generate_ids
+from activation_transfer.task.generator import EVAL_SEED, generate_samples
+from activation_transfer.task.prompts import format_prompt, tokenize_left_padded
 from datamodules.qa_sources import read_jsonl
-from lightning_modules.components.frozen_lm import ModelRef, load_ref
-from lightning_modules.components.generation import GenerationSettings, decode, generate_ids
-from lightning_modules.components.injection import PrefillInjection, prefill_injection
-from lightning_modules.components.prompts import format_prompt, tokenize_left_padded
-from lightning_modules.components.synthetic_multihop import EVAL_SEED, generate_samples
 
 PAIRS = {"tiny": "tiny-neox-large", "pythia-shape": "pythia-410m-shape"}
 

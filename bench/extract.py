@@ -12,10 +12,10 @@ import time
 
 import torch
 
+from activation_transfer.models.frozen_lm import ModelRef, load_ref
 from datamodules.activation_store import extract_store
 from datamodules.corpora import CorpusSpec, load_corpus
 from datamodules.store_format import ref_spec, store_spec
-from lightning_modules.components.frozen_lm import ModelRef, load_ref
 
 
 def main() -> None:

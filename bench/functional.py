@@ -21,9 +21,9 @@ import time
 
 import torch
 
+from cli.organisms import ensure_organisms
 from datamodules.qa_training import QATrainingDataModule
 from lightning_modules.functional_translator import FunctionalTranslatorModule
-from lightning_modules.organisms import ensure_organisms
 
 
 def rss_mb() -> float:

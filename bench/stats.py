@@ -12,7 +12,7 @@ import time
 
 import numpy as np
 
-from lightning_modules.components.report import stats as st
+from activation_transfer.report import stats as st
 
 
 def best_of(fn, repeats: int = 3) -> float:

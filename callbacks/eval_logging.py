@@ -21,10 +21,10 @@ from pathlib import Path
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_only
 
+from activation_transfer.report import accuracy_figure, accuracy_summary
+from activation_transfer.report.tables import SUMMARY_COLUMNS, summary_rows
+from activation_transfer.task.scoring import METRICS
 from callbacks.wandb_artifacts import files_artifact, log_to_runs, recording_runs
-from lightning_modules.components.report import accuracy_figure, accuracy_summary
-from lightning_modules.components.report.tables import SUMMARY_COLUMNS, summary_rows
-from lightning_modules.components.scoring import METRICS
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_only
 
+from activation_transfer.io import sha256_file
+from activation_transfer.translators.export import config_from_hparams, export_from_checkpoint, save_pretrained
 from callbacks.wandb_artifacts import files_artifact, log_to_runs, recording_runs
-from lightning_modules.components.io import sha256_file
-from lightning_modules.components.translator_export import config_from_hparams, export_from_checkpoint, save_pretrained
 
 log = logging.getLogger(__name__)
 

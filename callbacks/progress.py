@@ -14,8 +14,8 @@ import time
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_only
 
-from lightning_modules.components import progress as components_progress
-from lightning_modules.components.progress import eta, fmt_seconds
+from activation_transfer import loop_progress as components_progress
+from activation_transfer.loop_progress import eta, fmt_seconds
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ import yaml
 from pytorch_lightning.cli import SaveConfigCallback
 from pytorch_lightning.loggers import WandbLogger
 
-from lightning_modules.components.io import atomic_write
+from activation_transfer.io import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -16,12 +16,12 @@ from pathlib import Path
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
+from activation_transfer.io import atomic_write
+from activation_transfer.models.frozen_lm import ModelRef
 from datamodules.activation_store import ensure_store
 from datamodules.corpora import CorpusSpec
 from datamodules.pair_stream import EpochLoader, PairStream, epoch_order, step_bounds
 from datamodules.store_format import PairStore, StoreError, read_manifest
-from lightning_modules.components.frozen_lm import ModelRef
-from lightning_modules.components.io import atomic_write
 
 log = logging.getLogger(__name__)
 

@@ -16,6 +16,10 @@ from pathlib import Path
 
 import torch
 
+from activation_transfer.io import write_json
+from activation_transfer.loop_progress import Progress
+from activation_transfer.models.frozen_lm import LoadedModel, ModelRef, as_ref, load_ref, resolve_dtype
+from activation_transfer.models.hooks import capture_hidden
 from datamodules.corpora import Corpus, CorpusSpec, load_corpus
 from datamodules.store_format import (
     FORMAT_VERSION,
@@ -31,10 +35,6 @@ from datamodules.store_format import (
     shard_name,
     store_spec,
 )
-from lightning_modules.components.frozen_lm import LoadedModel, ModelRef, as_ref, load_ref, resolve_dtype
-from lightning_modules.components.hooks import capture_hidden
-from lightning_modules.components.io import write_json
-from lightning_modules.components.progress import Progress
 
 log = logging.getLogger(__name__)
 

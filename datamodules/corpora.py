@@ -166,7 +166,7 @@ def load_corpus(spec: CorpusSpec | dict | str | None = None) -> Corpus:
     """
     spec = as_spec(spec)
     if spec.source == BUILTIN:
-        from lightning_modules.components.synthetic_multihop import corpus_text
+        from activation_transfer.task.generator import corpus_text
 
         docs = _keep(corpus_text(num_samples=spec.builtin_samples, seed=spec.builtin_seed), spec.max_documents)
         if not docs:

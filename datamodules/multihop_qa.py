@@ -2,7 +2,7 @@
 
 Batches are plain lists of :class:`QASample` in source order: tokenization, truncation at 256 tokens and left
 padding happen in the evaluation module, which owns the two models' tokenizers (see
-:mod:`lightning_modules.components.prompts`).
+:mod:`activation_transfer.task.prompts`).
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from activation_transfer.task.generator import EVAL_NUM_SAMPLES, EVAL_SEED
 from datamodules.qa_sources import PAPER_FILES, QADataError, QASample, load_source, resolve_paper_file
-from lightning_modules.components.synthetic_multihop import EVAL_NUM_SAMPLES, EVAL_SEED
 
 __all__ = ["MultiHopQADataModule", "QADataError", "QADataset", "QASample"]
 

@@ -17,13 +17,13 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
-from lightning_modules.components.prompts import format_prompt
-from lightning_modules.components.synthetic_multihop import (
+from activation_transfer.task.generator import (
     EVAL_NUM_SAMPLES,
     EVAL_SEED,
     MultiHopSample,
     generate_samples,
 )
+from activation_transfer.task.prompts import format_prompt
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ class OrganismTextDataModule(pl.LightningDataModule):
         if train_seed == val_seed:
             raise ValueError("train_seed and val_seed must differ, or validation would measure memorisation")
         self.save_hyperparameters()
-        from lightning_modules.components.tokenizer import offline_tokenizer
+        from activation_transfer.task.tokenizer import offline_tokenizer
 
         self.tokenizer = offline_tokenizer(cache_dir)
         self.train_set: TensorDataset | None = None

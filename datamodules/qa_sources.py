@@ -6,7 +6,7 @@
 - A local JSONL file has one JSON object per line with ``context``, ``question``, ``answer`` and optionally
   ``hops`` and an id (``id``, ``sample_id`` or ``clean_eval_id``, first found wins); ids default to
   ``<file stem>_<line index:06d>`` (0-based line index in the file).
-- The built-in offline generator (:mod:`lightning_modules.components.synthetic_multihop`).
+- The built-in offline generator (:mod:`activation_transfer.task.generator`).
 
 Bad input raises :class:`QADataError` (a ``ValueError``) naming the file and line.
 """
@@ -23,9 +23,9 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from lightning_modules.components.io import sha256_file
-from lightning_modules.components.prompts import format_prompt, format_relay_receiver_prompt, format_relay_sender_prompt
-from lightning_modules.components.synthetic_multihop import fingerprint, generate_samples
+from activation_transfer.io import sha256_file
+from activation_transfer.task.generator import fingerprint, generate_samples
+from activation_transfer.task.prompts import format_prompt, format_relay_receiver_prompt, format_relay_sender_prompt
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def paper_file_url(name: str, base_url: str | None = None) -> str:
 
 def paper_cache_path(name: str, cache_dir: str | None = None) -> Path:
     """Where a downloaded paper file lives: ``<cache>/multihop/<commit>/<filename>``."""
-    from lightning_modules.components.io import cache_root
+    from activation_transfer.io import cache_root
 
     return cache_root(cache_dir) / "multihop" / PAPER_COMMIT[:12] / paper_file(name).filename
 
@@ -296,7 +296,7 @@ def load_source(
     """
     info = {"source": source, "path": None, "url": None, "generator_seed": None, "num_samples": None}
     if source == "synthetic":
-        from lightning_modules.components.synthetic_multihop import EVAL_NUM_SAMPLES, EVAL_SEED
+        from activation_transfer.task.generator import EVAL_NUM_SAMPLES, EVAL_SEED
 
         num_samples = EVAL_NUM_SAMPLES if num_samples is None else num_samples
         seed = EVAL_SEED if generator_seed is None else generator_seed

@@ -2,7 +2,7 @@
 evaluation set.
 
 Batches are plain lists of :class:`QASample`; the functional module owns both tokenizers and tokenizes them itself
-(:mod:`lightning_modules.components.functional`). Held out twice over, as for the model organisms
+(:mod:`activation_transfer.translators.functional_loss`). Held out twice over, as for the model organisms
 (:mod:`datamodules.organism_text`): the generator's evaluation seed ``EVAL_SEED`` is refused, and every generated
 sample whose key also occurs in the built-in evaluation set is dropped; validation keys are dropped from training
 too. The paper's evaluation files are refused as training or validation sources.
@@ -16,10 +16,10 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
+from activation_transfer.task.generator import EVAL_SEED
 from datamodules.multihop_qa import QADataset
 from datamodules.organism_text import held_out_samples
 from datamodules.qa_sources import PAPER_FILES, QASample, load_source, resolve_paper_file
-from lightning_modules.components.synthetic_multihop import EVAL_SEED
 
 log = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lightning_modules.components.frozen_lm import ModelRef, as_ref, weights_identity
-from lightning_modules.components.io import atomic_output, cache_root, sha256_file, write_json
+from activation_transfer.io import atomic_output, cache_root, sha256_file, write_json
+from activation_transfer.models.frozen_lm import ModelRef, as_ref, weights_identity
 
 FORMAT_VERSION = 2  # 2: per-shard SHA-256 in the manifest, weights identities in the spec
 MANIFEST = "manifest.json"

@@ -33,7 +33,7 @@ def build_neox(
     """A randomly initialised ``GPTNeoXForCausalLM`` with Pythia's conventions (id 0 = bos = eos = pad)."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    from lightning_modules.components.frozen_lm import PYTHIA_CONVENTIONS
+    from activation_transfer.models.frozen_lm import PYTHIA_CONVENTIONS
 
     config = GPTNeoXConfig(
         vocab_size=vocab_size,

@@ -1,10 +1,10 @@
 """FunctionalTranslatorModule: trains a translator *for use*, through the frozen receiver (split-context protocol).
 
-Per batch of QA samples (:mod:`lightning_modules.components.functional` builds the token layouts):
+Per batch of QA samples (:mod:`activation_transfer.translators.functional_loss` builds the token layouts):
 
 1. the frozen sender reads ``Context: ...\\nQ: ...\\nA:``; its block-Ls states at the context positions are translated
    (``translate()``: the aligned translator's contract, L2-normalize if on, map) and picked by the :class:`SlotSpec`,
-   as the split evaluation (``components/split_protocol.py``) does;
+   as the split evaluation (``activation_transfer/injection/protocols/split.py``) does;
 2. the frozen receiver reads ``[slot] * K + Q: ...\\nA: {answer}<eos>`` (teacher forcing on the gold answer) and a
    hook at its block Lr writes the translated vectors at the slot positions (``apply_injection`` ``replace``,
    differentiable in the source), so the loss backpropagates through the receiver from Lr up into the translator;
@@ -33,9 +33,19 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.components.conditions import apply_injection
-from lightning_modules.components.frozen_lm import ModelRef, as_ref, load_ref
-from lightning_modules.components.functional import (
+from activation_transfer.injection.conditions import apply_injection
+from activation_transfer.injection.slots import SlotSpec, slot_grid
+from activation_transfer.injection.sources import capture_block, position_ids
+from activation_transfer.models.frozen_lm import ModelRef, as_ref, load_ref
+from activation_transfer.models.hooks import block_hook
+from activation_transfer.translators.architectures import (
+    LinearTranslator,
+    Translator,
+    build_translator,
+    translator_spec,
+)
+from activation_transfer.translators.export import apply_translator
+from activation_transfer.translators.functional_loss import (
     IGNORE,
     answer_accuracy,
     answer_ce,
@@ -47,12 +57,7 @@ from lightning_modules.components.functional import (
     full_prompts,
     until_eos,
 )
-from lightning_modules.components.hooks import block_hook
-from lightning_modules.components.optim import adamw_warmup_decay, check_decay
-from lightning_modules.components.slots import SlotSpec, slot_grid
-from lightning_modules.components.sources import capture_block, position_ids
-from lightning_modules.components.translator_export import apply_translator
-from lightning_modules.components.translators import LinearTranslator, Translator, build_translator, translator_spec
+from activation_transfer.translators.optim import adamw_warmup_decay, check_decay
 
 DISTILL_ON = ("gold", "teacher_greedy")
 

@@ -1,11 +1,11 @@
 """``InjectionEvalModule``: the paper's conditions (arXiv 2606.03280, section 4.2) on multi-hop QA, as Lightning glue.
 
 ``protocol: paper`` (default): both models read the same prompt. ``protocol: split``: the receiver reads only the
-question, after slots that carry the sender's context (``components.split_protocol``; same plan, records, resume).
+question, after slots that carry the sender's context (``injection/protocols/split.py``; same plan, records, resume).
 
 Flow (``trainer.test``): ``setup`` loads the frozen models and translators (checked against what they were trained
 on); ``on_test_start`` binds the run folder ``<default_root_dir>/<run_name>`` to the config's fingerprint, plans
-what is left (``components.plan``: finished files skipped, partial shards resumed, shuffle donors drawn over the
+what is left (``injection/eval_plan.py``: finished files skipped, partial shards resumed, shuffle donors drawn over the
 whole dataset) and translates every sample once per translator (a donor may sit in another batch or rank);
 ``test_step`` answers each pending computation with one batched ``generate`` under a prefill hook and appends the
 records to a partial shard; ``on_test_epoch_end`` gathers the ranks, writes one records file per condition x seed,
@@ -29,21 +29,21 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_only
 
+from activation_transfer.injection import conditions as cnd
+from activation_transfer.injection.answering import answer_injected, answer_relay
+from activation_transfer.injection.eval_plan import EvalPlan, checkpoint_list
+from activation_transfer.injection.protocols.split import SplitProtocol
+from activation_transfer.injection.slots import SlotSpec
+from activation_transfer.injection.sources import condition_source, random_draws, translate_prompts
+from activation_transfer.io import atomic_write, fingerprint
+from activation_transfer.models.frozen_lm import ModelRef, as_ref, load_ref
+from activation_transfer.models.generation import GenerationSettings
+from activation_transfer.report import logged_metrics, run_report
+from activation_transfer.report import records as rio
+from activation_transfer.task.prompts import check_same_tokens, tokenize_left_padded, truncation_check
+from activation_transfer.task.prompts import format_relay_sender_prompt as relay_prompt
+from activation_transfer.translators.export import translator_sha256
 from callbacks.wandb_artifacts import local_translator
-from lightning_modules.components import conditions as cnd
-from lightning_modules.components import records as rio
-from lightning_modules.components.answering import answer_injected, answer_relay
-from lightning_modules.components.frozen_lm import ModelRef, as_ref, load_ref
-from lightning_modules.components.generation import GenerationSettings
-from lightning_modules.components.io import atomic_write, fingerprint
-from lightning_modules.components.plan import EvalPlan, checkpoint_list
-from lightning_modules.components.prompts import check_same_tokens, tokenize_left_padded, truncation_check
-from lightning_modules.components.prompts import format_relay_sender_prompt as relay_prompt
-from lightning_modules.components.report import logged_metrics, run_report
-from lightning_modules.components.slots import SlotSpec
-from lightning_modules.components.sources import condition_source, random_draws, translate_prompts
-from lightning_modules.components.split_protocol import SplitProtocol
-from lightning_modules.components.translator_export import translator_sha256
 from lightning_modules.translator import load_translator_for
 
 log = logging.getLogger(__name__)

@@ -33,8 +33,13 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric, R2Score
 
-from lightning_modules.components.optim import adamw_warmup_decay, check_decay
-from lightning_modules.components.translator_export import (
+from activation_transfer.translators.architectures import (
+    LinearTranslator,
+    Translator,
+    build_translator,
+    translator_spec,
+)
+from activation_transfer.translators.export import (
     PretrainedTranslator,
     apply_translator,
     checkpoint_translator,
@@ -42,7 +47,7 @@ from lightning_modules.components.translator_export import (
     is_functional_checkpoint,
     is_pretrained_folder,
 )
-from lightning_modules.components.translators import LinearTranslator, Translator, build_translator, translator_spec
+from activation_transfer.translators.optim import adamw_warmup_decay, check_decay
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +61,7 @@ class TranslatorModule(pl.LightningModule):
         sender_dim: Sender hidden size (linked from the data module by the CLI).
         receiver_dim: Receiver hidden size (linked from the data module by the CLI).
         translator: Translator architecture, built as ``translator(sender_dim, receiver_dim)``: a class from
-            ``lightning_modules.components.translators`` with its options (``LinearTranslator``, the paper's, or
+            ``activation_transfer.translators.architectures`` with its options (``LinearTranslator``, the paper's, or
             ``MLPTranslator``).
         normalize: L2-normalize inputs and targets per vector (the paper's normalized space).
         loss: ``cosine`` (1 - cosine; the project's default) or ``mse`` (on normalized vectors; the paper's).

@@ -72,8 +72,8 @@ def fake_demo(tmp_path, monkeypatch):
     with ``trained``/``evaluated`` (the command lines, in order), ``organisms`` and ``evaluate``."""
     from types import SimpleNamespace
 
-    import lightning_modules.cli as cli
-    from lightning_modules import demo
+    import cli.lightning_cli as cli
+    from cli import demo
 
     state = SimpleNamespace(trained=[], evaluated=[], evaluate=None, organisms={})
 

@@ -9,13 +9,13 @@ import pytest
 import torch
 
 import datamodules.activation_store as store_mod
+from activation_transfer.models.frozen_lm import ModelRef, load_ref
+from activation_transfer.models.hooks import capture_hidden
+from activation_transfer.task.tokenizer import offline_tokenizer
 from datamodules.activation_pairs import ActivationPairDataModule
 from datamodules.activation_store import ensure_store, extract_store
 from datamodules.corpora import CorpusSpec, load_corpus
 from datamodules.store_format import NonFiniteActivations, PairStore, StoreError, write_pairs_store
-from lightning_modules.components.frozen_lm import ModelRef, load_ref
-from lightning_modules.components.hooks import capture_hidden
-from lightning_modules.components.tokenizer import offline_tokenizer
 
 SENDER, RECEIVER = ModelRef("tiny-neox", layer=0.67), ModelRef("tiny-neox-large", layer=0.67)
 CORPUS = CorpusSpec(builtin_samples=12)
@@ -108,7 +108,7 @@ def test_nan_in_stored_shard_is_reported(tmp_path):
 
 def test_new_weights_in_a_local_model_folder_rebuild_the_store(tmp_path, caplog):
     # Same folder name, other weights (a new export, a retrained organism): the activations must be re-extracted.
-    from lightning_modules.components.frozen_lm import load_model
+    from activation_transfer.models.frozen_lm import load_model
 
     folder = tmp_path / "model"
     load_model("tiny-neox").save_pretrained(folder)

@@ -1,9 +1,11 @@
 """The tree's layering, read from the source (AST, lazy imports inside functions included).
 
-1. ``lightning_modules/components/``: plain torch/HF/numpy code; imports nothing else of the project.
-2. ``datamodules/`` and ``callbacks/``: Lightning glue; import only components (and their own package).
-3. ``lightning_modules/*.py``: LightningModules, CLIs, organisms, demo; import anything below.
-4. Entry points (``train.py``, ``evaluate.py``, ``report.py``, ``organism.py``): import anything.
+1. ``activation_transfer/``: the library, plain torch/HF/numpy code; imports nothing else of the project and
+   nothing of Lightning.
+2. ``datamodules/`` and ``callbacks/``: Lightning glue; import only the library (and their own package).
+3. ``lightning_modules/``: only LightningModules; import anything below.
+4. ``cli/``: the CLIs, organism training and the demos; import anything below.
+5. Entry points (``train.py``, ``evaluate.py``, ``report.py``, ``organism.py``): import anything.
 
 No import cycle among the project's modules, and no file grows past the size a reader can hold.
 """
@@ -16,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("lightning_modules", "datamodules", "callbacks")
+PACKAGES = ("activation_transfer", "datamodules", "callbacks", "lightning_modules", "cli")
 ENTRY_POINTS = ("train.py", "evaluate.py", "report.py", "organism.py")
 MAX_LINES = 400
 
@@ -57,23 +59,27 @@ def imports_of(path: Path, modules: dict[str, Path]) -> set[str]:
 
 
 def layer(module: str) -> str:
-    if module.startswith("lightning_modules.components"):
-        return "components"
-    if module.startswith(("datamodules", "callbacks")):
-        return module.split(".")[0]
-    if module.startswith("lightning_modules"):
+    top = module.split(".")[0]
+    if top == "activation_transfer":
+        return "library"
+    if top in ("datamodules", "callbacks", "cli"):
+        return top
+    if top == "lightning_modules":
         return "modules"
     return "entry"
 
 
 # What each layer may import (its own layer is always allowed; cycles are checked separately).
 ALLOWED = {
-    "components": {"components"},
-    "datamodules": {"components", "datamodules"},
-    "callbacks": {"components", "callbacks"},
-    "modules": {"components", "datamodules", "callbacks", "modules"},
-    "entry": {"components", "datamodules", "callbacks", "modules"},
+    "library": {"library"},
+    "datamodules": {"library", "datamodules"},
+    "callbacks": {"library", "callbacks"},
+    "modules": {"library", "datamodules", "callbacks", "modules"},
+    "cli": {"library", "datamodules", "callbacks", "modules", "cli"},
+    "entry": {"library", "datamodules", "callbacks", "modules", "cli"},
 }
+# The library runs without Lightning (a notebook, the torch-free report, another trainer can use it).
+LIGHTNING = ("pytorch_lightning", "lightning", "jsonargparse", "torchmetrics")
 
 
 def graph() -> dict[str, set[str]]:
@@ -125,8 +131,9 @@ def test_checker_catches_cycles_and_upward_imports():
     # The checks above can fail: a cycle and an upward edge are found in a made-up graph.
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set(), "c": {"a"}}) is None
-    assert layer("lightning_modules.components.hooks") == "components"
+    assert layer("activation_transfer.models.hooks") == "library"
     assert "modules" not in ALLOWED[layer("datamodules.activation_store")]
+    assert "cli" not in ALLOWED[layer("lightning_modules.translator")]
 
 
 def test_lazy_imports_are_seen(tmp_path):
@@ -139,3 +146,43 @@ def test_lazy_imports_are_seen(tmp_path):
 def test_module_size(path):
     n = len(path.read_text().splitlines())
     assert n <= MAX_LINES, f"{path.relative_to(ROOT)} has {n} lines (> {MAX_LINES}): split it by idea"
+
+
+def third_party_imports(path: Path) -> set[str]:
+    """Top-level names of every module ``path`` imports (lazy imports included)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+def test_library_imports_nothing_of_lightning():
+    bad = [
+        f"{name}: {sorted(third_party_imports(path) & set(LIGHTNING))}"
+        for name, path in project_modules().items()
+        if layer(name) == "library" and third_party_imports(path) & set(LIGHTNING)
+    ]
+    assert not bad, "the library imports Lightning:\n" + "\n".join(bad)
+
+
+def _defines_lightning_module(path: Path) -> bool:
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.ClassDef):
+            for base in node.bases:
+                if (isinstance(base, ast.Attribute) and base.attr == "LightningModule") or (
+                    isinstance(base, ast.Name) and base.id == "LightningModule"
+                ):
+                    return True
+    return False
+
+
+@pytest.mark.parametrize(
+    "path",
+    sorted(p for p in (ROOT / "lightning_modules").glob("*.py") if p.name != "__init__.py"),
+    ids=lambda p: str(p.relative_to(ROOT)),
+)
+def test_lightning_modules_holds_only_lightning_modules(path):
+    assert _defines_lightning_module(path), f"{path.relative_to(ROOT)} defines no LightningModule: move it to cli/"

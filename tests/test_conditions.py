@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from lightning_modules.components.conditions import (
+from activation_transfer.injection.conditions import (
     CONDITION_NAMES,
     apply_injection,
     bucketed_derangement,

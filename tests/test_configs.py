@@ -10,15 +10,15 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-# The organism recipes are package data (lightning_modules/organism_configs), the rest are user configs.
-ORGANISM_CONFIGS = ROOT / "lightning_modules" / "organism_configs"
+# The organism recipes are package data (configs/organisms), the rest are user configs.
+ORGANISM_CONFIGS = ROOT / "configs" / "organisms"
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml")) + sorted(ORGANISM_CONFIGS.glob("*.yaml"))
 
 # configs/<folder> -> (entry point "module:function", subcommand)
 ENTRY_POINTS = {
-    "train": ("lightning_modules.cli:train_main", "fit"),
-    "eval": ("lightning_modules.cli:eval_main", "test"),
-    "organisms": ("lightning_modules.organism_cli:main", "fit"),
+    "train": ("cli.lightning_cli:train_main", "fit"),
+    "eval": ("cli.lightning_cli:eval_main", "test"),
+    "organisms": ("cli.organism_cli:main", "fit"),
 }
 
 
@@ -42,7 +42,7 @@ def test_config_parses(path, monkeypatch, capsys):
     def no_models(*args, **kwargs):
         raise AssertionError("--print_config must not load models")
 
-    import lightning_modules.components.frozen_lm as models
+    import activation_transfer.models.frozen_lm as models
 
     monkeypatch.setattr(models, "load_model", no_models)
     monkeypatch.setattr(sys, "argv", [f"{folder}.py"])  # LightningCLI warns when args= and sys.argv both carry args

@@ -7,7 +7,7 @@ import sys
 import pytest
 from test_evaluate_cli import ckpt, small  # noqa: F401 (ckpt: the module-scoped fixture)
 
-from lightning_modules.cli import eval_main, train_main
+from cli.lightning_cli import eval_main, train_main
 
 
 @pytest.fixture(autouse=True)

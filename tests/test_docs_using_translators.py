@@ -9,9 +9,9 @@ import pytest
 import torch
 from test_evaluate_cli import ckpt  # noqa: F401 (the module-scoped tiny translator checkpoint fixture)
 
-from lightning_modules.components import records as rio
-from lightning_modules.components.scoring import METRICS
-from lightning_modules.components.translator_export import export_from_checkpoint
+from activation_transfer.report import records as rio
+from activation_transfer.task.scoring import METRICS
+from activation_transfer.translators.export import export_from_checkpoint
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "using_translators.md"
 

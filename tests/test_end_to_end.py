@@ -15,9 +15,9 @@ from unittest import mock
 
 import pytest
 
-from lightning_modules.components.organism_eval import chance_rate
-from lightning_modules.components.synthetic_multihop import EVAL_SEED, generate_samples
-from lightning_modules.organisms import ensure_organism, organism_config
+from activation_transfer.task.generator import EVAL_SEED, generate_samples
+from activation_transfer.task.organism_eval import chance_rate
+from cli.organisms import ensure_organism, organism_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # Reduced recipes of the organism configs: smaller, fewer steps; the receiver still learns to copy answers.
@@ -46,7 +46,7 @@ def _acc(records: list[dict]) -> float:
 
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory, cache_dir):
-    from lightning_modules.cli import eval_main, train_main
+    from cli.lightning_cli import eval_main, train_main
 
     out = tmp_path_factory.mktemp("e2e")
     # A module-scoped fixture runs before conftest's function-scoped isolation: set what it would, here.

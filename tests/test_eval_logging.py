@@ -11,11 +11,11 @@ import pytorch_lightning as pl
 from test_evaluate_cli import _FakeWandbLogger, ckpt, small  # noqa: F401 (ckpt: the module-scoped fixture)
 from test_train_cli import _offline_wandb, _wandb_records
 
+from activation_transfer.models.frozen_lm import ModelRef
+from activation_transfer.models.generation import GenerationSettings
+from activation_transfer.task.scoring import METRICS
 from callbacks.eval_logging import SAMPLE_COLUMNS, EvalLoggingCallback, report_tables, sample_table
-from lightning_modules.cli import eval_main
-from lightning_modules.components.frozen_lm import ModelRef
-from lightning_modules.components.generation import GenerationSettings
-from lightning_modules.components.scoring import METRICS
+from cli.lightning_cli import eval_main
 
 
 @pytest.fixture(autouse=True)

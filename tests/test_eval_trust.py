@@ -12,11 +12,11 @@ import pytorch_lightning as pl
 import torch
 from test_injection_eval import RECEIVER, make_ckpt, run_eval
 
+from activation_transfer.injection.conditions import build_conditions
+from activation_transfer.injection.sources import condition_source
+from activation_transfer.models.frozen_lm import load_ref
+from activation_transfer.report import records as rio
 from datamodules.multihop_qa import MultiHopQADataModule
-from lightning_modules.components import records as rio
-from lightning_modules.components.conditions import build_conditions
-from lightning_modules.components.frozen_lm import load_ref
-from lightning_modules.components.sources import condition_source
 from lightning_modules.translator import load_translator
 
 

@@ -1,4 +1,4 @@
-"""``evaluate.py`` through ``lightning_modules.cli.eval_main``: files written, DDP, W&B logging, bad input surfacing."""
+"""``evaluate.py`` through ``cli.lightning_cli.eval_main``: files written, DDP, W&B logging, bad input surfacing."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from lightning_modules.cli import eval_main as main
-from lightning_modules.components import records as rio
-from lightning_modules.components.frozen_lm import ModelRef, load_ref
-from lightning_modules.components.io import sha256_file
+from activation_transfer.io import sha256_file
+from activation_transfer.models.frozen_lm import ModelRef, load_ref
+from activation_transfer.report import records as rio
+from cli.lightning_cli import eval_main as main
 from lightning_modules.translator import TranslatorModule
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,14 +10,14 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
+from activation_transfer.injection.protocols.split import SplitProtocol
+from activation_transfer.injection.sources import position_ids
+from activation_transfer.models.generation import GenerationSettings
+from activation_transfer.task.generator import EVAL_SEED
+from activation_transfer.translators.export import from_pretrained
+from activation_transfer.translators.functional_loss import answer_logits, build_batch
+from cli.lightning_cli import train_main, wants_functional
 from datamodules.qa_training import QATrainingDataModule
-from lightning_modules.cli import train_main, wants_functional
-from lightning_modules.components.functional import answer_logits, build_batch
-from lightning_modules.components.generation import GenerationSettings
-from lightning_modules.components.sources import position_ids
-from lightning_modules.components.split_protocol import SplitProtocol
-from lightning_modules.components.synthetic_multihop import EVAL_SEED
-from lightning_modules.components.translator_export import from_pretrained
 from lightning_modules.functional_translator import FunctionalTranslatorModule
 from lightning_modules.translator import load_translator
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from test_report import EXPECTED_FILES, _records, _write_jsonl, main  # report.py's main, loaded by path
 
-from lightning_modules.components.report import ReportResult, condition_accuracy, gap_recovered, run_report
-from lightning_modules.components.report import gap as gap_module
-from lightning_modules.components.report.stats import derive_seed
-from lightning_modules.components.scoring import MAIN_METRIC, METRICS
+from activation_transfer.report import ReportResult, condition_accuracy, gap_recovered, run_report
+from activation_transfer.report import gap as gap_module
+from activation_transfer.report.stats import derive_seed
+from activation_transfer.task.scoring import MAIN_METRIC, METRICS
 
 LOW, HIGH = "receiver_alone", "skyline"
 GAP_FILES = {"gap_recovered.json", "gap_recovered.csv", "gap_recovered.md"}

@@ -6,14 +6,14 @@ import pytest
 import torch
 from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
-from lightning_modules.components.frozen_lm import load_model, load_tokenizer
-from lightning_modules.components.generation import (
+from activation_transfer.models.frozen_lm import load_model, load_tokenizer
+from activation_transfer.models.generation import (
     GenerationSettings,
     MaskedRepetitionPenalty,
     generate_ids,
     generation_config,
 )
-from lightning_modules.components.prompts import tokenize_left_padded
+from activation_transfer.task.prompts import tokenize_left_padded
 
 SHORT = "Context: Bob works in Lima.\nQ: Where?\nA:"
 LONG = "Context: Alice lives in Tokyo. Tokyo is located in Japan.\nQ: What country does Alice live in?\nA:"

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_modules.components.conditions import masked_norm_mean, random_vectors
-from lightning_modules.components.frozen_lm import ModelRef, load_ref
-from lightning_modules.components.generation import GenerationSettings, decode, generate_ids
-from lightning_modules.components.hooks import block_hook
-from lightning_modules.components.injection import PrefillInjection, prefill_injection
-from lightning_modules.components.prompts import tokenize_left_padded
-from lightning_modules.components.sources import capture_block, left_grid
+from activation_transfer.injection.conditions import masked_norm_mean, random_vectors
+from activation_transfer.injection.prefill_hook import PrefillInjection, prefill_injection
+from activation_transfer.injection.sources import capture_block, left_grid
+from activation_transfer.models.frozen_lm import ModelRef, load_ref
+from activation_transfer.models.generation import GenerationSettings, decode, generate_ids
+from activation_transfer.models.hooks import block_hook
+from activation_transfer.task.prompts import tokenize_left_padded
 
 PROMPTS = [
     "Context: Alice lives in Tokyo. Tokyo is located in Japan.\nQ: What country does Alice live in?\nA:",

@@ -8,11 +8,11 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-import lightning_modules.components.answering as answering
+import activation_transfer.injection.answering as answering
+from activation_transfer.models.frozen_lm import ModelRef, load_ref
+from activation_transfer.models.generation import GenerationSettings
+from activation_transfer.report import records as rio
 from datamodules.multihop_qa import MultiHopQADataModule
-from lightning_modules.components import records as rio
-from lightning_modules.components.frozen_lm import ModelRef, load_ref
-from lightning_modules.components.generation import GenerationSettings
 from lightning_modules.injection_eval import InjectionEvalModule
 from lightning_modules.translator import TranslatorModule
 
@@ -236,7 +236,7 @@ def test_generation_is_one_option_saved_as_a_plain_dict(tmp_path):
 def test_same_norm_random_writes_the_papers_sequential_draw(tmp_path, ckpt, monkeypatch, batch_size):
     # The paper: one generator seeded by the run seed, randn((1, L_i, H)) sample after sample in dataset order.
     import lightning_modules.injection_eval as ie
-    from lightning_modules.components.conditions import sequential_random_vectors
+    from activation_transfer.injection.conditions import sequential_random_vectors
 
     seen: dict[str, torch.Tensor] = {}
     original = ie.condition_source

@@ -1,9 +1,9 @@
 import pytest
 import torch
 
-from lightning_modules.components.frozen_lm import PRESETS, load_model, load_tokenizer, model_identity, resolve_layer
-from lightning_modules.components.hooks import block_hook, capture_hidden
-from lightning_modules.components.tokenizer import offline_tokenizer, tokenizer_fingerprint
+from activation_transfer.models.frozen_lm import PRESETS, load_model, load_tokenizer, model_identity, resolve_layer
+from activation_transfer.models.hooks import block_hook, capture_hidden
+from activation_transfer.task.tokenizer import offline_tokenizer, tokenizer_fingerprint
 
 PROMPT = "Context: Bob lives in Tokyo. Tokyo is located in Japan.\nQ: What country does Bob live in?\nA:"
 
@@ -86,7 +86,7 @@ def test_block_hook_rewrites_output_and_is_removed():
 
 
 def test_load_ref_identity_is_plain_and_complete():
-    from lightning_modules.components.frozen_lm import ModelRef, load_ref
+    from activation_transfer.models.frozen_lm import ModelRef, load_ref
 
     loaded = load_ref(ModelRef(name="tiny-neox-large", layer=0.67))
     ident = loaded.identity()
@@ -113,7 +113,7 @@ def test_model_folder_without_tokenizer_files_is_refused(tmp_path):
 
 def test_organism_names_need_the_registered_resolver(monkeypatch):
     # A name never trains a model: without the organism layer's resolver, organism: names are an error.
-    from lightning_modules.components import frozen_lm
+    from activation_transfer.models import frozen_lm
 
     monkeypatch.setattr(frozen_lm, "_RESOLVERS", {})
     with pytest.raises(ValueError, match="needs the organism resolver"):
@@ -124,8 +124,8 @@ def test_organism_names_need_the_registered_resolver(monkeypatch):
 
 
 def test_local_folder_identity_is_a_content_digest_remembered_by_size_and_mtime(tmp_path, monkeypatch):
-    from lightning_modules.components import weights
-    from lightning_modules.components.frozen_lm import ModelRef, load_ref, weights_identity
+    from activation_transfer.models import weights
+    from activation_transfer.models.frozen_lm import ModelRef, load_ref, weights_identity
 
     folder = tmp_path / "model"
     load_model("tiny-neox").save_pretrained(folder)

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from torch.utils.data import Dataset
 
+from activation_transfer.task.generator import EVAL_NUM_SAMPLES, EVAL_SEED, fingerprint, generate_samples
 from datamodules import qa_sources
 from datamodules.multihop_qa import MultiHopQADataModule, QADataError, QASample
 from datamodules.qa_sources import PAPER_FILES, paper_cache_path, paper_file_url, read_jsonl, resolve_paper_file
-from lightning_modules.components.synthetic_multihop import EVAL_NUM_SAMPLES, EVAL_SEED, fingerprint, generate_samples
 
 CLEAN_SHA = "504e077cf17433e22967c86e98d321532d4e803dbe24d96af14c7e8ecdd0dcbb"
 

@@ -10,20 +10,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from datamodules.organism_text import ANSWER, PAD, PROMPT, OrganismTextDataModule, encode_samples, eval_keys
-from lightning_modules import organisms
-from lightning_modules.components import organism_eval
-from lightning_modules.components.frozen_lm import load_model, load_tokenizer
-from lightning_modules.components.organism_eval import chance_rate, evaluate_organism
-from lightning_modules.components.synthetic_multihop import EVAL_NUM_SAMPLES, EVAL_SEED, generate_samples
-from lightning_modules.components.tokenizer import offline_tokenizer
-from lightning_modules.organisms import (
+from activation_transfer.models.frozen_lm import load_model, load_tokenizer
+from activation_transfer.task import organism_eval
+from activation_transfer.task.generator import EVAL_NUM_SAMPLES, EVAL_SEED, generate_samples
+from activation_transfer.task.organism_eval import chance_rate, evaluate_organism
+from activation_transfer.task.tokenizer import offline_tokenizer
+from cli import organisms
+from cli.organisms import (
     ORGANISM_CONFIG_DIR,
     config_hash,
     ensure_organism,
     organism_config,
     resolved_config,
 )
+from datamodules.organism_text import ANSWER, PAD, PROMPT, OrganismTextDataModule, encode_samples, eval_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted(ORGANISM_CONFIG_DIR.glob("*.yaml"))
@@ -138,7 +138,7 @@ def test_tiny_organism_trains_exports_and_reloads(tiny_organism):
 
 
 def test_cli_fit_exports_a_model_with_identical_logits(tmp_path, monkeypatch):
-    from lightning_modules.organism_cli import main
+    from cli.organism_cli import main
 
     monkeypatch.setattr(sys, "argv", ["organism.py"])  # LightningCLI warns when pytest's own argv is also present
     export = tmp_path / "export"

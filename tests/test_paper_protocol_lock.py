@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from lightning_modules.cli import eval_main
+from cli.lightning_cli import eval_main
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ROOT = Path(__file__).resolve().parents[1]

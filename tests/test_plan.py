@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from lightning_modules.components.conditions import build_conditions
-from lightning_modules.components.plan import EvalPlan, plan_runs
-from lightning_modules.components.records import run_key
+from activation_transfer.injection.conditions import build_conditions
+from activation_transfer.injection.eval_plan import EvalPlan, plan_runs
+from activation_transfer.report.records import run_key
 
 # s4 is alone in its length bucket: the shuffle maps it to itself, the strict control drops it.
 LENGTHS = {"s1": 5, "s2": 5, "s3": 5, "s4": 9}

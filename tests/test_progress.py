@@ -49,7 +49,7 @@ def test_plain_progress_reports_steps_eta_and_validation(tmp_path, caplog):
 
 
 def test_bar_on_a_terminal_plain_lines_elsewhere(monkeypatch):
-    from lightning_modules.components import progress
+    from activation_transfer import loop_progress as progress
 
     monkeypatch.setattr(progress, "interactive", lambda: True)
     assert progress_callbacks(None) == (True, [])
@@ -62,7 +62,7 @@ def test_bar_on_a_terminal_plain_lines_elsewhere(monkeypatch):
 
 
 def test_extraction_progress_lines_in_a_log(caplog):
-    from lightning_modules.components.progress import Progress
+    from activation_transfer.loop_progress import Progress
 
     log = logging.getLogger("datamodules.test")
     with caplog.at_level(logging.INFO, logger="datamodules.test"):

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from datamodules.qa_sources import QASample
-from lightning_modules.components.prompts import (
+from activation_transfer.task.prompts import (
     MAX_PROMPT_TOKENS,
     check_same_tokens,
     format_prompt,
@@ -14,7 +13,8 @@ from lightning_modules.components.prompts import (
     format_relay_sender_prompt,
     tokenize_left_padded,
 )
-from lightning_modules.components.tokenizer import offline_tokenizer
+from activation_transfer.task.tokenizer import offline_tokenizer
+from datamodules.qa_sources import QASample
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from lightning_modules.components import records as rio
-from lightning_modules.components.records_frame import record_rows, records_to_dataframe
-from lightning_modules.components.scoring import METRICS
+from activation_transfer.report import records as rio
+from activation_transfer.report.frame import record_rows, records_to_dataframe
+from activation_transfer.task.scoring import METRICS
 
 
 def _run_folder(tmp_path):

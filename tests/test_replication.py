@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from test_injection_eval import make_ckpt  # the tiny translator checkpoint of the evaluation tests
 
-from lightning_modules import demo
-from lightning_modules.components.io import sha256_file
-from lightning_modules.components.report import run_report
+from activation_transfer.io import sha256_file
+from activation_transfer.report import run_report
+from cli import demo
 
 WB = "word_boundary_contains"
 N = 40
@@ -121,7 +121,7 @@ def test_a_repeated_translator_among_several_collapses_only_its_runs(tmp_path: P
 def test_eval_records_name_their_translator_and_its_report_counts_one_translator_once(tmp_path, monkeypatch) -> None:
     import wandb
 
-    from lightning_modules.cli import eval_main
+    from cli.lightning_cli import eval_main
 
     monkeypatch.setattr(sys, "argv", ["evaluate.py"])  # LightningCLI warns about pytest's own arguments
 

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from lightning_modules.components.report import ReportInputError, load_records, run_report
-from lightning_modules.components.scoring import METRICS
+from activation_transfer.report import ReportInputError, load_records, run_report
+from activation_transfer.task.scoring import METRICS
 
 
 def _load_cli():

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from test_report import EXPECTED_FILES, main  # report.py's main, loaded by path
 
-from lightning_modules.components.report import ReportInputError, run_report
+from activation_transfer.report import ReportInputError, run_report
 
 STRICT = "shuffled_translation_strict_matched"
 
@@ -30,7 +30,7 @@ def _recs(condition: str, seed: int | None, ids, correct=None) -> list[dict]:
 
 
 def _run_folder(tmp_path: Path) -> Path:
-    """An evaluation run folder as the module writes it (components.records layout)."""
+    """An evaluation run folder as the module writes it (activation_transfer.report.records layout)."""
     run = tmp_path / "runs" / "eval-0123456789ab"
     ids = [f"mh_{i:03d}" for i in range(12)]
     files = {"no_inject__deterministic": _recs("no_inject", None, ids)}

@@ -11,7 +11,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pytest
 
-from lightning_modules.components.report import (
+from activation_transfer.report import (
     accuracy_figure,
     accuracy_summary,
     build_summary,
@@ -20,7 +20,7 @@ from lightning_modules.components.report import (
     load_records,
     run_report,
 )
-from lightning_modules.components.scoring import METRICS
+from activation_transfer.task.scoring import METRICS
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,7 +38,7 @@ def test_the_report_runs_without_importing_torch(tmp_path: Path) -> None:
     records = _recs("no_inject", None, [True, False, True]) + _recs("additive", 1, [True, True, False])
     code = (
         "import json, sys\n"
-        "from lightning_modules.components.report import run_report\n"
+        "from activation_transfer.report import run_report\n"
         "run_report(json.loads(sys.argv[1]), sys.argv[2], resamples=50)\n"
         "heavy = sorted(m for m in ('torch', 'transformers', 'pytorch_lightning') if m in sys.modules)\n"
         "print('heavy:', heavy)\n"

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as hs
 
-from lightning_modules.components import scoring
-from lightning_modules.components.scoring import (
+from activation_transfer.task import scoring
+from activation_transfer.task.scoring import (
     ANSWER_PREFIXES,
     MAIN_METRIC,
     METRICS,

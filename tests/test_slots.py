@@ -1,12 +1,12 @@
-"""The split-context protocol's slot layout (components/slots.py)."""
+"""The split-context protocol's slot layout (activation_transfer/injection/slots.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from lightning_modules.components.prompts import format_prompt, split_prompt
-from lightning_modules.components.slots import SlotSpec, receiver_batch, sender_batch, slot_grid
+from activation_transfer.injection.slots import SlotSpec, receiver_batch, sender_batch, slot_grid
+from activation_transfer.task.prompts import format_prompt, split_prompt
 
 
 def test_split_prompt_concatenates_to_the_papers_prompt():

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from lightning_modules import demo, split_demo
-from lightning_modules.components.synthetic_multihop import EVAL_SEED
+from activation_transfer.task.generator import EVAL_SEED
+from cli import demo, split_demo
 
 # slots_self per receiver block on the validation questions: block 1 carries most.
 SWEEP = {0: 0.30, 1: 0.45, 2: 0.10}

@@ -8,15 +8,15 @@ import pytest
 import torch
 from test_injection_eval import RECEIVER, SENDER, N, make_ckpt, preds, run_eval
 
-import lightning_modules.components.answering as answering
-import lightning_modules.components.split_protocol as split_protocol
-from lightning_modules.components import records as rio
-from lightning_modules.components.conditions import SPLIT_CONDITION_NAMES
-from lightning_modules.components.frozen_lm import load_ref
-from lightning_modules.components.generation import GenerationSettings, decode, generate_ids
-from lightning_modules.components.injection import PrefillInjection, prefill_injection
-from lightning_modules.components.slots import SlotSpec, encode_parts, receiver_batch, slot_grid
-from lightning_modules.components.sources import capture_block
+import activation_transfer.injection.answering as answering
+import activation_transfer.injection.protocols.split as split_protocol
+from activation_transfer.injection.conditions import SPLIT_CONDITION_NAMES
+from activation_transfer.injection.prefill_hook import PrefillInjection, prefill_injection
+from activation_transfer.injection.slots import SlotSpec, encode_parts, receiver_batch, slot_grid
+from activation_transfer.injection.sources import capture_block
+from activation_transfer.models.frozen_lm import load_ref
+from activation_transfer.models.generation import GenerationSettings, decode, generate_ids
+from activation_transfer.report import records as rio
 from lightning_modules.injection_eval import InjectionEvalModule
 
 SEEDS = [42, 123]
@@ -247,7 +247,7 @@ def test_evaluate_cli_runs_the_split_protocol(tmp_path, monkeypatch, capsys):
     import wandb
     from test_evaluate_cli import small
 
-    from lightning_modules.cli import eval_main
+    from cli.lightning_cli import eval_main
 
     monkeypatch.setattr(sys, "argv", ["evaluate.py"])
     ckpt = make_ckpt(tmp_path / "translator.ckpt")

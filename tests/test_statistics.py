@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as hs
 from scipy import stats
 
-from lightning_modules.components.report import stats as st
-from lightning_modules.components.report import tost as eq
+from activation_transfer.report import stats as st
+from activation_transfer.report import tost as eq
 
 
 def test_derive_seed_is_deterministic_and_label_specific() -> None:

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from cli.lightning_cli import train_main as main
 from datamodules.store_format import write_pairs_store
-from lightning_modules.cli import train_main as main
 from lightning_modules.translator import load_translator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -220,7 +220,7 @@ def test_paper_config_resolves_to_the_paper_recipe(capsys):
     model, data, trainer = cfg["model"], cfg["data"], cfg["trainer"]
     assert (model["loss"], model["lr"], model["warmup_steps"], model["decay"], model["normalize"]) == (
         "mse", 1e-4, 100, "linear", True)  # fmt: skip
-    assert model["translator"] == {"class_path": "lightning_modules.components.translators.LinearTranslator",
+    assert model["translator"] == {"class_path": "activation_transfer.translators.architectures.LinearTranslator",
                                    "init_args": {"bias": True}}  # fmt: skip
     assert (data["batch_size"], data["val_fraction"], data["max_length"], data["seed"], cfg["seed_everything"]) == (
         32, 0.1, 256, 42, 42)  # fmt: skip

@@ -6,7 +6,7 @@ import os
 import sys
 from pathlib import Path
 
-from lightning_modules.cli import train_main as main
+from cli.lightning_cli import train_main as main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "train" / "tiny.yaml")

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lightning_modules.components.translators import LinearTranslator, MLPTranslator, translator_spec
+from activation_transfer.translators.architectures import LinearTranslator, MLPTranslator, translator_spec
 from lightning_modules.translator import TranslatorModule, check_translator_matches, load_translator
 
 S_ID = {"name": "tiny-neox", "model_type": "gpt_neox", "hidden_size": 6, "num_layers": 2, "layer": "gpt_neox.layers.1",
@@ -96,7 +96,7 @@ def test_check_translator_matches_compares_weight_digests_when_both_sides_have_o
 
 def test_a_functional_translator_is_checked_against_the_evaluations_slots():
     # It learnt what K slots at given positions mean: another slot spec is a mismatch (allow_mismatch can accept it).
-    from lightning_modules.components.slots import SlotSpec
+    from activation_transfer.injection.slots import SlotSpec
 
     m = TranslatorModule(6, 5, sender=S_ID, receiver=R_ID)
     trained = SlotSpec("last", k=4).to_dict()

@@ -1,4 +1,4 @@
-"""Exported translators (``components.translator_export``): bit-identical to the checkpoint, self-describing config,
+"""Exported translators (``translators/export.py``): bit-identical to the checkpoint, self-describing config,
 offline round trip, refusal of foreign code and of incomplete folders."""
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from lightning_modules.components import translator_export as te
+from activation_transfer.translators import export as te
 from lightning_modules.translator import TranslatorModule, check_translator_matches, load_translator
 
 SENDER = {"name": "tiny-neox", "layer": "gpt_neox.layers.1", "hidden_size": 12, "revision": None}
 RECEIVER = {"name": "tiny-neox-large", "layer": "gpt_neox.layers.2", "hidden_size": 16, "revision": None}
-MLP = {"class_path": "lightning_modules.components.translators.MLPTranslator", "init_args": {"hidden_dim": 8}}
+MLP = {"class_path": "activation_transfer.translators.architectures.MLPTranslator", "init_args": {"hidden_dim": 8}}
 
 
 def _checkpoint(tmp_path, **kwargs) -> str:

@@ -14,10 +14,10 @@ import pytest
 import pytorch_lightning as pl
 from test_evaluate_cli import _FakeWandbLogger, ckpt, small  # noqa: F401 (ckpt: the module-scoped fixture)
 
-from lightning_modules.cli import eval_main
-from lightning_modules.components.frozen_lm import ModelRef
-from lightning_modules.components.generation import GenerationSettings
-from lightning_modules.components.translator_export import export_from_checkpoint
+from activation_transfer.models.frozen_lm import ModelRef
+from activation_transfer.models.generation import GenerationSettings
+from activation_transfer.translators.export import export_from_checkpoint
+from cli.lightning_cli import eval_main
 
 # Until the wiring is in, these fail; strict: once it is, they pass and this mark must go.
 TWO = ("--model.conditions", "[no_inject, replace]", "--model.seeds", "[42]")

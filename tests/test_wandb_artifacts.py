@@ -11,10 +11,10 @@ import pytest
 import torch
 from test_train_cli import TINY, _linear_store, _offline_wandb, _run_args, _wandb_records
 
+from activation_transfer.translators.export import from_pretrained
 from callbacks.model_artifact import TranslatorArtifactCallback
 from callbacks.wandb_artifacts import is_online, recording_runs, resolve_translator_ref, wandb_runs
-from lightning_modules.cli import train_main
-from lightning_modules.components.translator_export import from_pretrained
+from cli.lightning_cli import train_main
 from lightning_modules.translator import load_translator
 
 

@@ -1,0 +1,207 @@
+"""The split-context protocol's sources and answers: the sender reads the context, the receiver only the question.
+
+The sender reads ``Context: {context}\\nQ: {question}\\nA:`` (context part + question part, ``slots.sender_batch``);
+the receiver reads ``[slot] * K + Q: {question}\\nA:`` (``slots.receiver_batch``), and a prefill hook writes, at the
+slot positions of its block output only, what the condition supplies (docs/conditions.md, "Split protocol"):
+
+* ``slots_translated`` / ``slots_functional``: the sender's states at the context positions, through the aligned or
+  the functional translator, then ``SlotSpec.pick``;
+* ``slots_self``: the receiver's own block states of the context part, from a separate pass over that part alone;
+* ``slots_shuffled*``: another sample's translated slots (donor from the same slot-count bucket, the paper's
+  bucketed derangement), ``slots_random*``: seeded Gaussian vectors rescaled per slot to the norm of the translated
+  slot vector they replace, ``slots_zero``: zeros.
+
+``receiver_alone`` (question part, no slots), ``skyline`` (the paper's full prompt) and ``nl_relay`` (the paper's
+relay) write nothing. Translations and random draws are computed up front over the whole evaluation set, because a
+shuffled donor may sit in another batch or on another rank and the sequential draw runs in dataset order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from activation_transfer.injection.answering import answer_injected, answer_relay
+from activation_transfer.injection.conditions import (
+    SOURCE_NONE,
+    SOURCE_RANDOM,
+    SOURCE_RECEIVER,
+    SOURCE_RELAY,
+    SOURCE_SHUFFLED,
+    SOURCE_ZEROS,
+    ConditionSpec,
+    rescale_to,
+)
+from activation_transfer.injection.eval_plan import EvalPlan
+from activation_transfer.injection.slots import (
+    SlotSpec,
+    encode_parts,
+    left_padded,
+    receiver_batch,
+    sender_batch,
+    slot_grid,
+)
+from activation_transfer.injection.sources import capture_block, check_finite_rows, random_draws
+from activation_transfer.models.frozen_lm import LoadedModel
+from activation_transfer.models.generation import GenerationSettings
+from activation_transfer.report.records import run_key
+from activation_transfer.task.prompts import over_length, split_prompt, tokenize_left_padded
+
+TranslatorKey = tuple[str, int]  # (kind: aligned | functional, index in that kind's checkpoint list)
+
+
+class SplitProtocol:
+    """One split-protocol evaluation: the samples' two-part tokens, translated slots, random draws and answers.
+
+    Args:
+        sender: The frozen sender and the block whose output is translated.
+        receiver: The frozen receiver and the block whose slot positions are written.
+        slots: The slot scheme (which context positions feed how many slots, slot token, context length).
+        settings: Decoding; ``max_prompt_tokens`` also bounds the question part.
+        samples: The whole evaluation set in dataset order (``sample_id``, ``context``, ``question``).
+        random_draw: ``sequential`` (one generator per seed run through the dataset in order) or ``per_sample``.
+    """
+
+    def __init__(self, sender: LoadedModel, receiver: LoadedModel, slots: SlotSpec, settings: GenerationSettings,
+                 samples: Sequence, random_draw: str = "sequential") -> None:  # fmt: skip
+        self.sender, self.receiver, self.slots, self.settings = sender, receiver, slots, settings
+        self.random_draw = random_draw
+        self.pad_id = receiver.tokenizer.eos_token_id
+        # The measurement the protocol is built on uses EOS slots; EOS is also the pad id, but slots are real tokens.
+        self.slot_id = self.pad_id if slots.token_id is None else int(slots.token_id)
+        self.ids = [s.sample_id for s in samples]
+        self.texts = {s.sample_id: (s.context, s.question) for s in samples}
+        self.parts: dict[str, dict[str, tuple[list[int], list[int]]]] = {}  # side -> sample id -> (context, question)
+        for side, model in (("sender", sender), ("receiver", receiver)):
+            ctx, qst = encode_parts(model.tokenizer, [s.context for s in samples], [s.question for s in samples],
+                                    slots.max_context_tokens, settings.max_prompt_tokens)  # fmt: skip
+            self.parts[side] = dict(zip(self.ids, zip(ctx, qst, strict=True), strict=True))
+        # Slots of the translated conditions (the sender's context length); also the shuffle buckets.
+        self.slot_counts = {sid: slots.count(len(c)) for sid, (c, _) in self.parts["sender"].items()}
+        self.translated: dict[TranslatorKey, dict[str, torch.Tensor]] = {}  # -> sample id -> slot vectors (K, d_r)
+        self.random_rows: dict[tuple[int, TranslatorKey], dict[str, torch.Tensor]] = {}
+        self.shas: dict[str, list[str]] = {}
+
+    # ------------------------------------------------------------------------------------------------ preparing
+
+    def truncation(self) -> tuple[dict, str | None]:
+        """Context parts cut at ``slots.max_context_tokens`` and question parts cut at ``max_prompt_tokens``."""
+        parts = [split_prompt(*self.texts[sid]) for sid in self.ids]
+        cut = {
+            "sender_context": over_length(
+                self.sender.tokenizer, self.ids, [p for p, _ in parts], self.slots.max_context_tokens
+            ),  # fmt: skip
+            "question": over_length(
+                self.receiver.tokenizer, self.ids, [q for _, q in parts], self.settings.max_prompt_tokens
+            ),  # fmt: skip
+        }
+        info = {"max_context_tokens": self.slots.max_context_tokens,
+                "max_prompt_tokens": self.settings.max_prompt_tokens,
+                **{k: {"count": len(v), "ids": v} for k, v in cut.items()}}  # fmt: skip
+        if not any(cut.values()):
+            return info, None
+        # Right truncation keeps the context's start: facts at its end are lost, so the slots never carry them.
+        return info, (f"split protocol: {len(cut['sender_context'])} context parts are cut at slots.max_context_tokens="
+                      f"{self.slots.max_context_tokens} and {len(cut['question'])} question parts at "
+                      f"generation.max_prompt_tokens (ids in meta.json)")  # fmt: skip
+
+    def prepare(self, plan: EvalPlan, translators: Mapping[str, Sequence], shas: Mapping[str, list[str]],
+                batch_size: int) -> None:  # fmt: skip
+        """Translate every sample once per translator a pending run needs, and draw the pending random slots.
+
+        Args:
+            plan: The evaluation plan (built on :attr:`slot_counts`).
+            translators: ``aligned`` / ``functional`` -> the loaded translators, one or one per seed.
+            shas: The same keys -> each translator's SHA-256 (recorded per record).
+            batch_size: Prompts per sender forward pass.
+        """
+        self.shas = {k: list(v) for k, v in shas.items()}
+        for kind, modules in translators.items():
+            for t in plan.translators_needed(kind):
+                self.translated[(kind, t)] = self.translate(modules[t], batch_size)
+        hidden = self.receiver.identity()["hidden_size"]
+        draws = random_draws(plan, list(self.slot_counts.items()), hidden, self.random_draw == "per_sample")
+        for spec, seed in plan.pending:
+            if spec.source != SOURCE_RANDOM or not plan.todo[run_key(spec.name, seed)]:
+                continue
+            key = (spec.translator_kind, plan.translator_index(seed, spec.translator_kind))
+            # Per slot, the norm of the translated vector it replaces (fp32, then the receiver's dtype).
+            trans = self.translated[key]
+            self.random_rows[(seed, key)] = {
+                sid: rescale_to(draws[seed][sid], trans[sid].cpu()).to(trans[sid].dtype) for sid in self.ids
+            }
+
+    @torch.no_grad()
+    def translate(self, translator, batch_size: int) -> dict[str, torch.Tensor]:
+        """Each sample's slot vectors (K, d_r): the sender reads context + question, its states at the context
+        positions go through ``translator``, then ``SlotSpec.pick``; the receiver's dtype, on the sender's device."""
+        t_dtype = next(translator.parameters()).dtype
+        dtype = next(self.receiver.model.parameters()).dtype
+        out: dict[str, torch.Tensor] = {}
+        for start in range(0, len(self.ids), batch_size):
+            chunk = self.ids[start : start + batch_size]
+            ctx, qst = zip(*(self.parts["sender"][sid] for sid in chunk))
+            batch = sender_batch(ctx, qst, self.sender.tokenizer.eos_token_id)
+            h = capture_block(self.sender.model, self.sender.layer.path, batch["input_ids"], batch["attention_mask"])
+            tr = translator.translate(h.to(t_dtype)).to(dtype)
+            for i, sid in enumerate(chunk):
+                out[sid] = self.slots.pick(tr[i, batch["context_slices"][i]]).contiguous()
+        return out
+
+    def own_slots(self, sample_ids: Sequence[str]) -> list[torch.Tensor]:
+        """The receiver's own block states of each sample's context part (a pass over that part alone), picked."""
+        rows = [self.parts["receiver"][sid][0] for sid in sample_ids]
+        ids, mask = left_padded(rows, self.pad_id)
+        h = capture_block(self.receiver.model, self.receiver.layer.path, ids, mask)
+        width = h.shape[1]
+        return [self.slots.pick(h[i, width - len(r) :]) for i, r in enumerate(rows)]
+
+    # ------------------------------------------------------------------------------------------------ answering
+
+    def slot_vectors(self, spec: ConditionSpec, seed: int | None, plan: EvalPlan, sample_ids: Sequence[str]):
+        """``(vectors, translated_rows, donors)`` for a slot condition: per sample the (K_i, H) slot vectors, the
+        translated rows behind them (norm diagnostics) and the shuffled donors (or None)."""
+        kind = spec.translator_kind
+        key = (kind, plan.translator_index(seed, kind)) if kind else None
+        if spec.source == SOURCE_RECEIVER:
+            return self.own_slots(sample_ids), None, None
+        if spec.source == SOURCE_ZEROS:
+            hidden = self.receiver.identity()["hidden_size"]
+            return [torch.zeros(self.slot_counts[sid], hidden) for sid in sample_ids], None, None
+        if spec.source == SOURCE_RANDOM:
+            return [self.random_rows[(seed, key)][sid] for sid in sample_ids], None, None
+        donors = [plan.derangements[seed].donors[sid] for sid in sample_ids] if spec.source == SOURCE_SHUFFLED else None
+        owners = donors or list(sample_ids)
+        rows = [self.translated[key][sid] for sid in owners]
+        check_finite_rows(rows, spec.name, sample_ids, owners)
+        return rows, rows, donors
+
+    def answer(self, spec: ConditionSpec, seed: int | None, plan: EvalPlan, sub: Sequence) -> tuple[list, list]:
+        """One condition's answers and diagnostics for the samples ``sub``."""
+        sample_ids = [s.sample_id for s in sub]
+        if spec.source == SOURCE_RELAY:
+            return answer_relay(self.sender, self.receiver, sample_ids, [s.context for s in sub],
+                                [s.question for s in sub], self.settings)  # fmt: skip
+        if spec.name == "skyline":  # the paper's prompt, tokenized as the paper protocol's no_inject reads it
+            tok = tokenize_left_padded(
+                self.receiver.tokenizer, [s.prompt for s in sub], self.settings.max_prompt_tokens
+            )
+            preds, diags = answer_injected(self.receiver, tok["input_ids"], tok["attention_mask"], self.settings,
+                                           spec, sample_ids, None)  # fmt: skip
+            return preds, [{**d, "slot_count": 0, "seeded": False} for d in diags]
+        # receiver_alone (no source) reads the question part without slots; every other condition writes slots.
+        slotted = spec.source != SOURCE_NONE
+        vectors, rows, donors = self.slot_vectors(spec, seed, plan, sample_ids) if slotted else (None, None, None)
+        counts = [len(v) for v in vectors] if slotted else [0] * len(sub)
+        batch = receiver_batch([self.parts["receiver"][sid][1] for sid in sample_ids], counts, self.slot_id,
+                               self.pad_id)  # fmt: skip
+        ids, mask, slot_mask = batch["input_ids"], batch["attention_mask"], batch["slot_mask"]
+        param = next(self.receiver.model.parameters())
+        source = slot_grid(vectors, slot_mask, dtype=param.dtype, device=param.device) if slotted else None
+        preds, diags = answer_injected(self.receiver, ids, mask, self.settings, spec, sample_ids, source, rows, donors,
+                                       write_mask=slot_mask if slotted else None)  # fmt: skip
+        ident = {"seeded": spec.seeded}
+        if kind := spec.translator_kind:  # the report counts one translator's seed-free answers once
+            ident["translator_sha256"] = self.shas[kind][plan.translator_index(seed, kind)]
+        return preds, [{**d, "slot_count": k, **ident} for d, k in zip(diags, counts)]

@@ -1,0 +1,165 @@
+"""Batched greedy generation with the paper's decoding settings.
+
+Many prompts go through one ``generate`` call: left padding (pad id = EOS) with the attention mask passed, so every
+row continues from its own last real token at column -1. On fp32 this equals one-prompt-at-a-time decoding (tests
+check it); in bf16 small numeric differences between batch shapes can flip a greedy choice.
+
+The repetition penalty is :class:`MaskedRepetitionPenalty`, not Hugging Face's. A penalty that counts every id of
+the sequence also counts the left padding, and since pad = EOS a padded row would have its EOS logit penalized where
+a one-at-a-time run's is not. Recent transformers (5.24) skip the left padding themselves (``prompt_ignore_length``
+from the attention mask), older ones penalize it; applying our own rule keeps the answers independent of the
+installed version. HF's ``no_repeat_ngram_size`` needs no fix: an n-gram that contains padding starts with EOS, so
+it can only match a row whose last tokens include EOS, i.e. a row that has already finished (prompts carry no EOS).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from activation_transfer.task.prompts import tokenize_left_padded
+
+
+@dataclass
+class GenerationSettings:
+    """Decoding settings (defaults: the paper's frozen runner).
+
+    Args:
+        max_new_tokens: New tokens of every receiver answer.
+        relay_max_new_tokens: New tokens of the sender's relay in ``nl_relay``.
+        do_sample: Sample instead of greedy decoding (the paper decodes greedily).
+        repetition_penalty: Repetition penalty (1 = off), HF's rule applied to real tokens only (see
+            :class:`MaskedRepetitionPenalty`).
+        no_repeat_ngram_size: Ban repeating n-grams of this size (0 = off); the prompt counts, as in HF.
+        max_prompt_tokens: Prompts are truncated to this many tokens (right truncation, as in the paper).
+    """
+
+    max_new_tokens: int = 64
+    relay_max_new_tokens: int = 128
+    do_sample: bool = False
+    repetition_penalty: float = 1.3
+    no_repeat_ngram_size: int = 3
+    max_prompt_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "relay_max_new_tokens", "max_prompt_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"generation.{name} must be >= 1, got {getattr(self, name)}")
+        if self.repetition_penalty <= 0:
+            raise ValueError(f"generation.repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.no_repeat_ngram_size < 0:
+            raise ValueError(f"generation.no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class MaskedRepetitionPenalty:
+    """Hugging Face's repetition penalty, counting the real tokens of each row only (never its left padding).
+
+    A logit of a token the row has already seen (in its real prompt tokens or its generated tokens) is divided by
+    ``penalty`` when positive and multiplied by it when negative, as in ``RepetitionPenaltyLogitsProcessor``.
+
+    Args:
+        penalty: The penalty (> 0; 1 changes nothing).
+        prompt_mask: Attention mask (B, T) of the prompt batch, 0 on padding. Columns from T on are generated
+            tokens, which are always real.
+    """
+
+    def __init__(self, penalty: float, prompt_mask: torch.Tensor) -> None:
+        if penalty <= 0:
+            raise ValueError(f"repetition penalty must be > 0, got {penalty}")
+        self.penalty = float(penalty)
+        self.prompt_mask = prompt_mask.bool()
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        width = self.prompt_mask.shape[1]
+        if input_ids.shape[0] != self.prompt_mask.shape[0] or input_ids.shape[1] < width:
+            raise ValueError(f"sequences {tuple(input_ids.shape)} do not extend the prompt mask "
+                             f"{tuple(self.prompt_mask.shape)}")  # fmt: skip
+        vocab = scores.shape[-1]
+        real = torch.ones_like(input_ids, dtype=torch.bool)
+        real[:, :width] = self.prompt_mask.to(input_ids.device)
+        # Padding goes to a spare column past the vocabulary, which is cut off again below.
+        ids = torch.where(real, input_ids.clamp(max=vocab), vocab)
+        seen = torch.zeros((scores.shape[0], vocab + 1), dtype=torch.bool, device=scores.device)
+        seen.scatter_(1, ids.to(scores.device), True)
+        penalized = torch.where(scores < 0, scores * self.penalty, scores / self.penalty)
+        return torch.where(seen[:, :vocab], penalized, scores)
+
+
+def generation_config(tokenizer, settings: GenerationSettings, max_new_tokens: int):
+    """An explicit ``GenerationConfig`` (never the model's own, which could carry sampling defaults).
+
+    Its ``repetition_penalty`` is 1 (off): :func:`generate_ids` applies :class:`MaskedRepetitionPenalty` instead, so
+    the penalty is applied once and never to padding.
+    """
+    from transformers import GenerationConfig
+
+    eos = tokenizer.eos_token_id
+    kwargs = dict(
+        max_new_tokens=max_new_tokens,
+        do_sample=settings.do_sample,
+        num_beams=1,
+        pad_token_id=eos,  # pad = EOS, as in the paper
+        eos_token_id=eos,
+        repetition_penalty=1.0,
+    )
+    if settings.no_repeat_ngram_size:
+        kwargs["no_repeat_ngram_size"] = settings.no_repeat_ngram_size
+    return GenerationConfig(**kwargs)
+
+
+@torch.no_grad()
+def generate_ids(
+    model: nn.Module,
+    tokenizer,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    settings: GenerationSettings,
+    max_new_tokens: int | None = None,
+) -> torch.Tensor:
+    """Generate for a left-padded batch; returns only the new token ids (B, <= max_new_tokens), EOS-padded.
+
+    Hugging Face appends the custom penalty after its own processors (here no_repeat_ngram_size, and the sampling
+    warpers when ``do_sample``); for greedy decoding the order does not change the chosen token.
+    """
+    if input_ids.shape[0] == 0:
+        return torch.zeros((0, 0), dtype=torch.long)
+    if bool((attention_mask[:, -1] == 0).any()):
+        raise ValueError("the prompt batch is not left-padded: some row's last column is padding")
+    device = next(model.parameters()).device
+    from transformers import LogitsProcessorList
+
+    cfg = generation_config(tokenizer, settings, max_new_tokens or settings.max_new_tokens)
+    processors = LogitsProcessorList()
+    if settings.repetition_penalty != 1.0:
+        processors.append(MaskedRepetitionPenalty(settings.repetition_penalty, attention_mask.to(device)))
+    out = model.generate(
+        input_ids=input_ids.to(device),
+        attention_mask=attention_mask.to(device),
+        generation_config=cfg,
+        logits_processor=processors,
+    )
+    return out[:, input_ids.shape[1] :].cpu()
+
+
+def decode(tokenizer, new_ids: torch.Tensor) -> list[str]:
+    """Decoded continuations (special tokens, i.e. EOS and its padding, dropped)."""
+    return tokenizer.batch_decode(new_ids.tolist(), skip_special_tokens=True)
+
+
+def generate_texts(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    settings: GenerationSettings,
+    max_new_tokens: int | None = None,
+) -> list[str]:
+    """Tokenize (left padded, truncated), generate and decode a batch of prompts."""
+    batch = tokenize_left_padded(tokenizer, list(prompts), max_length=settings.max_prompt_tokens)
+    ids = generate_ids(model, tokenizer, batch["input_ids"], batch["attention_mask"], settings, max_new_tokens)
+    return decode(tokenizer, ids)

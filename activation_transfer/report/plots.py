@@ -1,0 +1,164 @@
+"""The report's plots (PNG): accuracy per condition with CIs, and a forest plot of paired deltas.
+
+matplotlib is imported on first use (with the headless Agg backend), so loading the report costs nothing for it.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from activation_transfer.report.tables import METRIC_LABELS
+from activation_transfer.task.scoring import MAIN_METRIC
+
+
+def pyplot():
+    """matplotlib.pyplot with the headless Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: the report runs on servers and in tests
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def figure_png(fig) -> bytes:
+    """The figure as PNG bytes (closed afterwards)."""
+    plt = pyplot()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=130, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def accuracy_figure(summary: Mapping, metric: str = MAIN_METRIC):
+    """Horizontal point plot of accuracy per condition with pooled 95% bootstrap CIs and per-run dots.
+
+    Args:
+        summary: The content of ``summary.json`` (only its ``conditions`` are read).
+        metric: Metric to plot.
+
+    Returns:
+        A matplotlib figure; the caller closes it.
+    """
+    plt = pyplot()
+    conds = list(summary["conditions"])
+    fig, ax = plt.subplots(figsize=(7.5, 0.45 * len(conds) + 1.4))
+    if not conds:  # an evaluation whose runs all came back empty
+        ax.text(0.5, 0.5, "no records to plot", ha="center", va="center", transform=ax.transAxes)
+        ax.set_axis_off()
+        return fig
+    runs_labelled = False  # label the per-run markers once in the legend
+    for y, cond in enumerate(conds):
+        v = summary["conditions"][cond][metric]
+        mean = float(np.mean(list(v["per_run"].values())))
+        ax.errorbar(
+            mean,
+            y,
+            xerr=[[mean - v["ci_low"]], [v["ci_high"] - mean]],
+            fmt="o",
+            color="C0",
+            ecolor="C0",
+            capsize=3,
+            markersize=6,
+            label="mean, 95% CI (pooled bootstrap)" if y == 0 else None,
+        )
+        if len(v["per_run"]) > 1:
+            ax.plot(
+                list(v["per_run"].values()),
+                [y] * len(v["per_run"]),
+                "x",
+                color="0.35",
+                markersize=5,
+                label=None if runs_labelled else "single run",
+            )
+            runs_labelled = True
+        # The value printed beside the CI saves reading it off the axis.
+        ax.annotate(
+            f"{mean:.4f}", (v["ci_high"], y), xytext=(6, 0), textcoords="offset points", va="center", fontsize=8
+        )
+    ax.set_yticks(range(len(conds)))
+    ax.set_yticklabels([f"{c} (runs={summary['conditions'][c]['runs']})" for c in conds])
+    ax.set_ylim(len(conds) - 0.4, -0.6)  # top-down in report order, half a row of air at both ends
+    ax.set_xlim(0, max(summary["conditions"][c][metric]["ci_high"] for c in conds) * 1.15 + 1e-3)
+    ax.set_xlabel(f"{METRIC_LABELS[metric]} accuracy")
+    ax.set_title(f"Accuracy per condition ({metric})")
+    ax.grid(axis="x", alpha=0.3)
+    # Legend below the axes so it never covers a condition's row.
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12 - 0.6 / (len(conds) + 2)), ncol=2, fontsize=8)
+    return fig
+
+
+def plot_accuracy(summary: Mapping, metric: str = MAIN_METRIC) -> bytes:
+    """:func:`accuracy_figure` as PNG bytes (``accuracy.png``).
+
+    Args:
+        summary: The content of ``summary.json``.
+        metric: Metric to plot.
+    """
+    return figure_png(accuracy_figure(summary, metric))
+
+
+def plot_forest(comparisons: Sequence[Mapping], baselines: Sequence[str], metric: str = MAIN_METRIC) -> bytes:
+    """Forest plot of pooled paired deltas with 95% CIs, one panel per baseline, zero line (PNG bytes).
+
+    Args:
+        comparisons: The content of ``comparisons.json``.
+        baselines: Baselines (one panel each).
+        metric: Metric to plot.
+    """
+    plt = pyplot()
+    panels = [b for b in baselines if any(c["baseline"] == b and c["metric"] == metric for c in comparisons)]
+    conds = list(dict.fromkeys(c["condition"] for c in comparisons if c["metric"] == metric))
+    width = 5.0 * max(1, len(panels)) + 1.5
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(width, 0.45 * len(conds) + 1.6), sharey=True)
+    axes = np.atleast_1d(axes)
+    for ax, base in zip(axes, panels):
+        rows = {c["condition"]: c for c in comparisons if c["baseline"] == base and c["metric"] == metric}
+        for y, cond in enumerate(conds):
+            c = rows.get(cond)
+            if c is None:
+                continue
+            excludes_zero = c["ci_low"] > 0 or c["ci_high"] < 0
+            color = "C3" if excludes_zero else "C0"
+            ax.errorbar(
+                c["delta"],
+                y,
+                xerr=[[c["delta"] - c["ci_low"]], [c["ci_high"] - c["delta"]]],
+                fmt="s",
+                color=color,
+                ecolor=color,
+                capsize=3,
+                markersize=5,
+            )
+            ax.annotate(
+                f"{c['delta']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]",
+                (c["delta"], y),
+                xytext=(0, 7),
+                textcoords="offset points",
+                ha="center",
+                fontsize=7,
+                color=color,
+                # A translucent box keeps the numbers legible where they cross the zero line or grid.
+                bbox={"fc": "white", "ec": "none", "alpha": 0.75, "pad": 0.5},
+            )
+        ax.axvline(0.0, color="k", lw=1, ls="--")
+        ax.set_title(f"vs {base}")
+        ax.set_xlabel(f"Δ {METRIC_LABELS[metric]} (paired, 95% CI)")
+        ax.grid(axis="x", alpha=0.3)
+    if panels:
+        axes[0].set_yticks(range(len(conds)))
+        axes[0].set_yticklabels(conds)
+        axes[0].set_ylim(len(conds) - 0.4, -0.7)  # shared y: top-down in report order, room for the labels
+    else:
+        # Only baselines in the input: say so instead of drawing a blank frame.
+        axes[0].text(
+            0.5, 0.5, "no conditions to compare with a baseline", ha="center", va="center", transform=axes[0].transAxes
+        )
+        axes[0].set_axis_off()
+    fig.suptitle("Paired deltas against each baseline (red: CI excludes 0)", fontsize=10)
+    if panels:  # an empty figure has no room to lay out (tight_layout would warn)
+        fig.tight_layout()
+    return figure_png(fig)

@@ -1,0 +1,300 @@
+"""The report's one entry point, :func:`run_report`: records in, every table, test and plot written to a folder.
+
+It serves both ``report.py`` and the evaluation module (which passes its in-memory records).
+
+Baselines: with ``baselines=None`` (the default) the report compares against the baselines of the protocol the records
+come from: the paper's ``no_inject`` and ``nl_relay``, or, for split-context records (``receiver_alone`` or
+``skyline`` present, ``no_inject`` absent), ``receiver_alone`` and ``skyline``, as the evaluation module does
+(``conditions.BASELINES``); an absent one is skipped with a note, and at least one must be present. Split records
+hold ``nl_relay`` too, so its presence does not make them paper records. Baselines named explicitly must all be
+present.
+
+With both ``receiver_alone`` and ``skyline`` present the report also writes the fraction of the gap each other
+condition recovers (``gap.gap_recovered``) to ``gap_recovered.{json,csv,md}``; without them it writes exactly the
+paper protocol's files.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from activation_transfer.io import atomic_write
+from activation_transfer.report.analysis import (
+    DEFAULT_TOST_RESAMPLES,
+    build_comparisons,
+    build_summary,
+    condition_accuracy,
+)
+from activation_transfer.report.gap import GAP_COLUMNS, GAP_HIGH, GAP_LOW, gap_recovered
+from activation_transfer.report.load import (
+    ReportInputError,
+    RunCollapse,
+    collapse_repeated_runs,
+    group_records,
+    load_records,
+)
+from activation_transfer.report.plots import plot_accuracy, plot_forest
+from activation_transfer.report.stats import DEFAULT_RESAMPLES
+from activation_transfer.report.tables import (
+    SUMMARY_COLUMNS,
+    comparisons_markdown,
+    csv_text,
+    gap_markdown,
+    json_text,
+    summary_markdown,
+    summary_rows,
+)
+from activation_transfer.report.tost import DEFAULT_MARGINS
+from activation_transfer.task.scoring import MAIN_METRIC, METRICS
+
+DEFAULT_BASELINES: tuple[str, ...] = ("no_inject", "nl_relay")
+# The split-context protocol's floor and ceiling (``conditions.BASELINES["split"]``; that module imports torch).
+SPLIT_BASELINES: tuple[str, ...] = (GAP_LOW, GAP_HIGH)
+REPORT_SCHEMA = "activation-transfer.report.v1"
+
+
+@dataclass
+class ReportResult:
+    """What :func:`run_report` built and wrote.
+
+    Attributes:
+        summary: The content of ``summary.json``.
+        comparisons: The content of ``comparisons.json``.
+        equivalence: The content of ``equivalence.json``.
+        files: Every written file by short name (``summary_json``, ``accuracy_png``, ...).
+        markdown: The summary table (markdown) for printing.
+        notes: Human-readable notes (dropped samples, skipped baselines, metric mismatches).
+        gap_recovered: The content of ``gap_recovered.json`` (``gap.gap_recovered`` rows); empty, and the file not
+            written, unless both ``receiver_alone`` and ``skyline`` are in the input.
+    """
+
+    summary: dict
+    comparisons: list[dict]
+    equivalence: list[dict]
+    files: dict[str, Path]
+    markdown: str
+    notes: list[str] = field(default_factory=list)
+    gap_recovered: list[dict] = field(default_factory=list)
+
+
+def _default_baselines(groups: Mapping) -> tuple[str, ...]:
+    """The paper's baselines, or the split protocol's when its records are in and the paper's ``no_inject`` is not.
+
+    ``nl_relay`` cannot tell the protocols apart (both evaluate it), ``no_inject`` and the split floor/ceiling can.
+    """
+    if "no_inject" not in groups and any(b in groups for b in SPLIT_BASELINES):
+        return SPLIT_BASELINES
+    return DEFAULT_BASELINES
+
+
+def _resolve_baselines(groups: Mapping, baselines: Sequence[str] | None, notes: list[str]) -> list[str]:
+    present = list(groups)
+    if baselines is None:
+        defaults = _default_baselines(groups)
+        chosen = [b for b in defaults if b in groups]
+        skipped = [b for b in defaults if b not in groups]
+        if not chosen:
+            raise ReportInputError(
+                f"none of the default baselines {list(DEFAULT_BASELINES)} (split records: {list(SPLIT_BASELINES)}) "
+                f"is in the input (conditions: {present}); name one with --baseline"
+            )
+        if skipped:
+            notes.append(f"default baseline(s) {skipped} absent from the input: skipped")
+        return chosen
+    if isinstance(baselines, str):
+        baselines = [baselines]
+    missing = [b for b in baselines if b not in groups]
+    if missing:
+        raise ReportInputError(f"baseline(s) {missing} not in the input (conditions: {present})")
+    if not baselines:
+        raise ReportInputError("no baselines given")
+    return list(dict.fromkeys(baselines))
+
+
+def accuracy_summary(records: Sequence[Mapping], resamples: int = 1000, seed: int = 0) -> dict:
+    """The ``conditions`` part of ``summary.json`` for records that get no report (e.g. no baseline among them).
+
+    What :func:`plots.accuracy_figure` reads; conditions in first-appearance order.
+
+    Args:
+        records: Per-sample record dicts; none at all gives no conditions.
+        resamples: Bootstrap resamples of the pooled 95% CIs.
+        seed: Base seed of the CIs.
+    """
+    if not records:
+        return {"conditions": {}}
+    loaded = load_records(list(records))
+    runs = collapse_repeated_runs(group_records(loaded), loaded)
+    return {"conditions": build_summary(runs.groups, list(runs.groups), resamples, seed, runs.collapsed)}
+
+
+def _collapse_notes(runs: RunCollapse) -> list[str]:
+    notes = [
+        f"{cond}: runs {', '.join(same)} are one computation (one translator checkpoint, a condition that ignores the "
+        f"seed, identical answers): counted once, as run {kept}"
+        for cond, merged in runs.collapsed.items()
+        for kept, same in merged.items()
+    ]
+    # Older records say nothing about their translator: identical runs may be one computation written per seed, or
+    # translators that happen to agree. Only the evaluation knew: the numbers stay as they are, the reader is warned.
+    notes += [
+        f"WARNING {cond}: runs {', '.join(same)} give identical answers on every sample but their records carry no "
+        "translator identity; if one translator checkpoint produced them, they are one run and the pooled CIs and "
+        "McNemar p here are too narrow (re-evaluate to record translator identities, or report one of the runs)"
+        for cond, twins in runs.unnamed_twins.items()
+        for same in twins
+    ]
+    return notes
+
+
+def run_report(
+    inputs: Sequence[str | Path] | Sequence[Mapping],
+    out_dir: str | Path,
+    baselines: Sequence[str] | None = None,
+    resamples: int = DEFAULT_RESAMPLES,
+    margins: Sequence[float] = DEFAULT_MARGINS,
+    seed: int = 0,
+    intersect: bool = False,
+    tost_resamples: int = DEFAULT_TOST_RESAMPLES,
+) -> ReportResult:
+    """Build every table, test and plot from per-sample records and write them into ``out_dir``.
+
+    Args:
+        inputs: JSONL files, the paper's JSON result files, folders of them, or already-loaded record dicts
+            (``activation_transfer.report.records.RECORD_FIELDS``; the evaluation module passes its in-memory records).
+        out_dir: Output folder (created). Files are written atomically (temporary file, then ``os.replace``).
+        baselines: Baselines to compare against. ``None``: ``no_inject`` and ``nl_relay``, or for split-context
+            records (``receiver_alone`` or ``skyline`` present, ``no_inject`` absent) ``receiver_alone`` and
+            ``skyline``, skipping an absent one (a note says so; at least one must be present). An explicit list must
+            be fully present.
+        resamples: Bootstrap resamples for the 95% CIs (accuracy and paired deltas).
+        margins: TOST equivalence margins (accuracy units, each > 0).
+        seed: Base seed; each CI derives its own seed from it and a label, recorded next to the CI.
+        intersect: Compare only the sample ids common to a condition and its baseline, reporting how many were
+            dropped, instead of failing when they differ (a strict-matched subset is compared on its samples anyway).
+        tost_resamples: Resamples of the clustered bootstrap 90% CI reported next to TOST.
+
+    Returns:
+        A :class:`ReportResult`.
+
+    Raises:
+        ReportInputError: Bad or empty input, absent baseline, mismatching sample ids without ``intersect``, an
+            ``out_dir`` that is a file or cannot be created.
+
+    With both ``receiver_alone`` and ``skyline`` in the input (whatever the baselines), every other condition also
+    gets the fraction of the gap between them that it recovers (main metric, same ``resamples`` and ``seed``),
+    written to ``gap_recovered.json``, ``.csv`` and ``.md``.
+
+    Runs of one computation (one translator's answers to a condition that ignores the seed, written once per seed)
+    count as one run: see ``load.collapse_repeated_runs``; ``summary.json``'s ``meta.collapsed_runs`` lists them.
+    """
+    if resamples < 1:
+        raise ValueError(f"resamples must be >= 1, got {resamples}")
+    margins = [float(g) for g in margins]
+    if not margins or any(g <= 0 for g in margins):
+        raise ValueError(f"margins must be positive numbers, got {margins}")
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ReportInputError(f"--out {out} is a file, not a folder: name a folder (it is created if absent)")
+    counters: dict[str, Any] = {}
+    records = load_records(list(inputs), counters)
+    runs = collapse_repeated_runs(group_records(records), records)
+    groups, collapsed = runs.groups, runs.collapsed
+    notes: list[str] = []
+    if counters.get("skipped_files"):
+        names = ", ".join(Path(f).name for f in counters["skipped_files"])
+        notes.append(f"skipped {len(counters['skipped_files'])} JSON file(s) that hold no records: {names}")
+    if counters.get("metric_mismatch"):
+        notes.append(f"{counters['metric_mismatch']} record(s) carried stored metrics that differ from re-scoring")
+    notes += _collapse_notes(runs)
+    chosen = _resolve_baselines(groups, baselines, notes)
+    order = chosen + [c for c in groups if c not in chosen]
+
+    meta = {
+        "schema": REPORT_SCHEMA,
+        "seed": seed,
+        "resamples": resamples,
+        "confidence": 0.95,
+        "margins": margins,
+        "tost_alpha": 0.05,
+        "tost_resamples": tost_resamples,
+        "baselines": chosen,
+        "intersect": intersect,
+        "metrics": list(METRICS),
+        "main_metric": MAIN_METRIC,
+        "n_records": len(records),
+        "inputs": [str(i) for i in inputs if not isinstance(i, Mapping)],
+        "collapsed_runs": collapsed,
+        "unnamed_identical_runs": runs.unnamed_twins,
+    }
+    summary = {"conditions": build_summary(groups, order, resamples, seed, collapsed), "meta": meta}
+    comparisons, equivalence, cmp_notes = build_comparisons(
+        groups, order, chosen, resamples, margins, seed, intersect, tost_resamples, collapsed
+    )
+    notes += cmp_notes
+    with_gap = GAP_LOW in groups and GAP_HIGH in groups
+    gap_rows = gap_recovered(groups, resamples=resamples, seed=seed) if with_gap else []
+    notes += _gap_notes(gap_rows)
+    meta["notes"] = notes
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ReportInputError(f"--out {out}: cannot create the folder ({err.strerror or err})") from err
+    md_summary = summary_markdown(summary)
+    md_comparisons = comparisons_markdown(comparisons, equivalence, meta)
+    cmp_cols = list(comparisons[0]) if comparisons else ["condition", "baseline", "metric"]
+    eq_cols = list(equivalence[0]) if equivalence else ["condition", "baseline", "metric"]
+    summary_csv = csv_text(summary_rows(summary), SUMMARY_COLUMNS)
+    files = {
+        "summary_json": atomic_write(out / "summary.json", json_text(summary)),
+        "comparisons_json": atomic_write(out / "comparisons.json", json_text(comparisons)),
+        "equivalence_json": atomic_write(out / "equivalence.json", json_text(equivalence)),
+        "summary_md": atomic_write(out / "summary.md", "# Summary\n\n" + md_summary),
+        "comparisons_md": atomic_write(out / "comparisons.md", md_comparisons),
+        "summary_csv": atomic_write(out / "summary.csv", summary_csv),
+        "comparisons_csv": atomic_write(out / "comparisons.csv", csv_text(comparisons, cmp_cols)),
+        "equivalence_csv": atomic_write(out / "equivalence.csv", csv_text(equivalence, eq_cols)),
+        "accuracy_png": atomic_write(out / "accuracy.png", plot_accuracy(summary)),
+        "deltas_png": atomic_write(out / "deltas.png", plot_forest(comparisons, chosen)),
+    }
+    if with_gap:
+        # Files of their own: comparisons.json keeps its schema, and paper-protocol reports their file set.
+        files["gap_recovered_json"] = atomic_write(out / "gap_recovered.json", json_text(gap_rows))
+        files["gap_recovered_csv"] = atomic_write(out / "gap_recovered.csv", csv_text(gap_rows, GAP_COLUMNS))
+        files["gap_recovered_md"] = atomic_write(out / "gap_recovered.md", gap_markdown(gap_rows, meta))
+    return ReportResult(summary, comparisons, equivalence, files, md_summary, notes, gap_rows)
+
+
+def _gap_notes(rows: Sequence[Mapping]) -> list[str]:
+    """Notes for gap rows whose CI leaves samples or resamples out, or that have no fraction."""
+    notes = [f"gap recovered, {r['condition']}: {r['note']}" for r in rows if r.get("note")]
+    notes += [
+        f"gap recovered, {r['condition']}: {r['undefined_resamples']} of {r['resamples']} resamples had "
+        f"{r['high']} not above {r['low']} and were left out of the CI"
+        for r in rows
+        if r.get("undefined_resamples")
+    ]
+    notes += [
+        f"gap recovered, {r['condition']}: the CI uses the {r['n']} sample ids common to every run of it, "
+        f"{r['low']} and {r['high']} ({r['dropped']} left out)"
+        for r in rows
+        if r.get("dropped")
+    ]
+    return notes
+
+
+def logged_metrics(records: Sequence[Mapping], stage: str = "eval") -> dict[str, float]:
+    """``<stage>/<metric>/condition=<name>``: the report's per-condition accuracy, for a logger.
+
+    The same numbers as the summary (mean over runs of each run's accuracy, one translator's repeated seed-free runs
+    counted once), so what W&B shows equals what ``summary.json`` says.
+    """
+    if not records:
+        return {}
+    loaded = load_records(list(records))
+    accuracy = condition_accuracy(collapse_repeated_runs(group_records(loaded), loaded).groups)
+    return {f"{stage}/{m}/condition={c}": acc[m]["mean"] for c, acc in accuracy.items() for m in METRICS}

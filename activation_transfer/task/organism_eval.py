@@ -1,0 +1,161 @@
+"""How well an offline model organism answers: held-out accuracy with the paper's decoding, and chance rates.
+
+- :func:`evaluate_organism` decodes held-out generated questions with the paper's settings and scores them.
+- :func:`chance_rate` is the accuracy of guessing, to put those numbers in context.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from activation_transfer.models.frozen_lm import load_model, load_tokenizer
+from activation_transfer.models.generation import GenerationSettings, generate_texts
+from activation_transfer.task.generator import (
+    CITIES,
+    CONTINENTS,
+    COUNTRIES,
+    EVAL_NUM_SAMPLES,
+    EVAL_SEED,
+    PEOPLE,
+    MultiHopSample,
+    generate_samples,
+)
+from activation_transfer.task.prompts import format_prompt
+from activation_transfer.task.scoring import METRICS, score
+
+# --------------------------------------------------------------------------------------------- evaluation
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, prompts: list[str], batch_size: int = 64, **settings) -> list[str]:
+    """Greedy continuations of ``prompts`` with the paper's decoding, batched with left padding.
+
+    The same code path as the evaluation (:func:`~activation_transfer.models.generation.generate_texts`).
+
+    Args:
+        model: A causal LM.
+        tokenizer: Its tokenizer (pad = EOS).
+        prompts: Full prompts.
+        batch_size: Prompts per ``generate`` call.
+        **settings: Overrides of :class:`~activation_transfer.models.generation.GenerationSettings`.
+
+    Returns:
+        The decoded continuations (special tokens removed), in order.
+    """
+    cfg = GenerationSettings(**settings)
+    out: list[str] = []
+    for i in range(0, len(prompts), batch_size):
+        out += generate_texts(model, tokenizer, prompts[i : i + batch_size], cfg)
+    return out
+
+
+def evaluate_organism(
+    path: str | Path,
+    num_samples: int = EVAL_NUM_SAMPLES,
+    seed: int = EVAL_SEED,
+    batch_size: int = 64,
+    return_predictions: bool = False,
+) -> dict:
+    """Accuracy of an organism on held-out generated questions with the paper's decoding and metrics.
+
+    Args:
+        path: The organism's folder (or any model name ``load_model`` accepts).
+        num_samples: Questions to decode (the first ``num_samples`` of the set that ``seed`` generates).
+        seed: Generator seed; the default is the held-out evaluation set, which no organism trains on.
+        batch_size: Prompts per ``generate`` call.
+        return_predictions: Also return the per-sample records.
+
+    Returns:
+        ``{"n": ..., <metric>: accuracy for each of METRICS, "by_hops": {hops: word-boundary accuracy},
+        "ambiguous": {"n", "word_boundary_contains"} over the questions whose context names two candidates of the
+        answer's type, "chance": chance_rate(samples)}`` plus ``"predictions"`` when asked for.
+    """
+    model = load_model(str(path), dtype="float32")
+    tokenizer = load_tokenizer(str(path))
+    samples = generate_samples(num_samples, seed)
+    prompts = [format_prompt(s.context, s.question) for s in samples]
+    preds = generate_answers(model, tokenizer, prompts, batch_size=batch_size)
+    scores = [score(p, s.answer) for p, s in zip(preds, samples)]
+    n = len(samples)
+    result: dict = {"n": n, **{m: sum(sc[m] for sc in scores) / max(n, 1) for m in METRICS}}
+    by_hops: dict[int, list[bool]] = {}
+    for s, sc in zip(samples, scores):
+        by_hops.setdefault(s.hops, []).append(sc["word_boundary_contains"])
+    result["by_hops"] = {h: sum(v) / len(v) for h, v in sorted(by_hops.items())}
+    # Questions whose context names a second entity of the answer's type (a distractor chain) need the chain itself.
+    ambiguous = [sc["word_boundary_contains"] for s, sc in zip(samples, scores)
+                 if len(_context_entities(s.context)[_entity_type(s.answer)]) > 1]  # fmt: skip
+    result["ambiguous"] = {"n": len(ambiguous), "word_boundary_contains": sum(ambiguous) / max(len(ambiguous), 1)}
+    result["chance"] = chance_rate(samples)
+    if return_predictions:
+        result["predictions"] = [
+            {"sample_id": s.sample_id, "gold": s.answer, "prediction": p, "hops": s.hops, "metrics": sc}
+            for s, p, sc in zip(samples, preds, scores)
+        ]
+    return result
+
+
+# --------------------------------------------------------------------------------------------- chance
+
+
+COUNTS = tuple(str(m) for m in range(5, 61))  # the generator's "about {m} countries" range
+ENTITY_POOLS: dict[str, tuple[str, ...]] = {
+    "person": PEOPLE,
+    "city": CITIES,
+    "country": COUNTRIES,
+    "continent": CONTINENTS,
+    "count": COUNTS,
+}
+CHANCE_MODES = ("type_pool", "context_same_type", "context_entity")
+
+
+def _entity_type(answer: str) -> str:
+    for kind, pool in ENTITY_POOLS.items():
+        if answer in pool:
+            return kind
+    raise ValueError(f"answer {answer!r} is not an entity of the generator's pools")
+
+
+def _context_entities(context: str) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for kind, pool in ENTITY_POOLS.items():
+        found[kind] = [e for e in pool if re.search(rf"(?<!\w){re.escape(e)}(?!\w)", context)]
+    return found
+
+
+def chance_rate(
+    samples: list[MultiHopSample] | None = None, mode: str = "type_pool", metric: str = "word_boundary_contains"
+) -> float:
+    """Expected accuracy of a guesser that answers with one uniformly random entity, averaged over ``samples``.
+
+    Modes (the guess is scored with ``score`` against the gold, so partial overlaps count as the metric says):
+
+    - ``type_pool``: a random entity of the answer's type from the generator's pool (26 countries, 6 continents,
+      56 counts): the rate of a model that knows what kind of answer is asked for but reads nothing.
+    - ``context_same_type``: a random entity of the answer's type among those the context mentions (one or two
+      per type, as distractor chains add a second): a model that finds the candidates but not the chain.
+    - ``context_entity``: a random entity of any type that the context mentions.
+
+    Args:
+        samples: The questions (default: the built-in evaluation set).
+        mode: One of :data:`CHANCE_MODES`.
+        metric: Which of ``METRICS`` scores a guess.
+
+    Returns:
+        The mean over samples of the per-sample expected accuracy.
+    """
+    if mode not in CHANCE_MODES:
+        raise ValueError(f"unknown chance mode {mode!r}; choose one of {', '.join(CHANCE_MODES)}")
+    samples = generate_samples(EVAL_NUM_SAMPLES, EVAL_SEED) if samples is None else samples
+    total = 0.0
+    for s in samples:
+        if mode == "type_pool":
+            guesses = list(ENTITY_POOLS[_entity_type(s.answer)])
+        else:
+            found = _context_entities(s.context)
+            guesses = found[_entity_type(s.answer)] if mode == "context_same_type" else sum(found.values(), [])
+        total += sum(score(g, s.answer)[metric] for g in guesses) / len(guesses)
+    return total / max(len(samples), 1)

@@ -1,0 +1,301 @@
+"""Translators as Hugging Face artifacts: a folder (or Hub repo) with ``model.safetensors``, ``config.json`` and a
+generated ``README.md`` model card, loadable without Lightning or the training code.
+
+``config.json`` holds what a user needs to apply and check the translator: the hidden sizes, the architecture as a
+``{class_path, init_args}`` spec of :mod:`activation_transfer.translators.architectures`, ``normalize``, the sender and
+receiver identities (the evaluation's identity check reads them through ``hparams``), the training loss and metrics.
+
+:class:`PretrainedTranslator` uses ``huggingface_hub.PyTorchModelHubMixin``, so ``push_to_hub`` works when a hub is
+reachable and :func:`from_pretrained` accepts a Hub id as well as a local folder. Its ``translate`` gives the same
+numbers as ``TranslatorModule.translate`` of the checkpoint it was exported from (both call :func:`apply_translator`
+on the same weights).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub import ModelCard, PyTorchModelHubMixin
+from torch import nn
+
+from activation_transfer.io import atomic_output, atomic_write, fingerprint, sha256_file, write_json
+from activation_transfer.translators.architectures import build_translator, translator_spec
+
+EXPORT_FORMAT = "activation-transfer-translator"
+EXPORT_FORMAT_VERSION = 1
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+# Building a translator imports its class_path: configs from elsewhere (the Hub) may name only the project's own
+# architectures unless the caller trusts them.
+TRUSTED_CLASS_PREFIX = "activation_transfer.translators.architectures."
+
+
+def apply_translator(translator: nn.Module, x: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """THE translation of sender vectors ``(..., d_s)``: cast to the translator's dtype, L2-normalize (if on), map.
+
+    The output is not re-normalized (the paper injects the translator's output as it is).
+    """
+    x = x.to(dtype=next(translator.parameters()).dtype)
+    return translator(F.normalize(x, dim=-1) if normalize else x)
+
+
+def _finite(metrics: Mapping | None) -> dict:
+    """Metrics as plain floats; NaN/inf (a diverged run) become None, since JSON has no such numbers."""
+    out = {}
+    for key, value in (metrics or {}).items():
+        v = None if value is None else float(value.item() if hasattr(value, "item") else value)
+        out[str(key)] = v if v is not None and math.isfinite(v) else None
+    return out
+
+
+class PretrainedTranslator(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="activation-transfer",
+    tags=["activation-transfer", "translator"],
+    paper_url="https://arxiv.org/abs/2606.03280",
+):
+    """A trained translator with everything needed to apply it: what ``from_pretrained`` returns.
+
+    Args:
+        sender_dim: Sender hidden size.
+        receiver_dim: Receiver hidden size.
+        translator: The architecture as ``{class_path, init_args}`` (``TranslatorModule.hparams.translator``).
+        normalize: L2-normalize inputs before the map (the paper's normalized space).
+        sender: Identity of the sender model and layer it was trained on (``LoadedModel.identity()``).
+        receiver: Identity of the receiver model and layer.
+        loss: Training loss (``cosine`` or ``mse``), for the record.
+        metrics: Training metrics (validation values, best score), for the record.
+        source: Where it came from (checkpoint file name and SHA-256, W&B run), for the record.
+        training: How a functional translator was trained (objective, slot spec, protocol), for the record; absent
+            for aligned translators.
+        dtype: Dtype of the weights (``float32`` unless trained otherwise).
+        export_format: Format tag of ``config.json``.
+        export_format_version: Version of that format.
+    """
+
+    def __init__(
+        self,
+        sender_dim: int,
+        receiver_dim: int,
+        translator: dict,
+        normalize: bool = True,
+        sender: dict | None = None,
+        receiver: dict | None = None,
+        loss: str | None = None,
+        metrics: dict | None = None,
+        source: dict | None = None,
+        training: dict | None = None,
+        dtype: str = "float32",
+        export_format: str = EXPORT_FORMAT,
+        export_format_version: int = EXPORT_FORMAT_VERSION,
+    ):
+        super().__init__()
+        if export_format != EXPORT_FORMAT or int(export_format_version) > EXPORT_FORMAT_VERSION:
+            raise ValueError(f"not an {EXPORT_FORMAT} v<={EXPORT_FORMAT_VERSION} config: {export_format} "
+                             f"v{export_format_version}")  # fmt: skip
+        self.config = {
+            "sender_dim": int(sender_dim),
+            "receiver_dim": int(receiver_dim),
+            "translator": translator_spec(translator),
+            "normalize": bool(normalize),
+            "sender": sender,
+            "receiver": receiver,
+            "loss": loss,
+            "metrics": _finite(metrics),
+            "source": dict(source or {}),
+            "dtype": dtype,
+            "export_format": EXPORT_FORMAT,
+            "export_format_version": EXPORT_FORMAT_VERSION,
+        }
+        if training is not None:  # only functional translators have it: aligned exports stay as they were
+            self.config["training"] = dict(training)
+        self.translator = build_translator(self.config["translator"], int(sender_dim), int(receiver_dim))
+        self.translator.to(getattr(torch, dtype))
+        self.requires_grad_(False)
+        self.eval()
+
+    @property
+    def hparams(self) -> dict:
+        """The identities and dimensions under ``TranslatorModule.hparams``' names (for the identity check)."""
+        return {k: self.config[k] for k in ("sender_dim", "receiver_dim", "translator", "normalize", "sender",
+                                            "receiver", "loss")}  # fmt: skip
+
+    def translate(self, x: torch.Tensor) -> torch.Tensor:
+        """Map sender vectors ``(..., d_s)`` to ``(..., d_r)``: L2-normalize (if on), then apply the translator."""
+        return apply_translator(self.translator, x, self.config["normalize"])
+
+    forward = translate
+
+    # -- the Hub mixin's hooks: every file written atomically, the config and card always the current ones ---------
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        from safetensors.torch import save_model
+
+        with atomic_output(Path(save_directory) / WEIGHTS_NAME) as tmp:
+            save_model(self, str(tmp))
+        write_json(Path(save_directory) / CONFIG_NAME, self.config)
+        atomic_write(Path(save_directory) / "README.md", str(self.generate_model_card()))
+
+    def generate_model_card(self, *args, **kwargs) -> ModelCard:
+        """A card stating what the translator maps, how it was trained and how to load it (no template engine)."""
+        c = self.config
+        metrics = "\n".join(f"| {k} | {v if v is None else f'{v:.4f}'} |" for k, v in sorted(c["metrics"].items()))
+
+        def model(role: str) -> str:
+            ident = c[role] or {}
+            return f"`{ident.get('name', 'unknown')}` layer `{ident.get('layer', '?')}` (d={c[role + '_dim']})"
+
+        text = f"""---
+library_name: activation-transfer
+tags: [activation-transfer, translator, pytorch_model_hub_mixin]
+---
+
+# Activation translator
+
+Maps the hidden states of the sender {model("sender")} into the residual stream of the receiver {model("receiver")}
+(arXiv 2606.03280). Architecture `{c["translator"]["class_path"]}` with `{json.dumps(c["translator"]["init_args"])}`;
+inputs are {"L2-normalized per vector" if c["normalize"] else "used raw"}, outputs are not re-normalized. Trained
+with the `{c["loss"]}` loss.
+
+| metric | value |
+|---|---|
+{metrics or "| (none recorded) | |"}
+
+```python
+from activation_transfer.translators.export import from_pretrained
+
+translator = from_pretrained("<this folder or Hub id>")
+h_receiver = translator.translate(h_sender)  # (..., {c["sender_dim"]}) -> (..., {c["receiver_dim"]})
+```
+
+`config.json` records the exact model identities; the project's evaluation refuses the translator for other models.
+"""
+        return ModelCard(text)
+
+
+def config_from_hparams(hparams: Mapping, metrics: Mapping | None = None, source: Mapping | None = None) -> dict:
+    """The ``PretrainedTranslator`` arguments from a ``TranslatorModule``'s hparams (a checkpoint's or a live one's).
+
+    Args:
+        hparams: ``sender_dim``, ``receiver_dim``, ``translator`` and, if present, ``normalize``, ``sender``,
+            ``receiver``, ``loss``, ``training``.
+        metrics: Training metrics to record.
+        source: Provenance to record.
+    """
+    return {
+        "sender_dim": int(hparams["sender_dim"]),
+        "receiver_dim": int(hparams["receiver_dim"]),
+        "translator": translator_spec(hparams["translator"]),
+        "normalize": bool(hparams.get("normalize", True)),
+        "sender": hparams.get("sender"),
+        "receiver": hparams.get("receiver"),
+        "loss": hparams.get("loss"),
+        "metrics": dict(metrics or {}),
+        "source": dict(source or {}),
+        **({"training": dict(hparams["training"])} if hparams.get("training") else {}),
+    }
+
+
+def save_pretrained(folder: str | Path, translator: nn.Module, config: Mapping) -> Path:
+    """Write ``translator`` (the bare architecture module) with its ``config`` as a loadable folder.
+
+    Args:
+        folder: Output folder (created; its model files are replaced).
+        translator: The ``nn.Module`` built from ``config["translator"]`` (``TranslatorModule.translator``).
+        config: ``PretrainedTranslator`` arguments, e.g. from :func:`config_from_hparams`.
+    """
+    dtype = str(next(translator.parameters()).dtype).removeprefix("torch.")
+    out = PretrainedTranslator(**{**config, "dtype": dtype})
+    out.translator.load_state_dict(translator.state_dict(), strict=True)
+    out.save_pretrained(folder)
+    return Path(folder)
+
+
+def checkpoint_translator(ckpt_path: str | Path, metrics: Mapping | None = None) -> PretrainedTranslator:
+    """The translator of a ``TranslatorModule`` (or functional) checkpoint, read safely (``weights_only=True``),
+    without Lightning."""
+    ckpt = torch.load(str(ckpt_path), map_location="cpu", weights_only=True)
+    hparams = ckpt.get("hyper_parameters") or {}
+    if "translator" not in hparams or "sender_dim" not in hparams:
+        raise ValueError(f"{ckpt_path} is not a TranslatorModule checkpoint (no translator hparams)")
+    state = {k.removeprefix("translator."): v for k, v in ckpt["state_dict"].items() if k.startswith("translator.")}
+    dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
+    source = {"checkpoint": Path(ckpt_path).name, "checkpoint_sha256": sha256_file(ckpt_path),
+              "epoch": ckpt.get("epoch"), "global_step": ckpt.get("global_step")}  # fmt: skip
+    out = PretrainedTranslator(**config_from_hparams(hparams, metrics, source), dtype=dtype)
+    out.translator.load_state_dict(state, strict=True)
+    return out
+
+
+def is_functional_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is a FunctionalTranslatorModule checkpoint (its hparams record ``training``); False for any
+    other file, readable or not (the caller reports unreadable files)."""
+    try:
+        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 (any unreadable file is "not functional"; the aligned loader says why)
+        return False
+    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    return isinstance(hparams, dict) and bool(hparams.get("training")) and "translator" in hparams
+
+
+def export_from_checkpoint(ckpt_path: str | Path, folder: str | Path, metrics: Mapping | None = None) -> Path:
+    """Export a ``TranslatorModule`` checkpoint as a ``from_pretrained`` folder; returns the folder."""
+    checkpoint_translator(ckpt_path, metrics).save_pretrained(folder)
+    return Path(folder)
+
+
+def is_pretrained_folder(path: str | Path) -> bool:
+    """Whether ``path`` is a folder written by :func:`save_pretrained` (weights and config present)."""
+    p = Path(path)
+    return p.is_dir() and (p / WEIGHTS_NAME).is_file() and (p / CONFIG_NAME).is_file()
+
+
+def from_pretrained(
+    folder_or_hub_id: str | Path, map_location: str = "cpu", trust_class_path: bool = False, **hub_kwargs
+) -> PretrainedTranslator:
+    """Load an exported translator from a local folder or a Hugging Face Hub repo, frozen and in eval mode.
+
+    Args:
+        folder_or_hub_id: A folder from :func:`save_pretrained`, or ``<user>/<repo>`` on the Hub.
+        map_location: Device of the weights.
+        trust_class_path: Build a ``class_path`` outside ``activation_transfer.translators.architectures`` (importing
+            it runs its module's code).
+        hub_kwargs: ``revision``, ``cache_dir``, ``token``, ``local_files_only``, ... for a Hub id.
+
+    Raises:
+        FileNotFoundError: A local path that is not an exported folder.
+        ValueError: A config of another format, or an untrusted ``class_path``.
+    """
+    local = Path(folder_or_hub_id)
+    if not local.exists():
+        from huggingface_hub import snapshot_download
+
+        local = Path(snapshot_download(str(folder_or_hub_id), allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, "README.md"],
+                                       **hub_kwargs))  # fmt: skip
+    if not is_pretrained_folder(local):
+        raise FileNotFoundError(f"{local} is not an exported translator folder ({WEIGHTS_NAME} + {CONFIG_NAME})")
+    config = json.loads((local / CONFIG_NAME).read_text())
+    class_path = str((config.get("translator") or {}).get("class_path", ""))
+    if not trust_class_path and not class_path.startswith(TRUSTED_CLASS_PREFIX):
+        raise ValueError(f"{folder_or_hub_id}: translator class_path {class_path!r} is not one of the project's; "
+                         "pass trust_class_path=True to import it")  # fmt: skip
+    from safetensors.torch import load_model
+
+    model = PretrainedTranslator(**config)
+    # strict: a missing or extra tensor is an error, never silently random weights (the mixin's loader is lenient).
+    load_model(model, str(local / WEIGHTS_NAME), strict=True, device=map_location)
+    return model.eval()
+
+
+def translator_sha256(path: str | Path) -> str:
+    """A content hash of a translator: the file's SHA-256 for a checkpoint, of weights and config for a folder."""
+    p = Path(path)
+    if is_pretrained_folder(p):
+        return fingerprint({name: sha256_file(p / name) for name in (WEIGHTS_NAME, CONFIG_NAME)})
+    return sha256_file(p)

@@ -1,0 +1,136 @@
+"""Functional translator training, the tensor side: what the receiver reads and what the loss compares.
+
+A functional translator is trained *for use*: its slot vectors are written into the frozen receiver at block Lr
+(:mod:`activation_transfer.injection.slots`' layout) and the loss is measured on the receiver's answer. One batch
+(:func:`build_batch`) holds three token layouts, all left padded so that every row's question + answer tokens sit
+in the last columns:
+
+* ``sender``: the sender's prompt ``context part + question part`` (the context positions feed the slots);
+* ``student``: the receiver's ``[slot] * K + question part + " {answer}" + EOS`` (teacher forcing on the gold answer);
+* ``teacher``: the receiver's full prompt ``context part + question part + " {answer}" + EOS``, used by ``distill``
+  (teacher logits) and by the MSE regulariser (the receiver's own block-Lr states at its context positions).
+
+Student and teacher rows end with the same answer tokens, so the positions that predict them (``labels`` != -100
+after the shift) pair up one to one, row by row, in both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from activation_transfer.injection.slots import SlotSpec, encode_parts, receiver_batch, sender_batch
+
+IGNORE = -100
+OBJECTIVES = ("answer_ce", "distill")
+
+
+def check_objective(objective: str) -> None:
+    if objective not in OBJECTIVES:
+        raise ValueError(f"model.objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+
+
+def answer_rows(tokenizer, answers: Sequence[str], max_answer_tokens: int) -> list[list[int]]:
+    """Token ids of `` {answer}`` (right truncation) followed by EOS: what the receiver must produce."""
+    rows = tokenizer([" " + a for a in answers], add_special_tokens=False, truncation=True,
+                     max_length=max_answer_tokens)["input_ids"]  # fmt: skip
+    return [list(r) + [tokenizer.eos_token_id] for r in rows]
+
+
+def answer_labels(input_ids: torch.Tensor, answer_lengths: Sequence[int]) -> torch.Tensor:
+    """``input_ids`` on each row's last ``answer_lengths[i]`` columns (the answer and EOS), ``IGNORE`` elsewhere."""
+    labels = torch.full_like(input_ids, IGNORE)
+    width = input_ids.shape[1]
+    for i, n in enumerate(answer_lengths):
+        labels[i, width - int(n) :] = input_ids[i, width - int(n) :]
+    return labels
+
+
+def build_batch(samples, sender_tokenizer, receiver_tokenizer, spec: SlotSpec, max_question_tokens: int,
+                max_answer_tokens: int, answer_ids: Sequence[Sequence[int]] | None = None) -> dict:  # fmt: skip
+    """Tokenize QA samples (``context``, ``question``, ``answer``) into the three layouts of the module docstring.
+
+    ``answer_ids`` (receiver token rows ending with EOS, e.g. the full-context receiver's own greedy answers) replace
+    the gold answers as the teacher-forced sequence when given.
+
+    Returns:
+        ``{"sender": sender_batch(...), "student": receiver_batch(...) + labels, "teacher": sender_batch(...) of the
+        receiver's full prompt + labels, "slot_counts": [K_i]}``.
+
+    Raises:
+        ValueError: A sample whose context part has no token (no slot could carry it).
+    """
+    contexts = [s.context for s in samples]
+    questions = [s.question for s in samples]
+    s_ctx, s_q = encode_parts(sender_tokenizer, contexts, questions, spec.max_context_tokens, max_question_tokens)
+    r_ctx, r_q = encode_parts(receiver_tokenizer, contexts, questions, spec.max_context_tokens, max_question_tokens)
+    if any(not c for c in s_ctx):
+        raise ValueError("a sample's context part has no sender token; the split protocol needs a context")
+    if answer_ids is None:
+        answers = answer_rows(receiver_tokenizer, [s.answer for s in samples], max_answer_tokens)
+    else:
+        answers = [list(a) for a in answer_ids]
+    lengths = [len(a) for a in answers]
+    counts = [spec.count(len(c)) for c in s_ctx]
+    slot_id = receiver_tokenizer.eos_token_id if spec.token_id is None else int(spec.token_id)
+    qa = [q + a for q, a in zip(r_q, answers, strict=True)]
+    student = receiver_batch(qa, counts, slot_id, receiver_tokenizer.eos_token_id)
+    student["labels"] = answer_labels(student["input_ids"], lengths)
+    teacher = sender_batch(r_ctx, qa, receiver_tokenizer.eos_token_id)
+    teacher["labels"] = answer_labels(teacher["input_ids"], lengths)
+    return {
+        "sender": sender_batch(s_ctx, s_q, sender_tokenizer.eos_token_id),
+        "student": student,
+        "teacher": teacher,
+        "slot_counts": counts,
+    }
+
+
+def full_prompts(samples, receiver_tokenizer, spec: SlotSpec, max_question_tokens: int) -> dict:
+    """The receiver's full prompts ``context part + question part`` (left padded): what the teacher answers."""
+    ctx, qst = encode_parts(receiver_tokenizer, [s.context for s in samples], [s.question for s in samples],
+                            spec.max_context_tokens, max_question_tokens)  # fmt: skip
+    return sender_batch(ctx, qst, receiver_tokenizer.eos_token_id)
+
+
+def until_eos(rows: torch.Tensor, eos_id: int) -> list[list[int]]:
+    """Generated token rows cut after their first EOS (one is appended where none was generated)."""
+    out = []
+    for row in rows.tolist():
+        out.append(row[: row.index(eos_id) + 1] if eos_id in row else [*row, eos_id])
+    return out
+
+
+def context_vectors(states: torch.Tensor, slices: Sequence[slice], spec: SlotSpec) -> list[torch.Tensor]:
+    """Per row the slot-source vectors ``(K_i, H)`` picked by ``spec`` from its context positions of ``states``."""
+    return [spec.pick(states[i, sl]) for i, sl in enumerate(slices)]
+
+
+def answer_logits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits ``(N, V)`` of the N positions that predict an answer token, and those tokens ``(N,)``."""
+    shifted = labels[:, 1:]
+    keep = shifted != IGNORE
+    return logits[:, :-1][keep], shifted[keep]
+
+
+def answer_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the gold answer tokens (EOS included), over all answer tokens of the batch."""
+    return F.cross_entropy(logits.float(), targets)
+
+
+def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student) per answer position, averaged over positions (scaled by T^2, as usual)."""
+    t = float(temperature)
+    s = F.log_softmax(student_logits.float() / t, dim=-1)
+    p = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    return F.kl_div(s, p, log_target=True, reduction="batchmean") * t * t
+
+
+def answer_accuracy(logits: torch.Tensor, targets: torch.Tensor, answer_lengths: Sequence[int]) -> dict:
+    """Teacher-forced token accuracy and the fraction of rows whose every answer token (EOS included) is the argmax:
+    exactly the rows that greedy decoding answers with the gold answer, computed without decoding."""
+    right = (logits.argmax(dim=-1) == targets).float()
+    rows = torch.split(right, [int(n) for n in answer_lengths])
+    return {"token_acc": right.mean(), "exact": torch.stack([r.min() for r in rows]).mean()}

@@ -1,0 +1,343 @@
+"""The two LightningCLIs: ``train.py`` (translator training) and ``evaluate.py`` (injection evaluation).
+
+Configs go after the subcommand::
+
+    python train.py fit -c configs/train/tiny.yaml
+    python evaluate.py test -c configs/eval/tiny.yaml --model.translator_ckpt runs/tiny/checkpoints/best-02-15.ckpt
+
+Both share :class:`ProjectCLI`: OmegaConf parsing, the project's INFO lines on the console, the config saved beside
+the run, one output root per run (``--trainer.default_root_dir``: checkpoints, W&B files and run folders all go
+under it), and one explicit step before anything is instantiated that trains (or reuses) every ``organism:<role>``
+model the config names. Model *names* are only ever resolved afterwards, and resolving never trains.
+
+Training's defaults are the paper's recipe (``TRAINER_DEFAULTS`` and the classes' own defaults), so an experiment
+config states only what differs. Training links the data module's hidden sizes and model identities (read from the
+activation store manifest) into the TranslatorModule at instantiation time, so a config never states them.
+``--print_config`` exits before instantiation and therefore loads no model and extracts nothing. Evaluation offers
+only ``test``; the translator is ``--model.translator_ckpt``, never the subcommand's ``--ckpt_path`` (that one would
+try to restore the evaluation module itself and is refused).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import yaml
+from jsonargparse import Namespace
+from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.cli import ArgsType, LightningCLI
+
+from activation_transfer.translators.architectures import LinearTranslator, MLPTranslator  # noqa: F401 (short class_path)
+from callbacks.progress import progress_callbacks
+from callbacks.save_config import LoggerSaveConfigCallback
+from cli.console import eval_summary, setup_logging, train_summary
+from cli.organisms import ensure_organisms, organism_names
+from datamodules.activation_pairs import ActivationPairDataModule, RecordPairIndices  # noqa: F401 (short class_path)
+from datamodules.multihop_qa import MultiHopQADataModule
+from datamodules.qa_training import QATrainingDataModule
+from lightning_modules.functional_translator import FunctionalTranslatorModule
+from lightning_modules.injection_eval import InjectionEvalModule
+from lightning_modules.translator import TranslatorModule
+
+
+def finish_wandb(trainer) -> None:
+    """Close the W&B runs of a finished subcommand, so a next ``main()`` in the same process starts a new run
+    (WandbLogger leaves its run open, and a second WandbLogger would silently log into the first run)."""
+    from pytorch_lightning.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger) and logger._experiment is not None:
+            logger.experiment.finish()
+
+
+def _class_of(entry) -> type | None:
+    """The class a parsed ``{class_path, init_args}`` entry names (None for anything else)."""
+    path = entry.get("class_path") if isinstance(entry, Namespace) else None
+    if not path or "." not in path:
+        return None
+    module, _, name = path.rpartition(".")
+    return getattr(importlib.import_module(module), name, None)
+
+
+def _as_list(value) -> list:
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def group_runs(config: Namespace) -> None:
+    """A W&B logger without a ``group`` gets the config file's name, so ``train.py -c configs/train/X.yaml`` and
+    ``evaluate.py -c configs/eval/X.yaml`` land in one group ``X``."""
+    files = [str(p) for p in (config.get("config") or []) if p]
+    if not files:
+        return
+    for logger in _as_list(config.trainer.get("logger")):
+        cls = _class_of(logger)
+        args = logger.get("init_args") if cls is not None else None
+        if cls is not None and cls.__name__ == "WandbLogger" and args is not None and not args.get("group"):
+            args["group"] = Path(files[-1]).stem
+
+
+def use_one_output_root(trainer: Namespace) -> None:
+    """Make ``trainer.default_root_dir`` the one folder a run writes to, so no config repeats an output path.
+
+    A logger without an explicit ``save_dir`` (None, or ``"."``, WandbLogger's default: both mean "here") gets the
+    root, so W&B files land in ``<root>/wandb/``; a ModelCheckpoint without a ``dirpath`` writes to
+    ``<root>/checkpoints`` instead of Lightning's ``<save_dir>/<project>/<run id>/checkpoints``. Explicit values win.
+    """
+    root = trainer.get("default_root_dir") or "."
+    for logger in _as_list(trainer.get("logger")):
+        args = logger.get("init_args") if isinstance(logger, Namespace) else None
+        if args is not None and "save_dir" in args and args.get("save_dir") in (None, ".") and not args.get("dir"):
+            args["save_dir"] = root
+    for callback in _as_list(trainer.get("callbacks")):
+        cls = _class_of(callback)
+        if cls is not None and issubclass(cls, ModelCheckpoint):
+            if callback.get("init_args") is None:
+                callback["init_args"] = Namespace()
+            if callback.init_args.get("dirpath") is None:
+                callback.init_args["dirpath"] = str(Path(root) / "checkpoints")
+
+
+# W&B's folders besides the run's own (sub-folders of ``<root>/wandb``): unset, they default to the home folder
+# (~/.cache/wandb, ~/.local/share/wandb/artifacts/staging, ~/.config/wandb) and fill with files every run.
+WANDB_FOLDERS = {
+    "WANDB_DIR": None,  # the root itself: W&B puts its runs into <WANDB_DIR>/wandb
+    "WANDB_CACHE_DIR": "cache",
+    "WANDB_DATA_DIR": "data",
+    "WANDB_ARTIFACT_DIR": "artifacts",
+    "WANDB_CONFIG_DIR": "config",
+}
+
+
+def keep_wandb_under(root: str | Path) -> None:
+    """Point W&B's folders that the user did not set at ``root`` (see ``WANDB_FOLDERS``); see :func:`restored_env`."""
+    root = Path(root).resolve()
+    for var, sub in WANDB_FOLDERS.items():
+        if not os.environ.get(var):
+            os.environ[var] = str(root if sub is None else root / "wandb" / sub)
+
+
+@contextlib.contextmanager
+def restored_env(names) -> Iterator[None]:
+    """Restore the environment variables ``names`` on exit: a CLI's settings end with it (tests and the demo run
+    several CLIs in one process)."""
+    saved = {name: os.environ.get(name) for name in names}
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def show_progress(trainer: Namespace) -> None:
+    """A progress bar on a terminal, plain progress lines in a log (``callbacks.progress``): never a silent run."""
+    enable, extra = progress_callbacks(trainer.get("enable_progress_bar"))
+    trainer["enable_progress_bar"] = enable
+    if extra:
+        plain = Namespace(class_path="callbacks.progress.PlainProgress", init_args=Namespace(every_seconds=30.0))
+        trainer["callbacks"] = [*_as_list(trainer.get("callbacks") or []), plain]
+
+
+class ProjectCLI(LightningCLI):
+    """What both entry points share: one output root (W&B's folders included), and organisms trained explicitly
+    before instantiation."""
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        use_one_output_root(config.trainer)
+        show_progress(config.trainer)
+        group_runs(config)
+        keep_wandb_under(config.trainer.get("default_root_dir") or ".")  # before the logger exists
+        names = organism_names(config.as_dict())
+        if names:
+            # Subclass-mode configs (the functional trainer) hold the options under init_args.
+            data, model = ((config.get(k) or {}).get("init_args") or config.get(k) or {} for k in ("data", "model"))
+            ensure_organisms(names, cache_dir=data.get("cache_dir") or model.get("cache_dir"))
+
+
+# The paper's training recipe (arXiv 2606.03280, sections 2-3) as the trainer's defaults: 30 epochs, gradient-norm
+# clipping 1.0, W&B logging, and the best-validation-loss checkpoint kept (plus last.ckpt, to resume). A config
+# states only what differs.
+TRAINER_DEFAULTS = {
+    "trainer.max_epochs": 30,
+    "trainer.gradient_clip_val": 1.0,
+    "trainer.gradient_clip_algorithm": "norm",
+    "trainer.logger": {
+        "class_path": "pytorch_lightning.loggers.WandbLogger",
+        "init_args": {"project": "activation-transfer", "job_type": "train"},
+    },
+    "trainer.callbacks": [
+        # The best translator as a W&B `model` artifact (aliases best/latest) and as a save_pretrained folder.
+        {"class_path": "callbacks.model_artifact.TranslatorArtifactCallback"},
+        # Last in the list, so `--trainer.callbacks.monitor ...` on the command line reaches the checkpoint.
+        {
+            "class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
+            # No metric in the file name: "val/loss" would create a sub-folder.
+            "init_args": {
+                "monitor": "val/loss",
+                "mode": "min",
+                "filename": "best-{epoch:02d}-{step}",
+                "auto_insert_metric_name": False,
+                # last.ckpt: what `fit --ckpt_path last` resumes from after an interruption.
+                "save_last": True,
+            },
+        },
+    ],
+}
+
+
+class TrainCLI(ProjectCLI):
+    """LightningCLI for TranslatorModule + ActivationPairDataModule with the store-derived values linked."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.set_defaults(TRAINER_DEFAULTS)
+        for src, dst in (
+            ("data.sender_dim", "model.sender_dim"),
+            ("data.receiver_dim", "model.receiver_dim"),
+            ("data.sender_identity", "model.sender"),
+            ("data.receiver_identity", "model.receiver"),
+        ):
+            parser.link_arguments(src, dst, apply_on="instantiate")
+
+
+class FunctionalTrainCLI(ProjectCLI):
+    """``train.py`` for translators trained *for use*: FunctionalTranslatorModule + QATrainingDataModule, written
+    in the config as ``model.class_path`` / ``data.class_path`` (which is how :func:`train_main` picks this CLI)."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.set_defaults(TRAINER_DEFAULTS)
+
+    def _parse_ckpt_path(self) -> None:
+        # The module's hparams hold derived identities (dims, model digests) that are no __init__ arguments, so
+        # they cannot be re-parsed over the config: the config rebuilds the module, the checkpoint restores the
+        # translator's weights, the optimizer and the loop state.
+        return
+
+
+def _named_model(value) -> str | None:
+    """The model class named by a parsed config's ``model`` entry (``{class_path: ...}`` or a class name)."""
+    if isinstance(value, dict):
+        value = value.get("class_path")
+    return value if isinstance(value, str) else None
+
+
+def wants_functional(args: ArgsType = None) -> bool:
+    """Whether a ``train.py`` command line asks for FunctionalTranslatorModule: a config file (``-c``/``--config``)
+    or ``--model``/``--model.class_path`` naming it as the model's class_path (the last one given wins)."""
+    if isinstance(args, dict | Namespace):
+        args = args.as_dict() if isinstance(args, Namespace) else args
+        sub = args.get("fit", args)
+        named = [_named_model(sub.get("model"))]
+    else:
+        argv = list(sys.argv[1:] if args is None else args)
+        named = []
+        for i, arg in enumerate(argv):
+            key, eq, value = arg.partition("=")
+            if not eq:
+                value = argv[i + 1] if i + 1 < len(argv) else ""
+            if key in ("-c", "--config") and Path(value).is_file():
+                doc = yaml.safe_load(Path(value).read_text())
+                named.append(_named_model(doc.get("model")) if isinstance(doc, dict) else None)
+            elif key in ("--model", "--model.class_path"):
+                named.append(value)
+    named = [n for n in named if n]
+    return bool(named) and named[-1].rsplit(".", 1)[-1] == FunctionalTranslatorModule.__name__
+
+
+# Evaluation logs to W&B (summary metrics, per-sample table, plot, results artifact) unless a config says otherwise.
+EVAL_TRAINER_DEFAULTS = {
+    "trainer.logger": {
+        "class_path": "pytorch_lightning.loggers.WandbLogger",
+        "init_args": {"project": "activation-transfer", "job_type": "eval"},
+    },
+    "trainer.callbacks": [{"class_path": "callbacks.eval_logging.EvalLoggingCallback"}],
+}
+
+
+class EvalCLI(ProjectCLI):
+    """Only the ``test`` subcommand; the resolved config also goes into the evaluation's run folder."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.set_defaults(EVAL_TRAINER_DEFAULTS)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {"test": {"model", "dataloaders", "datamodule"}}
+
+    def _parse_ckpt_path(self) -> None:
+        # Refuse before Lightning re-parses the checkpoint's hparams over this module's config (a translator's
+        # hparams do not fit InjectionEvalModule and would fail with an obscure parse error).
+        if self.config.get("subcommand") and self.config[self.config.subcommand].get("ckpt_path"):
+            raise ValueError(
+                "evaluate.py does not take --ckpt_path: pass the translator checkpoint as --model.translator_ckpt"
+            )
+
+    def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):
+        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
+        parser.set_defaults(verbose=False)  # evaluate.py prints its own per-condition table (console.eval_summary)
+        return parser
+
+    def before_test(self) -> None:
+        self.model.resolved_config = self._parser("test").dump(self.config["test"], skip_none=False)
+
+    def after_test(self) -> None:
+        if self.trainer.is_global_zero:
+            print(eval_summary(self.model), flush=True)
+
+
+def train_main(args: ArgsType = None, run: bool = True) -> TrainCLI | FunctionalTrainCLI:
+    """Build and run the training CLI: FunctionalTrainCLI when the config's ``model.class_path`` is
+    FunctionalTranslatorModule (:func:`wants_functional`), else TrainCLI.
+
+    Args:
+        args: Command-line arguments (None: ``sys.argv``), e.g. ``["fit", "-c", "configs/train/tiny.yaml"]``.
+        run: Run the subcommand (False: only instantiate, for tests).
+    """
+    setup_logging()
+    if wants_functional(args):
+        cli_class, classes = FunctionalTrainCLI, (FunctionalTranslatorModule, QATrainingDataModule)
+        subclass_mode = {"subclass_mode_model": True, "subclass_mode_data": True}
+    else:
+        cli_class, classes, subclass_mode = TrainCLI, (TranslatorModule, ActivationPairDataModule), {}
+    with restored_env(WANDB_FOLDERS):
+        cli = cli_class(
+            *classes,
+            **subclass_mode,
+            save_config_callback=LoggerSaveConfigCallback,
+            parser_kwargs={"parser_mode": "omegaconf"},
+            seed_everything_default=42,  # the paper's first seed
+            # The schedule is the module's (AdamW, warmup + linear decay); --optimizer would silently replace it.
+            auto_configure_optimizers=False,
+            args=args,
+            run=run,
+        )
+        if run and cli.subcommand == "fit" and cli.trainer.is_global_zero:
+            print(train_summary(cli.trainer), flush=True)
+        if run:
+            finish_wandb(cli.trainer)
+    return cli
+
+
+def eval_main(args: ArgsType = None) -> EvalCLI:
+    """Run the evaluation CLI; ``args`` replaces ``sys.argv[1:]`` when given (tests pass a list)."""
+    setup_logging()
+    with restored_env(WANDB_FOLDERS):
+        cli = EvalCLI(
+            InjectionEvalModule,
+            MultiHopQADataModule,
+            parser_kwargs={"parser_mode": "omegaconf"},
+            save_config_callback=LoggerSaveConfigCallback,
+            seed_everything_default=0,
+            auto_configure_optimizers=False,  # nothing is optimized in an evaluation
+            args=args,
+        )
+        # Close the W&B run: a later CLI in the same process (the demo, tests) would otherwise log into this one.
+        finish_wandb(cli.trainer)
+    return cli

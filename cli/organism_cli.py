@@ -1,0 +1,68 @@
+"""LightningCLI that trains an offline model organism and exports it in Hugging Face format.
+
+Usage (configs after the subcommand)::
+
+    python organism.py fit -c configs/organisms/receiver.yaml --export_dir /tmp/receiver
+
+``--export_dir`` receives ``save_pretrained`` output of the model and the tokenizer after ``fit``, so the rest of the
+project loads the organism by path through ``load_model`` / ``load_tokenizer``. Most callers should use
+``cli.organisms.ensure_organism``, which caches the export by a hash of the config.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from pytorch_lightning.cli import ArgsType, LightningCLI
+
+from datamodules.organism_text import OrganismTextDataModule
+from lightning_modules.causal_lm import CausalLMModule
+
+log = logging.getLogger(__name__)
+
+
+class OrganismCLI(LightningCLI):
+    """Links the tokenizer's vocabulary into the model and exports the trained model after ``fit``."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        # The vocabulary size is a property of the loaded tokenizer, so it is linked at instantiation time.
+        parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
+        parser.add_argument(
+            "--export_dir",
+            type=str | None,
+            default=None,
+            help="Folder that receives the trained model and tokenizer (save_pretrained) after fit.",
+        )
+
+    def after_instantiate_classes(self) -> None:
+        max_length = self.datamodule.hparams.max_length
+        max_pos = self.model.hparams.max_position_embeddings
+        if max_length > max_pos:
+            raise ValueError(f"data.max_length={max_length} exceeds model.max_position_embeddings={max_pos}")
+
+    def after_fit(self) -> None:
+        export_dir = self.config[self.subcommand].get("export_dir")
+        if export_dir and self.trainer.is_global_zero:
+            self.model.export(export_dir, self.datamodule.tokenizer)
+            log.info("exported the organism to %s", export_dir)
+
+
+def cli_kwargs() -> dict:
+    """Arguments of every ``OrganismCLI`` (shared with the parse-only use in ``components.organisms``)."""
+    return dict(
+        model_class=CausalLMModule,
+        datamodule_class=OrganismTextDataModule,
+        parser_kwargs={"parser_mode": "omegaconf"},
+        # Each organism trains into its own folder, but reruns into the same folder must not abort.
+        save_config_kwargs={"overwrite": True},
+        seed_everything_default=0,
+    )
+
+
+def main(args: ArgsType = None) -> OrganismCLI:
+    """Run the organism CLI (``fit``/``validate``/...); ``args`` replaces ``sys.argv[1:]`` when given."""
+    return OrganismCLI(**cli_kwargs(), args=args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,255 @@
+"""Offline model organisms: small GPT-NeoX QA models trained on the built-in generator, cached in HF format.
+
+Nothing on the development, CI or GPU machines can download Pythia, and random-weight presets answer nothing. The
+organisms are a sender and a larger receiver (different width and depth, one shared tokenizer) that actually answer
+the generated multi-hop questions, so activation transfer can be tested end to end offline.
+
+- :func:`ensure_organism` returns the Hugging Face folder of the organism a config describes, training it through
+  the organism CLI only when the cache entry ``cache_root()/organisms/<role>-<hash>/`` is missing.
+- ``organism:<role>`` names resolve (never train) through the resolver registered here; :func:`ensure_organisms`
+  is the explicit training step the CLIs and the demo run first.
+- How well an organism answers, and the chance rate, live in ``activation_transfer/task/organism_eval.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import random
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from activation_transfer.io import cache_root
+from activation_transfer.models.frozen_lm import register_resolver
+from activation_transfer.task.tokenizer import offline_tokenizer, tokenizer_fingerprint
+from callbacks.progress import progress_callbacks
+from cli.organism_cli import OrganismCLI, cli_kwargs
+from cli.organism_cli import main as organism_main
+
+log = logging.getLogger(__name__)
+
+# Bump when the training recipe changes in a way the config does not show, so stale cache entries are not reused.
+ORGANISM_FORMAT_VERSION = 1
+MARKER = "organism.json"  # written last inside the temporary folder: its presence means the entry is complete
+# Top-level and trainer keys that do not change the trained weights; they stay out of the cache hash.
+_UNHASHED = ("config", "export_dir", "ckpt_path")
+_UNHASHED_TRAINER = ("logger", "default_root_dir", "enable_progress_bar", "enable_model_summary",
+                     "log_every_n_steps")  # fmt: skip
+_UNHASHED_DATA = ("num_workers", "cache_dir")
+
+
+@contextlib.contextmanager
+def _isolated_cli() -> Iterator[None]:
+    """Run a LightningCLI inside another program without side effects on it.
+
+    Training calls ``seed_everything``: the caller's random, numpy and torch streams are restored afterwards. The
+    CLI gets its arguments through ``args=``; LightningCLI warns when the host program's ``sys.argv`` also holds
+    arguments (pytest's, the demo's), so ``sys.argv`` is cut to the program name meanwhile.
+    """
+    import numpy as np
+
+    py_state, np_state = random.getstate(), np.random.get_state()
+    env = os.environ.get("PL_GLOBAL_SEED")
+    argv = sys.argv
+    with torch.random.fork_rng(devices=[]):
+        try:
+            sys.argv = argv[:1]
+            yield
+        finally:
+            sys.argv = argv
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+            if env is None:
+                os.environ.pop("PL_GLOBAL_SEED", None)
+            else:
+                os.environ["PL_GLOBAL_SEED"] = env
+
+
+def resolved_config(config_path: str, overrides: list[str] | None = None) -> dict:
+    """The fully parsed organism config (defaults filled in, overrides applied), without building anything.
+
+    Args:
+        config_path: An organism YAML (``configs/organisms/*.yaml``).
+        overrides: Extra CLI arguments, e.g. ``["--trainer.max_steps", "40"]``.
+
+    Returns:
+        The config as plain JSON types (``model``, ``data``, ``trainer``, ``seed_everything``, ...).
+    """
+
+    class _ParseOnly(OrganismCLI):
+        def instantiate_classes(self) -> None:  # parsing is all the cache key needs
+            pass
+
+        def after_instantiate_classes(self) -> None:
+            pass
+
+    # Parsing seeds the RNGs (restored by _isolated_cli); its "Seed set to" line is noise for a cache look-up.
+    seed_log = logging.getLogger("lightning_fabric.utilities.seed")
+    level = seed_log.level
+    seed_log.setLevel(logging.WARNING)
+    try:
+        with _isolated_cli():
+            cli = _ParseOnly(**cli_kwargs(), args=["-c", str(config_path), *(overrides or [])], run=False)
+    finally:
+        seed_log.setLevel(level)
+    return json.loads(cli.parser.dump(cli.config, format="json", skip_none=False, skip_validation=True))
+
+
+def config_hash(config: dict, tokenizer_sha256: str = "") -> str:
+    """Short SHA-256 of the parts of a resolved config that decide the trained weights."""
+    cfg = {k: v for k, v in config.items() if k not in _UNHASHED}
+    cfg["trainer"] = {k: v for k, v in (cfg.get("trainer") or {}).items() if k not in _UNHASHED_TRAINER}
+    cfg["data"] = {k: v for k, v in (cfg.get("data") or {}).items() if k not in _UNHASHED_DATA}
+    blob = json.dumps(
+        {"config": cfg, "version": ORGANISM_FORMAT_VERSION, "tokenizer": tokenizer_sha256}, sort_keys=True
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def organism_dir(config_path: str, cache_dir: str | None = None, overrides: list[str] | None = None) -> Path:
+    """Where :func:`ensure_organism` keeps the organism a config describes (the folder may not exist yet)."""
+    config = resolved_config(config_path, overrides)
+    tok_sha = tokenizer_fingerprint(offline_tokenizer((config.get("data") or {}).get("cache_dir") or cache_dir))
+    return cache_root(cache_dir) / "organisms" / f"{Path(config_path).stem}-{config_hash(config, tok_sha)}"
+
+
+def ensure_organism(config_path: str, cache_dir: str | None = None, overrides: list[str] | None = None) -> Path:
+    """Return the Hugging Face folder of the organism ``config_path`` describes, training it only if not cached.
+
+    The cache entry is ``cache_root(cache_dir)/organisms/<role>-<hash>/`` where ``role`` is the config's file stem
+    and ``hash`` covers the resolved config (overrides included), the tokenizer and the recipe version. Training
+    writes into a temporary sibling folder that is renamed into place once complete, so an interrupted or
+    concurrent run never leaves a half-written organism behind. The folder holds ``save_pretrained`` output of the
+    model and tokenizer (load it with ``load_model(str(path))`` / ``load_tokenizer(str(path))``), ``organism.json``
+    (config, hash, training time, final validation metrics) and the training logs under ``training/``.
+
+    Args:
+        config_path: Organism YAML, e.g. ``configs/organisms/receiver.yaml``.
+        cache_dir: Project cache folder (default: ``cache_root()``).
+        overrides: Extra CLI arguments applied after the config, e.g. ``["--trainer.max_steps", "40"]``.
+
+    Returns:
+        The organism's folder.
+    """
+    overrides = list(overrides or [])
+    folder = organism_dir(config_path, cache_dir, overrides)
+    if (folder / MARKER).exists():
+        log.info("reusing the cached organism %s", folder)
+        return folder
+    if folder.exists():  # left by something other than this function (the marker is written before the rename)
+        log.warning("removing the incomplete organism folder %s", folder)
+        shutil.rmtree(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        train_overrides = list(overrides)
+        if cache_dir and not (resolved_config(config_path, overrides).get("data") or {}).get("cache_dir"):
+            # Train with the tokenizer the cache key was computed from (data.cache_dir is not part of the key).
+            train_overrides += ["--data.cache_dir", str(cache_dir)]
+        log.info("training the organism %s (minutes on a CPU; cached afterwards)", folder.name)
+        info = _train(config_path, train_overrides, tmp, folder.name)
+        (tmp / MARKER).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not (folder / MARKER).exists():
+                raise
+            log.info("another process finished %s first; using its organism", folder)  # identical config and seed
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _train(config_path: str, overrides: list[str], out: Path, name: str) -> dict:
+    run_dir = out / "training"
+    logger = {"class_path": "pytorch_lightning.loggers.CSVLogger",
+              "init_args": {"save_dir": str(run_dir), "name": "", "version": ""}}  # fmt: skip
+    # A bar on a terminal, plain lines in a log (the recipe's own setting would leave a log silent for minutes).
+    bar, extra = progress_callbacks(None)
+    progress = [f"--trainer.enable_progress_bar={str(bar).lower()}"] + [
+        "--trainer.callbacks+=callbacks.progress.PlainProgress" for _ in extra
+    ]
+    args = ["fit", "-c", str(config_path), *overrides, *progress, "--trainer.default_root_dir", str(run_dir),
+            f"--trainer.logger={json.dumps(logger)}", "--export_dir", str(out)]  # fmt: skip
+    start = time.perf_counter()
+    with _isolated_cli():
+        cli = organism_main(args)
+    seconds = time.perf_counter() - start
+    metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith(("val/", "train/"))}
+    import transformers
+
+    return {
+        "name": name,
+        "config_path": str(config_path),
+        "overrides": overrides,
+        "config": resolved_config(config_path, overrides),
+        "format_version": ORGANISM_FORMAT_VERSION,
+        "train_seconds": round(seconds, 1),
+        "global_step": int(cli.trainer.global_step),
+        "final_metrics": metrics,
+        "torch_num_threads": torch.get_num_threads(),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    }
+
+
+# --------------------------------------------------------------------------------------------- names
+
+# ``organism:<role>`` names the built-in organism whose recipe is ``configs/organisms/<role>.yaml`` (package data,
+# so a non-editable install finds it too).
+ORGANISM_PREFIX = "organism:"
+ORGANISM_CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "organisms"
+
+
+def organism_config(role: str) -> Path:
+    """The recipe of ``organism:<role>``; raises naming the known roles."""
+    config = ORGANISM_CONFIG_DIR / f"{role}.yaml"
+    if not config.exists():
+        known = sorted(p.stem for p in ORGANISM_CONFIG_DIR.glob("*.yaml"))
+        raise ValueError(f"unknown organism {role!r} in model name 'organism:{role}'; known: {', '.join(known)}")
+    return config
+
+
+def resolve_organism(role: str, cache_dir: str | None = None) -> str:
+    """The cached folder of ``organism:<role>``. Never trains: a missing organism is an error naming the fix."""
+    folder = organism_dir(str(organism_config(role)), cache_dir)
+    if not (folder / MARKER).exists():
+        raise ValueError(
+            f"organism:{role} is not trained yet (no {folder}); train.py, evaluate.py and `make demo` train it on "
+            f"first use, or call cli.organisms.ensure_organisms(['organism:{role}'])"
+        )
+    return str(folder)
+
+
+def organism_names(obj) -> list[str]:
+    """Every ``organism:<role>`` string inside a (nested) config, in order of first appearance."""
+    found: list[str] = []
+    if isinstance(obj, str):
+        found = [obj] if obj.startswith(ORGANISM_PREFIX) else []
+    elif isinstance(obj, dict):
+        found = [n for v in obj.values() for n in organism_names(v)]
+    elif isinstance(obj, list | tuple):
+        found = [n for v in obj for n in organism_names(v)]
+    return list(dict.fromkeys(found))
+
+
+def ensure_organisms(names, cache_dir: str | None = None) -> dict[str, Path]:
+    """Train (or reuse) the organisms that ``names`` mention; the explicit step before any ``organism:`` is loaded."""
+    out = {}
+    for name in organism_names(list(names)):
+        role = name.removeprefix(ORGANISM_PREFIX)
+        log.info("organism %s: checking the cache (training takes minutes on a CPU when it is missing)", name)
+        out[name] = ensure_organism(str(organism_config(role)), cache_dir=cache_dir)
+    return out
+
+
+register_resolver(ORGANISM_PREFIX, resolve_organism)
