@@ -7,6 +7,10 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
+# Another CPU, emulated: ATen without SIMD kernels, MKL limited to SSE4.2 in its compatible mode, one thread. Each of
+# these changes the rounding of fp32 sums (tests/test_markers.py shows it), as a newcomer's CPU would.
+OTHER_CPU := ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=SSE4_2 MKL_CBWR=COMPATIBLE OMP_NUM_THREADS=1
+
 .PHONY: install test test-full lint demo clean
 
 $(BIN)/python:
@@ -26,6 +30,7 @@ lint: install
 
 test: lint
 	$(BIN)/python -m pytest -q
+	env $(OTHER_CPU) $(BIN)/python -m pytest -q -m cross_machine
 
 test-full: lint
 	$(BIN)/python -m pytest -q -m ""

@@ -11,12 +11,15 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import pytest
 import torch
 
 from activation_transfer.models.frozen_lm import ModelRef, load_ref
 from activation_transfer.translators.architectures import LinearTranslator
 from activation_transfer.translators.export import apply_translator
 from lightning_modules.translator import load_translator, load_translator_for
+
+pytestmark = pytest.mark.cross_machine
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 # Written by the tree at commit 250179a (before the components/ layering): a tiny-neox -> tiny-neox-large linear

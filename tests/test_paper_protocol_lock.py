@@ -12,7 +12,11 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 from cli.lightning_cli import eval_main
+
+pytestmark = pytest.mark.cross_machine
 
 FIXTURES = Path(__file__).parent / "fixtures"
 ROOT = Path(__file__).resolve().parents[1]
