@@ -61,8 +61,17 @@ class Progress:
         elif time.monotonic() - self.last >= self.every_seconds or self.done >= self.total:
             self.last = time.monotonic()
             left = eta(elapsed, self.done, self.total)
-            self.log.info("%s: %d/%d, %d %s (%.0f/s), elapsed %s, eta %s", self.desc, self.done, self.total,
-                          self.units, self.unit, rate, fmt_seconds(elapsed), left)  # fmt: skip
+            self.log.info(
+                "%s: %d/%d, %d %s (%.0f/s), elapsed %s, eta %s",
+                self.desc,
+                self.done,
+                self.total,
+                self.units,
+                self.unit,
+                rate,
+                fmt_seconds(elapsed),
+                left,
+            )
 
     def close(self) -> None:
         if self.bar is not None:

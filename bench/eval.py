@@ -75,13 +75,18 @@ def bench_dtype(args, dtype: str, prompts: list[str]) -> None:
     single, t_single = timed(1, args.single_time_limit)
     differ = sum(a != b for a, b in zip(single, batched))
     n, n1 = len(prompts), len(single)
-    print(f"pair={args.pair} ({PAIRS[args.pair]}) dtype={dtype} device={device_name(args.device)} prompts={n} "
-          f"batch_size={args.batch_size} max_new_tokens={args.max_new_tokens} torch={torch.__version__}")  # fmt: skip
+    print(
+        f"pair={args.pair} ({PAIRS[args.pair]}) dtype={dtype} device={device_name(args.device)} prompts={n} "
+        f"batch_size={args.batch_size} max_new_tokens={args.max_new_tokens} torch={torch.__version__}"
+    )
     cut = "" if n1 == n else f" (stopped by --single-time-limit after {n1}/{n} prompts)"
     print(f"one-at-a-time: {n1 / t_single:.2f} samples/s ({t_single:.2f} s){cut}")
     print(f"batched:       {n / t_batched:.2f} samples/s ({t_batched:.2f} s)")
-    print(f"speed-up (samples/s ratio): {(n / t_batched) / (n1 / t_single):.2f}x; "
-          f"answers differing between the two: {differ}/{n1}", flush=True)  # fmt: skip
+    print(
+        f"speed-up (samples/s ratio): {(n / t_batched) / (n1 / t_single):.2f}x; "
+        f"answers differing between the two: {differ}/{n1}",
+        flush=True,
+    )
 
 
 def main() -> None:

@@ -40,10 +40,14 @@ def main() -> None:
         t0 = time.perf_counter()
         m = extract_store(sender, receiver, corpus, d, spec, batch_size=args.batch_size)
         dt = time.perf_counter() - t0
-    print(f"sender={args.sender} ({m['layers']['sender']}, d={m['dims']['sender']}) "
-          f"receiver={args.receiver} ({m['layers']['receiver']}, d={m['dims']['receiver']})")  # fmt: skip
-    print(f"model load {load_s:.1f}s; extracted {m['num_tokens']} tokens in {dt:.2f}s: "
-          f"{m['num_tokens'] / dt:.0f} tokens/s (threads={torch.get_num_threads()})")  # fmt: skip
+    print(
+        f"sender={args.sender} ({m['layers']['sender']}, d={m['dims']['sender']}) "
+        f"receiver={args.receiver} ({m['layers']['receiver']}, d={m['dims']['receiver']})"
+    )
+    print(
+        f"model load {load_s:.1f}s; extracted {m['num_tokens']} tokens in {dt:.2f}s: "
+        f"{m['num_tokens'] / dt:.0f} tokens/s (threads={torch.get_num_threads()})"
+    )
 
 
 if __name__ == "__main__":

@@ -54,12 +54,16 @@ def main() -> None:
 
     device = torch.device(args.device)
     ensure_organisms([args.sender, args.receiver])  # organism:<role> names: trained once and cached, then resolved
-    module = FunctionalTranslatorModule({"name": args.sender, "layer": layer(args.sender_layer)},
-                                        {"name": args.receiver, "layer": layer(args.receiver_layer)},
-                                        objective=args.objective, mse_weight=args.mse_weight).to(device)  # fmt: skip
+    module = FunctionalTranslatorModule(
+        {"name": args.sender, "layer": layer(args.sender_layer)},
+        {"name": args.receiver, "layer": layer(args.receiver_layer)},
+        objective=args.objective,
+        mse_weight=args.mse_weight,
+    ).to(device)
     opt = module.configure_optimizers()["optimizer"]
-    data = QATrainingDataModule(num_train_samples=args.batch_size * (args.steps + 1), num_val_samples=1,
-                                batch_size=args.batch_size)  # fmt: skip
+    data = QATrainingDataModule(
+        num_train_samples=args.batch_size * (args.steps + 1), num_val_samples=1, batch_size=args.batch_size
+    )
     data.setup()
     batches = list(data.train_dataloader())
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
@@ -86,8 +90,10 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     precision = "bf16 autocast" if args.bf16 else "fp32"
     print(f"device {device} ({name}), torch {torch.__version__}, {torch.get_num_threads()} threads, {precision}")
-    print(f"{args.sender} {h.sender['layer']} (d={h.sender_dim}) -> {args.receiver} {h.receiver['layer']} "
-          f"(d={h.receiver_dim}), objective {h.loss}, batch {args.batch_size}, {args.steps} timed steps")  # fmt: skip
+    print(
+        f"{args.sender} {h.sender['layer']} (d={h.sender_dim}) -> {args.receiver} {h.receiver['layer']} "
+        f"(d={h.receiver_dim}), objective {h.loss}, batch {args.batch_size}, {args.steps} timed steps"
+    )
     print(f"{n / elapsed:.1f} samples/s ({elapsed / args.steps * 1000:.0f} ms/step)")
     print(f"peak RSS {peak:.0f} MiB (growth during training {peak - base:.0f} MiB)")
     if device.type == "cuda":

@@ -58,8 +58,9 @@ def main() -> None:
         child.start()
         child.join()
         base = rss_mb()
-        ds = PairStream(d, 0, args.rows, batch_size=args.batch_size, shuffle=True, seed=0, chunk_rows=64,
-                        shuffle_buffer=buffer)  # fmt: skip
+        ds = PairStream(
+            d, 0, args.rows, batch_size=args.batch_size, shuffle=True, seed=0, chunk_rows=64, shuffle_buffer=buffer
+        )
         t0, n, peak = time.perf_counter(), 0, 0.0
         for i, b in enumerate(ds):
             n += len(b["index"])
@@ -76,10 +77,14 @@ def main() -> None:
             opt.step()
             k += len(b["index"])
         train_s = time.perf_counter() - t0
-    print(f"store {args.rows} rows x ({args.sender_dim}+{args.receiver_dim}) fp32 = {args.rows * row_bytes / 2**20:.0f}"
-          f" MiB; shuffle buffer {buffer} rows = {buffer * row_bytes / 2**20:.0f} MiB")  # fmt: skip
-    print(f"stream only: {n / stream_s:.0f} pairs/s; stream + linear translator step (batch {args.batch_size}): "
-          f"{k / train_s:.0f} pairs/s")  # fmt: skip
+    print(
+        f"store {args.rows} rows x ({args.sender_dim}+{args.receiver_dim}) fp32 = {args.rows * row_bytes / 2**20:.0f}"
+        f" MiB; shuffle buffer {buffer} rows = {buffer * row_bytes / 2**20:.0f} MiB"
+    )
+    print(
+        f"stream only: {n / stream_s:.0f} pairs/s; stream + linear translator step (batch {args.batch_size}): "
+        f"{k / train_s:.0f} pairs/s"
+    )
     print(f"peak RSS growth while streaming: {peak:.0f} MiB")
 
 

@@ -42,8 +42,7 @@ ORGANISM_FORMAT_VERSION = 1
 MARKER = "organism.json"  # written last inside the temporary folder: its presence means the entry is complete
 # Top-level and trainer keys that do not change the trained weights; they stay out of the cache hash.
 _UNHASHED = ("config", "export_dir", "ckpt_path")
-_UNHASHED_TRAINER = ("logger", "default_root_dir", "enable_progress_bar", "enable_model_summary",
-                     "log_every_n_steps")  # fmt: skip
+_UNHASHED_TRAINER = ("logger", "default_root_dir", "enable_progress_bar", "enable_model_summary", "log_every_n_steps")
 _UNHASHED_DATA = ("num_workers", "cache_dir")
 
 
@@ -172,15 +171,27 @@ def ensure_organism(config_path: str, cache_dir: str | None = None, overrides: l
 
 def _train(config_path: str, overrides: list[str], out: Path, name: str) -> dict:
     run_dir = out / "training"
-    logger = {"class_path": "pytorch_lightning.loggers.CSVLogger",
-              "init_args": {"save_dir": str(run_dir), "name": "", "version": ""}}  # fmt: skip
+    logger = {
+        "class_path": "pytorch_lightning.loggers.CSVLogger",
+        "init_args": {"save_dir": str(run_dir), "name": "", "version": ""},
+    }
     # A bar on a terminal, plain lines in a log (the recipe's own setting would leave a log silent for minutes).
     bar, extra = progress_callbacks(None)
     progress = [f"--trainer.enable_progress_bar={str(bar).lower()}"] + [
         "--trainer.callbacks+=callbacks.progress.PlainProgress" for _ in extra
     ]
-    args = ["fit", "-c", str(config_path), *overrides, *progress, "--trainer.default_root_dir", str(run_dir),
-            f"--trainer.logger={json.dumps(logger)}", "--export_dir", str(out)]  # fmt: skip
+    args = [
+        "fit",
+        "-c",
+        str(config_path),
+        *overrides,
+        *progress,
+        "--trainer.default_root_dir",
+        str(run_dir),
+        f"--trainer.logger={json.dumps(logger)}",
+        "--export_dir",
+        str(out),
+    ]
     start = time.perf_counter()
     with _isolated_cli():
         cli = organism_main(args)

@@ -96,9 +96,14 @@ class ActivationPairDataModule(pl.LightningDataModule):
             raise ValueError("data.store_dir is required when data.sender_model and data.receiver_model are not given")
         if not 0.0 < val_fraction < 1.0:
             raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
-        for option, value in (("max_length", max_length), ("extract_batch_size", extract_batch_size),
-                              ("shard_rows", shard_rows), ("batch_size", batch_size),
-                              ("shuffle_buffer", shuffle_buffer), ("chunk_rows", chunk_rows)):  # fmt: skip
+        for option, value in (
+            ("max_length", max_length),
+            ("extract_batch_size", extract_batch_size),
+            ("shard_rows", shard_rows),
+            ("batch_size", batch_size),
+            ("shuffle_buffer", shuffle_buffer),
+            ("chunk_rows", chunk_rows),
+        ):
             if value < 1:
                 raise ValueError(f"data.{option} must be >= 1, got {value}")
         self.save_hyperparameters(logger=False)  # the logger gets the nested CLI config (save_config), once
@@ -125,10 +130,18 @@ class ActivationPairDataModule(pl.LightningDataModule):
                 )
         else:
             folder, manifest = ensure_store(
-                self.sender_model, self.receiver_model, self.corpus, store_dir=h.store_dir, cache_dir=h.cache_dir,
-                max_length=h.max_length, batch_size=h.extract_batch_size, shard_rows=h.shard_rows,
-                store_dtype=h.store_dtype, device=h.extract_device, rebuild=h.rebuild,
-            )  # fmt: skip
+                self.sender_model,
+                self.receiver_model,
+                self.corpus,
+                store_dir=h.store_dir,
+                cache_dir=h.cache_dir,
+                max_length=h.max_length,
+                batch_size=h.extract_batch_size,
+                shard_rows=h.shard_rows,
+                store_dtype=h.store_dtype,
+                device=h.extract_device,
+                rebuild=h.rebuild,
+            )
         # Opening checks the manifest against the shards (and their SHA-256): a damaged store stops here, before
         # the CLI links its dimensions into the model.
         num_rows = PairStore(folder, verify=h.verify).num_rows
@@ -198,9 +211,18 @@ class ActivationPairDataModule(pl.LightningDataModule):
     def _loader(self, rows: tuple[int, int], shuffle: bool) -> DataLoader:
         rank, world = self._rank_world()
         h = self.hparams
-        ds = PairStream(self.store_folder, *rows, batch_size=h.batch_size, shuffle=shuffle, seed=h.seed,
-                        chunk_rows=h.chunk_rows, shuffle_buffer=h.shuffle_buffer, rank=rank, world_size=world,
-                        verify=h.verify)  # fmt: skip
+        ds = PairStream(
+            self.store_folder,
+            *rows,
+            batch_size=h.batch_size,
+            shuffle=shuffle,
+            seed=h.seed,
+            chunk_rows=h.chunk_rows,
+            shuffle_buffer=h.shuffle_buffer,
+            rank=rank,
+            world_size=world,
+            verify=h.verify,
+        )
         # batch_size=None: the dataset yields whole batches (it decides which rows go to which rank and worker).
         position = self._train_position if shuffle else lambda: (0, 0)  # validation: always all of it, in order
         return EpochLoader(ds, position, batch_size=None, num_workers=h.num_workers)

@@ -132,8 +132,9 @@ def extract_store(
         name = shard_name(len(shards))
         tensors = {k: torch.cat(v) for k, v in buf.items()}
         digest = save_shard(folder / name, tensors)
-        shards.append({"file": name, "rows": buf_rows, "doc_start": buf_doc_start, "doc_end": doc_end,
-                       "sha256": digest})  # fmt: skip
+        shards.append(
+            {"file": name, "rows": buf_rows, "doc_start": buf_doc_start, "doc_end": doc_end, "sha256": digest}
+        )
         write_json(folder / PARTIAL, {**base, "shards": shards})
         for v in buf.values():
             v.clear()
@@ -251,10 +252,12 @@ def ensure_store(
             log.info("activation cache miss: extracting into %s", folder)
         s = _for_option("data.sender_model", load_ref, sender, cache_dir)
         r = _for_option("data.receiver_model", load_ref, receiver, cache_dir)
-        dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                           ("cpu" if device == "auto" else device))  # fmt: skip
+        dev = torch.device(
+            "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+        )
         s.model.to(dev)
         r.model.to(dev)
-        manifest = extract_store(s, r, corpus_obj, folder, spec, batch_size=batch_size, shard_rows=shard_rows,
-                                 store_dtype=store_dtype)  # fmt: skip
+        manifest = extract_store(
+            s, r, corpus_obj, folder, spec, batch_size=batch_size, shard_rows=shard_rows, store_dtype=store_dtype
+        )
     return folder, manifest

@@ -56,8 +56,12 @@ def held_out_samples(
     samples = generate_samples(num_samples, seed, distractor_prob=distractor_prob)
     kept = [s for s in samples if s.key not in exclude]
     if len(kept) < len(samples):
-        log.info("dropped %d of %d samples (seed %d) that also occur in the held-out set", len(samples) - len(kept),
-                 len(samples), seed)  # fmt: skip
+        log.info(
+            "dropped %d of %d samples (seed %d) that also occur in the held-out set",
+            len(samples) - len(kept),
+            len(samples),
+            seed,
+        )
     return kept
 
 
@@ -211,10 +215,15 @@ class OrganismTextDataModule(pl.LightningDataModule):
         # Private generators: the order depends on shuffle_seed only, not on how much global RNG ran before.
         hp = self.hparams
         lengths = (self.train_set.tensors[1] != PAD).sum(dim=1)
-        sampler = LengthBucketBatchSampler(lengths, hp.batch_size, seed=hp.shuffle_seed,
-                                           pool_batches=max(hp.bucket_pool_batches, 1))  # fmt: skip
+        sampler = LengthBucketBatchSampler(
+            lengths, hp.batch_size, seed=hp.shuffle_seed, pool_batches=max(hp.bucket_pool_batches, 1)
+        )
         return DataLoader(self.train_set, batch_sampler=sampler, num_workers=hp.num_workers, collate_fn=self._collate)
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.hparams.batch_size, num_workers=self.hparams.num_workers,
-                          collate_fn=self._collate)  # fmt: skip
+        return DataLoader(
+            self.val_set,
+            batch_size=self.hparams.batch_size,
+            num_workers=self.hparams.num_workers,
+            collate_fn=self._collate,
+        )

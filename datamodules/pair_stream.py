@@ -98,9 +98,21 @@ class PairStream(IterableDataset):
             what its parent verified).
     """
 
-    def __init__(self, folder: str, lo: int, hi: int, *, batch_size: int, shuffle: bool, seed: int = 0,
-                 chunk_rows: int = 64, shuffle_buffer: int = 16384, rank: int = 0, world_size: int = 1,
-                 verify: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        folder: str,
+        lo: int,
+        hi: int,
+        *,
+        batch_size: int,
+        shuffle: bool,
+        seed: int = 0,
+        chunk_rows: int = 64,
+        shuffle_buffer: int = 16384,
+        rank: int = 0,
+        world_size: int = 1,
+        verify: bool = True,
+    ):
         super().__init__()
         self.folder, self.lo, self.hi = str(folder), int(lo), int(hi)
         self.batch_size, self.shuffle, self.seed = int(batch_size), bool(shuffle), int(seed)
@@ -128,8 +140,14 @@ class PairStream(IterableDataset):
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         store = PairStore(self.folder, verify=self.verify)
         n = self.hi - self.lo
-        order, wstarts = epoch_order(n, shuffle=self.shuffle, seed=self.seed, epoch=self.epoch,
-                                     chunk_rows=self.chunk_rows, window_rows=self.shuffle_buffer)  # fmt: skip
+        order, wstarts = epoch_order(
+            n,
+            shuffle=self.shuffle,
+            seed=self.seed,
+            epoch=self.epoch,
+            chunk_rows=self.chunk_rows,
+            window_rows=self.shuffle_buffer,
+        )
         wends = np.append(wstarts[1:], n)
         windows: dict[int, dict[str, torch.Tensor]] = {}
         # The loader takes batches from workers in turn, so worker k serves the (skip + k)-th step, and so on.

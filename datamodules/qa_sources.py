@@ -54,21 +54,50 @@ PAPER_FILES: dict[str, PaperFile] = {
     for f in (
         # clean_eval's hash is the paper's frozen one; the others were computed with sha256sum from the files of
         # the artifact's data/tasks/multi_hop_reasoning folder at PAPER_COMMIT.
-        PaperFile("clean_eval", "clean_eval.jsonl", "504e077cf17433e22967c86e98d321532d4e803dbe24d96af14c7e8ecdd0dcbb",
-                  396, "the frozen evaluation set of the paper"),
-        PaperFile("train", "train.jsonl", "f7dcaf6798e580b3883ac1d64d8403fd4af6dd99c724cd44f8181f2fe665fab3",
-                  560, "v1 geography train split"),
-        PaperFile("val", "val.jsonl", "9c227ed32ae770ca13b29d5171e3d2eb179cd1dc9995a61e13a403de96b8c6ab",
-                  80, "v1 geography validation split"),
-        PaperFile("test", "test.jsonl", "83e72730b9c13e4de070f111af3b704e8bd9efede33502e8f42af667447b9927",
-                  160, "v1 geography test split"),
-        PaperFile("test_v2", "test_v2.jsonl", "8a35e5aaaa6dff7c4dd0da04f33007bcb0de8da3f175d8c64da7ba08a250ee08",
-                  354, "v2 multi-domain items"),
-        PaperFile("test_enhanced", "test_enhanced.jsonl",
-                  "aba89948a8749c6f247fd0ce5251c310c07bdf24dde3f01c4a56349f9c04e9ec",
-                  514, "test + test_v2, the source of clean_eval"),
+        PaperFile(
+            "clean_eval",
+            "clean_eval.jsonl",
+            "504e077cf17433e22967c86e98d321532d4e803dbe24d96af14c7e8ecdd0dcbb",
+            396,
+            "the frozen evaluation set of the paper",
+        ),
+        PaperFile(
+            "train",
+            "train.jsonl",
+            "f7dcaf6798e580b3883ac1d64d8403fd4af6dd99c724cd44f8181f2fe665fab3",
+            560,
+            "v1 geography train split",
+        ),
+        PaperFile(
+            "val",
+            "val.jsonl",
+            "9c227ed32ae770ca13b29d5171e3d2eb179cd1dc9995a61e13a403de96b8c6ab",
+            80,
+            "v1 geography validation split",
+        ),
+        PaperFile(
+            "test",
+            "test.jsonl",
+            "83e72730b9c13e4de070f111af3b704e8bd9efede33502e8f42af667447b9927",
+            160,
+            "v1 geography test split",
+        ),
+        PaperFile(
+            "test_v2",
+            "test_v2.jsonl",
+            "8a35e5aaaa6dff7c4dd0da04f33007bcb0de8da3f175d8c64da7ba08a250ee08",
+            354,
+            "v2 multi-domain items",
+        ),
+        PaperFile(
+            "test_enhanced",
+            "test_enhanced.jsonl",
+            "aba89948a8749c6f247fd0ce5251c310c07bdf24dde3f01c4a56349f9c04e9ec",
+            514,
+            "test + test_v2, the source of clean_eval",
+        ),
     )
-}  # fmt: skip
+}
 
 
 class QADataError(ValueError):

@@ -73,8 +73,9 @@ class QATrainingDataModule(pl.LightningDataModule):
                 )
         for name, seed in (("train_seed", train_seed), ("val_seed", val_seed)):
             if seed == EVAL_SEED:
-                raise ValueError(f"data.{name}={seed} is EVAL_SEED, the held-out evaluation set's generator seed; "
-                                 "pick another seed")  # fmt: skip
+                raise ValueError(
+                    f"data.{name}={seed} is EVAL_SEED, the held-out evaluation set's generator seed; pick another seed"
+                )
         if train_source == val_source == "synthetic" and train_seed == val_seed:
             raise ValueError("data.train_seed and data.val_seed must differ, or validation would measure memorisation")
         for name, n in (("num_train_samples", num_train_samples), ("num_val_samples", num_val_samples)):
@@ -111,19 +112,31 @@ class QATrainingDataModule(pl.LightningDataModule):
         if len(train) < len(train_all):
             log.info("dropped %d training samples that are also validation samples", len(train_all) - len(train))
         if not train or not val:
-            raise ValueError(f"no {'training' if not train else 'validation'} samples left (data.train_source "
-                             f"{h.train_source!r}, data.val_source {h.val_source!r})")  # fmt: skip
+            raise ValueError(
+                f"no {'training' if not train else 'validation'} samples left (data.train_source "
+                f"{h.train_source!r}, data.val_source {h.val_source!r})"
+            )
         self.train_set, self.val_set = QADataset(train), QADataset(val)
 
     def train_dataloader(self) -> DataLoader:
         # A private generator: the order depends on shuffle_seed only, not on how much global RNG ran before.
         gen = torch.Generator().manual_seed(int(self.hparams.shuffle_seed))
-        return DataLoader(self.train_set, batch_size=self.hparams.batch_size, sampler=RandomSampler(self.train_set,
-                          generator=gen), num_workers=self.hparams.num_workers, collate_fn=list)  # fmt: skip
+        return DataLoader(
+            self.train_set,
+            batch_size=self.hparams.batch_size,
+            sampler=RandomSampler(self.train_set, generator=gen),
+            num_workers=self.hparams.num_workers,
+            collate_fn=list,
+        )
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.hparams.batch_size, shuffle=False,
-                          num_workers=self.hparams.num_workers, collate_fn=list)  # fmt: skip
+        return DataLoader(
+            self.val_set,
+            batch_size=self.hparams.batch_size,
+            shuffle=False,
+            num_workers=self.hparams.num_workers,
+            collate_fn=list,
+        )
 
     def transfer_batch_to_device(self, batch: list[QASample], device: torch.device, dataloader_idx: int) -> list:
         # Strings only: the module tokenizes and moves tensors itself (Lightning cannot rebuild a frozen QASample).

@@ -152,15 +152,26 @@ def write_pairs_store(
     n, ds = sender.shape
     dr = receiver.shape[1]
     s_id = sender_identity or {"name": "synthetic-sender", "hidden_size": ds, "layer": "synthetic", "layer_index": 0}
-    r_id = receiver_identity or {"name": "synthetic-receiver", "hidden_size": dr, "layer": "synthetic",
-                                 "layer_index": 0}  # fmt: skip
+    r_id = receiver_identity or {
+        "name": "synthetic-receiver",
+        "hidden_size": dr,
+        "layer": "synthetic",
+        "layer_index": 0,
+    }
     shards = []
     for i, lo in enumerate(range(0, n, shard_rows)):
         hi = min(lo + shard_rows, n)
         name = shard_name(i)
         idx = torch.arange(lo, hi)
-        digest = save_shard(folder / name, {"sender": sender[lo:hi], "receiver": receiver[lo:hi], "doc": idx,
-                                            "pos": torch.zeros(hi - lo, dtype=torch.int32)})  # fmt: skip
+        digest = save_shard(
+            folder / name,
+            {
+                "sender": sender[lo:hi],
+                "receiver": receiver[lo:hi],
+                "doc": idx,
+                "pos": torch.zeros(hi - lo, dtype=torch.int32),
+            },
+        )
         shards.append({"file": name, "rows": hi - lo, "doc_start": lo, "doc_end": hi, "sha256": digest})
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -218,8 +229,10 @@ class PairStore:
             raise StoreError(f"activation store {self.folder / MANIFEST} does not exist{hint}")
         where = self.folder / MANIFEST
         if manifest.get("format_version") != FORMAT_VERSION:
-            raise StoreError(f"activation store {where} has format version {manifest.get('format_version')!r}, "
-                             f"this code reads {FORMAT_VERSION}; {REBUILD_HINT}")  # fmt: skip
+            raise StoreError(
+                f"activation store {where} has format version {manifest.get('format_version')!r}, "
+                f"this code reads {FORMAT_VERSION}; {REBUILD_HINT}"
+            )
         try:
             self.shards = manifest["shards"]
             self.offsets = [0]
@@ -233,8 +246,10 @@ class PairStore:
         self.manifest = manifest
         self.num_rows = self.offsets[-1]
         if num_tokens != self.num_rows:
-            raise StoreError(f"activation store {where} says num_tokens {num_tokens} but its shards list "
-                             f"{self.num_rows} rows; {REBUILD_HINT}")  # fmt: skip
+            raise StoreError(
+                f"activation store {where} says num_tokens {num_tokens} but its shards list "
+                f"{self.num_rows} rows; {REBUILD_HINT}"
+            )
         for s in self.shards:
             self._check_shard(s, verify)
 
@@ -245,14 +260,19 @@ class PairStore:
         path, rows = self.folder / shard["file"], int(shard["rows"])
         if not path.is_file():
             raise StoreError(f"activation shard {path} listed in the manifest is missing; {REBUILD_HINT}")
-        expected = {"sender": [rows, self.sender_dim], "receiver": [rows, self.receiver_dim], "doc": [rows],
-                    "pos": [rows]}  # fmt: skip
+        expected = {
+            "sender": [rows, self.sender_dim],
+            "receiver": [rows, self.receiver_dim],
+            "doc": [rows],
+            "pos": [rows],
+        }
         try:
             with safe_open(str(path), framework="pt") as f:
                 found = {k: list(f.get_slice(k).get_shape()) if k in f.keys() else None for k in expected}
         except Exception as err:  # safetensors raises its own error types for truncated or corrupt files
-            raise StoreError(f"cannot read activation shard {path}: {type(err).__name__}: {err}; "
-                             f"{REBUILD_HINT}") from err  # fmt: skip
+            raise StoreError(
+                f"cannot read activation shard {path}: {type(err).__name__}: {err}; {REBUILD_HINT}"
+            ) from err
         bad = [f"{k} {found[k]} (manifest: {v})" for k, v in expected.items() if found[k] != v]
         if bad:
             raise StoreError(f"activation shard {path} does not match its manifest: {', '.join(bad)}; {REBUILD_HINT}")

@@ -21,6 +21,12 @@ SHARED = ROOT.parent / "shared"
 MULTIHOP_DIR = SHARED / "data" / "multihop"
 PAPER_RESULTS_DIR = SHARED / "reference" / "paper_results"
 
+# Test modules import helpers and fixtures from one another by module name (``from test_evaluate_cli import small``);
+# with the tests in folders, every folder is on the path, as pytest's default import mode puts each test's own folder.
+for _folder in sorted({p.parent for p in Path(__file__).parent.rglob("test_*.py")}):
+    if str(_folder) not in sys.path:
+        sys.path.insert(0, str(_folder))
+
 # Set before anything imports transformers or Lightning (they read these at import time).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

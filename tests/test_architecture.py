@@ -186,3 +186,12 @@ def _defines_lightning_module(path: Path) -> bool:
 )
 def test_lightning_modules_holds_only_lightning_modules(path):
     assert _defines_lightning_module(path), f"{path.relative_to(ROOT)} defines no LightningModule: move it to cli/"
+
+
+def test_test_folders_do_not_shadow_the_packages_they_mirror():
+    # tests/<package>/ has no __init__.py, so it is at most a namespace portion; the real package must win.
+    import importlib
+
+    for pkg in PACKAGES:
+        module = importlib.import_module(pkg)
+        assert Path(module.__file__).resolve().parent == ROOT / pkg, f"{pkg} resolves to {module.__file__}"

@@ -69,7 +69,7 @@ PRESETS: dict[str, dict] = {
         n_positions=512,
         bos_token_id=0,
         eos_token_id=0,
-    ),  # fmt: skip
+    ),
     "tiny-llama": dict(
         family="llama",
         hidden_size=32,
@@ -89,7 +89,7 @@ PRESETS: dict[str, dict] = {
         num_attention_heads=12,
         intermediate_size=3072,
         **_PYTHIA_COMMON,
-    ),  # fmt: skip
+    ),
     "pythia-410m-shape": dict(
         family="gpt_neox",
         hidden_size=1024,
@@ -97,7 +97,7 @@ PRESETS: dict[str, dict] = {
         num_attention_heads=16,
         intermediate_size=4096,
         **_PYTHIA_COMMON,
-    ),  # fmt: skip
+    ),
 }
 
 # Where the decoder blocks live, per architecture family (first match wins).
@@ -224,8 +224,9 @@ def model_identity(model: nn.Module) -> dict:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model", "spiece.model")
 
 
-def load_tokenizer(name: str, *, revision: str | None = None, cache_dir: str | None = None,
-                   trust_remote_code: bool = False):  # fmt: skip
+def load_tokenizer(
+    name: str, *, revision: str | None = None, cache_dir: str | None = None, trust_remote_code: bool = False
+):
     """The tokenizer for a model name: the offline tokenizer for presets, else ``AutoTokenizer``. Pad = EOS."""
     if preset_name(name) is not None:
         tok = offline_tokenizer(cache_dir)

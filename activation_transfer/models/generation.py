@@ -78,8 +78,9 @@ class MaskedRepetitionPenalty:
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         width = self.prompt_mask.shape[1]
         if input_ids.shape[0] != self.prompt_mask.shape[0] or input_ids.shape[1] < width:
-            raise ValueError(f"sequences {tuple(input_ids.shape)} do not extend the prompt mask "
-                             f"{tuple(self.prompt_mask.shape)}")  # fmt: skip
+            raise ValueError(
+                f"sequences {tuple(input_ids.shape)} do not extend the prompt mask {tuple(self.prompt_mask.shape)}"
+            )
         vocab = scores.shape[-1]
         real = torch.ones_like(input_ids, dtype=torch.bool)
         real[:, :width] = self.prompt_mask.to(input_ids.device)

@@ -49,8 +49,9 @@ def records_to_dataframe(run_dir: str | Path):
     try:
         import pandas as pd
     except ImportError as err:
-        raise ImportError("records_to_dataframe needs pandas, which the project does not install: "
-                          "`pip install pandas`") from err  # fmt: skip
+        raise ImportError(
+            "records_to_dataframe needs pandas, which the project does not install: `pip install pandas`"
+        ) from err
     frame = pd.DataFrame(record_rows(run_dir))
     # Integer seeds stay integers next to the deterministic conditions' missing seed (not floats with NaN).
     frame["seed"] = frame["seed"].astype("Int64")

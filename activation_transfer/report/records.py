@@ -247,8 +247,10 @@ def bind_run_dir(run_dir: str | Path, identity: dict, fingerprint: str, write: b
             )
         return
     if any((run_dir / name).exists() for name in ("records", "partial", "meta.json")):
-        raise ValueError(f"run folder {run_dir} holds results but no {FINGERPRINT_FILE} (an older version's folder): "
-                         f"which configuration computed them is unknown; {fix}")  # fmt: skip
+        raise ValueError(
+            f"run folder {run_dir} holds results but no {FINGERPRINT_FILE} (an older version's folder): "
+            f"which configuration computed them is unknown; {fix}"
+        )
     if write:
         write_json(path, {"fingerprint": fingerprint, "identity": identity})
 

@@ -86,8 +86,11 @@ def evaluate_organism(
         by_hops.setdefault(s.hops, []).append(sc["word_boundary_contains"])
     result["by_hops"] = {h: sum(v) / len(v) for h, v in sorted(by_hops.items())}
     # Questions whose context names a second entity of the answer's type (a distractor chain) need the chain itself.
-    ambiguous = [sc["word_boundary_contains"] for s, sc in zip(samples, scores)
-                 if len(_context_entities(s.context)[_entity_type(s.answer)]) > 1]  # fmt: skip
+    ambiguous = [
+        sc["word_boundary_contains"]
+        for s, sc in zip(samples, scores)
+        if len(_context_entities(s.context)[_entity_type(s.answer)]) > 1
+    ]
     result["ambiguous"] = {"n": len(ambiguous), "word_boundary_contains": sum(ambiguous) / max(len(ambiguous), 1)}
     result["chance"] = chance_rate(samples)
     if return_predictions:

@@ -17,7 +17,7 @@ from activation_transfer.task.scoring import METRICS
 
 def _load_cli():
     # Load report.py by path: the repository root is on sys.path under `python -m pytest` but not under `pytest`.
-    spec = importlib.util.spec_from_file_location("report_cli", Path(__file__).resolve().parents[1] / "report.py")
+    spec = importlib.util.spec_from_file_location("report_cli", Path(__file__).resolve().parents[3] / "report.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

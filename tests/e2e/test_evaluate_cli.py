@@ -18,7 +18,7 @@ from activation_transfer.report import records as rio
 from cli.lightning_cli import eval_main as main
 from lightning_modules.translator import TranslatorModule
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "eval" / "tiny.yaml")
 
 

@@ -10,7 +10,7 @@ import torch
 
 from cli.lightning_cli import train_main as main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "train" / "tiny.yaml")
 
 # A resumed run writes into the root of the run it continues; Lightning warns that the folder is not empty.

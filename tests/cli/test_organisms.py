@@ -25,7 +25,7 @@ from cli.organisms import (
 )
 from datamodules.organism_text import ANSWER, PAD, PROMPT, OrganismTextDataModule, encode_samples, eval_keys
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted(ORGANISM_CONFIG_DIR.glob("*.yaml"))
 assert CONFIGS, f"no organism recipes in {ORGANISM_CONFIG_DIR}"
 # A few dozen steps of a 1-block, 32-wide model on a small data set: seconds on 2 CPU cores.

@@ -129,7 +129,7 @@ def test_eval_records_name_their_translator_and_its_report_counts_one_translator
     conds = ["no_inject", "additive", "shuffled_translation"]
 
     def evaluate(ckpt_arg: str, name: str):
-        args = ["test", "-c", str(Path(__file__).resolve().parents[1] / "configs/eval/tiny.yaml"),
+        args = ["test", "-c", str(Path(__file__).resolve().parents[2] / "configs/eval/tiny.yaml"),
                 "--model.translator_ckpt", ckpt_arg, "--model.seeds", "[42, 123]",
                 "--model.conditions", json.dumps(conds), "--model.run_name", name,
                 "--trainer.default_root_dir", str(tmp_path / "out"),

@@ -21,7 +21,7 @@ from datamodules.qa_training import QATrainingDataModule
 from lightning_modules.functional_translator import FunctionalTranslatorModule
 from lightning_modules.translator import load_translator
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEMO = str(ROOT / "configs" / "train" / "functional_demo.yaml")
 SENDER = {"name": "tiny-neox", "layer": 1}
 RECEIVER = {"name": "tiny-neox-large", "layer": 2}

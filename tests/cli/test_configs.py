@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # The organism recipes are package data (configs/organisms), the rest are user configs.
 ORGANISM_CONFIGS = ROOT / "configs" / "organisms"
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml")) + sorted(ORGANISM_CONFIGS.glob("*.yaml"))

@@ -13,7 +13,7 @@ from activation_transfer.report import records as rio
 from activation_transfer.task.scoring import METRICS
 from activation_transfer.translators.export import export_from_checkpoint
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "using_translators.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "using_translators.md"
 
 
 def _blocks() -> list[str]:

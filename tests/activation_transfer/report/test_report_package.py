@@ -22,7 +22,7 @@ from activation_transfer.report import (
 )
 from activation_transfer.task.scoring import METRICS
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _recs(condition: str, seed: int | None, correct: list[bool]) -> list[dict]:

@@ -21,7 +21,7 @@ from lightning_modules.translator import load_translator, load_translator_for
 
 pytestmark = pytest.mark.cross_machine
 
-FIXTURES = Path(__file__).resolve().parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 # Written by the tree at commit 250179a (before the components/ layering): a tiny-neox -> tiny-neox-large linear
 # translator (seed 0) and its translation of a fixed input.
 OLD_CKPT = FIXTURES / "translator_pre_move.ckpt"

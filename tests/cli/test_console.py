@@ -45,7 +45,7 @@ def test_a_wandb_run_without_a_group_is_grouped_by_its_config_name(tmp_path):
     import shutil
     from pathlib import Path
 
-    root = Path(__file__).resolve().parents[1] / "configs"
+    root = Path(__file__).resolve().parents[2] / "configs"
     (tmp_path / "train").mkdir()
     shutil.copy(root / "train" / "tiny.yaml", tmp_path / "train" / "exp-7.yaml")
     train = train_main(["-c", str(tmp_path / "train" / "exp-7.yaml"), "--trainer.default_root_dir",

@@ -18,8 +18,8 @@ from cli.lightning_cli import eval_main
 
 pytestmark = pytest.mark.cross_machine
 
-FIXTURES = Path(__file__).parent / "fixtures"
-ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = Path(__file__).parents[1] / "fixtures"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_paper_protocol_predictions_are_those_before_the_split_protocol(tmp_path: Path, monkeypatch) -> None:

@@ -16,7 +16,7 @@ from cli.lightning_cli import train_main as main
 from datamodules.store_format import write_pairs_store
 from lightning_modules.translator import load_translator
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "train" / "tiny.yaml")
 
 

@@ -19,7 +19,7 @@ from activation_transfer.task.generator import EVAL_SEED, generate_samples
 from activation_transfer.task.organism_eval import chance_rate
 from cli.organisms import ensure_organism, organism_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # Reduced recipes of the organism configs: smaller, fewer steps; the receiver still learns to copy answers.
 REDUCED = {
     "receiver": ["--model.hidden_size", "96", "--model.num_layers", "3", "--model.num_heads", "4",
