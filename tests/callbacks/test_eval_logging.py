@@ -73,7 +73,10 @@ def test_fake_logger_gets_long_table_report_tables_and_artifact(tmp_path, ckpt):
     assert art.type == "eval_results" and art.name == f"{module.run_dir.name}-results"
     names = set(art.manifest.entries)
     assert {"meta.json", "report/summary.json", "records/additive__seed42.jsonl"} <= names
-    assert art.metadata["eval/word_boundary_contains/condition=no_inject"] >= 0
+    lines = (module.run_dir / "records" / "no_inject__deterministic.jsonl").read_text().splitlines()
+    recs = [json.loads(line) for line in lines]
+    by_hand = sum(r["metrics"]["word_boundary_contains"] for r in recs) / len(recs)
+    assert len(recs) == 4 and art.metadata["eval/word_boundary_contains/condition=no_inject"] == by_hand
 
 
 def test_report_tables_skip_absent_files(tmp_path):

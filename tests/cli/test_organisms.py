@@ -14,6 +14,7 @@ from activation_transfer.models.frozen_lm import load_model, load_tokenizer
 from activation_transfer.task import organism_eval
 from activation_transfer.task.generator import EVAL_NUM_SAMPLES, EVAL_SEED, generate_samples
 from activation_transfer.task.organism_eval import chance_rate, evaluate_organism
+from activation_transfer.task.scoring import METRIC_FUNCTIONS
 from activation_transfer.task.tokenizer import offline_tokenizer
 from cli import organisms
 from cli.organisms import (
@@ -190,14 +191,15 @@ def test_training_is_deterministic(tiny_organism, tmp_path, cache_dir):
 def test_evaluate_organism_reports_every_metric(tiny_organism):
     result = evaluate_organism(tiny_organism, num_samples=8, batch_size=4, return_predictions=True)
     assert result["n"] == 8
+    assert [p["gold"] for p in result["predictions"]] == [s.answer for s in generate_samples(8, EVAL_SEED)]
     for metric in ("exact_match", "normalized_exact_match", "word_boundary_contains", "first_answer_span_match",
                    "legacy_contains"):  # fmt: skip
-        assert 0.0 <= result[metric] <= 1.0
-    assert [p["gold"] for p in result["predictions"]] == [s.answer for s in generate_samples(8, EVAL_SEED)]
-    assert (
-        result["word_boundary_contains"]
-        == sum(p["metrics"]["word_boundary_contains"] for p in result["predictions"]) / 8
-    )
+        # Each metric is the share of the 8 predictions it scores right, and each prediction is scored by that
+        # metric's own definition (PAPER.md), recomputed here.
+        assert [p["metrics"][metric] for p in result["predictions"]] == [
+            METRIC_FUNCTIONS[metric](p["prediction"], p["gold"]) for p in result["predictions"]
+        ]
+        assert result[metric] == sum(p["metrics"][metric] for p in result["predictions"]) / 8
 
 
 def test_chance_rates():

@@ -44,6 +44,35 @@ def test_extraction_pairs_tokens_exactly(tmp_path):
     torch.testing.assert_close(got["receiver"], want_r, atol=1e-5, rtol=1e-4)
 
 
+def test_extraction_of_a_learned_position_model_equals_each_document_alone(tmp_path):
+    # GPT-2 has learned absolute positions: a padded batch that shifted a document's positions (left padding, or
+    # pad rows kept) would change its states by ~0.1 at norms ~0.2. Rotary models (above) cannot show that: their
+    # states depend on position differences only. Every document is checked, row by row, against its own
+    # unpadded forward pass; the store's rows must be exactly the real tokens, in document order.
+    sender = ModelRef("tiny-gpt2", layer=0.67)
+    folder, manifest = ensure_store(sender, RECEIVER, CORPUS, store_dir=str(tmp_path / "s"), **SMALL)
+    s, r = load_ref(sender), load_ref(RECEIVER)
+    docs = load_corpus(CORPUS).documents
+    rows = [s.tokenizer(d, truncation=True, max_length=64).input_ids for d in docs]
+    assert len({len(x) for x in rows[:4]}) > 1  # the first batch of 4 really is padded
+    store = PairStore(folder)
+    assert store.num_rows == sum(map(len, rows)) and len(manifest["shards"]) > 1
+    got = store.read(0, store.num_rows)
+    start = 0
+    for ids in rows:
+        t = torch.tensor([ids])
+        want_s = capture_hidden(s.model, s.layer.path, t)[0]
+        want_r = capture_hidden(r.model, r.layer.path, t)[0]
+        torch.testing.assert_close(got["sender"][start : start + len(ids)], want_s, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(got["receiver"][start : start + len(ids)], want_r, atol=1e-5, rtol=1e-4)
+        start += len(ids)
+    # read_rows with runs of consecutive rows that cross shard boundaries gives the rows of the contiguous read.
+    picked = [i for i in range(3, store.num_rows) if i % 97]
+    assert store.offsets[1] in picked and store.offsets[1] - 1 in picked  # a run crosses the first boundary
+    for key in ("sender", "receiver"):
+        assert torch.equal(store.read_rows(picked)[key], got[key][picked])
+
+
 def test_cache_hit_then_mismatch_rebuilt(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="datamodules")
     folder, m1 = ensure_store(SENDER, RECEIVER, CORPUS, cache_dir=str(tmp_path), **SMALL)

@@ -27,6 +27,28 @@ def batch():
     return h, mask, src
 
 
+def _mean_real_norm(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The paper's per-row diagnostic, by hand: mean L2 norm over the row's real (mask 1) positions."""
+    out = []
+    for row, m in zip(x, mask):
+        norms = [float(torch.sqrt((v.double() ** 2).sum())) for v, keep in zip(row, m) if keep]
+        out.append(sum(norms) / len(norms))
+    return torch.tensor(out)
+
+
+def test_masked_norm_mean_by_hand():
+    # Row 0 is left padded: the pad's (100, 0) must not count; its real vectors have norms 5 and 10 -> 7.5.
+    # Row 1 has no padding: norms 0, 1, 2 -> 1.0.
+    x = torch.tensor([[[100.0, 0.0], [3.0, 4.0], [6.0, 8.0]], [[0.0, 0.0], [1.0, 0.0], [0.0, 2.0]]])
+    mask = torch.tensor([[0, 1, 1], [1, 1, 1]])
+    assert masked_norm_mean(x, mask).tolist() == [7.5, 1.0]
+
+
+def test_masked_norm_mean_matches_the_hand_definition_on_a_padded_batch(batch):
+    h, mask, _ = batch
+    assert torch.allclose(masked_norm_mean(h, mask), _mean_real_norm(h, mask), rtol=1e-6)
+
+
 def test_registry_has_the_eleven_paper_conditions():
     specs = build_conditions(CONDITION_NAMES)
     assert [s.name for s in specs] == list(CONDITION_NAMES) and len(specs) == 11
@@ -75,7 +97,7 @@ def test_rescaled_alpha_one_has_receiver_norm_and_source_direction(batch):
     assert torch.allclose(new[m].norm(dim=-1), h[m].norm(dim=-1), rtol=1e-5)
     cos = torch.nn.functional.cosine_similarity(new[m], src[m], dim=-1)
     assert torch.allclose(cos, torch.ones_like(cos), atol=1e-5)
-    assert torch.allclose(injected, masked_norm_mean(h, mask), rtol=1e-5)
+    assert torch.allclose(injected, _mean_real_norm(h, mask), rtol=1e-5)
 
 
 def test_rescaled_alpha_blends_and_reports_the_blended_norm(batch):
@@ -85,8 +107,8 @@ def test_rescaled_alpha_blends_and_reports_the_blended_norm(batch):
     m = mask.bool()
     assert torch.allclose(blend[m], 0.3 * full[m] + 0.7 * h[m], atol=1e-5)
     # The paper records the norm of the blended state it injects, which is below ||h|| (the rescaled c's norm).
-    assert torch.allclose(injected, masked_norm_mean(blend, mask), rtol=1e-5)
-    assert (injected < masked_norm_mean(h, mask) * 0.999).all()
+    assert torch.allclose(injected, _mean_real_norm(blend, mask), rtol=1e-5)
+    assert (injected < _mean_real_norm(h, mask) * 0.999).all()
 
 
 def test_replace_and_zero(batch):
@@ -97,6 +119,54 @@ def test_replace_and_zero(batch):
     zero, zinj = apply_injection("replace", h, mask, torch.zeros_like(h))
     assert torch.count_nonzero(zero[m]) == 0 and torch.count_nonzero(zero[~m]) == (~m).sum() * 8
     assert zinj.tolist() == [0.0, 0.0, 0.0]
+
+
+def _paper_operation(name: str, h: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
+    """The new state at one real position (h, T: vectors of size H), as PAPER.md's condition table writes it."""
+
+    def rescaled(alpha):  # c = normalize(T) * ||h||; h <- alpha * c + (1 - alpha) * h
+        return alpha * (src / src.norm() * h.norm()) + (1 - alpha) * h
+
+    return {
+        "replace": lambda: src,  # h <- T
+        "scale_corrected": lambda: rescaled(1.0),
+        "best_alpha": lambda: rescaled(0.3),
+        "b_to_b_self_inject": lambda: src,  # T is the receiver's own state here
+        "same_norm_random": lambda: rescaled(1.0),  # T is Gaussian here
+        "shuffled_translation": lambda: rescaled(1.0),  # T is the donor's translation here
+        "shuffled_translation_strict_matched": lambda: rescaled(1.0),
+        "zero_replacement": lambda: torch.zeros_like(h),
+    }[name]()
+
+
+@pytest.mark.parametrize("name", ["replace", "scale_corrected", "best_alpha", "b_to_b_self_inject",
+                                  "same_norm_random", "shuffled_translation", "shuffled_translation_strict_matched",
+                                  "zero_replacement"])  # fmt: skip
+def test_each_condition_writes_what_the_paper_defines(batch, name):
+    h, mask, src = batch
+    (spec,) = build_conditions([name])
+    source = {"zero_replacement": torch.zeros_like(h), "b_to_b_self_inject": h.clone()}.get(name, src)
+    new, injected = apply_injection(spec.mode, h, mask, source, alpha=spec.alpha, scale=spec.scale)
+    for b in range(3):
+        for t in range(5):
+            want = _paper_operation(name, h[b, t], source[b, t]) if mask[b, t] else h[b, t]
+            assert torch.allclose(new[b, t], want, rtol=1e-5, atol=1e-5), (name, b, t)
+    # What the record calls the injected norm: the mean over real positions of the new state's norm.
+    assert torch.allclose(injected, _mean_real_norm(new, mask), rtol=1e-5, atol=1e-6)
+    if name in ("scale_corrected", "same_norm_random", "shuffled_translation"):  # "same norm": ||h|| per position
+        assert torch.allclose(injected, _mean_real_norm(h, mask), rtol=1e-5)
+
+
+def test_additive_is_the_papers_last_token_shift(batch):
+    h, mask, src = batch
+    (spec,) = build_conditions(["additive"])
+    v = src[:, -1]  # T[last]
+    new, injected = apply_injection(spec.mode, h, mask, v, alpha=spec.alpha, scale=spec.scale)
+    for b in range(3):
+        for t in range(5):
+            want = h[b, t] + 0.01 * v[b] if mask[b, t] else h[b, t]  # h <- h + 0.01 * T[last]
+            assert torch.allclose(new[b, t], want, atol=1e-6)
+    assert torch.allclose(injected, torch.tensor([0.01 * float(torch.sqrt((r.double() ** 2).sum())) for r in v]))
 
 
 def test_shape_errors(batch):

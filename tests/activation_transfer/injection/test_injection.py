@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from activation_transfer.injection.conditions import masked_norm_mean, random_vectors
+from activation_transfer.injection.conditions import random_vectors
 from activation_transfer.injection.prefill_hook import PrefillInjection, prefill_injection
 from activation_transfer.injection.sources import capture_block, left_grid
 from activation_transfer.models.frozen_lm import ModelRef, load_ref
 from activation_transfer.models.generation import GenerationSettings, decode, generate_ids
-from activation_transfer.models.hooks import block_hook
+from activation_transfer.models.hooks import block_hook, capture_hidden
 from activation_transfer.task.prompts import tokenize_left_padded
 
 PROMPTS = [
@@ -56,6 +56,49 @@ def _generate(receiver, ids, mask, inj=None):
         with prefill_injection(receiver.model, receiver.layer.path, inj):
             out = generate_ids(receiver.model, receiver.tokenizer, ids, mask, SETTINGS)
     return decode(receiver.tokenizer, out)
+
+
+def _alone(model, path, ids, mask) -> list[torch.Tensor]:
+    """Each row's block output when its prompt runs alone, unpadded: positions 0..L-1 without any doubt."""
+    return [capture_hidden(model, path, i[m.bool()][None])[0] for i, m in zip(ids, mask)]
+
+
+def _mean_norm(rows) -> torch.Tensor:
+    """Per row, the mean L2 norm of its vectors (the paper's norm diagnostics), written out by hand."""
+    return torch.tensor([sum(float(torch.sqrt((v.double() ** 2).sum())) for v in r) / len(r) for r in rows])
+
+
+# A learned-position model (GPT-2) and a rotary one (GPT-NeoX). Rotary attention depends on position differences
+# only, so wrong absolute position ids for a left-padded row shift its states by ~1e-8; with learned positions they
+# shift them by ~0.1 (norms ~0.2), so only the GPT-2 case can catch a capture that ignores the padding.
+@pytest.fixture(scope="module", params=["tiny-gpt2", "tiny-neox-large"])
+def any_receiver(request):
+    return load_ref(ModelRef(request.param, layer=0.67))
+
+
+def test_capture_of_a_left_padded_batch_equals_each_prompt_alone(any_receiver):
+    r = any_receiver
+    tok = tokenize_left_padded(r.tokenizer, PROMPTS)
+    ids, mask = tok["input_ids"], tok["attention_mask"]
+    assert len(set(mask.sum(1).tolist())) == 3  # three lengths: every row but the longest is padded
+    got = capture_block(r.model, r.layer.path, ids, mask)
+    for i, want in enumerate(_alone(r.model, r.layer.path, ids, mask)):
+        torch.testing.assert_close(got[i, mask[i].bool()], want, atol=1e-5, rtol=1e-4)
+
+
+def test_prefill_under_generate_sees_each_prompt_alone_and_records_its_norm(any_receiver):
+    # The hook's view of the prefill (what every condition rewrites) and the receiver norm it records, against the
+    # unpadded one-prompt-at-a-time states: the left padding must change neither.
+    r = any_receiver
+    tok = tokenize_left_padded(r.tokenizer, PROMPTS)
+    ids, mask = tok["input_ids"], tok["attention_mask"]
+    rec = Recorder(PrefillInjection(mask))
+    with block_hook(r.model, r.layer.path, rec):
+        generate_ids(r.model, r.tokenizer, ids, mask, SETTINGS)
+    alone = _alone(r.model, r.layer.path, ids, mask)
+    for i, want in enumerate(alone):
+        torch.testing.assert_close(rec.before[i, mask[i].bool()], want, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(rec.inj.receiver_norm_mean, _mean_norm(alone).float(), atol=1e-5, rtol=1e-4)
 
 
 def test_batch_is_left_padded(batch):
@@ -129,7 +172,8 @@ def test_additive_injected_norm_is_scale_times_translated_norm(receiver, batch):
     big = PrefillInjection(mask, mode="additive", source=vec * 1000, scale=1.0)
     assert _generate(receiver, ids, mask, big) != _generate(receiver, ids, mask)  # steering does reach the output
     assert len(out) == 3
-    assert torch.allclose(inj.receiver_norm_mean, masked_norm_mean(rec.before, mask), rtol=1e-5)
+    real = [b[m.bool()] for b, m in zip(rec.before, mask)]
+    assert torch.allclose(inj.receiver_norm_mean, _mean_norm(real).float(), rtol=1e-5)
 
 
 def test_best_alpha_records_the_blended_norm(receiver, batch):
@@ -139,9 +183,11 @@ def test_best_alpha_records_the_blended_norm(receiver, batch):
     inj = PrefillInjection(mask, mode="rescaled", source=source, alpha=0.3)
     rec = Recorder(inj)
     _generate(receiver, ids, mask, rec)
-    assert torch.allclose(inj.injected_norm_mean, masked_norm_mean(rec.after, mask), rtol=1e-5)
+    real = mask.bool()
+    after, src = [a[m] for a, m in zip(rec.after, real)], [s[m] for s, m in zip(source, real)]
+    assert torch.allclose(inj.injected_norm_mean, _mean_norm(after).float(), rtol=1e-5)
     assert (inj.injected_norm_mean < inj.receiver_norm_mean).all()  # blending two directions shortens the state
-    assert torch.allclose(inj.source_norm, masked_norm_mean(source, mask), rtol=1e-6)
+    assert torch.allclose(inj.source_norm, _mean_norm(src).float(), rtol=1e-6)
     none = PrefillInjection(mask)
     _generate(receiver, ids, mask, none)
     assert none.source_norm is None and none.injected_norm_mean is None and none.receiver_norm_mean is not None

@@ -125,6 +125,29 @@ def test_resampling_is_paired_by_question() -> None:
     assert 0.9 < row["ci_low"] <= row["fraction"] <= row["ci_high"] <= 1.0
 
 
+def test_ci_is_the_percentile_of_the_fraction_over_resampled_questions() -> None:
+    # A second implementation, straight from the definition (module docstring): each resample draws question ids
+    # with replacement (one matrix from default_rng(bootstrap_seed), shared by every run of the condition, the floor
+    # and the ceiling), computes each run's accuracy there in floats, averages the condition's runs, and takes
+    # (acc_c - acc_low) / (acc_high - acc_low); the CI reads the sorted fractions at int(q * (B - 1)) and
+    # int((1 - q) * (B - 1)), q = 0.025.
+    n, resamples = 60, 400
+    low, high, cond = _random(n, seed=5)
+    cond2 = np.where(np.arange(n) % 2 == 0, high, cond)
+    (row,) = gap_recovered(_groups(low, high, c=[cond, cond2]), resamples=resamples, seed=9)
+    idx = np.random.default_rng(row["bootstrap_seed"]).integers(0, n, size=(resamples, n))
+    acc = {k: v.astype(float)[idx].mean(axis=1) for k, v in dict(low=low, high=high, c1=cond, c2=cond2).items()}
+    gap = acc["high"] - acc["low"]
+    assert (gap > 0).all()  # no undefined resample in this fixture
+    fractions = np.sort(((acc["c1"] + acc["c2"]) / 2 - acc["low"]) / gap)
+    lo_i, hi_i = int(0.025 * (resamples - 1)), int(0.975 * (resamples - 1))
+    # Not a degenerate fixture: the neighbours of both percentile indices hold other values.
+    assert fractions[lo_i - 1] < fractions[lo_i] < fractions[lo_i + 1]
+    assert fractions[hi_i - 1] < fractions[hi_i] < fractions[hi_i + 1]
+    assert row["ci_low"] == pytest.approx(fractions[lo_i], rel=1e-12)
+    assert row["ci_high"] == pytest.approx(fractions[hi_i], rel=1e-12)
+
+
 # ------------------------------------------------------------------------------------------------ edge cases
 
 

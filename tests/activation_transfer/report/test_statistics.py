@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 import statistics
 
@@ -17,6 +18,8 @@ from activation_transfer.report import tost as eq
 
 def test_derive_seed_is_deterministic_and_label_specific() -> None:
     a = st.derive_seed(0, "additive|no_inject|word_boundary_contains")
+    # PAPER.md: seeded from the first 8 hex digits of the SHA-256 of the label string.
+    assert a == int(hashlib.sha256(b"0|additive|no_inject|word_boundary_contains").hexdigest()[:8], 16)
     assert a == st.derive_seed(0, "additive|no_inject|word_boundary_contains")
     assert a != st.derive_seed(0, "additive|no_inject|legacy_contains")
     assert a != st.derive_seed(1, "additive|no_inject|word_boundary_contains")
@@ -50,14 +53,42 @@ def test_bootstrap_ci_matches_normal_theory(jitter: bool) -> None:
     assert lo < lo90 < hi90 < hi
 
 
-def test_bootstrap_reads_the_documented_percentile_index() -> None:
-    # With B = 3 sorted means m0 <= m1 <= m2: q = 0.025 -> index int(0.05) = 0, 1 - q -> index int(1.95) = 1.
-    # For a 2-point sample {0, 1} every resampled mean is 0, 0.5 or 1; reproduce the draws with the same generator.
-    x = np.array([0.0, 1.0])
-    seed = 11
-    draws = np.random.default_rng(seed).multinomial(2, [0.5, 0.5], size=3)
-    means = np.sort(draws @ x / 2)
-    assert st.bootstrap_mean_ci(x, resamples=3, seed=seed) == (means[0], means[1])
+class _ScriptedGenerator:
+    """Stands in for ``numpy.random.default_rng(seed)`` and hands out resamples chosen by the test."""
+
+    def __init__(self, multinomial=None, integers=None) -> None:
+        self._multinomial, self._integers = multinomial, integers
+        self.calls: list[str] = []
+
+    def multinomial(self, n, pvals, size):
+        self.calls.append("multinomial")
+        return self._multinomial
+
+    def integers(self, low, high, size):
+        self.calls.append("integers")
+        return self._integers[: size[0]]
+
+
+@pytest.mark.parametrize("path", ["multinomial", "integers"])
+def test_bootstrap_reads_the_documented_percentile_index(monkeypatch, path: str) -> None:
+    # B = 100 resampled means, all distinct, chosen by hand: the k-th resample's mean is k / 99 (multinomial path: a
+    # 0/1 sample of n = 99 drawn with k ones; index path: 100 distinct values, resample k repeats value k).
+    # q = 0.025: the lower end is sorted index int(0.025 * 99) = 2, the upper int(0.975 * 99) = 96 (PAPER.md,
+    # "read at index int(q*(B-1))"), so the CI is (2/99, 96/99). Neighbouring indices give other values, so an
+    # index off by one cannot pass.
+    order = np.random.default_rng(0).permutation(100)  # the resamples arrive unsorted
+    if path == "multinomial":
+        x = np.array([0.0] * 50 + [1.0] * 49)
+        gen = _ScriptedGenerator(multinomial=np.stack([99 - order, order], axis=1))  # counts of (0, 1) per resample
+    else:
+        x = np.arange(100) / 99  # > 64 distinct values: index resampling
+        gen = _ScriptedGenerator(integers=np.repeat(order[:, None], 100, axis=1))
+    monkeypatch.setattr(np.random, "default_rng", lambda seed: gen)
+    lo, hi = st.bootstrap_mean_ci(x, resamples=100, seed=0)
+    assert gen.calls and set(gen.calls) == {path}
+    assert (lo, hi) == (pytest.approx(2 / 99, abs=1e-12), pytest.approx(96 / 99, abs=1e-12))
+    lo90, hi90 = st.bootstrap_mean_ci(x, resamples=100, seed=0, confidence=0.90)  # int(0.05*99)=4, int(0.95*99)=94
+    assert (lo90, hi90) == (pytest.approx(4 / 99, abs=1e-12), pytest.approx(94 / 99, abs=1e-12))
 
 
 def test_bootstrap_rejects_bad_arguments() -> None:
