@@ -139,10 +139,12 @@ class EvalLoggingCallback(pl.Callback):
             import matplotlib.pyplot as plt
 
             plt.close(fig)
-        pngs = [p for p in (report.files.values() if report else []) if str(p).endswith(".png")]
-        if pngs:
-            logger.log_image(key="eval/report", images=[str(p) for p in pngs])
-            self.logged.append("eval/report")
+        # One key per figure: W&B stacks the images of one key and, when their sizes differ, warns through the root
+        # logger, which installs a root handler that prints every later line twice.
+        for png in sorted(Path(p) for p in (report.files.values() if report else []) if str(p).endswith(".png")):
+            key = f"eval/report/{png.stem}"
+            logger.log_image(key=key, images=[str(png)])
+            self.logged.append(key)
 
     def _log_artifact(self, runs: list, run_dir: Path, metrics: dict) -> None:
         files = {name: run_dir / name for name in ("meta.json", "config.yaml")}

@@ -15,6 +15,9 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from activation_transfer.task.scoring import MAIN_METRIC
 from callbacks.model_artifact import TranslatorArtifactCallback
 
+# Every top-level package of the project that logs.
+PROJECT_LOGGERS = ("activation_transfer", "datamodules", "lightning_modules", "callbacks", "cli")
+
 
 class _DropAdvertisement(logging.Filter):
     """Lightning 2.6 prints a "Tip: ... litlogger" advertisement on every Trainer: not information for the user."""
@@ -26,13 +29,16 @@ class _DropAdvertisement(logging.Filter):
 def setup_logging() -> None:
     """Show this project's INFO lines (activation cache hit/miss/rebuild, progress, config paths) on the console
     once, and drop upstream noise that says nothing about the run."""
-    for name in ("datamodules", "lightning_modules", "callbacks"):
+    for name in PROJECT_LOGGERS:
         logger = logging.getLogger(name)
         if not logger.handlers:
             handler = logging.StreamHandler()
             handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
             logger.addHandler(handler)
             logger.setLevel(logging.INFO)
+        # Printed once, by the handler above: a root handler installed by someone else (wandb's logging.warning
+        # calls basicConfig) must not print every project line a second time.
+        logger.propagate = False
     rank_zero = logging.getLogger("pytorch_lightning.utilities.rank_zero")
     if not any(isinstance(f, _DropAdvertisement) for f in rank_zero.filters):
         rank_zero.addFilter(_DropAdvertisement())

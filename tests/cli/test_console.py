@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 from test_evaluate_cli import ckpt, small  # noqa: F401 (ckpt: the module-scoped fixture)
@@ -55,3 +56,38 @@ def test_a_wandb_run_without_a_group_is_grouped_by_its_config_name(tmp_path):
     other = train_main(["-c", str(tmp_path / "train" / "exp-7.yaml"), "--trainer.default_root_dir",
                         str(tmp_path / "t"), "--trainer.logger.init_args.group", "mine"], run=False)  # fmt: skip
     assert other.trainer.logger._wandb_init["group"] == "mine"
+
+
+def test_project_lines_print_once_when_someone_installs_a_root_handler():
+    # wandb's logging.warning("Images sizes do not match") calls basicConfig: a root handler. A project line must
+    # still print once (by the project's handler), not a second time through the root.
+    import ast
+    import io
+    import logging
+
+    from cli.console import PROJECT_LOGGERS, setup_logging
+
+    setup_logging()
+    root_stream = io.StringIO()
+    root_handler = logging.StreamHandler(root_stream)
+    logging.getLogger().addHandler(root_handler)
+    try:
+        for name in PROJECT_LOGGERS:
+            logging.getLogger(f"{name}.some_module").info("a project line")
+    finally:
+        logging.getLogger().removeHandler(root_handler)
+    assert root_stream.getvalue() == ""
+    for name in PROJECT_LOGGERS:
+        # (tests may add pytest's capture handlers beside it; those are not printing handlers)
+        assert sum(type(h) is logging.StreamHandler for h in logging.getLogger(name).handlers) == 1
+
+    # Every package whose modules log is one of them (a new package would otherwise be silent).
+    root = Path(__file__).resolve().parents[2]
+    logging_packages = set()
+    for path in root.glob("*/**/*.py"):
+        top = path.relative_to(root).parts[0]
+        if top in ("tests", "bench", ".venv") or top.startswith("."):
+            continue
+        if any(isinstance(n, ast.Attribute) and n.attr == "getLogger" for n in ast.walk(ast.parse(path.read_text()))):
+            logging_packages.add(top)
+    assert logging_packages and logging_packages <= set(PROJECT_LOGGERS)
