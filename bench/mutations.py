@@ -266,8 +266,9 @@ def check_snippets(mutations) -> list[str]:
 
 def copy_tree(dest: Path) -> Path:
     """Copy the files git knows (tracked and untracked-not-ignored) into ``dest/<name>``; link ``../shared``."""
-    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True,
-                         check=True).stdout.decode()  # fmt: skip
+    out = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True, check=True
+    ).stdout.decode()
     tree = dest / ROOT.name
     for rel in filter(None, out.split("\0")):
         src = ROOT / rel
@@ -282,8 +283,13 @@ def copy_tree(dest: Path) -> Path:
 
 def _env(tree: Path) -> dict:
     env = dict(os.environ)
-    env.update(PYTHONPATH=str(tree), PYTHONDONTWRITEBYTECODE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false")  # fmt: skip
+    env.update(
+        PYTHONPATH=str(tree),
+        PYTHONDONTWRITEBYTECODE="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
     return env
 
 
@@ -321,8 +327,9 @@ def _tail(text: str, lines: int = 15) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("-k", dest="select", default="", help="only the mutations whose name contains this text")
     parser.add_argument("--list", action="store_true", help="list the mutations and their tests, run nothing")
     parser.add_argument("--baseline", action="store_true", help="first run every named test on the unmutated copy")
@@ -370,8 +377,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(_tail(text), flush=True)
             if m is CANARY:
                 if verdict != "caught":
-                    print("harness error: the canary mutation was not caught, so the tests do not run the copy's "
-                          "code; no result below would mean anything", file=sys.stderr)  # fmt: skip
+                    print(
+                        "harness error: the canary mutation was not caught, so the tests do not run the copy's "
+                        "code; no result below would mean anything",
+                        file=sys.stderr,
+                    )
                     return 2
                 continue
             results.append((m, verdict))
@@ -379,9 +389,11 @@ def main(argv: list[str] | None = None) -> int:
     caught = sum(v == "caught" for _, v in results)
     survived = [m.name for m, v in results if v == "SURVIVED"]
     errors = [m.name for m, v in results if v == "ERROR"]
-    print(f"\n{caught}/{len(results)} mutations caught in {wall:.0f} s wall"
-          + (f"; survived: {', '.join(survived)}" if survived else "")
-          + (f"; harness errors (pytest exit not 0/1): {', '.join(errors)}" if errors else ""))  # fmt: skip
+    print(
+        f"\n{caught}/{len(results)} mutations caught in {wall:.0f} s wall"
+        + (f"; survived: {', '.join(survived)}" if survived else "")
+        + (f"; harness errors (pytest exit not 0/1): {', '.join(errors)}" if errors else "")
+    )
     if errors:
         return 2
     return 1 if survived else 0

@@ -98,8 +98,9 @@ def test_same_seed_same_rows_and_chunking_changes_nothing(monkeypatch) -> None:
     groups = _groups(low, high, c=[cond, high, low])
     a = gap_recovered(groups, resamples=700, seed=3)
     assert a == gap_recovered(groups, resamples=700, seed=3)
-    assert (a[0]["ci_low"], a[0]["ci_high"]) != tuple(gap_recovered(groups, resamples=700, seed=4)[0][k] for k in
-                                                      ("ci_low", "ci_high"))  # fmt: skip
+    assert (a[0]["ci_low"], a[0]["ci_high"]) != tuple(
+        gap_recovered(groups, resamples=700, seed=4)[0][k] for k in ("ci_low", "ci_high")
+    )
     # Index matrices drawn 4 resamples at a time continue the same random stream as one 700 x 60 matrix.
     monkeypatch.setattr(gap_module, "_CHUNK_ENTRIES", 4 * 60)
     assert gap_recovered(groups, resamples=700, seed=3) == a
