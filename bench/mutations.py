@@ -1,29 +1,12 @@
-"""Mutation check: does the test suite catch a wrong number in the scoring, statistics, conditions, hooks, slots,
-records and store code?
+"""Mutation check: do the tests catch a small slip in the scoring, statistics, conditions, hooks, slots, records, store?
 
     .venv/bin/python bench/mutations.py              # every mutation (a few minutes on 2 cores)
     .venv/bin/python bench/mutations.py --list       # the mutations and the tests that must catch each
     .venv/bin/python bench/mutations.py -k bootstrap # only the mutations whose name contains "bootstrap"
 
-Each entry of :data:`MUTATIONS` is a small, realistic slip (an index off by one, a mean over padding, a missing
-rescale, a swapped sign) given as ``(file, exact source snippet, replacement)`` plus the test files or node ids that
-must catch it. The script
-
-1. checks that every snippet occurs exactly once in its file (a refactor that moves or rewrites the code makes the
-   script fail right there, naming the mutation: update the snippet, never drop the mutation silently);
-2. copies the tracked tree once into a temporary folder (the working tree is never edited) and links
-   ``../shared`` beside it, so the tests that read the shared data find it;
-3. checks that Python run in the copy imports the copy's modules, not the editable install's, and that a
-   deliberately broken canary mutation is caught (otherwise every result below would be meaningless);
-4. per mutation: patches the copy, runs ``python -m pytest -x -q <tests>`` there (``PYTHONPATH`` and the working
-   folder are the copy, bytecode writing is off so no stale ``.pyc`` can hide a patch), restores the file;
-5. prints caught/survived per mutation and a summary, and exits 1 if any mutation survived (2 on a harness error:
-   a snippet not found, the unmutated tests failing, a test id that does not exist).
-
-A mutation counts as caught when pytest exits 1 (a test failed); any other non-zero exit (a collection error, an
-unknown node id, no tests collected) is a harness error, not a catch. ``--baseline`` first runs every named test on
-the unmutated copy (they must pass). Add a mutation whenever a bug slipped past the tests: the entry documents
-which test guards which line.
+Each entry of :data:`MUTATIONS` is a realistic slip (an index off by one, a mean over padding, a missing rescale, a
+swapped sign) plus the tests that must catch it, tried in a temporary copy of the tree (how: :func:`main`). Add a
+mutation whenever a bug slipped past the tests: the entry documents which test guards which line.
 """
 
 from __future__ import annotations
@@ -327,6 +310,29 @@ def _tail(text: str, lines: int = 15) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the mutations; exit 0 if all are caught, 1 if any survived, 2 on a harness error.
+
+    Each mutation is ``(file, exact source snippet, replacement)`` plus the test files or node ids that must catch
+    it. The script
+
+    1. checks that every snippet occurs exactly once in its file (a refactor that moves or rewrites the code makes
+       the script fail right there, naming the mutation: update the snippet, never drop the mutation silently);
+    2. copies the tracked tree once into a temporary folder (the working tree is never edited) and links
+       ``../shared`` beside it, so the tests that read the shared data find it;
+    3. checks that Python run in the copy imports the copy's modules, not the editable install's, and that a
+       deliberately broken canary mutation is caught (otherwise every result below would be meaningless);
+    4. per mutation: patches the copy, runs ``python -m pytest -x -q <tests>`` there (``PYTHONPATH`` and the working
+       folder are the copy, bytecode writing is off so no stale ``.pyc`` can hide a patch), restores the file;
+    5. prints caught/survived per mutation and a summary, and exits 1 if any mutation survived (2 on a harness
+       error: a snippet not found, the unmutated tests failing, a test id that does not exist).
+
+    A mutation counts as caught when pytest exits 1 (a test failed); any other non-zero exit (a collection error, an
+    unknown node id, no tests collected) is a harness error, not a catch. ``--baseline`` first runs every named test
+    on the unmutated copy (they must pass).
+
+    Args:
+        argv: Command-line arguments (``None``: ``sys.argv[1:]``).
+    """
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
