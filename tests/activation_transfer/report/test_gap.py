@@ -127,7 +127,7 @@ def test_resampling_is_paired_by_question() -> None:
 
 
 def test_ci_is_the_percentile_of_the_fraction_over_resampled_questions() -> None:
-    # A second implementation, straight from the definition (module docstring): each resample draws question ids
+    # A second implementation, from the definition (gap_recovered's docstring): each resample draws question ids
     # with replacement (one matrix from default_rng(bootstrap_seed), shared by every run of the condition, the floor
     # and the ceiling), computes each run's accuracy there in floats, averages the condition's runs, and takes
     # (acc_c - acc_low) / (acc_high - acc_low); the CI reads the sorted fractions at int(q * (B - 1)) and
