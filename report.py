@@ -5,16 +5,8 @@ Usage::
     python report.py RESULTS... --out DIR [--baseline no_inject --baseline nl_relay] [--resamples 5000]
         [--margins 0.05 0.03] [--seed 0] [--intersect] [--debug]
 
-Each RESULTS is a per-sample JSONL file, one of the paper's JSON result files, a folder of them, or an evaluation
-run folder (its ``records/`` are read; ``meta.json`` and other JSON files that hold no records are skipped with a
-note). Without ``--baseline`` the report compares against no_inject and nl_relay, or, for split-context records
-(receiver_alone or skyline present, no_inject absent), against receiver_alone and skyline, skipping whichever is
-absent. With both receiver_alone and skyline present it also writes gap_recovered.{json,csv,md}: the fraction of the
-gap between them that each other condition recovers, with a bootstrap CI over questions. The strict-matched
-shuffled control holds fewer samples by design and is compared on the samples it holds; any other difference in
-sample ids needs ``--intersect``. Runs that are one translator's answers to a condition that ignores the seed count
-as one run. Bad input exits with status 2 and one line naming the file, record or option at fault
-(``--debug`` shows the traceback).
+RESULTS are per-sample JSONL files, the paper's JSON result files, folders of them, or evaluation run folders. Bad
+input exits with status 2 and one line naming the file, record or option at fault (``--debug`` shows the traceback).
 """
 
 from __future__ import annotations

@@ -1,16 +1,13 @@
-"""Benchmark: batched generation (this project) against one prompt at a time (the paper's loop), same models/prompts.
+r"""Benchmark: batched generation (this project) against one prompt at a time (the paper's loop), same models/prompts.
 
     python bench/eval.py --pair tiny --dtype float32 --num-prompts 16 --batch-size 16 --device cpu
     python bench/eval.py --pair pythia-shape --num-prompts 4 --max-new-tokens 16
     python bench/eval.py --pair pythia-shape --data ../shared/data/multihop/clean_eval.jsonl --num-prompts 396 \
         --batch-size 64 --device cuda --dtype float32 bfloat16 --single-time-limit 200
 
-Both paths run the receiver with the paper's decoding settings and an additive prefill injection hook (so the hook
-cost is included), on prompts from the built-in generator. Prints samples/s of each path, the ratio, and how many
-answers differ between the two (0 expected on fp32; bf16 may differ). ``--data`` reads prompts from a JSONL file in
-the paper's format (e.g. ``clean_eval.jsonl``, 396 rows) instead. ``--single-time-limit`` stops the one-at-a-time loop
-after that many seconds and reports its rate over the prompts it finished (said in the output), so a slow device
-still yields a measured rate.
+Both paths run the receiver with the paper's decoding settings and an additive prefill injection hook (hook cost
+included). Prints samples/s of each path, the ratio, and how many answers differ (0 expected on fp32; bf16 may
+differ); with ``--single-time-limit`` the one-at-a-time rate is over the prompts it finished in that time.
 """
 
 from __future__ import annotations

@@ -1,16 +1,14 @@
-"""Benchmark functional translator training (backpropagation through the frozen receiver): samples/s and peak memory.
+r"""Benchmark functional translator training (backpropagation through the frozen receiver): samples/s and peak memory.
 
     python bench/functional.py                                               # tiny presets, CPU
     python bench/functional.py --sender organism:sender --receiver organism:receiver --receiver-layer 0 \
         --batch-size 16                                                      # make demo's functional translator
-    python bench/functional.py --sender pythia-160m-shape --receiver pythia-410m-shape --sender-layer 8 \\
+    python bench/functional.py --sender pythia-160m-shape --receiver pythia-410m-shape --sender-layer 8 \
         --receiver-layer 16 --device cuda --bf16                              # the paper's shapes (random weights)
 
-Each step is what ``FunctionalTranslatorModule.training_step`` computes (sender capture, translation, receiver
-forward with the slot hook, loss, backward) plus the AdamW step, on generated QA samples. The first step is a warmup
-and not timed. Peak memory: the resident set's high-water mark sampled after every step (CPU) and
-``torch.cuda.max_memory_allocated`` (CUDA). Record the printed device and thread count with any figure you quote;
-the Pythia-shaped presets have random weights, so only their speed means anything.
+A step is ``FunctionalTranslatorModule.training_step`` plus the AdamW step on generated QA samples, after one untimed
+warmup step. Peak memory: the resident set's high-water mark (CPU) or ``torch.cuda.max_memory_allocated`` (CUDA).
+Quote a figure with the printed device and thread count; the Pythia-shaped presets have random weights (speed only).
 """
 
 from __future__ import annotations

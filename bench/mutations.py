@@ -1,29 +1,12 @@
-"""Mutation check: does the test suite catch a wrong number in the scoring, statistics, conditions, hooks, slots,
-records and store code?
+"""Mutation check: do the tests catch a small slip in the scoring, statistics, conditions, hooks, slots, records, store?
 
     .venv/bin/python bench/mutations.py              # every mutation (a few minutes on 2 cores)
     .venv/bin/python bench/mutations.py --list       # the mutations and the tests that must catch each
     .venv/bin/python bench/mutations.py -k bootstrap # only the mutations whose name contains "bootstrap"
 
-Each entry of :data:`MUTATIONS` is a small, realistic slip (an index off by one, a mean over padding, a missing
-rescale, a swapped sign) given as ``(file, exact source snippet, replacement)`` plus the test files or node ids that
-must catch it. The script
-
-1. checks that every snippet occurs exactly once in its file (a refactor that moves or rewrites the code makes the
-   script fail right there, naming the mutation: update the snippet, never drop the mutation silently);
-2. copies the tracked tree once into a temporary folder (the working tree is never edited) and links
-   ``../shared`` beside it, so the tests that read the shared data find it;
-3. checks that Python run in the copy imports the copy's modules, not the editable install's, and that a
-   deliberately broken canary mutation is caught (otherwise every result below would be meaningless);
-4. per mutation: patches the copy, runs ``python -m pytest -x -q <tests>`` there (``PYTHONPATH`` and the working
-   folder are the copy, bytecode writing is off so no stale ``.pyc`` can hide a patch), restores the file;
-5. prints caught/survived per mutation and a summary, and exits 1 if any mutation survived (2 on a harness error:
-   a snippet not found, the unmutated tests failing, a test id that does not exist).
-
-A mutation counts as caught when pytest exits 1 (a test failed); any other non-zero exit (a collection error, an
-unknown node id, no tests collected) is a harness error, not a catch. ``--baseline`` first runs every named test on
-the unmutated copy (they must pass). Add a mutation whenever a bug slipped past the tests: the entry documents
-which test guards which line.
+Each entry of :data:`MUTATIONS` is a realistic slip (an index off by one, a mean over padding, a missing rescale, a
+swapped sign) plus the tests that must catch it, tried in a temporary copy of the tree (how: :func:`main`). Add a
+mutation whenever a bug slipped past the tests: the entry documents which test guards which line.
 """
 
 from __future__ import annotations
@@ -266,8 +249,9 @@ def check_snippets(mutations) -> list[str]:
 
 def copy_tree(dest: Path) -> Path:
     """Copy the files git knows (tracked and untracked-not-ignored) into ``dest/<name>``; link ``../shared``."""
-    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True,
-                         check=True).stdout.decode()  # fmt: skip
+    out = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=ROOT, capture_output=True, check=True
+    ).stdout.decode()
     tree = dest / ROOT.name
     for rel in filter(None, out.split("\0")):
         src = ROOT / rel
@@ -282,8 +266,13 @@ def copy_tree(dest: Path) -> Path:
 
 def _env(tree: Path) -> dict:
     env = dict(os.environ)
-    env.update(PYTHONPATH=str(tree), PYTHONDONTWRITEBYTECODE="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false")  # fmt: skip
+    env.update(
+        PYTHONPATH=str(tree),
+        PYTHONDONTWRITEBYTECODE="1",
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
     return env
 
 
@@ -321,8 +310,32 @@ def _tail(text: str, lines: int = 15) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    """Run the mutations; exit 0 if all are caught, 1 if any survived, 2 on a harness error.
+
+    Each mutation is ``(file, exact source snippet, replacement)`` plus the test files or node ids that must catch
+    it. The script
+
+    1. checks that every snippet occurs exactly once in its file (a refactor that moves or rewrites the code makes
+       the script fail right there, naming the mutation: update the snippet, never drop the mutation silently);
+    2. copies the tracked tree once into a temporary folder (the working tree is never edited) and links
+       ``../shared`` beside it, so the tests that read the shared data find it;
+    3. checks that Python run in the copy imports the copy's modules, not the editable install's, and that a
+       deliberately broken canary mutation is caught (otherwise every result below would be meaningless);
+    4. per mutation: patches the copy, runs ``python -m pytest -x -q <tests>`` there (``PYTHONPATH`` and the working
+       folder are the copy, bytecode writing is off so no stale ``.pyc`` can hide a patch), restores the file;
+    5. prints caught/survived per mutation and a summary, and exits 1 if any mutation survived (2 on a harness
+       error: a snippet not found, the unmutated tests failing, a test id that does not exist).
+
+    A mutation counts as caught when pytest exits 1 (a test failed); any other non-zero exit (a collection error, an
+    unknown node id, no tests collected) is a harness error, not a catch. ``--baseline`` first runs every named test
+    on the unmutated copy (they must pass).
+
+    Args:
+        argv: Command-line arguments (``None``: ``sys.argv[1:]``).
+    """
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("-k", dest="select", default="", help="only the mutations whose name contains this text")
     parser.add_argument("--list", action="store_true", help="list the mutations and their tests, run nothing")
     parser.add_argument("--baseline", action="store_true", help="first run every named test on the unmutated copy")
@@ -370,8 +383,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(_tail(text), flush=True)
             if m is CANARY:
                 if verdict != "caught":
-                    print("harness error: the canary mutation was not caught, so the tests do not run the copy's "
-                          "code; no result below would mean anything", file=sys.stderr)  # fmt: skip
+                    print(
+                        "harness error: the canary mutation was not caught, so the tests do not run the copy's "
+                        "code; no result below would mean anything",
+                        file=sys.stderr,
+                    )
                     return 2
                 continue
             results.append((m, verdict))
@@ -379,9 +395,11 @@ def main(argv: list[str] | None = None) -> int:
     caught = sum(v == "caught" for _, v in results)
     survived = [m.name for m, v in results if v == "SURVIVED"]
     errors = [m.name for m, v in results if v == "ERROR"]
-    print(f"\n{caught}/{len(results)} mutations caught in {wall:.0f} s wall"
-          + (f"; survived: {', '.join(survived)}" if survived else "")
-          + (f"; harness errors (pytest exit not 0/1): {', '.join(errors)}" if errors else ""))  # fmt: skip
+    print(
+        f"\n{caught}/{len(results)} mutations caught in {wall:.0f} s wall"
+        + (f"; survived: {', '.join(survived)}" if survived else "")
+        + (f"; harness errors (pytest exit not 0/1): {', '.join(errors)}" if errors else "")
+    )
     if errors:
         return 2
     return 1 if survived else 0

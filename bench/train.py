@@ -1,11 +1,10 @@
-"""Benchmark the pair stream and translator training: pairs/s and peak memory while streaming a synthetic store
-four times larger than the shuffle buffer.
+"""Benchmark the pair stream and translator training: pairs/s and peak memory on a store larger than the buffer.
 
     python bench/train.py --sender-dim 32 --receiver-dim 48 --rows 200000 --buffer 50000
     python bench/train.py --sender-dim 768 --receiver-dim 1024 --rows 40000 --buffer 10000
 
-Peak memory is the largest growth of the resident set (sampled every 10 batches) during streaming, printed next to
-the size of the whole store and of one shuffle buffer: the loader's memory follows the buffer, not the store.
+Peak memory is the largest growth of the resident set (sampled every 10 batches) while streaming a synthetic store
+(four times the shuffle buffer above), printed next to the sizes of the store and of one buffer: it follows the buffer.
 """
 
 from __future__ import annotations

@@ -1,11 +1,7 @@
 """LightningCLI that trains an offline model organism and exports it in Hugging Face format.
 
-Usage (configs after the subcommand)::
-
-    python organism.py fit -c configs/organisms/receiver.yaml --export_dir /tmp/receiver
-
-``--export_dir`` receives ``save_pretrained`` output of the model and the tokenizer after ``fit``, so the rest of the
-project loads the organism by path through ``load_model`` / ``load_tokenizer``. Most callers should use
+Usage: ``python organism.py fit -c configs/organisms/receiver.yaml --export_dir /tmp/receiver``. The export
+(``save_pretrained`` model and tokenizer) loads by path through ``load_model`` / ``load_tokenizer``; most callers use
 ``cli.organisms.ensure_organism``, which caches the export by a hash of the config.
 """
 
@@ -48,7 +44,7 @@ class OrganismCLI(LightningCLI):
 
 
 def cli_kwargs() -> dict:
-    """Arguments of every ``OrganismCLI`` (shared with the parse-only use in ``components.organisms``)."""
+    """Arguments of every ``OrganismCLI`` (shared with the parse-only use in ``cli.organisms``)."""
     return dict(
         model_class=CausalLMModule,
         datamodule_class=OrganismTextDataModule,

@@ -2,13 +2,8 @@
 
 Nothing on the development, CI or GPU machines can download Pythia, and random-weight presets answer nothing. The
 organisms are a sender and a larger receiver (different width and depth, one shared tokenizer) that actually answer
-the generated multi-hop questions, so activation transfer can be tested end to end offline.
-
-- :func:`ensure_organism` returns the Hugging Face folder of the organism a config describes, training it through
-  the organism CLI only when the cache entry ``cache_root()/organisms/<role>-<hash>/`` is missing.
-- ``organism:<role>`` names resolve (never train) through the resolver registered here; :func:`ensure_organisms`
-  is the explicit training step the CLIs and the demo run first.
-- How well an organism answers, and the chance rate, live in ``activation_transfer/task/organism_eval.py``.
+the generated multi-hop questions, so activation transfer can be tested end to end offline. ``organism:<role>`` names
+only resolve (:func:`resolve_organism`); :func:`ensure_organisms` is the one step that trains.
 """
 
 from __future__ import annotations

@@ -1,5 +1,4 @@
-"""Text corpora for activation extraction: the built-in offline corpus, local text/JSONL files, or a Hugging Face
-dataset by name.
+"""Text corpora for activation extraction: the built-in offline corpus, local text/JSONL files, or a HF dataset by name.
 
 A corpus is a list of non-empty documents plus a SHA-256 fingerprint of exactly those documents (in order), so the
 activation cache key changes whenever the text does. Everything is a pure function of the :class:`CorpusSpec`.

@@ -1,10 +1,5 @@
 """Training text for the offline model organisms: paper-format prompts from the built-in generator, with answers.
 
-Each example is the paper's prompt ``Context: {context}\\nQ: {question}\\nA:`` followed by the target
-`` {answer}`` and EOS, right-padded to one fixed length. The loss mask marks the answer tokens and the EOS (so a
-trained organism stops right after its answer under greedy decoding); a second mask marks the prompt tokens for an
-optional, down-weighted language-modelling loss.
-
 The evaluation set (``EVAL_SEED``) is held out twice over: its seed may not be used for training or validation, and
 any training or validation sample whose key also occurs in the evaluation set is dropped.
 """
@@ -67,6 +62,10 @@ def held_out_samples(
 
 def encode_samples(samples: list[MultiHopSample], tokenizer, max_length: int) -> dict[str, torch.Tensor]:
     """Tokenize prompt + `` {answer}`` + EOS into fixed-length, right-padded tensors.
+
+    The prompt is the paper's ``Context: {context}\\nQ: {question}\\nA:``. The loss is taken on the ANSWER tokens
+    and the EOS (so a trained organism stops right after its answer under greedy decoding); the PROMPT tokens serve an
+    optional, down-weighted language-modelling loss.
 
     Args:
         samples: The samples to encode.

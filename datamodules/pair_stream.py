@@ -1,18 +1,7 @@
 """The pair stream: which rows of an activation store each rank, worker and step reads, in which order.
 
-Streaming design (memory bounded by ``shuffle_buffer``, not by the store size):
-
-- The rows of a split are cut into chunks of ``chunk_rows`` consecutive rows. Each epoch the chunk order is
-  permuted (seed, epoch), consecutive permuted chunks are grouped into windows of about ``shuffle_buffer`` rows,
-  and the rows inside each window are permuted. The resulting order is a pure function of (seed, epoch).
-- A reader holds at most two windows (the current one and the next, when a batch straddles them); a window is read
-  as contiguous slices of the memory-mapped safetensors shards.
-- Global step s takes the next ``batch_size * world_size`` positions of the order; rank r takes every
-  ``world_size``-th of them starting at r, and dataloader worker k takes the steps with ``s % num_workers == k``.
-  Every rank therefore runs the same number of steps, and across ranks and workers each pair is seen exactly once
-  per epoch (a last global step with fewer rows than ranks is merged into the previous one instead of being
-  dropped or padded).
-- Without shuffling (validation) the order is the store's (documents, then positions).
+Memory stays bounded by ``shuffle_buffer``, not by the store size; the order is a pure function of (seed, epoch);
+every rank runs the same number of steps and each pair is seen exactly once per epoch (how: :class:`PairStream`).
 """
 
 from __future__ import annotations
@@ -81,7 +70,21 @@ def rank_positions(bound: tuple[int, int], rank: int, world_size: int) -> np.nda
 
 
 class PairStream(IterableDataset):
-    """Batches of one split of a store for one rank (see the module docstring for the order and sharding).
+    """Batches of one split of a store for one rank.
+
+    Order and sharding:
+
+    - The rows of a split are cut into chunks of ``chunk_rows`` consecutive rows. Each epoch the chunk order is
+      permuted (seed, epoch), consecutive permuted chunks are grouped into windows of about ``shuffle_buffer`` rows,
+      and the rows inside each window are permuted. The resulting order is a pure function of (seed, epoch).
+    - A reader holds at most two windows (the current one and the next, when a batch straddles them); a window is
+      read as contiguous slices of the memory-mapped safetensors shards.
+    - Global step s takes the next ``batch_size * world_size`` positions of the order; rank r takes every
+      ``world_size``-th of them starting at r, and dataloader worker k takes the steps with ``s % num_workers == k``.
+      Every rank therefore runs the same number of steps, and across ranks and workers each pair is seen exactly
+      once per epoch (a last global step with fewer rows than ranks is merged into the previous one instead of
+      being dropped or padded).
+    - Without shuffling (validation) the order is the store's (documents, then positions).
 
     Args:
         folder: Store folder.

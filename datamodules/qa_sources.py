@@ -1,14 +1,8 @@
 """Where multi-hop QA samples come from: the paper's files, any local JSONL file, or the built-in generator.
 
-- The paper's files (:data:`PAPER_FILES`) are named by ``clean_eval``, ``train``, ... and read from a local folder
-  (``data_dir``) or downloaded once from the paper's artifact at a pinned commit into the cache folder. Both paths
-  check the file against its pinned SHA-256, so a result always names exactly the data it was computed on.
-- A local JSONL file has one JSON object per line with ``context``, ``question``, ``answer`` and optionally
-  ``hops`` and an id (``id``, ``sample_id`` or ``clean_eval_id``, first found wins); ids default to
-  ``<file stem>_<line index:06d>`` (0-based line index in the file).
-- The built-in offline generator (:mod:`activation_transfer.task.generator`).
-
-Bad input raises :class:`QADataError` (a ``ValueError``) naming the file and line.
+Every source is identified by a hash (a file's SHA-256, pinned for the paper's files; the generator's fingerprint),
+so a result always names exactly the data it was computed on. Bad input raises :class:`QADataError` (a
+``ValueError``) naming the file and line.
 """
 
 from __future__ import annotations
@@ -206,6 +200,9 @@ def resolve_paper_file(
 ) -> tuple[Path, str]:
     """Find a paper file, verified against its pinned SHA-256.
 
+    The file is read from ``data_dir`` or downloaded once from the paper's artifact at a pinned commit into the cache
+    folder; both paths check it against its pinned SHA-256.
+
     Args:
         name: A key of :data:`PAPER_FILES`.
         data_dir: A local folder holding the file (``clean_eval.jsonl``, ...); nothing is downloaded then.
@@ -272,7 +269,12 @@ def _parse_row(path: Path, line: int, row: object) -> QASample:
 
 
 def read_jsonl(path: str | Path) -> list[QASample]:
-    """Read and validate a QA JSONL file (blank lines are skipped; ids must be unique)."""
+    """Read and validate a QA JSONL file (blank lines are skipped; ids must be unique).
+
+    Each line is one JSON object with ``context``, ``question``, ``answer`` and optionally ``hops`` and an id
+    (``id``, ``sample_id`` or ``clean_eval_id``, first found wins); ids default to ``<file stem>_<line index:06d>``
+    (0-based line index in the file).
+    """
     path = Path(path)
     samples: list[QASample] = []
     seen: dict[str, int] = {}

@@ -1,11 +1,9 @@
-"""``QATrainingDataModule``: QA samples for training translators *for use* (functional training), never the
-evaluation set.
+"""QA samples for training translators *for use* (functional training), never the evaluation set.
 
-Batches are plain lists of :class:`QASample`; the functional module owns both tokenizers and tokenizes them itself
-(:mod:`activation_transfer.translators.functional_loss`). Held out twice over, as for the model organisms
-(:mod:`datamodules.organism_text`): the generator's evaluation seed ``EVAL_SEED`` is refused, and every generated
-sample whose key also occurs in the built-in evaluation set is dropped; validation keys are dropped from training
-too. The paper's evaluation files are refused as training or validation sources.
+Batches are plain lists of :class:`QASample`: the functional module owns both tokenizers and tokenizes them itself.
+Held out twice over, as for the model organisms: the generator's ``EVAL_SEED`` is refused, every generated sample whose
+key occurs in the built-in evaluation set is dropped (validation keys are dropped from training too), and the paper's
+evaluation files are refused as training or validation sources.
 """
 
 from __future__ import annotations

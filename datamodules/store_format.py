@@ -1,24 +1,9 @@
 """The activation store's format: spec and cache key, manifest, shards, and the :class:`PairStore` reader.
 
-Layout of a store folder::
-
-    manifest.json            written last, atomically: the store is complete iff it exists
-    manifest.partial.json    progress of an unfinished extraction (finished shards only)
-    shard-00000.safetensors  tensors "sender" (n, d_s), "receiver" (n, d_r), "doc" int64 (n,), "pos" int32 (n,)
-    ...
-
-The manifest lists each shard's rows and SHA-256. A reader checks every shard's shapes against the manifest when it
-opens the store, and each shard's bytes against its SHA-256 once per process (``PairStore(verify=True)``), so an
-edited manifest or a changed file stops the run with the shard's name instead of training on wrong data.
-
-Rows are ordered by document, then token position, so "the last 10% of rows" is a deterministic split. Each shard
-ends at a batch boundary and records the document range it covers (``datamodules.activation_store`` extracts and
-resumes stores; this module only reads and writes the format).
-
-The cache key (``store_key``) hashes everything the activations depend on: both models (name, revision, layer,
-dtype, preset seed, and the weights' identity: a local folder's content digest or a Hub revision's commit, so new
-weights under an old name never reuse old activations), the corpus fingerprint, ``max_length`` and the storage
-dtype.
+A store is a folder of safetensors shards and a ``manifest.json`` written last (layout: docs/NOTES.md, "Module
+notes"). The cache key hashes everything the activations depend on (:func:`store_spec`) and the reader checks the
+shards against the manifest, so neither new weights under an old name nor an edited file is trained on silently.
+``datamodules.activation_store`` extracts and resumes stores; this module only reads and writes the format.
 """
 
 from __future__ import annotations
@@ -68,7 +53,11 @@ def store_spec(
     sender: dict, receiver: dict, corpus_fingerprint: str, max_length: int, store_dtype: str = "float32"
 ) -> dict:
     """Everything a store's content depends on (``sender``/``receiver``: :func:`ref_spec` of each model); two
-    stores with equal specs hold the same pairs."""
+    stores with equal specs hold the same pairs.
+
+    Each model's part includes the weights' identity (a local folder's content digest or a Hub revision's commit),
+    so new weights under an old name never reuse old activations.
+    """
     return {
         "format_version": FORMAT_VERSION,
         "sender": sender,
@@ -214,7 +203,9 @@ class PairStore:
     """Read access to a complete store: contiguous row ranges, loaded lazily shard by shard.
 
     Only the rows asked for are read (safetensors slices of memory-mapped files), so memory follows the
-    request size, not the store size. Opening checks the manifest against the shards (see the module docstring).
+    request size, not the store size. Opening checks every shard's shapes against the manifest, and each shard's
+    bytes are checked against its SHA-256 once per process (``verify=True``), so an edited manifest or a changed file
+    stops the run with the shard's name instead of training on wrong data.
 
     Args:
         folder: Store folder.

@@ -1,15 +1,8 @@
 """Batched greedy generation with the paper's decoding settings.
 
-Many prompts go through one ``generate`` call: left padding (pad id = EOS) with the attention mask passed, so every
-row continues from its own last real token at column -1. On fp32 this equals one-prompt-at-a-time decoding (tests
-check it); in bf16 small numeric differences between batch shapes can flip a greedy choice.
-
-The repetition penalty is :class:`MaskedRepetitionPenalty`, not Hugging Face's. A penalty that counts every id of
-the sequence also counts the left padding, and since pad = EOS a padded row would have its EOS logit penalized where
-a one-at-a-time run's is not. Recent transformers (5.24) skip the left padding themselves (``prompt_ignore_length``
-from the attention mask), older ones penalize it; applying our own rule keeps the answers independent of the
-installed version. HF's ``no_repeat_ngram_size`` needs no fix: an n-gram that contains padding starts with EOS, so
-it can only match a row whose last tokens include EOS, i.e. a row that has already finished (prompts carry no EOS).
+Many prompts go through one ``generate`` call, left padded (pad id = EOS) with the attention mask passed, so every
+row continues from its own last real token. On fp32 this equals one-prompt-at-a-time decoding (tests check it); in
+bf16 small numeric differences between batch shapes can flip a greedy choice.
 """
 
 from __future__ import annotations
@@ -62,6 +55,13 @@ class MaskedRepetitionPenalty:
 
     A logit of a token the row has already seen (in its real prompt tokens or its generated tokens) is divided by
     ``penalty`` when positive and multiplied by it when negative, as in ``RepetitionPenaltyLogitsProcessor``.
+
+    Why not Hugging Face's own: a penalty that counts every id of the sequence also counts the left padding, and
+    since pad = EOS a padded row would have its EOS logit penalized where a one-at-a-time run's is not. Recent
+    transformers (5.24) skip the left padding themselves (``prompt_ignore_length`` from the attention mask), older
+    ones penalize it; applying our own rule keeps the answers independent of the installed version. HF's
+    ``no_repeat_ngram_size`` needs no fix: an n-gram that contains padding starts with EOS, so it can only match a
+    row whose last tokens include EOS, i.e. a row that has already finished (prompts carry no EOS).
 
     Args:
         penalty: The penalty (> 0; 1 changes nothing).

@@ -1,10 +1,7 @@
 """The content digest of a local model folder: what identifies its weights when a name (a path) does not.
 
 A folder keeps its name when its weights are replaced (a new export, a retrained organism), so caches keyed on the
-name would silently serve the old model's results. The digest covers every regular, non-hidden file of the folder
-(weights, config, tokenizer: all of what the model computes depends on them). Hashing a 1 GB model takes seconds,
-so each file's SHA-256 is remembered in the project cache by (path, size, mtime) and recomputed only when those
-change.
+name would silently serve the old model's results.
 """
 
 from __future__ import annotations
@@ -24,6 +21,10 @@ def _files(folder: Path) -> list[Path]:
 
 def folder_sha256(folder: str | Path, cache_dir: str | None = None) -> str:
     """SHA-256 identifying the content of a model folder (relative file names and their bytes).
+
+    The digest covers every regular, non-hidden file of the folder (weights, config, tokenizer: all of what the model
+    computes depends on them). Hashing a 1 GB model takes seconds, so each file's SHA-256 is remembered in the
+    project cache by (path, size, mtime) and recomputed only when those change.
 
     Args:
         folder: The model folder.

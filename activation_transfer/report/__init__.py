@@ -1,17 +1,8 @@
 """Per-sample records -> the paper's tables, paired CIs, McNemar, TOST and plots (docs/NOTES.md "Report").
 
-Torch-free (numpy, scipy, matplotlib on first plot), so ``report.py`` starts fast and runs anywhere. Modules:
-
-- ``load``: parse and re-score records from files, folders or dicts; group them by condition and run, counting
-  runs of one computation once.
-- ``stats``: bootstrap CIs, paired deltas, gained/lost, McNemar, run mean/SD, the clustered view.
-- ``tost``: equivalence (TOST) and degradation tests on the clustered view.
-- ``analysis``: per-condition accuracy, the summary, paired comparisons and equivalence rows.
-- ``gap``: the fraction of the ``receiver_alone`` -> ``skyline`` gap a condition recovers, with a question-clustered
-  bootstrap CI (split-context runs).
-- ``tables``: markdown, CSV and JSON renderings.
-- ``plots``: accuracy per condition and the forest plot of paired deltas.
-- ``run``: :func:`run_report`, the entry point of ``report.py`` and of the evaluation module.
+Torch-free (numpy, scipy, matplotlib on first plot), so ``report.py`` starts fast and runs anywhere. The pipeline:
+``load`` (parse, re-score, group) -> ``stats``, ``tost``, ``gap`` (the tests) -> ``analysis`` (the rows) ->
+``tables``, ``plots``; :func:`run.run_report` is the one entry point (``report.py``, the evaluation module).
 """
 
 from activation_transfer.report.analysis import (

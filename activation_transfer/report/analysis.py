@@ -1,11 +1,4 @@
-"""Grouped records -> per-condition accuracy, paired comparisons and clustered equivalence tests.
-
-Pairing: a condition's runs are paired with a single-run (deterministic) baseline run by run; a multi-run baseline
-is paired by equal seed (or each of its runs with a single-run condition). Paired runs must hold the same sample
-ids; with ``intersect=True`` only the ids common to all paired runs are kept and the number dropped is reported.
-A condition of :data:`SUBSET_CONDITIONS` is compared on the samples it holds whenever they are a subset of the
-baseline's (a note says how many were dropped); any other difference needs ``intersect``.
-"""
+"""Grouped records -> per-condition accuracy, paired comparisons and clustered equivalence tests."""
 
 from __future__ import annotations
 
@@ -154,6 +147,12 @@ def build_comparisons(
     collapsed: Mapping | None = None,
 ) -> tuple[list[dict], list[dict], list[str]]:
     """Paired comparisons (pooled bootstrap, gained/lost, McNemar) and clustered TOST for every pair.
+
+    Pairing: a condition's runs are paired with a single-run (deterministic) baseline run by run; a multi-run baseline
+    is paired by equal seed (or each of its runs with a single-run condition). Paired runs must hold the same sample
+    ids; with ``intersect=True`` only the ids common to all paired runs are kept and the number dropped is reported.
+    A condition of :data:`SUBSET_CONDITIONS` is compared on the samples it holds whenever they are a subset of the
+    baseline's (a note says how many were dropped); any other difference needs ``intersect``.
 
     Args:
         groups: Output of ``load.group_records``.

@@ -4,11 +4,6 @@ In the split-context protocol ``receiver_alone`` (the receiver reads only the qu
 (it reads the whole context) the ceiling. A slot condition's accuracy alone does not say how much of the context's
 value it carried over; ``(acc(C) - acc(floor)) / (acc(ceiling) - acc(floor))`` does: 0 is no better than the floor,
 1 is as good as reading the context.
-
-The CI resamples *questions*: one set of resampled sample ids serves every run of the condition, the floor and the
-ceiling. The three accuracies are measured on the same questions, so their errors are correlated; resampling them
-apart would ignore that and give a much wider interval. Seeds are not independent samples either: the runs of a
-condition answer the same questions, so a question is the unit and its runs move together.
 """
 
 from __future__ import annotations
@@ -115,10 +110,13 @@ def gap_recovered(
 
     The point estimate reads :func:`analysis.condition_accuracy`, so its three accuracies are the summary's to the
     last bit. The CI is a simple percentile bootstrap (as the paper's CIs; not BCa) over questions: each resample
-    draws sample ids with replacement and uses them for every run of the condition and for ``low`` and ``high``
-    (see the module docstring for why). It uses the ids common to all those runs; when some are excluded (e.g. the
-    strict shuffled control's subset) ``dropped`` counts them, and the point estimate, being the summary's, still
-    reads every sample of each condition.
+    draws sample ids with replacement and uses them for every run of the condition and for ``low`` and ``high``.
+    It uses the ids common to all those runs; when some are excluded (e.g. the strict shuffled control's subset)
+    ``dropped`` counts them, and the point estimate, being the summary's, still reads every sample of each condition.
+
+    Why questions are the unit: the three accuracies are measured on the same questions, so their errors are
+    correlated; resampling them apart would ignore that and give a much wider interval. Seeds are not independent
+    samples either: the runs of a condition answer the same questions, so a question's runs move together.
 
     Args:
         groups: ``{condition: {run: {sample_id: {metric: bool}}}}`` (after ``load.collapse_repeated_runs``).

@@ -1,16 +1,8 @@
 """Per-sample records in, re-scored :class:`Record` objects out, grouped by condition and run.
 
-Inputs are per-sample records (the fields of ``report.records.RECORD_FIELDS``, one JSON object per line) in
-``.jsonl``/``.json`` files or folders of them, or the paper's locked result files (one JSON object with top-level
-``condition``/``seed`` and a ``per_sample`` list). A folder holding a ``records/`` folder is an evaluation run folder:
-its ``records/`` are read. JSON documents in a folder that are not records (``meta.json``, a report's tables) are
-skipped and counted. Records are re-scored from ``gold`` and ``prediction``; stored ``metrics`` are only checked.
-
-Pseudo-replication: with one translator checkpoint, a translator condition that ignores the seed (``additive``,
-``replace``, ``scale_corrected``, ``best_alpha``) gives the same answers for every seed, and the evaluation writes
-them once per seed. Such records say so (``diagnostics.translator_sha256`` and ``diagnostics.seeded: false``), and
-:func:`collapse_repeated_runs` counts runs of one computation once. Records without that identity (older files, the
-paper's locked outputs) keep one run per seed.
+Records are re-scored from ``gold`` and ``prediction`` (stored ``metrics`` are only checked), and the runs of one
+computation written once per seed count once (:func:`collapse_repeated_runs`), so no result rests on a stored score
+or on pseudo-replicated seeds.
 """
 
 from __future__ import annotations
@@ -174,6 +166,12 @@ def _expand(path: Path) -> list[Path]:
 def load_records(inputs: Iterable[str | Path | Mapping], notes: dict[str, Any] | None = None) -> list[Record]:
     """Load and re-score records from files, folders, or already-loaded record dicts.
 
+    Files hold per-sample records (the fields of ``report.records.RECORD_FIELDS``, one JSON object per line) as
+    ``.jsonl``/``.json``, or are the paper's locked result files (one JSON object with top-level ``condition``/``seed``
+    and a ``per_sample`` list). A folder holding a ``records/`` folder is an evaluation run folder: its ``records/``
+    are read. JSON documents in a folder that are not records (``meta.json``, a report's tables) are skipped and
+    counted. Records are re-scored from ``gold`` and ``prediction``; stored ``metrics`` are only checked.
+
     Args:
         inputs: Paths (JSONL files, paper JSON files, folders of either, evaluation run folders) and/or record dicts;
             not mixed with a single string (pass a list).
@@ -254,6 +252,11 @@ def collapse_repeated_runs(
     groups: Mapping[str, Mapping[str, Mapping[str, Mapping[str, bool]]]], records: Sequence[Record]
 ) -> RunCollapse:
     """Count runs of a condition that are one computation once: one run, not one per seed.
+
+    Why: with one translator checkpoint, a translator condition that ignores the seed (``additive``, ``replace``,
+    ``scale_corrected``, ``best_alpha``) gives the same answers for every seed, and the evaluation writes them once
+    per seed; its records say so (``diagnostics.translator_sha256`` and ``diagnostics.seeded: false``). Records
+    without that identity (older files, the paper's locked outputs) keep one run per seed.
 
     Runs are one computation when every record of each says it does not depend on the seed and names the same
     translator (``Record.same_for_every_seed``), and the runs hold the same samples with the same predictions (a

@@ -1,20 +1,8 @@
 """Evaluation outputs on disk: the run folder, per-sample record files, partial shards and run metadata.
 
-Layout of a run folder ``<trainer.default_root_dir>/<run_name>`` (``run_name`` defaults to ``eval-<12 hex>`` of the
-fingerprint of everything that determines the answers, so the same command finds the same folder again)::
-
-    records/<condition>__seed<seed>.jsonl      one finished condition x seed (the fixed record schema)
-    records/<condition>__deterministic.jsonl   a deterministic condition (seed null)
-    partial/<condition>__<seed>/rank<r>.jsonl  records of an unfinished run, appended batch by batch
-    fingerprint.json                           the identity the folder is bound to (written before any record)
-    config.yaml                                resolved CLI config (of the latest invocation)
-    meta.json                                  models, checksums, and one entry per invocation (what it computed,
-                                               seconds, skipped runs, device, time)
-    report/                                    report.run_report output
-
-Finished files are written whole through a temporary file and ``os.replace``: a file either exists complete or
-not at all, which is what lets a re-run skip it. A folder holds the results of one configuration only: its
-``fingerprint.json`` is written before the first record, and a run with another identity is refused.
+Finished files are written whole through a temporary file and ``os.replace``: a file either exists complete or not at
+all, which is what lets a re-run skip it. A folder holds the results of one configuration only (:func:`bind_run_dir`).
+The run folder's layout is in docs/NOTES.md, "Module notes".
 """
 
 from __future__ import annotations

@@ -1,17 +1,7 @@
 """The report's one entry point, :func:`run_report`: records in, every table, test and plot written to a folder.
 
-It serves both ``report.py`` and the evaluation module (which passes its in-memory records).
-
-Baselines: with ``baselines=None`` (the default) the report compares against the baselines of the protocol the records
-come from: the paper's ``no_inject`` and ``nl_relay``, or, for split-context records (``receiver_alone`` or
-``skyline`` present, ``no_inject`` absent), ``receiver_alone`` and ``skyline``, as the evaluation module does
-(``conditions.BASELINES``); an absent one is skipped with a note, and at least one must be present. Split records
-hold ``nl_relay`` too, so its presence does not make them paper records. Baselines named explicitly must all be
-present.
-
-With both ``receiver_alone`` and ``skyline`` present the report also writes the fraction of the gap each other
-condition recovers (``gap.gap_recovered``) to ``gap_recovered.{json,csv,md}``; without them it writes exactly the
-paper protocol's files.
+It serves both ``report.py`` and the evaluation module (which passes its in-memory records), so the two write the
+same report from the same records.
 """
 
 from __future__ import annotations
@@ -168,8 +158,9 @@ def run_report(
         out_dir: Output folder (created). Files are written atomically (temporary file, then ``os.replace``).
         baselines: Baselines to compare against. ``None``: ``no_inject`` and ``nl_relay``, or for split-context
             records (``receiver_alone`` or ``skyline`` present, ``no_inject`` absent) ``receiver_alone`` and
-            ``skyline``, skipping an absent one (a note says so; at least one must be present). An explicit list must
-            be fully present.
+            ``skyline``, skipping an absent one (a note says so; at least one must be present), as the evaluation
+            module does (``conditions.BASELINES``). Split records hold ``nl_relay`` too, so its presence does not
+            make them paper records. An explicit list must be fully present.
         resamples: Bootstrap resamples for the 95% CIs (accuracy and paired deltas).
         margins: TOST equivalence margins (accuracy units, each > 0).
         seed: Base seed; each CI derives its own seed from it and a label, recorded next to the CI.
@@ -186,7 +177,8 @@ def run_report(
 
     With both ``receiver_alone`` and ``skyline`` in the input (whatever the baselines), every other condition also
     gets the fraction of the gap between them that it recovers (main metric, same ``resamples`` and ``seed``),
-    written to ``gap_recovered.json``, ``.csv`` and ``.md``.
+    written to ``gap_recovered.json``, ``.csv`` and ``.md``; without them the report writes exactly the paper
+    protocol's files.
 
     Runs of one computation (one translator's answers to a condition that ignores the seed, written once per seed)
     count as one run: see ``load.collapse_repeated_runs``; ``summary.json``'s ``meta.collapsed_runs`` lists them.

@@ -1,18 +1,7 @@
 """Paired statistics of the paper (arXiv 2606.03280, section 4.4) as pure numpy/scipy functions.
 
-Conventions:
-
-- A *run* of a condition is one 0/1 correctness vector over the evaluation samples (one per seed; one for a
-  deterministic condition). Vectors compared here are already aligned by sample id (see ``analysis``).
-- A paired delta is ``condition - baseline`` per sample (values -1, 0, +1).
-- Multi-run conditions *pool* their paired deltas across runs (3 x 396 = 1,188 values) before bootstrapping; a
-  deterministic baseline is paired with every run.
-- The bootstrap is the simple percentile bootstrap: ``B`` resampled means, sorted, read at index ``int(q * (B - 1))``
-  for ``q = (1 - confidence) / 2`` and ``1 - q``. Samples with few distinct values are resampled through multinomial
-  value counts, which has exactly the distribution of index resampling and is ~100x faster. The generator is
-  ``numpy.random.default_rng(seed)``; the paper used Python's ``random.Random``, so CI ends agree with the paper's
-  to about +/-0.002, not exactly.
-- The *clustered* view (:func:`clustered_deltas`, tested in ``tost``) averages each sample's delta over runs.
+A *run* of a condition is one 0/1 correctness vector over the evaluation samples (one per seed; one for a
+deterministic condition). Vectors compared here are already aligned by sample id (see ``analysis``).
 """
 
 from __future__ import annotations
@@ -52,6 +41,10 @@ def bootstrap_mean_ci(
     seed: int = 0,
 ) -> tuple[float, float]:
     """Simple percentile bootstrap CI of the mean (not BCa), vectorized.
+
+    Samples with few distinct values are resampled through multinomial value counts, which has exactly the
+    distribution of index resampling and is ~100x faster. The paper used Python's ``random.Random``, so CI ends agree
+    with the paper's to about +/-0.002, not exactly.
 
     Args:
         values: The sample (1-D); for paired comparisons, the pooled paired deltas.
@@ -226,6 +219,9 @@ def compare_paired(
     confidence: float = 0.95,
 ) -> PairedComparison:
     """Pool the paired deltas of all runs, bootstrap their mean, and count gained/lost samples.
+
+    Pooling happens before bootstrapping (e.g. 3 runs x 396 samples = 1,188 deltas); a deterministic baseline is
+    paired with every run of the condition.
 
     Args:
         condition_runs: One aligned 0/1 vector per run of the condition.

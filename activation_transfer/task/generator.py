@@ -1,12 +1,9 @@
-"""Built-in offline generator of synthetic multi-hop QA chains.
+"""Built-in offline generator of synthetic multi-hop QA chains (a pure function of ``(num_samples, seed)``).
 
-It follows the paper's v1 "geography" batch (person -> city -> country -> continent -> country count, 2 to 4
-hops, tail and mid-chain questions), with one deliberate change: the links of each chain are drawn per sample
-instead of coming from one fixed knowledge graph. A model can then only answer by reading the context (the
-paper's task is extractive too: the gold answer is always in the context), which is what makes the offline
-model organisms a meaningful sandbox. Each sample may carry a distractor chain about another person.
-
-Everything is a pure function of ``(num_samples, seed)``.
+It follows the paper's v1 "geography" batch (person -> city -> country -> continent -> country count, 2 to 4 hops,
+tail and mid-chain questions), with one deliberate change: the links of each chain are drawn per sample instead of
+coming from one fixed knowledge graph. A model can then only answer by reading the context (the paper's task is
+extractive too: the gold answer is always in the context), which makes the offline model organisms a meaningful test.
 """
 
 from __future__ import annotations

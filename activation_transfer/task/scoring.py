@@ -1,17 +1,8 @@
 """Answer scoring: the five string-match metrics of the paper (arXiv 2606.03280, section 1.4), as pure functions.
 
-Every metric compares one decoded continuation (``prediction``) with one gold answer and returns a bool:
-
-1. ``exact_match``: ``prediction.strip().lower() == gold.strip().lower()``.
-2. ``normalized_exact_match``: equality after :func:`normalize_answer` (lowercase, ASCII ``string.punctuation``
-   removed, runs of whitespace collapsed to one space, ends stripped).
-3. ``word_boundary_contains`` (the main metric): the normalized gold occurs in the normalized prediction as a
-   standalone word or phrase, i.e. ``re.search(r"(?<!\\w)" + re.escape(gold) + r"(?!\\w)", prediction)``.
-4. ``first_answer_span_match``: see :func:`first_answer_span`; the span, normalized, must equal the normalized gold.
-5. ``legacy_contains``: ``gold.strip().lower() in prediction.lower()`` (lenient; "Japan" matches "Japanese").
-
-An empty gold answer (or one that is empty once normalized, e.g. ``"?!"``) is invalid input and raises
-``ValueError``: an empty string is contained in every prediction, so it would otherwise count as correct everywhere.
+Every metric compares one decoded continuation (``prediction``) with one gold answer and returns a bool. An empty gold
+answer (or one that is empty once normalized, e.g. ``"?!"``) raises ``ValueError``: an empty string is contained in
+every prediction, so it would otherwise count as correct everywhere.
 """
 
 from __future__ import annotations
@@ -87,7 +78,8 @@ def normalized_exact_match(prediction: str, gold: str) -> bool:
 
 
 def word_boundary_contains(prediction: str, gold: str) -> bool:
-    """The normalized gold appears in the normalized prediction, not glued to word characters on either side.
+    """The main metric: the normalized gold appears in the normalized prediction, not glued to word characters on
+    either side (a standalone word or phrase).
 
     Args:
         prediction: The decoded continuation.
@@ -149,7 +141,7 @@ def first_answer_span_match(prediction: str, gold: str) -> bool:
 
 
 def legacy_contains(prediction: str, gold: str) -> bool:
-    """Lowercase substring match (the historical, lenient metric).
+    """Lowercase substring match (the historical, lenient metric: "Japan" matches "Japanese").
 
     Args:
         prediction: The decoded continuation.

@@ -31,10 +31,25 @@ CONFIGS = sorted(ORGANISM_CONFIG_DIR.glob("*.yaml"))
 assert CONFIGS, f"no organism recipes in {ORGANISM_CONFIG_DIR}"
 # A few dozen steps of a 1-block, 32-wide model on a small data set: seconds on 2 CPU cores.
 TINY = [
-    "--model.hidden_size", "32", "--model.num_layers", "1", "--model.num_heads", "2", "--model.intermediate_size",
-    "64", "--data.num_train_samples", "512", "--data.num_val_samples", "32", "--data.batch_size", "16",
-    "--trainer.max_steps", "24", "--trainer.val_check_interval", "12",
-]  # fmt: skip
+    "--model.hidden_size",
+    "32",
+    "--model.num_layers",
+    "1",
+    "--model.num_heads",
+    "2",
+    "--model.intermediate_size",
+    "64",
+    "--data.num_train_samples",
+    "512",
+    "--data.num_val_samples",
+    "32",
+    "--data.batch_size",
+    "16",
+    "--trainer.max_steps",
+    "24",
+    "--trainer.val_check_interval",
+    "12",
+]
 
 
 @pytest.fixture(scope="module")
@@ -130,9 +145,16 @@ def test_tiny_organism_trains_exports_and_reloads(tiny_organism):
     from lightning_modules.causal_lm import build_neox
 
     cfg = info["config"]["model"]
-    fresh = build_neox(vocab_size=model.config.vocab_size, hidden_size=32, num_layers=1, num_heads=2,
-                       intermediate_size=64, max_position_embeddings=cfg["max_position_embeddings"],
-                       rotary_pct=cfg["rotary_pct"], tie_word_embeddings=False).eval()  # fmt: skip
+    fresh = build_neox(
+        vocab_size=model.config.vocab_size,
+        hidden_size=32,
+        num_layers=1,
+        num_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=cfg["max_position_embeddings"],
+        rotary_pct=cfg["rotary_pct"],
+        tie_word_embeddings=False,
+    ).eval()
     ids = torch.tensor([tok(prompt)["input_ids"]])
     with torch.no_grad():
         assert not torch.allclose(model(ids).logits, fresh(ids).logits, atol=1e-3)
@@ -144,16 +166,29 @@ def test_cli_fit_exports_a_model_with_identical_logits(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["organism.py"])  # LightningCLI warns when pytest's own argv is also present
     export = tmp_path / "export"
     logger = json.dumps({"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": str(tmp_path)}})
-    cli = main(["fit", "-c", str(organism_config("receiver")), *TINY, "--trainer.max_steps", "4",
-                "--trainer.default_root_dir", str(tmp_path), f"--trainer.logger={logger}",
-                "--export_dir", str(export)])  # fmt: skip
+    cli = main(
+        [
+            "fit",
+            "-c",
+            str(organism_config("receiver")),
+            *TINY,
+            "--trainer.max_steps",
+            "4",
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            f"--trainer.logger={logger}",
+            "--export_dir",
+            str(export),
+        ]
+    )
     assert cli.trainer.global_step == 4
     assert cli.model.model.config.vocab_size == len(cli.datamodule.tokenizer)  # linked from the tokenizer
     trained = cli.model.model.eval()
     loaded = load_model(str(export))
     tok = load_tokenizer(str(export))
-    ids = torch.tensor([tok("Context: Bob moved to Lima. Lima is part of Peru.\nQ: What country did Bob move to?\nA:")
-                        ["input_ids"]])  # fmt: skip
+    ids = torch.tensor(
+        [tok("Context: Bob moved to Lima. Lima is part of Peru.\nQ: What country did Bob move to?\nA:")["input_ids"]]
+    )
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, trained(ids).logits, rtol=0, atol=0)
     assert not any(p.requires_grad for p in loaded.parameters())  # the project's loader freezes it
@@ -172,8 +207,9 @@ def test_cache_is_reused_without_training(tiny_organism, monkeypatch):
     assert (again / "model.safetensors").stat().st_mtime_ns == stamp
     # A different config is a different entry, so it would have to train.
     with pytest.raises(AssertionError, match="trained although"):
-        ensure_organism(str(organism_config("sender")), cache_dir=str(cache),
-                        overrides=[*TINY, "--trainer.max_steps", "25"])  # fmt: skip
+        ensure_organism(
+            str(organism_config("sender")), cache_dir=str(cache), overrides=[*TINY, "--trainer.max_steps", "25"]
+        )
     assert not list(cache.glob("organisms/.*tmp*"))  # the failed attempt cleaned up after itself
 
 
@@ -192,8 +228,13 @@ def test_evaluate_organism_reports_every_metric(tiny_organism):
     result = evaluate_organism(tiny_organism, num_samples=8, batch_size=4, return_predictions=True)
     assert result["n"] == 8
     assert [p["gold"] for p in result["predictions"]] == [s.answer for s in generate_samples(8, EVAL_SEED)]
-    for metric in ("exact_match", "normalized_exact_match", "word_boundary_contains", "first_answer_span_match",
-                   "legacy_contains"):  # fmt: skip
+    for metric in (
+        "exact_match",
+        "normalized_exact_match",
+        "word_boundary_contains",
+        "first_answer_span_match",
+        "legacy_contains",
+    ):
         # Each metric is the share of the 8 predictions it scores right, and each prediction is scored by that
         # metric's own definition (PAPER.md), recomputed here.
         assert [p["metrics"][metric] for p in result["predictions"]] == [

@@ -45,8 +45,18 @@ def test_ranks_and_workers_see_disjoint_pairs_covering_the_split(store, num_work
     folder, s, r = store
     seen, steps = [], []
     for rank in range(3):
-        ds = PairStream(str(folder), 0, 900, batch_size=16, shuffle=True, seed=3, chunk_rows=8, shuffle_buffer=64,
-                        rank=rank, world_size=3)  # fmt: skip
+        ds = PairStream(
+            str(folder),
+            0,
+            900,
+            batch_size=16,
+            shuffle=True,
+            seed=3,
+            chunk_rows=8,
+            shuffle_buffer=64,
+            rank=rank,
+            world_size=3,
+        )
         batches = list(DataLoader(ds, batch_size=None, num_workers=num_workers))
         steps.append(len(batches))
         assert len(batches) == len(ds)

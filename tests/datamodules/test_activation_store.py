@@ -169,8 +169,9 @@ def test_different_tokenizers_are_refused(tmp_path):
     ],
 )
 def test_bad_model_through_the_data_module(tmp_path, ref, match):
-    dm = ActivationPairDataModule(sender_model=ref, receiver_model=RECEIVER, corpus=CORPUS,
-                                  store_dir=str(tmp_path / "s"), max_length=32)  # fmt: skip
+    dm = ActivationPairDataModule(
+        sender_model=ref, receiver_model=RECEIVER, corpus=CORPUS, store_dir=str(tmp_path / "s"), max_length=32
+    )
     with pytest.raises(ValueError, match=match):
         _ = dm.sender_dim
 

@@ -26,8 +26,16 @@ def ckpt(tmp_path_factory):
 
 
 def record(sid, **extra):
-    rec = {"sample_id": sid, "condition": "no_inject", "seed": None, "gold": "B", "prediction": "B", "hops": 2,
-           "metrics": {"exact_match": True}, "diagnostics": {"receiver_norm_mean": 1.0}}  # fmt: skip
+    rec = {
+        "sample_id": sid,
+        "condition": "no_inject",
+        "seed": None,
+        "gold": "B",
+        "prediction": "B",
+        "hops": 2,
+        "metrics": {"exact_match": True},
+        "diagnostics": {"receiver_norm_mean": 1.0},
+    }
     rec["diagnostics"].update(extra)
     return rec
 
@@ -48,10 +56,21 @@ class _Interrupt(pl.Callback):
 
 def test_rerun_with_another_alpha_under_the_same_run_name_is_refused(tmp_path, ckpt):
     with pytest.raises(_Crash):
-        run_eval(tmp_path, ckpt, batch_size=4, conditions=["best_alpha"], seeds=[42], alpha=0.3, run_name="r",
-                 callbacks=[_Interrupt()])  # fmt: skip
-    with pytest.raises(ValueError, match=r"run folder .*r holds results of another configuration .*fingerprint.json.*"
-                                         r"alpha: 0.3 there, 0.9 now.*--model.run_name"):  # fmt: skip
+        run_eval(
+            tmp_path,
+            ckpt,
+            batch_size=4,
+            conditions=["best_alpha"],
+            seeds=[42],
+            alpha=0.3,
+            run_name="r",
+            callbacks=[_Interrupt()],
+        )
+    with pytest.raises(
+        ValueError,
+        match=r"run folder .*r holds results of another configuration .*fingerprint.json.*"
+        r"alpha: 0.3 there, 0.9 now.*--model.run_name",
+    ):
         run_eval(tmp_path, ckpt, batch_size=4, conditions=["best_alpha"], seeds=[42], alpha=0.9, run_name="r")
     assert json.loads((tmp_path / "r" / "fingerprint.json").read_text())["identity"]["alpha"] == 0.3
     # the same configuration resumes the interrupted run
@@ -66,8 +85,14 @@ def test_precision_is_part_of_the_fingerprint(tmp_path, ckpt):
     assert fp32.run_identity["device_type"] == "cpu" and fp32.run_identity["libraries"]["torch"] == torch.__version__
     assert fp32.fingerprint != bf16.fingerprint and fp32.run_dir != bf16.run_dir
     with pytest.raises(ValueError, match='precision: "32-true" there, "bf16-mixed" now'):
-        run_eval(tmp_path, ckpt, conditions=["no_inject"], seeds=[], run_name=fp32.run_dir.name,
-                 trainer_kw={"precision": "bf16-mixed"})  # fmt: skip
+        run_eval(
+            tmp_path,
+            ckpt,
+            conditions=["no_inject"],
+            seeds=[],
+            run_name=fp32.run_dir.name,
+            trainer_kw={"precision": "bf16-mixed"},
+        )
 
 
 def test_two_invocations_leave_two_history_entries(tmp_path, ckpt):
@@ -114,8 +139,10 @@ class _NaNReceiverWeight(pl.Callback):
 def test_receiver_going_non_finite_fails_naming_condition_and_sample(tmp_path, ckpt):
     first = MultiHopQADataModule(source="synthetic", num_samples=8)
     first.setup("test")
-    with pytest.raises(FloatingPointError, match=f"condition no_inject: the receiver's block output .*NaN or "
-                                                 f"infinite .*{first.samples[0].sample_id}"):  # fmt: skip
+    with pytest.raises(
+        FloatingPointError,
+        match=f"condition no_inject: the receiver's block output .*NaN or infinite .*{first.samples[0].sample_id}",
+    ):
         run_eval(tmp_path, ckpt, conditions=["no_inject"], seeds=[], callbacks=[_NaNReceiverWeight()])
     assert not list(tmp_path.glob("*/records/*.jsonl")) and not list(tmp_path.glob("*/partial/*/*.jsonl"))
 
@@ -176,15 +203,15 @@ def test_resume_after_a_torn_line_and_a_second_interruption_finishes(tmp_path, c
 
 
 def test_a_huge_context_warns_once_and_is_recorded(tmp_path, ckpt, caplog):
-    rows = [{"id": f"q{i}", "context": f"A{i} is in B{i}.", "question": f"Where is A{i}?", "answer": f"B{i}"}
-            for i in range(3)] + [{"id": "huge", "context": "filler words " * 3000, "question": "Where?",
-                                   "answer": "B"}]  # fmt: skip
+    rows = [
+        {"id": f"q{i}", "context": f"A{i} is in B{i}.", "question": f"Where is A{i}?", "answer": f"B{i}"}
+        for i in range(3)
+    ] + [{"id": "huge", "context": "filler words " * 3000, "question": "Where?", "answer": "B"}]
     path = tmp_path / "qa.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     dm = MultiHopQADataModule(source=str(path), batch_size=4)
     with caplog.at_level(logging.WARNING, logger="lightning_modules.injection_eval"):
-        module = run_eval(tmp_path, ckpt, conditions=["no_inject", "replace"], seeds=[42], dm=dm,
-                          max_prompt_tokens=64)  # fmt: skip
+        module = run_eval(tmp_path, ckpt, conditions=["no_inject", "replace"], seeds=[42], dm=dm, max_prompt_tokens=64)
     warnings = [r.getMessage() for r in caplog.records if r.name == "lightning_modules.injection_eval"]
     assert len(warnings) == 1
     assert "1 of 4 prompts" in warnings[0] and "huge" in warnings[0]

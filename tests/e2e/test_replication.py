@@ -28,8 +28,13 @@ N = 40
 def _run(condition: str, seed: int | None, correct, sha: str | None = None, seeded: bool = False) -> list[dict]:
     recs = []
     for i, ok in enumerate(correct):
-        rec = {"sample_id": f"s{i:03d}", "condition": condition, "seed": seed, "gold": "Paris",
-               "prediction": "Paris." if ok else "Rome."}  # fmt: skip
+        rec = {
+            "sample_id": f"s{i:03d}",
+            "condition": condition,
+            "seed": seed,
+            "gold": "Paris",
+            "prediction": "Paris." if ok else "Rome.",
+        }
         if sha is not None:
             rec["diagnostics"] = {"prompt_len": 9, "translator_sha256": sha, "seeded": seeded}
         recs.append(rec)
@@ -129,13 +134,31 @@ def test_eval_records_name_their_translator_and_its_report_counts_one_translator
     conds = ["no_inject", "additive", "shuffled_translation"]
 
     def evaluate(ckpt_arg: str, name: str):
-        args = ["test", "-c", str(Path(__file__).resolve().parents[2] / "configs/eval/tiny.yaml"),
-                "--model.translator_ckpt", ckpt_arg, "--model.seeds", "[42, 123]",
-                "--model.conditions", json.dumps(conds), "--model.run_name", name,
-                "--trainer.default_root_dir", str(tmp_path / "out"),
-                "--trainer.logger.init_args.save_dir", str(tmp_path / "wandb"),
-                "--data.num_samples", "6", "--data.batch_size", "6", "--model.generation.max_new_tokens", "3",
-                "--model.report_resamples", "50"]  # fmt: skip
+        args = [
+            "test",
+            "-c",
+            str(Path(__file__).resolve().parents[2] / "configs/eval/tiny.yaml"),
+            "--model.translator_ckpt",
+            ckpt_arg,
+            "--model.seeds",
+            "[42, 123]",
+            "--model.conditions",
+            json.dumps(conds),
+            "--model.run_name",
+            name,
+            "--trainer.default_root_dir",
+            str(tmp_path / "out"),
+            "--trainer.logger.init_args.save_dir",
+            str(tmp_path / "wandb"),
+            "--data.num_samples",
+            "6",
+            "--data.batch_size",
+            "6",
+            "--model.generation.max_new_tokens",
+            "3",
+            "--model.report_resamples",
+            "50",
+        ]
         module = eval_main(args).model
         wandb.finish()  # the config's WandbLogger (disabled mode) leaves its run open
         return module
@@ -173,8 +196,10 @@ def test_demo_trains_one_translator_per_seed_and_evaluates_with_the_list(tmp_pat
         return args[args.index(name) + 1]
 
     assert [(opt(a, "--seed_everything"), opt(a, "--data.seed")) for a in trained] == [
-        ("42", "42"), ("123", "123"), ("456", "456")
-    ]  # fmt: skip
+        ("42", "42"),
+        ("123", "123"),
+        ("456", "456"),
+    ]
     roots = [Path(opt(a, "--trainer.default_root_dir")) for a in trained]
     assert len(set(roots)) == 3 and all(r.parent == tmp_path / "demo" / "translator" for r in roots)
     (ev,) = evaluated

@@ -22,11 +22,18 @@ STRICT = "shuffled_translation_strict_matched"
 
 def _recs(condition: str, seed: int | None, ids, correct=None) -> list[dict]:
     return [
-        {"sample_id": sid, "condition": condition, "seed": seed, "gold": "Paris", "hops": 2,
-         "prediction": "Paris." if (correct is None or correct[k]) and k % 3 else "Rome.",
-         "metrics": {}, "diagnostics": {"prompt_len": 9}}
+        {
+            "sample_id": sid,
+            "condition": condition,
+            "seed": seed,
+            "gold": "Paris",
+            "hops": 2,
+            "prediction": "Paris." if (correct is None or correct[k]) and k % 3 else "Rome.",
+            "metrics": {},
+            "diagnostics": {"prompt_len": 9},
+        }
         for k, sid in enumerate(ids)
-    ]  # fmt: skip
+    ]
 
 
 def _run_folder(tmp_path: Path) -> Path:
@@ -58,8 +65,11 @@ def test_report_on_a_run_folder_and_its_records(tmp_path: Path, capsys, sub: str
     summary = json.loads((out / "summary.json").read_text())
     assert summary["conditions"][STRICT]["n"] == 10 and summary["conditions"]["no_inject"]["n"] == 12
     assert summary["meta"]["n_records"] == 2 * 12 + 2 * 12 + 2 * 10  # meta.json and report/ were not read
-    strict = next(c for c in json.loads((out / "comparisons.json").read_text())
-                  if c["condition"] == STRICT and c["baseline"] == "no_inject")  # fmt: skip
+    strict = next(
+        c
+        for c in json.loads((out / "comparisons.json").read_text())
+        if c["condition"] == STRICT and c["baseline"] == "no_inject"
+    )
     assert (strict["n_samples"], strict["n_pairs"], strict["dropped"]) == (10, 20, 4)
     assert {p.name for p in out.iterdir()} == EXPECTED_FILES
 

@@ -98,8 +98,9 @@ def test_same_seed_same_rows_and_chunking_changes_nothing(monkeypatch) -> None:
     groups = _groups(low, high, c=[cond, high, low])
     a = gap_recovered(groups, resamples=700, seed=3)
     assert a == gap_recovered(groups, resamples=700, seed=3)
-    assert (a[0]["ci_low"], a[0]["ci_high"]) != tuple(gap_recovered(groups, resamples=700, seed=4)[0][k] for k in
-                                                      ("ci_low", "ci_high"))  # fmt: skip
+    assert (a[0]["ci_low"], a[0]["ci_high"]) != tuple(
+        gap_recovered(groups, resamples=700, seed=4)[0][k] for k in ("ci_low", "ci_high")
+    )
     # Index matrices drawn 4 resamples at a time continue the same random stream as one 700 x 60 matrix.
     monkeypatch.setattr(gap_module, "_CHUNK_ENTRIES", 4 * 60)
     assert gap_recovered(groups, resamples=700, seed=3) == a
@@ -126,7 +127,7 @@ def test_resampling_is_paired_by_question() -> None:
 
 
 def test_ci_is_the_percentile_of_the_fraction_over_resampled_questions() -> None:
-    # A second implementation, straight from the definition (module docstring): each resample draws question ids
+    # A second implementation, from the definition (gap_recovered's docstring): each resample draws question ids
     # with replacement (one matrix from default_rng(bootstrap_seed), shared by every run of the condition, the floor
     # and the ceiling), computes each run's accuracy there in floats, averages the condition's runs, and takes
     # (acc_c - acc_low) / (acc_high - acc_low); the CI reads the sorted fractions at int(q * (B - 1)) and

@@ -22,8 +22,13 @@ def test_a_record_scores_its_prediction_against_its_gold():
     assert (rec["gold"], rec["prediction"], rec["hops"], rec["seed"]) == ("Japan", "They are Japanese.", 3, 123)
     # "Japanese" holds "japan" as a substring but not as a word (PAPER.md, the metrics): scored the other way round
     # (the gold searched for the prediction) every containment metric would be False.
-    assert rec["metrics"] == {"exact_match": False, "normalized_exact_match": False, "word_boundary_contains": False,
-                              "first_answer_span_match": False, "legacy_contains": True}  # fmt: skip
+    assert rec["metrics"] == {
+        "exact_match": False,
+        "normalized_exact_match": False,
+        "word_boundary_contains": False,
+        "first_answer_span_match": False,
+        "legacy_contains": True,
+    }
     rec = rio.make_record(sample, "replace", 123, "Japan, in Asia", {})
     assert rec["metrics"]["word_boundary_contains"] and not rec["metrics"]["exact_match"]
 

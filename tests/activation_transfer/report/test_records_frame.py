@@ -13,12 +13,21 @@ from activation_transfer.task.scoring import METRICS
 
 def _run_folder(tmp_path):
     def rec(sid, condition, seed, prediction):
-        return {"sample_id": sid, "condition": condition, "seed": seed, "gold": "Paris", "prediction": prediction,
-                "hops": 2, "metrics": {m: prediction == "Paris" for m in METRICS},
-                "diagnostics": {"receiver_norm_mean": 3.5, "donor_id": None}}  # fmt: skip
+        return {
+            "sample_id": sid,
+            "condition": condition,
+            "seed": seed,
+            "gold": "Paris",
+            "prediction": prediction,
+            "hops": 2,
+            "metrics": {m: prediction == "Paris" for m in METRICS},
+            "diagnostics": {"receiver_norm_mean": 3.5, "donor_id": None},
+        }
 
-    rio.write_records(rio.records_path(tmp_path, "no_inject", None), [rec("a", "no_inject", None, "Paris"),
-                                                                      rec("b", "no_inject", None, "Rome")])  # fmt: skip
+    rio.write_records(
+        rio.records_path(tmp_path, "no_inject", None),
+        [rec("a", "no_inject", None, "Paris"), rec("b", "no_inject", None, "Rome")],
+    )
     rio.write_records(rio.records_path(tmp_path, "additive", 42), [rec("a", "additive", 42, "Rome")])
     return tmp_path
 
@@ -26,7 +35,10 @@ def _run_folder(tmp_path):
 def test_rows_are_one_per_sample_condition_and_seed(tmp_path):
     rows = record_rows(_run_folder(tmp_path))
     assert [(r["condition"], r["seed"], r["sample_id"]) for r in rows] == [
-        ("additive", 42, "a"), ("no_inject", None, "a"), ("no_inject", None, "b")]  # fmt: skip
+        ("additive", 42, "a"),
+        ("no_inject", None, "a"),
+        ("no_inject", None, "b"),
+    ]
     assert list(rows[0])[:6] == ["sample_id", "condition", "seed", "gold", "prediction", "hops"]
     assert rows[1]["word_boundary_contains"] is True and rows[2]["exact_match"] is False
     assert rows[0]["diag/receiver_norm_mean"] == 3.5 and "diag/donor_id" in rows[0]

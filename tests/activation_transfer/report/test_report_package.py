@@ -27,10 +27,15 @@ ROOT = Path(__file__).resolve().parents[3]
 
 def _recs(condition: str, seed: int | None, correct: list[bool]) -> list[dict]:
     return [
-        {"sample_id": f"s{i}", "condition": condition, "seed": seed, "gold": "Paris",
-         "prediction": "Paris." if ok else "Rome."}
+        {
+            "sample_id": f"s{i}",
+            "condition": condition,
+            "seed": seed,
+            "gold": "Paris",
+            "prediction": "Paris." if ok else "Rome.",
+        }
         for i, ok in enumerate(correct)
-    ]  # fmt: skip
+    ]
 
 
 def test_the_report_runs_without_importing_torch(tmp_path: Path) -> None:
@@ -46,8 +51,12 @@ def test_the_report_runs_without_importing_torch(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
         [sys.executable, "-c", code, json.dumps(records), str(tmp_path / "out")],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "heavy: []"
     assert (tmp_path / "out" / "accuracy.png").exists()
