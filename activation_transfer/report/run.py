@@ -5,7 +5,7 @@ It serves both ``report.py`` and the evaluation module (which passes its in-memo
 Baselines: with ``baselines=None`` (the default) the report compares against the baselines of the protocol the records
 come from: the paper's ``no_inject`` and ``nl_relay``, or, for split-context records (``receiver_alone`` or
 ``skyline`` present, ``no_inject`` absent), ``receiver_alone`` and ``skyline``, as the evaluation module does
-(``conditions.BASELINES``); an absent one is skipped with a note, and at least one must be present. Split records
+(each protocol's ``baselines``); an absent one is skipped with a note, and at least one must be present. Split records
 hold ``nl_relay`` too, so its presence does not make them paper records. Baselines named explicitly must all be
 present.
 
@@ -51,7 +51,7 @@ from activation_transfer.report.tost import DEFAULT_MARGINS
 from activation_transfer.task.scoring import MAIN_METRIC, METRICS
 
 DEFAULT_BASELINES: tuple[str, ...] = ("no_inject", "nl_relay")
-# The split-context protocol's floor and ceiling (``conditions.BASELINES["split"]``; that module imports torch).
+# The split-context protocol's floor and ceiling (also ``SplitProtocol.baselines``; injection/ imports torch).
 SPLIT_BASELINES: tuple[str, ...] = (GAP_LOW, GAP_HIGH)
 REPORT_SCHEMA = "activation-transfer.report.v1"
 
