@@ -1,19 +1,9 @@
-"""``InjectionEvalModule``: the paper's conditions (arXiv 2606.03280, section 4.2) on multi-hop QA, as Lightning glue.
+"""``InjectionEvalModule``: an injection evaluation (paper arXiv 2606.03280, section 4.2) as Lightning glue.
 
-``protocol: paper`` (default): both models read the same prompt. ``protocol: split``: the receiver reads only the
-question, after slots that carry the sender's context (``injection/protocols/split.py``; same plan, records, resume).
-
-Flow (``trainer.test``): ``setup`` loads the frozen models and translators (checked against what they were trained
-on); ``on_test_start`` binds the run folder ``<default_root_dir>/<run_name>`` to the config's fingerprint, plans
-what is left (``injection/eval_plan.py``: finished files skipped, partial shards resumed, shuffle donors drawn over the
-whole dataset) and translates every sample once per translator (a donor may sit in another batch or rank);
-``test_step`` answers each pending computation with one batched ``generate`` under a prefill hook and appends the
-records to a partial shard; ``on_test_epoch_end`` gathers the ranks, writes one records file per condition x seed,
-logs ``eval/<metric>/condition=<name>``, updates ``meta.json`` and writes the report.
-
-Deterministic conditions run once with seed null, the others once per seed; with one translator checkpoint the
-translator-only conditions are generated once and written per seed, with one checkpoint per seed (as in the paper)
-seed ``seeds[i]`` uses checkpoint ``i``.
+What the receiver reads and what each condition writes belong to the protocol (``model.protocol``,
+``activation_transfer/injection/protocols``); this module loads the models and translators, plans what is left in
+the run folder (resume), runs each pending condition x seed batch by batch, gathers the ranks and writes records,
+``meta.json``, metrics and the report.
 """
 
 from __future__ import annotations
@@ -30,18 +20,14 @@ import torch
 from pytorch_lightning.utilities import rank_zero_only
 
 from activation_transfer.injection import conditions as cnd
-from activation_transfer.injection.answering import answer_injected, answer_relay
 from activation_transfer.injection.eval_plan import EvalPlan, checkpoint_list
-from activation_transfer.injection.protocols.split import SplitProtocol
+from activation_transfer.injection.protocols import protocol_for
 from activation_transfer.injection.slots import SlotSpec
-from activation_transfer.injection.sources import condition_source, random_draws, translate_prompts
 from activation_transfer.io import atomic_write, fingerprint
 from activation_transfer.models.frozen_lm import ModelRef, as_ref, load_ref
 from activation_transfer.models.generation import GenerationSettings
 from activation_transfer.report import logged_metrics, run_report
 from activation_transfer.report import records as rio
-from activation_transfer.task.prompts import check_same_tokens, tokenize_left_padded, truncation_check
-from activation_transfer.task.prompts import format_relay_sender_prompt as relay_prompt
 from activation_transfer.translators.export import translator_sha256
 from callbacks.wandb_artifacts import local_translator
 from lightning_modules.translator import load_translator_for
@@ -64,7 +50,8 @@ class InjectionEvalModule(pl.LightningModule):
         receiver: The frozen receiver model and the block whose output is rewritten.
         translator_ckpt: Translator checkpoint from ``train.py``, or a list with one checkpoint per seed (same
             order as ``seeds``). Needed only when a translator condition is selected.
-        conditions: Condition names (default, or null: the paper's eleven, section 4.2; under protocol split: all).
+        conditions: Condition names (default, or null: the protocol's own list; the paper's eleven, section 4.2, or
+            every split condition).
         seeds: Run seeds of the non-deterministic conditions (default, or null: the paper's 42, 123, 456).
         scale: ``additive``'s injection scale.
         alpha: ``best_alpha``'s blend weight (``scale_corrected`` uses 1).
@@ -115,48 +102,51 @@ class InjectionEvalModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.sender_ref, self.receiver_ref = as_ref(sender), as_ref(receiver)
-        names = list(conditions or cnd.CONDITION_NAMES)
-        if protocol == "split" and tuple(names) == cnd.CONDITION_NAMES:  # the default list, useless to a split run
-            names = list(cnd.SPLIT_CONDITION_NAMES)
-        self.protocol, self.specs = protocol, cnd.build_conditions(names, scale, alpha, protocol)
+        self.slots = SlotSpec(**slots) if isinstance(slots, dict) else slots
+        self.protocol = protocol_for(protocol, slots=self.slots)  # what differs between protocols: ask it
+        names = tuple(conditions or ())
+        if names in ((), cnd.CONDITION_NAMES):  # the default list means the protocol's default
+            names = self.protocol.default_conditions
+        self.specs = self.protocol.conditions(names, scale, alpha)
         self.seeds = [int(s) for s in (DEFAULT_SEEDS if seeds is None else seeds)]
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"model.seeds has duplicates: {self.seeds}")
         if not self.seeds and any(not s.deterministic for s in self.specs):
             raise ValueError("model.seeds is empty but non-deterministic conditions are selected")
         self.translator_ckpts = checkpoint_list(translator_ckpt, self.seeds, self.specs, "aligned", "translator_ckpt")
-        self.functional_ckpts = checkpoint_list(functional_translator_ckpt, self.seeds, self.specs, "functional",
-                                                "functional_translator_ckpt")  # fmt: skip
-        self.slots = SlotSpec(**slots) if isinstance(slots, dict) else slots
+        self.functional_ckpts = checkpoint_list(
+            functional_translator_ckpt, self.seeds, self.specs, "functional", "functional_translator_ckpt"
+        )
         if random_draw not in cnd.RANDOM_DRAWS:
             raise ValueError(f"model.random_draw must be one of {', '.join(cnd.RANDOM_DRAWS)}, got {random_draw!r}")
         self.random_draw = random_draw
         # A copy (the default instance is shared); a dict is what hparams hold, so they rebuild the module.
-        self.generation = GenerationSettings(**generation) if isinstance(generation, dict) else dataclasses.replace(
-            generation)  # fmt: skip
+        self.generation = (
+            GenerationSettings(**generation) if isinstance(generation, dict) else dataclasses.replace(generation)
+        )
         self.allow_mismatch, self.run_name, self.cache_dir = allow_mismatch, run_name, cache_dir
         self.do_report, self.report_resamples = report, report_resamples
         self.save_hyperparameters(ignore=["sender", "receiver", "generation", "slots"], logger=False)  # see save_config
         # Plain dicts only, so hparams stay loadable with weights_only.
-        self.hparams.update(sender=dataclasses.asdict(self.sender_ref), receiver=dataclasses.asdict(self.receiver_ref),
-                            generation=self.generation.to_dict(), slots=self.slots.to_dict())  # fmt: skip
+        self.hparams.update(
+            sender=dataclasses.asdict(self.sender_ref),
+            receiver=dataclasses.asdict(self.receiver_ref),
+            generation=self.generation.to_dict(),
+            slots=self.slots.to_dict(),
+        )
         self.resolved_config: str | None = None
         # setup: the frozen models (registered as submodules so Lightning moves them) and the translators.
         self.sender = self.receiver = self.sender_model = self.receiver_model = None  # LoadedModel x2, nn.Module x2
         self.translators, self.functional_translators = torch.nn.ModuleList(), torch.nn.ModuleList()
         self.translator_info: list[dict] = []  # path and sha256 of each translator checkpoint
         self.functional_info: list[dict] = []
-        self.split: SplitProtocol | None = None  # the split protocol's inputs and sources (set at test start)
         # on_test_start: what this invocation computes.
         self.run_dir: Path | None = None
         self.samples_by_id, self.data_info = {}, {}
         self.run_identity: dict = {}  # everything that determines the answers; its hash is the fingerprint
         self.fingerprint: str | None = None
         self.plan: EvalPlan | None = None
-        self.truncated: dict = {}  # prompts longer than generation.max_prompt_tokens, per tokenizer/prompt kind
-        # Translator index -> sample id -> (L_i, d_r), of the aligned and of the functional translators.
-        self.translated, self.translated_functional = {}, {}
-        self.random_rows: dict[int, dict[str, torch.Tensor]] = {}  # seed -> sample id -> (L_i, d_r), sequential draw
+        self.truncated: dict = {}  # what the protocol's inputs lose to truncation (meta.json)
         self.new_records: dict[str, list[dict]] = {}  # run key -> records generated by this rank
         self.timings: dict[str, float] = {}  # run key -> generation seconds on this rank
         self.started_at: float | None = None
@@ -174,15 +164,21 @@ class InjectionEvalModule(pl.LightningModule):
         self.sender = load_ref(self.sender_ref, cache_dir=self.cache_dir)
         self.receiver = load_ref(self.receiver_ref, cache_dir=self.cache_dir)
         self.sender_model, self.receiver_model = self.sender.model, self.receiver.model
-        identities = self.sender.identity(), self.receiver.identity()
-        for kind, refs, modules, info in (("aligned", self.translator_ckpts, self.translators, self.translator_info),
-                                          ("functional", self.functional_ckpts, self.functional_translators,
-                                           self.functional_info)):  # fmt: skip
+        for kind, refs, modules, info in (
+            ("aligned", self.translator_ckpts, self.translators, self.translator_info),
+            ("functional", self.functional_ckpts, self.functional_translators, self.functional_info),
+        ):
             for ref in refs if any(s.translator_kind == kind for s in self.specs) else ():
-                path = local_translator(ref, self.trainer)  # a .ckpt, an exported folder, or wandb:<...:alias>
-                slots = self.slots.to_dict() if self.protocol == "split" else None
-                modules.append(load_translator_for(path, *identities, self.allow_mismatch, slots))
-                info.append({"path": str(path), "ref": ref, "sha256": translator_sha256(path)})
+                translator, entry = self._load_translator(ref)
+                modules.append(translator)
+                info.append(entry)
+
+    def _load_translator(self, ref: str) -> tuple[torch.nn.Module, dict]:
+        """One frozen translator, checked against the models (and the protocol's slots), with its path and hash."""
+        path = local_translator(ref, self.trainer)  # a .ckpt, an exported folder, or wandb:<...:alias>
+        identities = self.sender.identity(), self.receiver.identity()
+        translator = load_translator_for(path, *identities, self.allow_mismatch, self.protocol.translator_slots())
+        return translator, {"path": str(path), "ref": ref, "sha256": translator_sha256(path)}
 
     # ------------------------------------------------------------------------------------------------ planning
 
@@ -205,7 +201,7 @@ class InjectionEvalModule(pl.LightningModule):
             "samples": fingerprint([(s.sample_id, s.context, s.question, s.answer, s.hops) for s in samples]),
             # Only when used, so a paper run's fingerprint (and folder) stays what it was.
             **({"functional_translators": [t["sha256"] for t in self.functional_info]} if self.functional_info else {}),
-            **({"protocol": "split", "slots": self.slots.to_dict()} if self.protocol == "split" else {}),
+            **self.protocol.identity(),
         }
 
     def on_test_start(self) -> None:
@@ -225,98 +221,51 @@ class InjectionEvalModule(pl.LightningModule):
             print(f"run folder: {self.run_dir}", flush=True)
         self.trainer.strategy.barrier()  # no rank writes a record before the folder is bound
         self.timings, batch_size = {}, int(getattr(dm, "batch_size", 16) or 16)
-        ids, prompts = [s.sample_id for s in samples], [s.prompt for s in samples]
-        if self.protocol == "split":  # its shuffle buckets are slot counts
-            self.split = SplitProtocol(self.sender, self.receiver, self.slots, self.generation, samples,
-                                       self.random_draw)  # fmt: skip
-            buckets = self.split.slot_counts
-        else:  # token ids of every prompt, once: lengths for the shuffle buckets, sender/receiver equality
-            rec = self._token_rows(self.receiver.tokenizer, prompts)
-            buckets = {sid: len(r) for sid, r in zip(ids, rec)}
+        buckets = self.protocol.start(self.sender, self.receiver, self.generation, samples, self.random_draw)
         partials = lambda c, seed: rio.read_partial(self.run_dir, c, seed)  # noqa: E731 (read lazily, per pending run)
-        self.plan = EvalPlan.build(self.specs, self.seeds, len(self.translator_ckpts), buckets,
-                                   rio.finished_keys(self.run_dir), partials, len(self.functional_ckpts))  # fmt: skip
+        self.plan = EvalPlan.build(
+            self.specs,
+            self.seeds,
+            len(self.translator_ckpts),
+            buckets,
+            rio.finished_keys(self.run_dir),
+            partials,
+            len(self.functional_ckpts),
+        )
         self.new_records = {k: [] for k in self.plan.todo}
-        if self.split is not None:
-            self.truncated, warning = self.split.truncation()
-        else:
-            if self.plan.needs_same_tokens:
-                check_same_tokens(self._token_rows(self.sender.tokenizer, prompts), rec, ids)
-            # Prompts cut at max_prompt_tokens lose their question: one warning for the dataset, the ids in meta.json.
-            checks = {"receiver": (self.receiver.tokenizer, prompts), "sender": (self.sender.tokenizer, prompts),
-                      "relay_sender": (self.sender.tokenizer, [relay_prompt(s.context) for s in samples])}  # fmt: skip
-            self.truncated, warning = truncation_check({k: checks[k] for k in self.plan.prompt_kinds()}, ids,
-                                                       self.generation.max_prompt_tokens)  # fmt: skip
+        self.truncated, warning = self.protocol.check_inputs(self.plan)
         if warning and self.trainer.is_global_zero:
             log.warning(warning)
         translators = {"aligned": self.translators, "functional": self.functional_translators}
-        if self.split is not None:
-            shas = {k: [t["sha256"] for t in v] for k, v in (("aligned", self.translator_info),
-                                                             ("functional", self.functional_info))}  # fmt: skip
-            return self.split.prepare(self.plan, translators, shas, batch_size)
-        # The paper's sequential draw runs through the whole dataset in order: drawn up front (batch/rank invariant).
-        hidden, dtype = self.receiver.identity()["hidden_size"], next(self.receiver_model.parameters()).dtype
-        sequential = self.random_draw == "sequential"  # per_sample: condition_source draws per batch
-        self.random_rows = random_draws(self.plan, list(buckets.items()), hidden) if sequential else {}
-        for kind, table in (("aligned", self.translated), ("functional", self.translated_functional)):
-            table.update({t: translate_prompts(self.sender, translators[kind][t], ids, prompts, batch_size,
-                                               self.generation.max_prompt_tokens, dtype)
-                          for t in self.plan.translators_needed(kind)})  # fmt: skip
-
-    def _token_rows(self, tokenizer, texts: list[str]) -> list[list[int]]:
-        enc = tokenizer(texts, truncation=True, max_length=self.generation.max_prompt_tokens, padding=False)
-        return enc["input_ids"]
+        shas = {
+            "aligned": [t["sha256"] for t in self.translator_info],
+            "functional": [t["sha256"] for t in self.functional_info],
+        }
+        self.protocol.prepare(self.plan, translators, shas, batch_size)
 
     # ------------------------------------------------------------------------------------------------ test loop
 
     def test_step(self, batch, batch_idx: int) -> None:
         samples = list(batch)
-        tok = None if self.split else tokenize_left_padded(
-            self.receiver.tokenizer, [s.prompt for s in samples], self.generation.max_prompt_tokens
-        )  # fmt: skip
         for group in self.plan.groups:
             rows = self.plan.rows_to_generate(group, [s.sample_id for s in samples])
             if not rows:
                 continue
             t0 = time.time()
             sub = [samples[i] for i in rows]
-            preds, diags = self._answer(*group[0], sub, tok, rows)
+            spec, seed = group[0]  # the runs of a group share one computation
+            preds, diags = self.protocol.answer(spec, seed, self.plan, sub)
             dt = (time.time() - t0) / len(group)
             for spec, seed in group:
                 key = rio.run_key(spec.name, seed)
-                recs = [rio.make_record(s, spec.name, seed, p, d) for s, p, d in zip(sub, preds, diags)
-                        if s.sample_id in self.plan.todo[key]]  # fmt: skip
+                recs = [
+                    rio.make_record(s, spec.name, seed, p, d)
+                    for s, p, d in zip(sub, preds, diags)
+                    if s.sample_id in self.plan.todo[key]
+                ]
                 rio.append_partial(self.run_dir, spec.name, seed, self.global_rank, recs)
                 self.new_records[key].extend(recs)
                 self.timings[key] = self.timings.get(key, 0.0) + dt
-
-    def _answer(self, spec, seed, sub, tok: dict, rows: list[int]) -> tuple[list[str], list[dict]]:
-        """One condition's answers and diagnostics for the samples ``sub`` (rows ``rows`` of the batch ``tok``)."""
-        if self.split is not None:
-            return self.split.answer(spec, seed, self.plan, sub)
-        if spec.source == cnd.SOURCE_RELAY:
-            return answer_relay(self.sender, self.receiver, [s.sample_id for s in sub], [s.context for s in sub],
-                                [s.question for s in sub], self.generation)  # fmt: skip
-        ids, mask = tok["input_ids"][rows], tok["attention_mask"][rows]
-        # Drop columns that are padding in every selected row (left padding: a prefix of columns).
-        start = int(mask.any(0).long().argmax())
-        ids, mask = ids[:, start:], mask[:, start:]
-        sample_ids = [s.sample_id for s in sub]
-        kind = spec.translator_kind
-        table = self.translated_functional if kind == "functional" else self.translated
-        translated = table.get(self.plan.translator_index(seed, kind)) if kind else None
-        derangement = self.plan.derangements.get(seed) if spec.source == cnd.SOURCE_SHUFFLED else None
-        source, trans_rows = condition_source(spec, seed, sample_ids, ids, mask, self.receiver, translated,
-                                              derangement, self.random_rows.get(seed))  # fmt: skip
-        donors = [derangement.donors[sid] for sid in sample_ids] if derangement is not None else None
-        # Whether the seed matters, and which translator: the report counts one translator's seed-free answers once.
-        ident = {"seeded": spec.seeded}
-        if kind:
-            info = self.functional_info if kind == "functional" else self.translator_info
-            ident["translator_sha256"] = info[self.plan.translator_index(seed, kind)]["sha256"]
-        preds, diags = answer_injected(self.receiver, ids, mask, self.generation, spec, sample_ids, source,
-                                       trans_rows, donors)  # fmt: skip
-        return preds, [{**d, **ident} for d in diags]
 
     # ------------------------------------------------------------------------------------------------ finishing
 
@@ -358,7 +307,7 @@ class InjectionEvalModule(pl.LightningModule):
     def _report(self) -> None:
         records = [r for recs in self.results.values() for r in recs]
         present = {r["condition"] for r in records}
-        baselines = [b for b in cnd.BASELINES[self.protocol] if b in present]
+        baselines = [b for b in self.protocol.baselines if b in present]
         if not baselines:
             log.info("no baseline condition in this run: the report is skipped")
             return
@@ -374,7 +323,7 @@ class InjectionEvalModule(pl.LightningModule):
             "models": {"sender": self.sender.identity(), "receiver": self.receiver.identity()},
             "translators": self.translator_info,
             **({"functional_translators": self.functional_info} if self.functional_info else {}),
-            **({"protocol": "split", "slots": self.slots.to_dict()} if self.split else {}),
+            **self.protocol.identity(),
             "dataset": {**self.data_info, "samples_sha256": self.run_identity["samples"]},
             "scale": self.hparams.scale,
             "alpha": self.hparams.alpha,

@@ -1,9 +1,8 @@
 """The receiver's answers for one sub-batch of one condition, with each record's diagnostics.
 
-Every answer is one batched greedy ``generate`` under a prefill-only hook on the receiver's block: the hook writes
-the condition's source (or nothing) and records the receiver's own norm there, so every record carries
-``prompt_len``, ``translated_norm_mean``, ``receiver_norm_mean`` and ``injected_norm_mean``. A NaN or infinity
-there stops the run (naming the condition and samples): it would decode to an empty answer and score as wrong.
+Every answer is one batched greedy ``generate`` under a prefill-only hook that writes the condition's source (or
+nothing) and measures the norms every record carries; a NaN or infinity there stops the run, naming the condition
+and samples, since it would decode to an empty answer and score as wrong.
 """
 
 from __future__ import annotations
@@ -88,8 +87,9 @@ def answer_injected(
         write_mask: Where the hook writes (and measures its norms), (B, T); default ``mask``. The split protocol
             passes its slot mask, so only the slots are written.
     """
-    inj = PrefillInjection(mask if write_mask is None else write_mask, mode=spec.mode, source=source, alpha=spec.alpha,
-                           scale=spec.scale)  # fmt: skip
+    inj = PrefillInjection(
+        mask if write_mask is None else write_mask, mode=spec.mode, source=source, alpha=spec.alpha, scale=spec.scale
+    )
     preds = _generate(receiver, ids, mask, settings, inj)
     check_finite_states(inj, spec.name, sample_ids)
     diags = _diagnostics(inj, mask)
@@ -119,8 +119,14 @@ def answer_relay(
     stok = tokenize_left_padded(
         sender.tokenizer, [format_relay_sender_prompt(c) for c in contexts], settings.max_prompt_tokens
     )
-    relay_ids = generate_ids(sender.model, sender.tokenizer, stok["input_ids"], stok["attention_mask"], settings,
-                             settings.relay_max_new_tokens)  # fmt: skip
+    relay_ids = generate_ids(
+        sender.model,
+        sender.tokenizer,
+        stok["input_ids"],
+        stok["attention_mask"],
+        settings,
+        settings.relay_max_new_tokens,
+    )
     relays = [r.strip() for r in decode(sender.tokenizer, relay_ids)]  # the paper strips the relay before use
     rtok = tokenize_left_padded(
         receiver.tokenizer,

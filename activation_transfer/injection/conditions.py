@@ -1,17 +1,8 @@
-"""The injection conditions of the paper (arXiv 2606.03280, section 4.2) as pure data and pure tensor functions.
+"""The paper's injection conditions (arXiv 2606.03280, section 4.2) as pure data and pure tensor functions.
 
-Nothing here touches a model, a file or global RNG state:
-
-* :class:`ConditionSpec` and :func:`build_conditions` name the eleven conditions and what each one needs (the
-  translator, the run seed, the receiver's own states, identical sender/receiver token ids).
-* :func:`apply_injection` rewrites a receiver block output ``h`` (B, T, H) at the real (mask 1) positions only, in
-  one of three modes: ``additive`` (h + scale * v, one vector per row broadcast over its positions), ``replace``
-  (h <- source) and ``rescaled`` (c = normalize(source) * ||h|| per position; h <- alpha * c + (1 - alpha) * h).
-* :func:`bucketed_derangement` is the shuffled-translation donor map; :func:`sequential_random_vectors` (the
-  paper's draw) and :func:`random_vectors` (one generator per sample) the seeded same-norm-random sources.
-
-The helpers here use the mask, never a column index, so they are correct for any padding side. docs/conditions.md
-lists, condition by condition, the paper's definition and what the project adds.
+Condition specs and the paper's table, the injection modes (applied at real, mask 1, positions only), the shuffled
+control's donor map and the seeded random draws. Nothing here touches a model, a file or global RNG state, so each
+piece is tested alone; docs/conditions.md defines every condition.
 """
 
 from __future__ import annotations
@@ -19,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -109,60 +100,14 @@ CONDITION_NAMES: tuple[str, ...] = (
 )
 # The paper's translator conditions with the functional translator (trained through the receiver) instead.
 FUNCTIONAL_VARIANTS: tuple[str, ...] = ("replace_functional", "scale_corrected_functional")
-# The split-context protocol (injection/protocols/split.py): the receiver reads only the question part, after K slots.
-SPLIT_CONDITION_NAMES: tuple[str, ...] = (
-    "receiver_alone",
-    "skyline",
-    "nl_relay",
-    "slots_self",
-    "slots_translated",
-    "slots_functional",
-    "slots_shuffled",
-    "slots_shuffled_functional",
-    "slots_random",
-    "slots_random_functional",
-    "slots_zero",
-)
-PROTOCOLS = ("paper", "split")
-# What the report compares every condition with, per protocol.
-BASELINES = {"paper": ("no_inject", "nl_relay"), "split": ("receiver_alone", "skyline")}
 
 
-def _split_table() -> dict[str, ConditionSpec]:
-    """The split protocol's conditions: slot conditions replace the receiver's block output at the slots only."""
-    f = "functional"
-    return {
-        "receiver_alone": ConditionSpec("receiver_alone", "none", SOURCE_NONE),
-        "skyline": ConditionSpec("skyline", "none", SOURCE_NONE),
-        "nl_relay": ConditionSpec("nl_relay", "none", SOURCE_RELAY),
-        "slots_self": ConditionSpec("slots_self", "replace", SOURCE_RECEIVER),
-        "slots_translated": ConditionSpec("slots_translated", "replace", SOURCE_TRANSLATED),
-        "slots_functional": ConditionSpec("slots_functional", "replace", SOURCE_TRANSLATED, translator=f),
-        "slots_shuffled": ConditionSpec("slots_shuffled", "replace", SOURCE_SHUFFLED),
-        "slots_shuffled_functional": ConditionSpec(
-            "slots_shuffled_functional", "replace", SOURCE_SHUFFLED, translator=f
-        ),  # fmt: skip
-        # Random vectors take the norms of the translated slot vectors they replace: they read a translator.
-        "slots_random": ConditionSpec("slots_random", "replace", SOURCE_RANDOM, translator="aligned"),
-        "slots_random_functional": ConditionSpec("slots_random_functional", "replace", SOURCE_RANDOM, translator=f),
-        "slots_zero": ConditionSpec("slots_zero", "replace", SOURCE_ZEROS),
-    }
-
-
-def build_conditions(
-    names: Sequence[str], scale: float = 0.01, alpha: float = 0.3, protocol: str = "paper"
-) -> list[ConditionSpec]:
-    """The specs of the named conditions, in the given order.
+def paper_conditions(scale: float = 0.01, alpha: float = 0.3) -> dict[str, ConditionSpec]:
+    """The paper's eleven conditions and their functional variants, by name.
 
     Args:
-        names: Condition names (see :data:`CONDITION_NAMES`, :data:`FUNCTIONAL_VARIANTS` and, for the split
-            protocol, :data:`SPLIT_CONDITION_NAMES`); duplicates are refused.
         scale: ``additive``'s injection scale (paper: 0.01).
         alpha: ``best_alpha``'s blend weight (paper: 0.3). ``scale_corrected`` always uses 1.
-        protocol: ``paper`` (both models read the same prompt) or ``split`` (the receiver reads the question only).
-
-    Raises:
-        ValueError: An unknown or repeated name, naming the known ones.
     """
     table = {
         "no_inject": ConditionSpec("no_inject", "none", SOURCE_NONE),
@@ -180,28 +125,40 @@ def build_conditions(
         "zero_replacement": ConditionSpec("zero_replacement", "replace", SOURCE_ZEROS),
     }
     assert tuple(table) == CONDITION_NAMES
-    table["replace_functional"] = dataclasses.replace(
-        table["replace"], name="replace_functional", translator="functional"
-    )
-    table["scale_corrected_functional"] = dataclasses.replace(
-        table["scale_corrected"], name="scale_corrected_functional", translator="functional"
-    )
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"model.protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}")
-    table = _split_table() if protocol == "split" else table
+    for base in ("replace", "scale_corrected"):
+        name = f"{base}_functional"
+        table[name] = dataclasses.replace(table[base], name=name, translator="functional")
+    assert tuple(table)[len(CONDITION_NAMES) :] == FUNCTIONAL_VARIANTS
+    return table
+
+
+def select_conditions(
+    table: Mapping[str, ConditionSpec], names: Sequence[str], protocol: str = "paper"
+) -> list[ConditionSpec]:
+    """The specs of the named conditions of a protocol's ``table``, in the given order.
+
+    Raises:
+        ValueError: No name, or an unknown or repeated one, naming the known ones.
+    """
     if not names:
         raise ValueError("model.conditions is empty; choose from: " + ", ".join(table))
     seen: set[str] = set()
     out = []
     for name in names:
         if name not in table:
-            raise ValueError(f"unknown condition {name!r} in model.conditions of the {protocol} protocol; known: "
-                             f"{', '.join(table)}")  # fmt: skip
+            raise ValueError(
+                f"unknown condition {name!r} in model.conditions of the {protocol} protocol; known: {', '.join(table)}"
+            )
         if name in seen:
             raise ValueError(f"condition {name!r} is listed twice in model.conditions")
         seen.add(name)
         out.append(table[name])
     return out
+
+
+def build_conditions(names: Sequence[str], scale: float = 0.01, alpha: float = 0.3) -> list[ConditionSpec]:
+    """The specs of the named paper conditions (:func:`paper_conditions`), in the given order."""
+    return select_conditions(paper_conditions(scale, alpha), names)
 
 
 # --------------------------------------------------------------------------------------------- tensor math
@@ -264,8 +221,9 @@ def apply_injection(
         injected = add.norm(dim=-1)
     else:
         if source.shape != h.shape:
-            raise ValueError(f"{mode} needs a source shaped like the block output {tuple(h.shape)}, got "
-                             f"{tuple(source.shape)}")  # fmt: skip
+            raise ValueError(
+                f"{mode} needs a source shaped like the block output {tuple(h.shape)}, got {tuple(source.shape)}"
+            )
         source = source.to(h.device)
         if mode == "replace":
             new = source.float()

@@ -1,11 +1,7 @@
 """The evaluation plan: which condition x seed runs exist, which still need computing, on which samples.
 
-A *run* is one condition with one seed (``None`` for the deterministic conditions). A run whose records file
-already exists is skipped; a pending run needs every sample it expects minus those already in its partial shards.
-Pending runs that would produce identical answers share one computation (a *group*): with a single translator the
-seed changes only the seeded conditions, so e.g. ``additive`` is generated once and written once per seed.
-
-Everything here is plain data: the module feeds it what is on disk and what the batches produced.
+Finished runs are skipped and partial ones resumed; pending runs that give identical answers (one translator, an
+unseeded condition) share one computation. Plain data, so resume and grouping are tested without models.
 """
 
 from __future__ import annotations
@@ -32,8 +28,13 @@ def plan_runs(specs: Sequence[ConditionSpec], seeds: Sequence[int]) -> list[Run]
     ]
 
 
-def checkpoint_list(value: str | Sequence[str] | None, seeds: Sequence[int], specs: Sequence[ConditionSpec],
-                    kind: str = "aligned", option: str = "translator_ckpt") -> list[str]:  # fmt: skip
+def checkpoint_list(
+    value: str | Sequence[str] | None,
+    seeds: Sequence[int],
+    specs: Sequence[ConditionSpec],
+    kind: str = "aligned",
+    option: str = "translator_ckpt",
+) -> list[str]:
     """A translator option as a list (one checkpoint, or one per seed in the order of ``seeds``).
 
     Raises:
@@ -42,8 +43,10 @@ def checkpoint_list(value: str | Sequence[str] | None, seeds: Sequence[int], spe
     """
     ckpts = [value] if isinstance(value, str) else list(value or [])
     if len(ckpts) > 1 and len(ckpts) != len(seeds):
-        raise ValueError(f"model.{option} lists {len(ckpts)} checkpoints for {len(seeds)} seeds; give one "
-                         "checkpoint, or one per seed in the order of model.seeds")  # fmt: skip
+        raise ValueError(
+            f"model.{option} lists {len(ckpts)} checkpoints for {len(seeds)} seeds; give one "
+            "checkpoint, or one per seed in the order of model.seeds"
+        )
     needing = [s.name for s in specs if s.translator_kind == kind]
     if not ckpts and needing:
         raise ValueError(f"conditions {', '.join(needing)} need a translator: set --model.{option}")
@@ -110,8 +113,14 @@ class EvalPlan:
         runs = plan_runs(specs, seeds)
         keys = [run_key(s.name, seed) for s, seed in runs]
         pending = [run for run, key in zip(runs, keys) if key not in finished]
-        plan = cls(list(seeds), translator_count, runs, pending, skipped=[k for k in keys if k in finished],
-                   functional_count=functional_count)  # fmt: skip
+        plan = cls(
+            list(seeds),
+            translator_count,
+            runs,
+            pending,
+            skipped=[k for k in keys if k in finished],
+            functional_count=functional_count,
+        )
         ids = list(prompt_len)
         for s, seed in pending:
             if s.source == SOURCE_SHUFFLED and seed not in plan.derangements:

@@ -1,9 +1,7 @@
-"""A block hook that rewrites the receiver's hidden states on the prompt prefill pass only.
+"""A block hook that rewrites the receiver's hidden states on the prompt prefill pass only (as the paper injects).
 
-During ``generate`` the hooked block runs once for the whole prompt ``(B, T, H)`` and then once per new token
-``(B, 1, H)``. The paper injects at prefill only; later tokens see the injection only through the key/value cache.
-The hook therefore fires on its first call and passes every later call through untouched. A first call whose shape
-is not the expected prompt grid is an error (a cache hit, a model that chunks its prefill, or the wrong batch).
+It fires on the first call of ``generate`` (the whole prompt) and passes every later token through; a first call not
+shaped like the prompt grid is an error (a cache hit, a chunked prefill, the wrong batch).
 """
 
 from __future__ import annotations

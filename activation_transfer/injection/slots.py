@@ -1,14 +1,8 @@
 """The split-context protocol's slots: where the receiver receives what only the sender has read.
 
-In the paper's protocol both models read the same prompt, so an injection can add at most the smaller sender's
-computation. In the split protocol the sender reads ``Context: {context}\\nQ: {question}\\nA:`` while the receiver
-reads only the question part, after K placeholder *slot* tokens whose block output is overwritten at prefill with
-states that carry the context (the sender's, translated; or, as an upper bound of the site, the receiver's own).
-
-Both sides tokenize the prompt in two parts, the context part ``Context: {context}\\n`` and the question part
-``Q: {question}\\nA:`` (their concatenation is exactly the paper's prompt), so the sender's context positions are
-known exactly. Which context positions feed the slots is a :class:`SlotSpec`: every one (K = the context's length),
-the last ``k``, or their mean repeated ``k`` times.
+Both sides tokenize the prompt as a context part and a question part (together the paper's prompt), so the sender's
+context positions are known exactly; the receiver reads K slot tokens then the question part. :class:`SlotSpec`
+says which context positions feed the slots: every one, the last ``k``, or their mean repeated ``k`` times.
 """
 
 from __future__ import annotations
@@ -67,8 +61,9 @@ class SlotSpec:
         return states.mean(dim=0, keepdim=True).expand(self.k, -1)
 
 
-def encode_parts(tokenizer, contexts: Sequence[str], questions: Sequence[str], max_context_tokens: int,
-                 max_question_tokens: int) -> tuple[list[list[int]], list[list[int]]]:  # fmt: skip
+def encode_parts(
+    tokenizer, contexts: Sequence[str], questions: Sequence[str], max_context_tokens: int, max_question_tokens: int
+) -> tuple[list[list[int]], list[list[int]]]:
     """Token ids of the context parts and of the question parts (no special tokens, right truncation)."""
     parts = [split_prompt(c, q) for c, q in zip(contexts, questions, strict=True)]
     enc = dict(add_special_tokens=False, truncation=True)
@@ -103,8 +98,9 @@ def sender_batch(context_rows: Sequence[Sequence[int]], question_rows: Sequence[
     return {"input_ids": ids, "attention_mask": mask, "context_slices": slices}
 
 
-def receiver_batch(question_rows: Sequence[Sequence[int]], slot_counts: Sequence[int], slot_id: int,
-                   pad_id: int) -> dict:  # fmt: skip
+def receiver_batch(
+    question_rows: Sequence[Sequence[int]], slot_counts: Sequence[int], slot_id: int, pad_id: int
+) -> dict:
     """The receiver's prompts ``[slot] * K_i + question part``, left padded, and the slot positions.
 
     Returns:

@@ -1,9 +1,8 @@
-"""What each condition writes into the receiver, for one left-padded sub-batch of prompts.
+"""What a paper-protocol condition writes into the receiver for one left-padded sub-batch of prompts.
 
-The paper's conditions (arXiv 2606.03280, section 4.2) differ only in the vectors written at the receiver's block:
-the sample's own translated sender states, another sample's (shuffled), seeded Gaussian vectors, the receiver's own
-states, or zeros. Translations are computed once per sample and translator (:func:`translate_prompts`) because a
-shuffled donor may sit in another batch or on another rank; the functions here only look them up and lay them out.
+The conditions differ only in those vectors (translated, shuffled, random, the receiver's own, zeros). Translations
+are computed once per sample and translator (:func:`translate_prompts`) because a shuffled donor may sit in another
+batch or rank; the functions here only look them up and lay them out.
 """
 
 from __future__ import annotations
@@ -83,8 +82,9 @@ def translate_prompts(
     return out
 
 
-def random_draws(plan: EvalPlan, lengths: Sequence[tuple[str, int]], hidden: int,
-                 per_sample: bool = False) -> dict[int, dict[str, torch.Tensor]]:  # fmt: skip
+def random_draws(
+    plan: EvalPlan, lengths: Sequence[tuple[str, int]], hidden: int, per_sample: bool = False
+) -> dict[int, dict[str, torch.Tensor]]:
     """Per seed of a pending random run with samples left: every sample's Gaussian vectors (L_i, hidden), fp32, CPU.
 
     Args:

@@ -41,7 +41,7 @@ from activation_transfer.report.tost import DEFAULT_MARGINS
 from activation_transfer.task.scoring import MAIN_METRIC, METRICS
 
 DEFAULT_BASELINES: tuple[str, ...] = ("no_inject", "nl_relay")
-# The split-context protocol's floor and ceiling (``conditions.BASELINES["split"]``; that module imports torch).
+# The split-context protocol's floor and ceiling (also ``SplitProtocol.baselines``; injection/ imports torch).
 SPLIT_BASELINES: tuple[str, ...] = (GAP_LOW, GAP_HIGH)
 REPORT_SCHEMA = "activation-transfer.report.v1"
 
@@ -159,7 +159,7 @@ def run_report(
         baselines: Baselines to compare against. ``None``: ``no_inject`` and ``nl_relay``, or for split-context
             records (``receiver_alone`` or ``skyline`` present, ``no_inject`` absent) ``receiver_alone`` and
             ``skyline``, skipping an absent one (a note says so; at least one must be present), as the evaluation
-            module does (``conditions.BASELINES``). Split records hold ``nl_relay`` too, so its presence does not
+            module does (each protocol's ``baselines``). Split records hold ``nl_relay`` too, so its presence does not
             make them paper records. An explicit list must be fully present.
         resamples: Bootstrap resamples for the 95% CIs (accuracy and paired deltas).
         margins: TOST equivalence margins (accuracy units, each > 0).

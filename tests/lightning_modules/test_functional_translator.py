@@ -106,7 +106,8 @@ def test_training_slots_are_the_split_evaluations_slots():
     batch = build_batch(samples, module.sender_lm.tokenizer, module.receiver_lm.tokenizer, module.slot_spec, 64, 16)
     with torch.no_grad():
         trained = module.slot_vectors(batch)
-        split = SplitProtocol(module.sender_lm, module.receiver_lm, module.slot_spec, GenerationSettings(), samples)
+        split = SplitProtocol(module.slot_spec)
+        split.start(module.sender_lm, module.receiver_lm, GenerationSettings(), samples)
         evaluated = split.translate(module, batch_size=2)  # other batches: other padding, same vectors
     for sample, vectors in zip(samples, trained, strict=True):
         assert vectors.shape == (2, 48)

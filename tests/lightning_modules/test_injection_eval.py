@@ -37,25 +37,42 @@ def make_ckpt(path, sender=SENDER, receiver=RECEIVER, seed=0):
     s, r = load_ref(sender), load_ref(receiver)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        module = TranslatorModule(s.identity()["hidden_size"], r.identity()["hidden_size"], sender=s.identity(),
-                                  receiver=r.identity())  # fmt: skip
-    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False)  # fmt: skip
+        module = TranslatorModule(
+            s.identity()["hidden_size"], r.identity()["hidden_size"], sender=s.identity(), receiver=r.identity()
+        )
+    trainer = pl.Trainer(
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+    )
     trainer.strategy.connect(module)
     trainer.save_checkpoint(str(path), weights_only=True)
     return str(path)
 
 
-def run_eval(tmp, ckpt, batch_size=8, conditions=CONDS, callbacks=(), max_prompt_tokens=256, dm=None, trainer_kw=None,
-             **kw):  # fmt: skip
+def run_eval(
+    tmp, ckpt, batch_size=8, conditions=CONDS, callbacks=(), max_prompt_tokens=256, dm=None, trainer_kw=None, **kw
+):
     kw.setdefault("seeds", [42, 123])
     generation = GenerationSettings(max_new_tokens=4, relay_max_new_tokens=6, max_prompt_tokens=max_prompt_tokens)
-    module = InjectionEvalModule(SENDER, RECEIVER, translator_ckpt=ckpt, conditions=list(conditions),
-                                 generation=generation, report_resamples=50, **kw)  # fmt: skip
+    module = InjectionEvalModule(
+        SENDER,
+        RECEIVER,
+        translator_ckpt=ckpt,
+        conditions=list(conditions),
+        generation=generation,
+        report_resamples=50,
+        **kw,
+    )
     dm = dm or MultiHopQADataModule(source="synthetic", num_samples=N, batch_size=batch_size)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=list(callbacks), default_root_dir=str(tmp),
-                         **(trainer_kw or {}))  # fmt: skip
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=list(callbacks),
+        default_root_dir=str(tmp),
+        **(trainer_kw or {}),
+    )
     trainer.test(module, datamodule=dm, verbose=False)
     return module
 
@@ -76,17 +93,22 @@ def full_run(tmp_path_factory, ckpt):
 
 def test_writes_every_condition_and_seed_with_the_fixed_schema(full_run):
     run_dir = full_run.run_dir
-    expected = {"no_inject__deterministic", "nl_relay__deterministic", "b_to_b_self_inject__deterministic",
-                "zero_replacement__deterministic"} | {f"{c}__seed{s}" for c in CONDS[2:] if c not in (
-                    "b_to_b_self_inject", "zero_replacement") for s in (42, 123)}  # fmt: skip
+    expected = {
+        "no_inject__deterministic",
+        "nl_relay__deterministic",
+        "b_to_b_self_inject__deterministic",
+        "zero_replacement__deterministic",
+    } | {f"{c}__seed{s}" for c in CONDS[2:] if c not in ("b_to_b_self_inject", "zero_replacement") for s in (42, 123)}
     assert {p.stem for p in (run_dir / "records").glob("*.jsonl")} == expected
     for key in expected:
         recs = rio.read_records(run_dir / "records" / f"{key}.jsonl")
         cond = key.split("__")[0]
         seed = None if key.endswith("deterministic") else int(key.split("seed")[1])
         assert all(r["condition"] == cond and r["seed"] == seed for r in recs)
-        assert all(set(r["diagnostics"]) >= {"prompt_len", "translated_norm_mean", "receiver_norm_mean",
-                                             "injected_norm_mean"} for r in recs)  # fmt: skip
+        assert all(
+            set(r["diagnostics"]) >= {"prompt_len", "translated_norm_mean", "receiver_norm_mean", "injected_norm_mean"}
+            for r in recs
+        )
         if not cond.endswith("strict_matched"):
             assert len(recs) == N and len({r["sample_id"] for r in recs}) == N
     meta = json.loads((run_dir / "meta.json").read_text())
@@ -124,8 +146,10 @@ def test_additive_diagnostics_and_seed_semantics(full_run, ckpt):
     p = preds(full_run)
     # one translator: the seeds change only seeded conditions; additive is generated once and written per seed
     assert p["additive__seed42"] == p["additive__seed123"]
-    rnd = {s: [r["diagnostics"]["receiver_norm_mean"] for r in full_run.results[f"same_norm_random__seed{s}"]]
-           for s in (42, 123)}  # fmt: skip
+    rnd = {
+        s: [r["diagnostics"]["receiver_norm_mean"] for r in full_run.results[f"same_norm_random__seed{s}"]]
+        for s in (42, 123)
+    }
     assert rnd[42] == rnd[123]  # prefill norms before injection do not depend on the seed
 
 
@@ -152,8 +176,13 @@ def test_shuffled_donors_and_strict_variant(full_run):
 
 
 def test_batch_size_does_not_change_answers(tmp_path, ckpt, full_run):
-    one = run_eval(tmp_path, ckpt, batch_size=3, conditions=["no_inject", "additive", "same_norm_random",
-                                                               "shuffled_translation"], seeds=[42])  # fmt: skip
+    one = run_eval(
+        tmp_path,
+        ckpt,
+        batch_size=3,
+        conditions=["no_inject", "additive", "same_norm_random", "shuffled_translation"],
+        seeds=[42],
+    )
     p_full, p_one = preds(full_run), preds(one)
     for key in p_one:
         assert p_one[key] == p_full[key], key
@@ -181,8 +210,10 @@ def test_rerun_computes_only_missing_parts(tmp_path, ckpt, monkeypatch):
         sorted(k[:-6] for k in before),
         ["same_norm_random__seed42"],
     ]
-    assert sorted(meta["invocations"][1]["skipped_existing"]) == ["no_inject__deterministic",
-                                                                  "zero_replacement__deterministic"]  # fmt: skip
+    assert sorted(meta["invocations"][1]["skipped_existing"]) == [
+        "no_inject__deterministic",
+        "zero_replacement__deterministic",
+    ]
     assert target.read_text() == old
     after = {p.name: p.stat().st_mtime_ns for p in (run_dir / "records").glob("*.jsonl")}
     assert all(after[k] == v for k, v in before.items() if k != target.name)
@@ -236,16 +267,25 @@ class _CutSenderDifferently(pl.Callback):
 
 def test_prompt_truncated_differently_for_the_two_models(tmp_path, ckpt):
     with pytest.raises(ValueError, match=r"sample 'syn_.*tokenize the prompt differently.*identical token ids"):
-        run_eval(tmp_path, ckpt, conditions=["replace"], seeds=[42], max_prompt_tokens=12,
-                 callbacks=[_CutSenderDifferently()])  # fmt: skip
+        run_eval(
+            tmp_path,
+            ckpt,
+            conditions=["replace"],
+            seeds=[42],
+            max_prompt_tokens=12,
+            callbacks=[_CutSenderDifferently()],
+        )
 
 
 def test_generation_is_one_option_saved_as_a_plain_dict(tmp_path):
     settings = GenerationSettings(max_new_tokens=7, repetition_penalty=1.0)
     module = InjectionEvalModule(SENDER, RECEIVER, conditions=["no_inject"], generation=settings)
     assert module.generation == settings and module.generation is not settings
-    assert module.hparams["generation"] == {**GenerationSettings().to_dict(), "max_new_tokens": 7,
-                                            "repetition_penalty": 1.0}  # fmt: skip
+    assert module.hparams["generation"] == {
+        **GenerationSettings().to_dict(),
+        "max_new_tokens": 7,
+        "repetition_penalty": 1.0,
+    }
     torch.save(dict(module.hparams), tmp_path / "hparams.pt")
     assert torch.load(tmp_path / "hparams.pt", weights_only=True)["generation"]["max_new_tokens"] == 7
     assert InjectionEvalModule(SENDER, RECEIVER, conditions=["no_inject"]).generation == GenerationSettings()
@@ -255,11 +295,11 @@ def test_generation_is_one_option_saved_as_a_plain_dict(tmp_path):
 @pytest.mark.parametrize("batch_size", [1, 3, 8])
 def test_same_norm_random_writes_the_papers_sequential_draw(tmp_path, ckpt, monkeypatch, batch_size):
     # The paper: one generator seeded by the run seed, randn((1, L_i, H)) sample after sample in dataset order.
-    import lightning_modules.injection_eval as ie
+    import activation_transfer.injection.protocols.paper as paper
     from activation_transfer.injection.conditions import sequential_random_vectors
 
     seen: dict[str, torch.Tensor] = {}
-    original = ie.condition_source
+    original = paper.condition_source
 
     def capture(spec, seed, sample_ids, ids, mask, *args, **kwargs):
         source, rows = original(spec, seed, sample_ids, ids, mask, *args, **kwargs)
@@ -267,7 +307,7 @@ def test_same_norm_random_writes_the_papers_sequential_draw(tmp_path, ckpt, monk
             seen[sid] = source[i, source.shape[1] - int(n) :].clone()
         return source, rows
 
-    monkeypatch.setattr(ie, "condition_source", capture)
+    monkeypatch.setattr(paper, "condition_source", capture)
     module = run_eval(tmp_path, ckpt, batch_size=batch_size, conditions=["same_norm_random"], seeds=[42])
     samples = list(module.samples_by_id.values())
     tok = module.receiver.tokenizer([s.prompt for s in samples], truncation=True, max_length=256)["input_ids"]

@@ -10,8 +10,8 @@ from test_injection_eval import RECEIVER, SENDER, N, make_ckpt, preds, run_eval
 
 import activation_transfer.injection.answering as answering
 import activation_transfer.injection.protocols.split as split_protocol
-from activation_transfer.injection.conditions import SPLIT_CONDITION_NAMES
 from activation_transfer.injection.prefill_hook import PrefillInjection, prefill_injection
+from activation_transfer.injection.protocols.split import CONDITION_NAMES as SPLIT_CONDITION_NAMES
 from activation_transfer.injection.slots import SlotSpec, encode_parts, receiver_batch, slot_grid
 from activation_transfer.injection.sources import capture_block
 from activation_transfer.models.frozen_lm import load_ref
@@ -48,17 +48,31 @@ def split_run(tmp_path_factory, ckpts):
     real = answering.answer_injected
 
     def spy_answer(receiver, ids, mask, settings, spec, sample_ids, source, *args, write_mask=None, **kw):
-        calls.append({"condition": spec.name, "hook": len(_Spy.seen), "ids": ids.clone(), "mask": mask.clone(),
-                      "sample_ids": list(sample_ids), "source": None if source is None else source.clone(),
-                      "write_mask": None if write_mask is None else write_mask.clone()})  # fmt: skip
+        calls.append(
+            {
+                "condition": spec.name,
+                "hook": len(_Spy.seen),
+                "ids": ids.clone(),
+                "mask": mask.clone(),
+                "sample_ids": list(sample_ids),
+                "source": None if source is None else source.clone(),
+                "write_mask": None if write_mask is None else write_mask.clone(),
+            }
+        )
         return real(receiver, ids, mask, settings, spec, sample_ids, source, *args, write_mask=write_mask, **kw)
 
     _Spy.seen = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(split_protocol, "answer_injected", spy_answer)
         mp.setattr(answering, "PrefillInjection", _Spy)
-        module = run_eval(tmp_path_factory.mktemp("split"), ckpts[0], conditions=SPLIT_CONDITION_NAMES, seeds=SEEDS,
-                          protocol="split", functional_translator_ckpt=ckpts[1])  # fmt: skip
+        module = run_eval(
+            tmp_path_factory.mktemp("split"),
+            ckpts[0],
+            conditions=SPLIT_CONDITION_NAMES,
+            seeds=SEEDS,
+            protocol="split",
+            functional_translator_ckpt=ckpts[1],
+        )
     return module, calls, list(_Spy.seen)
 
 
@@ -83,8 +97,10 @@ def test_every_split_condition_is_written_with_the_fixed_schema(split_run):
         recs = rio.read_records(module.run_dir / "records" / f"{key}.jsonl")
         assert len(recs) == N and all(list(r) == list(rio.RECORD_FIELDS) for r in recs)
     # The functional conditions read the second checkpoint: the report must not pool them with the aligned ones.
-    sha = {c: module.results[f"{c}__seed42"][0]["diagnostics"]["translator_sha256"]
-           for c in ("slots_translated", "slots_functional", "slots_random", "slots_random_functional")}  # fmt: skip
+    sha = {
+        c: module.results[f"{c}__seed42"][0]["diagnostics"]["translator_sha256"]
+        for c in ("slots_translated", "slots_functional", "slots_random", "slots_random_functional")
+    }
     assert sha["slots_translated"] == sha["slots_random"] != sha["slots_functional"] == sha["slots_random_functional"]
     assert sha["slots_functional"] == module.functional_info[0]["sha256"]
     meta = json.loads((module.run_dir / "meta.json").read_text())
@@ -160,7 +176,7 @@ def test_slots_zero_writes_zeros_exactly_at_the_slots(split_run):
             r["sample_id"]: r["diagnostics"]["slot_count"] for r in module.results["slots_zero__deterministic"]
         }
         assert slot.sum(1).tolist() == [slot_counts[s] for s in call["sample_ids"]]
-        assert all(slot_counts[s] == module.split.slot_counts[s] > 0 for s in call["sample_ids"])
+        assert all(slot_counts[s] == module.protocol.slot_counts[s] > 0 for s in call["sample_ids"])
 
 
 def test_slot_diagnostics_follow_their_definitions(split_run):
@@ -176,15 +192,18 @@ def test_slot_diagnostics_follow_their_definitions(split_run):
                 donor = d["donor_id"]
                 assert d["slot_count"] == trans[donor]["slot_count"]  # donor from the same slot-count bucket
                 assert d["injected_norm_mean"] == pytest.approx(trans[donor]["injected_norm_mean"], rel=1e-5)
-    rows = module.split.random_rows  # the seed draws other vectors
-    assert all(not torch.equal(rows[(42, ("aligned", 0))][s], rows[(123, ("aligned", 0))][s]) for s in module.split.ids)
+    rows = module.protocol.random_rows  # the seed draws other vectors
+    assert all(
+        not torch.equal(rows[(42, ("aligned", 0))][s], rows[(123, ("aligned", 0))][s]) for s in module.protocol.ids
+    )
 
 
 def test_pooled_slots_shuffle_within_one_bucket(tmp_path, ckpts):
     # Pooled slots: every sample has k slots, so all share one bucket and every donor is another sample.
     conds = ["receiver_alone", "slots_translated", "slots_shuffled"]
-    module = run_eval(tmp_path, ckpts[0], conditions=conds, seeds=[42], protocol="split",
-                      slots={"scheme": "pooled", "k": 2})  # fmt: skip
+    module = run_eval(
+        tmp_path, ckpts[0], conditions=conds, seeds=[42], protocol="split", slots={"scheme": "pooled", "k": 2}
+    )
     recs = module.results["slots_shuffled__seed42"]
     assert all(r["diagnostics"]["slot_count"] == 2 for r in recs)
     donors = {r["sample_id"]: r["diagnostics"]["donor_id"] for r in recs}
@@ -210,13 +229,21 @@ def test_split_run_resumes_like_a_paper_run(tmp_path, ckpts, monkeypatch):
     assert meta["invocations"][1]["computed"] == ["slots_random__seed42"]
     # Another slot scheme is another configuration: refused in the same folder.
     with pytest.raises(ValueError, match="another configuration.*slots"):
-        run_eval(tmp_path, ckpts[0], conditions=conds, seeds=[42], protocol="split", run_name=run_dir.name,
-                 slots={"scheme": "last", "k": 2})  # fmt: skip
+        run_eval(
+            tmp_path,
+            ckpts[0],
+            conditions=conds,
+            seeds=[42],
+            protocol="split",
+            run_name=run_dir.name,
+            slots={"scheme": "last", "k": 2},
+        )
 
 
 def test_split_options_are_checked(ckpts):
-    both = InjectionEvalModule(SENDER, RECEIVER, translator_ckpt=ckpts[0], functional_translator_ckpt=ckpts[1],
-                               protocol="split")  # fmt: skip
+    both = InjectionEvalModule(
+        SENDER, RECEIVER, translator_ckpt=ckpts[0], functional_translator_ckpt=ckpts[1], protocol="split"
+    )
     assert tuple(s.name for s in both.specs) == SPLIT_CONDITION_NAMES  # the default list means every split condition
     with pytest.raises(ValueError, match="unknown condition 'no_inject'.*split protocol"):
         InjectionEvalModule(SENDER, RECEIVER, conditions=["no_inject"], protocol="split")
@@ -231,12 +258,18 @@ def test_split_options_are_checked(ckpts):
 
 
 def test_paper_functional_variants_read_the_functional_translator(tmp_path, ckpts):
-    module = run_eval(tmp_path, ckpts[0], conditions=["replace", "replace_functional", "scale_corrected_functional"],
-                      seeds=[42], functional_translator_ckpt=ckpts[0])  # fmt: skip
+    module = run_eval(
+        tmp_path,
+        ckpts[0],
+        conditions=["replace", "replace_functional", "scale_corrected_functional"],
+        seeds=[42],
+        functional_translator_ckpt=ckpts[0],
+    )
     p = preds(module)
     assert p["replace__seed42"] == p["replace_functional__seed42"]  # the same checkpoint under both options
-    other = run_eval(tmp_path, ckpts[0], conditions=["replace_functional"], seeds=[42],
-                     functional_translator_ckpt=ckpts[1])  # fmt: skip
+    other = run_eval(
+        tmp_path, ckpts[0], conditions=["replace_functional"], seeds=[42], functional_translator_ckpt=ckpts[1]
+    )
     sha = other.results["replace_functional__seed42"][0]["diagnostics"]["translator_sha256"]
     assert sha == other.functional_info[0]["sha256"] != module.translator_info[0]["sha256"]
 
@@ -251,15 +284,28 @@ def test_evaluate_cli_runs_the_split_protocol(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(sys, "argv", ["evaluate.py"])
     ckpt = make_ckpt(tmp_path / "translator.ckpt")
-    args = small(tmp_path, ckpt, "--model.protocol", "split", "--model.seeds", "[42]", "--model.conditions",
-                 "[receiver_alone, skyline, slots_translated, slots_functional]", "--model.slots.scheme", "last",
-                 "--model.slots.k", "2", "--model.functional_translator_ckpt", ckpt)  # fmt: skip
+    args = small(
+        tmp_path,
+        ckpt,
+        "--model.protocol",
+        "split",
+        "--model.seeds",
+        "[42]",
+        "--model.conditions",
+        "[receiver_alone, skyline, slots_translated, slots_functional]",
+        "--model.slots.scheme",
+        "last",
+        "--model.slots.k",
+        "2",
+        "--model.functional_translator_ckpt",
+        ckpt,
+    )
     try:
         cli = eval_main(args)
     finally:
         if wandb.run is not None:
             wandb.finish()
-    assert cli.model.slots == SlotSpec("last", k=2) and cli.model.protocol == "split"
+    assert cli.model.slots == SlotSpec("last", k=2) and cli.model.protocol.name == "split"
     recs = cli.model.results["slots_functional__seed42"]
     assert len(recs) == 6 and all(r["diagnostics"]["slot_count"] == 2 for r in recs)
     assert "skyline" in capsys.readouterr().out

@@ -1,19 +1,9 @@
-"""The split-context protocol's sources and answers: the sender reads the context, the receiver only the question.
+"""The split-context protocol: the sender reads the context and the question, the receiver only the question.
 
-The sender reads ``Context: {context}\\nQ: {question}\\nA:`` (context part + question part, ``slots.sender_batch``);
-the receiver reads ``[slot] * K + Q: {question}\\nA:`` (``slots.receiver_batch``), and a prefill hook writes, at the
-slot positions of its block output only, what the condition supplies (docs/conditions.md, "Split protocol"):
-
-* ``slots_translated`` / ``slots_functional``: the sender's states at the context positions, through the aligned or
-  the functional translator, then ``SlotSpec.pick``;
-* ``slots_self``: the receiver's own block states of the context part, from a separate pass over that part alone;
-* ``slots_shuffled*``: another sample's translated slots (donor from the same slot-count bucket, the paper's
-  bucketed derangement), ``slots_random*``: seeded Gaussian vectors rescaled per slot to the norm of the translated
-  slot vector they replace, ``slots_zero``: zeros.
-
-``receiver_alone`` (question part, no slots), ``skyline`` (the paper's full prompt) and ``nl_relay`` (the paper's
-relay) write nothing. Translations and random draws are computed up front over the whole evaluation set, because a
-shuffled donor may sit in another batch or on another rank and the sequential draw runs in dataset order.
+The receiver reads ``[slot] * K + Q: {question}\nA:``; a prefill hook writes, at the slot positions of its block
+output only, what the condition supplies: the sender's context states through a translator, the receiver's own,
+another sample's, seeded random vectors or zeros (docs/conditions.md, "Split protocol"). It asks whether the receiver
+uses what only the sender knows; the report compares with ``receiver_alone`` (floor) and ``skyline`` (ceiling).
 """
 
 from __future__ import annotations
@@ -22,18 +12,20 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from activation_transfer.injection.answering import answer_injected, answer_relay
+from activation_transfer.injection.answering import answer_injected
 from activation_transfer.injection.conditions import (
     SOURCE_NONE,
     SOURCE_RANDOM,
     SOURCE_RECEIVER,
     SOURCE_RELAY,
     SOURCE_SHUFFLED,
+    SOURCE_TRANSLATED,
     SOURCE_ZEROS,
     ConditionSpec,
     rescale_to,
 )
 from activation_transfer.injection.eval_plan import EvalPlan
+from activation_transfer.injection.protocols.base import Answers, EvalProtocol, TranslatorKey
 from activation_transfer.injection.slots import (
     SlotSpec,
     encode_parts,
@@ -46,68 +38,141 @@ from activation_transfer.injection.sources import capture_block, check_finite_ro
 from activation_transfer.models.frozen_lm import LoadedModel
 from activation_transfer.models.generation import GenerationSettings
 from activation_transfer.report.records import run_key
+from activation_transfer.report.run import SPLIT_BASELINES
 from activation_transfer.task.prompts import over_length, split_prompt, tokenize_left_padded
 
-TranslatorKey = tuple[str, int]  # (kind: aligned | functional, index in that kind's checkpoint list)
+CONDITION_NAMES: tuple[str, ...] = (
+    "receiver_alone",
+    "skyline",
+    "nl_relay",
+    "slots_self",
+    "slots_translated",
+    "slots_functional",
+    "slots_shuffled",
+    "slots_shuffled_functional",
+    "slots_random",
+    "slots_random_functional",
+    "slots_zero",
+)
 
 
-class SplitProtocol:
-    """One split-protocol evaluation: the samples' two-part tokens, translated slots, random draws and answers.
+def split_conditions() -> dict[str, ConditionSpec]:
+    """The split protocol's conditions: slot conditions replace the receiver's block output at the slots only."""
+    f = "functional"
+    return {
+        "receiver_alone": ConditionSpec("receiver_alone", "none", SOURCE_NONE),
+        "skyline": ConditionSpec("skyline", "none", SOURCE_NONE),
+        "nl_relay": ConditionSpec("nl_relay", "none", SOURCE_RELAY),
+        "slots_self": ConditionSpec("slots_self", "replace", SOURCE_RECEIVER),
+        "slots_translated": ConditionSpec("slots_translated", "replace", SOURCE_TRANSLATED),
+        "slots_functional": ConditionSpec("slots_functional", "replace", SOURCE_TRANSLATED, translator=f),
+        "slots_shuffled": ConditionSpec("slots_shuffled", "replace", SOURCE_SHUFFLED),
+        "slots_shuffled_functional": ConditionSpec(
+            "slots_shuffled_functional", "replace", SOURCE_SHUFFLED, translator=f
+        ),
+        # Random vectors take the norms of the translated slot vectors they replace: they read a translator.
+        "slots_random": ConditionSpec("slots_random", "replace", SOURCE_RANDOM, translator="aligned"),
+        "slots_random_functional": ConditionSpec("slots_random_functional", "replace", SOURCE_RANDOM, translator=f),
+        "slots_zero": ConditionSpec("slots_zero", "replace", SOURCE_ZEROS),
+    }
+
+
+class SplitProtocol(EvalProtocol):
+    """The split-context protocol: the samples' two-part tokens, translated slots, random draws and answers.
 
     Args:
-        sender: The frozen sender and the block whose output is translated.
-        receiver: The frozen receiver and the block whose slot positions are written.
         slots: The slot scheme (which context positions feed how many slots, slot token, context length).
-        settings: Decoding; ``max_prompt_tokens`` also bounds the question part.
-        samples: The whole evaluation set in dataset order (``sample_id``, ``context``, ``question``).
-        random_draw: ``sequential`` (one generator per seed run through the dataset in order) or ``per_sample``.
     """
 
-    def __init__(self, sender: LoadedModel, receiver: LoadedModel, slots: SlotSpec, settings: GenerationSettings,
-                 samples: Sequence, random_draw: str = "sequential") -> None:  # fmt: skip
-        self.sender, self.receiver, self.slots, self.settings = sender, receiver, slots, settings
-        self.random_draw = random_draw
-        self.pad_id = receiver.tokenizer.eos_token_id
-        # The measurement the protocol is built on uses EOS slots; EOS is also the pad id, but slots are real tokens.
-        self.slot_id = self.pad_id if slots.token_id is None else int(slots.token_id)
-        self.ids = [s.sample_id for s in samples]
-        self.texts = {s.sample_id: (s.context, s.question) for s in samples}
+    name = "split"
+    default_conditions = CONDITION_NAMES
+    baselines = SPLIT_BASELINES
+
+    def __init__(self, slots: SlotSpec) -> None:
+        self.slots = slots
+        self.ids: list[str] = []
+        self.texts: dict[str, tuple[str, str]] = {}
         self.parts: dict[str, dict[str, tuple[list[int], list[int]]]] = {}  # side -> sample id -> (context, question)
-        for side, model in (("sender", sender), ("receiver", receiver)):
-            ctx, qst = encode_parts(model.tokenizer, [s.context for s in samples], [s.question for s in samples],
-                                    slots.max_context_tokens, settings.max_prompt_tokens)  # fmt: skip
-            self.parts[side] = dict(zip(self.ids, zip(ctx, qst, strict=True), strict=True))
-        # Slots of the translated conditions (the sender's context length); also the shuffle buckets.
-        self.slot_counts = {sid: slots.count(len(c)) for sid, (c, _) in self.parts["sender"].items()}
+        self.slot_counts: dict[str, int] = {}
         self.translated: dict[TranslatorKey, dict[str, torch.Tensor]] = {}  # -> sample id -> slot vectors (K, d_r)
         self.random_rows: dict[tuple[int, TranslatorKey], dict[str, torch.Tensor]] = {}
         self.shas: dict[str, list[str]] = {}
 
+    @classmethod
+    def configured(cls, slots: SlotSpec | None = None, **options) -> SplitProtocol:
+        return cls(slots or SlotSpec())
+
+    def condition_table(self, scale: float, alpha: float) -> dict[str, ConditionSpec]:
+        return split_conditions()
+
+    def identity(self) -> dict:
+        return {"protocol": self.name, "slots": self.slots.to_dict()}
+
+    def translator_slots(self) -> dict:
+        return self.slots.to_dict()
+
     # ------------------------------------------------------------------------------------------------ preparing
 
-    def truncation(self) -> tuple[dict, str | None]:
+    def start(
+        self,
+        sender: LoadedModel,
+        receiver: LoadedModel,
+        settings: GenerationSettings,
+        samples: Sequence,
+        random_draw: str = "sequential",
+    ) -> dict[str, int]:
+        """Encode every sample's context and question part for both models; the buckets are the slot counts.
+
+        ``settings.max_prompt_tokens`` also bounds the question part; ``random_draw``: ``sequential`` (one generator
+        per seed run through the dataset in order) or ``per_sample``.
+        """
+        self.sender, self.receiver, self.settings, self.random_draw = sender, receiver, settings, random_draw
+        self.pad_id = receiver.tokenizer.eos_token_id
+        # The measurement the protocol is built on uses EOS slots; EOS is also the pad id, but slots are real tokens.
+        self.slot_id = self.pad_id if self.slots.token_id is None else int(self.slots.token_id)
+        self.ids = [s.sample_id for s in samples]
+        self.texts = {s.sample_id: (s.context, s.question) for s in samples}
+        for side, model in (("sender", sender), ("receiver", receiver)):
+            ctx, qst = encode_parts(
+                model.tokenizer,
+                [s.context for s in samples],
+                [s.question for s in samples],
+                self.slots.max_context_tokens,
+                settings.max_prompt_tokens,
+            )
+            self.parts[side] = dict(zip(self.ids, zip(ctx, qst, strict=True), strict=True))
+        # Slots of the translated conditions (the sender's context length); also the shuffle buckets.
+        self.slot_counts = {sid: self.slots.count(len(c)) for sid, (c, _) in self.parts["sender"].items()}
+        return self.slot_counts
+
+    def check_inputs(self, plan: EvalPlan) -> tuple[dict, str | None]:
         """Context parts cut at ``slots.max_context_tokens`` and question parts cut at ``max_prompt_tokens``."""
         parts = [split_prompt(*self.texts[sid]) for sid in self.ids]
         cut = {
             "sender_context": over_length(
                 self.sender.tokenizer, self.ids, [p for p, _ in parts], self.slots.max_context_tokens
-            ),  # fmt: skip
+            ),
             "question": over_length(
                 self.receiver.tokenizer, self.ids, [q for _, q in parts], self.settings.max_prompt_tokens
-            ),  # fmt: skip
+            ),
         }
-        info = {"max_context_tokens": self.slots.max_context_tokens,
-                "max_prompt_tokens": self.settings.max_prompt_tokens,
-                **{k: {"count": len(v), "ids": v} for k, v in cut.items()}}  # fmt: skip
+        info = {
+            "max_context_tokens": self.slots.max_context_tokens,
+            "max_prompt_tokens": self.settings.max_prompt_tokens,
+            **{k: {"count": len(v), "ids": v} for k, v in cut.items()},
+        }
         if not any(cut.values()):
             return info, None
         # Right truncation keeps the context's start: facts at its end are lost, so the slots never carry them.
-        return info, (f"split protocol: {len(cut['sender_context'])} context parts are cut at slots.max_context_tokens="
-                      f"{self.slots.max_context_tokens} and {len(cut['question'])} question parts at "
-                      f"generation.max_prompt_tokens (ids in meta.json)")  # fmt: skip
+        return info, (
+            f"split protocol: {len(cut['sender_context'])} context parts are cut at slots.max_context_tokens="
+            f"{self.slots.max_context_tokens} and {len(cut['question'])} question parts at "
+            "generation.max_prompt_tokens (ids in meta.json)"
+        )
 
-    def prepare(self, plan: EvalPlan, translators: Mapping[str, Sequence], shas: Mapping[str, list[str]],
-                batch_size: int) -> None:  # fmt: skip
+    def prepare(
+        self, plan: EvalPlan, translators: Mapping[str, Sequence], shas: Mapping[str, list[str]], batch_size: int
+    ) -> None:
         """Translate every sample once per translator a pending run needs, and draw the pending random slots.
 
         Args:
@@ -177,31 +242,40 @@ class SplitProtocol:
         check_finite_rows(rows, spec.name, sample_ids, owners)
         return rows, rows, donors
 
-    def answer(self, spec: ConditionSpec, seed: int | None, plan: EvalPlan, sub: Sequence) -> tuple[list, list]:
+    def answer(self, spec: ConditionSpec, seed: int | None, plan: EvalPlan, sub: Sequence) -> Answers:
         """One condition's answers and diagnostics for the samples ``sub``."""
         sample_ids = [s.sample_id for s in sub]
         if spec.source == SOURCE_RELAY:
-            return answer_relay(self.sender, self.receiver, sample_ids, [s.context for s in sub],
-                                [s.question for s in sub], self.settings)  # fmt: skip
+            return self.answer_relay(sub)
         if spec.name == "skyline":  # the paper's prompt, tokenized as the paper protocol's no_inject reads it
             tok = tokenize_left_padded(
                 self.receiver.tokenizer, [s.prompt for s in sub], self.settings.max_prompt_tokens
             )
-            preds, diags = answer_injected(self.receiver, tok["input_ids"], tok["attention_mask"], self.settings,
-                                           spec, sample_ids, None)  # fmt: skip
+            preds, diags = answer_injected(
+                self.receiver, tok["input_ids"], tok["attention_mask"], self.settings, spec, sample_ids, None
+            )
             return preds, [{**d, "slot_count": 0, "seeded": False} for d in diags]
         # receiver_alone (no source) reads the question part without slots; every other condition writes slots.
         slotted = spec.source != SOURCE_NONE
         vectors, rows, donors = self.slot_vectors(spec, seed, plan, sample_ids) if slotted else (None, None, None)
         counts = [len(v) for v in vectors] if slotted else [0] * len(sub)
-        batch = receiver_batch([self.parts["receiver"][sid][1] for sid in sample_ids], counts, self.slot_id,
-                               self.pad_id)  # fmt: skip
+        batch = receiver_batch(
+            [self.parts["receiver"][sid][1] for sid in sample_ids], counts, self.slot_id, self.pad_id
+        )
         ids, mask, slot_mask = batch["input_ids"], batch["attention_mask"], batch["slot_mask"]
         param = next(self.receiver.model.parameters())
         source = slot_grid(vectors, slot_mask, dtype=param.dtype, device=param.device) if slotted else None
-        preds, diags = answer_injected(self.receiver, ids, mask, self.settings, spec, sample_ids, source, rows, donors,
-                                       write_mask=slot_mask if slotted else None)  # fmt: skip
-        ident = {"seeded": spec.seeded}
-        if kind := spec.translator_kind:  # the report counts one translator's seed-free answers once
-            ident["translator_sha256"] = self.shas[kind][plan.translator_index(seed, kind)]
-        return preds, [{**d, "slot_count": k, **ident} for d, k in zip(diags, counts)]
+        preds, diags = answer_injected(
+            self.receiver,
+            ids,
+            mask,
+            self.settings,
+            spec,
+            sample_ids,
+            source,
+            rows,
+            donors,
+            write_mask=slot_mask if slotted else None,
+        )
+        fields = self.run_fields(spec, seed, plan)
+        return preds, [{**d, "slot_count": k, **fields} for d, k in zip(diags, counts)]

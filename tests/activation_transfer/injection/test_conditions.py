@@ -214,8 +214,20 @@ def _paper_donor_map(pairs, seed, strict):
 
 
 # Lengths whose first appearances are not sorted (12 before 5 before 9), with two singleton buckets.
-PAIRS = [("q7", 12), ("q2", 5), ("q9", 12), ("q0", 9), ("q4", 5), ("q1", 12), ("q8", 30), ("q3", 9), ("q5", 5),
-         ("q6", 12), ("q10", 7), ("q11", 5)]  # fmt: skip
+PAIRS = [
+    ("q7", 12),
+    ("q2", 5),
+    ("q9", 12),
+    ("q0", 9),
+    ("q4", 5),
+    ("q1", 12),
+    ("q8", 30),
+    ("q3", 9),
+    ("q5", 5),
+    ("q6", 12),
+    ("q10", 7),
+    ("q11", 5),
+]
 
 
 @pytest.mark.parametrize("seed", [42, 123, 456])
