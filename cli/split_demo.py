@@ -34,8 +34,10 @@ METRIC = MAIN_METRIC  # the sweep and the choice read the paper's main metric
 def _accuracies(run_dir: Path) -> dict:
     """Accuracy per condition (the report's summary) and the number of questions."""
     conditions = json.loads((run_dir / "report" / "summary.json").read_text())["conditions"]
-    return {**{cond: entry[METRIC]["mean"] for cond, entry in conditions.items()},
-            "n": min(entry["n"] for entry in conditions.values())}  # fmt: skip
+    return {
+        **{cond: entry[METRIC]["mean"] for cond, entry in conditions.items()},
+        "n": min(entry["n"] for entry in conditions.values()),
+    }
 
 
 def choose_layer(sweep: list[dict]) -> int:
@@ -53,18 +55,32 @@ def receiver_blocks(folder: Path) -> int:
     return int(AutoConfig.from_pretrained(str(folder)).num_hidden_layers)
 
 
-def layer_sweep(out: Path, num_layers: int, num_samples: int | None) -> list[dict]:
-    """``SWEEP_CONDITIONS`` at every receiver block on the validation questions; one row per block."""
+def layer_sweep(out: Path, num_layers: int, num_samples: int | None, steps=None) -> list[dict]:
+    """``SWEEP_CONDITIONS`` at every receiver block on the validation questions; one row per block. Each command is
+    recorded in ``steps`` (the demo's ``Steps``) when given."""
     from cli.lightning_cli import eval_main
 
     rows = []
     for layer in range(num_layers):
-        args = ["test", "-c", str(SPLIT_EVAL_CONFIG), "--model.conditions", json.dumps(list(SWEEP_CONDITIONS)),
-                "--model.receiver.layer", str(layer), "--data.generator_seed", str(SELECTION_SEED),
-                "--trainer.default_root_dir", str(out / "sweep" / f"block{layer}"),
-                "--trainer.logger", "false"]  # fmt: skip
+        args = [
+            "test",
+            "-c",
+            str(SPLIT_EVAL_CONFIG),
+            "--model.conditions",
+            json.dumps(list(SWEEP_CONDITIONS)),
+            "--model.receiver.layer",
+            str(layer),
+            "--data.generator_seed",
+            str(SELECTION_SEED),
+            "--trainer.default_root_dir",
+            str(out / "sweep" / f"block{layer}"),
+            "--trainer.logger",
+            "false",
+        ]
         if num_samples:
             args += ["--data.num_samples", str(num_samples)]
+        if steps is not None:
+            steps.add("evaluate.py", args)
         rows.append({"layer": layer, **_accuracies(eval_main(args).model.run_dir)})
     return rows
 
@@ -101,36 +117,76 @@ def sweep_plot(rows: list[dict], chosen: int) -> bytes:
     return figure_png(fig)
 
 
-def run_split(out: Path, organisms: dict[str, Path], seeds: list[int], num_samples: int | None, translator) -> Path:
-    """Steps 1-3; returns the split evaluation's run folder. ``translator`` is the demo's cached trainer."""
+def run_split(
+    out: Path, organisms: dict[str, Path], seeds: list[int], num_samples: int | None, translator, steps=None
+) -> Path:
+    """Steps 1-3; returns the split evaluation's run folder. ``translator`` is the demo's cached trainer; ``steps``
+    (the demo's ``Steps``), when given, records every command with the paths it used."""
     from cli.lightning_cli import eval_main
+
+    def section(title: str) -> None:
+        if steps is not None:
+            steps.section(title)
 
     t = time.perf_counter()
     num_layers = receiver_blocks(organisms["receiver"])
-    rows = layer_sweep(out, num_layers, num_samples)
+    section(f"5. split protocol: slots_self layer sweep on validation questions (generator seed {SELECTION_SEED})")
+    rows = layer_sweep(out, num_layers, num_samples, steps)
     chosen = choose_layer(rows)
-    print(f"[demo] slots_self layer sweep on validation questions (generator seed {SELECTION_SEED}), "
-          f"{time.perf_counter() - t:.0f} s:\n{sweep_table(rows, chosen)}", flush=True)  # fmt: skip
+    print(
+        f"[demo] slots_self layer sweep on validation questions (generator seed {SELECTION_SEED}), "
+        f"{time.perf_counter() - t:.0f} s:\n{sweep_table(rows, chosen)}",
+        flush=True,
+    )
 
     t = time.perf_counter()
     block = str(chosen)
-    aligned = [translator(out, organisms, s, ALIGNED_CONFIG, ["--data.receiver_model.layer", block]) for s in seeds]
-    functional = [
-        translator(out, organisms, s, FUNCTIONAL_CONFIG,
-                   ["--model.init_args.receiver_model.layer", str(chosen), "--data.init_args.shuffle_seed", str(s)])
+    section(f"6. split protocol: aligned, then functional translators per seed at receiver block {chosen}")
+    aligned = [
+        translator(out, organisms, s, ALIGNED_CONFIG, ["--data.receiver_model.layer", block], steps=steps)
         for s in seeds
-    ]  # fmt: skip
-    print(f"[demo] split translators ({len(seeds)} aligned + {len(seeds)} functional, receiver block {chosen}): "
-          f"{time.perf_counter() - t:.0f} s", flush=True)  # fmt: skip
+    ]
+    functional = [
+        translator(
+            out,
+            organisms,
+            s,
+            FUNCTIONAL_CONFIG,
+            ["--model.init_args.receiver_model.layer", block, "--data.init_args.shuffle_seed", str(s)],
+            steps=steps,
+        )
+        for s in seeds
+    ]
+    print(
+        f"[demo] split translators ({len(seeds)} aligned + {len(seeds)} functional, receiver block {chosen}): "
+        f"{time.perf_counter() - t:.0f} s",
+        flush=True,
+    )
 
     t = time.perf_counter()
-    args = ["test", "-c", str(SPLIT_EVAL_CONFIG), "--model.seeds", json.dumps(seeds),
-            "--model.receiver.layer", str(chosen), "--model.translator_ckpt", json.dumps([str(c) for c in aligned]),
-            "--model.functional_translator_ckpt", json.dumps([str(c) for c in functional]),
-            "--trainer.default_root_dir", str(out / "eval_split")]  # fmt: skip
+    args = [
+        "test",
+        "-c",
+        str(SPLIT_EVAL_CONFIG),
+        "--model.seeds",
+        json.dumps(seeds),
+        "--model.receiver.layer",
+        block,
+        "--model.translator_ckpt",
+        json.dumps([str(c) for c in aligned]),
+        "--model.functional_translator_ckpt",
+        json.dumps([str(c) for c in functional]),
+        "--trainer.default_root_dir",
+        str(out / "eval_split"),
+    ]
     if num_samples:
         args += ["--data.num_samples", str(num_samples)]
+    section("7. split protocol: every split condition on the held-out questions, then its report")
+    if steps is not None:
+        steps.add("evaluate.py", args)
     run_dir = eval_main(args).model.run_dir
+    if steps is not None:
+        steps.report(run_dir)
     print(f"[demo] split evaluation step: {time.perf_counter() - t:.0f} s", flush=True)
     report = run_dir / "report"
     sweep = {"selection_generator_seed": SELECTION_SEED, "metric": METRIC, "chosen_layer": chosen, "rows": rows}

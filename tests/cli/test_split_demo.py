@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import shlex
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
+import report
 from activation_transfer.task.generator import EVAL_SEED
 from cli import demo, split_demo
+from cli.lightning_cli import eval_main, train_main  # the real CLIs (fake_demo replaces them inside the demo)
+from cli.organism_cli import main as organism_main
 
 # slots_self per receiver block on the validation questions: block 1 carries most.
 SWEEP = {0: 0.30, 1: 0.45, 2: 0.10}
@@ -26,20 +31,22 @@ def test_choose_layer_takes_the_best_slots_self_and_the_shallowest_tie() -> None
         split_demo.choose_layer([])
 
 
+def fake_eval(args):
+    """An evaluation that writes a run folder with the report files the demo reads (slots_self per SWEEP block)."""
+    run_dir = Path(opt(args, "--trainer.default_root_dir")) / "run"
+    layer = int(opt(args, "--model.receiver.layer") or 0)
+    conds = {"receiver_alone": 0.05, "skyline": 0.7, "slots_self": SWEEP[layer], "slots_zero": 0.06}
+    summary = {"conditions": {c: {"n": 30, "word_boundary_contains": {"mean": v}} for c, v in conds.items()}}
+    (run_dir / "report").mkdir(parents=True)
+    (run_dir / "report" / "summary.json").write_text(json.dumps(summary))
+    gap = [{"condition": "slots_functional", "fraction": 0.5, "ci_low": 0.4, "ci_high": 0.6, "n": 30, "runs": 3}]
+    (run_dir / "report" / "gap_recovered.json").write_text(json.dumps(gap))
+    return SimpleNamespace(model=SimpleNamespace(report_result=None, run_dir=run_dir))
+
+
 def test_split_demo_sweeps_on_validation_questions_and_uses_the_chosen_block(
     tmp_path: Path, monkeypatch, capsys, fake_demo
 ) -> None:
-    def fake_eval(args):
-        run_dir = Path(opt(args, "--trainer.default_root_dir")) / "run"
-        layer = int(opt(args, "--model.receiver.layer") or 0)
-        conds = {"receiver_alone": 0.05, "skyline": 0.7, "slots_self": SWEEP[layer], "slots_zero": 0.06}
-        summary = {"conditions": {c: {"n": 30, "word_boundary_contains": {"mean": v}} for c, v in conds.items()}}
-        (run_dir / "report").mkdir(parents=True)
-        (run_dir / "report" / "summary.json").write_text(json.dumps(summary))
-        gap = [{"condition": "slots_functional", "fraction": 0.5, "ci_low": 0.4, "ci_high": 0.6, "n": 30, "runs": 3}]
-        (run_dir / "report" / "gap_recovered.json").write_text(json.dumps(gap))
-        return SimpleNamespace(model=SimpleNamespace(report_result=None, run_dir=run_dir))
-
     fake_demo.evaluate = fake_eval
     trained, evaluated = fake_demo.trained, fake_demo.evaluated
     monkeypatch.setattr(split_demo, "receiver_blocks", lambda folder: len(SWEEP))
@@ -73,3 +80,55 @@ def test_split_demo_sweeps_on_validation_questions_and_uses_the_chosen_block(
     assert f"[demo] split report and plots: {report}" in out
     assert "slots_functional" in out and "+0.500 [+0.400, +0.600]" in out
     assert "| 1 (chosen) | 0.050 | 0.700 | 0.450 | 0.060 |" in out
+
+
+def _resolved(args: list[str]) -> list[str]:
+    """Arguments with every existing path made absolute, so a printed command compares with the one executed."""
+    return [str(Path(a).resolve()) if os.path.exists(a) else a for a in args]
+
+
+def test_demo_prints_the_commands_it_ran_with_paths_that_exist_and_that_parse(
+    tmp_path: Path, monkeypatch, capsys, fake_demo
+) -> None:
+    monkeypatch.chdir(Path(demo.ROOT))  # a newcomer runs `make demo` in the repository: paths print relative to it
+    fake_demo.evaluate = fake_eval
+    monkeypatch.setattr(split_demo, "receiver_blocks", lambda folder: len(SWEEP))
+    assert demo.main(["--out", str(tmp_path / "demo")]) == 0
+    printed = capsys.readouterr().out.split("[demo] each step on its own")[1].split("\n[demo] total wall time")[0]
+    lines = printed.splitlines()[2:]  # after the two header lines
+    env = dict(kv.split("=", 1) for kv in shlex.split(lines[0])[1:])
+    assert Path(env["ACTIVATION_TRANSFER_CACHE"]).is_dir() and env["WANDB_MODE"] == "disabled"  # conftest's
+    titles = [line.split(".")[0] for line in lines if line.startswith("# ") and line[2].isdigit()]
+    assert titles == ["# 1", "# 2", "# 3", "# 4", "# 5", "# 6", "# 7"]
+    for role, folder in fake_demo.organisms.items():  # the organisms' cache folders are named, one a line
+        assert f"#    {role}: {folder}" in lines
+    commands = [shlex.split(line) for line in lines[1:] if not line.startswith("#")]
+    by_script = {}
+    for words in commands:
+        assert Path(words[1]).is_file() and not Path(words[1]).is_absolute(), words[:2]  # the entry script, here
+        by_script.setdefault(Path(words[1]).name, []).append(words[2:])
+
+    # Exactly the commands the demo executed (a reused translator's too), in order.
+    assert [_resolved(a) for a in by_script["train.py"]] == [_resolved(a) for a in fake_demo.trained]
+    assert [_resolved(a) for a in by_script["evaluate.py"]] == [_resolved(a) for a in fake_demo.evaluated]
+    assert len(by_script["organism.py"]) == 2 and len(by_script["report.py"]) == 2
+
+    # Every path a command reads exists after the demo; every folder it writes into is the demo's.
+    for args in by_script["train.py"] + by_script["evaluate.py"] + by_script["organism.py"]:
+        assert Path(opt(args, "-c")).is_file() and not Path(opt(args, "-c")).is_absolute()
+    for args in by_script["train.py"] + by_script["evaluate.py"]:
+        assert Path(opt(args, "--trainer.default_root_dir")).is_dir()
+        for name in ("--model.translator_ckpt", "--model.functional_translator_ckpt"):
+            for ckpt in json.loads(opt(args, name) or "[]"):
+                assert Path(ckpt).is_file() and ckpt.endswith("translator.ckpt"), ckpt
+    for args in by_script["report.py"]:
+        assert (Path(args[0]) / "report" / "summary.json").is_file() and opt(args, "--out") == f"{args[0]}/report"
+
+    # Every command parses with its own CLI (--print_config stops before anything is loaded or trained).
+    for main, key in ((train_main, "train.py"), (eval_main, "evaluate.py"), (organism_main, "organism.py")):
+        for args in by_script[key]:
+            with pytest.raises(SystemExit) as exit_:
+                main([*args, "--print_config"])
+            assert exit_.value.code in (None, 0), (key, args)
+    for args in by_script["report.py"]:
+        assert report.build_parser().parse_args(args).out == opt(args, "--out")
