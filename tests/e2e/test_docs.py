@@ -24,7 +24,7 @@ from activation_transfer.models import frozen_lm
 from activation_transfer.task.generator import EVAL_SEED, generate_samples
 from activation_transfer.task.scoring import MAIN_METRIC
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # The documents whose python blocks a test below runs; any other document with a python block fails the first test.
 TESTED = {"docs/using_translators.md"}
