@@ -1,7 +1,7 @@
 """An evaluation run's per-sample records as a pandas DataFrame, for analysis in a notebook.
 
 pandas is not a dependency of the project: it is imported when the function is called, with a clear error when it
-is missing (``pip install pandas``).
+is missing (``pip install -e .[analysis]``).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def records_to_dataframe(run_dir: str | Path):
         import pandas as pd
     except ImportError as err:
         raise ImportError(
-            "records_to_dataframe needs pandas, which the project does not install: `pip install pandas`"
+            "records_to_dataframe needs pandas: `pip install -e .[analysis]` (or `pip install pandas`)"
         ) from err
     frame = pd.DataFrame(record_rows(run_dir))
     # Integer seeds stay integers next to the deterministic conditions' missing seed (not floats with NaN).
