@@ -42,9 +42,8 @@ from activation_transfer.report import logged_metrics, run_report
 from activation_transfer.report import records as rio
 from activation_transfer.task.prompts import check_same_tokens, tokenize_left_padded, truncation_check
 from activation_transfer.task.prompts import format_relay_sender_prompt as relay_prompt
-from activation_transfer.translators.export import translator_sha256
+from activation_transfer.translators.loading import load_translator_for
 from callbacks.wandb_artifacts import local_translator
-from lightning_modules.translator import load_translator_for
 
 log = logging.getLogger(__name__)
 
@@ -181,8 +180,9 @@ class InjectionEvalModule(pl.LightningModule):
             for ref in refs if any(s.translator_kind == kind for s in self.specs) else ():
                 path = local_translator(ref, self.trainer)  # a .ckpt, an exported folder, or wandb:<...:alias>
                 slots = self.slots.to_dict() if self.protocol == "split" else None
-                modules.append(load_translator_for(path, *identities, self.allow_mismatch, slots))
-                info.append({"path": str(path), "ref": ref, "sha256": translator_sha256(path)})
+                translator = load_translator_for(path, *identities, self.allow_mismatch, slots, kind=kind)
+                modules.append(translator)
+                info.append({"path": str(path), "ref": ref, "sha256": translator.sha256})
 
     # ------------------------------------------------------------------------------------------------ planning
 
