@@ -2,8 +2,7 @@
 and a W&B artifact of type ``model`` (the checkpoint and that folder, aliases ``best`` and ``latest``).
 
 Works with W&B online and offline (``wandb sync`` uploads the artifact later); a disabled run, or no W&B logger,
-gets only the exported folder. Runs on global rank 0 only. The module is read through its public ``translator`` and
-``hparams`` (a ``TranslatorModule``), so this callback needs nothing above the components layer.
+gets only the exported folder. Runs on global rank 0 only; reads the module's public ``translator`` and ``hparams``.
 """
 
 from __future__ import annotations
@@ -50,8 +49,13 @@ class TranslatorArtifactCallback(pl.Callback):
         aliases: Aliases of the logged version.
     """
 
-    def __init__(self, export: bool = True, log_artifact: bool = True, name: str | None = None,
-                 aliases: tuple[str, ...] = ("best", "latest")) -> None:  # fmt: skip
+    def __init__(
+        self,
+        export: bool = True,
+        log_artifact: bool = True,
+        name: str | None = None,
+        aliases: tuple[str, ...] = ("best", "latest"),
+    ) -> None:
         self.export, self.log_artifact, self.name, self.aliases = export, log_artifact, name, list(aliases)
         self.exported: Path | None = None
         self.logged: list[str] = []
@@ -68,15 +72,19 @@ class TranslatorArtifactCallback(pl.Callback):
                 self.exported = export_from_checkpoint(best, best.with_suffix(""), metrics)
             else:
                 folder = Path(trainer.default_root_dir) / "translator"
-                self.exported = save_pretrained(folder, pl_module.translator,
-                                                config_from_hparams(pl_module.hparams, metrics))  # fmt: skip
+                config = config_from_hparams(pl_module.hparams, metrics)
+                self.exported = save_pretrained(folder, pl_module.translator, config)
             log.info("exported translator: %s", self.exported)
         runs = recording_runs(trainer) if self.log_artifact else []
         if not runs or (best is None and self.exported is None):
             return
         h = pl_module.hparams
-        metadata = {**{k: h.get(k) for k in IDENTITY_HPARAMS}, "metrics": metrics, "epoch": trainer.current_epoch,
-                    "global_step": trainer.global_step}  # fmt: skip
+        metadata = {
+            **{k: h.get(k) for k in IDENTITY_HPARAMS},
+            "metrics": metrics,
+            "epoch": trainer.current_epoch,
+            "global_step": trainer.global_step,
+        }
         files = {}
         if best is not None:
             metadata.update(checkpoint=best.name, checkpoint_sha256=sha256_file(best))

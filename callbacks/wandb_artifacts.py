@@ -1,5 +1,5 @@
 """W&B artifacts of the project: finding the trainer's W&B runs, logging files as an artifact, and resolving a
-``wandb:<entity>/<project>/<name>:<alias>`` translator reference into a local checkpoint (recording lineage).
+``wandb:`` translator reference on rank 0 (``activation_transfer.translators.loading`` resolves it) for every rank.
 
 Logging works online and offline (an offline run keeps the artifact's manifest in its ``.wandb`` file and the staged
 copies under W&B's data folder, and ``wandb sync`` uploads both); a disabled run logs nothing. Using an artifact
@@ -14,18 +14,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 
-WANDB_PREFIX = "wandb:"
-
-
-def is_online(run) -> bool:
-    """Whether ``run`` is a live W&B run that can reach the server (not offline, not disabled, not None)."""
-    if run is None or getattr(run, "disabled", False):
-        return False
-    offline = getattr(run, "offline", None)
-    if offline is None:
-        settings = getattr(run, "settings", None)
-        offline = getattr(settings, "_offline", True) if settings is not None else True
-    return not offline
+from activation_transfer.translators.loading import is_wandb_ref, resolve_translator_ref
 
 
 def wandb_runs(trainer: pl.Trainer) -> list:
@@ -46,8 +35,13 @@ def recording_runs(trainer: pl.Trainer) -> list:
     return [run for run in wandb_runs(trainer) if not getattr(run, "disabled", False)]
 
 
-def files_artifact(name: str, type_: str, files: Mapping[str, str | Path] | None = None,
-                   folders: Mapping[str, str | Path] | None = None, metadata: Mapping | None = None):  # fmt: skip
+def files_artifact(
+    name: str,
+    type_: str,
+    files: Mapping[str, str | Path] | None = None,
+    folders: Mapping[str, str | Path] | None = None,
+    metadata: Mapping | None = None,
+):
     """A ``wandb.Artifact`` holding ``files`` and ``folders`` (``{name in the artifact: local path}``).
 
     Args:
@@ -79,49 +73,6 @@ def log_to_runs(runs: Iterable, art, aliases: list[str] | None = None) -> int:
             run.log_artifact(art)
         n += 1
     return n
-
-
-def is_wandb_ref(ref) -> bool:
-    return isinstance(ref, str) and ref.startswith(WANDB_PREFIX)
-
-
-def resolve_translator_ref(ref: str, run, root: str | Path) -> str:
-    """A local translator path for ``ref``: a ``wandb:`` reference is used (lineage) and downloaded, anything else
-    is returned as is.
-
-    Args:
-        ref: A local ``.ckpt``/exported folder path, or ``wandb:<entity>/<project>/<name>:<alias>`` (``<name>:<alias>``
-            resolves in the run's own project).
-        run: The evaluation's W&B run (``WandbLogger.experiment``); must be online for a ``wandb:`` reference.
-        root: Folder under which the artifact is downloaded (``<root>/artifacts/<name>-<alias>``).
-
-    Returns:
-        The ``.ckpt`` inside the artifact, or its exported translator folder when it holds no checkpoint.
-
-    Raises:
-        ValueError: A ``wandb:`` reference without an online run, or an artifact with no or several checkpoints.
-    """
-    if not is_wandb_ref(ref):
-        return ref
-    name = ref[len(WANDB_PREFIX) :]
-    if not is_online(run):
-        mode = "no W&B run" if run is None else ("a disabled W&B run" if getattr(run, "disabled", False) else
-                                                 "an offline W&B run")  # fmt: skip
-        raise ValueError(
-            f"translator {ref!r} is a W&B artifact, which only an online W&B run can download, but this evaluation "
-            f"has {mode}. Either run with WANDB_MODE=online (and a WandbLogger), or download it first "
-            f"(`wandb artifact get {name} --root <folder>`) and pass the local .ckpt path or exported folder instead"
-        )
-    art = run.use_artifact(name)  # recorded as an input of this run: the lineage from training to evaluation
-    folder = Path(art.download(root=str(Path(root) / "artifacts" / re.sub(r"[^A-Za-z0-9_.-]", "-", name))))
-    ckpts = sorted(folder.rglob("*.ckpt"))
-    if len(ckpts) == 1:
-        return str(ckpts[0])
-    exported = sorted(p.parent for p in folder.rglob("config.json") if (p.parent / "model.safetensors").is_file())
-    if not ckpts and len(exported) == 1:
-        return str(exported[0])
-    found = [str(p.relative_to(folder)) for p in ckpts] or "none"
-    raise ValueError(f"W&B artifact {name!r} must hold exactly one translator checkpoint (.ckpt); found {found}")
 
 
 def local_translator(ref: str, trainer: pl.Trainer) -> str:

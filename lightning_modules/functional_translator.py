@@ -1,26 +1,12 @@
 """FunctionalTranslatorModule: trains a translator *for use*, through the frozen receiver (split-context protocol).
 
-Per batch of QA samples (:mod:`activation_transfer.translators.functional_loss` builds the token layouts):
-
-1. the frozen sender reads ``Context: ...\\nQ: ...\\nA:``; its block-Ls states at the context positions are translated
-   (``translate()``: the aligned translator's contract, L2-normalize if on, map) and picked by the :class:`SlotSpec`,
-   as the split evaluation (``activation_transfer/injection/protocols/split.py``) does;
-2. the frozen receiver reads ``[slot] * K + Q: ...\\nA: {answer}<eos>`` (teacher forcing on the gold answer) and a
-   hook at its block Lr writes the translated vectors at the slot positions (``apply_injection`` ``replace``,
-   differentiable in the source), so the loss backpropagates through the receiver from Lr up into the translator;
-3. the objective is ``answer_ce`` (cross-entropy of the gold answer tokens and EOS) or ``distill`` (KL from the
-   receiver that reads the whole prompt, context included, to the slot-fed receiver, on the positions that predict
-   the answer tokens and EOS; both are teacher-forced on the same sequence: the gold answer by default, or with
-   ``distill_on: teacher_greedy`` the full-context receiver's own greedy answer, so no label is needed), plus
-   ``mse_weight`` times the MSE between the slot vectors and the receiver's own block-Lr states of the context part
-   (picked by the same SlotSpec; computed in a separate, gradient-free pass).
-
-Only the translator is trained: both LMs are frozen (``requires_grad_(False)``, eval mode) and are no submodules,
-so they are absent from the optimizer, from ``train()`` and from the checkpoints (``__init__`` reloads them by name).
-The hparams hold the same identity fields as TranslatorModule's (dims, ``sender``/``receiver`` identities,
-``translator``, ``normalize``, ``loss``) plus ``training`` (objective, slot spec, protocol), so ``load_translator``,
-the exported folder and evaluation treat the result like an aligned translator. bf16 on a GPU: ``--trainer.precision
-bf16-mixed`` (Lightning autocasts the steps); fp32 by default.
+Per batch: the frozen sender reads context + question; its block-Ls context states are translated and picked by the
+:class:`SlotSpec` as the split evaluation does; the frozen receiver reads ``[slot] * K + question + answer`` with a
+hook at block Lr writing those vectors at the slots, and the loss (``answer_ce`` on the gold answer, or ``distill``
+from the receiver that reads the whole prompt, plus an optional MSE to the receiver's own context states)
+backpropagates through the receiver into the translator. Only the translator is trained: the LMs are frozen and no
+submodules (absent from the optimizer and the checkpoints). The hparams hold TranslatorModule's identity fields plus
+``training`` (objective, slot spec, protocol), which the loader and the evaluation's slot check read.
 """
 
 from __future__ import annotations
@@ -57,11 +43,14 @@ from activation_transfer.translators.functional_loss import (
     full_prompts,
     until_eos,
 )
-from activation_transfer.translators.optim import adamw_warmup_decay, check_decay
+from activation_transfer.translators.optim import OptimizerArgs, document_optimizer_args
 
 DISTILL_ON = ("gold", "teacher_greedy")
+# The optimizer arguments' defaults: a larger rate and a shorter warmup than the aligned trainer's.
+DEFAULTS = OptimizerArgs(lr=1e-3, warmup_steps=50)
 
 
+@document_optimizer_args
 class FunctionalTranslatorModule(pl.LightningModule):
     """Learn a sender -> receiver translator whose slot vectors make the frozen receiver answer.
 
@@ -79,12 +68,7 @@ class FunctionalTranslatorModule(pl.LightningModule):
             ``max_context_tokens``).
         max_question_tokens: Question-part tokens kept (right truncation).
         max_answer_tokens: Answer tokens kept before the EOS (right truncation).
-        lr: Peak learning rate of AdamW.
-        weight_decay: AdamW weight decay.
-        betas: AdamW betas.
-        warmup_steps: Steps of linear warmup from 0 to ``lr``.
-        decay: ``linear`` (to ``min_lr_ratio * lr`` at the last step) or ``constant`` after warmup.
-        min_lr_ratio: Final learning rate as a fraction of ``lr`` for linear decay.
+        <optimizer args>
         cache_dir: Project cache folder (offline tokenizer, organisms).
     """
 
@@ -101,17 +85,17 @@ class FunctionalTranslatorModule(pl.LightningModule):
         slots: SlotSpec | None = None,
         max_question_tokens: int = 64,
         max_answer_tokens: int = 16,
-        lr: float = 1e-3,
-        weight_decay: float = 0.01,
-        betas: tuple[float, float] = (0.9, 0.999),
-        warmup_steps: int = 50,
-        decay: Literal["linear", "constant"] = "linear",
-        min_lr_ratio: float = 0.0,
+        lr: float = DEFAULTS.lr,
+        weight_decay: float = DEFAULTS.weight_decay,
+        betas: tuple[float, float] = DEFAULTS.betas,
+        warmup_steps: int = DEFAULTS.warmup_steps,
+        decay: Literal["linear", "constant"] = DEFAULTS.decay,
+        min_lr_ratio: float = DEFAULTS.min_lr_ratio,
         cache_dir: str | None = None,
     ):
         super().__init__()
         check_objective(objective)
-        check_decay(decay)
+        self.optimizer_args = OptimizerArgs.of(locals())  # checks the six optimizer arguments
         if mse_weight < 0:
             raise ValueError(f"model.mse_weight must be >= 0, got {mse_weight}")
         if distill_on not in DISTILL_ON:
@@ -150,7 +134,7 @@ class FunctionalTranslatorModule(pl.LightningModule):
                 "mse_weight": mse_weight,
                 "distill_on": distill_on if objective == "distill" else None,
                 "slots": self.slot_spec.to_dict(),
-            },  # fmt: skip
+            },
         )
         self.translator = build_translator(spec, d_s, d_r)
 
@@ -202,8 +186,9 @@ class FunctionalTranslatorModule(pl.LightningModule):
         ids, mask = layout["input_ids"].to(self.device), layout["attention_mask"].to(self.device)
         labels = layout["labels"].to(self.device)
         keep = int(labels.ne(IGNORE).sum(dim=1).max()) + 1
-        inputs = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False,
-                      logits_to_keep=keep)  # fmt: skip
+        inputs = dict(
+            input_ids=ids, attention_mask=mask, position_ids=position_ids(mask), use_cache=False, logits_to_keep=keep
+        )
         if slots is None:
             return answer_logits(self.receiver(**inputs).logits, labels[:, -keep:])
         slot_mask = layout["slot_mask"].to(self.device)
@@ -225,8 +210,15 @@ class FunctionalTranslatorModule(pl.LightningModule):
         h = self.hparams
         greedy = h.objective == "distill" and h.distill_on == "teacher_greedy"
         answers = self.teacher_answers(samples) if greedy else None
-        batch = build_batch(samples, self.sender_lm.tokenizer, self.receiver_lm.tokenizer, self.slot_spec,
-                            h.max_question_tokens, h.max_answer_tokens, answer_ids=answers)  # fmt: skip
+        batch = build_batch(
+            samples,
+            self.sender_lm.tokenizer,
+            self.receiver_lm.tokenizer,
+            self.slot_spec,
+            h.max_question_tokens,
+            h.max_answer_tokens,
+            answer_ids=answers,
+        )
         slots = self.slot_vectors(batch)
         student, targets = self.answer_logits(batch["student"], slots)
         lengths = batch["student"]["labels"].ne(IGNORE).sum(dim=1).tolist()
@@ -250,8 +242,13 @@ class FunctionalTranslatorModule(pl.LightningModule):
         h, tok = self.hparams, self.receiver_lm.tokenizer
         prompts = full_prompts(samples, tok, self.slot_spec, h.max_question_tokens)
         ids, mask = prompts["input_ids"].to(self.device), prompts["attention_mask"].to(self.device)
-        out = self.receiver.generate(input_ids=ids, attention_mask=mask, max_new_tokens=h.max_answer_tokens,
-                                     do_sample=False, pad_token_id=tok.eos_token_id)  # fmt: skip
+        out = self.receiver.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=h.max_answer_tokens,
+            do_sample=False,
+            pad_token_id=tok.eos_token_id,
+        )
         return until_eos(out[:, ids.shape[1] :], tok.eos_token_id)
 
     def _mse_to_receiver(self, slots: list[torch.Tensor], teacher: dict) -> torch.Tensor:
@@ -270,8 +267,15 @@ class FunctionalTranslatorModule(pl.LightningModule):
     def _log_all(self, stage: str, out: dict, n: int) -> None:
         for key, value in out.items():
             # sync_dist on validation: under DDP each rank holds a shard of the validation samples.
-            self.log(f"{stage}/{key}", value.detach(), on_step=stage == "train", on_epoch=True,
-                     prog_bar=key == "loss", batch_size=n, sync_dist=stage != "train")  # fmt: skip
+            self.log(
+                f"{stage}/{key}",
+                value.detach(),
+                on_step=stage == "train",
+                on_epoch=True,
+                prog_bar=key == "loss",
+                batch_size=n,
+                sync_dist=stage != "train",
+            )
 
     def training_step(self, batch: list, batch_idx: int) -> torch.Tensor:
         out = self.losses(batch)
@@ -283,11 +287,8 @@ class FunctionalTranslatorModule(pl.LightningModule):
         self._log_all("val", self.losses(batch), len(batch))
 
     def configure_optimizers(self):
-        h = self.hparams
         total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
-        return adamw_warmup_decay(self.translator.parameters(), lr=h.lr, weight_decay=h.weight_decay, betas=h.betas,
-                                  warmup_steps=h.warmup_steps, decay=h.decay, min_lr_ratio=h.min_lr_ratio,
-                                  total_steps=total)  # fmt: skip
+        return self.optimizer_args.configure(self.translator.parameters(), total)
 
 
 __all__ = ["FunctionalTranslatorModule"]

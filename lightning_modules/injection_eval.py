@@ -28,9 +28,8 @@ from activation_transfer.models.frozen_lm import ModelRef, as_ref, load_ref
 from activation_transfer.models.generation import GenerationSettings
 from activation_transfer.report import logged_metrics, run_report
 from activation_transfer.report import records as rio
-from activation_transfer.translators.export import translator_sha256
+from activation_transfer.translators.loading import load_translator_for
 from callbacks.wandb_artifacts import local_translator
-from lightning_modules.translator import load_translator_for
 
 log = logging.getLogger(__name__)
 
@@ -169,16 +168,19 @@ class InjectionEvalModule(pl.LightningModule):
             ("functional", self.functional_ckpts, self.functional_translators, self.functional_info),
         ):
             for ref in refs if any(s.translator_kind == kind for s in self.specs) else ():
-                translator, entry = self._load_translator(ref)
+                translator, entry = self._load_translator(ref, kind)
                 modules.append(translator)
                 info.append(entry)
 
-    def _load_translator(self, ref: str) -> tuple[torch.nn.Module, dict]:
-        """One frozen translator, checked against the models (and the protocol's slots), with its path and hash."""
+    def _load_translator(self, ref: str, kind: str) -> tuple[torch.nn.Module, dict]:
+        """One frozen translator of ``kind``, checked against the models (and the protocol's slots), with its path
+        and hash."""
         path = local_translator(ref, self.trainer)  # a .ckpt, an exported folder, or wandb:<...:alias>
         identities = self.sender.identity(), self.receiver.identity()
-        translator = load_translator_for(path, *identities, self.allow_mismatch, self.protocol.translator_slots())
-        return translator, {"path": str(path), "ref": ref, "sha256": translator_sha256(path)}
+        translator = load_translator_for(
+            path, *identities, self.allow_mismatch, self.protocol.translator_slots(), kind=kind
+        )
+        return translator, {"path": str(path), "ref": ref, "sha256": translator.sha256}
 
     # ------------------------------------------------------------------------------------------------ planning
 

@@ -22,9 +22,7 @@ the loss, where the project's default is the cosine loss of its design and the r
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
-from pathlib import Path
 from typing import Literal
 
 import pytorch_lightning as pl
@@ -39,21 +37,15 @@ from activation_transfer.translators.architectures import (
     build_translator,
     translator_spec,
 )
-from activation_transfer.translators.export import (
-    PretrainedTranslator,
-    apply_translator,
-    checkpoint_translator,
-    from_pretrained,
-    is_functional_checkpoint,
-    is_pretrained_folder,
-)
-from activation_transfer.translators.optim import adamw_warmup_decay, check_decay
+from activation_transfer.translators.export import apply_translator
+from activation_transfer.translators.optim import OptimizerArgs, document_optimizer_args
 
-log = logging.getLogger(__name__)
+DEFAULTS = OptimizerArgs()  # the optimizer arguments' defaults
 
 STAGES = ("val", "test")
 
 
+@document_optimizer_args
 class TranslatorModule(pl.LightningModule):
     """Learn a map from sender hidden states to receiver hidden states.
 
@@ -65,12 +57,7 @@ class TranslatorModule(pl.LightningModule):
             ``MLPTranslator``).
         normalize: L2-normalize inputs and targets per vector (the paper's normalized space).
         loss: ``cosine`` (1 - cosine; the project's default) or ``mse`` (on normalized vectors; the paper's).
-        lr: Peak learning rate of AdamW.
-        weight_decay: AdamW weight decay.
-        betas: AdamW betas.
-        warmup_steps: Steps of linear warmup from 0 to ``lr``.
-        decay: ``linear`` (to ``min_lr_ratio * lr`` at the last step, the paper's) or ``constant`` after warmup.
-        min_lr_ratio: Final learning rate as a fraction of ``lr`` for linear decay.
+        <optimizer args>
         sender: Identity of the sender model and layer (linked from the store manifest; checked at evaluation).
         receiver: Identity of the receiver model and layer (linked from the store manifest).
     """
@@ -82,19 +69,19 @@ class TranslatorModule(pl.LightningModule):
         translator: Callable[[int, int], Translator] = LinearTranslator,
         normalize: bool = True,
         loss: Literal["cosine", "mse"] = "cosine",
-        lr: float = 1e-4,
-        weight_decay: float = 0.01,
-        betas: tuple[float, float] = (0.9, 0.999),
-        warmup_steps: int = 100,
-        decay: Literal["linear", "constant"] = "linear",
-        min_lr_ratio: float = 0.0,
+        lr: float = DEFAULTS.lr,
+        weight_decay: float = DEFAULTS.weight_decay,
+        betas: tuple[float, float] = DEFAULTS.betas,
+        warmup_steps: int = DEFAULTS.warmup_steps,
+        decay: Literal["linear", "constant"] = DEFAULTS.decay,
+        min_lr_ratio: float = DEFAULTS.min_lr_ratio,
         sender: dict | None = None,
         receiver: dict | None = None,
     ):
         super().__init__()
         if loss not in ("cosine", "mse"):
             raise ValueError(f"model.loss must be 'cosine' or 'mse', got {loss!r}")
-        check_decay(decay)
+        self.optimizer_args = OptimizerArgs.of(locals())  # checks the six optimizer arguments
         spec = translator_spec(translator)
         self.save_hyperparameters(logger=False)  # the logger gets the nested CLI config (save_config), once
         # Plain dicts/lists only, so checkpoints load with weights_only=True (no classes, partials or tuples).
@@ -162,8 +149,8 @@ class TranslatorModule(pl.LightningModule):
         m["r2_raw"].update(raw_pred, y)
         for name, metric in m.items():
             # Logging the metric object lets Lightning compute (and sync) it at epoch end and reset it.
-            self.log(f"{stage}/{name}", metric, on_step=False, on_epoch=True, prog_bar=name == "cos_norm",
-                     batch_size=len(pred))  # fmt: skip
+            prog_bar = name == "cos_norm"
+            self.log(f"{stage}/{name}", metric, on_step=False, on_epoch=True, prog_bar=prog_bar, batch_size=len(pred))
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step("val", batch)
@@ -188,120 +175,8 @@ class TranslatorModule(pl.LightningModule):
     # -- optimization -------------------------------------------------------------------------------------------
 
     def configure_optimizers(self):
-        h = self.hparams
         total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
-        return adamw_warmup_decay(self.translator.parameters(), lr=h.lr, weight_decay=h.weight_decay, betas=h.betas,
-                                  warmup_steps=h.warmup_steps, decay=h.decay, min_lr_ratio=h.min_lr_ratio,
-                                  total_steps=total)  # fmt: skip
+        return self.optimizer_args.configure(self.translator.parameters(), total)
 
 
-# --------------------------------------------------------------------------------------------- evaluation helpers
-
-# Identity fields that must agree between the models a translator was trained on and the models it is used with.
-MATCH_KEYS = ("name", "model_type", "hidden_size", "num_layers", "layer", "layer_index", "preset_seed", "revision",
-              "weights_sha256")  # fmt: skip
-# Recorded only for some models (Hub commits, local folders' digests): compared when both sides have a value.
-OPTIONAL_KEYS = ("revision", "weights_sha256")
-
-
-def check_translator_matches(module: TranslatorModule, sender_identity: dict, receiver_identity: dict,
-                             slots: dict | None = None) -> None:  # fmt: skip
-    """Raise ``ValueError`` listing every difference between the translator's recorded models and the given ones.
-
-    A ``revision`` or ``weights_sha256`` recorded as None on either side is not compared (a local folder has no
-    revision, a Hub model or preset no folder digest, and checkpoints from before the digest have none). ``slots``
-    (the evaluation's slot spec) is compared with the slots a functional translator was trained with, if any: it
-    learnt what K slots at those positions mean.
-    """
-    h = module.hparams
-    problems = []
-    trained = (h.get("training") or {}).get("slots")
-    if slots is not None and trained is not None and dict(trained) != dict(slots):
-        problems.append(f"slots: trained with {dict(trained)}, evaluated with {dict(slots)}")
-    for role, recorded, given, dim in (
-        ("sender", h.get("sender"), sender_identity, h.get("sender_dim")),
-        ("receiver", h.get("receiver"), receiver_identity, h.get("receiver_dim")),
-    ):
-        if given.get("hidden_size") is not None and dim is not None and int(given["hidden_size"]) != int(dim):
-            problems.append(f"{role} hidden size: translator {dim}, model {given['hidden_size']}")
-        if recorded is None:
-            problems.append(f"{role}: the translator checkpoint records no model identity")
-            continue
-        for key in MATCH_KEYS:
-            a, b = recorded.get(key), given.get(key)
-            if key in OPTIONAL_KEYS and (a is None or b is None):
-                continue
-            if key in recorded and key in given and a != b:
-                problems.append(f"{role} {key}: translator {a!r}, model {b!r}")
-    if problems:
-        raise ValueError("translator does not match the models it is used with: " + "; ".join(problems))
-
-
-def load_translator(
-    path: str | Path, map_location: str | torch.device = "cpu"
-) -> TranslatorModule | PretrainedTranslator:
-    """Load a TranslatorModule checkpoint safely (``weights_only=True``), an exported folder, or the translator of a
-    FunctionalTranslatorModule checkpoint (as a PretrainedTranslator), in eval mode.
-
-    Raises:
-        FileNotFoundError: the file does not exist.
-        ValueError: the file is not a readable TranslatorModule checkpoint, or holds NaN/infinite weights.
-    """
-    path = Path(path)
-    if is_pretrained_folder(path):  # save_pretrained output (safetensors + config.json): same translations
-        module = from_pretrained(path, map_location=str(map_location))
-    elif not path.is_file():
-        raise FileNotFoundError(f"translator checkpoint {path} does not exist")
-    elif is_functional_checkpoint(path):  # FunctionalTranslatorModule: the translator alone, without its LMs
-        module = checkpoint_translator(path)
-    else:
-        try:
-            module = TranslatorModule.load_from_checkpoint(str(path), map_location=map_location, weights_only=True)
-        except Exception as err:  # torch/zip/pickle/Lightning raise many types for bad files: report them alike
-            raise ValueError(f"cannot load translator checkpoint {path}: {type(err).__name__}: {err}") from err
-    # A diverged training run saves NaN weights; they would turn every answer into "" and score as accuracy 0.
-    bad = [k for k, t in module.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-    if bad:
-        raise ValueError(f"translator checkpoint {path} holds NaN or infinite weights ({', '.join(bad[:5])}); "
-                         "retrain it or pick an earlier checkpoint")  # fmt: skip
-    module.eval()
-    return module
-
-
-def load_translator_for(
-    path: str | Path,
-    sender_identity: dict,
-    receiver_identity: dict,
-    allow_mismatch: bool = False,
-    slots: dict | None = None,
-) -> TranslatorModule | PretrainedTranslator:
-    """Load a frozen translator for the given models: names and layers must match, hidden sizes always.
-
-    Args:
-        path: The checkpoint.
-        sender_identity: ``LoadedModel.identity()`` of the sender it will read.
-        receiver_identity: ``LoadedModel.identity()`` of the receiver it will write into.
-        allow_mismatch: Log a warning instead of raising when names, layers or slots differ.
-        slots: The evaluation's slot spec (split protocol), checked against a functional translator's training slots.
-    """
-    module = load_translator(path, map_location="cpu")
-    module.requires_grad_(False)
-    try:
-        check_translator_matches(module, sender_identity, receiver_identity, slots)
-    except ValueError as err:
-        if not allow_mismatch:
-            raise ValueError(f"{err} (translator checkpoint {path}; set --model.allow_mismatch true to "
-                             "evaluate it anyway)") from err  # fmt: skip
-        log.warning("translator %s does not match the models (allowed by allow_mismatch): %s", path, err)
-    # Whatever the names say, the translator must map sender-sized vectors to receiver-sized ones.
-    d_s, d_r = sender_identity["hidden_size"], receiver_identity["hidden_size"]
-    dims = (module.hparams.get("sender_dim"), module.hparams.get("receiver_dim"))
-    if dims != (d_s, d_r):
-        raise ValueError(
-            f"translator checkpoint {path} maps {dims[0]} -> {dims[1]} dims, but the sender has {d_s} and the "
-            f"receiver {d_r} (allow_mismatch cannot bridge different hidden sizes)"
-        )
-    return module
-
-
-__all__ = ["TranslatorModule", "check_translator_matches", "load_translator", "load_translator_for"]
+__all__ = ["TranslatorModule"]

@@ -51,8 +51,15 @@ class MLPTranslator(Translator):
         residual_linear: Add a linear map from input to output, so the MLP learns a correction to a linear map.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, hidden_dim: int = 1024, num_layers: int = 1, dropout: float = 0.0,
-                 residual_linear: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        hidden_dim: int = 1024,
+        num_layers: int = 1,
+        dropout: float = 0.0,
+        residual_linear: bool = True,
+    ):
         super().__init__()
         if num_layers < 1:
             raise ValueError(f"MLPTranslator.num_layers must be >= 1, got {num_layers}")
@@ -107,10 +114,15 @@ def translator_spec(translator) -> dict:
 MOVED_MODULES = {"lightning_modules.components.translators": __name__}  # paths before the move
 
 
+def current_class_path(class_path: str) -> str:
+    """``class_path`` with a module from before the move replaced by where it lives now (other paths unchanged)."""
+    module_name, _, name = class_path.rpartition(".")
+    return f"{MOVED_MODULES[module_name]}.{name}" if module_name in MOVED_MODULES else class_path
+
+
 def resolve_class(class_path: str) -> type[nn.Module]:
     """Import ``class_path`` (a path from before the move included) and check it is an ``nn.Module`` subclass."""
-    module_name, _, name = class_path.rpartition(".")
-    module_name = MOVED_MODULES.get(module_name, module_name)
+    module_name, _, name = current_class_path(class_path).rpartition(".")
     if not module_name:
         module_name, name = __name__, class_path  # short names refer to this module's translators
     module = sys.modules.get(module_name) or importlib.import_module(module_name)

@@ -1,14 +1,7 @@
-"""Translators as Hugging Face artifacts: a folder (or Hub repo) with ``model.safetensors``, ``config.json`` and a
-generated ``README.md`` model card, loadable without Lightning or the training code.
-
-``config.json`` holds what a user needs to apply and check the translator: the hidden sizes, the architecture as a
-``{class_path, init_args}`` spec of :mod:`activation_transfer.translators.architectures`, ``normalize``, the sender and
-receiver identities (the evaluation's identity check reads them through ``hparams``), the training loss and metrics.
-
-:class:`PretrainedTranslator` uses ``huggingface_hub.PyTorchModelHubMixin``, so ``push_to_hub`` works when a hub is
-reachable and :func:`from_pretrained` accepts a Hub id as well as a local folder. Its ``translate`` gives the same
-numbers as ``TranslatorModule.translate`` of the checkpoint it was exported from (both call :func:`apply_translator`
-on the same weights).
+"""Translators as Hugging Face artifacts: a folder (or Hub repo) with ``model.safetensors``, ``config.json`` (sizes,
+architecture spec, ``normalize``, sender/receiver identities, training loss, spec and metrics) and a model card,
+loadable without Lightning; :class:`PretrainedTranslator` translates exactly as the checkpoint it came from (both call
+:func:`apply_translator`).
 """
 
 from __future__ import annotations
@@ -24,7 +17,7 @@ from huggingface_hub import ModelCard, PyTorchModelHubMixin
 from torch import nn
 
 from activation_transfer.io import atomic_output, atomic_write, fingerprint, sha256_file, write_json
-from activation_transfer.translators.architectures import build_translator, translator_spec
+from activation_transfer.translators.architectures import build_translator, current_class_path, translator_spec
 
 EXPORT_FORMAT = "activation-transfer-translator"
 EXPORT_FORMAT_VERSION = 1
@@ -97,8 +90,9 @@ class PretrainedTranslator(
     ):
         super().__init__()
         if export_format != EXPORT_FORMAT or int(export_format_version) > EXPORT_FORMAT_VERSION:
-            raise ValueError(f"not an {EXPORT_FORMAT} v<={EXPORT_FORMAT_VERSION} config: {export_format} "
-                             f"v{export_format_version}")  # fmt: skip
+            raise ValueError(
+                f"not an {EXPORT_FORMAT} v<={EXPORT_FORMAT_VERSION} config: {export_format} v{export_format_version}"
+            )
         self.config = {
             "sender_dim": int(sender_dim),
             "receiver_dim": int(receiver_dim),
@@ -120,11 +114,41 @@ class PretrainedTranslator(
         self.requires_grad_(False)
         self.eval()
 
+        # Where it was loaded from and its content hash (set by ``loading.load_translator``; None when built here).
+        self.path: str | None = None
+        self.sha256: str | None = None
+
     @property
     def hparams(self) -> dict:
-        """The identities and dimensions under ``TranslatorModule.hparams``' names (for the identity check)."""
-        return {k: self.config[k] for k in ("sender_dim", "receiver_dim", "translator", "normalize", "sender",
-                                            "receiver", "loss")}  # fmt: skip
+        """The identities, dimensions and training spec under ``TranslatorModule.hparams``' names."""
+        keys = ("sender_dim", "receiver_dim", "translator", "normalize", "sender", "receiver", "loss", "training")
+        return {k: self.config[k] for k in keys if k in self.config}
+
+    @property
+    def normalize(self) -> bool:
+        """Whether inputs are L2-normalized before the map."""
+        return self.config["normalize"]
+
+    @property
+    def sender(self) -> dict | None:
+        """Identity of the sender model and layer it was trained on."""
+        return self.config["sender"]
+
+    @property
+    def receiver(self) -> dict | None:
+        """Identity of the receiver model and layer it was trained for."""
+        return self.config["receiver"]
+
+    @property
+    def kind(self) -> str:
+        """``functional`` (trained through the receiver: its config records ``training``) or ``aligned``."""
+        training = self.config.get("training")
+        return str(training.get("kind", "functional")) if training else "aligned"
+
+    @property
+    def training_spec(self) -> dict:
+        """How it was trained: ``kind`` and ``loss``, and a functional translator's objective, slots and protocol."""
+        return {"kind": self.kind, "loss": self.config["loss"], **(self.config.get("training") or {})}
 
     def translate(self, x: torch.Tensor) -> torch.Tensor:
         """Map sender vectors ``(..., d_s)`` to ``(..., d_r)``: L2-normalize (if on), then apply the translator."""
@@ -218,30 +242,30 @@ def save_pretrained(folder: str | Path, translator: nn.Module, config: Mapping) 
 
 
 def checkpoint_translator(ckpt_path: str | Path, metrics: Mapping | None = None) -> PretrainedTranslator:
-    """The translator of a ``TranslatorModule`` (or functional) checkpoint, read safely (``weights_only=True``),
-    without Lightning."""
-    ckpt = torch.load(str(ckpt_path), map_location="cpu", weights_only=True)
-    hparams = ckpt.get("hyper_parameters") or {}
-    if "translator" not in hparams or "sender_dim" not in hparams:
+    """The translator of a ``TranslatorModule`` or ``FunctionalTranslatorModule`` checkpoint, read safely
+    (``weights_only=True``) and without Lightning.
+
+    Raises:
+        ValueError: An unreadable file, or a checkpoint without a translator's hparams.
+    """
+    try:
+        ckpt = torch.load(str(ckpt_path), map_location="cpu", weights_only=True)
+    except Exception as err:  # torch/zip/pickle raise many types for bad files: report them alike
+        raise ValueError(f"cannot load translator checkpoint {ckpt_path}: {type(err).__name__}: {err}") from err
+    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    if not isinstance(hparams, dict) or "translator" not in hparams or "sender_dim" not in hparams:
         raise ValueError(f"{ckpt_path} is not a TranslatorModule checkpoint (no translator hparams)")
     state = {k.removeprefix("translator."): v for k, v in ckpt["state_dict"].items() if k.startswith("translator.")}
     dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
-    source = {"checkpoint": Path(ckpt_path).name, "checkpoint_sha256": sha256_file(ckpt_path),
-              "epoch": ckpt.get("epoch"), "global_step": ckpt.get("global_step")}  # fmt: skip
+    source = {
+        "checkpoint": Path(ckpt_path).name,
+        "checkpoint_sha256": sha256_file(ckpt_path),
+        "epoch": ckpt.get("epoch"),
+        "global_step": ckpt.get("global_step"),
+    }
     out = PretrainedTranslator(**config_from_hparams(hparams, metrics, source), dtype=dtype)
     out.translator.load_state_dict(state, strict=True)
     return out
-
-
-def is_functional_checkpoint(path: str | Path) -> bool:
-    """Whether ``path`` is a FunctionalTranslatorModule checkpoint (its hparams record ``training``); False for any
-    other file, readable or not (the caller reports unreadable files)."""
-    try:
-        ckpt = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 (any unreadable file is "not functional"; the aligned loader says why)
-        return False
-    hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
-    return isinstance(hparams, dict) and bool(hparams.get("training")) and "translator" in hparams
 
 
 def export_from_checkpoint(ckpt_path: str | Path, folder: str | Path, metrics: Mapping | None = None) -> Path:
@@ -276,15 +300,18 @@ def from_pretrained(
     if not local.exists():
         from huggingface_hub import snapshot_download
 
-        local = Path(snapshot_download(str(folder_or_hub_id), allow_patterns=[CONFIG_NAME, WEIGHTS_NAME, "README.md"],
-                                       **hub_kwargs))  # fmt: skip
+        patterns = [CONFIG_NAME, WEIGHTS_NAME, "README.md"]
+        local = Path(snapshot_download(str(folder_or_hub_id), allow_patterns=patterns, **hub_kwargs))
     if not is_pretrained_folder(local):
         raise FileNotFoundError(f"{local} is not an exported translator folder ({WEIGHTS_NAME} + {CONFIG_NAME})")
     config = json.loads((local / CONFIG_NAME).read_text())
     class_path = str((config.get("translator") or {}).get("class_path", ""))
-    if not trust_class_path and not class_path.startswith(TRUSTED_CLASS_PREFIX):
-        raise ValueError(f"{folder_or_hub_id}: translator class_path {class_path!r} is not one of the project's; "
-                         "pass trust_class_path=True to import it")  # fmt: skip
+    # A folder exported before the library moved names the class where it lived then: trusted as where it lives now.
+    if not trust_class_path and not current_class_path(class_path).startswith(TRUSTED_CLASS_PREFIX):
+        raise ValueError(
+            f"{folder_or_hub_id}: translator class_path {class_path!r} is not one of the project's; "
+            "pass trust_class_path=True to import it"
+        )
     from safetensors.torch import load_model
 
     model = PretrainedTranslator(**config)

@@ -1,17 +1,7 @@
-"""Functional translator training, the tensor side: what the receiver reads and what the loss compares.
-
-A functional translator is trained *for use*: its slot vectors are written into the frozen receiver at block Lr
-(:mod:`activation_transfer.injection.slots`' layout) and the loss is measured on the receiver's answer. One batch
-(:func:`build_batch`) holds three token layouts, all left padded so that every row's question + answer tokens sit
-in the last columns:
-
-* ``sender``: the sender's prompt ``context part + question part`` (the context positions feed the slots);
-* ``student``: the receiver's ``[slot] * K + question part + " {answer}" + EOS`` (teacher forcing on the gold answer);
-* ``teacher``: the receiver's full prompt ``context part + question part + " {answer}" + EOS``, used by ``distill``
-  (teacher logits) and by the MSE regulariser (the receiver's own block-Lr states at its context positions).
-
-Student and teacher rows end with the same answer tokens, so the positions that predict them (``labels`` != -100
-after the shift) pair up one to one, row by row, in both.
+"""Functional translator training, the tensor side: the token layouts of one batch (:func:`build_batch`: the
+sender's ``context + question``, the student receiver's ``[slot] * K + question + answer + EOS``, the teacher
+receiver's full prompt + answer + EOS, all left padded) and the losses on the positions that predict the answer,
+which pair up one to one between student and teacher rows.
 """
 
 from __future__ import annotations
@@ -34,8 +24,9 @@ def check_objective(objective: str) -> None:
 
 def answer_rows(tokenizer, answers: Sequence[str], max_answer_tokens: int) -> list[list[int]]:
     """Token ids of `` {answer}`` (right truncation) followed by EOS: what the receiver must produce."""
-    rows = tokenizer([" " + a for a in answers], add_special_tokens=False, truncation=True,
-                     max_length=max_answer_tokens)["input_ids"]  # fmt: skip
+    rows = tokenizer(
+        [" " + a for a in answers], add_special_tokens=False, truncation=True, max_length=max_answer_tokens
+    )["input_ids"]
     return [list(r) + [tokenizer.eos_token_id] for r in rows]
 
 
@@ -48,8 +39,15 @@ def answer_labels(input_ids: torch.Tensor, answer_lengths: Sequence[int]) -> tor
     return labels
 
 
-def build_batch(samples, sender_tokenizer, receiver_tokenizer, spec: SlotSpec, max_question_tokens: int,
-                max_answer_tokens: int, answer_ids: Sequence[Sequence[int]] | None = None) -> dict:  # fmt: skip
+def build_batch(
+    samples,
+    sender_tokenizer,
+    receiver_tokenizer,
+    spec: SlotSpec,
+    max_question_tokens: int,
+    max_answer_tokens: int,
+    answer_ids: Sequence[Sequence[int]] | None = None,
+) -> dict:
     """Tokenize QA samples (``context``, ``question``, ``answer``) into the three layouts of the module docstring.
 
     ``answer_ids`` (receiver token rows ending with EOS, e.g. the full-context receiver's own greedy answers) replace
@@ -90,8 +88,13 @@ def build_batch(samples, sender_tokenizer, receiver_tokenizer, spec: SlotSpec, m
 
 def full_prompts(samples, receiver_tokenizer, spec: SlotSpec, max_question_tokens: int) -> dict:
     """The receiver's full prompts ``context part + question part`` (left padded): what the teacher answers."""
-    ctx, qst = encode_parts(receiver_tokenizer, [s.context for s in samples], [s.question for s in samples],
-                            spec.max_context_tokens, max_question_tokens)  # fmt: skip
+    ctx, qst = encode_parts(
+        receiver_tokenizer,
+        [s.context for s in samples],
+        [s.question for s in samples],
+        spec.max_context_tokens,
+        max_question_tokens,
+    )
     return sender_batch(ctx, qst, receiver_tokenizer.eos_token_id)
 
 

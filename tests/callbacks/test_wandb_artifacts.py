@@ -12,10 +12,10 @@ import torch
 from test_train_cli import TINY, _linear_store, _offline_wandb, _run_args, _wandb_records
 
 from activation_transfer.translators.export import from_pretrained
+from activation_transfer.translators.loading import is_online, load_translator, resolve_translator_ref
 from callbacks.model_artifact import TranslatorArtifactCallback
-from callbacks.wandb_artifacts import is_online, recording_runs, resolve_translator_ref, wandb_runs
+from callbacks.wandb_artifacts import recording_runs, wandb_runs
 from cli.lightning_cli import train_main
-from lightning_modules.translator import load_translator
 
 
 @pytest.fixture(autouse=True)
@@ -46,11 +46,24 @@ def test_offline_training_logs_the_translator_as_a_model_artifact(tmp_path, monk
 
     _offline_wandb(monkeypatch, request)
     _linear_store(tmp_path / "store", n=600)
-    cli = train_main([
-        "fit", "-c", TINY, *_run_args(tmp_path),
-        "--data.sender_model", "null", "--data.receiver_model", "null", "--data.store_dir", str(tmp_path / "store"),
-        "--trainer.max_epochs", "1", "--trainer.log_every_n_steps", "2",
-    ])  # fmt: skip
+    cli = train_main(
+        [
+            "fit",
+            "-c",
+            TINY,
+            *_run_args(tmp_path),
+            "--data.sender_model",
+            "null",
+            "--data.receiver_model",
+            "null",
+            "--data.store_dir",
+            str(tmp_path / "store"),
+            "--trainer.max_epochs",
+            "1",
+            "--trainer.log_every_n_steps",
+            "2",
+        ]
+    )
     best = Path(cli.trainer.checkpoint_callback.best_model_path)
     (cb,) = [c for c in cli.trainer.callbacks if isinstance(c, TranslatorArtifactCallback)]
     # The exported folder sits next to the best checkpoint and translates exactly as it does.

@@ -17,7 +17,7 @@ import torch
 from activation_transfer.models.frozen_lm import ModelRef, load_ref
 from activation_transfer.translators.architectures import LinearTranslator
 from activation_transfer.translators.export import apply_translator
-from lightning_modules.translator import load_translator, load_translator_for
+from activation_transfer.translators.loading import load_translator, load_translator_for
 
 pytestmark = pytest.mark.cross_machine
 
@@ -57,7 +57,7 @@ def test_checkpoint_weights_reproduce_the_stored_translation_in_float64():
     module = load_translator(OLD_CKPT)
     expected = torch.load(EXPECTED, weights_only=True)
     translator64 = copy.deepcopy(module.translator).double()
-    y64 = apply_translator(translator64, expected["x"].double(), module.hparams.normalize)
+    y64 = apply_translator(translator64, expected["x"].double(), module.normalize)
     assert y64.dtype == torch.float64
     torch.testing.assert_close(y64, expected["y"].double(), rtol=0, atol=fp32_tolerance(expected["y"], terms=33))
 

@@ -16,8 +16,8 @@ from activation_transfer.injection.conditions import build_conditions
 from activation_transfer.injection.sources import condition_source
 from activation_transfer.models.frozen_lm import load_ref
 from activation_transfer.report import records as rio
+from activation_transfer.translators.loading import load_translator
 from datamodules.multihop_qa import MultiHopQADataModule
-from lightning_modules.translator import load_translator
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from activation_transfer.translators.loading import load_translator
 from cli.lightning_cli import train_main as main
 from datamodules.store_format import write_pairs_store
-from lightning_modules.translator import load_translator
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "train" / "tiny.yaml")

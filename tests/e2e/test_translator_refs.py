@@ -1,7 +1,5 @@
-"""Evaluation with an exported translator folder or a ``wandb:`` reference instead of a ``.ckpt``.
-
-Acceptance tests of the wiring into ``lightning_modules/translator.py`` (``load_translator`` reads exported folders)
-and ``lightning_modules/injection_eval.py`` (``setup`` resolves ``wandb:`` references, ``translator_sha256``).
+"""Evaluation with an exported translator folder or a ``wandb:`` reference instead of a ``.ckpt``, through the
+evaluation's ``setup`` (the loader in ``activation_transfer/translators/loading.py``, ``callbacks.local_translator``).
 """
 
 from __future__ import annotations
@@ -19,7 +17,6 @@ from activation_transfer.models.generation import GenerationSettings
 from activation_transfer.translators.export import export_from_checkpoint
 from cli.lightning_cli import eval_main
 
-# Until the wiring is in, these fail; strict: once it is, they pass and this mark must go.
 TWO = ("--model.conditions", "[no_inject, replace]", "--model.seeds", "[42]")
 
 
@@ -34,7 +31,8 @@ def test_an_exported_folder_evaluates_as_its_checkpoint(tmp_path, ckpt):  # noqa
     b = eval_main(small(tmp_path / "b", str(folder), *TWO)).model
     assert "replace__seed42" in a.results
     assert {k: [r["prediction"] for r in v] for k, v in a.results.items()} == {
-        k: [r["prediction"] for r in v] for k, v in b.results.items()}  # fmt: skip
+        k: [r["prediction"] for r in v] for k, v in b.results.items()
+    }
     assert b.translator_info[0]["path"] == str(folder) and len(b.translator_info[0]["sha256"]) == 64
 
 
@@ -51,11 +49,22 @@ def test_a_wandb_reference_is_used_downloaded_and_recorded(tmp_path, ckpt):  # n
     fake, used = _FakeWandbLogger(), []
     fake.run.use_artifact = lambda name: used.append(name) or Artifact()
     ref = "wandb:me/proj/translator-abc:best"
-    module = InjectionEvalModule(ModelRef("tiny-neox"), ModelRef("tiny-neox-large"), translator_ckpt=ref,
-                                 conditions=["no_inject", "additive"], seeds=[42],
-                                 generation=GenerationSettings(max_new_tokens=3), report_resamples=50)  # fmt: skip
-    trainer = pl.Trainer(accelerator="cpu", logger=fake, enable_progress_bar=False, enable_model_summary=False,
-                         default_root_dir=str(tmp_path))  # fmt: skip
+    module = InjectionEvalModule(
+        ModelRef("tiny-neox"),
+        ModelRef("tiny-neox-large"),
+        translator_ckpt=ref,
+        conditions=["no_inject", "additive"],
+        seeds=[42],
+        generation=GenerationSettings(max_new_tokens=3),
+        report_resamples=50,
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=fake,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+    )
     trainer.test(module, datamodule=MultiHopQADataModule(num_samples=4, batch_size=4), verbose=False)
     assert used == ["me/proj/translator-abc:best"]
     info = module.translator_info[0]

@@ -16,10 +16,10 @@ from activation_transfer.models.generation import GenerationSettings
 from activation_transfer.task.generator import EVAL_SEED
 from activation_transfer.translators.export import from_pretrained
 from activation_transfer.translators.functional_loss import answer_logits, build_batch
+from activation_transfer.translators.loading import load_translator
 from cli.lightning_cli import train_main, wants_functional
 from datamodules.qa_training import QATrainingDataModule
 from lightning_modules.functional_translator import FunctionalTranslatorModule
-from lightning_modules.translator import load_translator
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = str(ROOT / "configs" / "train" / "functional_demo.yaml")
@@ -33,8 +33,16 @@ def _plain_argv(monkeypatch):
 
 
 def _trainer(tmp_path: Path, **kwargs) -> pl.Trainer:
-    opts = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                enable_model_summary=False, default_root_dir=str(tmp_path), num_sanity_val_steps=0)  # fmt: skip
+    opts = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+        num_sanity_val_steps=0,
+    )
     return pl.Trainer(**{**opts, **kwargs})
 
 
@@ -65,8 +73,9 @@ def test_answer_logits_only_on_the_last_columns_match_the_full_head():
     teacher = batch["teacher"]
     mask = teacher["attention_mask"]
     with torch.no_grad():
-        full = module.receiver(input_ids=teacher["input_ids"], attention_mask=mask, position_ids=position_ids(mask),
-                               use_cache=False).logits  # fmt: skip
+        full = module.receiver(
+            input_ids=teacher["input_ids"], attention_mask=mask, position_ids=position_ids(mask), use_cache=False
+        ).logits
         expected, expected_targets = answer_logits(full, teacher["labels"])
         got, targets = module.answer_logits(teacher)
     # Every answer token + EOS of every row, in row order.
@@ -85,8 +94,9 @@ def test_distill_on_the_teachers_greedy_answer_lines_up_with_its_own_argmax():
     answers = module.teacher_answers(samples)
     eos = module.receiver_lm.tokenizer.eos_token_id
     assert all(a[-1] == eos and eos not in a[:-1] for a in answers)
-    batch = build_batch(samples, module.sender_lm.tokenizer, module.receiver_lm.tokenizer, module.slot_spec, 64, 16,
-                        answer_ids=answers)  # fmt: skip
+    batch = build_batch(
+        samples, module.sender_lm.tokenizer, module.receiver_lm.tokenizer, module.slot_spec, 64, 16, answer_ids=answers
+    )
     with torch.no_grad():
         logits, targets = module.answer_logits(batch["teacher"])
         out = module.losses(samples)
@@ -144,13 +154,30 @@ def test_cli_fit_exports_a_translator_that_translates_like_the_module(tmp_path):
     assert wants_functional(["fit", "-c", DEMO])
     assert not wants_functional(["fit", "-c", str(ROOT / "configs" / "train" / "tiny.yaml")])
     args = [
-        "fit", "-c", DEMO, "--trainer.default_root_dir", str(tmp_path / "runs"),
-        "--trainer.enable_progress_bar", "false", "--trainer.limit_train_batches", "2",
-        "--trainer.log_every_n_steps", "1",
-        "--model.init_args.sender_model.name", "tiny-neox", "--model.init_args.receiver_model.name", "tiny-neox-large",
-        "--data.init_args.num_train_samples", "32", "--data.init_args.num_val_samples", "8",
-        "--data.init_args.batch_size", "8", "--trainer.max_epochs", "1",
-    ]  # fmt: skip
+        "fit",
+        "-c",
+        DEMO,
+        "--trainer.default_root_dir",
+        str(tmp_path / "runs"),
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.limit_train_batches",
+        "2",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--model.init_args.sender_model.name",
+        "tiny-neox",
+        "--model.init_args.receiver_model.name",
+        "tiny-neox-large",
+        "--data.init_args.num_train_samples",
+        "32",
+        "--data.init_args.num_val_samples",
+        "8",
+        "--data.init_args.batch_size",
+        "8",
+        "--trainer.max_epochs",
+        "1",
+    ]
     cli = train_main(args)
     module = cli.model
     assert isinstance(module, FunctionalTranslatorModule)
@@ -168,8 +195,9 @@ def test_cli_fit_exports_a_translator_that_translates_like_the_module(tmp_path):
         assert loaded.hparams["receiver_dim"] == 48 and loaded.hparams["loss"] == "functional:answer_ce"
     assert from_pretrained(folder).config["training"]["slots"]["scheme"] == "all"
     # Loading restores the translator into a module whose frozen LMs come from the given models.
-    resumed = FunctionalTranslatorModule.load_from_checkpoint(str(best), sender_model=SENDER, receiver_model=RECEIVER,
-                                                              weights_only=True)  # fmt: skip
+    resumed = FunctionalTranslatorModule.load_from_checkpoint(
+        str(best), sender_model=SENDER, receiver_model=RECEIVER, weights_only=True
+    )
     assert torch.equal(resumed.translate(x), expected)
     # `fit --ckpt_path last` resumes through the functional CLI (the checkpoint holds no LM weights).
     again = train_main([*args[:-2], "--trainer.max_epochs", "2", "--ckpt_path", "last"])

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from test_injection_eval import RECEIVER, SENDER, N, make_ckpt, preds, run_eval
+from test_translator_loading import make_functional_ckpt
 
 import activation_transfer.injection.answering as answering
 import activation_transfer.injection.protocols.split as split_protocol
@@ -25,8 +26,8 @@ SEEDS = [42, 123]
 @pytest.fixture(scope="module")
 def ckpts(tmp_path_factory):
     folder = tmp_path_factory.mktemp("ckpts")
-    # Two different linear maps stand in for the aligned and the functional translator.
-    return make_ckpt(folder / "aligned.ckpt", seed=0), make_ckpt(folder / "functional.ckpt", seed=1)
+    # Two different linear maps: an aligned translator and an (untrained) functional one.
+    return make_ckpt(folder / "aligned.ckpt", seed=0), make_functional_ckpt(folder / "functional.ckpt", seed=1)
 
 
 class _Spy(PrefillInjection):
@@ -258,15 +259,16 @@ def test_split_options_are_checked(ckpts):
 
 
 def test_paper_functional_variants_read_the_functional_translator(tmp_path, ckpts):
+    same = make_functional_ckpt(tmp_path / "same.ckpt", like=ckpts[0])  # the aligned weights as a functional one
     module = run_eval(
         tmp_path,
         ckpts[0],
         conditions=["replace", "replace_functional", "scale_corrected_functional"],
         seeds=[42],
-        functional_translator_ckpt=ckpts[0],
+        functional_translator_ckpt=same,
     )
     p = preds(module)
-    assert p["replace__seed42"] == p["replace_functional__seed42"]  # the same checkpoint under both options
+    assert p["replace__seed42"] == p["replace_functional__seed42"]  # the same weights under both options
     other = run_eval(
         tmp_path, ckpts[0], conditions=["replace_functional"], seeds=[42], functional_translator_ckpt=ckpts[1]
     )
@@ -284,6 +286,7 @@ def test_evaluate_cli_runs_the_split_protocol(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(sys, "argv", ["evaluate.py"])
     ckpt = make_ckpt(tmp_path / "translator.ckpt")
+    functional = make_functional_ckpt(tmp_path / "functional.ckpt", slots={"scheme": "last", "k": 2})
     args = small(
         tmp_path,
         ckpt,
@@ -298,7 +301,7 @@ def test_evaluate_cli_runs_the_split_protocol(tmp_path, monkeypatch, capsys):
         "--model.slots.k",
         "2",
         "--model.functional_translator_ckpt",
-        ckpt,
+        functional,
     )
     try:
         cli = eval_main(args)

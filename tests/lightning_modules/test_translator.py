@@ -9,10 +9,19 @@ import pytest
 import torch
 
 from activation_transfer.translators.architectures import LinearTranslator, MLPTranslator, translator_spec
-from lightning_modules.translator import TranslatorModule, check_translator_matches, load_translator
+from activation_transfer.translators.loading import check_translator_matches, load_translator
+from lightning_modules.translator import TranslatorModule
 
-S_ID = {"name": "tiny-neox", "model_type": "gpt_neox", "hidden_size": 6, "num_layers": 2, "layer": "gpt_neox.layers.1",
-        "layer_index": 1, "preset_seed": 0, "revision": None}  # fmt: skip
+S_ID = {
+    "name": "tiny-neox",
+    "model_type": "gpt_neox",
+    "hidden_size": 6,
+    "num_layers": 2,
+    "layer": "gpt_neox.layers.1",
+    "layer_index": 1,
+    "preset_seed": 0,
+    "revision": None,
+}
 R_ID = dict(S_ID, name="tiny-neox-large", hidden_size=5, num_layers=4, layer="gpt_neox.layers.2", layer_index=2)
 
 
@@ -45,15 +54,19 @@ def test_warmup_then_linear_decay():
 
 @pytest.mark.parametrize(
     "translator",
-    [LinearTranslator, functools.partial(MLPTranslator, hidden_dim=8), {"class_path": "MLPTranslator",
-                                                                         "init_args": {"hidden_dim": 8}}],
-)  # fmt: skip
+    [
+        LinearTranslator,
+        functools.partial(MLPTranslator, hidden_dim=8),
+        {"class_path": "MLPTranslator", "init_args": {"hidden_dim": 8}},
+    ],
+)
 def test_checkpoint_loads_with_weights_only(tmp_path, translator):
     import pytorch_lightning as pl
 
     m = TranslatorModule(6, 5, translator=translator, sender=S_ID, receiver=R_ID)
-    trainer = pl.Trainer(logger=False, enable_checkpointing=False, max_epochs=0, enable_progress_bar=False,
-                         enable_model_summary=False)  # fmt: skip
+    trainer = pl.Trainer(
+        logger=False, enable_checkpointing=False, max_epochs=0, enable_progress_bar=False, enable_model_summary=False
+    )
     trainer.strategy.connect(m)
     path = tmp_path / "t.ckpt"
     trainer.save_checkpoint(path)

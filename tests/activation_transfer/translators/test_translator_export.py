@@ -10,7 +10,8 @@ import pytorch_lightning as pl
 import torch
 
 from activation_transfer.translators import export as te
-from lightning_modules.translator import TranslatorModule, check_translator_matches, load_translator
+from activation_transfer.translators.loading import check_translator_matches, load_translator
+from lightning_modules.translator import TranslatorModule
 
 SENDER = {"name": "tiny-neox", "layer": "gpt_neox.layers.1", "hidden_size": 12, "revision": None}
 RECEIVER = {"name": "tiny-neox-large", "layer": "gpt_neox.layers.2", "hidden_size": 16, "revision": None}
@@ -23,8 +24,9 @@ def _checkpoint(tmp_path, **kwargs) -> str:
         module = TranslatorModule(12, 16, sender=SENDER, receiver=RECEIVER, **kwargs)
         for p in module.translator.parameters():  # non-trivial weights, not the init's
             p.data.normal_()
-    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False)  # fmt: skip
+    trainer = pl.Trainer(
+        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
+    )
     trainer.strategy.connect(module)
     path = tmp_path / "translator.ckpt"
     trainer.save_checkpoint(str(path), weights_only=True)
@@ -67,8 +69,9 @@ def test_save_pretrained_of_a_live_module_and_hashes(tmp_path):
     folder = te.save_pretrained(tmp_path / "a", module.translator, te.config_from_hparams(module.hparams))
     x = torch.randn(3, 12)
     assert torch.equal(te.from_pretrained(folder).translate(x), module.translate(x))
-    assert te.translator_sha256(folder) == te.translator_sha256(te.save_pretrained(
-        tmp_path / "b", module.translator, te.config_from_hparams(module.hparams)))  # fmt: skip
+    assert te.translator_sha256(folder) == te.translator_sha256(
+        te.save_pretrained(tmp_path / "b", module.translator, te.config_from_hparams(module.hparams))
+    )
     with torch.no_grad():
         module.translator.linear.bias += 1
     te.save_pretrained(folder, module.translator, te.config_from_hparams(module.hparams))  # overwrite in place
