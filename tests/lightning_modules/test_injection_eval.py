@@ -13,9 +13,10 @@ from activation_transfer.models.frozen_lm import ModelRef, load_ref
 from activation_transfer.models.generation import GenerationSettings
 from activation_transfer.models.hooks import capture_hidden
 from activation_transfer.report import records as rio
+from activation_transfer.translators.loading import load_translator
 from datamodules.multihop_qa import MultiHopQADataModule
 from lightning_modules.injection_eval import InjectionEvalModule
-from lightning_modules.translator import TranslatorModule, load_translator
+from lightning_modules.translator import TranslatorModule
 
 SENDER = ModelRef("tiny-neox", layer=0.67)
 RECEIVER = ModelRef("tiny-neox-large", layer=0.67)
