@@ -1,21 +1,11 @@
-"""The two LightningCLIs: ``train.py`` (translator training) and ``evaluate.py`` (injection evaluation).
+"""The two LightningCLIs: ``train.py fit`` (translators) and ``evaluate.py test`` (injection evaluation).
 
-Configs go after the subcommand::
-
-    python train.py fit -c configs/train/tiny.yaml
-    python evaluate.py test -c configs/eval/tiny.yaml --model.translator_ckpt runs/tiny/checkpoints/best-02-15.ckpt
-
-Both share :class:`ProjectCLI`: OmegaConf parsing, the project's INFO lines on the console, the config saved beside
-the run, one output root per run (``--trainer.default_root_dir``: checkpoints, W&B files and run folders all go
-under it), and one explicit step before anything is instantiated that trains (or reuses) every ``organism:<role>``
-model the config names. Model *names* are only ever resolved afterwards, and resolving never trains.
-
-Training's defaults are the paper's recipe (``TRAINER_DEFAULTS`` and the classes' own defaults), so an experiment
-config states only what differs. Training links the data module's hidden sizes and model identities (read from the
-activation store manifest) into the TranslatorModule at instantiation time, so a config never states them.
-``--print_config`` exits before instantiation and therefore loads no model and extracts nothing. Evaluation offers
-only ``test``; the translator is ``--model.translator_ckpt``, never the subcommand's ``--ckpt_path`` (that one would
-try to restore the evaluation module itself and is refused).
+Training runs in LightningCLI's subclass mode: without a ``model.class_path`` it trains the aligned TranslatorModule
+on an activation store (the paper's recipe as defaults), the store's hidden sizes and model identities linked in at
+instantiation; a config naming FunctionalTranslatorModule + QATrainingDataModule trains a translator for use. Both
+share :class:`ProjectCLI`: one output root per run (``--trainer.default_root_dir``), ``organism:<role>`` models
+trained before anything is instantiated, the resolved config saved, and :class:`cli.parser.ProjectParser` (one-line
+errors, a short ``--help``). Configs go after the subcommand: ``python train.py fit -c configs/train/tiny.yaml``.
 """
 
 from __future__ import annotations
@@ -42,7 +32,7 @@ from cli.parser import ProjectParser
 from datamodules.activation_pairs import ActivationPairDataModule, RecordPairIndices  # noqa: F401
 from datamodules.multihop_qa import MultiHopQADataModule
 from datamodules.qa_training import QATrainingDataModule  # noqa: F401
-from lightning_modules.functional_translator import FunctionalTranslatorModule  # noqa: F401
+from lightning_modules.functional_translator import FunctionalTranslatorModule
 from lightning_modules.injection_eval import InjectionEvalModule
 from lightning_modules.translator import TranslatorModule  # noqa: F401
 
@@ -290,6 +280,8 @@ TRAIN_DESCRIPTION = (
     "Train a translator: the aligned TranslatorModule on an activation store by default, or the module a config's "
     "model.class_path names (FunctionalTranslatorModule + QATrainingDataModule: trained for use)."
 )
+TRAIN_USAGE = "Train a translator: python train.py fit -c CONFIG [--OPTION VALUE ...] (python train.py fit --help)."
+EVAL_USAGE = "Evaluate translators: python evaluate.py test -c CONFIG --model.translator_ckpt CKPT (test --help)."
 EVAL_DESCRIPTION = "Evaluate translators by injection into the receiver on multi-hop QA (--model.translator_ckpt)."
 
 
@@ -308,7 +300,11 @@ def train_main(args: ArgsType = None, run: bool = True) -> TrainCLI:
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_callback=LoggerSaveConfigCallback,
-            parser_kwargs={"parser_mode": "omegaconf", "fit": {"description": TRAIN_DESCRIPTION}},
+            parser_kwargs={
+                "parser_mode": "omegaconf",
+                "description": TRAIN_USAGE,
+                "fit": {"description": TRAIN_DESCRIPTION},
+            },
             parser_class=ProjectParser,
             seed_everything_default=42,  # the paper's first seed
             # The schedule is the module's (AdamW, warmup + linear decay); --optimizer would silently replace it.
@@ -330,7 +326,11 @@ def eval_main(args: ArgsType = None) -> EvalCLI:
         cli = EvalCLI(
             InjectionEvalModule,
             MultiHopQADataModule,
-            parser_kwargs={"parser_mode": "omegaconf", "test": {"description": EVAL_DESCRIPTION}},
+            parser_kwargs={
+                "parser_mode": "omegaconf",
+                "description": EVAL_USAGE,
+                "test": {"description": EVAL_DESCRIPTION},
+            },
             parser_class=ProjectParser,
             trainer_class=EvalTrainer,
             save_config_callback=LoggerSaveConfigCallback,

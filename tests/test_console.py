@@ -128,8 +128,8 @@ def _options(text: str) -> list[str]:
     ("main", "args", "first_model_option"),
     [
         (train_main, ["fit"], "--model.translator"),
-        (train_main, ["fit", "-c", str(CONFIGS / "train" / "functional_demo.yaml")], "--model.sender_model"),
-        (eval_main, ["test"], "--model.sender"),
+        (train_main, ["fit", "-c", str(CONFIGS / "train" / "functional_demo.yaml")], "--model.sender_model.name"),
+        (eval_main, ["test"], "--model.sender.name"),
     ],
     ids=["train", "train-functional", "evaluate"],
 )

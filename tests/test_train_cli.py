@@ -233,7 +233,15 @@ def test_functional_run_resumes_from_a_checkpoint_file(tmp_path):
     config = str(ROOT / "configs" / "train" / "functional_demo.yaml")
     models = "--model.sender_model.name tiny-neox --model.receiver_model.name tiny-neox-large".split()
     data = "--data.num_train_samples 32 --data.num_val_samples 8 --data.batch_size 8".split()
-    args = ["fit", "-c", config, *_run_args(tmp_path), *models, *data, "--trainer.limit_train_batches", "2"]
+    args = [
+        "fit",
+        "-c",
+        config,
+        *_run_args(tmp_path),
+        *models,
+        *data,
+        *"--trainer.limit_train_batches 2 --trainer.log_every_n_steps 1".split(),
+    ]
     first = main([*args, "--trainer.max_epochs", "1"])
     last = first.trainer.checkpoint_callback.last_model_path
     assert Path(last).is_file()
