@@ -67,8 +67,15 @@ class PlainProgress(pl.Callback):
         step, total = trainer.global_step, trainer.estimated_stepping_batches
         elapsed = time.monotonic() - self._start
         loss = _scalars(trainer.callback_metrics, ("train/",))
-        log.info("epoch %d step %d/%s %s elapsed %s eta %s", trainer.current_epoch, step, total,
-                 f"({loss})" if loss else "", fmt_seconds(elapsed), eta(elapsed, step, total))  # fmt: skip
+        log.info(
+            "epoch %d step %d/%s %s elapsed %s eta %s",
+            trainer.current_epoch,
+            step,
+            total,
+            f"({loss})" if loss else "",
+            fmt_seconds(elapsed),
+            eta(elapsed, step, total),
+        )
 
     @rank_zero_only
     def on_validation_end(self, trainer, pl_module) -> None:
@@ -88,8 +95,9 @@ class PlainProgress(pl.Callback):
         total = trainer.num_test_batches[dataloader_idx] if trainer.num_test_batches else 0
         done = batch_idx + 1
         elapsed = time.monotonic() - self._start
-        log.info("test batch %d/%s elapsed %s eta %s", done, total or "?", fmt_seconds(elapsed),
-                 eta(elapsed, done, total))  # fmt: skip
+        log.info(
+            "test batch %d/%s elapsed %s eta %s", done, total or "?", fmt_seconds(elapsed), eta(elapsed, done, total)
+        )
 
 
 def progress_callbacks(enable_progress_bar: bool | None) -> tuple[bool, list[pl.Callback]]:

@@ -62,10 +62,23 @@ class LoggerSaveConfigCallback(SaveConfigCallback):
         save_to_log_dir: Ignored: the parent's ``log_dir`` writing is always off (it is what collides).
     """
 
-    def __init__(self, parser, config, config_filename: str = "config.yaml", overwrite: bool = False,
-                 multifile: bool = False, save_to_log_dir: bool = False):  # fmt: skip
-        super().__init__(parser, config, config_filename=config_filename, overwrite=overwrite, multifile=multifile,
-                         save_to_log_dir=False)  # fmt: skip
+    def __init__(
+        self,
+        parser,
+        config,
+        config_filename: str = "config.yaml",
+        overwrite: bool = False,
+        multifile: bool = False,
+        save_to_log_dir: bool = False,
+    ):
+        super().__init__(
+            parser,
+            config,
+            config_filename=config_filename,
+            overwrite=overwrite,
+            multifile=multifile,
+            save_to_log_dir=False,
+        )
         self.saved_paths: list[str] = []
 
     def save_config(self, trainer, pl_module, stage: str) -> None:

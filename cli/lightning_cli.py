@@ -1,21 +1,11 @@
-"""The two LightningCLIs: ``train.py`` (translator training) and ``evaluate.py`` (injection evaluation).
+"""The two LightningCLIs: ``train.py fit`` (translators) and ``evaluate.py test`` (injection evaluation).
 
-Configs go after the subcommand::
-
-    python train.py fit -c configs/train/tiny.yaml
-    python evaluate.py test -c configs/eval/tiny.yaml --model.translator_ckpt runs/tiny/checkpoints/best-02-15.ckpt
-
-Both share :class:`ProjectCLI`: OmegaConf parsing, the project's INFO lines on the console, the config saved beside
-the run, one output root per run (``--trainer.default_root_dir``: checkpoints, W&B files and run folders all go
-under it), and one explicit step before anything is instantiated that trains (or reuses) every ``organism:<role>``
-model the config names. Model *names* are only ever resolved afterwards, and resolving never trains.
-
-Training's defaults are the paper's recipe (``TRAINER_DEFAULTS`` and the classes' own defaults), so an experiment
-config states only what differs. Training links the data module's hidden sizes and model identities (read from the
-activation store manifest) into the TranslatorModule at instantiation time, so a config never states them.
-``--print_config`` exits before instantiation and therefore loads no model and extracts nothing. Evaluation offers
-only ``test``; the translator is ``--model.translator_ckpt``, never the subcommand's ``--ckpt_path`` (that one would
-try to restore the evaluation module itself and is refused).
+Training runs in LightningCLI's subclass mode: without a ``model.class_path`` it trains the aligned TranslatorModule
+on an activation store (the paper's recipe as defaults), the store's hidden sizes and model identities linked in at
+instantiation; a config naming FunctionalTranslatorModule + QATrainingDataModule trains a translator for use. Both
+share :class:`ProjectCLI`: one output root per run (``--trainer.default_root_dir``), ``organism:<role>`` models
+trained before anything is instantiated, the resolved config saved, and :class:`cli.parser.ProjectParser` (one-line
+errors, a short ``--help``). Configs go after the subcommand: ``python train.py fit -c configs/train/tiny.yaml``.
 """
 
 from __future__ import annotations
@@ -23,12 +13,11 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import yaml
 from jsonargparse import Namespace
+from pytorch_lightning import LightningDataModule, LightningModule, Trainer
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import ArgsType, LightningCLI
 
@@ -37,12 +26,15 @@ from callbacks.progress import progress_callbacks
 from callbacks.save_config import LoggerSaveConfigCallback
 from cli.console import eval_summary, setup_logging, train_summary
 from cli.organisms import ensure_organisms, organism_names
-from datamodules.activation_pairs import ActivationPairDataModule, RecordPairIndices  # noqa: F401 (short class_path)
+from cli.parser import ProjectParser
+
+# Imported so that configs and --model/--data may name these classes by their short names.
+from datamodules.activation_pairs import ActivationPairDataModule, RecordPairIndices  # noqa: F401
 from datamodules.multihop_qa import MultiHopQADataModule
-from datamodules.qa_training import QATrainingDataModule
+from datamodules.qa_training import QATrainingDataModule  # noqa: F401
 from lightning_modules.functional_translator import FunctionalTranslatorModule
 from lightning_modules.injection_eval import InjectionEvalModule
-from lightning_modules.translator import TranslatorModule
+from lightning_modules.translator import TranslatorModule  # noqa: F401
 
 
 def finish_wandb(trainer) -> None:
@@ -147,7 +139,14 @@ def show_progress(trainer: Namespace) -> None:
 
 class ProjectCLI(LightningCLI):
     """What both entry points share: one output root (W&B's folders included), and organisms trained explicitly
-    before instantiation."""
+    before instantiation; a parser with one-line errors, no abbreviated options and a short ``--help``."""
+
+    def add_arguments_to_parser(self, parser: ProjectParser) -> None:
+        # The short --help shows these classes' options; in subclass mode the config or the default picks them.
+        if not self.subclass_mode_model:
+            parser.classes["model"] = self.model_class
+        if not self.subclass_mode_data:
+            parser.classes["data"] = self.datamodule_class
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -193,62 +192,42 @@ TRAINER_DEFAULTS = {
 }
 
 
+# The data module's store-derived values, linked into the aligned TranslatorModule when it is built (a config never
+# states them). A data module without the attribute (QATrainingDataModule) skips the link: jsonargparse ignores an
+# instantiation link whose subclass-mode source lacks it.
+STORE_LINKS = (
+    ("data.sender_dim", "model.init_args.sender_dim"),
+    ("data.receiver_dim", "model.init_args.receiver_dim"),
+    ("data.sender_identity", "model.init_args.sender"),
+    ("data.receiver_identity", "model.init_args.receiver"),
+)
+# Without a class_path, train.py trains the aligned translator (the paper's); a config naming
+# FunctionalTranslatorModule + QATrainingDataModule trains one for use (the split-context protocol).
+DEFAULT_CLASSES = {
+    "model": {"class_path": "lightning_modules.translator.TranslatorModule"},
+    "data": {"class_path": "datamodules.activation_pairs.ActivationPairDataModule"},
+}
+
+
 class TrainCLI(ProjectCLI):
-    """LightningCLI for TranslatorModule + ActivationPairDataModule with the store-derived values linked."""
+    """``train.py``: any LightningModule/LightningDataModule by ``class_path`` (subclass mode), by default the
+    aligned TranslatorModule + ActivationPairDataModule with the store-derived values linked."""
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.set_defaults(TRAINER_DEFAULTS)
-        for src, dst in (
-            ("data.sender_dim", "model.sender_dim"),
-            ("data.receiver_dim", "model.receiver_dim"),
-            ("data.sender_identity", "model.sender"),
-            ("data.receiver_identity", "model.receiver"),
-        ):
+        super().add_arguments_to_parser(parser)
+        parser.set_defaults({**TRAINER_DEFAULTS, **DEFAULT_CLASSES})
+        for src, dst in STORE_LINKS:
             parser.link_arguments(src, dst, apply_on="instantiate")
-
-
-class FunctionalTrainCLI(ProjectCLI):
-    """``train.py`` for translators trained *for use*: FunctionalTranslatorModule + QATrainingDataModule, written
-    in the config as ``model.class_path`` / ``data.class_path`` (which is how :func:`train_main` picks this CLI)."""
-
-    def add_arguments_to_parser(self, parser) -> None:
-        parser.set_defaults(TRAINER_DEFAULTS)
+        parser.linked |= {dst.replace(".init_args", "") for _, dst in STORE_LINKS}
 
     def _parse_ckpt_path(self) -> None:
-        # The module's hparams hold derived identities (dims, model digests) that are no __init__ arguments, so
-        # they cannot be re-parsed over the config: the config rebuilds the module, the checkpoint restores the
-        # translator's weights, the optimizer and the loop state.
-        return
-
-
-def _named_model(value) -> str | None:
-    """The model class named by a parsed config's ``model`` entry (``{class_path: ...}`` or a class name)."""
-    if isinstance(value, dict):
-        value = value.get("class_path")
-    return value if isinstance(value, str) else None
-
-
-def wants_functional(args: ArgsType = None) -> bool:
-    """Whether a ``train.py`` command line asks for FunctionalTranslatorModule: a config file (``-c``/``--config``)
-    or ``--model``/``--model.class_path`` naming it as the model's class_path (the last one given wins)."""
-    if isinstance(args, dict | Namespace):
-        args = args.as_dict() if isinstance(args, Namespace) else args
-        sub = args.get("fit", args)
-        named = [_named_model(sub.get("model"))]
-    else:
-        argv = list(sys.argv[1:] if args is None else args)
-        named = []
-        for i, arg in enumerate(argv):
-            key, eq, value = arg.partition("=")
-            if not eq:
-                value = argv[i + 1] if i + 1 < len(argv) else ""
-            if key in ("-c", "--config") and Path(value).is_file():
-                doc = yaml.safe_load(Path(value).read_text())
-                named.append(_named_model(doc.get("model")) if isinstance(doc, dict) else None)
-            elif key in ("--model", "--model.class_path"):
-                named.append(value)
-    named = [n for n in named if n]
-    return bool(named) and named[-1].rsplit(".", 1)[-1] == FunctionalTranslatorModule.__name__
+        # Kept (test_train_cli.py::test_functional_run_resumes_from_a_checkpoint_file): Lightning re-parses a
+        # checkpoint's hparams over the config, but FunctionalTranslatorModule's hold derived identities (dims, model
+        # digests, the training spec) that are no __init__ arguments and fail at instantiation. For it the config
+        # rebuilds the module and the checkpoint restores the translator, the optimizer and the loop state.
+        model = self.config[self.config.subcommand].get("model") if self.config.get("subcommand") else None
+        if _class_of(model) is not FunctionalTranslatorModule:
+            super()._parse_ckpt_path()
 
 
 # Evaluation logs to W&B (summary metrics, per-sample table, plot, results artifact) unless a config says otherwise.
@@ -261,28 +240,33 @@ EVAL_TRAINER_DEFAULTS = {
 }
 
 
+class EvalTrainer(Trainer):
+    """The evaluation's Trainer: its ``test`` takes no ``ckpt_path`` (the translator is ``--model.translator_ckpt``; a
+    ckpt_path would restore the evaluation module itself) and prints no Lightning metric table by default
+    (``evaluate.py`` prints its own per-condition table, :func:`cli.console.eval_summary`)."""
+
+    def test(self, model=None, dataloaders=None, verbose: bool = False, datamodule=None):
+        """Evaluate the translators by injection.
+
+        Args:
+            model: The evaluation module (given by the CLI).
+            dataloaders: Unused (the data module gives the questions).
+            verbose: Also print Lightning's table of every logged metric.
+            datamodule: The questions (given by the CLI).
+        """
+        return super().test(model, dataloaders, verbose=verbose, datamodule=datamodule)
+
+
 class EvalCLI(ProjectCLI):
     """Only the ``test`` subcommand; the resolved config also goes into the evaluation's run folder."""
 
-    def add_arguments_to_parser(self, parser) -> None:
+    def add_arguments_to_parser(self, parser: ProjectParser) -> None:
+        super().add_arguments_to_parser(parser)
         parser.set_defaults(EVAL_TRAINER_DEFAULTS)
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
         return {"test": {"model", "dataloaders", "datamodule"}}
-
-    def _parse_ckpt_path(self) -> None:
-        # Refuse before Lightning re-parses the checkpoint's hparams over this module's config (a translator's
-        # hparams do not fit InjectionEvalModule and would fail with an obscure parse error).
-        if self.config.get("subcommand") and self.config[self.config.subcommand].get("ckpt_path"):
-            raise ValueError(
-                "evaluate.py does not take --ckpt_path: pass the translator checkpoint as --model.translator_ckpt"
-            )
-
-    def _prepare_subcommand_parser(self, klass, subcommand: str, **kwargs):
-        parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
-        parser.set_defaults(verbose=False)  # evaluate.py prints its own per-condition table (console.eval_summary)
-        return parser
 
     def before_test(self) -> None:
         self.model.resolved_config = self._parser("test").dump(self.config["test"], skip_none=False)
@@ -292,26 +276,36 @@ class EvalCLI(ProjectCLI):
             print(eval_summary(self.model), flush=True)
 
 
-def train_main(args: ArgsType = None, run: bool = True) -> TrainCLI | FunctionalTrainCLI:
-    """Build and run the training CLI: FunctionalTrainCLI when the config's ``model.class_path`` is
-    FunctionalTranslatorModule (:func:`wants_functional`), else TrainCLI.
+TRAIN_DESCRIPTION = (
+    "Train a translator: the aligned TranslatorModule on an activation store by default, or the module a config's "
+    "model.class_path names (FunctionalTranslatorModule + QATrainingDataModule: trained for use)."
+)
+TRAIN_USAGE = "Train a translator: python train.py fit -c CONFIG [--OPTION VALUE ...] (python train.py fit --help)."
+EVAL_USAGE = "Evaluate translators: python evaluate.py test -c CONFIG --model.translator_ckpt CKPT (test --help)."
+EVAL_DESCRIPTION = "Evaluate translators by injection into the receiver on multi-hop QA (--model.translator_ckpt)."
+
+
+def train_main(args: ArgsType = None, run: bool = True) -> TrainCLI:
+    """Build and run the training CLI (the config's ``model.class_path`` picks the module; default: aligned).
 
     Args:
         args: Command-line arguments (None: ``sys.argv``), e.g. ``["fit", "-c", "configs/train/tiny.yaml"]``.
         run: Run the subcommand (False: only instantiate, for tests).
     """
     setup_logging()
-    if wants_functional(args):
-        cli_class, classes = FunctionalTrainCLI, (FunctionalTranslatorModule, QATrainingDataModule)
-        subclass_mode = {"subclass_mode_model": True, "subclass_mode_data": True}
-    else:
-        cli_class, classes, subclass_mode = TrainCLI, (TranslatorModule, ActivationPairDataModule), {}
     with restored_env(WANDB_FOLDERS):
-        cli = cli_class(
-            *classes,
-            **subclass_mode,
+        cli = TrainCLI(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
             save_config_callback=LoggerSaveConfigCallback,
-            parser_kwargs={"parser_mode": "omegaconf"},
+            parser_kwargs={
+                "parser_mode": "omegaconf",
+                "description": TRAIN_USAGE,
+                "fit": {"description": TRAIN_DESCRIPTION},
+            },
+            parser_class=ProjectParser,
             seed_everything_default=42,  # the paper's first seed
             # The schedule is the module's (AdamW, warmup + linear decay); --optimizer would silently replace it.
             auto_configure_optimizers=False,
@@ -332,7 +326,13 @@ def eval_main(args: ArgsType = None) -> EvalCLI:
         cli = EvalCLI(
             InjectionEvalModule,
             MultiHopQADataModule,
-            parser_kwargs={"parser_mode": "omegaconf"},
+            parser_kwargs={
+                "parser_mode": "omegaconf",
+                "description": EVAL_USAGE,
+                "test": {"description": EVAL_DESCRIPTION},
+            },
+            parser_class=ProjectParser,
+            trainer_class=EvalTrainer,
             save_config_callback=LoggerSaveConfigCallback,
             seed_everything_default=0,
             auto_configure_optimizers=False,  # nothing is optimized in an evaluation

@@ -10,6 +10,9 @@ from test_evaluate_cli import ckpt, small  # noqa: F401 (ckpt: the module-scoped
 
 from cli.lightning_cli import eval_main, train_main
 
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+TRAIN_TINY, EVAL_TINY = str(CONFIGS / "train" / "tiny.yaml"), str(CONFIGS / "eval" / "tiny.yaml")
+
 
 @pytest.fixture(autouse=True)
 def _plain_argv(monkeypatch):
@@ -26,35 +29,34 @@ def test_evaluate_prints_the_condition_table_and_folders_not_lightnings_metrics(
     assert "Test metric" not in out and "DataLoader 0" not in out  # Lightning's wide table is off (verbose=False)
 
 
-def _help(main, subcommand: str, capsys) -> str:
-    with pytest.raises(SystemExit):
-        main([subcommand, "--help"])
+def _help(main, args: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main([*args, "--help"] if "--help-full" not in args else args)
+    assert exc.value.code in (0, None)
     return capsys.readouterr().out
 
 
 def test_help_lists_the_projects_translators_and_no_optimizer_options(capsys):
-    text = _help(train_main, "fit", capsys)
+    text = _help(train_main, ["fit"], capsys)
     assert "LinearTranslator" in text and "MLPTranslator" in text
     assert "torch.nn.Linear" not in text and "TransformerEncoder" not in text  # not every torch module
     assert "--optimizer" not in text and "--lr_scheduler" not in text  # the module's AdamW schedule is the one
-    assert "--optimizer" not in _help(eval_main, "test", capsys)
+    assert "--optimizer" not in _help(eval_main, ["test"], capsys)
 
 
 def test_a_wandb_run_without_a_group_is_grouped_by_its_config_name(tmp_path):
     # train.py -c configs/train/X.yaml and evaluate.py -c configs/eval/X.yaml then share the group X (both CLIs
     # share ProjectCLI.before_instantiate_classes).
     import shutil
-    from pathlib import Path
 
     root = Path(__file__).resolve().parents[2] / "configs"
     (tmp_path / "train").mkdir()
     shutil.copy(root / "train" / "tiny.yaml", tmp_path / "train" / "exp-7.yaml")
-    train = train_main(["-c", str(tmp_path / "train" / "exp-7.yaml"), "--trainer.default_root_dir",
-                        str(tmp_path / "t")], run=False)  # fmt: skip
+    args = ["-c", str(tmp_path / "train" / "exp-7.yaml"), "--trainer.default_root_dir", str(tmp_path / "t")]
+    train = train_main(args, run=False)
     assert train.trainer.logger._wandb_init["group"] == "exp-7"
     # An explicit group wins.
-    other = train_main(["-c", str(tmp_path / "train" / "exp-7.yaml"), "--trainer.default_root_dir",
-                        str(tmp_path / "t"), "--trainer.logger.init_args.group", "mine"], run=False)  # fmt: skip
+    other = train_main([*args, "--trainer.logger.init_args.group", "mine"], run=False)
     assert other.trainer.logger._wandb_init["group"] == "mine"
 
 
@@ -91,3 +93,90 @@ def test_project_lines_print_once_when_someone_installs_a_root_handler():
         if any(isinstance(n, ast.Attribute) and n.attr == "getLogger" for n in ast.walk(ast.parse(path.read_text()))):
             logging_packages.add(top)
     assert logging_packages and logging_packages <= set(PROJECT_LOGGERS)
+
+
+# --- the command line's own mistakes: one line naming the fix, exit status 2 ------------------------------------
+
+
+def _error(main, args: list[str], capsys, prog: str, monkeypatch) -> str:
+    monkeypatch.setattr(sys, "argv", [prog])  # the parser names the program after argv[0]
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err  # one line, no page of usage
+    return err
+
+
+def test_a_config_before_the_subcommand_names_the_fix(capsys, monkeypatch):
+    err = _error(train_main, ["-c", TRAIN_TINY, "fit"], capsys, "train.py", monkeypatch)
+    assert err == f"train.py: error: put -c after the subcommand: python train.py fit -c {TRAIN_TINY}\n"
+    err = _error(eval_main, ["-c", EVAL_TINY, "test", "--data.num_samples", "3"], capsys, "evaluate.py", monkeypatch)
+    fixed = f"python evaluate.py test -c {EVAL_TINY} --data.num_samples 3"
+    assert err == f"evaluate.py: error: put -c after the subcommand: {fixed}\n"
+
+
+@pytest.mark.parametrize(
+    ("config", "option", "expected"),
+    [
+        ("tiny", "--trainer.max_epochz", "--trainer.max_epochs or --trainer.min_epochs"),
+        ("tiny", "--model.lrr", "--model.lr"),  # subclass mode: the default module's arguments
+        ("tiny", "--data.sed", "--data.seed"),
+        ("functional_demo", "--model.objectiv", "--model.objective"),  # the module the config names
+    ],
+)
+def test_a_typo_gets_the_closest_options(capsys, monkeypatch, config, option, expected):
+    args = ["fit", "-c", str(CONFIGS / "train" / f"{config}.yaml"), option, "3"]
+    err = _error(train_main, args, capsys, "train.py", monkeypatch)
+    assert err == f"train.py fit: error: unknown option {option}; did you mean {expected}?\n"
+
+
+def test_a_typo_in_evaluate_and_an_unknown_option(capsys, monkeypatch):
+    err = _error(
+        eval_main, ["test", "-c", EVAL_TINY, "--model.translator_ckp", "x"], capsys, "evaluate.py", monkeypatch
+    )
+    assert err == (
+        "evaluate.py test: error: unknown option --model.translator_ckp; did you mean --model.translator_ckpt or "
+        "--model.functional_translator_ckpt?\n"
+    )
+    err = _error(eval_main, ["test", "-c", EVAL_TINY, "--zzz", "1"], capsys, "evaluate.py", monkeypatch)
+    assert err == "evaluate.py test: error: unknown option --zzz; --help lists the options\n"
+
+
+def test_abbreviated_options_are_refused(capsys, monkeypatch):
+    # argparse would take --trainer.max_epoch as --trainer.max_epochs (a unique prefix) without a word.
+    args = ["fit", "-c", TRAIN_TINY, "--trainer.max_epoch", "3", "--print_config"]
+    err = _error(train_main, args, capsys, "train.py", monkeypatch)
+    assert err.startswith("train.py fit: error: unknown option --trainer.max_epoch; did you mean --trainer.max_epochs")
+    err = _error(eval_main, ["test", "-c", EVAL_TINY, "--data.num_sample", "3"], capsys, "evaluate.py", monkeypatch)
+    assert "unknown option --data.num_sample; did you mean --data.num_samples" in err
+
+
+# --- --help: the project's options first, short; --help-full for everything -------------------------------------
+
+
+def _options(text: str) -> list[str]:
+    return [line.split()[0] for line in text.splitlines() if line.startswith("  --")]
+
+
+@pytest.mark.parametrize(
+    ("main", "args", "first_model_option"),
+    [
+        (train_main, ["fit"], "--model.translator"),
+        (train_main, ["fit", "-c", str(CONFIGS / "train" / "functional_demo.yaml")], "--model.sender_model.name"),
+        (eval_main, ["test"], "--model.sender.name"),
+    ],
+    ids=["train", "train-functional", "evaluate"],
+)
+def test_help_is_short_and_leads_with_the_projects_options(capsys, monkeypatch, main, args, first_model_option):
+    monkeypatch.setenv("COLUMNS", "80")
+    short = _help(main, args, capsys)
+    full = _help(main, [*args[:1], "--help-full", *args[1:]], capsys)
+    assert len(short.splitlines()) <= 210 < len(full.splitlines())
+    options = _options(short)
+    assert first_model_option in options and "--data.batch_size" in options
+    assert not any(o.startswith("--trainer.") for o in options)  # Lightning's are named in one closing paragraph
+    assert short.index("--model.") < short.index("--data.") < short.index("--trainer.")  # the project's first
+    assert "--trainer.max_epochs" in short.split("\n\n")[-1] and "--help-full" in short.split("\n\n")[-1]
+    assert "--trainer.max_epochs" in _options(full)
+    assert not any(o in {"--model.sender_dim", "--model.sender"} for o in options if main is train_main)  # linked

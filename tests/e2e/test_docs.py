@@ -74,7 +74,7 @@ def demo_folder(tmp_path_factory, cache_dir):
             mp.setenv(var, value)
         mp.setattr(sys, "argv", ["docs"])
         for role, overrides in REDUCED.items():
-            folders[role] = real_ensure(str(organisms.organism_config(role)), str(cache_dir), overrides)
+            folders[role] = real_ensure(str(organisms.organism_config(role)), str(cache_dir), overrides.split())
         # `organism:<role>` stands for the reduced organism: in the CLIs' explicit training step and in name lookups.
         mp.setattr(
             organisms, "ensure_organism", lambda config, cache_dir=None, overrides=None: folders[Path(config).stem]

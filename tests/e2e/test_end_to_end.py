@@ -22,42 +22,11 @@ from cli.organisms import ensure_organism, organism_config
 ROOT = Path(__file__).resolve().parents[2]
 # Reduced recipes of the organism configs: smaller, fewer steps; the receiver still learns to copy answers.
 REDUCED = {
-    "receiver": [
-        "--model.hidden_size",
-        "96",
-        "--model.num_layers",
-        "3",
-        "--model.num_heads",
-        "4",
-        "--model.intermediate_size",
-        "256",
-        "--data.num_train_samples",
-        "12000",
-        "--data.num_val_samples",
-        "64",
-        "--trainer.max_steps",
-        "350",
-        "--trainer.val_check_interval",
-        "350",
-    ],
-    "sender": [
-        "--model.hidden_size",
-        "64",
-        "--model.num_layers",
-        "2",
-        "--model.num_heads",
-        "4",
-        "--model.intermediate_size",
-        "128",
-        "--data.num_train_samples",
-        "4000",
-        "--data.num_val_samples",
-        "32",
-        "--trainer.max_steps",
-        "60",
-        "--trainer.val_check_interval",
-        "60",
-    ],
+    "receiver": "--model.hidden_size 96 --model.num_layers 3 --model.num_heads 4 --model.intermediate_size 256"
+    " --data.num_train_samples 12000 --data.num_val_samples 64"
+    " --trainer.max_steps 350 --trainer.val_check_interval 350",
+    "sender": "--model.hidden_size 64 --model.num_layers 2 --model.num_heads 4 --model.intermediate_size 128"
+    " --data.num_train_samples 4000 --data.num_val_samples 32 --trainer.max_steps 60 --trainer.val_check_interval 60",
 }
 NUM_EVAL = 48
 CONDITIONS = ["no_inject", "b_to_b_self_inject", "zero_replacement", "same_norm_random", "additive"]
@@ -88,54 +57,22 @@ def experiment(tmp_path_factory, cache_dir):
 
 def _run(out: Path, cache_dir: Path, train_main, eval_main) -> dict:
     paths = {
-        role: ensure_organism(str(organism_config(role)), cache_dir=str(cache_dir), overrides=args)
+        role: ensure_organism(str(organism_config(role)), cache_dir=str(cache_dir), overrides=args.split())
         for role, args in REDUCED.items()
     }
     train = train_main(
-        [
-            "fit",
-            "-c",
-            str(ROOT / "configs/train/demo.yaml"),
-            "--data.sender_model.name",
-            str(paths["sender"]),
-            "--data.receiver_model.name",
-            str(paths["receiver"]),
-            "--data.corpus.builtin_samples",
-            "400",
-            "--trainer.max_epochs",
-            "2",
-            "--model.warmup_steps",
-            "10",
-            "--trainer.default_root_dir",
-            str(out / "train"),
-        ]
+        ["fit", "-c", str(ROOT / "configs/train/demo.yaml"), "--trainer.default_root_dir", str(out / "train")]
+        + ["--data.sender_model.name", str(paths["sender"]), "--data.receiver_model.name", str(paths["receiver"])]
+        + "--data.corpus.builtin_samples 400 --trainer.max_epochs 2 --model.warmup_steps 10".split()
     )
     ckpt = train.trainer.checkpoint_callback.best_model_path
     val = {k: float(v) for k, v in train.trainer.callback_metrics.items() if k.startswith("val/")}
     ev = eval_main(
-        [
-            "test",
-            "-c",
-            str(ROOT / "configs/eval/demo.yaml"),
-            "--model.translator_ckpt",
-            ckpt,
-            "--model.sender.name",
-            str(paths["sender"]),
-            "--model.receiver.name",
-            str(paths["receiver"]),
-            "--model.conditions",
-            json.dumps(CONDITIONS),
-            "--model.seeds",
-            "[42]",
-            "--model.generation.max_new_tokens",
-            "8",
-            "--model.report_resamples",
-            "200",
-            "--trainer.default_root_dir",
-            str(out / "eval"),
-            "--data.num_samples",
-            str(NUM_EVAL),
-        ]
+        ["test", "-c", str(ROOT / "configs/eval/demo.yaml"), "--trainer.default_root_dir", str(out / "eval")]
+        + ["--model.translator_ckpt", ckpt, "--model.conditions", json.dumps(CONDITIONS)]
+        + ["--model.sender.name", str(paths["sender"]), "--model.receiver.name", str(paths["receiver"])]
+        + "--model.seeds [42] --model.generation.max_new_tokens 8 --model.report_resamples 200".split()
+        + ["--data.num_samples", str(NUM_EVAL)]
     )
     return {"val": val, "records": _records(ev.model.run_dir), "run_dir": ev.model.run_dir}
 

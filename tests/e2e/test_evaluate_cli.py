@@ -39,8 +39,8 @@ def ckpt(tmp_path_factory):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         module = TranslatorModule(32, 48, sender=s.identity(), receiver=r.identity())
-    trainer = pl.Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False)  # fmt: skip
+    quiet = {"enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False}
+    trainer = pl.Trainer(logger=False, **quiet)
     trainer.strategy.connect(module)
     path = tmp_path_factory.mktemp("ckpt") / "translator.ckpt"
     trainer.save_checkpoint(str(path), weights_only=True)
@@ -48,10 +48,12 @@ def ckpt(tmp_path_factory):
 
 
 def small(tmp, ckpt, *extra):
-    return ["test", "-c", TINY, "--model.translator_ckpt", ckpt, "--trainer.default_root_dir", str(tmp / "out"),
-            "--trainer.logger.init_args.save_dir", str(tmp / "wandb"), "--data.num_samples", "6",
-            "--data.batch_size", "4", "--model.generation.max_new_tokens", "3",
-            "--model.generation.relay_max_new_tokens", "4", "--model.report_resamples", "50", *extra]  # fmt: skip
+    return [
+        *["test", "-c", TINY, "--model.translator_ckpt", ckpt, "--trainer.default_root_dir", str(tmp / "out")],
+        *["--trainer.logger.init_args.save_dir", str(tmp / "wandb"), "--data.num_samples", "6", "--data.batch_size"],
+        *"4 --model.generation.max_new_tokens 3 --model.generation.relay_max_new_tokens 4".split(),
+        *["--model.report_resamples", "50", *extra],
+    ]
 
 
 def test_tiny_config_writes_every_file(tmp_path, ckpt, capsys):
@@ -93,9 +95,15 @@ def test_only_test_subcommand(capsys):
     assert exc.value.code != 0
 
 
-def test_ckpt_path_is_refused(tmp_path, ckpt):
-    with pytest.raises(ValueError, match="--model.translator_ckpt"):
+def test_ckpt_path_is_refused(tmp_path, ckpt, capsys):
+    # The translator is --model.translator_ckpt; a ckpt_path would restore the evaluation module itself.
+    with pytest.raises(SystemExit) as exc:
         main(small(tmp_path, ckpt, "--ckpt_path", ckpt))
+    assert exc.value.code == 2
+    assert capsys.readouterr().err == (
+        "evaluate.py test: error: evaluate.py does not take --ckpt_path: pass the translator checkpoint as "
+        "--model.translator_ckpt\n"
+    )
 
 
 def test_unknown_condition_via_cli(tmp_path, ckpt):
@@ -108,12 +116,17 @@ def test_unknown_condition_via_cli(tmp_path, ckpt):
     [
         (['{"context": "A is in B.", "question": "Where is A?", "answer": "B", "id": "x1"}', "{not json"], "JSON"),
         (['{"context": "A is in B.", "question": "Where is A?", "id": "x1"}'], "answer"),
-        (['{"context": "A is in B.", "question": "Where?", "answer": "B", "id": "x1"}',
-          '{"context": "C is in D.", "question": "Where?", "answer": "D", "id": "x1"}'], "x1"),
+        (
+            [
+                '{"context": "A is in B.", "question": "Where?", "answer": "B", "id": "x1"}',
+                '{"context": "C is in D.", "question": "Where?", "answer": "D", "id": "x1"}',
+            ],
+            "x1",
+        ),
         (['{"context": "A is in B.", "question": "Where is A?", "answer": "  ", "id": "x1"}'], "empty|answer"),
     ],
     ids=["not-json", "missing-field", "duplicate-id", "empty-answer"],
-)  # fmt: skip
+)
 def test_bad_qa_file_surfaces_through_evaluate(tmp_path, ckpt, lines, match):
     bad = tmp_path / "bad.jsonl"
     bad.write_text("\n".join(lines) + "\n")
@@ -130,17 +143,17 @@ def test_paper_file_sha_mismatch_surfaces_through_evaluate(tmp_path, ckpt, multi
     with open(data / "clean_eval.jsonl", "a") as f:
         f.write("\n")
     with pytest.raises(ValueError, match="(?i)sha-?256"):
-        main(small(tmp_path, ckpt, "--data.source", "clean_eval", "--data.data_dir", str(data),
-                   "--data.num_samples", "null", "--data.limit", "2"))  # fmt: skip
+        options = "--data.source clean_eval --data.num_samples null --data.limit 2".split()
+        main(small(tmp_path, ckpt, "--data.data_dir", str(data), *options))
 
 
 def test_ddp_two_processes_gather_complete_duplicate_free_results(tmp_path, ckpt):
     conds = "[no_inject, additive, same_norm_random, shuffled_translation_strict_matched]"
-    args = small(tmp_path, ckpt, "--model.conditions", conds, "--model.seeds", "[42]", "--data.num_samples", "5",
-                 "--data.batch_size", "2", "--trainer.logger", "false", "--trainer.callbacks", "null")  # fmt: skip
+    args = small(tmp_path, ckpt, "--model.conditions", conds, *"--model.seeds [42] --data.num_samples 5".split())
+    args += "--data.batch_size 2 --trainer.logger false --trainer.callbacks null".split()
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    ddp = [sys.executable, str(ROOT / "evaluate.py"), *args, "--trainer.strategy", "ddp", "--trainer.devices", "2",
-           "--trainer.default_root_dir", str(tmp_path / "ddp")]  # fmt: skip
+    ddp = [sys.executable, str(ROOT / "evaluate.py"), *args, *"--trainer.strategy ddp --trainer.devices 2".split()]
+    ddp += ["--trainer.default_root_dir", str(tmp_path / "ddp")]
     proc = subprocess.run(ddp, cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     single = main([*args, "--trainer.default_root_dir", str(tmp_path / "one")])

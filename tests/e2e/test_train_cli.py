@@ -27,11 +27,13 @@ def _plain_argv(monkeypatch):
 
 
 def _run_args(tmp_path: Path) -> list[str]:
-    return [
-        "--trainer.default_root_dir", str(tmp_path / "runs"),
-        "--trainer.enable_progress_bar", "false",
-        "--trainer.enable_model_summary", "false",
-    ]  # fmt: skip
+    quiet = "--trainer.enable_progress_bar false --trainer.enable_model_summary false".split()
+    return ["--trainer.default_root_dir", str(tmp_path / "runs"), *quiet]
+
+
+def _store_args(tmp_path: Path) -> list[str]:
+    """Train on the linear store in ``tmp_path/store`` instead of extracting activations."""
+    return ["--data.sender_model", "null", "--data.receiver_model", "null", "--data.store_dir", str(tmp_path / "store")]
 
 
 def _linear_store(folder: Path, n: int = 3000, seed: int = 0) -> None:
@@ -47,8 +49,7 @@ def _linear_store(folder: Path, n: int = 3000, seed: int = 0) -> None:
 @pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
 def test_tiny_config_trains_and_reuses_the_cache(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="datamodules")
-    args = ["fit", "-c", TINY, *_run_args(tmp_path), "--trainer.max_epochs", "1",
-            "--data.corpus.builtin_samples", "60"]  # fmt: skip
+    args = ["fit", "-c", TINY, *_run_args(tmp_path), "--trainer.max_epochs", "1", "--data.corpus.builtin_samples", "60"]
     cli = main(args)
     metrics = cli.trainer.callback_metrics
     for key in ("val/cos_norm", "val/r2_norm", "val/cos_raw", "val/r2_raw", "val/norm_ratio", "val/cos_norm_best"):
@@ -73,11 +74,8 @@ def test_tiny_config_trains_and_reuses_the_cache(tmp_path, caplog):
 
 def test_linear_ground_truth_reaches_high_validation_cosine(tmp_path):
     _linear_store(tmp_path / "store")
-    cli = main([
-        "fit", "-c", TINY, *_run_args(tmp_path),
-        "--data.sender_model", "null", "--data.receiver_model", "null", "--data.store_dir", str(tmp_path / "store"),
-        "--trainer.max_epochs", "4", "--model.lr", "0.01", "--model.warmup_steps", "10",
-    ])  # fmt: skip
+    options = "--trainer.max_epochs 4 --model.lr 0.01 --model.warmup_steps 10".split()
+    cli = main(["fit", "-c", TINY, *_run_args(tmp_path), *_store_args(tmp_path), *options])
     assert cli.model.hparams.sender_dim == 12 and cli.model.hparams.receiver_dim == 16
     assert cli.trainer.callback_metrics["val/cos_norm"] > 0.99
     assert cli.trainer.callback_metrics["val/cos_norm_best"] >= cli.trainer.callback_metrics["val/cos_norm"] - 1e-6
@@ -131,11 +129,8 @@ def test_wandb_offline_run_records_metrics_and_config(tmp_path, monkeypatch, req
 
     _offline_wandb(monkeypatch, request)
     _linear_store(tmp_path / "store", n=600)
-    main([
-        "fit", "-c", TINY, *_run_args(tmp_path),
-        "--data.sender_model", "null", "--data.receiver_model", "null", "--data.store_dir", str(tmp_path / "store"),
-        "--trainer.max_epochs", "1", "--trainer.log_every_n_steps", "2",
-    ])  # fmt: skip
+    options = "--trainer.max_epochs 1 --trainer.log_every_n_steps 2".split()
+    main(["fit", "-c", TINY, *_run_args(tmp_path), *_store_args(tmp_path), *options])
     import wandb
 
     # An offline run's finish() returns before W&B's service has written the last records; teardown waits for it.
@@ -172,8 +167,8 @@ def test_default_root_dir_is_the_one_output_root(tmp_path, monkeypatch, request,
     cwd.mkdir()
     monkeypatch.chdir(cwd)  # anything written to a relative path would land here
     before = {p for p in tmp_path.rglob("*") if p.is_file()}
-    cli = main(["fit", "-c", TINY, "--trainer.default_root_dir", str(root), "--trainer.max_epochs", "1",
-                "--data.corpus.builtin_samples", "60"])  # fmt: skip
+    options = "--trainer.max_epochs 1 --data.corpus.builtin_samples 60".split()
+    cli = main(["fit", "-c", TINY, "--trainer.default_root_dir", str(root), *options])
     best = Path(cli.trainer.checkpoint_callback.best_model_path)
     assert best.parent == root / "checkpoints" and best.is_file()
     # The exported translator folder sits beside it, and the command says where both are.
@@ -194,14 +189,10 @@ def test_default_root_dir_is_the_one_output_root(tmp_path, monkeypatch, request,
 def test_ddp_two_cpu_ranks_see_disjoint_pairs(tmp_path):
     _linear_store(tmp_path / "store", n=1000)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    cmd = [
-        sys.executable, str(ROOT / "train.py"), "fit", "-c", TINY, *_run_args(tmp_path),
-        "--data.sender_model", "null", "--data.receiver_model", "null", "--data.store_dir", str(tmp_path / "store"),
-        "--data.batch_size", "32", "--trainer.max_epochs", "1",
-        "--trainer.strategy", "ddp", "--trainer.devices", "2",
-        "--trainer.callbacks+=datamodules.activation_pairs.RecordPairIndices",
-        "--trainer.callbacks.dirpath", str(tmp_path / "seen"),
-    ]  # fmt: skip
+    cmd = [sys.executable, str(ROOT / "train.py"), "fit", "-c", TINY, *_run_args(tmp_path), *_store_args(tmp_path)]
+    cmd += "--data.batch_size 32 --trainer.max_epochs 1 --trainer.strategy ddp --trainer.devices 2".split()
+    cmd += ["--trainer.callbacks+=datamodules.activation_pairs.RecordPairIndices"]
+    cmd += ["--trainer.callbacks.dirpath", str(tmp_path / "seen")]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r0 = json.loads((tmp_path / "seen" / "rank0_epoch0.json").read_text())
@@ -217,15 +208,43 @@ def test_paper_config_resolves_to_the_paper_recipe(capsys):
     with pytest.raises(SystemExit):
         main(["fit", "-c", str(ROOT / "configs/train/pythia-160m_to_410m.yaml"), "--print_config"])
     cfg = yaml.safe_load(capsys.readouterr().out)
-    model, data, trainer = cfg["model"], cfg["data"], cfg["trainer"]
-    assert (model["loss"], model["lr"], model["warmup_steps"], model["decay"], model["normalize"]) == (
-        "mse", 1e-4, 100, "linear", True)  # fmt: skip
-    assert model["translator"] == {"class_path": "activation_transfer.translators.architectures.LinearTranslator",
-                                   "init_args": {"bias": True}}  # fmt: skip
-    assert (data["batch_size"], data["val_fraction"], data["max_length"], data["seed"], cfg["seed_everything"]) == (
-        32, 0.1, 256, 42, 42)  # fmt: skip
+    # No class_path in the config: the aligned module and data module are the default.
+    assert cfg["model"]["class_path"] == "lightning_modules.translator.TranslatorModule"
+    assert cfg["data"]["class_path"] == "datamodules.activation_pairs.ActivationPairDataModule"
+    model, data, trainer = cfg["model"]["init_args"], cfg["data"]["init_args"], cfg["trainer"]
+    recipe = ("mse", 1e-4, 100, "linear", True)
+    assert (model["loss"], model["lr"], model["warmup_steps"], model["decay"], model["normalize"]) == recipe
+    linear = "activation_transfer.translators.architectures.LinearTranslator"
+    assert model["translator"] == {"class_path": linear, "init_args": {"bias": True}}
+    data_recipe = (data["batch_size"], data["val_fraction"], data["max_length"], data["seed"], cfg["seed_everything"])
+    assert data_recipe == (32, 0.1, 256, 42, 42)
     assert (trainer["max_epochs"], trainer["gradient_clip_val"]) == (30, 1.0)
     artifact, ckpt = trainer["callbacks"]
     assert artifact["class_path"] == "callbacks.model_artifact.TranslatorArtifactCallback"
     assert (ckpt["init_args"]["monitor"], ckpt["init_args"]["mode"]) == ("val/loss", "min")
     assert trainer["logger"]["init_args"]["save_dir"] == "."  # unset: becomes default_root_dir at instantiation
+
+
+# The resumed run writes into the first run's checkpoint folder on purpose; Lightning says so.
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
+def test_functional_run_resumes_from_a_checkpoint_file(tmp_path):
+    # Why TrainCLI keeps LightningCLI._parse_ckpt_path overridden: with a checkpoint *file* Lightning re-parses its
+    # hparams over the config, and FunctionalTranslatorModule's (dims, digests) are no __init__ arguments.
+    config = str(ROOT / "configs" / "train" / "functional_demo.yaml")
+    models = "--model.sender_model.name tiny-neox --model.receiver_model.name tiny-neox-large".split()
+    data = "--data.num_train_samples 32 --data.num_val_samples 8 --data.batch_size 8".split()
+    args = [
+        "fit",
+        "-c",
+        config,
+        *_run_args(tmp_path),
+        *models,
+        *data,
+        *"--trainer.limit_train_batches 2 --trainer.log_every_n_steps 1".split(),
+    ]
+    first = main([*args, "--trainer.max_epochs", "1"])
+    last = first.trainer.checkpoint_callback.last_model_path
+    assert Path(last).is_file()
+    again = main([*args, "--trainer.max_epochs", "2", "--ckpt_path", last])
+    assert type(again.model).__name__ == "FunctionalTranslatorModule"
+    assert again.trainer.current_epoch == 2 and again.trainer.global_step == 4

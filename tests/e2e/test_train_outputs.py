@@ -28,21 +28,8 @@ def test_offline_training_writes_nothing_into_home_and_restores_the_environment(
     monkeypatch.setenv("WANDB_MODE", "offline")
     request.addfinalizer(wandb.teardown)
     root = tmp_path / "root"
-    main(
-        [
-            "fit",
-            "-c",
-            TINY,
-            "--trainer.default_root_dir",
-            str(root),
-            "--trainer.max_epochs",
-            "1",
-            "--data.corpus.builtin_samples",
-            "60",
-            "--trainer.enable_progress_bar",
-            "false",
-        ]
-    )
+    options = "--trainer.max_epochs 1 --data.corpus.builtin_samples 60 --trainer.enable_progress_bar false".split()
+    main(["fit", "-c", TINY, "--trainer.default_root_dir", str(root), *options])
     assert list((root / "wandb").glob("offline-run-*/run-*.wandb"))
     written = sorted(str(p.relative_to(home)) for p in home.rglob("*") if p.is_file())
     assert not written, f"written into the home folder: {written}"

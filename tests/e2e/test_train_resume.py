@@ -29,24 +29,9 @@ def _one_thread_plain_argv(monkeypatch):
 
 def _train(root: Path, *extra: str):
     """A small tiny.yaml training; constant lr after warmup, so stopping at 2 of 4 epochs changes no schedule."""
-    cli = main(
-        [
-            "fit",
-            "-c",
-            TINY,
-            "--trainer.default_root_dir",
-            str(root),
-            "--trainer.enable_progress_bar",
-            "false",
-            "--trainer.enable_model_summary",
-            "false",
-            "--data.corpus.builtin_samples",
-            "60",
-            "--model.decay",
-            "constant",
-            *extra,
-        ]
-    )
+    quiet = "--trainer.enable_progress_bar false --trainer.enable_model_summary false".split()
+    small = "--data.corpus.builtin_samples 60 --model.decay constant".split()
+    cli = main(["fit", "-c", TINY, "--trainer.default_root_dir", str(root), *quiet, *small, *extra])
     return cli, {k: v.clone() for k, v in cli.model.translator.state_dict().items()}
 
 

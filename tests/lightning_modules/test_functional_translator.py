@@ -1,5 +1,5 @@
 """Functional translator training: only the translator learns, the loss falls, the export translates identically,
-bad options fail clearly, and train.py picks the functional CLI from the config's model.class_path."""
+bad options fail clearly, and train.py trains it when the config's model.class_path names it."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from activation_transfer.task.generator import EVAL_SEED
 from activation_transfer.translators.export import from_pretrained
 from activation_transfer.translators.functional_loss import answer_logits, build_batch
 from activation_transfer.translators.loading import load_translator
-from cli.lightning_cli import train_main, wants_functional
+from cli.lightning_cli import TrainCLI, train_main
 from datamodules.qa_training import QATrainingDataModule
 from lightning_modules.functional_translator import FunctionalTranslatorModule
 
@@ -151,8 +151,6 @@ def test_answer_loss_falls_when_only_the_sender_reads_the_context(tmp_path):
 # The resumed run writes into the first run's checkpoint folder on purpose; Lightning says so.
 @pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
 def test_cli_fit_exports_a_translator_that_translates_like_the_module(tmp_path):
-    assert wants_functional(["fit", "-c", DEMO])
-    assert not wants_functional(["fit", "-c", str(ROOT / "configs" / "train" / "tiny.yaml")])
     args = [
         "fit",
         "-c",
@@ -180,7 +178,7 @@ def test_cli_fit_exports_a_translator_that_translates_like_the_module(tmp_path):
     ]
     cli = train_main(args)
     module = cli.model
-    assert isinstance(module, FunctionalTranslatorModule)
+    assert isinstance(cli, TrainCLI) and isinstance(module, FunctionalTranslatorModule)  # picked by model.class_path
     best = Path(cli.trainer.checkpoint_callback.best_model_path)
     ckpt = torch.load(best, weights_only=True)
     assert set(ckpt["state_dict"]) == {f"translator.{k}" for k in module.translator.state_dict()}

@@ -1,0 +1,179 @@
+"""The parser of ``train.py`` and ``evaluate.py``: one-line errors, no abbreviated options, a short ``--help``.
+
+jsonargparse answers a typo with the whole usage (74 lines) and no suggestion, takes ``--trainer.max_epoch`` as
+``--trainer.max_epochs`` (argparse's prefix matching), and lists Lightning's ~45 Trainer options before this
+project's. Here an error is one line naming the fix, ``--help`` shows the run's model and data options first and
+names the Trainer's (``--help-full`` prints jsonargparse's complete help).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import difflib
+import inspect
+import os
+import re
+import shutil
+import sys
+import textwrap
+from typing import NoReturn
+
+from jsonargparse import ArgumentParser, Namespace
+from pytorch_lightning.cli import LightningArgumentParser
+
+# Options whose right spelling is elsewhere: option -> the fix (shown instead of a spelling suggestion).
+HINTS = {
+    "--ckpt_path": "evaluate.py does not take --ckpt_path: pass the translator checkpoint as --model.translator_ckpt",
+}
+# A subclass-mode option unknown to the class: jsonargparse's message names the key, the class and the option.
+NOT_ACCEPTED = re.compile(r"Parser key \"(\w+)\".*class_path '([\w.]+)'.*Option '([\w.]+)' is not accepted", re.S)
+# Not in the short help: the groups shown otherwise, and Lightning's checkpoint-loading detail.
+SHORT_HELP_SKIP = {"model", "data", "trainer", "weights_only"}
+GROUP_CONFIG = re.compile(r"\n  --[\w.]+ CONFIG\s+Path to a configuration file\.")
+# Trainer options named in the short help (the rest: --help-full).
+COMMON_TRAINER = ("max_epochs", "accelerator", "devices", "precision", "default_root_dir", "logger", "callbacks")
+
+
+class _ShortHelp(argparse._HelpAction):
+    """``-h/--help``: the short help for the options parsed so far (a ``-c`` before it picks the classes shown)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> NoReturn:
+        parser.print_help_for(namespace, full=False)
+        parser.exit()
+
+
+class _FullHelp(argparse._HelpAction):
+    """``--help-full``: jsonargparse's complete help."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> NoReturn:
+        parser.print_help_for(namespace, full=True)
+        parser.exit()
+
+
+def first_sentence(text: str) -> str:
+    """The first sentence of an option's help (Lightning's run for a page); jsonargparse adds type and default."""
+    m = re.match(r"(.+?\.)(?=\s|[A-Z]|$)", " ".join(text.split()))
+    return m.group(1) if m else text
+
+
+def _class(value, default: type | None) -> type | None:
+    """The class a parsed ``{class_path, ...}`` entry names, else ``default``."""
+    path = value.get("class_path") if isinstance(value, Namespace | dict) else value
+    if not isinstance(path, str) or "." not in path:
+        return default
+    module, _, name = path.rpartition(".")
+    return getattr(sys.modules.get(module) or __import__(module, fromlist=[name]), name, default)
+
+
+class ProjectParser(LightningArgumentParser):
+    """LightningArgumentParser with prefix matching off, one-line errors and a short ``--help``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs["allow_abbrev"] = False
+        kwargs["add_help"] = False
+        super().__init__(*args, **kwargs)
+        self.add_argument("-h", "--help", action=_ShortHelp, help="Show this project's options and exit.")
+        self.add_argument("--help-full", action=_FullHelp, help="Show every option (Lightning's included) and exit.")
+        self.classes: dict[str, type] = {}  # "model"/"data" -> the class in non-subclass mode (set by the CLI)
+        self.linked: set[str] = set()  # "model.<arg>" filled in by links: not the user's to give, not in the help
+
+    # --- help ----------------------------------------------------------------------------------------------------
+
+    def print_help_for(self, namespace, full: bool) -> None:
+        text = self.format_help() if full or not self.groups else self.short_help(namespace or Namespace())
+        sys.stdout.write(text)
+
+    def _selected(self, namespace, key: str) -> type | None:
+        """The class of ``model``/``data``: the CLI's own, or the subclass a config/option/default names."""
+        if key in self.classes:
+            return self.classes[key]
+        value = namespace.get(key) if isinstance(namespace, Namespace) else None
+        return _class(value, None) or _class(self.get_defaults().get(key), None)
+
+    def short_help(self, namespace) -> str:
+        prog = self.prog.replace(" [options]", "")
+        lines = [f"usage: {prog} [-c CONFIG] [--print_config] [--OPTION VALUE ...]", ""]
+        if self.description:
+            lines += [self.description, ""]
+        side = ArgumentParser(prog=prog, usage=argparse.SUPPRESS, add_help=False)
+        for action in self._actions:  # the run's own options (config, print_config, seed, the subcommand's)
+            if action.option_strings and action.dest.split(".")[0] not in SHORT_HELP_SKIP:
+                short = copy.copy(action)
+                short.help = first_sentence(action.help) if isinstance(action.help, str) else action.help
+                side._add_action(short)
+        for key in ("model", "data"):
+            cls = self._selected(namespace, key)
+            if cls is not None:
+                skip = {name for k, name in (t.split(".", 1) for t in self.linked) if k == key}
+                side.add_class_arguments(cls, key, fail_untyped=False, sub_configs=True, skip=skip)
+        # Each group's "--model CONFIG: Path to a configuration file." (a YAML for just that group): rarely wanted.
+        lines.append(GROUP_CONFIG.sub("", side.format_help()).strip("\n"))
+        trainer = [f"--trainer.{name}" for name in COMMON_TRAINER]
+        more = sum(a.dest.startswith("trainer.") and bool(a.option_strings) for a in self._actions) - len(trainer)
+        footer = f"Lightning's Trainer options: {', '.join(trainer)} and {more} more."
+        footer += f" Every option with its help: {prog} --help-full."
+        if any(key not in self.classes for key in ("model", "data")):
+            footer += " Another model or data module: --model CLASS / --data CLASS, its options: --model.help CLASS."
+        lines += ["", *textwrap.wrap(footer, width=shutil.get_terminal_size().columns - 2), ""]
+        return "\n".join(lines)
+
+    # --- errors --------------------------------------------------------------------------------------------------
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):
+            super().error(message, ex)  # raises (inner parsers, debug mode)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        prog = parser.prog.replace(" [options]", "")
+        sys.stderr.write(f"{prog}: error: {self.explain(message)}\n")
+        self.exit(2)
+
+    def explain(self, message: str) -> str:
+        """One line for ``message`` where the fix is known (config before the subcommand, unknown option), else the
+        message itself."""
+        if "is not accepted before subcommand" in message:
+            return self._config_after_subcommand()
+        if m := re.match(r"unrecognized arguments: (\S+)", message):
+            return self._closest(m.group(1), self._option_names())
+        if m := NOT_ACCEPTED.search(message):
+            key, cls, option = m.groups()
+            params = inspect.signature(_class(cls, None)).parameters
+            names = [f"--{key}.{p}" for p in params if p != "self"]
+            return self._closest(f"--{key}.{option}", names)
+        return message.strip()  # jsonargparse's own message, without the page of usage before it
+
+    def _subcommand(self) -> tuple[str | None, ArgumentParser]:
+        args = getattr(self, "args", None) or []
+        choices = next((a.choices for a in self._actions if isinstance(a.choices, dict)), {})
+        name = next((a for a in args if a in choices), None)
+        return name, choices.get(name, self)
+
+    def _option_names(self) -> list[str]:
+        _, sub = self._subcommand()
+        parsers = [self] if sub is self else [self, sub]
+        return [o for p in parsers for a in p._actions for o in a.option_strings if o.startswith("--")]
+
+    def _closest(self, option: str, names: list[str]) -> str:
+        key = option.split("=", 1)[0]
+        if key in HINTS:
+            return HINTS[key]
+        names = sorted({n.rstrip("+") for n in names})  # "--x+" (append to a list) is "--x" for spelling
+        # Spelling is compared within the option's group (--model., --trainer.), where the shared prefix does
+        # not make every name look close; an unknown group is compared as a whole.
+        group, _, leaf = key.rpartition(".")
+        same = {n.rpartition(".")[2]: n for n in names if group and n.rpartition(".")[0] == group}
+        if same:
+            close = [same[m] for m in difflib.get_close_matches(leaf, list(same), n=2, cutoff=0.6)]
+        else:
+            close = difflib.get_close_matches(key, names, n=2, cutoff=0.75)
+        maybe = f"; did you mean {' or '.join(close)}?" if close else "; --help lists the options"
+        return f"unknown option {key}{maybe}"
+
+    def _config_after_subcommand(self) -> str:
+        args = list(getattr(self, "args", None) or [])
+        name, _ = self._subcommand()
+        if name is None:
+            return "put -c/--config after the subcommand"
+        i = args.index(name)
+        fixed = " ".join(["python", self.prog.split()[0], name, *args[:i], *args[i + 1 :]])
+        return f"put -c after the subcommand: {fixed}"
