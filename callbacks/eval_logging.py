@@ -41,8 +41,18 @@ def sample_table(results: dict[str, list[dict]], samples_by_id: dict) -> tuple[l
     for key in sorted(results):
         for rec in sorted(results[key], key=lambda r: r["sample_id"]):
             question = getattr(samples_by_id.get(rec["sample_id"]), "question", None)
-            rows.append([rec["sample_id"], rec["condition"], rec["seed"], question, rec["gold"], rec["prediction"],
-                         rec.get("hops")] + [bool(rec["metrics"][m]) for m in METRICS])  # fmt: skip
+            rows.append(
+                [
+                    rec["sample_id"],
+                    rec["condition"],
+                    rec["seed"],
+                    question,
+                    rec["gold"],
+                    rec["prediction"],
+                    rec.get("hops"),
+                ]
+                + [bool(rec["metrics"][m]) for m in METRICS]
+            )
     return list(SAMPLE_COLUMNS), rows
 
 
@@ -97,8 +107,13 @@ class EvalLoggingCallback(pl.Callback):
         artifact_type: W&B artifact type of the results (records, meta, report).
     """
 
-    def __init__(self, table_key: str = "eval/samples", plot_key: str = "eval/by_condition",
-                 tables_prefix: str = "eval/tables", artifact_type: str = "eval_results") -> None:  # fmt: skip
+    def __init__(
+        self,
+        table_key: str = "eval/samples",
+        plot_key: str = "eval/by_condition",
+        tables_prefix: str = "eval/tables",
+        artifact_type: str = "eval_results",
+    ) -> None:
         for key in (table_key, plot_key, tables_prefix):
             if any(part.startswith("_") for part in key.split("/")):
                 raise ValueError(f"W&B reserves names starting with '_': choose another key than {key!r}")

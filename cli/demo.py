@@ -141,6 +141,13 @@ def _translator(
     args = ["fit", "-c", str(config), "--trainer.default_root_dir", str(folder), *extra]
     if steps is not None:
         steps.add("train.py", args)
+    # Beside the organisms, by the same content key: a fresh clone (or `make clean`) reuses it instead of training.
+    cached = cache_root() / "translators" / f"{config.stem}-seed{seed}-{key}.ckpt"
+    if not ckpt.exists() and cached.is_file():
+        with atomic_output(ckpt) as tmp:
+            shutil.copyfile(cached, tmp)
+        print(f"[demo] reusing translator {ckpt} (from the cache, {cached})", flush=True)
+        return ckpt
     if ckpt.exists():
         print(f"[demo] reusing translator {ckpt}", flush=True)
         return ckpt
@@ -150,8 +157,9 @@ def _translator(
     best = cli.trainer.checkpoint_callback.best_model_path
     if not best:
         raise RuntimeError(f"translator training in {folder} saved no checkpoint")
-    with atomic_output(ckpt) as tmp:  # the key file appears only once complete: an interrupted run retrains
-        shutil.copyfile(best, tmp)
+    for target in (ckpt, cached):  # each appears only once complete: an interrupted run retrains
+        with atomic_output(target) as tmp:
+            shutil.copyfile(best, tmp)
     metrics = {k: round(float(v), 4) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
     print(f"[demo] translator seed {seed} ({config.name}) {ckpt}: {metrics}", flush=True)
     return ckpt

@@ -113,6 +113,9 @@ def fake_demo(tmp_path, monkeypatch):
         state.organisms[role].mkdir()
         (state.organisms[role] / "model.safetensors").write_text(role)
     monkeypatch.setattr(demo, "_organisms", lambda cache_dir: state.organisms)
+    # Its own cache: the demo keeps translators there by content key, and the fake organisms' content is the same in
+    # every test.
+    monkeypatch.setenv("ACTIVATION_TRANSFER_CACHE", str(tmp_path / "_demo_cache"))
     monkeypatch.setattr(cli, "train_main", fake_train)
     monkeypatch.setattr(cli, "eval_main", fake_eval)
     monkeypatch.setattr(sys, "argv", ["demo"])

@@ -24,8 +24,16 @@ def _plain_argv(monkeypatch):
 
 
 def _record(sid, condition, seed, prediction, ok):
-    return {"sample_id": sid, "condition": condition, "seed": seed, "gold": "X", "prediction": prediction, "hops": 2,
-            "metrics": dict.fromkeys(METRICS, ok), "diagnostics": {}}  # fmt: skip
+    return {
+        "sample_id": sid,
+        "condition": condition,
+        "seed": seed,
+        "gold": "X",
+        "prediction": prediction,
+        "hops": 2,
+        "metrics": dict.fromkeys(METRICS, ok),
+        "diagnostics": {},
+    }
 
 
 def test_sample_table_is_one_row_per_sample_condition_and_seed():
@@ -50,11 +58,23 @@ def test_fake_logger_gets_long_table_report_tables_and_artifact(tmp_path, ckpt):
     from lightning_modules.injection_eval import InjectionEvalModule
 
     fake, cb = _FakeWandbLogger(), EvalLoggingCallback()
-    module = InjectionEvalModule(ModelRef("tiny-neox"), ModelRef("tiny-neox-large"), translator_ckpt=ckpt,
-                                 conditions=["no_inject", "additive"], seeds=[42],
-                                 generation=GenerationSettings(max_new_tokens=3), report_resamples=50)  # fmt: skip
-    trainer = pl.Trainer(accelerator="cpu", logger=fake, callbacks=[cb], enable_progress_bar=False,
-                         enable_model_summary=False, default_root_dir=str(tmp_path))  # fmt: skip
+    module = InjectionEvalModule(
+        ModelRef("tiny-neox"),
+        ModelRef("tiny-neox-large"),
+        translator_ckpt=ckpt,
+        conditions=["no_inject", "additive"],
+        seeds=[42],
+        generation=GenerationSettings(max_new_tokens=3),
+        report_resamples=50,
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=fake,
+        callbacks=[cb],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+    )
     trainer.test(module, datamodule=MultiHopQADataModule(num_samples=4, batch_size=4), verbose=False)
     columns, rows = fake.tables["eval/samples"]
     assert columns == list(SAMPLE_COLUMNS) and len(rows) == 4 * 2  # 4 samples x (no_inject, additive seed 42)

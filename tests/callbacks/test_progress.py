@@ -33,9 +33,16 @@ def _loader():
 
 
 def test_plain_progress_reports_steps_eta_and_validation(tmp_path, caplog):
-    trainer = pl.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, callbacks=[PlainProgress(every_seconds=0)],
-                         default_root_dir=str(tmp_path), num_sanity_val_steps=0)  # fmt: skip
+    trainer = pl.Trainer(
+        max_epochs=2,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[PlainProgress(every_seconds=0)],
+        default_root_dir=str(tmp_path),
+        num_sanity_val_steps=0,
+    )
     with caplog.at_level(logging.INFO, logger="callbacks.progress"):
         trainer.fit(_Tiny(), _loader(), _loader())
     lines = [r.getMessage() for r in caplog.records if r.name == "callbacks.progress"]

@@ -69,8 +69,11 @@ def demo_folder(tmp_path_factory, cache_dir):
     with pytest.MonkeyPatch.context() as mp:
         # A module fixture runs before conftest's function-scoped isolation: set what it would, here.
         # LightningCLI warns (an error here) when sys.argv holds pytest's own arguments besides `args`.
-        for var, value in {"ACTIVATION_TRANSFER_CACHE": str(cache_dir), "WANDB_MODE": "disabled",
-                           "WANDB_DIR": str(work / "_wandb")}.items():  # fmt: skip
+        for var, value in {
+            "ACTIVATION_TRANSFER_CACHE": str(cache_dir),
+            "WANDB_MODE": "disabled",
+            "WANDB_DIR": str(work / "_wandb"),
+        }.items():
             mp.setenv(var, value)
         mp.setattr(sys, "argv", ["docs"])
         for role, overrides in REDUCED.items():

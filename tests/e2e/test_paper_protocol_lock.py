@@ -25,9 +25,19 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_paper_protocol_predictions_are_those_before_the_split_protocol(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(sys, "argv", ["evaluate.py"])  # pytest's own arguments are not the CLI's
     expected = json.loads((FIXTURES / "paper_protocol_predictions_595908c.json").read_text())
-    ev = eval_main(["test", "-c", str(ROOT / "configs/eval/tiny.yaml"),
-                    "--model.translator_ckpt", str(FIXTURES / "translator_pre_move.ckpt"),
-                    "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false"])  # fmt: skip
+    ev = eval_main(
+        [
+            "test",
+            "-c",
+            str(ROOT / "configs/eval/tiny.yaml"),
+            "--model.translator_ckpt",
+            str(FIXTURES / "translator_pre_move.ckpt"),
+            "--trainer.default_root_dir",
+            str(tmp_path),
+            "--trainer.logger",
+            "false",
+        ]
+    )
     got = {}
     for path in sorted((ev.model.run_dir / "records").rglob("*.jsonl")):
         for line in path.read_text().splitlines():

@@ -210,6 +210,11 @@ def test_demo_trains_one_translator_per_seed_and_evaluates_with_the_list(tmp_pat
     # A second demo run reuses the three checkpoints.
     assert demo.main(["--out", str(tmp_path / "demo"), "--skip-split"]) == 0
     assert len(trained) == 3 and evaluated[1] == ev
+    # A fresh clone (another output folder, the same cache): the translators come from the cache, none is trained.
+    assert demo.main(["--out", str(tmp_path / "clone"), "--skip-split"]) == 0
+    clone_ckpts = [Path(p) for p in json.loads(opt(evaluated[2], "--model.translator_ckpt"))]
+    assert len(trained) == 3 and all(p.is_relative_to(tmp_path / "clone") for p in clone_ckpts)
+    assert [p.read_text() for p in clone_ckpts] == [p.read_text() for p in ckpts]
     # New organism weights in the same folders: the translators are retrained, not reused.
     (fake_demo.organisms["receiver"] / "model.safetensors").write_text("retrained")
     assert demo.main(["--out", str(tmp_path / "demo"), "--skip-split"]) == 0

@@ -139,9 +139,19 @@ def _paper_operation(name: str, h: torch.Tensor, src: torch.Tensor) -> torch.Ten
     }[name]()
 
 
-@pytest.mark.parametrize("name", ["replace", "scale_corrected", "best_alpha", "b_to_b_self_inject",
-                                  "same_norm_random", "shuffled_translation", "shuffled_translation_strict_matched",
-                                  "zero_replacement"])  # fmt: skip
+@pytest.mark.parametrize(
+    "name",
+    [
+        "replace",
+        "scale_corrected",
+        "best_alpha",
+        "b_to_b_self_inject",
+        "same_norm_random",
+        "shuffled_translation",
+        "shuffled_translation_strict_matched",
+        "zero_replacement",
+    ],
+)
 def test_each_condition_writes_what_the_paper_defines(batch, name):
     h, mask, src = batch
     (spec,) = build_conditions([name])

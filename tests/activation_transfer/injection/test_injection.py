@@ -201,8 +201,9 @@ def test_prefill_shape_mismatch_is_an_error(receiver, batch):
 
 def test_right_padded_batch_is_refused(receiver, batch):
     with pytest.raises(ValueError, match="not left-padded"):
-        generate_ids(receiver.model, receiver.tokenizer, batch["input_ids"].flip(1), batch["attention_mask"].flip(1),
-                     SETTINGS)  # fmt: skip
+        generate_ids(
+            receiver.model, receiver.tokenizer, batch["input_ids"].flip(1), batch["attention_mask"].flip(1), SETTINGS
+        )
 
 
 def test_frozen_models_run_without_cudnn_attention_and_restore_it(receiver, batch):
