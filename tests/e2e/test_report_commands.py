@@ -70,7 +70,7 @@ def test_report_on_a_run_folder_and_its_records(tmp_path: Path, capsys, sub: str
         for c in json.loads((out / "comparisons.json").read_text())
         if c["condition"] == STRICT and c["baseline"] == "no_inject"
     )
-    assert (strict["n_samples"], strict["n_pairs"], strict["dropped"]) == (10, 20, 4)
+    assert (strict["n_samples"], strict["pooled_n_pairs"], strict["dropped"]) == (10, 20, 4)
     assert {p.name for p in out.iterdir()} == EXPECTED_FILES
 
 
