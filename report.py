@@ -1,12 +1,13 @@
-"""Report: per-sample records -> tables, paired CIs, McNemar, TOST and plots (docs/NOTES.md "Report").
+"""Report: per-sample records -> tables, paired CIs and tests, TOST and plots (docs/NOTES.md "Report").
 
 Usage::
 
     python report.py RESULTS... --out DIR [--baseline no_inject --baseline nl_relay] [--resamples 5000]
-        [--margins 0.05 0.03] [--seed 0] [--intersect] [--debug]
+        [--permutations 10000] [--margins 0.05 0.03] [--seed 0] [--intersect] [--debug]
 
-RESULTS are per-sample JSONL files, the paper's JSON result files, folders of them, or evaluation run folders. Bad
-input exits with status 2 and one line naming the file, record or option at fault (``--debug`` shows the traceback).
+RESULTS are per-sample JSONL files, the paper's JSON result files, folders of them, or evaluation run folders (of one
+protocol: run folders of the paper and split protocols together are refused; report each separately). Bad input
+exits with status 2 and one line naming the file, record or option at fault (``--debug`` shows the traceback).
 """
 
 from __future__ import annotations
@@ -15,7 +16,13 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from activation_transfer.report import DEFAULT_MARGINS, DEFAULT_RESAMPLES, ReportInputError, run_report
+from activation_transfer.report import (
+    DEFAULT_MARGINS,
+    DEFAULT_PERMUTATIONS,
+    DEFAULT_RESAMPLES,
+    ReportInputError,
+    run_report,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,10 +36,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--baseline",
         action="append",
         default=None,
-        help="baseline condition (repeatable); default: no_inject and nl_relay, or receiver_alone and skyline for "
-        "split-context records (no no_inject), skipping an absent one",
+        help="baseline condition (repeatable); default: the recorded protocol's (paper: no_inject and nl_relay; split: "
+        "receiver_alone and skyline), skipping an absent one",
     )
     parser.add_argument("--resamples", type=int, default=DEFAULT_RESAMPLES, help="bootstrap resamples (default 5000)")
+    parser.add_argument(
+        "--permutations",
+        type=int,
+        default=DEFAULT_PERMUTATIONS,
+        help=f"random sign flips of each permutation test (default {DEFAULT_PERMUTATIONS})",
+    )
     parser.add_argument(
         "--margins",
         type=float,
@@ -70,12 +83,14 @@ def main(args: Sequence[str] | None = None) -> int:
             margins=ns.margins,
             seed=ns.seed,
             intersect=ns.intersect,
+            permutations=ns.permutations,
         )
     except (ReportInputError, ValueError, OSError) as err:
         if ns.debug:
             raise
         parser.exit(2, f"report.py: error: {err}\n")
     print(result.markdown)
+    print(result.comparisons_markdown)
     for note in result.notes:
         print(f"note: {note}")
     print(f"wrote {len(result.files)} files to {ns.out}")

@@ -3,7 +3,8 @@
 1. Layer sweep on *validation* questions (generator seed :data:`SELECTION_SEED`, never the evaluation seed): for
    every receiver block, ``receiver_alone``, ``skyline``, ``slots_self`` (the receiver's own context states written
    into the slots: the ceiling of the injection site) and ``slots_zero``. The block where ``slots_self`` is highest
-   is the injection block of everything after; the sweep is written as ``slots_self_layer_sweep.json``/``.png``.
+   is the injection block of everything after; the sweep (accuracies with their 95% CIs over questions) is written as
+   ``slots_self_layer_sweep.json``/``.png``/``.svg``.
 2. Translators at that block, one per evaluation seed: the offline-aligned one (``configs/train/demo.yaml``, the
    receiver block overridden) and the functional one, trained through the frozen receiver
    (``configs/train/functional_demo.yaml``). Cached like the paper demo's (key: config, organisms, arguments).
@@ -32,10 +33,11 @@ METRIC = MAIN_METRIC  # the sweep and the choice read the paper's main metric
 
 
 def _accuracies(run_dir: Path) -> dict:
-    """Accuracy per condition (the report's summary) and the number of questions."""
+    """Accuracy per condition (the report's summary), its 95% CI over questions (``ci``) and the number of questions."""
     conditions = json.loads((run_dir / "report" / "summary.json").read_text())["conditions"]
     return {
         **{cond: entry[METRIC]["mean"] for cond, entry in conditions.items()},
+        "ci": {c: [e[METRIC]["ci_low"], e[METRIC]["ci_high"]] for c, e in conditions.items() if "ci_low" in e[METRIC]},
         "n": min(entry["n"] for entry in conditions.values()),
     }
 
@@ -97,24 +99,12 @@ def sweep_table(rows: list[dict], chosen: int) -> str:
     return "\n".join([head, *lines])
 
 
-def sweep_plot(rows: list[dict], chosen: int) -> bytes:
-    """slots_self and slots_zero per receiver block, with receiver_alone and skyline as horizontal lines."""
-    from activation_transfer.report.plots import figure_png, pyplot
+def sweep_plot(rows: list[dict], chosen: int) -> dict[str, bytes]:
+    """slots_self and slots_zero per receiver block with 95% CIs, receiver_alone and skyline as horizontal lines, the
+    chosen block marked: ``{"png": ..., "svg": ...}``."""
+    from activation_transfer.report.split_plots import plot_layer_sweep
 
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5, 3.2))
-    layers = [r["layer"] for r in rows]
-    for cond, style in (("slots_self", "o-"), ("slots_zero", "s--")):
-        ax.plot(layers, [r[cond] for r in rows], style, label=cond)
-    for cond, color in (("receiver_alone", "grey"), ("skyline", "black")):
-        ax.axhline(rows[0][cond], color=color, lw=0.8, ls=":", label=cond)
-    ax.axvline(chosen, color="tab:green", lw=0.8, alpha=0.5)
-    ax.set_xticks(layers)
-    ax.set_xlabel("receiver block written (slots)")
-    ax.set_ylabel(f"{METRIC} (validation questions)")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=7)
-    return figure_png(fig)
+    return plot_layer_sweep(rows, chosen, lines=SWEEP_CONDITIONS[2:], flat=SWEEP_CONDITIONS[:2], metric=METRIC)
 
 
 def run_split(
@@ -191,7 +181,8 @@ def run_split(
     report = run_dir / "report"
     sweep = {"selection_generator_seed": SELECTION_SEED, "metric": METRIC, "chosen_layer": chosen, "rows": rows}
     write_json(report / "slots_self_layer_sweep.json", sweep)
-    atomic_write(report / "slots_self_layer_sweep.png", sweep_plot(rows, chosen))
+    for fmt, data in sweep_plot(rows, chosen).items():
+        atomic_write(report / f"slots_self_layer_sweep.{fmt}", data)
     return run_dir
 
 

@@ -7,6 +7,13 @@ from typing import Any
 
 import numpy as np
 
+from activation_transfer.report.clustered import (
+    CI_METHOD,
+    DEFAULT_PERMUTATIONS,
+    P_METHOD,
+    question_bootstrap_ci,
+    sign_flip_p,
+)
 from activation_transfer.report.load import ReportInputError, sort_runs
 from activation_transfer.report.stats import (
     bootstrap_mean_ci,
@@ -55,12 +62,17 @@ def condition_accuracy(groups: Mapping[str, Mapping[str, Mapping[str, Mapping[st
 def build_summary(
     groups: Mapping, order: Sequence[str], resamples: int, seed: int, collapsed: Mapping | None = None
 ) -> dict[str, dict]:
-    """Per condition: runs, n, and per metric the run mean, sample SD, per-run values and a pooled 95% CI.
+    """Per condition: runs, n, and per metric the run mean, sample SD, per-run values and 95% CIs.
+
+    ``ci_low``/``ci_high`` resample questions (each question's correctness averaged over the runs; ``ci_unit``
+    ``"question"``) when every run holds the same questions, else they are the pooled CI (``ci_unit`` ``"pooled"``,
+    e.g. runs of a strict subset that differ). ``pooled_ci_low``/``pooled_ci_high`` always pool runs x samples as
+    independent draws (the paper's way).
 
     Args:
         groups: Output of ``load.group_records`` (after ``load.collapse_repeated_runs``).
         order: Conditions in report order.
-        resamples: Bootstrap resamples for the accuracy CI (pooled over runs' samples).
+        resamples: Bootstrap resamples for the accuracy CIs.
         seed: Base seed; each CI uses ``derive_seed(seed, "{condition}|accuracy|{metric}")``.
         collapsed: ``{condition: {run: [runs it stands for]}}`` from ``load.collapse_repeated_runs``; a condition
             listed there gets a ``collapsed_runs`` entry.
@@ -76,17 +88,28 @@ def build_summary(
             entry["n_per_run"] = sizes
         if collapsed and cond in collapsed:
             entry["collapsed_runs"] = collapsed[cond]
+        # Questions are the units when every run holds the same ones: a question's runs are resampled together.
+        shared = set.intersection(*(set(runs[k]) for k in keys))
+        by_question = len(shared) == max(sizes.values())
+        ids = sorted(shared)
         for m in METRICS:
             per_run = accuracy[cond][m]["per_run"]
             pooled = np.array([s[m] for k in keys for s in runs[k].values()], dtype=np.float64)
             ci_seed = derive_seed(seed, f"{cond}|accuracy|{m}")
-            lo, hi = bootstrap_mean_ci(pooled, resamples=resamples, confidence=0.95, seed=ci_seed)
+            plo, phi = bootstrap_mean_ci(pooled, resamples=resamples, confidence=0.95, seed=ci_seed)
+            lo, hi = plo, phi
+            if by_question:
+                per_question = np.mean([[runs[k][i][m] for i in ids] for k in keys], axis=0)
+                lo, hi = bootstrap_mean_ci(per_question, resamples=resamples, confidence=0.95, seed=ci_seed)
             entry[m] = {
                 "mean": accuracy[cond][m]["mean"],
                 "sd": run_mean_sd(list(per_run.values()))[1],
                 "per_run": per_run,
                 "ci_low": lo,
                 "ci_high": hi,
+                "ci_unit": "question" if by_question else "pooled",
+                "pooled_ci_low": plo,
+                "pooled_ci_high": phi,
                 "bootstrap_seed": ci_seed,
             }
         out[cond] = entry
@@ -145,8 +168,16 @@ def build_comparisons(
     intersect: bool,
     tost_resamples: int = DEFAULT_TOST_RESAMPLES,
     collapsed: Mapping | None = None,
+    permutations: int = DEFAULT_PERMUTATIONS,
 ) -> tuple[list[dict], list[dict], list[str]]:
-    """Paired comparisons (pooled bootstrap, gained/lost, McNemar) and clustered TOST for every pair.
+    """Paired comparisons and clustered TOST for every pair.
+
+    Each comparison's primary figures treat questions as the independent units: ``ci_low``/``ci_high`` is a
+    question-clustered bootstrap CI (``clustered.question_bootstrap_ci``, seed ``bootstrap_seed``) and
+    ``permutation_p`` a sign-flip permutation test on per-question mean deltas (``permutations`` draws, seed
+    ``permutation_seed``). The paper's figures, which pool runs x questions as independent pairs, are kept under
+    ``pooled_*`` (``pooled_n_pairs``, ``pooled_ci_low``/``pooled_ci_high``, ``pooled_mcnemar_p``), with the
+    gained/lost counts.
 
     Pairing: a condition's runs are paired with a single-run (deterministic) baseline run by run; a multi-run baseline
     is paired by equal seed (or each of its runs with a single-run condition). Paired runs must hold the same sample
@@ -158,13 +189,15 @@ def build_comparisons(
         groups: Output of ``load.group_records``.
         order: Conditions in report order.
         baselines: Baselines present in ``groups``.
-        resamples: Bootstrap resamples of the pooled 95% CI.
+        resamples: Bootstrap resamples of the 95% CIs (question-clustered and pooled).
         margins: TOST margins.
-        seed: Base seed; comparison CIs use ``derive_seed(seed, "{condition}|{baseline}|{metric}")``.
+        seed: Base seed; the pooled CI uses ``derive_seed(seed, "{condition}|{baseline}|{metric}")``, the clustered CI
+            and the permutation test that label followed by ``|questions`` and ``|sign-flip``.
         intersect: Keep only common sample ids instead of failing on a mismatch.
         tost_resamples: Resamples of the clustered bootstrap 90% CI reported next to TOST.
         collapsed: ``{condition: {run: [runs it stands for]}}`` from ``load.collapse_repeated_runs``; each
             comparison's ``collapsed_runs`` holds the entries of its condition and baseline.
+        permutations: Random sign assignments of each permutation test.
 
     Returns:
         ``(comparisons, equivalence, notes)``.
@@ -190,31 +223,44 @@ def build_comparisons(
                 b_runs = [_vectors(groups, base, b, ids, m) for _, b in pairs]
                 label = f"{cond}|{base}|{m}"
                 cmp_ = compare_paired(c_runs, b_runs, resamples=resamples, seed=derive_seed(seed, label))
+                clustered = clustered_deltas(c_runs, b_runs)
+                q_seed = derive_seed(seed, label + "|questions")
+                q_low, q_high = question_bootstrap_ci(c_runs, b_runs, resamples=resamples, seed=q_seed)
+                perm_seed = derive_seed(seed, label + "|sign-flip")
                 comparisons.append(
                     {
                         "condition": cond,
                         "baseline": base,
                         "metric": m,
                         "runs": cmp_.runs,
-                        "n_pairs": cmp_.n_pairs,
+                        "n_samples": len(ids),
                         "delta": cmp_.delta,
-                        "ci_low": cmp_.ci_low,
-                        "ci_high": cmp_.ci_high,
+                        # Primary: questions are the independent units (see ``clustered``).
+                        "ci_low": q_low,
+                        "ci_high": q_high,
+                        "permutation_p": sign_flip_p(clustered, permutations, perm_seed),
                         "gained_per_run": cmp_.gained_per_run,
                         "lost_per_run": cmp_.lost_per_run,
-                        "mcnemar_p": cmp_.mcnemar_p,
                         "gained": cmp_.gained,
                         "lost": cmp_.lost,
-                        "n_samples": len(ids),
+                        # The paper's figures (section 4.4): runs x questions pooled as independent pairs.
+                        "pooled_n_pairs": cmp_.n_pairs,
+                        "pooled_ci_low": cmp_.ci_low,
+                        "pooled_ci_high": cmp_.ci_high,
+                        "pooled_mcnemar_p": cmp_.mcnemar_p,
                         "dropped": dropped,
                         "paired_runs": [list(p) for p in pairs],
                         "collapsed_runs": {k: collapsed[k] for k in (cond, base) if collapsed and k in collapsed},
                         "confidence": cmp_.confidence,
                         "resamples": cmp_.resamples,
-                        "bootstrap_seed": cmp_.bootstrap_seed,
+                        "ci_method": CI_METHOD,
+                        "bootstrap_seed": q_seed,
+                        "p_method": P_METHOD,
+                        "permutations": permutations,
+                        "permutation_seed": perm_seed,
+                        "pooled_bootstrap_seed": cmp_.bootstrap_seed,
                     }
                 )
-                clustered = clustered_deltas(c_runs, b_runs)
                 degr = degradation_p(clustered)
                 boot_seed = derive_seed(seed, label + "|clustered")
                 blo, bhi = bootstrap_mean_ci(clustered, resamples=tost_resamples, confidence=0.90, seed=boot_seed)

@@ -15,7 +15,7 @@ import numpy as np
 
 from activation_transfer.report.analysis import condition_accuracy
 from activation_transfer.report.load import sort_runs
-from activation_transfer.report.stats import _CHUNK_ENTRIES, DEFAULT_RESAMPLES, derive_seed
+from activation_transfer.report.stats import _CHUNK_ENTRIES, DEFAULT_RESAMPLES, derive_seed, run_mean_sd
 from activation_transfer.task.scoring import MAIN_METRIC, METRICS
 
 GAP_LOW = "receiver_alone"
@@ -33,6 +33,8 @@ GAP_COLUMNS: tuple[str, ...] = (
     "fraction",
     "ci_low",
     "ci_high",
+    "per_run",
+    "per_run_sd",
     "confidence",
     "resamples",
     "bootstrap_seed",
@@ -128,7 +130,10 @@ def gap_recovered(
 
     Returns:
         One row per condition of ``groups`` other than ``low`` and ``high``, in ``groups`` order, with the keys of
-        :data:`GAP_COLUMNS` (``dropped``, ``undefined_resamples`` and ``note`` only where they apply); ``[]`` when
+        :data:`GAP_COLUMNS` (``dropped``, ``undefined_resamples`` and ``note`` only where they apply); ``per_run``
+        holds each run's own fraction (``{run: fraction}``, the run's accuracy against the same floor and ceiling)
+        and ``per_run_sd`` their sample SD (``None`` for one run): the CI resamples questions for these runs, so it
+        says nothing about other translators, the spread does; ``[]`` when
         ``low`` or ``high`` is absent. A resample whose gap is <= 0 has no fraction: it is left out of the CI and
         counted in ``undefined_resamples``. A point gap <= 0 gives ``fraction`` and CI ``None`` and a ``note``.
 
@@ -143,7 +148,8 @@ def gap_recovered(
         raise ValueError(f"gap_recovered: resamples must be >= 1, got {resamples}")
     if low not in groups or high not in groups:
         return []
-    acc = {c: a[metric]["mean"] for c, a in condition_accuracy(groups).items()}
+    accuracy = condition_accuracy(groups)
+    acc = {c: a[metric]["mean"] for c, a in accuracy.items()}
     gap = acc[high] - acc[low]
     rows: list[dict] = []
     for cond, runs in groups.items():
@@ -164,6 +170,8 @@ def gap_recovered(
             "fraction": None,
             "ci_low": None,
             "ci_high": None,
+            "per_run": {},
+            "per_run_sd": None,
             "confidence": GAP_CONFIDENCE,
             "resamples": resamples,
             "bootstrap_seed": boot_seed,
@@ -176,6 +184,11 @@ def gap_recovered(
             row["note"] = f"{high} is not above {low} ({acc[high]:.4f} vs {acc[low]:.4f}): the fraction is undefined"
         else:
             row["fraction"] = (acc[cond] - acc[low]) / gap
+            # Each run's (translator's, seed's) own fraction: the CI is conditional on these runs, their spread
+            # shows how much another translator could move the figure.
+            per_run = {k: (a - acc[low]) / gap for k, a in accuracy[cond][metric]["per_run"].items()}
+            row["per_run"] = per_run
+            row["per_run_sd"] = run_mean_sd(list(per_run.values()))[1]
             if not ids:
                 row["note"] = f"no sample id common to every run of {cond}, {low} and {high}: no CI"
             else:

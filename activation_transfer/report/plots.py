@@ -1,6 +1,7 @@
-"""The report's plots (PNG): accuracy per condition with CIs, and a forest plot of paired deltas.
+"""The report's plots (PNG, and SVG beside each): accuracy per condition with CIs, a forest plot of paired deltas.
 
 matplotlib is imported on first use (with the headless Agg backend), so loading the report costs nothing for it.
+SVG keeps its text as text (``svg.fonttype: none``), so a figure's labels can be searched and edited for a paper.
 """
 
 from __future__ import annotations
@@ -24,21 +25,50 @@ def pyplot():
     return plt
 
 
-def figure_png(fig) -> bytes:
-    """The figure as PNG bytes (closed afterwards)."""
-    plt = pyplot()
+# SVG: text as <text> elements, ids from a fixed salt and no date, so the same figure gives the same bytes.
+_SVG_RC = {"svg.fonttype": "none", "svg.hashsalt": "activation-transfer"}
+
+
+def _save(fig, fmt: str) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=130, bbox_inches="tight")
-    plt.close(fig)
+    with pyplot().rc_context(_SVG_RC):
+        fig.savefig(buf, format=fmt, dpi=130, bbox_inches="tight", metadata={"Date": None} if fmt == "svg" else None)
     return buf.getvalue()
 
 
-def accuracy_figure(summary: Mapping, metric: str = MAIN_METRIC):
-    """Horizontal point plot of accuracy per condition with pooled 95% bootstrap CIs and per-run dots.
+def figure_png(fig) -> bytes:
+    """The figure as PNG bytes (closed afterwards)."""
+    data = _save(fig, "png")
+    pyplot().close(fig)
+    return data
+
+
+def figure_files(fig) -> dict[str, bytes]:
+    """The figure as ``{"png": bytes, "svg": bytes}`` (closed afterwards): a raster to view, a vector for a paper."""
+    data = {fmt: _save(fig, fmt) for fmt in ("png", "svg")}
+    pyplot().close(fig)
+    return data
+
+
+def baseline_line(ax, name: str, value: float, vertical: bool = True) -> None:
+    """The reference line of an accuracy axis: the baseline's accuracy, labelled as such.
+
+    Free-form multi-hop answers have no honest chance level (no candidate list: a random answerer scores about 0),
+    so the line drawn is the baseline's (``no_inject`` in the paper protocol, ``receiver_alone`` in the split one).
+    """
+    draw = ax.axvline if vertical else ax.axhline
+    draw(value, color="C2", lw=1.2, ls="-.", label=f"baseline: {name} ({value:.4f}); no chance level defined")
+
+
+def accuracy_figure(summary: Mapping, metric: str = MAIN_METRIC, baseline: str | None = None):
+    """Horizontal point plot of accuracy per condition with 95% CIs (``ci_low``/``ci_high``: over questions), per-run
+    dots and the baseline's accuracy as a reference line.
 
     Args:
-        summary: The content of ``summary.json`` (only its ``conditions`` are read).
+        summary: The content of ``summary.json`` (its ``conditions``, and ``meta.baselines`` when present).
         metric: Metric to plot.
+        baseline: Condition whose accuracy is drawn as the reference line (:func:`baseline_line`); ``None``: the
+            first of ``summary["meta"]["baselines"]`` when there is one, else no line.
 
     Returns:
         A matplotlib figure; the caller closes it.
@@ -63,7 +93,7 @@ def accuracy_figure(summary: Mapping, metric: str = MAIN_METRIC):
             ecolor="C0",
             capsize=3,
             markersize=6,
-            label="mean, 95% CI (pooled bootstrap)" if y == 0 else None,
+            label="mean, 95% CI (bootstrap over questions)" if y == 0 else None,
         )
         if len(v["per_run"]) > 1:
             ax.plot(
@@ -79,8 +109,19 @@ def accuracy_figure(summary: Mapping, metric: str = MAIN_METRIC):
         ax.annotate(
             f"{mean:.4f}", (v["ci_high"], y), xytext=(6, 0), textcoords="offset points", va="center", fontsize=8
         )
+    if baseline is None:
+        baseline = next(iter(summary.get("meta", {}).get("baselines", [])), None)
+    if baseline in summary["conditions"]:
+        baseline_line(ax, baseline, summary["conditions"][baseline][metric]["mean"])
     ax.set_yticks(range(len(conds)))
-    ax.set_yticklabels([f"{c} (runs={summary['conditions'][c]['runs']})" for c in conds])
+    ax.set_yticklabels(
+        [
+            f"{c} (runs={summary['conditions'][c]['runs']})"
+            # Runs over different questions cannot be resampled by question: that row's CI pools them.
+            + (", pooled CI" if summary["conditions"][c][metric].get("ci_unit") == "pooled" else "")
+            for c in conds
+        ]
+    )
     ax.set_ylim(len(conds) - 0.4, -0.6)  # top-down in report order, half a row of air at both ends
     ax.set_xlim(0, max(summary["conditions"][c][metric]["ci_high"] for c in conds) * 1.15 + 1e-3)
     ax.set_xlabel(f"{METRIC_LABELS[metric]} accuracy")
@@ -91,23 +132,32 @@ def accuracy_figure(summary: Mapping, metric: str = MAIN_METRIC):
     return fig
 
 
-def plot_accuracy(summary: Mapping, metric: str = MAIN_METRIC) -> bytes:
-    """:func:`accuracy_figure` as PNG bytes (``accuracy.png``).
+def plot_accuracy(summary: Mapping, metric: str = MAIN_METRIC) -> dict[str, bytes]:
+    """:func:`accuracy_figure` as ``{"png": ..., "svg": ...}`` (``accuracy.png``/``.svg``).
 
     Args:
         summary: The content of ``summary.json``.
         metric: Metric to plot.
     """
-    return figure_png(accuracy_figure(summary, metric))
+    return figure_files(accuracy_figure(summary, metric))
 
 
-def plot_forest(comparisons: Sequence[Mapping], baselines: Sequence[str], metric: str = MAIN_METRIC) -> bytes:
-    """Forest plot of pooled paired deltas with 95% CIs, one panel per baseline, zero line (PNG bytes).
+def plot_forest(
+    comparisons: Sequence[Mapping],
+    baselines: Sequence[str],
+    metric: str = MAIN_METRIC,
+    margins: Sequence[float] = (),
+) -> dict[str, bytes]:
+    """Forest plot of paired deltas with question-clustered 95% CIs, one panel per baseline (PNG and SVG).
+
+    A zero line, and a shaded band ``(-margin, +margin)`` per TOST margin: a CI inside a band is what equivalence at
+    that margin needs (the TOST itself, with its 90% CI, is in ``equivalence.md``).
 
     Args:
         comparisons: The content of ``comparisons.json``.
         baselines: Baselines (one panel each).
         metric: Metric to plot.
+        margins: TOST equivalence margins to shade.
     """
     plt = pyplot()
     panels = [b for b in baselines if any(c["baseline"] == b and c["metric"] == metric for c in comparisons)]
@@ -145,8 +195,12 @@ def plot_forest(comparisons: Sequence[Mapping], baselines: Sequence[str], metric
                 bbox={"fc": "white", "ec": "none", "alpha": 0.75, "pad": 0.5},
             )
         ax.axvline(0.0, color="k", lw=1, ls="--")
+        for i, margin in enumerate(sorted(margins, reverse=True)):
+            ax.axvspan(-margin, margin, color="C2", alpha=0.08 + 0.06 * i, lw=0, label=f"TOST margin ±{margin:g}")
+        if margins:
+            ax.legend(loc="lower right", fontsize=7)
         ax.set_title(f"vs {base}")
-        ax.set_xlabel(f"Δ {METRIC_LABELS[metric]} (paired, 95% CI)")
+        ax.set_xlabel(f"Δ {METRIC_LABELS[metric]} (paired, 95% CI over questions)")
         ax.grid(axis="x", alpha=0.3)
     if panels:
         axes[0].set_yticks(range(len(conds)))
@@ -161,4 +215,4 @@ def plot_forest(comparisons: Sequence[Mapping], baselines: Sequence[str], metric
     fig.suptitle("Paired deltas against each baseline (red: CI excludes 0)", fontsize=10)
     if panels:  # an empty figure has no room to lay out (tight_layout would warn)
         fig.tight_layout()
-    return figure_png(fig)
+    return figure_files(fig)

@@ -18,6 +18,7 @@ from activation_transfer.report.analysis import (
     build_summary,
     condition_accuracy,
 )
+from activation_transfer.report.clustered import CI_METHOD, DEFAULT_PERMUTATIONS, P_METHOD
 from activation_transfer.report.gap import GAP_COLUMNS, GAP_HIGH, GAP_LOW, gap_recovered
 from activation_transfer.report.load import (
     ReportInputError,
@@ -27,11 +28,14 @@ from activation_transfer.report.load import (
     load_records,
 )
 from activation_transfer.report.plots import plot_accuracy, plot_forest
+from activation_transfer.report.protocol import input_protocol
+from activation_transfer.report.split_plots import plot_gap
 from activation_transfer.report.stats import DEFAULT_RESAMPLES
 from activation_transfer.report.tables import (
     SUMMARY_COLUMNS,
     comparisons_markdown,
     csv_text,
+    equivalence_markdown,
     gap_markdown,
     json_text,
     summary_markdown,
@@ -56,6 +60,7 @@ class ReportResult:
         equivalence: The content of ``equivalence.json``.
         files: Every written file by short name (``summary_json``, ``accuracy_png``, ...).
         markdown: The summary table (markdown) for printing.
+        comparisons_markdown: The main metric's comparisons (``comparisons.md``) for printing.
         notes: Human-readable notes (dropped samples, skipped baselines, metric mismatches).
         gap_recovered: The content of ``gap_recovered.json`` (``gap.gap_recovered`` rows); empty, and the file not
             written, unless both ``receiver_alone`` and ``skyline`` are in the input.
@@ -68,22 +73,28 @@ class ReportResult:
     markdown: str
     notes: list[str] = field(default_factory=list)
     gap_recovered: list[dict] = field(default_factory=list)
+    comparisons_markdown: str = ""
 
 
-def _default_baselines(groups: Mapping) -> tuple[str, ...]:
-    """The paper's baselines, or the split protocol's when its records are in and the paper's ``no_inject`` is not.
+def _default_baselines(groups: Mapping, protocol: str | None) -> tuple[str, ...]:
+    """The recorded protocol's baselines; for records that carry no protocol (loose files, records in memory), the
+    split protocol's when its records are in and the paper's ``no_inject`` is not.
 
     ``nl_relay`` cannot tell the protocols apart (both evaluate it), ``no_inject`` and the split floor/ceiling can.
     """
+    if protocol is not None:
+        return SPLIT_BASELINES if protocol == "split" else DEFAULT_BASELINES
     if "no_inject" not in groups and any(b in groups for b in SPLIT_BASELINES):
         return SPLIT_BASELINES
     return DEFAULT_BASELINES
 
 
-def _resolve_baselines(groups: Mapping, baselines: Sequence[str] | None, notes: list[str]) -> list[str]:
+def _resolve_baselines(
+    groups: Mapping, baselines: Sequence[str] | None, notes: list[str], protocol: str | None = None
+) -> list[str]:
     present = list(groups)
     if baselines is None:
-        defaults = _default_baselines(groups)
+        defaults = _default_baselines(groups, protocol)
         chosen = [b for b in defaults if b in groups]
         skipped = [b for b in defaults if b not in groups]
         if not chosen:
@@ -149,6 +160,8 @@ def run_report(
     seed: int = 0,
     intersect: bool = False,
     tost_resamples: int = DEFAULT_TOST_RESAMPLES,
+    permutations: int = DEFAULT_PERMUTATIONS,
+    protocol: str | None = None,
 ) -> ReportResult:
     """Build every table, test and plot from per-sample records and write them into ``out_dir``.
 
@@ -156,24 +169,28 @@ def run_report(
         inputs: JSONL files, the paper's JSON result files, folders of them, or already-loaded record dicts
             (``activation_transfer.report.records.RECORD_FIELDS``; the evaluation module passes its in-memory records).
         out_dir: Output folder (created). Files are written atomically (temporary file, then ``os.replace``).
-        baselines: Baselines to compare against. ``None``: ``no_inject`` and ``nl_relay``, or for split-context
-            records (``receiver_alone`` or ``skyline`` present, ``no_inject`` absent) ``receiver_alone`` and
-            ``skyline``, skipping an absent one (a note says so; at least one must be present), as the evaluation
-            module does (each protocol's ``baselines``). Split records hold ``nl_relay`` too, so its presence does not
-            make them paper records. An explicit list must be fully present.
+        baselines: Baselines to compare against. ``None``: the protocol's (paper: ``no_inject`` and ``nl_relay``;
+            split: ``receiver_alone`` and ``skyline``), skipping an absent one (a note says so; at least one must be
+            present), as the evaluation module does (each protocol's ``baselines``). The protocol is the one the run
+            folders recorded (``protocol.input_protocol``); records without one (loose files, in memory) are split
+            records when ``receiver_alone`` or ``skyline`` is present and ``no_inject`` is not. An explicit list must
+            be fully present.
         resamples: Bootstrap resamples for the 95% CIs (accuracy and paired deltas).
         margins: TOST equivalence margins (accuracy units, each > 0).
         seed: Base seed; each CI derives its own seed from it and a label, recorded next to the CI.
         intersect: Compare only the sample ids common to a condition and its baseline, reporting how many were
             dropped, instead of failing when they differ (a strict-matched subset is compared on its samples anyway).
         tost_resamples: Resamples of the clustered bootstrap 90% CI reported next to TOST.
+        permutations: Random sign assignments of each comparison's sign-flip permutation test.
+        protocol: The protocol of in-memory records (the evaluation module knows it); ``None``: read from the input
+            run folders.
 
     Returns:
         A :class:`ReportResult`.
 
     Raises:
-        ReportInputError: Bad or empty input, absent baseline, mismatching sample ids without ``intersect``, an
-            ``out_dir`` that is a file or cannot be created.
+        ReportInputError: Bad or empty input, run folders of different protocols, absent baseline, mismatching
+            sample ids without ``intersect``, an ``out_dir`` that is a file or cannot be created.
 
     With both ``receiver_alone`` and ``skyline`` in the input (whatever the baselines), every other condition also
     gets the fraction of the gap between them that it recovers (main metric, same ``resamples`` and ``seed``),
@@ -191,6 +208,12 @@ def run_report(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ReportInputError(f"--out {out} is a file, not a folder: name a folder (it is created if absent)")
+    if permutations < 1:
+        raise ValueError(f"permutations must be >= 1, got {permutations}")
+    recorded = input_protocol(inputs)
+    if protocol is not None and recorded not in (None, protocol):
+        raise ReportInputError(f"protocol {protocol!r} given, but the input run folders recorded {recorded!r}")
+    protocol = protocol or recorded
     counters: dict[str, Any] = {}
     records = load_records(list(inputs), counters)
     runs = collapse_repeated_runs(group_records(records), records)
@@ -202,7 +225,7 @@ def run_report(
     if counters.get("metric_mismatch"):
         notes.append(f"{counters['metric_mismatch']} record(s) carried stored metrics that differ from re-scoring")
     notes += _collapse_notes(runs)
-    chosen = _resolve_baselines(groups, baselines, notes)
+    chosen = _resolve_baselines(groups, baselines, notes, protocol)
     order = chosen + [c for c in groups if c not in chosen]
 
     meta = {
@@ -213,6 +236,10 @@ def run_report(
         "margins": margins,
         "tost_alpha": 0.05,
         "tost_resamples": tost_resamples,
+        "permutations": permutations,
+        "ci_method": CI_METHOD,
+        "p_method": P_METHOD,
+        "protocol": protocol,
         "baselines": chosen,
         "intersect": intersect,
         "metrics": list(METRICS),
@@ -224,7 +251,7 @@ def run_report(
     }
     summary = {"conditions": build_summary(groups, order, resamples, seed, collapsed), "meta": meta}
     comparisons, equivalence, cmp_notes = build_comparisons(
-        groups, order, chosen, resamples, margins, seed, intersect, tost_resamples, collapsed
+        groups, order, chosen, resamples, margins, seed, intersect, tost_resamples, collapsed, permutations
     )
     notes += cmp_notes
     with_gap = GAP_LOW in groups and GAP_HIGH in groups
@@ -237,28 +264,32 @@ def run_report(
     except OSError as err:
         raise ReportInputError(f"--out {out}: cannot create the folder ({err.strerror or err})") from err
     md_summary = summary_markdown(summary)
-    md_comparisons = comparisons_markdown(comparisons, equivalence, meta)
+    md_comparisons = comparisons_markdown(comparisons, meta)
     cmp_cols = list(comparisons[0]) if comparisons else ["condition", "baseline", "metric"]
     eq_cols = list(equivalence[0]) if equivalence else ["condition", "baseline", "metric"]
-    summary_csv = csv_text(summary_rows(summary), SUMMARY_COLUMNS)
-    files = {
-        "summary_json": atomic_write(out / "summary.json", json_text(summary)),
-        "comparisons_json": atomic_write(out / "comparisons.json", json_text(comparisons)),
-        "equivalence_json": atomic_write(out / "equivalence.json", json_text(equivalence)),
-        "summary_md": atomic_write(out / "summary.md", "# Summary\n\n" + md_summary),
-        "comparisons_md": atomic_write(out / "comparisons.md", md_comparisons),
-        "summary_csv": atomic_write(out / "summary.csv", summary_csv),
-        "comparisons_csv": atomic_write(out / "comparisons.csv", csv_text(comparisons, cmp_cols)),
-        "equivalence_csv": atomic_write(out / "equivalence.csv", csv_text(equivalence, eq_cols)),
-        "accuracy_png": atomic_write(out / "accuracy.png", plot_accuracy(summary)),
-        "deltas_png": atomic_write(out / "deltas.png", plot_forest(comparisons, chosen)),
+    texts = {
+        "summary.json": json_text(summary),
+        "comparisons.json": json_text(comparisons),
+        "equivalence.json": json_text(equivalence),
+        "summary.md": "# Summary\n\n" + md_summary,
+        "comparisons.md": md_comparisons,
+        "equivalence.md": equivalence_markdown(equivalence, meta),
+        "summary.csv": csv_text(summary_rows(summary), SUMMARY_COLUMNS),
+        "comparisons.csv": csv_text(comparisons, cmp_cols),
+        "equivalence.csv": csv_text(equivalence, eq_cols),
     }
+    figures = {"accuracy": plot_accuracy(summary), "deltas": plot_forest(comparisons, chosen, margins=margins)}
     if with_gap:
         # Files of their own: comparisons.json keeps its schema, and paper-protocol reports their file set.
-        files["gap_recovered_json"] = atomic_write(out / "gap_recovered.json", json_text(gap_rows))
-        files["gap_recovered_csv"] = atomic_write(out / "gap_recovered.csv", csv_text(gap_rows, GAP_COLUMNS))
-        files["gap_recovered_md"] = atomic_write(out / "gap_recovered.md", gap_markdown(gap_rows, meta))
-    return ReportResult(summary, comparisons, equivalence, files, md_summary, notes, gap_rows)
+        texts["gap_recovered.json"] = json_text(gap_rows)
+        texts["gap_recovered.csv"] = csv_text(gap_rows, GAP_COLUMNS)
+        texts["gap_recovered.md"] = gap_markdown(gap_rows, meta)
+        figures["gap_recovered"] = plot_gap(gap_rows)
+    for stem, data in figures.items():
+        texts |= {f"{stem}.{fmt}": blob for fmt, blob in data.items()}
+    # Short names as before: "summary_json", "accuracy_png", "accuracy_svg", ...
+    files = {name.replace(".", "_"): atomic_write(out / name, data) for name, data in texts.items()}
+    return ReportResult(summary, comparisons, equivalence, files, md_summary, notes, gap_rows, md_comparisons)
 
 
 def _gap_notes(rows: Sequence[Mapping]) -> list[str]:

@@ -218,7 +218,10 @@ def compare_paired(
     seed: int = 0,
     confidence: float = 0.95,
 ) -> PairedComparison:
-    """Pool the paired deltas of all runs, bootstrap their mean, and count gained/lost samples.
+    """Pool the paired deltas of all runs, bootstrap their mean, and count gained/lost samples (the paper's figures).
+
+    Pooling treats runs x questions as independent pairs, which they are not when runs answer the same questions: the
+    report keeps these figures as ``pooled_*`` and leads with the question-clustered ones (``clustered``).
 
     Pooling happens before bootstrapping (e.g. 3 runs x 396 samples = 1,188 deltas); a deterministic baseline is
     paired with every run of the condition.

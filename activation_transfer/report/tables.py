@@ -16,7 +16,20 @@ from activation_transfer.report.analysis import METRIC_ORDER
 from activation_transfer.report.gap import GAP_HIGH, GAP_LOW
 from activation_transfer.task.scoring import MAIN_METRIC
 
-SUMMARY_COLUMNS = ("condition", "runs", "n", "metric", "mean", "sd", "ci_low", "ci_high", "per_run")
+SUMMARY_COLUMNS = (
+    "condition",
+    "runs",
+    "n",
+    "metric",
+    "mean",
+    "sd",
+    "ci_low",
+    "ci_high",
+    "ci_unit",
+    "pooled_ci_low",
+    "pooled_ci_high",
+    "per_run",
+)
 METRIC_LABELS = {
     "exact_match": "Exact match",
     "normalized_exact_match": "Normalized EM",
@@ -80,66 +93,88 @@ def summary_markdown(summary: Mapping) -> str:
     )
 
 
-def comparisons_markdown(comparisons: Sequence[Mapping], equivalence: Sequence[Mapping], meta: Mapping) -> str:
-    """Paired-delta tables per baseline and metric (the paper's layout), then the clustered TOST tables."""
+def _perm_p(c: Mapping) -> str:
+    """A permutation p; at its floor ``1 / (P + 1)`` (no draw reached the observed delta) it is an upper bound."""
+    floor = 1.0 / (c["permutations"] + 1)
+    return f"≤ {_p(floor)}" if c["permutation_p"] <= floor else _p(c["permutation_p"])
+
+
+def comparisons_markdown(comparisons: Sequence[Mapping], meta: Mapping, metric: str = MAIN_METRIC) -> str:
+    """Paired-delta tables per baseline, main metric only (every metric is in ``comparisons.csv``/``.json``).
+
+    Primary columns treat questions as the independent units (clustered CI, sign-flip p); the paper's pooled CI and
+    McNemar p (runs x questions as independent pairs) follow, labelled pooled.
+    """
+    resamples, perms = meta["resamples"], meta.get("permutations", "?")
     out = [
         "# Paired comparisons",
         "",
-        f"Δ = condition − baseline, per sample, matched by sample id; multi-run conditions pool their paired deltas "
-        f"across runs. {int(meta['confidence'] * 100)}% simple percentile bootstrap, {meta['resamples']} resamples "
-        f"(seed {meta['seed']}, one derived seed per comparison). McNemar: continuity-corrected chi-square.",
+        f"Δ = condition − baseline on {metric}, per question, matched by sample id (multi-run conditions: mean over "
+        f"runs). **95% CI**: percentile bootstrap over questions, each draw keeping all runs of a question "
+        f"({resamples} resamples). **p**: paired sign-flip permutation test on per-question mean deltas "
+        f"({perms} permutations). Seed {meta['seed']}, one derived seed per comparison. Gained / lost: samples per "
+        "run. **Pooled** (the paper's section 4.4): runs × questions pooled as independent pairs, 95% percentile "
+        "bootstrap and continuity-corrected McNemar; kept for comparison with the paper, narrower than the data "
+        "support when a condition has several runs. Other metrics: comparisons.csv / comparisons.json.",
         "",
     ]
     if _runs_text(meta):
         out += [_runs_text(meta), ""]
     for base in meta["baselines"]:
-        for m in METRIC_ORDER:
-            rows = [c for c in comparisons if c["baseline"] == base and c["metric"] == m]
-            if not rows:
-                continue
-            out += [
-                f"## vs {base}: {m}",
-                "",
-                "| Condition | Runs | Pairs | Δ | 95% CI | Mean gained / lost per run | McNemar p |",
-                "| --- | ---: | ---: | ---: | --- | --- | ---: |",
-            ]
-            for c in rows:
-                out.append(
-                    f"| {c['condition']} | {c['runs']} | {c['n_pairs']} | {_f(c['delta'], True)} | "
-                    f"[{_f(c['ci_low'], True)}, {_f(c['ci_high'], True)}] | "
-                    f"{_per_run_fmt(c['gained_per_run'])} / {_per_run_fmt(c['lost_per_run'])} | {_p(c['mcnemar_p'])} |"
-                )
-            out.append("")
-    margins = meta["margins"]
-    out += [
+        rows = [c for c in comparisons if c["baseline"] == base and c["metric"] == metric]
+        if not rows:
+            continue
+        out += [
+            f"## vs {base}",
+            "",
+            "| Condition | Runs | Questions | Δ | 95% CI (questions) | p (sign-flip) | Gained / lost per run | "
+            "Pooled pairs | Pooled 95% CI | Pooled McNemar p |",
+            "| --- | ---: | ---: | ---: | --- | ---: | --- | ---: | --- | ---: |",
+        ]
+        for c in rows:
+            out.append(
+                f"| {c['condition']} | {c['runs']} | {c['n_samples']} | {_f(c['delta'], True)} | "
+                f"[{_f(c['ci_low'], True)}, {_f(c['ci_high'], True)}] | {_perm_p(c)} | "
+                f"{_per_run_fmt(c['gained_per_run'])} / {_per_run_fmt(c['lost_per_run'])} | {c['pooled_n_pairs']} | "
+                f"[{_f(c['pooled_ci_low'], True)}, {_f(c['pooled_ci_high'], True)}] | {_p(c['pooled_mcnemar_p'])} |"
+            )
+        out.append("")
+    return "\n".join(out)
+
+
+def verdict(e: Mapping) -> str:
+    """The TOST verdict of one equivalence row, in words."""
+    return "equivalent" if e["equivalent"] else "not shown equivalent"
+
+
+def equivalence_markdown(equivalence: Sequence[Mapping], meta: Mapping, metric: str = MAIN_METRIC) -> str:
+    """TOST per comparison and margin (main metric; every metric is in ``equivalence.csv``/``.json``)."""
+    out = [
         "# Equivalence (TOST) and degradation",
         "",
-        "Clustered view: each sample's delta averaged over runs; normal approximation, 90% CI, α = 0.05 per "
-        "one-sided test. Degradation p: one-sided test of Δ < 0.",
+        f"{metric}. Clustered view: each question's delta averaged over runs; two one-sided tests with a normal "
+        f"approximation, 90% CI, α = {meta.get('tost_alpha', 0.05)} per one-sided test; equivalent when the 90% CI "
+        "lies inside (−margin, +margin). Degradation p: one-sided test of Δ < 0. The margins were chosen after the "
+        "paper's frozen rerun (not preregistered).",
         "",
     ]
     for base in meta["baselines"]:
-        for m in METRIC_ORDER:
-            rows = [e for e in equivalence if e["baseline"] == base and e["metric"] == m]
-            if not rows:
-                continue
-            head = ["Condition", "n", "Δ", "90% CI", *(f"TOST p (±{g:g})" for g in margins), "Degradation p"]
-            out += [f"## vs {base}: {m}", "", "| " + " | ".join(head) + " |"]
-            out.append("| --- | ---: | ---: | --- |" + " ---: |" * (len(margins) + 1))
-            for cond in dict.fromkeys(e["condition"] for e in rows):
-                by_margin = {e["margin"]: e for e in rows if e["condition"] == cond}
-                e0 = next(iter(by_margin.values()))
-                ps = [
-                    _p(by_margin[g]["p"]) + (" (equiv.)" if by_margin[g]["equivalent"] else "")
-                    for g in map(float, margins)
-                ]
-                out.append(
-                    f"| {cond} | {e0['n']} | {_f(e0['delta'], True)} | "
-                    f"[{_f(e0['ci90_low'], True)}, {_f(e0['ci90_high'], True)}] | "
-                    + " | ".join(ps)
-                    + f" | {_p(e0['degradation_p'])} |"
-                )
-            out.append("")
+        rows = [e for e in equivalence if e["baseline"] == base and e["metric"] == metric]
+        if not rows:
+            continue
+        out += [
+            f"## vs {base}",
+            "",
+            "| Condition | n | Δ | 90% CI | Margin | TOST p | Verdict | Degradation p |",
+            "| --- | ---: | ---: | --- | ---: | ---: | --- | ---: |",
+        ]
+        for e in rows:
+            out.append(
+                f"| {e['condition']} | {e['n']} | {_f(e['delta'], True)} | "
+                f"[{_f(e['ci90_low'], True)}, {_f(e['ci90_high'], True)}] | ±{e['margin']:g} | {_p(e['p'])} | "
+                f"{verdict(e)} | {_p(e['degradation_p'])} |"
+            )
+        out.append("")
     return "\n".join(out)
 
 
@@ -153,16 +188,19 @@ def gap_markdown(rows: Sequence[Mapping], meta: Mapping) -> str:
         f"(acc(condition) − acc({low})) / (acc({high}) − acc({low})): 0 is {low}, 1 is {high}. Accuracies are the "
         f"summary's ({metric}). {int(meta['confidence'] * 100)}% simple percentile bootstrap over questions, "
         f"{meta['resamples']} resamples (seed {meta['seed']}, one derived seed per condition): each resample draws "
-        f"sample ids once for every run of the condition, {low} and {high}.",
+        f"sample ids once for every run of the condition, {low} and {high}. The CI is conditional on the condition's "
+        "runs (its translators): each run's own fraction and their sample SD show how far another translator could "
+        "move it.",
         "",
-        "| Condition | Runs | n | Accuracy | Fraction | 95% CI |",
-        "| --- | ---: | ---: | ---: | ---: | --- |",
+        "| Condition | Runs | n | Accuracy | Fraction | 95% CI | Per run (seed: fraction) | SD over runs |",
+        "| --- | ---: | ---: | ---: | ---: | --- | --- | ---: |",
     ]
     for r in rows:
         ci = "n/a" if r["ci_low"] is None else f"[{_f(r['ci_low'], True)}, {_f(r['ci_high'], True)}]"
+        per_run = ", ".join(f"{k}: {_f(v, True)}" for k, v in r.get("per_run", {}).items()) or "n/a"
         out.append(
             f"| {r['condition']} | {r['runs']} | {r['n']} | {_f(r['acc_condition'])} | {_f(r['fraction'], True)} "
-            f"| {ci} |"
+            f"| {ci} | {per_run} | {_f(r.get('per_run_sd'))} |"
         )
     if rows:
         out += ["", f"{low}: {_f(rows[0]['acc_low'])}; {high}: {_f(rows[0]['acc_high'])}."]
@@ -211,6 +249,9 @@ def summary_rows(summary: Mapping) -> list[dict]:
                     "sd": "" if v["sd"] is None else v["sd"],
                     "ci_low": v["ci_low"],
                     "ci_high": v["ci_high"],
+                    "ci_unit": v["ci_unit"],
+                    "pooled_ci_low": v["pooled_ci_low"],
+                    "pooled_ci_high": v["pooled_ci_high"],
                     "per_run": ";".join(f"{k}={x:.6g}" for k, x in v["per_run"].items()),
                 }
             )

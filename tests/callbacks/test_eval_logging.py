@@ -84,7 +84,8 @@ def test_fake_logger_gets_long_table_report_tables_and_artifact(tmp_path, ckpt):
     summary_cols, summary = fake.tables["eval/tables/summary"]
     assert summary_cols[:4] == ["condition", "runs", "n", "metric"] and len(summary) == 2 * len(METRICS)
     comparison_cols, comparisons = fake.tables["eval/tables/comparisons"]
-    assert {"condition", "baseline", "delta", "mcnemar_p"} <= set(comparison_cols) and comparisons
+    assert {"condition", "baseline", "delta", "permutation_p", "pooled_mcnemar_p"} <= set(comparison_cols)
+    assert comparisons
     for key, (cols, data) in fake.tables.items():
         wandb.Table(columns=cols, data=data)  # what WandbLogger.log_table builds: types must be consistent
         assert not any(part.startswith("_") for part in key.split("/"))

@@ -63,11 +63,11 @@ def test_one_translator_written_for_three_seeds_is_one_run(tmp_path: Path) -> No
     assert add["collapsed_runs"] == {"42": ["42", "123", "456"]}
     assert add[WB]["sd"] is None and list(add[WB]["per_run"]) == ["42"]
     c = _row(res)
-    assert (c["runs"], c["n_pairs"]) == (1, N)
+    assert (c["runs"], c["pooled_n_pairs"]) == (1, N)
     assert c["collapsed_runs"] == {"additive": {"42": ["42", "123", "456"]}}
     # Exactly the statistics of the single computation.
     one = _row(run_report(_run("no_inject", None, base) + _run("additive", 42, cond), tmp_path / "one", resamples=500))
-    for key in ("delta", "ci_low", "ci_high", "mcnemar_p", "gained", "lost"):
+    for key in ("delta", "ci_low", "ci_high", "permutation_p", "pooled_mcnemar_p", "gained", "lost"):
         assert c[key] == one[key], key
     saved = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert saved["meta"]["collapsed_runs"] == {"additive": {"42": ["42", "123", "456"]}}
@@ -90,7 +90,7 @@ def test_distinct_translators_seeded_conditions_and_unnamed_records_stay_separat
     for name, runs in (("additive", 3), ("shuffled_translation", 3), ("replace", 3), ("best_alpha", 2)):
         assert res.summary["conditions"][name]["runs"] == runs, name
         c = _row(res, name)
-        assert (c["runs"], c["n_pairs"], c["collapsed_runs"]) == (runs, runs * N, {}), name
+        assert (c["runs"], c["pooled_n_pairs"], c["collapsed_runs"]) == (runs, runs * N, {}), name
     assert res.summary["meta"]["collapsed_runs"] == {}
     assert "one computation" not in (tmp_path / "out" / "summary.md").read_text()
     # Identical runs whose records name no translator stay separate, but the reader is warned.
@@ -120,7 +120,7 @@ def test_a_repeated_translator_among_several_collapses_only_its_runs(tmp_path: P
         recs += _run("scale_corrected", seed, cond, sha=sha * 64)
     res = run_report(recs, tmp_path / "out", resamples=200)
     assert res.summary["conditions"]["scale_corrected"]["collapsed_runs"] == {"42": ["42", "123"]}
-    assert (_row(res, "scale_corrected")["runs"], _row(res, "scale_corrected")["n_pairs"]) == (2, 2 * N)
+    assert (_row(res, "scale_corrected")["runs"], _row(res, "scale_corrected")["pooled_n_pairs"]) == (2, 2 * N)
 
 
 def test_eval_records_name_their_translator_and_its_report_counts_one_translator_once(tmp_path, monkeypatch) -> None:
@@ -172,8 +172,8 @@ def test_eval_records_name_their_translator_and_its_report_counts_one_translator
     assert "translator_sha256" not in shared.results["no_inject__deterministic"][0]["diagnostics"]
     assert shared.report_result.summary["meta"]["unnamed_identical_runs"] == {}
     by = {c["condition"]: c for c in shared.report_result.comparisons if c["metric"] == WB}
-    assert (by["additive"]["runs"], by["additive"]["n_pairs"]) == (1, 6)
-    assert (by["shuffled_translation"]["runs"], by["shuffled_translation"]["n_pairs"]) == (2, 12)
+    assert (by["additive"]["runs"], by["additive"]["pooled_n_pairs"]) == (1, 6)
+    assert (by["shuffled_translation"]["runs"], by["shuffled_translation"]["pooled_n_pairs"]) == (2, 12)
 
     # One checkpoint per seed (the README's list syntax): seed i uses checkpoint i, two runs.
     per_seed = evaluate(json.dumps(ckpts), "per_seed")
@@ -182,7 +182,7 @@ def test_eval_records_name_their_translator_and_its_report_counts_one_translator
             sha256_file(ckpt)
         }
     add = next(c for c in per_seed.report_result.comparisons if c["condition"] == "additive" and c["metric"] == WB)
-    assert (add["runs"], add["n_pairs"]) == (2, 12)
+    assert (add["runs"], add["pooled_n_pairs"]) == (2, 12)
 
 
 def test_demo_trains_one_translator_per_seed_and_evaluates_with_the_list(tmp_path: Path, fake_demo) -> None:

@@ -70,7 +70,7 @@ def test_report_on_a_run_folder_and_its_records(tmp_path: Path, capsys, sub: str
         for c in json.loads((out / "comparisons.json").read_text())
         if c["condition"] == STRICT and c["baseline"] == "no_inject"
     )
-    assert (strict["n_samples"], strict["n_pairs"], strict["dropped"]) == (10, 20, 4)
+    assert (strict["n_samples"], strict["pooled_n_pairs"], strict["dropped"]) == (10, 20, 4)
     assert {p.name for p in out.iterdir()} == EXPECTED_FILES
 
 
@@ -131,3 +131,18 @@ def test_report_files_are_world_readable(tmp_path: Path) -> None:
         os.umask(old)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in res.files.values()}
     assert set(modes) == EXPECTED_FILES and set(modes.values()) == {0o644}, modes
+
+
+def test_the_console_prints_the_question_clustered_comparisons(tmp_path: Path, capsys) -> None:
+    run = _run_folder(tmp_path)
+    out = tmp_path / "R"
+    assert main([str(run), "--out", str(out), "--resamples", "50", "--permutations", "99"]) == 0
+    printed = capsys.readouterr().out
+    row = next(
+        c
+        for c in json.loads((out / "comparisons.json").read_text())
+        if (c["condition"], c["baseline"], c["metric"]) == ("nl_relay", "no_inject", "word_boundary_contains")
+    )
+    assert row["permutations"] == 99
+    assert "| Condition | Runs | Questions | Δ | 95% CI (questions) | p (sign-flip) |" in printed
+    assert f"| nl_relay | 1 | 12 | {row['delta']:+.4f} | [{row['ci_low']:+.4f}, {row['ci_high']:+.4f}] |" in printed

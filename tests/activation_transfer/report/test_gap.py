@@ -16,7 +16,7 @@ from activation_transfer.report.stats import derive_seed
 from activation_transfer.task.scoring import MAIN_METRIC, METRICS
 
 LOW, HIGH = "receiver_alone", "skyline"
-GAP_FILES = {"gap_recovered.json", "gap_recovered.csv", "gap_recovered.md"}
+GAP_FILES = {f"gap_recovered.{ext}" for ext in ("json", "csv", "md", "png", "svg")}
 
 
 def _run(correct, ids=None) -> dict[str, dict[str, bool]]:

@@ -31,24 +31,32 @@ EXPECTED_FILES = {
     "equivalence.json",
     "summary.md",
     "comparisons.md",
+    "equivalence.md",
     "summary.csv",
     "comparisons.csv",
     "equivalence.csv",
     "accuracy.png",
+    "accuracy.svg",
     "deltas.png",
+    "deltas.svg",
 }
 COMPARISON_KEYS = {
     "condition",
     "baseline",
     "metric",
     "runs",
-    "n_pairs",
+    "n_samples",
     "delta",
     "ci_low",
     "ci_high",
+    "permutation_p",
+    "permutations",
     "gained_per_run",
     "lost_per_run",
-    "mcnemar_p",
+    "pooled_n_pairs",
+    "pooled_ci_low",
+    "pooled_ci_high",
+    "pooled_mcnemar_p",
 }
 EQUIVALENCE_KEYS = {"condition", "baseline", "metric", "view", "delta", "ci90_low", "ci90_high", "margin", "p"}
 
@@ -110,15 +118,20 @@ def test_reproduces_the_paper_figures(paper_results_dir: Path, tmp_path: Path) -
 
     by = {(c["condition"], c["baseline"], c["metric"]): c for c in res.comparisons}
     c = by["additive", "no_inject", wb]
-    assert c["runs"] == 3 and c["n_pairs"] == 1188
+    # The paper's pairwise figures pool runs x questions: they are the pooled_* keys.
+    assert c["runs"] == 3 and c["pooled_n_pairs"] == 1188 and c["n_samples"] == 396
     assert round(c["delta"], 4) == 0.0042
     assert (c["gained"], c["lost"]) == (16, 11)  # 5.3 / 3.7 per run
     assert (round(c["gained_per_run"], 1), round(c["lost_per_run"], 1)) == (5.3, 3.7)
-    assert c["ci_low"] == pytest.approx(-0.0042, abs=0.002) and c["ci_high"] == pytest.approx(0.0126, abs=0.002)
+    assert c["pooled_ci_low"] == pytest.approx(-0.0042, abs=0.002)
+    assert c["pooled_ci_high"] == pytest.approx(0.0126, abs=0.002)
+    # The primary CI resamples questions: wider than the pooled one, still around the same delta.
+    assert c["ci_low"] < c["pooled_ci_low"] and c["ci_high"] > c["pooled_ci_high"]
     c = by["additive", "no_inject", leg]
     assert round(c["delta"], 4) == 0.0059
     assert (round(c["gained_per_run"], 1), round(c["lost_per_run"], 1)) == (6.3, 4.0)
-    assert c["ci_low"] == pytest.approx(-0.0034, abs=0.002) and c["ci_high"] == pytest.approx(0.0152, abs=0.002)
+    assert c["pooled_ci_low"] == pytest.approx(-0.0034, abs=0.002)
+    assert c["pooled_ci_high"] == pytest.approx(0.0152, abs=0.002)
 
     eq = {(e["metric"], e["margin"]): e for e in res.equivalence if e["condition"] == "additive"}
     e5, e3 = eq[wb, 0.05], eq[wb, 0.03]
@@ -142,7 +155,8 @@ def test_paper_cli_writes_everything(paper_results_dir: Path, tmp_path: Path, ca
     assert str(out) in printed and "nl_relay" in printed  # the note that the absent default baseline was skipped
     assert {p.name for p in out.iterdir()} == EXPECTED_FILES
     md = (out / "comparisons.md").read_text()
-    assert "| additive | 3 | 1188 | +0.0042 |" in md and "5.3 / 3.7" in md and "6.3 / 4.0" in md
+    # Main metric only (legacy contains' 6.3 / 4.0 is in comparisons.csv), the pooled pairs beside the questions.
+    assert "| additive | 3 | 396 | +0.0042 |" in md and "5.3 / 3.7 | 1188 |" in md and "6.3 / 4.0" not in md
 
 
 # ------------------------------------------------------------------------------------------------ outputs
@@ -187,7 +201,8 @@ def test_cli_on_a_folder_of_jsonl(tmp_path: Path, capsys) -> None:
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     assert "| replace | 3 | 60 |" in (out / "summary.md").read_text()
     md = (out / "comparisons.md").read_text()
-    assert "## vs nl_relay: word_boundary_contains" in md and "TOST p (±0.1)" in md
+    assert "## vs nl_relay" in md and "legacy_contains" not in md
+    assert "| ±0.1 |" in (out / "equivalence.md").read_text()
 
 
 def test_report_is_deterministic_and_in_memory_equals_files(tmp_path: Path) -> None:
@@ -257,7 +272,7 @@ def test_sample_ids_differ_from_baseline(tmp_path: Path) -> None:
         run_report(recs, tmp_path / "x")
     res = run_report(recs, tmp_path / "y", intersect=True, resamples=100)
     c = next(c for c in res.comparisons if c["metric"] == "word_boundary_contains")
-    assert (c["n_pairs"], c["dropped"], c["n_samples"]) == (3, 1, 3)
+    assert (c["pooled_n_pairs"], c["dropped"], c["n_samples"]) == (3, 1, 3)
     assert any("dropped 1" in note for note in res.notes)
     assert "dropped 1" in " ".join(res.summary["meta"]["notes"])
 

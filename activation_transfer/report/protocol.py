@@ -1,0 +1,82 @@
+"""Which evaluation protocol produced the report's inputs, read from each run folder (never guessed from conditions).
+
+An evaluation run folder records it: ``meta.json`` holds ``protocol`` for a non-paper protocol (the paper protocol adds
+nothing, so older folders keep their fingerprint), and ``config.yaml`` holds ``model.protocol`` for every run. Records
+given as loose files or in memory carry no protocol: ``None``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from activation_transfer.report.load import ReportInputError
+
+PAPER = "paper"
+
+
+def run_folder(path: Path) -> Path | None:
+    """The evaluation run folder an input belongs to (the folder itself, its ``records/``, or a file in it)."""
+    for candidate in (path, path.parent, path.parent.parent):
+        if (candidate / "records").is_dir() and any((candidate / f).is_file() for f in ("meta.json", "config.yaml")):
+            if candidate == path or path.is_relative_to(candidate / "records"):
+                return candidate
+    return None
+
+
+def _from_config(path: Path) -> str | None:
+    import yaml  # a dependency of the project's configs; imported only when a run folder lacks it in meta.json
+
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as err:
+        raise ReportInputError(f"{path}: cannot read the run's config ({err})") from err
+    model = config.get("model") if isinstance(config, Mapping) else None
+    proto = model.get("protocol") if isinstance(model, Mapping) else None
+    if isinstance(proto, Mapping):  # a class_path/init_args form would name it here
+        proto = proto.get("name")
+    return proto if isinstance(proto, str) else None
+
+
+def folder_protocol(run: Path) -> str | None:
+    """The protocol a run folder recorded: ``meta.json``'s ``protocol``, else ``config.yaml``'s ``model.protocol``,
+    else ``paper`` when the module wrote ``meta.json`` (it names only non-paper protocols there), else ``None``."""
+    meta_path = run / "meta.json"
+    meta = None
+    if meta_path.is_file():
+        try:
+            meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as err:
+            raise ReportInputError(f"{meta_path}: cannot read the run's metadata ({err})") from err
+        if isinstance(meta, Mapping) and isinstance(meta.get("protocol"), str):
+            return meta["protocol"]
+    if (run / "config.yaml").is_file():
+        proto = _from_config(run / "config.yaml")
+        if proto is not None:
+            return proto
+    return PAPER if isinstance(meta, Mapping) else None
+
+
+def input_protocol(inputs: Iterable) -> str | None:
+    """The one protocol of the inputs' run folders, ``None`` when none records one.
+
+    Raises:
+        ReportInputError: Run folders of different protocols (one line naming each folder and its protocol): their
+            conditions and baselines differ, so one report of both would compare across protocols.
+    """
+    found: dict[str, str] = {}
+    for item in inputs:
+        if isinstance(item, Mapping):
+            continue
+        run = run_folder(Path(item))
+        if run is not None and (proto := folder_protocol(run)) is not None:
+            found.setdefault(str(run), proto)
+    kinds = sorted(set(found.values()))
+    if len(kinds) > 1:
+        listed = "; ".join(f"{folder}: {proto}" for folder, proto in found.items())
+        raise ReportInputError(
+            f"the inputs mix evaluation protocols ({listed}); report each protocol separately (one report.py call "
+            "per protocol)"
+        )
+    return kinds[0] if kinds else None
