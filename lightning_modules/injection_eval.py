@@ -105,10 +105,10 @@ class InjectionEvalModule(pl.LightningModule):
         super().__init__()
         self.sender_ref, self.receiver_ref = as_ref(sender), as_ref(receiver)
         self.slots = SlotSpec(**slots) if isinstance(slots, dict) else slots
-        if sender_site != "block" and protocol != "split":
-            raise ValueError(f"model.sender_site {sender_site} is an option of the split protocol only")
         # What differs between protocols: ask it.
         self.protocol = protocol_for(protocol, slots=self.slots, sender_site=sender_site)
+        if getattr(self.protocol, "sender_site", "block") != sender_site:  # a protocol without the option ignored it
+            raise ValueError(f"model.sender_site {sender_site} is not an option of the {protocol} protocol")
         names = tuple(conditions or ())
         if names in ((), cnd.CONDITION_NAMES):  # the default list means the protocol's default
             names = self.protocol.default_conditions

@@ -133,7 +133,7 @@ def test_site_and_conditions_are_checked_when_the_module_is_built(ckpts) -> None
                 sender_site=site,
                 functional_translator_ckpt=ckpts["own"],
             )
-    with pytest.raises(ValueError, match="model.sender_site embeddings is an option of the split protocol only"):
+    with pytest.raises(ValueError, match="model.sender_site embeddings is not an option of the paper protocol"):
         InjectionEvalModule(SENDER, RECEIVER, conditions=["no_inject"], sender_site="embeddings")
     # The default (block) leaves the split run's identity as it was.
     module = InjectionEvalModule(SENDER, RECEIVER, conditions=["receiver_alone"], protocol="split")
