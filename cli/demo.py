@@ -230,9 +230,10 @@ def main(argv: list[str] | None = None) -> int:
     if wandb_dirs:
         print(f"[demo] W&B offline runs (upload with `wandb sync <dir>`): {len(wandb_dirs)} under {out}")
     if not args.skip_split:
-        from cli.split_demo import gap_lines, run_split
+        from cli.split_demo import gap_lines, run_split, subgroup_lines
 
         split_dir = run_split(out, organisms, seeds, args.num_samples, _translator, steps)
+        print("\n".join(subgroup_lines(json.loads((split_dir / "report" / "subgroups.json").read_text()))))
         lines = gap_lines(split_dir / "report")
         if lines:
             print("[demo] fraction of the receiver_alone -> skyline gap recovered (95% bootstrap CI over questions):")

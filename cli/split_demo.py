@@ -11,10 +11,18 @@
 3. Evaluation of every split condition on the held-out questions (``configs/eval/split_demo.yaml``), three
    translator seeds; the report compares with ``receiver_alone`` and ``skyline`` and writes the fraction of the gap
    recovered with its bootstrap CI (``gap_recovered.json``).
+4. Controls that say what crossed (docs/conditions.md), each with a functional translator per seed (cached alike):
+   ``slots_functional_lexical`` (trained and read on the sender's token embeddings) and
+   ``slots_functional_mismatched`` (trained on contexts swapped between samples), each evaluated in a run of its
+   own; then the same questions with counterfactual contexts (the gold answer replaced by another entity of its
+   type). ``subgroups.json`` in the report: accuracy by hops and by candidates (entities of the answer's type in the
+   context) with question-clustered CIs, and per condition how often an answer follows the new context or keeps the
+   old answer.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -30,6 +38,14 @@ FUNCTIONAL_CONFIG = ROOT / "configs" / "train" / "functional_demo.yaml"
 SELECTION_SEED = 2
 SWEEP_CONDITIONS = ("receiver_alone", "skyline", "slots_self", "slots_zero")
 METRIC = MAIN_METRIC  # the sweep and the choice read the paper's main metric
+# The control translators: the functional config with these arguments (and the seed's own mismatch seed).
+CONTROL_TRAINING = {
+    "slots_functional_lexical": ["--model.init_args.sender_site", "embeddings"],
+    "slots_functional_mismatched": ["--data.init_args.mismatched_contexts", "true"],
+}
+CONTROL_SITE = {"slots_functional_lexical": "embeddings", "slots_functional_mismatched": "block"}
+# The conditions evaluated again on counterfactual contexts (with the two controls, in their own runs).
+COUNTERFACTUAL_CONDITIONS = ("receiver_alone", "skyline", "slots_self", "slots_translated", "slots_functional")
 
 
 def _accuracies(run_dir: Path) -> dict:
@@ -154,23 +170,8 @@ def run_split(
     )
 
     t = time.perf_counter()
-    args = [
-        "test",
-        "-c",
-        str(SPLIT_EVAL_CONFIG),
-        "--model.seeds",
-        json.dumps(seeds),
-        "--model.receiver.layer",
-        block,
-        "--model.translator_ckpt",
-        json.dumps([str(c) for c in aligned]),
-        "--model.functional_translator_ckpt",
-        json.dumps([str(c) for c in functional]),
-        "--trainer.default_root_dir",
-        str(out / "eval_split"),
-    ]
-    if num_samples:
-        args += ["--data.num_samples", str(num_samples)]
+    split_eval = functools.partial(split_eval_args, seeds=seeds, block=block, num_samples=num_samples)
+    args = split_eval(out / "eval_split", aligned=aligned, functional=functional)
     section("7. split protocol: every split condition on the held-out questions, then its report")
     if steps is not None:
         steps.add("evaluate.py", args)
@@ -183,7 +184,122 @@ def run_split(
     write_json(report / "slots_self_layer_sweep.json", sweep)
     for fmt, data in sweep_plot(rows, chosen).items():
         atomic_write(report / f"slots_self_layer_sweep.{fmt}", data)
+
+    t = time.perf_counter()
+    section(f"8. split protocol: the control translators per seed at receiver block {chosen}")
+    controls = {
+        name: [
+            translator(
+                out,
+                organisms,
+                s,
+                FUNCTIONAL_CONFIG,
+                ["--model.init_args.receiver_model.layer", block, "--data.init_args.shuffle_seed", str(s), *extra]
+                + (["--data.init_args.mismatch_seed", str(s)] if "mismatched" in name else []),
+                steps=steps,
+            )
+            for s in seeds
+        ]
+        for name, extra in CONTROL_TRAINING.items()
+    }
+    print(f"[demo] control translators ({len(controls)} x {len(seeds)}): {time.perf_counter() - t:.0f} s", flush=True)
+
+    t = time.perf_counter()
+    section("9. split protocol: the controls, then every condition again on counterfactual contexts")
+    runs: dict[str, list[Path]] = {"original": [run_dir], "counterfactual": []}
+    for cf in (False, True):
+        plans = [
+            (
+                split_eval(
+                    out / "eval_split_controls" / f"{name}{'-cf' if cf else ''}",
+                    functional=ckpts,
+                    conditions=[name],
+                    site=CONTROL_SITE[name],
+                    counterfactual=cf,
+                )
+            )
+            for name, ckpts in controls.items()
+        ]
+        if cf:
+            conds = list(COUNTERFACTUAL_CONDITIONS)
+            main = split_eval(out / "eval_split_cf", aligned, functional, conditions=conds, counterfactual=True)
+            plans.insert(0, main)
+        for eval_args in plans:
+            if steps is not None:
+                steps.add("evaluate.py", eval_args)
+            runs["counterfactual" if cf else "original"].append(eval_main(eval_args).model.run_dir)
+    print(f"[demo] control and counterfactual evaluations: {time.perf_counter() - t:.0f} s", flush=True)
+    write_json(report / "subgroups.json", subgroup_summary(runs))
     return run_dir
+
+
+def split_eval_args(
+    root: Path,
+    aligned: list[Path] | None = None,
+    functional: list[Path] | None = None,
+    *,
+    seeds: list[int],
+    block: str,
+    num_samples: int | None,
+    conditions: list[str] | None = None,
+    site: str = "block",
+    counterfactual: bool = False,
+) -> list[str]:
+    """The command line of a split evaluation at receiver block ``block`` into ``root``: the given translators (one
+    per seed), conditions (default: the config's), sender site and data (counterfactual contexts or not)."""
+    args = ["test", "-c", str(SPLIT_EVAL_CONFIG), "--model.seeds", json.dumps(seeds), "--model.receiver.layer", block]
+    for option, ckpts in (("translator_ckpt", aligned), ("functional_translator_ckpt", functional)):
+        if ckpts:
+            args += [f"--model.{option}", json.dumps([str(c) for c in ckpts])]
+    if conditions:
+        args += ["--model.conditions", json.dumps(conditions)]
+    if site != "block":
+        args += ["--model.sender_site", site]
+    if counterfactual:
+        args += ["--data.counterfactual", "true"]
+    args += ["--trainer.default_root_dir", str(root)]
+    return args + (["--data.num_samples", str(num_samples)] if num_samples else [])
+
+
+def subgroup_summary(runs: dict[str, list[Path]]) -> dict:
+    """What ``subgroups.json`` holds: accuracy overall, by hops and by candidates on the original questions (every
+    condition of the runs ``runs["original"]``), and the counterfactual rates of the runs ``runs["counterfactual"]``."""
+    from activation_transfer.report.subgroups import counterfactual_rows, read_records, subgroup_rows
+
+    original = read_records(runs["original"])
+    return {
+        "metric": METRIC,
+        "runs": {k: [str(p) for p in v] for k, v in runs.items()},
+        **{field: subgroup_rows(original, field) for field in ("all", "hops", "candidates")},
+        "counterfactual": counterfactual_rows(read_records(runs["counterfactual"])),
+    }
+
+
+def subgroup_lines(summary: dict) -> list[str]:
+    """The demo's printout of ``subgroups.json``: the split table with the controls, the counterfactual rates, the
+    two-candidate table and the receiver's full-prompt (skyline) accuracy on two-candidate questions."""
+    from activation_transfer.report.subgroups import counterfactual_markdown, subgroup_markdown
+
+    two = [r for r in summary["candidates"] if r["value"] == 2]
+    sky = next((r for r in two if r["condition"] == "skyline"), None)
+    sky_line = (
+        "no two-candidate questions"
+        if sky is None
+        else (f"{sky['accuracy']:.3f} [{sky['ci_low']:.3f}, {sky['ci_high']:.3f}] on {sky['n']} questions")
+    )
+    return [
+        "[demo] split conditions with the controls (accuracy, 95% CI resampling questions with their seeds):",
+        subgroup_markdown(summary["all"]),
+        "[demo] by hops:",
+        subgroup_markdown(summary["hops"]),
+        "[demo] by candidates (entities of the answer's type in the context):",
+        subgroup_markdown(summary["candidates"]),
+        "[demo] two-candidate questions:",
+        subgroup_markdown(two),
+        f"[demo] receiver full prompt (skyline) on two-candidate questions: {sky_line}",
+        "[demo] counterfactual contexts (gold answer replaced by another entity of its type):",
+        counterfactual_markdown(summary["counterfactual"]),
+    ]
 
 
 def gap_lines(report: Path) -> list[str]:

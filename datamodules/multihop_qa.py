@@ -7,10 +7,13 @@ padding happen in the evaluation module, which owns the two models' tokenizers (
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from activation_transfer.task.entities import counterfactual as substitute
 from activation_transfer.task.generator import EVAL_NUM_SAMPLES, EVAL_SEED
 from datamodules.qa_sources import PAPER_FILES, QADataError, QASample, load_source, resolve_paper_file
 
@@ -30,6 +33,18 @@ class QADataset(Dataset):
         return self.samples[index]
 
 
+def counterfactual_samples(samples: list[QASample], seed: int) -> list[QASample]:
+    """Each sample with its gold answer replaced in the context by another entity of its type (see
+    :func:`activation_transfer.task.entities.counterfactual`); samples without one are left out."""
+    out = []
+    for s in samples:
+        changed = substitute(s.context, s.answer, seed, s.sample_id)
+        if changed is not None:
+            context, answer = changed
+            out.append(dataclasses.replace(s, context=context, answer=answer, gold_original=s.answer))
+    return out
+
+
 class MultiHopQADataModule(pl.LightningDataModule):
     """Multi-hop QA samples for evaluation.
 
@@ -46,6 +61,11 @@ class MultiHopQADataModule(pl.LightningDataModule):
             ``source: synthetic`` (use ``limit`` to shorten a file).
         generator_seed: Seed of the generator (default ``EVAL_SEED``, the held-out evaluation seed).
         limit: Keep only the first N samples of any source, for quick runs.
+        counterfactual: Replace the gold answer everywhere in each context by another entity of its type that the
+            context does not name (``activation_transfer.task.entities``); the substitute becomes the gold, the old
+            answer ``gold_original``. Samples whose answer has no known type are dropped (counted in
+            ``source_info``): does an answer follow the context, or what a model learnt?
+        counterfactual_seed: Seed of the substitutes (with each sample id: deterministic per sample).
         batch_size: Samples per batch.
         num_workers: DataLoader worker processes.
     """
@@ -58,6 +78,8 @@ class MultiHopQADataModule(pl.LightningDataModule):
         num_samples: int | None = None,
         generator_seed: int = EVAL_SEED,
         limit: int | None = None,
+        counterfactual: bool = False,
+        counterfactual_seed: int = 0,
         batch_size: int = 16,
         num_workers: int = 0,
     ):
@@ -82,6 +104,7 @@ class MultiHopQADataModule(pl.LightningDataModule):
         self.num_samples = EVAL_NUM_SAMPLES if num_samples is None and source == "synthetic" else num_samples
         self.generator_seed = generator_seed
         self.limit = limit
+        self.counterfactual, self.counterfactual_seed = counterfactual, counterfactual_seed
         self.batch_size = batch_size
         self.num_workers = num_workers
         self._samples: list[QASample] | None = None
@@ -111,6 +134,12 @@ class MultiHopQADataModule(pl.LightningDataModule):
             if self.limit is not None:
                 samples = samples[: self.limit]
                 info["n"] = len(samples)
+            if self.counterfactual:
+                samples = counterfactual_samples(samples, self.counterfactual_seed)
+                info.update(
+                    counterfactual={"seed": self.counterfactual_seed, "dropped_untyped": info["n"] - len(samples)},
+                    n=len(samples),
+                )
             if not samples:
                 raise QADataError(f"QA source {self.source!r} has no samples")
             self._samples, self._info, self._dataset = samples, info, QADataset(samples)

@@ -108,6 +108,8 @@ class QASample:
         question: The question.
         answer: The gold answer (non-empty).
         hops: Number of reasoning hops, None when the source does not say.
+        gold_original: The answer before a counterfactual substitution (``answer`` is then the substitute that the
+            changed context states); None for an unchanged sample.
     """
 
     sample_id: str
@@ -115,6 +117,7 @@ class QASample:
     question: str
     answer: str
     hops: int | None = None
+    gold_original: str | None = None
 
     @property
     def prompt(self) -> str:
@@ -131,7 +134,10 @@ class QASample:
         return format_relay_receiver_prompt(relay, self.question)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if out["gold_original"] is None:  # only counterfactual samples have it: other dicts stay as they were
+            del out["gold_original"]
+        return out
 
 
 # --------------------------------------------------------------------------------------------- hashing and files

@@ -8,7 +8,9 @@ evaluation files are refused as training or validation sources.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import random
 
 import pytorch_lightning as pl
 import torch
@@ -30,6 +32,36 @@ def sample_key(s: QASample) -> str:
     return f"{s.context}\n{s.question}\n{s.answer}"
 
 
+def context_derangement(contexts: list[str], seed: int) -> list[int]:
+    """A seeded permutation ``p`` with ``contexts[p[i]] != contexts[i]`` for every ``i`` (so ``p[i] != i``).
+
+    Sattolo's algorithm draws a single cycle (no fixed point); a donor whose context text equals the sample's (two
+    samples with one context) is then swapped with another sample's donor where both pairs stay different.
+    """
+    n = len(contexts)
+    if n < 2:
+        raise ValueError(f"data.mismatched_contexts needs at least 2 samples, got {n}")
+    rng = random.Random(seed)
+    perm = list(range(n))
+    for i in range(n - 1, 0, -1):
+        j = rng.randrange(i)
+        perm[i], perm[j] = perm[j], perm[i]
+    for i in range(n):
+        if contexts[perm[i]] != contexts[i]:
+            continue
+        j = next((j for j in range(n) if contexts[perm[j]] != contexts[i] and contexts[perm[i]] != contexts[j]), None)
+        if j is None:
+            raise ValueError("data.mismatched_contexts: every sample has the same context; nothing to swap")
+        perm[i], perm[j] = perm[j], perm[i]
+    return perm
+
+
+def mismatched(samples: list[QASample], seed: int) -> list[QASample]:
+    """Each sample with the context of another (:func:`context_derangement`); question and answer are kept."""
+    perm = context_derangement([s.context for s in samples], seed)
+    return [dataclasses.replace(s, context=samples[p].context) for s, p in zip(samples, perm, strict=True)]
+
+
 class QATrainingDataModule(pl.LightningDataModule):
     """Training and validation QA samples for functional translator training.
 
@@ -42,6 +74,10 @@ class QATrainingDataModule(pl.LightningDataModule):
         train_seed: Generator seed of the training samples; must differ from ``EVAL_SEED`` and ``val_seed``.
         val_seed: Generator seed of the validation samples; must differ from ``EVAL_SEED``.
         shuffle_seed: Seed of the training order (independent of the global seed).
+        mismatched_contexts: Give every training and validation sample another sample's context (a seeded
+            derangement: no sample keeps its own context): a translator trained so can only learn what the question
+            alone tells (the ``slots_functional_mismatched`` control).
+        mismatch_seed: Seed of that derangement (validation uses ``mismatch_seed + 1``).
         batch_size: Samples per batch.
         data_dir: Local folder holding the paper's files (else downloaded once, SHA-256 checked).
         cache_dir: Cache folder for downloads.
@@ -57,6 +93,8 @@ class QATrainingDataModule(pl.LightningDataModule):
         train_seed: int = 1,
         val_seed: int = 2,
         shuffle_seed: int = 0,
+        mismatched_contexts: bool = False,
+        mismatch_seed: int = 0,
         batch_size: int = 16,
         data_dir: str | None = None,
         cache_dir: str | None = None,
@@ -114,6 +152,8 @@ class QATrainingDataModule(pl.LightningDataModule):
                 f"no {'training' if not train else 'validation'} samples left (data.train_source "
                 f"{h.train_source!r}, data.val_source {h.val_source!r})"
             )
+        if h.mismatched_contexts:
+            train, val = mismatched(train, h.mismatch_seed), mismatched(val, h.mismatch_seed + 1)
         self.train_set, self.val_set = QADataset(train), QADataset(val)
 
     def train_dataloader(self) -> DataLoader:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from activation_transfer.injection.conditions import apply_injection
 from activation_transfer.injection.slots import SlotSpec, slot_grid
-from activation_transfer.injection.sources import capture_block, position_ids
+from activation_transfer.injection.sources import SENDER_SITES, capture_block, capture_site, position_ids
 from activation_transfer.models.frozen_lm import ModelRef, as_ref, load_ref
 from activation_transfer.models.hooks import block_hook
 from activation_transfer.translators.architectures import (
@@ -68,6 +68,10 @@ class FunctionalTranslatorModule(pl.LightningModule):
             ``max_context_tokens``).
         max_question_tokens: Question-part tokens kept (right truncation).
         max_answer_tokens: Answer tokens kept before the EOS (right truncation).
+        sender_site: Where the sender is read: ``block`` (the output of ``sender_model.layer``) or ``embeddings``
+            (its token embeddings, the input of block 0: the ``slots_functional_lexical`` control, which carries
+            which tokens the context held and nothing the sender computed). Recorded in the training spec; the
+            evaluation refuses a translator read at another site.
         <optimizer args>
         cache_dir: Project cache folder (offline tokenizer, organisms).
     """
@@ -85,6 +89,7 @@ class FunctionalTranslatorModule(pl.LightningModule):
         slots: SlotSpec | None = None,
         max_question_tokens: int = 64,
         max_answer_tokens: int = 16,
+        sender_site: Literal["block", "embeddings"] = "block",
         lr: float = DEFAULTS.lr,
         weight_decay: float = DEFAULTS.weight_decay,
         betas: tuple[float, float] = DEFAULTS.betas,
@@ -105,6 +110,8 @@ class FunctionalTranslatorModule(pl.LightningModule):
         for name, n in (("max_question_tokens", max_question_tokens), ("max_answer_tokens", max_answer_tokens)):
             if n < 1:
                 raise ValueError(f"model.{name} must be >= 1, got {n}")
+        if sender_site not in SENDER_SITES:
+            raise ValueError(f"model.sender_site must be one of {', '.join(SENDER_SITES)}, got {sender_site!r}")
         spec = translator_spec(translator)
         self.slot_spec = slots if isinstance(slots, SlotSpec) else SlotSpec(**(slots or {}))
         self.save_hyperparameters(ignore=["sender_model", "receiver_model", "translator", "slots"], logger=False)
@@ -134,9 +141,16 @@ class FunctionalTranslatorModule(pl.LightningModule):
                 "mse_weight": mse_weight,
                 "distill_on": distill_on if objective == "distill" else None,
                 "slots": self.slot_spec.to_dict(),
+                "sender_site": sender_site,
+                "contexts": "own",  # set from the data module at setup (QATrainingDataModule.mismatched_contexts)
             },
         )
         self.translator = build_translator(spec, d_s, d_r)
+
+    def setup(self, stage: str) -> None:
+        # What the translator learnt from is part of its training spec: the evaluation's mismatched control checks it.
+        data = (getattr(self.trainer.datamodule, "hparams", None) or {}) if self._trainer is not None else {}
+        self.hparams.training["contexts"] = "mismatched" if data.get("mismatched_contexts") else "own"
 
     # -- the map: the same contract as TranslatorModule.translate ----------------------------------------------
 
@@ -171,7 +185,8 @@ class FunctionalTranslatorModule(pl.LightningModule):
         ``pooled``: the mean of translations)."""
         s = batch["sender"]
         ids, mask = s["input_ids"].to(self.device), s["attention_mask"].to(self.device)
-        states = capture_block(self.sender, self.sender_lm.layer.path, ids, mask)  # no grad: the sender is frozen
+        path, site = self.sender_lm.layer.path, self.hparams.sender_site
+        states = capture_site(self.sender, path, ids, mask, site)  # no grad: the sender is frozen
         context = [states[i, sl] for i, sl in enumerate(s["context_slices"])]
         translated = self.translate(torch.cat(context)).split([len(c) for c in context])
         return [self.slot_spec.pick(t) for t in translated]

@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Literal
 
 import pytorch_lightning as pl
 import torch
@@ -69,6 +70,7 @@ class InjectionEvalModule(pl.LightningModule):
         functional_translator_ckpt: The functional translator (trained through the receiver), as ``translator_ckpt``:
             a .ckpt or exported folder, one or one per seed; read by the ``*_functional`` conditions.
         slots: The split protocol's slot scheme (``SlotSpec``: scheme, k, token_id, max_context_tokens).
+        sender_site: The split protocol's sender site: ``block`` or ``embeddings`` (``slots_functional_lexical``).
 
     Attributes:
         run_dir: The run folder (set at test start).
@@ -98,11 +100,15 @@ class InjectionEvalModule(pl.LightningModule):
         protocol: str = "paper",
         functional_translator_ckpt: str | list[str] | None = None,
         slots: SlotSpec = DEFAULT_SLOTS,
+        sender_site: Literal["block", "embeddings"] = "block",
     ) -> None:
         super().__init__()
         self.sender_ref, self.receiver_ref = as_ref(sender), as_ref(receiver)
         self.slots = SlotSpec(**slots) if isinstance(slots, dict) else slots
-        self.protocol = protocol_for(protocol, slots=self.slots)  # what differs between protocols: ask it
+        # What differs between protocols: ask it.
+        self.protocol = protocol_for(protocol, slots=self.slots, sender_site=sender_site)
+        if getattr(self.protocol, "sender_site", "block") != sender_site:  # a protocol without the option ignored it
+            raise ValueError(f"model.sender_site {sender_site} is not an option of the {protocol} protocol")
         names = tuple(conditions or ())
         if names in ((), cnd.CONDITION_NAMES):  # the default list means the protocol's default
             names = self.protocol.default_conditions

@@ -24,7 +24,7 @@ from activation_transfer.injection.conditions import (
 )
 from activation_transfer.injection.eval_plan import EvalPlan
 from activation_transfer.models.frozen_lm import LoadedModel
-from activation_transfer.models.hooks import capture_hidden
+from activation_transfer.models.hooks import capture_hidden, get_module
 from activation_transfer.report.records import run_key
 from activation_transfer.task.prompts import tokenize_left_padded
 
@@ -38,6 +38,46 @@ def position_ids(mask: torch.Tensor) -> torch.Tensor:
 def capture_block(model, path: str, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The block output for a left-padded batch, with the same position ids the ``generate`` prefill uses."""
     return capture_hidden(model, path, ids, mask, position_ids=position_ids(mask))
+
+
+# Where the sender is read: its block output (``sender.layer``), or the token embeddings that enter block 0
+# (``hidden_states[0]``): a translator on those sees which tokens the context held, nothing the sender computed.
+SENDER_SITES = ("block", "embeddings")
+
+
+class _Captured(Exception):
+    """Raised in the block-0 pre-hook: nothing after the embeddings is needed."""
+
+
+@torch.no_grad()
+def capture_site(model, path: str, ids: torch.Tensor, mask: torch.Tensor, site: str = "block") -> torch.Tensor:
+    """The sender states at ``site``: ``block`` (the output of the block at ``path``, :func:`capture_block`) or
+    ``embeddings`` (the input of block 0 of the same stack, which is ``hidden_states[0]``)."""
+    if site == "block":
+        return capture_block(model, path, ids, mask)
+    if site not in SENDER_SITES:
+        raise ValueError(f"sender site must be one of {', '.join(SENDER_SITES)}, got {site!r}")
+    captured: list[torch.Tensor] = []
+
+    def hook(_module, args, kwargs):
+        captured.append((args[0] if args else kwargs["hidden_states"]).detach())
+        raise _Captured
+
+    first = get_module(model, path.rsplit(".", 1)[0] + ".0")
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        model(
+            input_ids=ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=position_ids(mask).to(device),
+            use_cache=False,
+        )
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    return captured[0]
 
 
 def left_grid(rows: list[torch.Tensor], width: int, hidden: int, dtype, device) -> torch.Tensor:

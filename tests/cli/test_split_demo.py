@@ -41,6 +41,24 @@ def fake_eval(args):
     (run_dir / "report" / "summary.json").write_text(json.dumps(summary))
     gap = [{"condition": "slots_functional", "fraction": 0.5, "ci_low": 0.4, "ci_high": 0.6, "n": 30, "runs": 3}]
     (run_dir / "report" / "gap_recovered.json").write_text(json.dumps(gap))
+    # Records: two two-candidate questions per condition; right on q1 only (counterfactual: the old answer on q2).
+    (run_dir / "records").mkdir()
+    cf = opt(args, "--data.counterfactual") == "true"
+    for cond in json.loads(opt(args, "--model.conditions") or '["skyline", "slots_functional"]'):
+        rows = [
+            {
+                "sample_id": q,
+                "condition": cond,
+                "seed": None,
+                "hops": 2,
+                "gold": "Peru",
+                "prediction": pred,
+                "metrics": {"word_boundary_contains": pred == "Peru"},
+                "diagnostics": {"candidates": 2, **({"gold_original": "Japan"} if cf else {})},
+            }
+            for q, pred in (("q1", "Peru"), ("q2", "Japan"))
+        ]
+        (run_dir / "records" / f"{cond}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return SimpleNamespace(model=SimpleNamespace(report_result=None, run_dir=run_dir))
 
 
@@ -52,7 +70,8 @@ def test_split_demo_sweeps_on_validation_questions_and_uses_the_chosen_block(
     monkeypatch.setattr(split_demo, "receiver_blocks", lambda folder: len(SWEEP))
     assert demo.main(["--out", str(tmp_path / "demo")]) == 0
 
-    paper_eval, *sweep, split_eval = evaluated
+    paper_eval, *rest = evaluated
+    sweep, split_eval, controls = rest[: len(SWEEP)], rest[len(SWEEP)], rest[len(SWEEP) + 1 :]
     # The sweep: every block, on the validation questions (never the evaluation seed), no translators.
     assert [opt(a, "--model.receiver.layer") for a in sweep] == ["0", "1", "2"]
     assert {opt(a, "--data.generator_seed") for a in sweep} == {str(split_demo.SELECTION_SEED)} != {str(EVAL_SEED)}
@@ -70,7 +89,31 @@ def test_split_demo_sweeps_on_validation_questions_and_uses_the_chosen_block(
         used = Path(ckpt).read_text()
         assert f"--seed_everything {seed}" in used and "--model.init_args.receiver_model.layer 1" in used
         assert str(split_demo.FUNCTIONAL_CONFIG) in used
-    assert len(trained) == 3 + 6  # paper translators, then aligned and functional at the chosen block
+    assert len(trained) == 3 + 6 + 6  # paper translators, aligned and functional at the chosen block, the controls
+    lexical, mismatched = trained[9:12], trained[12:15]
+    for args, seed in zip(lexical, (42, 123, 456)):
+        assert opt(args, "--model.init_args.sender_site") == "embeddings" and opt(args, "--seed_everything") == str(
+            seed
+        )
+        assert opt(args, "--model.init_args.receiver_model.layer") == "1"
+    for args, seed in zip(mismatched, (42, 123, 456)):
+        assert opt(args, "--data.init_args.mismatched_contexts") == "true"
+        assert opt(args, "--data.init_args.mismatch_seed") == str(seed)
+    # The controls in runs of their own, then the counterfactual contexts; each control reads its own translators.
+    conds = [json.loads(opt(a, "--model.conditions")) for a in controls]
+    assert conds == [
+        ["slots_functional_lexical"],
+        ["slots_functional_mismatched"],
+        list(split_demo.COUNTERFACTUAL_CONDITIONS),
+        ["slots_functional_lexical"],
+        ["slots_functional_mismatched"],
+    ]
+    assert [opt(a, "--data.counterfactual") for a in controls] == [None, None, "true", "true", "true"]
+    assert [opt(a, "--model.sender_site") for a in controls] == ["embeddings", None, None, "embeddings", None]
+    assert all(opt(a, "--model.receiver.layer") == "1" for a in controls)
+    for args, expected in ((controls[0], lexical), (controls[1], mismatched), (controls[4], mismatched)):
+        used = [Path(c).read_text() for c in json.loads(opt(args, "--model.functional_translator_ckpt"))]
+        assert used == [" ".join(a) for a in expected]
 
     report = Path(opt(split_eval, "--trainer.default_root_dir")) / "run" / "report"
     sweep_json = json.loads((report / "slots_self_layer_sweep.json").read_text())
@@ -80,6 +123,18 @@ def test_split_demo_sweeps_on_validation_questions_and_uses_the_chosen_block(
     assert f"[demo] split report and plots: {report}" in out
     assert "slots_functional" in out and "+0.500 [+0.400, +0.600]" in out
     assert "| 1 (chosen) | 0.050 | 0.700 | 0.450 | 0.060 |" in out
+    # subgroups.json and its printout: every condition of the original runs, the counterfactual rates.
+    sub = json.loads((report / "subgroups.json").read_text())
+    assert [r["condition"] for r in sub["all"]] == [
+        "skyline",
+        "slots_functional",
+        "slots_functional_lexical",
+        "slots_functional_mismatched",
+    ]
+    assert all(r["accuracy"] == 0.5 and r["n"] == 2 for r in sub["candidates"])
+    assert len(sub["counterfactual"]) == 7 and all(r["follows"] == r["keeps_old"] == 0.5 for r in sub["counterfactual"])
+    assert "receiver full prompt (skyline) on two-candidate questions: 0.500" in out
+    assert "| slots_functional_mismatched | 0.500" in out
 
 
 def _resolved(args: list[str]) -> list[str]:
@@ -99,7 +154,7 @@ def test_demo_prints_the_commands_it_ran_with_paths_that_exist_and_that_parse(
     env = dict(kv.split("=", 1) for kv in shlex.split(lines[0])[1:])
     assert Path(env["ACTIVATION_TRANSFER_CACHE"]).is_dir() and env["WANDB_MODE"] == "disabled"  # conftest's
     titles = [line.split(".")[0] for line in lines if line.startswith("# ") and line[2].isdigit()]
-    assert titles == ["# 1", "# 2", "# 3", "# 4", "# 5", "# 6", "# 7"]
+    assert titles == ["# 1", "# 2", "# 3", "# 4", "# 5", "# 6", "# 7", "# 8", "# 9"]
     for role, folder in fake_demo.organisms.items():  # the organisms' cache folders are named, one a line
         assert f"#    {role}: {folder}" in lines
     commands = [shlex.split(line) for line in lines[1:] if not line.startswith("#")]

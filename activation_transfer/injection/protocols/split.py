@@ -34,11 +34,18 @@ from activation_transfer.injection.slots import (
     sender_batch,
     slot_grid,
 )
-from activation_transfer.injection.sources import capture_block, check_finite_rows, random_draws
+from activation_transfer.injection.sources import (
+    SENDER_SITES,
+    capture_block,
+    capture_site,
+    check_finite_rows,
+    random_draws,
+)
 from activation_transfer.models.frozen_lm import LoadedModel
 from activation_transfer.models.generation import GenerationSettings
 from activation_transfer.report.records import run_key
 from activation_transfer.report.run import SPLIT_BASELINES
+from activation_transfer.task.entities import candidates
 from activation_transfer.task.prompts import over_length, split_prompt, tokenize_left_padded
 
 CONDITION_NAMES: tuple[str, ...] = (
@@ -54,6 +61,13 @@ CONDITION_NAMES: tuple[str, ...] = (
     "slots_random_functional",
     "slots_zero",
 )
+# Controls that say what crossed, each with a functional translator of its own (``functional_translator_ckpt`` of a
+# run of its own): trained and read on the sender's token embeddings (``sender_site: embeddings``), or trained on
+# contexts swapped between samples (``QATrainingDataModule.mismatched_contexts``). Not in the default list.
+CONTROL_CONDITIONS: tuple[str, ...] = ("slots_functional_lexical", "slots_functional_mismatched")
+# What a functional translator's training spec must say for each functional condition (absent keys: an older
+# translator, read at its block on its own contexts).
+LEXICAL, MISMATCHED = CONTROL_CONDITIONS
 
 
 def split_conditions() -> dict[str, ConditionSpec]:
@@ -74,6 +88,38 @@ def split_conditions() -> dict[str, ConditionSpec]:
         "slots_random": ConditionSpec("slots_random", "replace", SOURCE_RANDOM, translator="aligned"),
         "slots_random_functional": ConditionSpec("slots_random_functional", "replace", SOURCE_RANDOM, translator=f),
         "slots_zero": ConditionSpec("slots_zero", "replace", SOURCE_ZEROS),
+        **{name: ConditionSpec(name, "replace", SOURCE_TRANSLATED, translator=f) for name in CONTROL_CONDITIONS},
+    }
+
+
+def check_translator_training(spec: ConditionSpec, training: dict, sender_site: str, where: str) -> None:
+    """Refuse a translator whose training does not fit the condition reading it: the sender site it was trained on
+    must be the evaluation's (``model.sender_site``), and only ``slots_functional_mismatched`` reads a translator
+    trained on mismatched contexts (and it reads nothing else)."""
+    trained_site = training.get("sender_site", "block")
+    if trained_site != sender_site:
+        raise ValueError(
+            f"translator {where} was trained on the sender's {trained_site} but the evaluation reads its "
+            f"{sender_site} (condition {spec.name}); set --model.sender_site {trained_site} or pass a translator "
+            f"trained with model.sender_site {sender_site}"
+        )
+    if spec.translator_kind != "functional":
+        return
+    contexts = training.get("contexts", "own")
+    wanted = "mismatched" if spec.name == MISMATCHED else "own"
+    if contexts != wanted:
+        raise ValueError(
+            f"condition {spec.name} needs a functional translator trained on {wanted} contexts, but {where} was "
+            f"trained on {contexts} contexts (data.mismatched_contexts); pass the matching functional_translator_ckpt"
+        )
+
+
+def sample_fields(sample) -> dict:
+    """What a record's diagnostics carry about its sample for the subgroup report (report/subgroups.py)."""
+    gold_original = getattr(sample, "gold_original", None)
+    return {
+        "candidates": candidates(sample.context, sample.answer),
+        **({"gold_original": gold_original} if gold_original is not None else {}),
     }
 
 
@@ -82,14 +128,18 @@ class SplitProtocol(EvalProtocol):
 
     Args:
         slots: The slot scheme (which context positions feed how many slots, slot token, context length).
+        sender_site: Where the translators read the sender: ``block`` (its ``sender.layer`` output) or
+            ``embeddings`` (its token embeddings, ``hidden_states[0]``: ``slots_functional_lexical``).
     """
 
     name = "split"
     default_conditions = CONDITION_NAMES
     baselines = SPLIT_BASELINES
 
-    def __init__(self, slots: SlotSpec) -> None:
-        self.slots = slots
+    def __init__(self, slots: SlotSpec, sender_site: str = "block") -> None:
+        if sender_site not in SENDER_SITES:
+            raise ValueError(f"model.sender_site must be one of {', '.join(SENDER_SITES)}, got {sender_site!r}")
+        self.slots, self.sender_site = slots, sender_site
         self.ids: list[str] = []
         self.texts: dict[str, tuple[str, str]] = {}
         self.parts: dict[str, dict[str, tuple[list[int], list[int]]]] = {}  # side -> sample id -> (context, question)
@@ -99,14 +149,29 @@ class SplitProtocol(EvalProtocol):
         self.shas: dict[str, list[str]] = {}
 
     @classmethod
-    def configured(cls, slots: SlotSpec | None = None, **options) -> SplitProtocol:
-        return cls(slots or SlotSpec())
+    def configured(cls, slots: SlotSpec | None = None, sender_site: str = "block", **options) -> SplitProtocol:
+        return cls(slots or SlotSpec(), sender_site)
 
     def condition_table(self, scale: float, alpha: float) -> dict[str, ConditionSpec]:
         return split_conditions()
 
+    def conditions(self, names: Sequence[str], scale: float, alpha: float) -> list[ConditionSpec]:
+        """As the base's; ``slots_functional_lexical`` only with ``sender_site: embeddings`` and, there, no other
+        condition that reads a translator (every translator of the run is read at the embeddings)."""
+        specs = super().conditions(names, scale, alpha)
+        lexical = self.sender_site == "embeddings"
+        wrong = [s.name for s in specs if s.translator_kind and (s.name == LEXICAL) != lexical]
+        if wrong:
+            raise ValueError(
+                f"conditions {', '.join(wrong)} cannot run with model.sender_site {self.sender_site}: "
+                f"{LEXICAL} needs sender_site embeddings, every other translator condition sender_site block"
+            )
+        return specs
+
     def identity(self) -> dict:
-        return {"protocol": self.name, "slots": self.slots.to_dict()}
+        # The site only when it is not the default: the fingerprints (run folders) of block runs stay what they were.
+        site = {} if self.sender_site == "block" else {"sender_site": self.sender_site}
+        return {"protocol": self.name, "slots": self.slots.to_dict(), **site}
 
     def translator_slots(self) -> dict:
         return self.slots.to_dict()
@@ -182,6 +247,11 @@ class SplitProtocol(EvalProtocol):
             batch_size: Prompts per sender forward pass.
         """
         self.shas = {k: list(v) for k, v in shas.items()}
+        for spec, _ in plan.pending:
+            kind = spec.translator_kind
+            for i, t in enumerate(translators.get(kind, ()) if kind else ()):
+                training = (getattr(t, "hparams", None) or {}).get("training") or {}
+                check_translator_training(spec, training, self.sender_site, f"{kind} #{i} ({getattr(t, 'path', '?')})")
         for kind, modules in translators.items():
             for t in plan.translators_needed(kind):
                 self.translated[(kind, t)] = self.translate(modules[t], batch_size)
@@ -208,7 +278,9 @@ class SplitProtocol(EvalProtocol):
             chunk = self.ids[start : start + batch_size]
             ctx, qst = zip(*(self.parts["sender"][sid] for sid in chunk))
             batch = sender_batch(ctx, qst, self.sender.tokenizer.eos_token_id)
-            h = capture_block(self.sender.model, self.sender.layer.path, batch["input_ids"], batch["attention_mask"])
+            h = capture_site(
+                self.sender.model, self.sender.layer.path, batch["input_ids"], batch["attention_mask"], self.sender_site
+            )
             tr = translator.translate(h.to(t_dtype)).to(dtype)
             for i, sid in enumerate(chunk):
                 out[sid] = self.slots.pick(tr[i, batch["context_slices"][i]]).contiguous()
@@ -243,7 +315,13 @@ class SplitProtocol(EvalProtocol):
         return rows, rows, donors
 
     def answer(self, spec: ConditionSpec, seed: int | None, plan: EvalPlan, sub: Sequence) -> Answers:
-        """One condition's answers and diagnostics for the samples ``sub``."""
+        """One condition's answers and diagnostics for the samples ``sub``; the diagnostics also carry
+        ``candidates`` (entities of the answer's type in the context, None if untyped) and, for a counterfactual
+        sample, ``gold_original`` (the answer its context stated before the substitution)."""
+        preds, diags = self._answer(spec, seed, plan, sub)
+        return preds, [{**d, **sample_fields(s)} for d, s in zip(diags, sub, strict=True)]
+
+    def _answer(self, spec: ConditionSpec, seed: int | None, plan: EvalPlan, sub: Sequence) -> Answers:
         sample_ids = [s.sample_id for s in sub]
         if spec.source == SOURCE_RELAY:
             return self.answer_relay(sub)
