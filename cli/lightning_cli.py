@@ -34,6 +34,7 @@ from cli.parser import ProjectParser, union_error
 from datamodules.activation_pairs import ActivationPairDataModule, RecordPairIndices  # noqa: F401
 from datamodules.multihop_qa import MultiHopQADataModule
 from datamodules.qa_training import QATrainingDataModule  # noqa: F401
+from lightning_modules.functional_translator import FunctionalTranslatorModule  # noqa: F401
 from lightning_modules.injection_eval import InjectionEvalModule
 from lightning_modules.translator import TranslatorModule  # noqa: F401
 
@@ -152,6 +153,9 @@ def usage_errors(prog: str) -> Iterator[None]:
         if isinstance(err, PermissionError):
             message = f"cannot write {err.filename or 'a file'} ({err.strerror}); pick a writable folder"
         message = message or one_line(err)
+        wandb = sys.modules.get("wandb")
+        if wandb is not None and wandb.run is not None:  # a next CLI in this process would log into it
+            wandb.finish(exit_code=2)
         sys.stderr.write(f"{prog}: error: {message} (traceback: ACTIVATION_TRANSFER_DEBUG=1)\n")
         raise SystemExit(2) from None
 
