@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,18 +22,19 @@ from pytorch_lightning import LightningDataModule, LightningModule, Trainer
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import ArgsType, LightningCLI
 
+from activation_transfer.errors import UsageError, debug_enabled, one_line
 from activation_transfer.translators.architectures import LinearTranslator, MLPTranslator  # noqa: F401 (short class_path)
 from callbacks.progress import progress_callbacks
 from callbacks.save_config import LoggerSaveConfigCallback
 from cli.console import eval_summary, setup_logging, train_summary
 from cli.organisms import ensure_organisms, organism_names
-from cli.parser import ProjectParser
+from cli.parser import ProjectParser, union_error
 
 # Imported so that configs and --model/--data may name these classes by their short names.
 from datamodules.activation_pairs import ActivationPairDataModule, RecordPairIndices  # noqa: F401
 from datamodules.multihop_qa import MultiHopQADataModule
 from datamodules.qa_training import QATrainingDataModule  # noqa: F401
-from lightning_modules.functional_translator import FunctionalTranslatorModule
+from lightning_modules.functional_translator import FunctionalTranslatorModule  # noqa: F401
 from lightning_modules.injection_eval import InjectionEvalModule
 from lightning_modules.translator import TranslatorModule  # noqa: F401
 
@@ -137,6 +139,27 @@ def show_progress(trainer: Namespace) -> None:
         trainer["callbacks"] = [*_as_list(trainer.get("callbacks") or []), plain]
 
 
+@contextlib.contextmanager
+def usage_errors(prog: str) -> Iterator[None]:
+    """Bad input (:class:`UsageError`, a folder that cannot be written) as one line ``<prog>: error: ...`` and exit
+    status 2; ``ACTIVATION_TRANSFER_DEBUG=1`` shows the traceback. Any other exception is a bug: it propagates."""
+    try:
+        yield
+    except (UsageError, PermissionError, ValueError) as err:
+        # jsonargparse re-raises a class's check at instantiation as a ValueError listing the Union's subtypes.
+        message = union_error(str(err)) if type(err) is ValueError else None
+        if debug_enabled() or (type(err) is ValueError and message is None):
+            raise
+        if isinstance(err, PermissionError):
+            message = f"cannot write {err.filename or 'a file'} ({err.strerror}); pick a writable folder"
+        message = message or one_line(err)
+        wandb = sys.modules.get("wandb")
+        if wandb is not None and wandb.run is not None:  # a next CLI in this process would log into it
+            wandb.finish(exit_code=2)
+        sys.stderr.write(f"{prog}: error: {message} (traceback: ACTIVATION_TRANSFER_DEBUG=1)\n")
+        raise SystemExit(2) from None
+
+
 class ProjectCLI(LightningCLI):
     """What both entry points share: one output root (W&B's folders included), and organisms trained explicitly
     before instantiation; a parser with one-line errors, no abbreviated options and a short ``--help``."""
@@ -221,13 +244,11 @@ class TrainCLI(ProjectCLI):
         parser.linked |= {dst.replace(".init_args", "") for _, dst in STORE_LINKS}
 
     def _parse_ckpt_path(self) -> None:
-        # Kept (test_train_cli.py::test_functional_run_resumes_from_a_checkpoint_file): Lightning re-parses a
-        # checkpoint's hparams over the config, but FunctionalTranslatorModule's hold derived identities (dims, model
-        # digests, the training spec) that are no __init__ arguments and fail at instantiation. For it the config
-        # rebuilds the module and the checkpoint restores the translator, the optimizer and the loop state.
-        model = self.config[self.config.subcommand].get("model") if self.config.get("subcommand") else None
-        if _class_of(model) is not FunctionalTranslatorModule:
-            super()._parse_ckpt_path()
+        # Not LightningCLI's: it parses a checkpoint file's hparams over the config, silently replacing the options
+        # given with the saved ones (and FunctionalTranslatorModule's hold derived identities that are no __init__
+        # arguments). Here the config rebuilds the module, the checkpoint restores the translator, the optimizer and
+        # the loop state, and the module's on_load_checkpoint refuses a checkpoint whose decisive options differ.
+        return
 
 
 # Evaluation logs to W&B (summary metrics, per-sample table, plot, results artifact) unless a config says otherwise.
@@ -293,7 +314,7 @@ def train_main(args: ArgsType = None, run: bool = True) -> TrainCLI:
         run: Run the subcommand (False: only instantiate, for tests).
     """
     setup_logging()
-    with restored_env(WANDB_FOLDERS):
+    with restored_env(WANDB_FOLDERS), usage_errors("train.py"):
         cli = TrainCLI(
             LightningModule,
             LightningDataModule,
@@ -322,7 +343,7 @@ def train_main(args: ArgsType = None, run: bool = True) -> TrainCLI:
 def eval_main(args: ArgsType = None) -> EvalCLI:
     """Run the evaluation CLI; ``args`` replaces ``sys.argv[1:]`` when given (tests pass a list)."""
     setup_logging()
-    with restored_env(WANDB_FOLDERS):
+    with restored_env(WANDB_FOLDERS), usage_errors("evaluate.py"):
         cli = EvalCLI(
             InjectionEvalModule,
             MultiHopQADataModule,

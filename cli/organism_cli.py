@@ -11,6 +11,7 @@ import logging
 
 from pytorch_lightning.cli import ArgsType, LightningCLI
 
+from activation_transfer.errors import UsageError
 from datamodules.organism_text import OrganismTextDataModule
 from lightning_modules.causal_lm import CausalLMModule
 
@@ -34,7 +35,7 @@ class OrganismCLI(LightningCLI):
         max_length = self.datamodule.hparams.max_length
         max_pos = self.model.hparams.max_position_embeddings
         if max_length > max_pos:
-            raise ValueError(f"data.max_length={max_length} exceeds model.max_position_embeddings={max_pos}")
+            raise UsageError(f"data.max_length={max_length} exceeds model.max_position_embeddings={max_pos}")
 
     def after_fit(self) -> None:
         export_dir = self.config[self.subcommand].get("export_dir")

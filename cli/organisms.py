@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from activation_transfer.errors import UsageError
 from activation_transfer.io import cache_root
 from activation_transfer.models.frozen_lm import register_resolver
 from activation_transfer.task.tokenizer import offline_tokenizer, tokenizer_fingerprint
@@ -221,7 +222,7 @@ def organism_config(role: str) -> Path:
     config = ORGANISM_CONFIG_DIR / f"{role}.yaml"
     if not config.exists():
         known = sorted(p.stem for p in ORGANISM_CONFIG_DIR.glob("*.yaml"))
-        raise ValueError(f"unknown organism {role!r} in model name 'organism:{role}'; known: {', '.join(known)}")
+        raise UsageError(f"unknown organism {role!r} in model name 'organism:{role}'; known: {', '.join(known)}")
     return config
 
 
@@ -229,7 +230,7 @@ def resolve_organism(role: str, cache_dir: str | None = None) -> str:
     """The cached folder of ``organism:<role>``. Never trains: a missing organism is an error naming the fix."""
     folder = organism_dir(str(organism_config(role)), cache_dir)
     if not (folder / MARKER).exists():
-        raise ValueError(
+        raise UsageError(
             f"organism:{role} is not trained yet (no {folder}); train.py, evaluate.py and `make demo` train it on "
             f"first use, or call cli.organisms.ensure_organisms(['organism:{role}'])"
         )

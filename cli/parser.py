@@ -35,6 +35,23 @@ GROUP_CONFIG = re.compile(r"\n  --[\w.]+ CONFIG\s+Path to a configuration file\.
 COMMON_TRAINER = ("max_epochs", "accelerator", "devices", "precision", "default_root_dir", "logger", "callbacks")
 
 
+# jsonargparse's report of a value that fits no type of an Optional/Union: the real reason is a nested "- " line.
+UNION_NOISE = re.compile(r"^(Does not validate against any of the|Expected a <class|Subtypes:|Errors:|Given value)")
+
+
+def union_error(message: str) -> str | None:
+    """The real reason inside jsonargparse's "Does not validate against any of the Union subtypes / Subtypes: [...]"
+    report (e.g. a check of an option's dataclass), or None when ``message`` is not such a report."""
+    if "Does not validate against any of the" not in message:
+        return None
+    reasons = [
+        line.strip().removeprefix("- ").strip()
+        for line in message.splitlines()
+        if line.strip().startswith("- ") and not UNION_NOISE.match(line.strip().removeprefix("- ").strip())
+    ]
+    return "; ".join(dict.fromkeys(reasons)) or None
+
+
 class _ShortHelp(argparse._HelpAction):
     """``-h/--help``: the short help for the options parsed so far (a ``-c`` before it picks the classes shown)."""
 
@@ -140,7 +157,8 @@ class ProjectParser(LightningArgumentParser):
             params = inspect.signature(_class(cls, None)).parameters
             names = [f"--{key}.{p}" for p in params if p != "self"]
             return self._closest(f"--{key}.{option}", names)
-        return message.strip()  # jsonargparse's own message, without the page of usage before it
+        # jsonargparse's own message, without the page of usage before it (and without its union noise)
+        return union_error(message) or message.strip()
 
     def _subcommand(self) -> tuple[str | None, ArgumentParser]:
         args = getattr(self, "args", None) or []

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader
 
+from activation_transfer.errors import UsageError
 from activation_transfer.io import atomic_write
 from activation_transfer.models.frozen_lm import ModelRef
 from datamodules.activation_store import ensure_store
@@ -89,13 +90,13 @@ class ActivationPairDataModule(pl.LightningDataModule):
     ):
         super().__init__()
         if (sender_model is None) != (receiver_model is None):
-            raise ValueError(
+            raise UsageError(
                 "give both data.sender_model and data.receiver_model (to extract), or neither (with data.store_dir)"
             )
         if sender_model is None and store_dir is None:
-            raise ValueError("data.store_dir is required when data.sender_model and data.receiver_model are not given")
+            raise UsageError("data.store_dir is required when data.sender_model and data.receiver_model are not given")
         if not 0.0 < val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+            raise UsageError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
         for option, value in (
             ("max_length", max_length),
             ("extract_batch_size", extract_batch_size),
@@ -105,7 +106,7 @@ class ActivationPairDataModule(pl.LightningDataModule):
             ("chunk_rows", chunk_rows),
         ):
             if value < 1:
-                raise ValueError(f"data.{option} must be >= 1, got {value}")
+                raise UsageError(f"data.{option} must be >= 1, got {value}")
         self.save_hyperparameters(logger=False)  # the logger gets the nested CLI config (save_config), once
         for key in ("sender_model", "receiver_model", "corpus"):
             self.hparams[key] = _plain(self.hparams[key])

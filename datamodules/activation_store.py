@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from activation_transfer.errors import UsageError
 from activation_transfer.io import write_json
 from activation_transfer.loop_progress import Progress
 from activation_transfer.models.frozen_lm import LoadedModel, ModelRef, as_ref, load_ref, resolve_dtype
@@ -187,7 +188,7 @@ def _for_option(option: str, fn: Callable, *args):
     try:
         return fn(*args)
     except ValueError as err:
-        raise ValueError(f"{option}: {err}") from err
+        raise UsageError(f"{option}: {err}") from err
 
 
 def ensure_store(

@@ -11,6 +11,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from activation_transfer.errors import UsageError
+
 BUILTIN = "builtin"
 HF_PREFIX = "hf:"
 
@@ -98,7 +100,7 @@ def _read_local(path: Path, spec: CorpusSpec) -> list[str]:
         data = path.read_bytes()
         pos = _first_invalid_utf8(data)
         line = data[:pos].count(b"\n") + 1
-        raise ValueError(
+        raise UsageError(
             f"corpus file {path}, line {line}: not valid UTF-8 (byte {data[pos]:#04x}); convert it, e.g. "
             f"`iconv -f latin1 -t utf-8 {path} > corpus.utf8.txt`, and point data.corpus.source at the result"
         ) from None
@@ -115,9 +117,9 @@ def _read_local_utf8(path: Path, spec: CorpusSpec) -> list[str]:
                     try:
                         obj = json.loads(line)
                     except json.JSONDecodeError as err:
-                        raise ValueError(f"corpus file {path}, line {lineno}: not valid JSON ({err})") from err
+                        raise UsageError(f"corpus file {path}, line {lineno}: not valid JSON ({err})") from err
                     if not isinstance(obj, dict) or spec.text_field not in obj:
-                        raise ValueError(
+                        raise UsageError(
                             f"corpus file {path}, line {lineno}: no {spec.text_field!r} field "
                             "(option data.corpus.text_field)"
                         )
@@ -128,7 +130,7 @@ def _read_local_utf8(path: Path, spec: CorpusSpec) -> list[str]:
         with path.open(encoding="utf-8") as f:
             docs = _keep((line.rstrip("\n") for line in f), spec.max_documents)
     if not docs:
-        raise ValueError(f"corpus file {path} holds no non-empty documents (option data.corpus.source)")
+        raise UsageError(f"corpus file {path} holds no non-empty documents (option data.corpus.source)")
     return docs
 
 
@@ -141,18 +143,18 @@ def _read_hf(spec: CorpusSpec) -> list[str]:
     try:
         ds = datasets.load_dataset(name, spec.hf_config, split=spec.split)
     except Exception as err:  # datasets raises many types (network, missing config, ...): report them all alike
-        raise ValueError(
+        raise UsageError(
             f"cannot load corpus {spec.source!r} (config {spec.hf_config!r}, split {spec.split!r}) from the Hugging "
             f"Face Hub or cache: {type(err).__name__}: {err}"
         ) from err
     if spec.text_field not in ds.column_names:
-        raise ValueError(
+        raise UsageError(
             f"corpus {spec.source!r} has no column {spec.text_field!r} (columns: {ds.column_names}); "
             "set data.corpus.text_field"
         )
     docs = _keep((row[spec.text_field] for row in ds), spec.max_documents)
     if not docs:
-        raise ValueError(f"corpus {spec.source!r} (split {spec.split!r}) holds no non-empty documents")
+        raise UsageError(f"corpus {spec.source!r} (split {spec.split!r}) holds no non-empty documents")
     return docs
 
 
@@ -169,7 +171,7 @@ def load_corpus(spec: CorpusSpec | dict | str | None = None) -> Corpus:
 
         docs = _keep(corpus_text(num_samples=spec.builtin_samples, seed=spec.builtin_seed), spec.max_documents)
         if not docs:
-            raise ValueError("the built-in corpus is empty: data.corpus.builtin_samples must be > 0")
+            raise UsageError("the built-in corpus is empty: data.corpus.builtin_samples must be > 0")
     elif spec.source.startswith(HF_PREFIX):
         docs = _read_hf(spec)
     else:

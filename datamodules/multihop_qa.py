@@ -13,6 +13,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from activation_transfer.errors import UsageError
 from activation_transfer.task.entities import counterfactual as substitute
 from activation_transfer.task.generator import EVAL_NUM_SAMPLES, EVAL_SEED
 from datamodules.qa_sources import PAPER_FILES, QADataError, QASample, load_source, resolve_paper_file
@@ -85,18 +86,18 @@ class MultiHopQADataModule(pl.LightningDataModule):
     ):
         super().__init__()
         if num_samples is not None and source != "synthetic":
-            raise ValueError(
+            raise UsageError(
                 f"data.num_samples={num_samples} only applies to source 'synthetic' (got source {source!r}): add "
                 "`--data.num_samples null` (your config sets it), and `--data.limit N` to keep the first N samples"
             )
         if num_samples is not None and num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+            raise UsageError(f"num_samples must be >= 1, got {num_samples}")
         if limit is not None and limit < 1:
-            raise ValueError(f"limit must be >= 1 or None, got {limit}")
+            raise UsageError(f"limit must be >= 1 or None, got {limit}")
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise UsageError(f"batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+            raise UsageError(f"num_workers must be >= 0, got {num_workers}")
         self.save_hyperparameters(logger=False)  # the logger gets the nested CLI config (save_config), once
         self.source = source
         self.data_dir = data_dir

@@ -12,6 +12,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
+from activation_transfer.errors import UsageError
 from activation_transfer.task.generator import (
     EVAL_NUM_SAMPLES,
     EVAL_SEED,
@@ -46,7 +47,7 @@ def held_out_samples(
         The kept samples (at most ``num_samples``).
     """
     if seed == EVAL_SEED:
-        raise ValueError(f"seed {seed} is EVAL_SEED: the evaluation set's generator seed is held out of training")
+        raise UsageError(f"seed {seed} is EVAL_SEED: the evaluation set's generator seed is held out of training")
     exclude = eval_keys() if exclude is None else exclude
     samples = generate_samples(num_samples, seed, distractor_prob=distractor_prob)
     kept = [s for s in samples if s.key not in exclude]
@@ -84,7 +85,7 @@ def encode_samples(samples: list[MultiHopSample], tokenizer, max_length: int) ->
     for i, (p, a) in enumerate(zip(prompts, answers)):
         row = p + a + [eos]
         if len(row) > max_length:
-            raise ValueError(f"sample {samples[i].sample_id} needs {len(row)} tokens but max_length is {max_length}")
+            raise UsageError(f"sample {samples[i].sample_id} needs {len(row)} tokens but max_length is {max_length}")
         ids[i, : len(row)] = torch.tensor(row)
         kind[i, : len(p)] = PROMPT
         kind[i, len(p) : len(row)] = ANSWER
@@ -169,9 +170,9 @@ class OrganismTextDataModule(pl.LightningDataModule):
         super().__init__()
         for name, seed in (("train_seed", train_seed), ("val_seed", val_seed)):
             if seed == EVAL_SEED:
-                raise ValueError(f"{name}={seed} is EVAL_SEED, which is held out for evaluation")
+                raise UsageError(f"{name}={seed} is EVAL_SEED, which is held out for evaluation")
         if train_seed == val_seed:
-            raise ValueError("train_seed and val_seed must differ, or validation would measure memorisation")
+            raise UsageError("train_seed and val_seed must differ, or validation would measure memorisation")
         self.save_hyperparameters()
         from activation_transfer.task.tokenizer import offline_tokenizer
 

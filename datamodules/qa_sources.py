@@ -17,6 +17,7 @@ import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from activation_transfer.errors import UsageError
 from activation_transfer.io import sha256_file
 from activation_transfer.task.generator import fingerprint, generate_samples
 from activation_transfer.task.prompts import format_prompt, format_relay_receiver_prompt, format_relay_sender_prompt
@@ -94,7 +95,7 @@ PAPER_FILES: dict[str, PaperFile] = {
 }
 
 
-class QADataError(ValueError):
+class QADataError(UsageError):
     """A QA source that cannot be used: bad rows, a wrong hash, an unknown name or a failed download."""
 
 

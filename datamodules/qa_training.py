@@ -16,6 +16,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
+from activation_transfer.errors import UsageError
 from activation_transfer.task.generator import EVAL_SEED
 from datamodules.multihop_qa import QADataset
 from datamodules.organism_text import held_out_samples
@@ -40,7 +41,7 @@ def context_derangement(contexts: list[str], seed: int) -> list[int]:
     """
     n = len(contexts)
     if n < 2:
-        raise ValueError(f"data.mismatched_contexts needs at least 2 samples, got {n}")
+        raise UsageError(f"data.mismatched_contexts needs at least 2 samples, got {n}")
     rng = random.Random(seed)
     perm = list(range(n))
     for i in range(n - 1, 0, -1):
@@ -51,7 +52,7 @@ def context_derangement(contexts: list[str], seed: int) -> list[int]:
             continue
         j = next((j for j in range(n) if contexts[perm[j]] != contexts[i] and contexts[perm[i]] != contexts[j]), None)
         if j is None:
-            raise ValueError("data.mismatched_contexts: every sample has the same context; nothing to swap")
+            raise UsageError("data.mismatched_contexts: every sample has the same context; nothing to swap")
         perm[i], perm[j] = perm[j], perm[i]
     return perm
 
@@ -60,6 +61,30 @@ def mismatched(samples: list[QASample], seed: int) -> list[QASample]:
     """Each sample with the context of another (:func:`context_derangement`); question and answer are kept."""
     perm = context_derangement([s.context for s in samples], seed)
     return [dataclasses.replace(s, context=samples[p].context) for s, p in zip(samples, perm, strict=True)]
+
+
+class EpochRandomSampler(RandomSampler):
+    """The order a ``RandomSampler`` with a generator seeded once with ``seed`` gives, epoch after epoch, but
+    computed from ``(seed, epoch)``: a run resumed at epoch ``e`` (Lightning calls :meth:`set_epoch`) sees epoch
+    ``e``'s order, not epoch 0's again, so resuming is bit-identical to not stopping. A ``RandomSampler``, so under
+    DDP Lightning still replaces it with its shuffling ``DistributedSampler``."""
+
+    # RandomSampler draws two permutations per epoch without replacement (the second one is cut to length 0).
+    DRAWS_PER_EPOCH = 2
+
+    def __init__(self, data_source, seed: int) -> None:
+        super().__init__(data_source, generator=torch.Generator())
+        self.seed, self.epoch = int(seed), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __iter__(self):
+        self.generator.manual_seed(self.seed)
+        n = len(self.data_source)
+        for _ in range(self.DRAWS_PER_EPOCH * self.epoch):
+            torch.randperm(n, generator=self.generator)
+        yield from super().__iter__()
 
 
 class QATrainingDataModule(pl.LightningDataModule):
@@ -103,22 +128,22 @@ class QATrainingDataModule(pl.LightningDataModule):
         super().__init__()
         for name, source in (("train_source", train_source), ("val_source", val_source)):
             if source in PAPER_FILES and source not in TRAINING_PAPER_FILES:
-                raise ValueError(
+                raise UsageError(
                     f"data.{name}={source!r} is one of the paper's evaluation files; train and validate on "
                     f"{' or '.join(TRAINING_PAPER_FILES)}, 'synthetic' or a local JSONL file"
                 )
         for name, seed in (("train_seed", train_seed), ("val_seed", val_seed)):
             if seed == EVAL_SEED:
-                raise ValueError(
+                raise UsageError(
                     f"data.{name}={seed} is EVAL_SEED, the held-out evaluation set's generator seed; pick another seed"
                 )
         if train_source == val_source == "synthetic" and train_seed == val_seed:
-            raise ValueError("data.train_seed and data.val_seed must differ, or validation would measure memorisation")
+            raise UsageError("data.train_seed and data.val_seed must differ, or validation would measure memorisation")
         for name, n in (("num_train_samples", num_train_samples), ("num_val_samples", num_val_samples)):
             if n is not None and n < 1:
-                raise ValueError(f"data.{name} must be >= 1 or null, got {n}")
+                raise UsageError(f"data.{name} must be >= 1 or null, got {n}")
         if batch_size < 1:
-            raise ValueError(f"data.batch_size must be >= 1, got {batch_size}")
+            raise UsageError(f"data.batch_size must be >= 1, got {batch_size}")
         self.save_hyperparameters(logger=False)  # the logger gets the nested CLI config (save_config), once
         self.train_set: QADataset | None = None
         self.val_set: QADataset | None = None
@@ -134,7 +159,13 @@ class QATrainingDataModule(pl.LightningDataModule):
         if source == "synthetic":
             gen = held_out_samples(2000 if num is None else num, seed)
             return [QASample(s.sample_id, s.context, s.question, s.answer, s.hops) for s in gen]
-        samples, _ = load_source(source, data_dir=h.data_dir, cache_dir=h.cache_dir)
+        samples, info = load_source(source, data_dir=h.data_dir, cache_dir=h.cache_dir)
+        copied = info.get("paper_file") if info.get("kind") == "jsonl" else None
+        if copied is not None and copied not in TRAINING_PAPER_FILES:  # a renamed copy: the same bytes, other name
+            raise UsageError(
+                f"{source} is a copy of the paper's evaluation file {PAPER_FILES[copied].filename} (same SHA-256): "
+                "training on evaluation questions; train on 'synthetic', train, val or other questions"
+            )
         return samples if num is None else samples[:num]
 
     def setup(self, stage: str | None = None) -> None:
@@ -148,7 +179,7 @@ class QATrainingDataModule(pl.LightningDataModule):
         if len(train) < len(train_all):
             log.info("dropped %d training samples that are also validation samples", len(train_all) - len(train))
         if not train or not val:
-            raise ValueError(
+            raise UsageError(
                 f"no {'training' if not train else 'validation'} samples left (data.train_source "
                 f"{h.train_source!r}, data.val_source {h.val_source!r})"
             )
@@ -157,12 +188,12 @@ class QATrainingDataModule(pl.LightningDataModule):
         self.train_set, self.val_set = QADataset(train), QADataset(val)
 
     def train_dataloader(self) -> DataLoader:
-        # A private generator: the order depends on shuffle_seed only, not on how much global RNG ran before.
-        gen = torch.Generator().manual_seed(int(self.hparams.shuffle_seed))
+        # A private generator: the order depends on shuffle_seed and the epoch only, not on how much global RNG ran
+        # before, nor on whether the run was resumed.
         return DataLoader(
             self.train_set,
             batch_size=self.hparams.batch_size,
-            sampler=RandomSampler(self.train_set, generator=gen),
+            sampler=EpochRandomSampler(self.train_set, int(self.hparams.shuffle_seed)),
             num_workers=self.hparams.num_workers,
             collate_fn=list,
         )

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from activation_transfer.errors import UsageError
 from activation_transfer.io import atomic_output, cache_root, sha256_file, write_json
 from activation_transfer.models.frozen_lm import ModelRef, as_ref, weights_identity
 
@@ -24,7 +25,7 @@ PARTIAL = "manifest.partial.json"
 REBUILD_HINT = "rebuild the store with --data.rebuild true (extraction needs data.sender_model and data.receiver_model)"
 
 
-class StoreError(ValueError):
+class StoreError(UsageError):
     """A store that cannot be used as asked: missing, incomplete, mismatching or corrupt."""
 
 

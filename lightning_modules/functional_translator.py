@@ -11,6 +11,7 @@ submodules (absent from the optimizer and the checkpoints). The hparams hold Tra
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Literal
@@ -19,11 +20,13 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
+from activation_transfer.errors import UsageError
 from activation_transfer.injection.conditions import apply_injection
-from activation_transfer.injection.slots import SlotSpec, slot_grid
+from activation_transfer.injection.slots import SlotSpec, check_slots_fit, slot_grid
 from activation_transfer.injection.sources import SENDER_SITES, capture_block, capture_site, position_ids
 from activation_transfer.models.frozen_lm import ModelRef, as_ref, load_ref
 from activation_transfer.models.hooks import block_hook
+from activation_transfer.task.prompts import over_length, split_prompt
 from activation_transfer.translators.architectures import (
     LinearTranslator,
     Translator,
@@ -43,8 +46,10 @@ from activation_transfer.translators.functional_loss import (
     full_prompts,
     until_eos,
 )
+from activation_transfer.translators.loading import check_resume_matches
 from activation_transfer.translators.optim import OptimizerArgs, document_optimizer_args
 
+log = logging.getLogger(__name__)
 DISTILL_ON = ("gold", "teacher_greedy")
 # The optimizer arguments' defaults: a larger rate and a shorter warmup than the aligned trainer's.
 DEFAULTS = OptimizerArgs(lr=1e-3, warmup_steps=50)
@@ -102,16 +107,16 @@ class FunctionalTranslatorModule(pl.LightningModule):
         check_objective(objective)
         self.optimizer_args = OptimizerArgs.of(locals())  # checks the six optimizer arguments
         if mse_weight < 0:
-            raise ValueError(f"model.mse_weight must be >= 0, got {mse_weight}")
+            raise UsageError(f"model.mse_weight must be >= 0, got {mse_weight}")
         if distill_on not in DISTILL_ON:
-            raise ValueError(f"model.distill_on must be one of {', '.join(DISTILL_ON)}, got {distill_on!r}")
+            raise UsageError(f"model.distill_on must be one of {', '.join(DISTILL_ON)}, got {distill_on!r}")
         if distill_temperature <= 0:
-            raise ValueError(f"model.distill_temperature must be > 0, got {distill_temperature}")
+            raise UsageError(f"model.distill_temperature must be > 0, got {distill_temperature}")
         for name, n in (("max_question_tokens", max_question_tokens), ("max_answer_tokens", max_answer_tokens)):
             if n < 1:
-                raise ValueError(f"model.{name} must be >= 1, got {n}")
+                raise UsageError(f"model.{name} must be >= 1, got {n}")
         if sender_site not in SENDER_SITES:
-            raise ValueError(f"model.sender_site must be one of {', '.join(SENDER_SITES)}, got {sender_site!r}")
+            raise UsageError(f"model.sender_site must be one of {', '.join(SENDER_SITES)}, got {sender_site!r}")
         spec = translator_spec(translator)
         self.slot_spec = slots if isinstance(slots, SlotSpec) else SlotSpec(**(slots or {}))
         self.save_hyperparameters(ignore=["sender_model", "receiver_model", "translator", "slots"], logger=False)
@@ -119,6 +124,7 @@ class FunctionalTranslatorModule(pl.LightningModule):
         self.receiver_lm = load_ref(receiver_model, cache_dir)
         for lm in (self.sender, self.receiver):
             lm.requires_grad_(False).eval()
+        check_slots_fit(self.slot_spec, self.receiver_lm)
         d_s, d_r = int(self.sender_lm.identity()["hidden_size"]), int(self.receiver_lm.identity()["hidden_size"])
         loss = f"functional:{objective}" + (f"+mse*{mse_weight:g}" if mse_weight else "")
         # Plain dicts/lists only, so checkpoints load with weights_only=True; the identity fields are
@@ -271,7 +277,7 @@ class FunctionalTranslatorModule(pl.LightningModule):
         states = capture_block(self.receiver, self.receiver_lm.layer.path, ids, mask)
         targets = context_vectors(states, teacher["context_slices"], self.slot_spec)
         if [len(t) for t in targets] != [len(s) for s in slots]:
-            raise ValueError(
+            raise UsageError(
                 "model.mse_weight needs as many receiver context states as slots, but the two tokenizers split a "
                 "context differently; use model.slots.scheme last/pooled or model.mse_weight 0"
             )
@@ -292,6 +298,24 @@ class FunctionalTranslatorModule(pl.LightningModule):
                 sync_dist=stage != "train",
             )
 
+    def on_fit_start(self) -> None:
+        # As the split evaluation warns: a context cut at max_context_tokens loses its end, the slots never carry it.
+        train_set = getattr(self.trainer.datamodule, "train_set", None)
+        samples = list(getattr(train_set, "samples", None) or [])
+        if samples and self.trainer.is_global_zero:
+            contexts = [split_prompt(s.context, s.question)[0] for s in samples]
+            n = self.slot_spec.max_context_tokens
+            ids = [str(i) for i in range(len(samples))]
+            cut = over_length(self.sender_lm.tokenizer, ids, contexts, n)
+            if cut:
+                log.warning(
+                    "functional training: %d of %d training context parts are cut at model.slots.max_context_tokens="
+                    "%d (their end is lost; raise it to keep them)",
+                    len(cut),
+                    len(samples),
+                    n,
+                )
+
     def training_step(self, batch: list, batch_idx: int) -> torch.Tensor:
         out = self.losses(batch)
         self._log_all("train", out, len(batch))
@@ -300,6 +324,30 @@ class FunctionalTranslatorModule(pl.LightningModule):
 
     def validation_step(self, batch: list, batch_idx: int) -> None:
         self._log_all("val", self.losses(batch), len(batch))
+
+    # What decides the weights a resumed run continues: refused when the resuming config differs.
+    RESUME_KEYS = (
+        "sender",
+        "receiver",
+        "translator",
+        "normalize",
+        "objective",
+        "mse_weight",
+        "distill_on",
+        "distill_temperature",
+        "slots",
+        "max_question_tokens",
+        "max_answer_tokens",
+        "lr",
+        "weight_decay",
+        "betas",
+        "warmup_steps",
+        "decay",
+        "min_lr_ratio",
+    )
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        check_resume_matches(checkpoint.get("hyper_parameters") or {}, dict(self.hparams), self.RESUME_KEYS)
 
     def configure_optimizers(self):
         total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1

@@ -20,15 +20,17 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_only
 
+from activation_transfer.errors import UsageError
 from activation_transfer.injection import conditions as cnd
 from activation_transfer.injection.eval_plan import EvalPlan, checkpoint_list
 from activation_transfer.injection.protocols import protocol_for
-from activation_transfer.injection.slots import SlotSpec
+from activation_transfer.injection.slots import SlotSpec, check_slots_fit
 from activation_transfer.io import atomic_write, fingerprint
 from activation_transfer.models.frozen_lm import ModelRef, as_ref, load_ref
 from activation_transfer.models.generation import GenerationSettings
 from activation_transfer.report import logged_metrics, run_report
 from activation_transfer.report import records as rio
+from activation_transfer.run_lock import RunFolderLock
 from activation_transfer.translators.loading import load_translator_for
 from callbacks.wandb_artifacts import local_translator
 
@@ -108,22 +110,22 @@ class InjectionEvalModule(pl.LightningModule):
         # What differs between protocols: ask it.
         self.protocol = protocol_for(protocol, slots=self.slots, sender_site=sender_site)
         if getattr(self.protocol, "sender_site", "block") != sender_site:  # a protocol without the option ignored it
-            raise ValueError(f"model.sender_site {sender_site} is not an option of the {protocol} protocol")
+            raise UsageError(f"model.sender_site {sender_site} is not an option of the {protocol} protocol")
         names = tuple(conditions or ())
         if names in ((), cnd.CONDITION_NAMES):  # the default list means the protocol's default
             names = self.protocol.default_conditions
         self.specs = self.protocol.conditions(names, scale, alpha)
         self.seeds = [int(s) for s in (DEFAULT_SEEDS if seeds is None else seeds)]
         if len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"model.seeds has duplicates: {self.seeds}")
+            raise UsageError(f"model.seeds has duplicates: {self.seeds}")
         if not self.seeds and any(not s.deterministic for s in self.specs):
-            raise ValueError("model.seeds is empty but non-deterministic conditions are selected")
+            raise UsageError("model.seeds is empty but non-deterministic conditions are selected")
         self.translator_ckpts = checkpoint_list(translator_ckpt, self.seeds, self.specs, "aligned", "translator_ckpt")
         self.functional_ckpts = checkpoint_list(
             functional_translator_ckpt, self.seeds, self.specs, "functional", "functional_translator_ckpt"
         )
         if random_draw not in cnd.RANDOM_DRAWS:
-            raise ValueError(f"model.random_draw must be one of {', '.join(cnd.RANDOM_DRAWS)}, got {random_draw!r}")
+            raise UsageError(f"model.random_draw must be one of {', '.join(cnd.RANDOM_DRAWS)}, got {random_draw!r}")
         self.random_draw = random_draw
         # A copy (the default instance is shared); a dict is what hparams hold, so they rebuild the module.
         self.generation = (
@@ -160,6 +162,12 @@ class InjectionEvalModule(pl.LightningModule):
         self.summary_metrics: dict[str, float] = {}
         self.timing_by_run: dict[str, float] = {}
         self.report_result = None
+        self.run_lock: RunFolderLock | None = None
+
+    def teardown(self, stage: str) -> None:
+        if self.run_lock is not None:
+            self.run_lock.release()
+            self.run_lock = None
 
     # ------------------------------------------------------------------------------------------------ loading
 
@@ -169,6 +177,8 @@ class InjectionEvalModule(pl.LightningModule):
         self.sender = load_ref(self.sender_ref, cache_dir=self.cache_dir)
         self.receiver = load_ref(self.receiver_ref, cache_dir=self.cache_dir)
         self.sender_model, self.receiver_model = self.sender.model, self.receiver.model
+        if self.protocol.translator_slots() is not None:  # the slots are read by this protocol
+            check_slots_fit(self.slots, self.receiver)
         for kind, refs, modules, info in (
             ("aligned", self.translator_ckpts, self.translators, self.translator_info),
             ("functional", self.functional_ckpts, self.functional_translators, self.functional_info),
@@ -223,9 +233,13 @@ class InjectionEvalModule(pl.LightningModule):
         self.run_identity = self.config_fingerprint(samples)
         self.fingerprint = fingerprint(self.run_identity)
         self.run_dir = Path(self.trainer.default_root_dir) / (self.run_name or rio.default_run_name(self.fingerprint))
-        rio.bind_run_dir(self.run_dir, self.run_identity, self.fingerprint, write=self.trainer.is_global_zero)
+        try:
+            rio.bind_run_dir(self.run_dir, self.run_identity, self.fingerprint, write=self.trainer.is_global_zero)
+        except ValueError as err:  # another configuration's folder: bad input (--model.run_name), not a bug
+            raise UsageError(str(err)) from err
         if self.trainer.is_global_zero:
             (self.run_dir / "records").mkdir(parents=True, exist_ok=True)
+            self.run_lock = RunFolderLock(self.run_dir).acquire()  # released in teardown
             print(f"run folder: {self.run_dir}", flush=True)
         self.trainer.strategy.barrier()  # no rank writes a record before the folder is bound
         self.timings, batch_size = {}, int(getattr(dm, "batch_size", 16) or 16)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MaxMetric, MeanMetric, R2Score
 
+from activation_transfer.errors import UsageError
 from activation_transfer.translators.architectures import (
     LinearTranslator,
     Translator,
@@ -38,6 +39,7 @@ from activation_transfer.translators.architectures import (
     translator_spec,
 )
 from activation_transfer.translators.export import apply_translator
+from activation_transfer.translators.loading import check_resume_matches
 from activation_transfer.translators.optim import OptimizerArgs, document_optimizer_args
 
 DEFAULTS = OptimizerArgs()  # the optimizer arguments' defaults
@@ -80,7 +82,7 @@ class TranslatorModule(pl.LightningModule):
     ):
         super().__init__()
         if loss not in ("cosine", "mse"):
-            raise ValueError(f"model.loss must be 'cosine' or 'mse', got {loss!r}")
+            raise UsageError(f"model.loss must be 'cosine' or 'mse', got {loss!r}")
         self.optimizer_args = OptimizerArgs.of(locals())  # checks the six optimizer arguments
         spec = translator_spec(translator)
         self.save_hyperparameters(logger=False)  # the logger gets the nested CLI config (save_config), once
@@ -173,6 +175,24 @@ class TranslatorModule(pl.LightningModule):
         self.log("val/cos_norm_best", self.val_cos_norm_best.compute(), prog_bar=True, sync_dist=True)
 
     # -- optimization -------------------------------------------------------------------------------------------
+
+    # What decides the weights a resumed run continues: refused when the resuming config differs.
+    RESUME_KEYS = (
+        "sender_dim",
+        "receiver_dim",
+        "translator",
+        "normalize",
+        "loss",
+        "lr",
+        "weight_decay",
+        "betas",
+        "warmup_steps",
+        "decay",
+        "min_lr_ratio",
+    )
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        check_resume_matches(checkpoint.get("hyper_parameters") or {}, dict(self.hparams), self.RESUME_KEYS)
 
     def configure_optimizers(self):
         total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1

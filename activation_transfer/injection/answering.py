@@ -14,7 +14,7 @@ import torch
 from activation_transfer.injection.conditions import ConditionSpec
 from activation_transfer.injection.prefill_hook import PrefillInjection, prefill_injection
 from activation_transfer.models.frozen_lm import LoadedModel
-from activation_transfer.models.generation import GenerationSettings, decode, generate_ids
+from activation_transfer.models.generation import GenerationSettings, NonFiniteLogits, decode, generate_ids
 from activation_transfer.task.prompts import (
     format_relay_receiver_prompt,
     format_relay_sender_prompt,
@@ -22,9 +22,17 @@ from activation_transfer.task.prompts import (
 )
 
 
-def _generate(receiver: LoadedModel, ids, mask, settings: GenerationSettings, inj: PrefillInjection) -> list[str]:
-    with prefill_injection(receiver.model, receiver.layer.path, inj):
-        new_ids = generate_ids(receiver.model, receiver.tokenizer, ids, mask, settings)
+def _generate(
+    receiver: LoadedModel, ids, mask, settings: GenerationSettings, inj: PrefillInjection, condition: str, sample_ids
+) -> list[str]:
+    try:
+        with prefill_injection(receiver.model, receiver.layer.path, inj):
+            new_ids = generate_ids(
+                receiver.model, receiver.tokenizer, ids, mask, settings, model_name=f"the receiver {receiver.ref.name}"
+            )
+    except NonFiniteLogits as err:
+        check_finite_states(inj, condition, sample_ids)  # the more precise cause first: the injection block
+        raise NonFiniteLogits(f"condition {condition}: {err}") from None
     # Stripped as the paper stores every generated text (scoring strips anyway).
     return [p.strip() for p in decode(receiver.tokenizer, new_ids)]
 
@@ -90,7 +98,7 @@ def answer_injected(
     inj = PrefillInjection(
         mask if write_mask is None else write_mask, mode=spec.mode, source=source, alpha=spec.alpha, scale=spec.scale
     )
-    preds = _generate(receiver, ids, mask, settings, inj)
+    preds = _generate(receiver, ids, mask, settings, inj, spec.name, sample_ids)
     check_finite_states(inj, spec.name, sample_ids)
     diags = _diagnostics(inj, mask)
     for i, d in enumerate(diags):
@@ -119,14 +127,18 @@ def answer_relay(
     stok = tokenize_left_padded(
         sender.tokenizer, [format_relay_sender_prompt(c) for c in contexts], settings.max_prompt_tokens
     )
-    relay_ids = generate_ids(
-        sender.model,
-        sender.tokenizer,
-        stok["input_ids"],
-        stok["attention_mask"],
-        settings,
-        settings.relay_max_new_tokens,
-    )
+    try:
+        relay_ids = generate_ids(
+            sender.model,
+            sender.tokenizer,
+            stok["input_ids"],
+            stok["attention_mask"],
+            settings,
+            settings.relay_max_new_tokens,
+            model_name=f"the sender {sender.ref.name}",
+        )
+    except NonFiniteLogits as err:
+        raise NonFiniteLogits(f"condition nl_relay (the relay): {err}") from None
     relays = [r.strip() for r in decode(sender.tokenizer, relay_ids)]  # the paper strips the relay before use
     rtok = tokenize_left_padded(
         receiver.tokenizer,
@@ -134,7 +146,7 @@ def answer_relay(
         settings.max_prompt_tokens,
     )
     inj = PrefillInjection(rtok["attention_mask"])
-    preds = _generate(receiver, rtok["input_ids"], rtok["attention_mask"], settings, inj)
+    preds = _generate(receiver, rtok["input_ids"], rtok["attention_mask"], settings, inj, "nl_relay", sample_ids)
     check_finite_states(inj, "nl_relay", sample_ids)
     diags = _diagnostics(inj, rtok["attention_mask"])
     for d, relay in zip(diags, relays):

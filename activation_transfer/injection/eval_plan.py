@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from activation_transfer.errors import UsageError
 from activation_transfer.injection.conditions import (
     SOURCE_RELAY,
     SOURCE_SHUFFLED,
@@ -43,13 +44,13 @@ def checkpoint_list(
     """
     ckpts = [value] if isinstance(value, str) else list(value or [])
     if len(ckpts) > 1 and len(ckpts) != len(seeds):
-        raise ValueError(
+        raise UsageError(
             f"model.{option} lists {len(ckpts)} checkpoints for {len(seeds)} seeds; give one "
             "checkpoint, or one per seed in the order of model.seeds"
         )
     needing = [s.name for s in specs if s.translator_kind == kind]
     if not ckpts and needing:
-        raise ValueError(f"conditions {', '.join(needing)} need a translator: set --model.{option}")
+        raise UsageError(f"conditions {', '.join(needing)} need a translator: set --model.{option}")
     return ckpts
 
 

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from activation_transfer.errors import UsageError
 from activation_transfer.task.prompts import split_prompt
 
 SLOT_SCHEMES = ("all", "last", "pooled")
@@ -37,11 +38,11 @@ class SlotSpec:
 
     def __post_init__(self) -> None:
         if self.scheme not in SLOT_SCHEMES:
-            raise ValueError(f"slots.scheme must be one of {', '.join(SLOT_SCHEMES)}, got {self.scheme!r}")
+            raise UsageError(f"slots.scheme must be one of {', '.join(SLOT_SCHEMES)}, got {self.scheme!r}")
         if self.k < 1:
-            raise ValueError(f"slots.k must be >= 1, got {self.k}")
+            raise UsageError(f"slots.k must be >= 1, got {self.k}")
         if self.max_context_tokens < 1:
-            raise ValueError(f"slots.max_context_tokens must be >= 1, got {self.max_context_tokens}")
+            raise UsageError(f"slots.max_context_tokens must be >= 1, got {self.max_context_tokens}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -59,6 +60,35 @@ class SlotSpec:
         if self.scheme == "last":
             return states[-self.k :]
         return states.mean(dim=0, keepdim=True).expand(self.k, -1)
+
+
+def check_slots_fit(spec: SlotSpec, receiver, option: str = "--model.slots") -> None:
+    """Raise :class:`UsageError` when ``spec`` does not fit the receiver: a slot ``token_id`` outside its vocabulary
+    (an ``IndexError`` deep in the embedding), or more slots than its positions leave room for (a question after
+    them): both would otherwise fail late or run on positions the model never saw.
+
+    Args:
+        spec: The slot spec.
+        receiver: The receiver (a ``LoadedModel``).
+        option: The option prefix named in the message (``--model.slots``).
+    """
+    model = receiver.model
+    name = receiver.ref.name
+    vocab = int(model.get_input_embeddings().num_embeddings)
+    if spec.token_id is not None and not 0 <= int(spec.token_id) < vocab:
+        raise UsageError(
+            f"{option}.token_id {spec.token_id} is not a token of the receiver {name}: pick an id in 0..{vocab - 1}, "
+            "or null (its EOS token)"
+        )
+    limit = getattr(model.config, "max_position_embeddings", None)
+    most = {"all": spec.max_context_tokens, "last": min(spec.k, spec.max_context_tokens), "pooled": spec.k}
+    if limit is not None and most[spec.scheme] >= int(limit):
+        by_context = spec.scheme == "all" or (spec.scheme == "last" and spec.max_context_tokens <= spec.k)
+        what = f"{option}.max_context_tokens {spec.max_context_tokens}" if by_context else f"{option}.k {spec.k}"
+        raise UsageError(
+            f"{what} gives up to {most[spec.scheme]} slots ({option}.scheme {spec.scheme}), but the receiver {name} "
+            f"has {limit} positions and the question must follow the slots: use fewer than {limit}"
+        )
 
 
 def encode_parts(

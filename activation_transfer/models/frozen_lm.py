@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from activation_transfer.errors import UsageError
 from activation_transfer.models.hooks import avoid_cudnn_attention
 from activation_transfer.models.weights import folder_sha256
 from activation_transfer.task.tokenizer import TOKENIZER_VOCAB, offline_tokenizer, tokenizer_fingerprint
@@ -123,7 +124,7 @@ def resolve_name(name: str, cache_dir: str | None = None) -> str:
         if name.startswith(prefix):
             return fn(name.removeprefix(prefix), cache_dir)
     if name.startswith("organism:"):
-        raise ValueError(
+        raise UsageError(
             f"model name {name!r} needs the organism resolver: import cli.organisms first (train.py, "
             "evaluate.py and the demo do)"
         )
@@ -136,7 +137,7 @@ def preset_name(name: str) -> str | None:
     if bare in PRESETS:
         return bare
     if name.startswith("preset:"):
-        raise ValueError(f"unknown model preset {bare!r}; known presets: {', '.join(sorted(PRESETS))}")
+        raise UsageError(f"unknown model preset {bare!r}; known presets: {', '.join(sorted(PRESETS))}")
     return None
 
 
@@ -144,7 +145,7 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+        raise UsageError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     return DTYPES[dtype]
 
 
@@ -198,7 +199,7 @@ def load_model(
                 resolve_name(name), dtype=resolve_dtype(dtype), revision=revision, trust_remote_code=trust_remote_code
             )
         except (OSError, ValueError) as err:
-            raise ValueError(
+            raise UsageError(
                 f"cannot load model {name!r}: it is not a preset ({', '.join(sorted(PRESETS))}), not a local model "
                 f"folder, and loading it from the Hugging Face Hub failed ({type(err).__name__}: {err})"
             ) from err
@@ -237,14 +238,14 @@ def load_tokenizer(
         folder = Path(resolved)
         if folder.is_dir() and not any((folder / f).exists() for f in TOKENIZER_FILES):
             # transformers 5 would build an empty 2-token tokenizer from config.json alone and fail much later.
-            raise ValueError(
+            raise UsageError(
                 f"model folder {folder} has no tokenizer files (none of {', '.join(TOKENIZER_FILES)}); save one with "
                 f"tokenizer.save_pretrained({str(folder)!r})"
             )
         try:
             tok = AutoTokenizer.from_pretrained(resolved, revision=revision, trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as err:
-            raise ValueError(f"cannot load the tokenizer of {name!r} ({type(err).__name__}: {err})") from err
+            raise UsageError(f"cannot load the tokenizer of {name!r} ({type(err).__name__}: {err})") from err
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -267,7 +268,7 @@ def layer_container(model: nn.Module) -> tuple[str, nn.ModuleList]:
     for path in LAYER_CONTAINERS:
         if isinstance(modules.get(path), nn.ModuleList):
             return path, modules[path]
-    raise ValueError(
+    raise UsageError(
         f"cannot find the decoder blocks of {type(model).__name__}: none of {', '.join(LAYER_CONTAINERS)} is a "
         "ModuleList"
     )
@@ -278,15 +279,15 @@ def resolve_layer(model: nn.Module, layer: int | float) -> ResolvedLayer:
     container, blocks = layer_container(model)
     n = len(blocks)
     if isinstance(layer, bool):
-        raise ValueError(f"layer must be an int index or a float relative depth, got {layer!r}")
+        raise UsageError(f"layer must be an int index or a float relative depth, got {layer!r}")
     if isinstance(layer, float):
         if not 0.0 <= layer < 1.0:
-            raise ValueError(f"relative layer depth must be in [0, 1), got {layer} (model has {n} blocks)")
+            raise UsageError(f"relative layer depth must be in [0, 1), got {layer} (model has {n} blocks)")
         index = int(layer * n)
     else:
         index = int(layer)
     if not 0 <= index < n:
-        raise ValueError(f"layer {layer} is out of range: {model.config.name_or_path} has {n} blocks (0..{n - 1})")
+        raise UsageError(f"layer {layer} is out of range: {model.config.name_or_path} has {n} blocks (0..{n - 1})")
     return ResolvedLayer(index=index, path=f"{container}.{index}", num_layers=n)
 
 
@@ -368,7 +369,7 @@ def weights_identity(ref: ModelRef | dict | str, cache_dir: str | None = None) -
     try:
         config = AutoConfig.from_pretrained(name, revision=ref.revision, trust_remote_code=ref.trust_remote_code)
     except (OSError, ValueError) as err:
-        raise ValueError(
+        raise UsageError(
             f"cannot load model {ref.name!r}: it is not a preset ({', '.join(sorted(PRESETS))}), not a "
             f"local model folder, and its Hub config failed to load ({type(err).__name__}: {err})"
         ) from err

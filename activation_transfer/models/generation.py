@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from activation_transfer.errors import UsageError
 from activation_transfer.task.prompts import tokenize_left_padded
 
 
@@ -40,11 +41,11 @@ class GenerationSettings:
     def __post_init__(self) -> None:
         for name in ("max_new_tokens", "relay_max_new_tokens", "max_prompt_tokens"):
             if getattr(self, name) < 1:
-                raise ValueError(f"generation.{name} must be >= 1, got {getattr(self, name)}")
+                raise UsageError(f"generation.{name} must be >= 1, got {getattr(self, name)}")
         if self.repetition_penalty <= 0:
-            raise ValueError(f"generation.repetition_penalty must be > 0, got {self.repetition_penalty}")
+            raise UsageError(f"generation.repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.no_repeat_ngram_size < 0:
-            raise ValueError(f"generation.no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
+            raise UsageError(f"generation.no_repeat_ngram_size must be >= 0, got {self.no_repeat_ngram_size}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -92,6 +93,29 @@ class MaskedRepetitionPenalty:
         return torch.where(seen[:, :vocab], penalized, scores)
 
 
+class NonFiniteLogits(FloatingPointError):
+    """A forward pass of ``generate`` gave NaN or +infinite logits (broken weights or an overflow): decoding them
+    would give empty answers scored as wrong."""
+
+
+class FiniteLogitsCheck:
+    """A logits processor that raises :class:`NonFiniteLogits` naming ``model_name`` on NaN or +inf scores (-inf is
+    a legitimate mask, e.g. ``no_repeat_ngram_size``'s), at every decoding step."""
+
+    def __init__(self, model_name: str) -> None:
+        self.model_name = model_name
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        bad = torch.isnan(scores).any(dim=-1) | torch.isposinf(scores).any(dim=-1)
+        if bool(bad.any()):
+            raise NonFiniteLogits(
+                f"the logits of {self.model_name} are NaN or infinite for {int(bad.sum())} prompt(s) at generated "
+                f"token {input_ids.shape[1]}; a weight of the model is broken or the precision overflows "
+                "(try --trainer.precision 32-true)"
+            )
+        return scores
+
+
 def generation_config(tokenizer, settings: GenerationSettings, max_new_tokens: int):
     """An explicit ``GenerationConfig`` (never the model's own, which could carry sampling defaults).
 
@@ -122,11 +146,13 @@ def generate_ids(
     attention_mask: torch.Tensor,
     settings: GenerationSettings,
     max_new_tokens: int | None = None,
+    model_name: str | None = None,
 ) -> torch.Tensor:
     """Generate for a left-padded batch; returns only the new token ids (B, <= max_new_tokens), EOS-padded.
 
     Hugging Face appends the custom penalty after its own processors (here no_repeat_ngram_size, and the sampling
-    warpers when ``do_sample``); for greedy decoding the order does not change the chosen token.
+    warpers when ``do_sample``); for greedy decoding the order does not change the chosen token. Every step's logits
+    are checked (:class:`FiniteLogitsCheck`, naming ``model_name``).
     """
     if input_ids.shape[0] == 0:
         return torch.zeros((0, 0), dtype=torch.long)
@@ -136,7 +162,7 @@ def generate_ids(
     from transformers import LogitsProcessorList
 
     cfg = generation_config(tokenizer, settings, max_new_tokens or settings.max_new_tokens)
-    processors = LogitsProcessorList()
+    processors = LogitsProcessorList([FiniteLogitsCheck(model_name or str(model.config.name_or_path))])
     if settings.repetition_penalty != 1.0:
         processors.append(MaskedRepetitionPenalty(settings.repetition_penalty, attention_mask.to(device)))
     out = model.generate(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from activation_transfer.errors import UsageError
 from activation_transfer.io import cache_root, fingerprint, sha256_file, write_json
 
 
@@ -46,7 +47,7 @@ def folder_sha256(folder: str | Path, cache_dir: str | None = None) -> str:
             digest = sha256_file(path)
         entries[rel] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
     if not entries:
-        raise ValueError(f"model folder {folder} holds no files")
+        raise UsageError(f"model folder {folder} holds no files")
     if entries != memo:
         write_json(memo_path, entries)
     return fingerprint({rel: e["sha256"] for rel, e in entries.items()})

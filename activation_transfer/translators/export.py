@@ -6,6 +6,8 @@ loadable without Lightning; :class:`PretrainedTranslator` translates exactly as 
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import json
 import math
 from collections.abc import Mapping
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 from huggingface_hub import ModelCard, PyTorchModelHubMixin
 from torch import nn
 
+from activation_transfer.errors import UsageError
 from activation_transfer.io import atomic_output, atomic_write, fingerprint, sha256_file, write_json
 from activation_transfer.translators.architectures import build_translator, current_class_path, translator_spec
 
@@ -70,6 +73,8 @@ class PretrainedTranslator(
         dtype: Dtype of the weights (``float32`` unless trained otherwise).
         export_format: Format tag of ``config.json``.
         export_format_version: Version of that format.
+        translator_sha256: The content digest written by ``save_pretrained`` (:meth:`weights_sha256`), checked by
+            :func:`from_pretrained`; None for folders exported before it was recorded.
     """
 
     def __init__(
@@ -87,10 +92,11 @@ class PretrainedTranslator(
         dtype: str = "float32",
         export_format: str = EXPORT_FORMAT,
         export_format_version: int = EXPORT_FORMAT_VERSION,
+        translator_sha256: str | None = None,
     ):
         super().__init__()
         if export_format != EXPORT_FORMAT or int(export_format_version) > EXPORT_FORMAT_VERSION:
-            raise ValueError(
+            raise UsageError(
                 f"not an {EXPORT_FORMAT} v<={EXPORT_FORMAT_VERSION} config: {export_format} v{export_format_version}"
             )
         self.config = {
@@ -113,6 +119,7 @@ class PretrainedTranslator(
         self.translator.to(getattr(torch, dtype))
         self.requires_grad_(False)
         self.eval()
+        self.recorded_sha256 = translator_sha256
 
         # Where it was loaded from and its content hash (set by ``loading.load_translator``; None when built here).
         self.path: str | None = None
@@ -150,6 +157,15 @@ class PretrainedTranslator(
         """How it was trained: ``kind`` and ``loss``, and a functional translator's objective, slots and protocol."""
         return {"kind": self.kind, "loss": self.config["loss"], **(self.config.get("training") or {})}
 
+    def weights_sha256(self) -> str:
+        """The translator's identity: SHA-256 of its architecture, ``normalize`` and every tensor (name, dtype,
+        shape, bytes), the same for a checkpoint and its exported folder (the files differ, the translations not)."""
+        tensors = {}
+        for name, t in sorted(self.translator.state_dict().items()):
+            data = t.detach().cpu().contiguous().view(torch.uint8) if t.numel() else torch.empty(0, dtype=torch.uint8)
+            tensors[name] = [str(t.dtype), list(t.shape), hashlib.sha256(data.numpy().tobytes()).hexdigest()]
+        return fingerprint({"translator": self.config["translator"], "normalize": self.normalize, "tensors": tensors})
+
     def translate(self, x: torch.Tensor) -> torch.Tensor:
         """Map sender vectors ``(..., d_s)`` to ``(..., d_r)``: L2-normalize (if on), then apply the translator."""
         return apply_translator(self.translator, x, self.config["normalize"])
@@ -163,7 +179,8 @@ class PretrainedTranslator(
 
         with atomic_output(Path(save_directory) / WEIGHTS_NAME) as tmp:
             save_model(self, str(tmp))
-        write_json(Path(save_directory) / CONFIG_NAME, self.config)
+        # The digest lets from_pretrained notice a changed or damaged weights file (safetensors has no checksum).
+        write_json(Path(save_directory) / CONFIG_NAME, {**self.config, "translator_sha256": self.weights_sha256()})
         atomic_write(Path(save_directory) / "README.md", str(self.generate_model_card()))
 
     def generate_model_card(self, *args, **kwargs) -> ModelCard:
@@ -251,10 +268,14 @@ def checkpoint_translator(ckpt_path: str | Path, metrics: Mapping | None = None)
     try:
         ckpt = torch.load(str(ckpt_path), map_location="cpu", weights_only=True)
     except Exception as err:  # torch/zip/pickle raise many types for bad files: report them alike
-        raise ValueError(f"cannot load translator checkpoint {ckpt_path}: {type(err).__name__}: {err}") from err
+        # Not torch's message: it advises weights_only=False, i.e. running the file's code.
+        raise UsageError(
+            f"{ckpt_path} is not a translator checkpoint (torch.load cannot read it safely: {type(err).__name__}); "
+            "pass a .ckpt written by train.py or an exported translator folder"
+        ) from err
     hparams = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     if not isinstance(hparams, dict) or "translator" not in hparams or "sender_dim" not in hparams:
-        raise ValueError(f"{ckpt_path} is not a TranslatorModule checkpoint (no translator hparams)")
+        raise UsageError(f"{ckpt_path} is not a translator checkpoint (no translator hparams)")
     state = {k.removeprefix("translator."): v for k, v in ckpt["state_dict"].items() if k.startswith("translator.")}
     dtype = str(next(iter(state.values())).dtype).removeprefix("torch.")
     source = {
@@ -304,25 +325,57 @@ def from_pretrained(
         local = Path(snapshot_download(str(folder_or_hub_id), allow_patterns=patterns, **hub_kwargs))
     if not is_pretrained_folder(local):
         raise FileNotFoundError(f"{local} is not an exported translator folder ({WEIGHTS_NAME} + {CONFIG_NAME})")
-    config = json.loads((local / CONFIG_NAME).read_text())
+    config = _read_config(local)
     class_path = str((config.get("translator") or {}).get("class_path", ""))
     # A folder exported before the library moved names the class where it lived then: trusted as where it lives now.
     if not trust_class_path and not current_class_path(class_path).startswith(TRUSTED_CLASS_PREFIX):
-        raise ValueError(
+        raise UsageError(
             f"{folder_or_hub_id}: translator class_path {class_path!r} is not one of the project's; "
             "pass trust_class_path=True to import it"
         )
     from safetensors.torch import load_model
 
-    model = PretrainedTranslator(**config)
-    # strict: a missing or extra tensor is an error, never silently random weights (the mixin's loader is lenient).
-    load_model(model, str(local / WEIGHTS_NAME), strict=True, device=map_location)
+    try:
+        model = PretrainedTranslator(**config)
+        # strict: a missing or extra tensor is an error, never silently random weights (the mixin's loader is lenient).
+        load_model(model, str(local / WEIGHTS_NAME), strict=True, device=map_location)
+    except UsageError:
+        raise
+    except Exception as err:  # safetensors/torch raise many types for a damaged file or a config that does not fit
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise UsageError(
+            f"exported translator {local}: {WEIGHTS_NAME} does not load with its {CONFIG_NAME} "
+            f"({type(err).__name__}: {first[:200]}); export it again from its checkpoint"
+        ) from err
+    if model.recorded_sha256 is not None and model.recorded_sha256 != model.weights_sha256():
+        raise UsageError(
+            f"exported translator {local}: the weights do not match the digest translator_sha256 in {CONFIG_NAME} "
+            "(the folder was changed or damaged); export it again from its checkpoint"
+        )
     return model.eval()
 
 
+def _read_config(folder: Path) -> dict:
+    """``config.json`` of an exported folder, with keys this version knows (else one line naming the path)."""
+    path = folder / CONFIG_NAME
+    try:
+        config = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:
+        raise UsageError(f"exported translator config {path} is not valid JSON ({err})") from err
+    if not isinstance(config, dict):
+        raise UsageError(f"exported translator config {path} must hold a JSON object")
+    known = set(inspect.signature(PretrainedTranslator.__init__).parameters) - {"self"}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise UsageError(
+            f"exported translator config {path} has unknown key(s) {', '.join(unknown)} (not written by this "
+            "project's save_pretrained, or edited); export it again from its checkpoint"
+        )
+    return config
+
+
 def translator_sha256(path: str | Path) -> str:
-    """A content hash of a translator: the file's SHA-256 for a checkpoint, of weights and config for a folder."""
+    """A translator's identity (:meth:`PretrainedTranslator.weights_sha256`): the same for a checkpoint and its
+    exported folder."""
     p = Path(path)
-    if is_pretrained_folder(p):
-        return fingerprint({name: sha256_file(p / name) for name in (WEIGHTS_NAME, CONFIG_NAME)})
-    return sha256_file(p)
+    return (from_pretrained(p) if is_pretrained_folder(p) else checkpoint_translator(p)).weights_sha256()

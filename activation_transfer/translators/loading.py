@@ -5,18 +5,19 @@ becomes one :class:`PretrainedTranslator` (weights, identities, kind, training s
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
 
 import torch
 
+from activation_transfer.errors import UsageError
 from activation_transfer.translators.export import (
     PretrainedTranslator,
     checkpoint_translator,
     from_pretrained,
     is_pretrained_folder,
-    translator_sha256,
 )
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ def resolve_translator_ref(ref: str | Path, run, root: str | Path) -> str:
     if not is_online(run):
         disabled = run is not None and getattr(run, "disabled", False)
         mode = "no W&B run" if run is None else ("a disabled W&B run" if disabled else "an offline W&B run")
-        raise ValueError(
+        raise UsageError(
             f"translator {ref!r} is a W&B artifact, which only an online W&B run can download, but this evaluation "
             f"has {mode}. Either run with WANDB_MODE=online (and a WandbLogger), or download it first "
             f"(`wandb artifact get {name} --root <folder>`) and pass the local .ckpt path or exported folder instead"
@@ -96,7 +97,7 @@ def resolve_translator_ref(ref: str | Path, run, root: str | Path) -> str:
     if not ckpts and len(exported) == 1:
         return str(exported[0])
     found = [str(p.relative_to(folder)) for p in ckpts] or "none"
-    raise ValueError(f"W&B artifact {name!r} must hold exactly one translator checkpoint (.ckpt); found {found}")
+    raise UsageError(f"W&B artifact {name!r} must hold exactly one translator checkpoint (.ckpt); found {found}")
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -129,11 +130,11 @@ def load_translator(
     state = translator.state_dict().items()
     bad = [k for k, t in state if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
-        raise ValueError(
+        raise UsageError(
             f"translator checkpoint {path} holds NaN or infinite weights ({', '.join(bad[:5])}); "
             "retrain it or pick an earlier checkpoint"
         )
-    translator.path, translator.sha256 = str(path), translator_sha256(path)
+    translator.path, translator.sha256 = str(path), translator.weights_sha256()  # the weights, not the file
     return translator.requires_grad_(False).eval()
 
 
@@ -168,7 +169,7 @@ def check_translator_matches(translator, sender_identity: dict, receiver_identit
             if key in recorded and key in given and a != b:
                 problems.append(f"{role} {key}: translator {a!r}, model {b!r}")
     if problems:
-        raise ValueError("translator does not match the models it is used with: " + "; ".join(problems))
+        raise UsageError("translator does not match the models it is used with: " + "; ".join(problems))
 
 
 def load_translator_for(
@@ -195,11 +196,11 @@ def load_translator_for(
         root: As :func:`load_translator`'s.
     """
     if kind is not None and kind not in KINDS:
-        raise ValueError(f"translator kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        raise UsageError(f"translator kind must be one of {', '.join(KINDS)}, got {kind!r}")
     translator = load_translator(ref, map_location="cpu", run=run, root=root)
     path = translator.path
     if kind is not None and translator.kind != kind:
-        raise ValueError(
+        raise UsageError(
             f"translator {path} was trained as {translator.kind}, but {KIND_OPTIONS[kind]} takes {kind} translators; "
             f"pass it as {KIND_OPTIONS[translator.kind]}"
         )
@@ -207,7 +208,7 @@ def load_translator_for(
         check_translator_matches(translator, sender_identity, receiver_identity, slots)
     except ValueError as err:
         if not allow_mismatch:
-            raise ValueError(
+            raise UsageError(
                 f"{err} (translator checkpoint {path}; set --model.allow_mismatch true to evaluate it anyway)"
             ) from err
         log.warning("translator %s does not match the models (allowed by allow_mismatch): %s", path, err)
@@ -215,8 +216,31 @@ def load_translator_for(
     d_s, d_r = sender_identity["hidden_size"], receiver_identity["hidden_size"]
     dims = (translator.hparams.get("sender_dim"), translator.hparams.get("receiver_dim"))
     if dims != (d_s, d_r):
-        raise ValueError(
+        raise UsageError(
             f"translator checkpoint {path} maps {dims[0]} -> {dims[1]} dims, but the sender has {d_s} and the "
             f"receiver {d_r} (allow_mismatch cannot bridge different hidden sizes)"
         )
     return translator
+
+
+# ------------------------------------------------------------------------------------------ resuming training
+
+
+def check_resume_matches(saved: dict, given: dict, keys, ckpt: str = "the checkpoint") -> None:
+    """Raise :class:`UsageError` listing every decisive option whose value in a resumed checkpoint's hparams
+    (``saved``) differs from this run's (``given``): the checkpoint's optimizer and weights ran with the saved
+    values, so a run record claiming the given ones would lie. Keys absent on either side are not compared."""
+
+    def canon(value) -> str:  # tuples and lists, AttributeDicts and dicts alike
+        return json.dumps(value, sort_keys=True, default=str)
+
+    diff = [
+        f"{key}: saved {saved[key]!r} vs given {given[key]!r}"
+        for key in keys
+        if key in saved and key in given and canon(saved[key]) != canon(given[key])
+    ]
+    if diff:
+        raise UsageError(
+            f"cannot resume from {ckpt} with other options ({'; '.join(diff)}): resume with the options it was "
+            "trained with, or start a new run without --ckpt_path"
+        )

@@ -67,3 +67,49 @@ def test_ckpt_path_last_resumes_mid_epoch(tmp_path):
     cli, resumed = _train(tmp_path / "part", "--trainer.max_epochs", "3", "--ckpt_path", "last", *every)
     assert Path(cli.trainer.ckpt_path) == tmp_path / "part" / "checkpoints" / "last.ckpt"
     _assert_identical(full, resumed)
+
+
+# ------------------------------------------------------------------------------------------ issue 20 (items 6, 7)
+
+FUNCTIONAL = str(ROOT / "configs" / "train" / "functional_demo.yaml")
+
+
+def _train_functional(root: Path, *extra: str):
+    """A few steps of functional_demo.yaml on the tiny presets: 3 batches of 4 per epoch, constant lr."""
+    args = [
+        *["fit", "-c", FUNCTIONAL, "--trainer.default_root_dir", str(root), "--trainer.logger", "false"],
+        *"--model.sender_model.name tiny-neox --model.receiver_model.name tiny-neox-large".split(),
+        *"--data.num_train_samples 12 --data.num_val_samples 4 --data.batch_size 4 --model.decay constant".split(),
+        *"--model.warmup_steps 0 --trainer.enable_progress_bar false --trainer.enable_model_summary false".split(),
+        *"--trainer.callbacks.monitor null".split(),
+        *extra,
+    ]
+    cli = main(args)
+    return cli, {k: v.clone() for k, v in cli.model.translator.state_dict().items()}
+
+
+def test_functional_resume_equals_an_uninterrupted_run(tmp_path):
+    # Item 6: the sampler's generator was reseeded on every fit, so a resumed run saw epoch 0's order again.
+    _, full = _train_functional(tmp_path / "full", "--trainer.max_epochs", "3")
+    _train_functional(tmp_path / "part", "--trainer.max_epochs", "1")
+    _, resumed = _train_functional(tmp_path / "part", "--trainer.max_epochs", "3", "--ckpt_path", "last")
+    _assert_identical(full, resumed)
+
+
+@pytest.mark.parametrize(
+    "trainer, first, changed, expected",
+    [
+        ("functional", [], ["--model.slots.scheme", "last", "--model.slots.k", "8"], "slots: saved {"),
+        ("functional", [], ["--model.objective", "distill"], "objective: saved 'answer_ce' vs given 'distill'"),
+        ("aligned", [], ["--model.lr", "0.5", "--model.loss", "mse"], "loss: saved 'cosine' vs given 'mse'; lr: saved"),
+    ],
+)
+def test_a_resume_with_other_decisive_options_is_refused(tmp_path, capsys, trainer, first, changed, expected):
+    # Item 7: the record claimed the given options for the whole run while the checkpoint ran with the saved ones.
+    train = _train_functional if trainer == "functional" else _train
+    train(tmp_path / "run", "--trainer.max_epochs", "1", *first)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        train(tmp_path / "run", "--trainer.max_epochs", "2", "--ckpt_path", "last", *changed)
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_.value.code == 2 and line.startswith("train.py: error: cannot resume from") and expected in line

@@ -71,6 +71,49 @@ def test_a_wandb_reference_is_used_downloaded_and_recorded(tmp_path, ckpt):  # n
     assert info["ref"] == ref and Path(info["path"]).is_relative_to(tmp_path / "artifacts")
 
 
-def test_a_wandb_reference_without_an_online_run_says_how_to_proceed(tmp_path, ckpt):  # noqa: F811
-    with pytest.raises(ValueError, match="only an online W&B run can download"):
+def test_a_wandb_reference_without_an_online_run_says_how_to_proceed(tmp_path, ckpt, capsys):  # noqa: F811
+    with pytest.raises(SystemExit) as exit_:
         eval_main(small(tmp_path, "wandb:me/proj/translator-abc:best", *TWO))
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_.value.code == 2 and line.startswith("evaluate.py: error: ")
+    assert "only an online W&B run can download" in line
+
+
+def test_a_functional_wandb_reference_is_refused_under_other_slots(tmp_path, ckpt):  # noqa: F811
+    # Issue 20 item 1: the slot check runs for wandb: references as for a .ckpt and an exported folder.
+    from test_translator_loading import make_functional_ckpt
+
+    from activation_transfer.errors import UsageError
+    from datamodules.multihop_qa import MultiHopQADataModule
+    from lightning_modules.injection_eval import InjectionEvalModule
+
+    functional = make_functional_ckpt(tmp_path / "functional.ckpt")
+
+    class Artifact:
+        def download(self, root):
+            Path(root).mkdir(parents=True, exist_ok=True)
+            shutil.copy(functional, Path(root) / "best-00-9.ckpt")
+            return root
+
+    fake = _FakeWandbLogger()
+    fake.run.use_artifact = lambda name: Artifact()
+    module = InjectionEvalModule(
+        ModelRef("tiny-neox", layer=0.67),
+        ModelRef("tiny-neox-large", layer=0.67),
+        functional_translator_ckpt="wandb:me/proj/functional:best",
+        conditions=["receiver_alone", "slots_functional"],
+        seeds=[42],
+        protocol="split",
+        slots={"scheme": "last", "k": 8},
+        generation=GenerationSettings(max_new_tokens=3),
+        report_resamples=50,
+    )
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        logger=fake,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+    )
+    with pytest.raises(UsageError, match=r"slots: trained with \{'scheme': 'all'.*evaluated with \{'scheme': 'last'"):
+        trainer.test(module, datamodule=MultiHopQADataModule(num_samples=4, batch_size=4), verbose=False)

@@ -215,3 +215,31 @@ def test_bad_options_fail_clearly():
         FunctionalTranslatorModule(SENDER, RECEIVER, objective="distill", distill_on="labels")
     with pytest.raises(ValueError, match="model.mse_weight must be >= 0"):
         FunctionalTranslatorModule(SENDER, RECEIVER, mse_weight=-1.0)
+
+
+def test_training_contexts_cut_at_max_context_tokens_are_warned_once_with_the_count(monkeypatch):
+    # Issue 20 item 11: evaluation warned about contexts cut at slots.max_context_tokens, training cut them silently.
+    from types import SimpleNamespace
+
+    import lightning_modules.functional_translator as ft
+    from datamodules.multihop_qa import QADataset
+
+    dm = QATrainingDataModule(num_train_samples=12, num_val_samples=4)
+    dm.setup("fit")
+    warnings = []
+    monkeypatch.setattr(ft.log, "warning", lambda msg, *args: warnings.append(msg % args))
+    for max_context, expected in ((8, len(dm.train_set)), (500, None)):
+        module = FunctionalTranslatorModule(SENDER, RECEIVER, slots={"max_context_tokens": max_context})
+        module._trainer = SimpleNamespace(
+            datamodule=SimpleNamespace(train_set=QADataset(dm.train_set.samples)), is_global_zero=True
+        )
+        warnings.clear()
+        module.on_fit_start()
+        if expected is None:
+            assert warnings == []
+        else:
+            (line,) = warnings
+            assert (
+                f"{expected} of {len(dm.train_set)} training context parts are cut at model.slots.max_context_tokens=8"
+                in line
+            )

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from activation_transfer.errors import UsageError
 from activation_transfer.injection.protocols.base import EvalProtocol
 from activation_transfer.injection.protocols.paper import PaperProtocol
 from activation_transfer.injection.protocols.split import SplitProtocol
@@ -27,7 +28,7 @@ def protocol_for(name: str, **options) -> EvalProtocol:
         ValueError: An unknown name, naming the known ones.
     """
     if name not in PROTOCOLS:
-        raise ValueError(f"model.protocol must be one of {', '.join(PROTOCOLS)}, got {name!r}")
+        raise UsageError(f"model.protocol must be one of {', '.join(PROTOCOLS)}, got {name!r}")
     return PROTOCOLS[name].configured(**options)
 
 

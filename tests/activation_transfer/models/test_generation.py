@@ -91,3 +91,23 @@ def test_no_repeat_ngram_is_unaffected_by_padding(tokenizer):
     settings = GenerationSettings(max_new_tokens=8, repetition_penalty=1.0, no_repeat_ngram_size=3)
     batched, single = _batched_and_single(model, tokenizer, settings)
     assert batched == single and any(r and r[-1] == tokenizer.eos_token_id for r in single)
+
+
+def test_non_finite_logits_stop_generation_naming_the_model(tokenizer):
+    # Issue 20 item 5: NaN in the LM head gave every answer "" (accuracy 0, exit 0); now every step's logits are
+    # checked and the error names the model.
+    from activation_transfer.models.generation import NonFiniteLogits
+
+    model = load_model("tiny-neox")
+    with torch.no_grad():
+        model.get_output_embeddings().weight[3] = float("nan")
+    batch = tokenize_left_padded(tokenizer, ["Alice lives in", "Bob"], 16)
+    with pytest.raises(NonFiniteLogits, match="the logits of the sender tiny-neox are NaN or infinite for 2 prompt"):
+        generate_ids(
+            model,
+            tokenizer,
+            batch["input_ids"],
+            batch["attention_mask"],
+            GenerationSettings(max_new_tokens=2),
+            model_name="the sender tiny-neox",
+        )

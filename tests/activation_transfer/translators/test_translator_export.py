@@ -103,6 +103,6 @@ def test_refuses_foreign_code_and_incomplete_folders(tmp_path):
     (folder / "model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="not an exported translator folder"):
         te.from_pretrained(folder)
-    with pytest.raises(ValueError, match="not a TranslatorModule checkpoint"):
+    with pytest.raises(ValueError, match="not a translator checkpoint"):
         torch.save({"state_dict": {}, "hyper_parameters": {}}, tmp_path / "other.ckpt")
         te.checkpoint_translator(tmp_path / "other.ckpt")

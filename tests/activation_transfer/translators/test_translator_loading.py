@@ -5,6 +5,7 @@ trained with (checkpoint and exported folder alike) or given in the other kind's
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -80,8 +81,8 @@ def test_every_source_loads_as_one_type_with_its_kind_training_spec_and_hash(tra
     # The functional checkpoint holds the aligned one's weights: the same translation from all four.
     expected = loaded["aligned"].translate(x)
     assert all(torch.equal(t.translate(x), expected) for t in loaded.values())
-    # sha256: the checkpoint file's, or the folder's weights + config; the four differ.
-    assert len({t.sha256 for t in loaded.values()}) == 4 and all(len(t.sha256) == 64 for t in loaded.values())
+    # sha256: the weights' digest (issue 20 item 9), not the file's: the four hold the same weights.
+    assert len({t.sha256 for t in loaded.values()}) == 1 and all(len(t.sha256) == 64 for t in loaded.values())
     assert loaded["aligned"].path == translators["aligned"]
 
 
@@ -112,7 +113,7 @@ def test_the_evaluation_refuses_other_slots_in_one_line(tmp_path, translators, s
     assert "slots: trained with" in message and "'k': 8" in message
 
 
-def test_the_cli_refuses_other_slots(tmp_path, translators, monkeypatch):
+def test_the_cli_refuses_other_slots(tmp_path, translators, monkeypatch, capsys):
     import wandb
     from test_evaluate_cli import small
 
@@ -136,11 +137,15 @@ def test_the_cli_refuses_other_slots(tmp_path, translators, monkeypatch):
         translators["functional_folder"],
     )
     try:
-        with pytest.raises(ValueError, match="slots: trained with .*'scheme': 'all'.*evaluated with .*'k': 8"):
+        with pytest.raises(SystemExit) as exit_:
             eval_main(args)
     finally:
         if wandb.run is not None:
             wandb.finish()
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]  # after Lightning's own lines (seed, devices)
+    assert exit_.value.code == 2 and line.startswith("evaluate.py: error: ") and "Traceback" not in err
+    assert re.search("slots: trained with .*'scheme': 'all'.*evaluated with .*'k': 8", line)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,114 @@
+"""Issue 20 items 15-16: bad input to ``train.py``/``evaluate.py`` is one line ``<prog>: error: ...`` and exit status 2
+(``ACTIVATION_TRANSFER_DEBUG=1``: the traceback), real bugs keep their traceback, and two evaluations cannot share
+one run folder (a lock naming its holder)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from test_evaluate_cli import small
+from test_injection_eval import make_ckpt
+
+from activation_transfer.errors import DEBUG_ENV, UsageError
+from activation_transfer.run_lock import RunFolderLock
+from cli.lightning_cli import eval_main, train_main, usage_errors
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY_TRAIN = str(ROOT / "configs" / "train" / "tiny.yaml")
+FUNCTIONAL = str(ROOT / "configs" / "train" / "functional_demo.yaml")
+TINY_MODELS = "--model.sender_model.name tiny-neox --model.receiver_model.name tiny-neox-large".split()
+
+
+@pytest.fixture(autouse=True)
+def _plain_argv(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["x.py"])
+    monkeypatch.delenv(DEBUG_ENV, raising=False)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> str:
+    return make_ckpt(tmp_path_factory.mktemp("usage") / "t.ckpt")
+
+
+def _one_line_exit(capsys, run, prog: str) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        run()
+    err = capsys.readouterr().err
+    line = err.strip().splitlines()[-1]  # Lightning's own lines (seed, devices) may come before
+    assert exit_.value.code == 2 and line.startswith(f"{prog}: error: ") and "Error: " not in line, err
+    return line
+
+
+def test_train_bad_option_value_is_one_line(tmp_path, capsys):
+    args = ["fit", "-c", TINY_TRAIN, "--trainer.default_root_dir", str(tmp_path), "--data.extract_batch_size", "0"]
+    line = _one_line_exit(capsys, lambda: train_main(args), "train.py")
+    assert "data.extract_batch_size must be >= 1, got 0" in line
+
+
+def test_a_dataclass_check_is_shown_without_jsonargparse_subtypes(tmp_path, capsys):
+    # Item 15: "Does not validate against any of the Union subtypes / Subtypes: [NoneType, ...]" before the message.
+    args = ["fit", "-c", FUNCTIONAL, "--trainer.default_root_dir", str(tmp_path), *TINY_MODELS, "--model.slots.k", "0"]
+    line = _one_line_exit(capsys, lambda: train_main(args), "train.py")
+    assert "slots.k must be >= 1, got 0" in line and "Subtypes" not in line and "NoneType" not in line
+
+
+def test_evaluate_bad_organism_name_is_one_line(tmp_path, ckpt, capsys):
+    args = small(tmp_path, ckpt, "--model.sender.name", "organism:nope")
+    line = _one_line_exit(capsys, lambda: eval_main(args), "evaluate.py")
+    assert "unknown organism 'nope'" in line
+
+
+def test_evaluate_into_another_configurations_run_folder_is_one_line(tmp_path, ckpt, capsys):
+    run_dir = tmp_path / "out" / "mine"
+    run_dir.mkdir(parents=True)
+    (run_dir / "fingerprint.json").write_text(json.dumps({"fingerprint": "0" * 64, "identity": {}}))
+    args = small(tmp_path, ckpt, "--model.run_name", "mine", "--model.conditions", "[no_inject]")
+    line = _one_line_exit(capsys, lambda: eval_main(args), "evaluate.py")
+    assert f"run folder {run_dir} holds results of another configuration" in line
+
+
+def test_a_second_evaluation_of_one_run_folder_is_refused_naming_the_holder(tmp_path, ckpt, capsys):
+    run_dir = tmp_path / "out" / "busy"
+    run_dir.mkdir(parents=True)
+    holder = RunFolderLock(run_dir).acquire()  # another open file: flock refuses it as it would another process
+    try:
+        args = small(tmp_path, ckpt, "--model.run_name", "busy", "--model.conditions", "[no_inject]")
+        line = _one_line_exit(capsys, lambda: eval_main(args), "evaluate.py")
+        assert f"run folder {run_dir} is in use by process {os.getpid()}" in line
+    finally:
+        holder.release()
+    # Released: the evaluation runs, and releases the folder when it ends.
+    cli = eval_main(small(tmp_path, ckpt, "--model.run_name", "busy", "--model.conditions", "[no_inject]"))
+    assert (run_dir / "records" / "no_inject__deterministic.jsonl").is_file() and cli.model.run_lock is None
+    RunFolderLock(run_dir).acquire().release()
+
+
+def test_the_lock_is_exclusive_until_released(tmp_path):
+    first = RunFolderLock(tmp_path).acquire()
+    with pytest.raises(UsageError, match=f"in use by process {os.getpid()}"):
+        RunFolderLock(tmp_path).acquire()
+    first.release()
+    RunFolderLock(tmp_path).acquire().release()
+
+
+def test_debug_shows_the_traceback_and_bugs_keep_theirs(monkeypatch, capsys):
+    def fail(exc):
+        with usage_errors("x.py"):
+            raise exc
+
+    with pytest.raises(SystemExit):
+        fail(UsageError("bad option"))
+    with pytest.raises(SystemExit):
+        fail(PermissionError(13, "Permission denied", "/ro/out"))
+    assert "x.py: error: cannot write /ro/out (Permission denied)" in capsys.readouterr().err
+    with pytest.raises(RuntimeError):  # a bug: its traceback, not a line
+        fail(RuntimeError("bug"))
+    with pytest.raises(ValueError, match="plain"):  # a ValueError outside the input checks is a bug too
+        fail(ValueError("plain"))
+    monkeypatch.setenv(DEBUG_ENV, "1")
+    with pytest.raises(UsageError, match="bad option"):
+        fail(UsageError("bad option"))
