@@ -34,6 +34,7 @@ from datamodules.multihop_qa import MultiHopQADataModule
 from datamodules.qa_training import QATrainingDataModule  # noqa: F401
 from lightning_modules.functional_translator import FunctionalTranslatorModule
 from lightning_modules.injection_eval import InjectionEvalModule
+from lightning_modules.kv_translator import KVTranslatorModule  # noqa: F401
 from lightning_modules.translator import TranslatorModule  # noqa: F401
 
 
@@ -226,7 +227,7 @@ class TrainCLI(ProjectCLI):
         # digests, the training spec) that are no __init__ arguments and fail at instantiation. For it the config
         # rebuilds the module and the checkpoint restores the translator, the optimizer and the loop state.
         model = self.config[self.config.subcommand].get("model") if self.config.get("subcommand") else None
-        if _class_of(model) is not FunctionalTranslatorModule:
+        if not issubclass(_class_of(model) or object, FunctionalTranslatorModule):  # KVTranslatorModule too
             super()._parse_ckpt_path()
 
 

@@ -178,7 +178,11 @@ class InjectionEvalModule(pl.LightningModule):
         path = local_translator(ref, self.trainer)  # a .ckpt, an exported folder, or wandb:<...:alias>
         identities = self.sender.identity(), self.receiver.identity()
         translator = load_translator_for(
-            path, *identities, self.allow_mismatch, self.protocol.translator_slots(), kind=kind
+            path,
+            *identities,
+            self.allow_mismatch,
+            self.protocol.translator_slots(),
+            self.protocol.translator_kind(kind),
         )
         return translator, {"path": str(path), "ref": ref, "sha256": translator.sha256}
 
