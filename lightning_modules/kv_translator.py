@@ -56,7 +56,7 @@ def kv_batch(
 
 
 @document_optimizer_args
-class KVTranslatorModule(FunctionalTranslatorModule):
+class KVTranslatorModule(FunctionalTranslatorModule, pl.LightningModule):  # named: tests/test_architecture.py
     """Learn a sender -> receiver KV projector whose attention prefix makes the frozen receiver answer.
 
     Args:
