@@ -18,9 +18,8 @@ from typing import Literal
 import pytorch_lightning as pl
 import torch
 
-from activation_transfer.injection.kv_prefix import assemble, geometry, prefixed_forward, resolve_layers
+from activation_transfer.injection.kv_prefix import assemble, context_states, geometry, prefixed_forward, resolve_layers
 from activation_transfer.injection.slots import SlotSpec, left_padded
-from activation_transfer.injection.sources import capture_block, left_grid
 from activation_transfer.models.frozen_lm import ModelRef, as_ref, load_ref
 from activation_transfer.translators.architectures import build_translator
 from activation_transfer.translators.functional_loss import (
@@ -147,14 +146,9 @@ class KVTranslatorModule(FunctionalTranslatorModule, pl.LightningModule):  # nam
     def projected(self, sender_layout: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Unrotated keys and values ``(S, B, H, P, hd)`` of the context tokens (differentiable in the projector)
         and the prefix mask ``(B, P)``, as ``KVProtocol.project`` builds them."""
-        ids = sender_layout["input_ids"].to(self.device)
-        mask = sender_layout["attention_mask"].to(self.device)
-        states = capture_block(self.sender, self.sender_lm.layer.path, ids, mask)  # no grad: the sender is frozen
-        rows = [states[i, sl] for i, sl in enumerate(sender_layout["context_slices"])]
-        width = max(len(r) for r in rows)
-        grid = left_grid(rows, width, states.shape[-1], states.dtype, self.device)
+        grid, mask = context_states(self.sender, self.sender_lm.layer.path, sender_layout)  # frozen: no grad
         keys, values = self.translator(grid)
-        return keys, values, left_padded([[0] * len(r) for r in rows], 0)[1].to(self.device)
+        return keys, values, mask.to(self.device)
 
     def prefixed_logits(self, layout: dict, keys, values, mask) -> tuple[torch.Tensor, torch.Tensor]:
         """The receiver's logits at the positions predicting the layout's answer tokens after the prefix, and the

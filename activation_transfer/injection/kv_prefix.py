@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from activation_transfer.injection.slots import left_padded
-from activation_transfer.injection.sources import position_ids
+from activation_transfer.injection.sources import capture_block, left_grid, position_ids
 from activation_transfer.models.generation import GenerationSettings, MaskedRepetitionPenalty, generation_config
 
 
@@ -89,6 +89,16 @@ class KVPrefix:
             return (total / self.keys[0].shape[1] / n).cpu()
 
         return mean(self.keys), mean(self.values)
+
+
+def context_states(model, path: str, layout: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """A frozen sender's block-``path`` states at each row's context tokens of a ``sender_batch`` layout, left padded
+    into ``(B, P, d_s)`` on the model's device, and the prefix mask ``(B, P)`` (one entry per context token)."""
+    device = next(model.parameters()).device
+    h = capture_block(model, path, layout["input_ids"].to(device), layout["attention_mask"].to(device))
+    rows = [h[i, sl] for i, sl in enumerate(layout["context_slices"])]
+    grid = left_grid(rows, max(len(r) for r in rows), h.shape[-1], h.dtype, h.device)
+    return grid, left_padded([[0] * len(r) for r in rows], 0)[1]
 
 
 def assemble(model, layers: Sequence[int], keys, values, mask: torch.Tensor, rotate: bool) -> KVPrefix:

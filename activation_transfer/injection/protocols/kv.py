@@ -29,6 +29,7 @@ from activation_transfer.injection.kv_prefix import (
     KVPrefix,
     assemble,
     bytes_sent,
+    context_states,
     generate_after_prefix,
     geometry,
     own_prefix,
@@ -38,7 +39,6 @@ from activation_transfer.injection.kv_prefix import (
 from activation_transfer.injection.protocols.base import Answers
 from activation_transfer.injection.protocols.split import SplitProtocol
 from activation_transfer.injection.slots import SlotSpec, left_padded, sender_batch
-from activation_transfer.injection.sources import capture_block, left_grid
 from activation_transfer.models.generation import GenerationSettings, decode
 
 CONDITION_NAMES: tuple[str, ...] = (
@@ -146,13 +146,9 @@ class KVProtocol(SplitProtocol):
         (receiver dtype and device), and the prefix mask ``(B, P)`` (left padded, one entry per context token)."""
         ctx, qst = zip(*(self.parts["sender"][sid] for sid in owners))
         batch = sender_batch(ctx, qst, self.sender.tokenizer.eos_token_id)
-        h = capture_block(self.sender.model, self.sender.layer.path, batch["input_ids"], batch["attention_mask"])
-        rows = [h[i, sl] for i, sl in enumerate(batch["context_slices"])]
-        width = max(len(r) for r in rows)
-        grid = left_grid(rows, width, h.shape[-1], h.dtype, h.device)
+        grid, mask = context_states(self.sender.model, self.sender.layer.path, batch)
         keys, values = projector.translate(grid)
         param = next(self.receiver.model.parameters())
-        mask = left_padded([[0] * len(r) for r in rows], 0)[1]
         return keys.to(param), values.to(param), mask
 
     def random_like(self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, seed: int, sample_ids):
