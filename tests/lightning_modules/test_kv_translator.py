@@ -138,26 +138,15 @@ def _plain_argv(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["train.py"])
 
 
+# The resumed run writes into the first run's checkpoint folder on purpose; Lightning says so.
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
 def test_train_cli_fits_the_kv_config_and_exports_it(tmp_path, _plain_argv):
     args = ["fit", "-c", DEMO, "--trainer.default_root_dir", str(tmp_path / "runs")]
-    args += [
-        "--trainer.enable_progress_bar",
-        "false",
-        "--trainer.limit_train_batches",
-        "2",
-        "--trainer.max_epochs",
-        "1",
-    ]
-    args += ["--model.init_args.sender_model.name", "tiny-neox", "--model.init_args.receiver_model.name"]
-    args += ["tiny-neox-large", "--model.init_args.layers", "[0, 2]", "--data.init_args.num_train_samples", "16"]
-    args += [
-        "--data.init_args.num_val_samples",
-        "8",
-        "--data.init_args.batch_size",
-        "8",
-        "--trainer.log_every_n_steps",
-        "1",
-    ]
+    args += ["--trainer.enable_progress_bar", "false", "--trainer.limit_train_batches", "2"]
+    args += ["--trainer.log_every_n_steps", "1", "--model.init_args.sender_model.name", "tiny-neox"]
+    args += ["--model.init_args.receiver_model.name", "tiny-neox-large", "--model.init_args.layers", "[0, 2]"]
+    args += ["--data.init_args.num_train_samples", "16", "--data.init_args.num_val_samples", "8"]
+    args += ["--data.init_args.batch_size", "8", "--trainer.max_epochs", "1"]
     cli = train_main(args)
     assert isinstance(cli, TrainCLI) and isinstance(cli.model, KVTranslatorModule)
     best = Path(cli.trainer.checkpoint_callback.best_model_path)
@@ -168,3 +157,6 @@ def test_train_cli_fits_the_kv_config_and_exports_it(tmp_path, _plain_argv):
     x = torch.randn(1, 3, 32)
     cli.model.cpu().eval()
     assert all(torch.equal(a, b) for a, b in zip(exported.translate(x), cli.model.translator(x)))
+    # `fit --ckpt_path` resumes through the functional trainer's path (the checkpoint holds no LM weights).
+    again = train_main([*args[:-2], "--trainer.max_epochs", "2", "--ckpt_path", str(best)])
+    assert again.trainer.current_epoch == 2 and again.trainer.global_step == 4
