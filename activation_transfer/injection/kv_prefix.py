@@ -123,7 +123,8 @@ def own_prefix(model, rows: Sequence[Sequence[int]], pad_id: int, layers: Sequen
     with the position ids ``generate`` uses; layers outside ``layers`` zeroed."""
     device = next(model.parameters()).device
     ids, mask = left_padded(rows, pad_id)
-    out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=position_ids(mask).to(device))
+    pos = position_ids(mask).to(device)
+    out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos, use_cache=True)
     cache = out.cache
     keys = torch.stack([cache.layers[i].keys for i in layers])
     values = torch.stack([cache.layers[i].values for i in layers])
