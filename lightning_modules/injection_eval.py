@@ -69,6 +69,7 @@ class InjectionEvalModule(pl.LightningModule):
         functional_translator_ckpt: The functional translator (trained through the receiver), as ``translator_ckpt``:
             a .ckpt or exported folder, one or one per seed; read by the ``*_functional`` conditions.
         slots: The split protocol's slot scheme (``SlotSpec``: scheme, k, token_id, max_context_tokens).
+        kv_layers: The KV protocol's prefix layers (receiver attention layers; null: all; negative: from the end).
 
     Attributes:
         run_dir: The run folder (set at test start).
@@ -98,11 +99,13 @@ class InjectionEvalModule(pl.LightningModule):
         protocol: str = "paper",
         functional_translator_ckpt: str | list[str] | None = None,
         slots: SlotSpec = DEFAULT_SLOTS,
+        kv_layers: list[int] | None = None,
     ) -> None:
         super().__init__()
         self.sender_ref, self.receiver_ref = as_ref(sender), as_ref(receiver)
         self.slots = SlotSpec(**slots) if isinstance(slots, dict) else slots
-        self.protocol = protocol_for(protocol, slots=self.slots)  # what differs between protocols: ask it
+        # What differs between protocols: ask it (each reads only its own options).
+        self.protocol = protocol_for(protocol, slots=self.slots, layers=kv_layers)
         names = tuple(conditions or ())
         if names in ((), cnd.CONDITION_NAMES):  # the default list means the protocol's default
             names = self.protocol.default_conditions

@@ -172,3 +172,36 @@ def test_projector_and_protocol_must_agree(tmp_path, kv_ckpt):
     plan = EvalPlan.build(protocol.conditions(["kv_functional"], 0.01, 0.3), [42], 0, buckets, functional_count=1)
     with pytest.raises(ValueError, match=r"writes receiver layers \[0, 1, 2, 3\], the evaluation's prefix layers"):
         protocol.prepare(plan, {"aligned": [], "functional": [load_translator(kv_ckpt)]}, {"functional": ["x"]}, 4)
+
+
+def test_a_layer_subset_reaches_the_records_and_must_match_the_projector(tmp_path, kv_ckpt):
+    subset_ckpt = make_kv_ckpt(tmp_path / "subset.ckpt", layers=[0, -1])
+    module = run_eval(
+        tmp_path / "run",
+        None,
+        conditions=["kv_self", "kv_functional"],
+        seeds=[42],
+        protocol="kv",
+        kv_layers=[0, -1],
+        functional_translator_ckpt=subset_ckpt,
+        report=False,
+    )
+    assert module.protocol.layers == [0, 3] and module.run_identity["layers"] == [0, -1]
+    for c, seed in (("kv_self", None), ("kv_functional", 42)):
+        for r in _records(module, c, seed).values():
+            d = r["diagnostics"]
+            assert d["kv_layers"] == 2 and d["bytes_sent"] == d["prefix_len"] * 2 * 2 * 48 * 4
+    # The answers change with the subset (two layers of zeros instead of the receiver's own entries).
+    full = run_eval(tmp_path / "full", None, conditions=["kv_self"], protocol="kv", report=False)
+    assert preds(full)["kv_self__deterministic"] != preds(module)["kv_self__deterministic"]
+    with pytest.raises(
+        ValueError, match=r"slots: trained with \{'layers': None\}, evaluated with \{'layers': \[0, -1\]\}"
+    ):
+        run_eval(
+            tmp_path / "bad",
+            None,
+            conditions=["kv_functional"],
+            protocol="kv",
+            kv_layers=[0, -1],
+            functional_translator_ckpt=kv_ckpt,
+        )
