@@ -36,6 +36,7 @@ from datamodules.multihop_qa import MultiHopQADataModule
 from datamodules.qa_training import QATrainingDataModule  # noqa: F401
 from lightning_modules.functional_translator import FunctionalTranslatorModule  # noqa: F401
 from lightning_modules.injection_eval import InjectionEvalModule
+from lightning_modules.kv_translator import KVTranslatorModule  # noqa: F401
 from lightning_modules.translator import TranslatorModule  # noqa: F401
 
 

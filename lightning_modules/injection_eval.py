@@ -73,6 +73,7 @@ class InjectionEvalModule(pl.LightningModule):
             a .ckpt or exported folder, one or one per seed; read by the ``*_functional`` conditions.
         slots: The split protocol's slot scheme (``SlotSpec``: scheme, k, token_id, max_context_tokens).
         sender_site: The split protocol's sender site: ``block`` or ``embeddings`` (``slots_functional_lexical``).
+        kv_layers: The KV protocol's prefix layers (receiver attention layers; null: all; negative: from the end).
 
     Attributes:
         run_dir: The run folder (set at test start).
@@ -103,12 +104,13 @@ class InjectionEvalModule(pl.LightningModule):
         functional_translator_ckpt: str | list[str] | None = None,
         slots: SlotSpec = DEFAULT_SLOTS,
         sender_site: Literal["block", "embeddings"] = "block",
+        kv_layers: list[int] | None = None,
     ) -> None:
         super().__init__()
         self.sender_ref, self.receiver_ref = as_ref(sender), as_ref(receiver)
         self.slots = SlotSpec(**slots) if isinstance(slots, dict) else slots
-        # What differs between protocols: ask it.
-        self.protocol = protocol_for(protocol, slots=self.slots, sender_site=sender_site)
+        # What differs between protocols: ask it (each reads only its own options).
+        self.protocol = protocol_for(protocol, slots=self.slots, sender_site=sender_site, layers=kv_layers)
         if getattr(self.protocol, "sender_site", "block") != sender_site:  # a protocol without the option ignored it
             raise UsageError(f"model.sender_site {sender_site} is not an option of the {protocol} protocol")
         names = tuple(conditions or ())
@@ -194,7 +196,11 @@ class InjectionEvalModule(pl.LightningModule):
         path = local_translator(ref, self.trainer)  # a .ckpt, an exported folder, or wandb:<...:alias>
         identities = self.sender.identity(), self.receiver.identity()
         translator = load_translator_for(
-            path, *identities, self.allow_mismatch, self.protocol.translator_slots(), kind=kind
+            path,
+            *identities,
+            self.allow_mismatch,
+            self.protocol.translator_slots(),
+            self.protocol.translator_kind(kind),
         )
         return translator, {"path": str(path), "ref": ref, "sha256": translator.sha256}
 

@@ -29,6 +29,7 @@ CONFIG_NAME = "config.json"
 # Building a translator imports its class_path: configs from elsewhere (the Hub) may name only the project's own
 # architectures unless the caller trusts them.
 TRUSTED_CLASS_PREFIX = "activation_transfer.translators.architectures."
+TRUSTED_CLASS_PREFIXES = (TRUSTED_CLASS_PREFIX, "activation_transfer.translators.kv_projector.")
 
 
 def apply_translator(translator: nn.Module, x: torch.Tensor, normalize: bool) -> torch.Tensor:
@@ -328,7 +329,7 @@ def from_pretrained(
     config = _read_config(local)
     class_path = str((config.get("translator") or {}).get("class_path", ""))
     # A folder exported before the library moved names the class where it lived then: trusted as where it lives now.
-    if not trust_class_path and not current_class_path(class_path).startswith(TRUSTED_CLASS_PREFIX):
+    if not trust_class_path and not current_class_path(class_path).startswith(TRUSTED_CLASS_PREFIXES):
         raise UsageError(
             f"{folder_or_hub_id}: translator class_path {class_path!r} is not one of the project's; "
             "pass trust_class_path=True to import it"

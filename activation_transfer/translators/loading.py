@@ -23,9 +23,13 @@ from activation_transfer.translators.export import (
 log = logging.getLogger(__name__)
 
 WANDB_PREFIX = "wandb:"
-KINDS = ("aligned", "functional")
+KINDS = ("aligned", "functional", "kv")
 # The evaluation's option for each kind (InjectionEvalModule): named in the refusal of a translator of the other kind.
-KIND_OPTIONS = {"aligned": "--model.translator_ckpt", "functional": "--model.functional_translator_ckpt"}
+KIND_OPTIONS = {
+    "aligned": "--model.translator_ckpt",
+    "functional": "--model.functional_translator_ckpt",
+    "kv": "--model.functional_translator_ckpt with --model.protocol kv",  # a KV projector (translators/kv_projector.py)
+}
 # Identity fields that must agree between the models a translator was trained on and the models it is used with.
 MATCH_KEYS = (
     "name",

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from activation_transfer.errors import UsageError
 from activation_transfer.injection.protocols.base import EvalProtocol
+from activation_transfer.injection.protocols.kv import KVProtocol
 from activation_transfer.injection.protocols.paper import PaperProtocol
 from activation_transfer.injection.protocols.split import SplitProtocol
 
-PROTOCOLS: dict[str, type[EvalProtocol]] = {cls.name: cls for cls in (PaperProtocol, SplitProtocol)}
+PROTOCOLS: dict[str, type[EvalProtocol]] = {cls.name: cls for cls in (PaperProtocol, SplitProtocol, KVProtocol)}
 
 
 def register(cls: type[EvalProtocol]) -> type[EvalProtocol]:
@@ -32,4 +33,4 @@ def protocol_for(name: str, **options) -> EvalProtocol:
     return PROTOCOLS[name].configured(**options)
 
 
-__all__ = ["PROTOCOLS", "EvalProtocol", "PaperProtocol", "SplitProtocol", "protocol_for", "register"]
+__all__ = ["PROTOCOLS", "EvalProtocol", "KVProtocol", "PaperProtocol", "SplitProtocol", "protocol_for", "register"]

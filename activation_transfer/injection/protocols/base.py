@@ -66,6 +66,10 @@ class EvalProtocol(ABC):
         """The slot scheme a functional translator must have been trained with, or None (nothing to check)."""
         return None
 
+    def translator_kind(self, option: str) -> str:
+        """The kind of translator the module's ``option`` (``aligned``/``functional``) must hold here (KV: ``kv``)."""
+        return option
+
     # ------------------------------------------------------------------------------------------------ one run
 
     @abstractmethod

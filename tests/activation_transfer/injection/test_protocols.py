@@ -39,8 +39,11 @@ def test_protocol_options_reach_only_the_protocol_that_reads_them():
     assert protocol_for("paper", slots=slots).translator_slots() is None
     split = protocol_for("split", slots=slots)
     assert split.identity() == {"protocol": "split", "slots": slots.to_dict()} and split.translator_slots()["k"] == 3
-    with pytest.raises(ValueError, match="model.protocol must be one of paper, split, got 'kv'"):
-        protocol_for("kv")
+    kv = protocol_for("kv", slots=slots)
+    assert kv.identity() == {"protocol": "kv", "max_context_tokens": 224, "layers": None}
+    assert kv.translator_slots() == {"layers": None} and kv.translator_kind("functional") == "kv"
+    with pytest.raises(ValueError, match="model.protocol must be one of paper, split, kv, got 'nope'"):
+        protocol_for("nope")
 
 
 def test_an_incomplete_protocol_cannot_be_built_or_registered():
