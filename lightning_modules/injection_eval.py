@@ -340,7 +340,12 @@ class InjectionEvalModule(pl.LightningModule):
             log.info("no baseline condition in this run: the report is skipped")
             return
         self.report_result = run_report(
-            records, self.run_dir / "report", baselines=baselines, resamples=self.report_resamples, intersect=True
+            records,
+            self.run_dir / "report",
+            baselines=baselines,
+            resamples=self.report_resamples,
+            intersect=True,
+            protocol=self.protocol.name,
         )
 
     def metadata(self) -> tuple[dict, dict]:
