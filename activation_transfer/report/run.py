@@ -83,7 +83,7 @@ def _default_baselines(groups: Mapping, protocol: str | None) -> tuple[str, ...]
     ``nl_relay`` cannot tell the protocols apart (both evaluate it), ``no_inject`` and the split floor/ceiling can.
     """
     if protocol is not None:
-        return SPLIT_BASELINES if protocol == "split" else DEFAULT_BASELINES
+        return DEFAULT_BASELINES if protocol == "paper" else SPLIT_BASELINES  # split and kv: floor and ceiling
     if "no_inject" not in groups and any(b in groups for b in SPLIT_BASELINES):
         return SPLIT_BASELINES
     return DEFAULT_BASELINES
