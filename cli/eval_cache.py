@@ -2,7 +2,7 @@
 
 An evaluation's run folder (records, report, ``meta.json``, ``config.yaml``) is kept under
 ``<cache>/evaluations/<config stem>-<key>/``. The key hashes what determines the answers: the command line with every
-file it names replaced by its content hash (eval config, translator checkpoints) and the output folder left out, the
+file it names replaced by its content hash (eval config, translator checkpoints), its output and logger left out, the
 organisms' content, the questions' fingerprint (the data SHA), and the library versions and evaluation runner version
 that change the numerics. A hit copies the folder into place and prints the table ``evaluate.py`` would have printed.
 """
@@ -21,8 +21,11 @@ from activation_transfer.models.weights import folder_sha256
 from activation_transfer.report import records as rio
 from activation_transfer.report.tables import summary_markdown
 from activation_transfer.task.scoring import MAIN_METRIC
+from callbacks.wandb_artifacts import RUN_ID_FILE
 
 OUTPUT_OPTION = "--trainer.default_root_dir"
+# Where the results go and how they are logged: not what they are (left out of the key).
+UNKEYED_OPTIONS = (OUTPUT_OPTION, "--trainer.logger")
 # The data module's options that choose the questions (batch size and workers do not).
 DATA_OPTIONS = ("source", "data_dir", "num_samples", "generator_seed", "limit")
 
@@ -64,11 +67,12 @@ def samples_sha256(args: list[str]) -> str:
 
 
 def eval_key(args: list[str], organisms: dict[str, Path] | None = None) -> str:
-    """The content key of an evaluation: ``args`` (files by content, output folder left out), the content of the
+    """The content key of an evaluation: ``args`` (files by content, output and logger left out), the content of the
     ``organisms`` folders the config names (``organism:<role>``), the questions and the numerics' versions."""
     from lightning_modules.injection_eval import RUNNER_VERSION
 
-    words = [a for i, a in enumerate(args) if OUTPUT_OPTION not in (a, args[i - 1] if i else None)]
+    unkeyed = {i + d for i, a in enumerate(args) if a.startswith(UNKEYED_OPTIONS) for d in (0, 1)}
+    words = [a for i, a in enumerate(args) if i not in unkeyed]
     versions = {k: v for k, v in rio.library_versions().items() if k in ("torch", "transformers")}
     return fingerprint(
         {
@@ -122,11 +126,11 @@ def cached_eval(args: list[str], organisms: dict[str, Path] | None = None, cache
 
 
 def store(run_dir: Path, entry: Path, args: list[str]) -> None:
-    """Keep a finished run folder (W&B files and partial shards left out) as the cache ``entry``."""
+    """Keep a finished run folder (its W&B run id and files, and partial shards, left out) as the cache ``entry``."""
     # Complete or absent: copied next to the entry, then renamed into place (an interrupted demo re-evaluates).
     entry.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
-    shutil.copytree(run_dir, tmp / "run", ignore=shutil.ignore_patterns("wandb", "partial*"))
+    shutil.copytree(run_dir, tmp / "run", ignore=shutil.ignore_patterns("wandb", "partial*", RUN_ID_FILE))
     (tmp / "entry.json").write_text(json.dumps({"run_name": run_dir.name, "args": args}, indent=2) + "\n")
     try:
         tmp.rename(entry)
