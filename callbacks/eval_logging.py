@@ -1,8 +1,11 @@
-"""W&B logging of an injection evaluation: summary metrics, per-sample and report tables, plots, the results artifact.
+"""W&B logging of an injection evaluation: lineage, metric and per-sample tables, report tables, plots, results.
 
 Works with any logger that has ``log_table``/``log_image`` (``WandbLogger``); other loggers get the summary metrics
-through ``self.log`` in the module only. Logged at the end of ``test`` on global rank 0:
+through ``self.log`` in the module only, as ``eval/<condition>/<metric>`` (:func:`grouped_metrics`: one chart section
+per condition). At the start of the test epoch, on global rank 0, the W&B run becomes the run folder's (a resumed
+evaluation resumes it) and each local translator is recorded as a used ``model`` reference artifact. At the end:
 
+- ``eval/metrics``: one row per condition x seed x metric with that run's accuracy (the seeds behind the summary);
 - ``eval/samples``: one row per sample x condition x seed (long format: filter or group by ``condition`` in W&B);
 - ``eval/tables/{summary,comparisons,equivalence}``: the report's tables (``<run folder>/report/*.json``);
 - ``eval/by_condition`` and ``eval/report``: the accuracy plot and the report's figures;
@@ -24,12 +27,44 @@ from pytorch_lightning.utilities import rank_zero_only
 from activation_transfer.report import accuracy_figure, accuracy_summary
 from activation_transfer.report.tables import SUMMARY_COLUMNS, summary_rows
 from activation_transfer.task.scoring import METRICS
-from callbacks.wandb_artifacts import files_artifact, log_to_runs, recording_runs
+from activation_transfer.translators.loading import is_wandb_ref
+from callbacks.wandb_artifacts import (
+    bind_run_to_folder,
+    files_artifact,
+    log_to_runs,
+    recording_runs,
+    use_local_translator,
+)
 
 log = logging.getLogger(__name__)
 
 SAMPLE_COLUMNS = ("sample_id", "condition", "seed", "question", "gold", "prediction", "hops", *METRICS)
+METRIC_COLUMNS = ("condition", "seed", "metric", "value", "n")
 REPORT_TABLES = ("summary", "comparisons", "equivalence")
+
+
+def grouped_metrics(summary_metrics: dict[str, float]) -> dict[str, float]:
+    """``eval/<metric>/condition=<c>`` (the report's :func:`~activation_transfer.report.logged_metrics`) as
+    ``eval/<c>/<metric>``: W&B sections and filters charts by key prefix, so each condition's metrics stay together."""
+    out = {}
+    for key, value in summary_metrics.items():
+        head, sep, condition = key.partition("/condition=")
+        stage, _, metric = head.partition("/")
+        out[f"{stage}/{condition}/{metric}" if sep else key] = value
+    return out
+
+
+def metric_table(results: dict[str, list[dict]]) -> tuple[list[str], list[list]]:
+    """One row per condition x seed x metric: that run's accuracy over its records (stored scores) and its n."""
+    rows = []
+    for key in sorted(results):
+        recs = results[key]
+        if not recs:
+            continue
+        for m in METRICS:
+            value = sum(bool(r["metrics"][m]) for r in recs) / len(recs)
+            rows.append([recs[0]["condition"], recs[0]["seed"], m, value, len(recs)])
+    return list(METRIC_COLUMNS), rows
 
 
 def sample_table(results: dict[str, list[dict]], samples_by_id: dict) -> tuple[list[str], list[list]]:
@@ -102,6 +137,7 @@ class EvalLoggingCallback(pl.Callback):
 
     Args:
         table_key: Key of the per-sample table.
+        metrics_key: Key of the per-run metric table.
         plot_key: Key of the per-condition accuracy plot.
         tables_prefix: Prefix of the report's tables' keys (``<prefix>/summary``, ...).
         artifact_type: W&B artifact type of the results (records, meta, report).
@@ -110,16 +146,40 @@ class EvalLoggingCallback(pl.Callback):
     def __init__(
         self,
         table_key: str = "eval/samples",
+        metrics_key: str = "eval/metrics",
         plot_key: str = "eval/by_condition",
         tables_prefix: str = "eval/tables",
         artifact_type: str = "eval_results",
     ) -> None:
-        for key in (table_key, plot_key, tables_prefix):
+        for key in (table_key, metrics_key, plot_key, tables_prefix):
             if any(part.startswith("_") for part in key.split("/")):
                 raise ValueError(f"W&B reserves names starting with '_': choose another key than {key!r}")
-        self.table_key, self.plot_key, self.tables_prefix = table_key, plot_key, tables_prefix
+        self.table_key, self.metrics_key, self.plot_key, self.tables_prefix = (
+            table_key,
+            metrics_key,
+            plot_key,
+            tables_prefix,
+        )
         self.artifact_type = artifact_type
         self.logged: list[str] = []
+
+    @rank_zero_only
+    def on_test_epoch_start(self, trainer: pl.Trainer, pl_module) -> None:
+        """Make the W&B run the run folder's, and record each local translator as a used reference artifact.
+
+        Reads ``run_dir``, ``translator_info`` and ``functional_info`` (``path``, ``ref``, ``sha256`` per translator);
+        a ``wandb:`` reference was already used when it was downloaded.
+        """
+        if getattr(pl_module, "run_dir", None) is not None:
+            bind_run_to_folder(trainer, pl_module.run_dir)
+        runs = recording_runs(trainer)
+        for kind, infos in (("aligned", "translator_info"), ("functional", "functional_info")):
+            for info in getattr(pl_module, infos, []):
+                if is_wandb_ref(str(info["ref"])):
+                    continue
+                for run in runs:
+                    use_local_translator(run, info["path"], info["sha256"], kind)
+                self.logged.append(f"uses translator-{info['sha256'][:12]}")
 
     @rank_zero_only
     def on_test_end(self, trainer: pl.Trainer, pl_module) -> None:
@@ -131,7 +191,10 @@ class EvalLoggingCallback(pl.Callback):
         if not results:
             return
         run_dir = Path(pl_module.run_dir) if pl_module.run_dir is not None else None
-        tables = {self.table_key: sample_table(results, pl_module.samples_by_id)}
+        tables = {
+            self.metrics_key: metric_table(results),
+            self.table_key: sample_table(results, pl_module.samples_by_id),
+        }
         if run_dir is not None:
             tables |= {f"{self.tables_prefix}/{k}": v for k, v in report_tables(run_dir / "report").items()}
         for logger in trainer.loggers:
@@ -143,7 +206,7 @@ class EvalLoggingCallback(pl.Callback):
             self._log_plots(logger, results, pl_module.report_result)
         runs = recording_runs(trainer)
         if runs and run_dir is not None:
-            self._log_artifact(runs, run_dir, getattr(pl_module, "summary_metrics", {}))
+            self._log_artifact(runs, run_dir, grouped_metrics(getattr(pl_module, "summary_metrics", {})))
 
     def _log_plots(self, logger, results, report) -> None:
         fig = accuracy_plot(results, report)

@@ -1,5 +1,7 @@
 """Publish the trained translator at the end of ``fit``: an exported Hugging Face folder next to the best checkpoint,
-and a W&B artifact of type ``model`` (the checkpoint and that folder, aliases ``best`` and ``latest``).
+and a W&B artifact of type ``model`` with two versions: the best checkpoint and that folder (alias ``best``), then
+the last checkpoint (``last.ckpt``, alias ``last``: what ``--ckpt_path last`` resumes from). W&B adds ``latest`` to
+each version it logs, so ``latest`` ends on the last checkpoint's.
 
 Works with W&B online and offline (``wandb sync`` uploads the artifact later); a disabled run, or no W&B logger,
 gets only the exported folder. Runs on global rank 0 only; reads the module's public ``translator`` and ``hparams``.
@@ -46,7 +48,9 @@ class TranslatorArtifactCallback(pl.Callback):
             from the final weights when no checkpoint was saved).
         log_artifact: Log a W&B ``model`` artifact to every online or offline W&B run of the trainer.
         name: Artifact name; None gives ``translator-<W&B run id>``.
-        aliases: Aliases of the logged version.
+        aliases: Aliases of the best checkpoint's version.
+        last_aliases: Aliases of the last checkpoint's version (logged after the best one, when a ``last.ckpt``
+            exists; empty: not logged).
     """
 
     def __init__(
@@ -54,18 +58,19 @@ class TranslatorArtifactCallback(pl.Callback):
         export: bool = True,
         log_artifact: bool = True,
         name: str | None = None,
-        aliases: tuple[str, ...] = ("best", "latest"),
+        aliases: tuple[str, ...] = ("best",),
+        last_aliases: tuple[str, ...] = ("last",),
     ) -> None:
         self.export, self.log_artifact, self.name, self.aliases = export, log_artifact, name, list(aliases)
+        self.last_aliases = list(last_aliases)
         self.exported: Path | None = None
         self.logged: list[str] = []
 
     @rank_zero_only
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Export and log the best checkpoint (or, without one, the module's final weights)."""
+        """Export and log the best checkpoint (or, without one, the module's final weights), then the last one."""
         ckpt_cb = trainer.checkpoint_callback
-        best = getattr(ckpt_cb, "best_model_path", "") if ckpt_cb is not None else ""
-        best = Path(best) if best and Path(best).is_file() else None
+        best, last = (self._file(ckpt_cb, attr) for attr in ("best_model_path", "last_model_path"))
         metrics = training_metrics(trainer)
         if self.export:
             if best is not None:
@@ -94,3 +99,13 @@ class TranslatorArtifactCallback(pl.Callback):
             name = self.name or f"translator-{run.id}"
             log_to_runs([run], files_artifact(name, "model", files, folders, metadata), self.aliases)
             self.logged.append(name)
+            if last is not None and self.last_aliases:
+                last_meta = {**metadata, "checkpoint": last.name, "checkpoint_sha256": sha256_file(last)}
+                art = files_artifact(name, "model", {last.name: last}, None, last_meta)
+                log_to_runs([run], art, self.last_aliases)
+                self.logged.append(f"{name}:last")
+
+    @staticmethod
+    def _file(ckpt_cb, attr: str) -> Path | None:
+        path = getattr(ckpt_cb, attr, "") if ckpt_cb is not None else ""
+        return Path(path) if path and Path(path).is_file() else None

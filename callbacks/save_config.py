@@ -10,7 +10,11 @@ The stock ``SaveConfigCallback`` writes ``<trainer.log_dir>/config.yaml`` and ab
 - without a live W&B run (``WANDB_MODE=disabled``, other loggers, no logger): ``<trainer.log_dir>/config.yaml``,
   or ``config-1.yaml``, ``config-2.yaml``... when taken, so nothing is ever overwritten and no run aborts.
 
-Generic: it knows nothing about the models; the training and evaluation CLIs both use it.
+A module that names its results folder at test start (a ``run_dir`` attribute: the evaluation) gets its config
+saved at the start of the test epoch instead of at setup, once the folder is known, so that the W&B run is started
+as that folder's run (:func:`callbacks.wandb_artifacts.bind_run_to_folder`: a resumed evaluation resumes its run).
+
+Generic otherwise: it knows nothing about the models; the training and evaluation CLIs both use it.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from pytorch_lightning.cli import SaveConfigCallback
 from pytorch_lightning.loggers import WandbLogger
 
 from activation_transfer.io import atomic_write
+from callbacks.wandb_artifacts import bind_run_to_folder
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +50,7 @@ def _live_wandb_runs(trainer) -> list:
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
             run = logger.experiment
-            if not getattr(run, "disabled", False):
+            if run is not None and not getattr(run, "disabled", False):
                 runs.append(run)
     return runs
 
@@ -81,8 +86,19 @@ class LoggerSaveConfigCallback(SaveConfigCallback):
         )
         self.saved_paths: list[str] = []
 
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "test" and hasattr(pl_module, "run_dir"):
+            return  # on_test_epoch_start: the results folder, hence the W&B run, is not known yet
+        super().setup(trainer, pl_module, stage)
+
+    def on_test_epoch_start(self, trainer, pl_module) -> None:
+        if hasattr(pl_module, "run_dir"):
+            super().setup(trainer, pl_module, "test")  # the parent's once-only guard and rank broadcast
+
     def save_config(self, trainer, pl_module, stage: str) -> None:
         # Runs on global rank 0 only (the parent guarantees it): no collectives here.
+        if getattr(pl_module, "run_dir", None) is not None:
+            bind_run_to_folder(trainer, pl_module.run_dir)
         text = self.parser.dump(self.config, skip_none=False)
         runs = _live_wandb_runs(trainer)
         if runs:

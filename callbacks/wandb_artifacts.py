@@ -1,5 +1,6 @@
-"""W&B artifacts of the project: finding the trainer's W&B runs, logging files as an artifact, and resolving a
-``wandb:`` translator reference on rank 0 (``activation_transfer.translators.loading`` resolves it) for every rank.
+"""W&B artifacts of the project: finding the trainer's W&B runs, logging files as an artifact, resolving a
+``wandb:`` translator reference on rank 0 (``activation_transfer.translators.loading`` resolves it) for every rank,
+recording a local translator as a used reference artifact (lineage), and one W&B run per results folder (resume).
 
 Logging works online and offline (an offline run keeps the artifact's manifest in its ``.wandb`` file and the staged
 copies under W&B's data folder, and ``wandb sync`` uploads both); a disabled run logs nothing. Using an artifact
@@ -8,11 +9,13 @@ needs an online run: offline, W&B cannot download anything.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import pytorch_lightning as pl
+from pytorch_lightning.loggers import WandbLogger
 
 from activation_transfer.translators.loading import is_wandb_ref, resolve_translator_ref
 
@@ -24,6 +27,8 @@ def wandb_runs(trainer: pl.Trainer) -> list:
     """
     runs = []
     for logger in trainer.loggers:
+        if isinstance(logger, RunFolderWandbLogger):
+            logger.start()  # asked for before its folder is known (a wandb: translator): a run of its own
         run = getattr(logger, "experiment", None) if hasattr(logger, "log_table") else None
         if run is not None and hasattr(run, "log_artifact"):
             runs.append(run)
@@ -85,3 +90,75 @@ def local_translator(ref: str, trainer: pl.Trainer) -> str:
         runs = wandb_runs(trainer)
         path = resolve_translator_ref(ref, runs[0] if runs else None, trainer.default_root_dir)
     return trainer.strategy.broadcast(path, src=0)
+
+
+RUN_ID_FILE = "wandb_run.json"
+
+
+class RunFolderWandbLogger(WandbLogger):
+    """The evaluation's ``WandbLogger``: one W&B run per results folder, so a resumed evaluation resumes its run.
+
+    Lightning starts every logger's run at setup, before the evaluation knows its run folder (its name hashes the
+    loaded models and translators); this logger's run waits for :meth:`start` (its ``experiment`` is ``None`` until
+    then), which reads the run id stored in ``<folder>/wandb_run.json`` and resumes it (``resume="allow"``), or
+    stores the new run's id there. An ``id`` given in the config wins. Takes ``WandbLogger``'s arguments.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.started = False
+
+    @property
+    def experiment(self):
+        if not self.started and self._experiment is None:
+            return None  # Lightning's setup-time trigger: the run starts in start()
+        return super().experiment
+
+    def start(self, folder: str | Path | None = None):
+        """Start (or resume) the run of ``folder`` (None: a run of its own); idempotent. Returns the run."""
+        if not self.started and self._experiment is None and folder is not None:
+            stored = _stored_ids(folder).get(self._wandb_init.get("project"))
+            if stored and not self._wandb_init.get("id"):
+                self._wandb_init.update(id=stored, resume="allow")
+                self._id = stored
+        self.started = True
+        run = super().experiment
+        if folder is not None and not getattr(run, "disabled", False) and hasattr(run, "id"):
+            ids = _stored_ids(folder)
+            if ids.get(self._wandb_init.get("project")) != run.id:
+                ids[self._wandb_init.get("project")] = run.id
+                Path(folder).mkdir(parents=True, exist_ok=True)
+                (Path(folder) / RUN_ID_FILE).write_text(json.dumps(ids, indent=2, sort_keys=True) + "\n")
+        return run
+
+
+def _stored_ids(folder: str | Path) -> dict:
+    path = Path(folder) / RUN_ID_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def bind_run_to_folder(trainer: pl.Trainer, folder: str | Path) -> None:
+    """Start the trainer's :class:`RunFolderWandbLogger` runs as ``folder``'s (global rank 0; idempotent)."""
+    for logger in trainer.loggers:
+        if isinstance(logger, RunFolderWandbLogger):
+            logger.start(folder)
+
+
+def use_local_translator(run, path: str | Path, sha256: str, kind: str) -> None:
+    """Record a local translator (checkpoint or exported folder) as an input of ``run``: a ``model`` artifact
+    ``translator-<sha256[:12]>`` holding a checksummed ``file://`` reference (nothing is uploaded), used by the run.
+
+    Online this is ``run.use_artifact``. Offline W&B refuses ``use_artifact``; the run instead records the artifact
+    with ``use_after_commit`` (what ``use_artifact`` of a new artifact does online), which ``wandb sync`` replays as
+    the artifact's creation and its use by the run.
+    """
+    import wandb
+
+    path = Path(path).resolve()
+    metadata = {"path": str(path), "sha256": sha256, "kind": kind}
+    art = wandb.Artifact(name=f"translator-{sha256[:12]}", type="model", metadata=metadata)
+    art.add_reference(path.as_uri(), name=path.name, checksum=True)
+    if getattr(run, "offline", False):
+        run._log_artifact(art, is_user_created=True, use_after_commit=True)
+    else:
+        run.use_artifact(art)

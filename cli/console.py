@@ -19,11 +19,18 @@ from callbacks.model_artifact import TranslatorArtifactCallback
 PROJECT_LOGGERS = ("activation_transfer", "datamodules", "lightning_modules", "callbacks", "cli")
 
 
+# Lightning 2.6 advertises its cloud products through rank_zero_info: "try installing litlogger" on every Trainer,
+# and, when a Trainer adds its default ModelCheckpoint (every evaluation), "try installing litmodels"
+# (trainer/connectors/callback_connector.py, _maybe_show_litmodels_tip). Lightning has no switch for either.
+ADVERTISED = ("litlogger", "litmodels")
+
+
 class _DropAdvertisement(logging.Filter):
-    """Lightning 2.6 prints a "Tip: ... litlogger" advertisement on every Trainer: not information for the user."""
+    """Drop Lightning's package advertisements (:data:`ADVERTISED`): not information about the run."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "litlogger" not in record.getMessage()
+        message = record.getMessage()
+        return not any(name in message for name in ADVERTISED)
 
 
 def setup_logging() -> None:
@@ -46,6 +53,11 @@ def setup_logging() -> None:
     # WandbLogger always passes `anonymous`, which wandb 0.31 says has no effect: both harmless, both every run.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).* is deprecated")
     warnings.filterwarnings("ignore", message="The anonymous setting has no effect")
+    # transformers 5 draws a "Loading weights" bar for every model it loads (two per evaluation, four per demo
+    # step), which says nothing for the project's small models and clutters logs with carriage returns.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
 
 
 def _value(v) -> str:

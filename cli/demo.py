@@ -7,7 +7,8 @@
    costs only translator training). Each checkpoint is kept under ``<out>/translator/seed<S>-<key>/`` with a key
    hashing the config, the organisms and the seed, and reused.
 3. Evaluation: ``evaluate.py test -c configs/eval/demo.yaml --model.translator_ckpt '[ckpt42, ckpt123, ckpt456]'``
-   over every condition (seed ``seeds[i]`` uses checkpoint ``i``); the run folder resumes. One shared checkpoint
+   over every condition (seed ``seeds[i]`` uses checkpoint ``i``); the run folder resumes, and a finished one is
+   kept in the cache by content (``cli/eval_cache.py``): a warm demo only loads its records. One shared checkpoint
    would make the translator conditions one computation written per seed, which the report counts as one run.
 4. Report: the table is printed with the folder of plots; W&B runs are offline unless ``WANDB_MODE`` says
    otherwise (``wandb sync <folder>/wandb/offline-run-*`` uploads them later).
@@ -211,21 +212,20 @@ def main(argv: list[str] | None = None) -> int:
     ckpts = [_translator(out, organisms, seed, steps=steps) for seed in seeds]
     print(f"[demo] translator step ({len(ckpts)} seeds): {time.perf_counter() - t:.0f} s", flush=True)
 
-    from cli.lightning_cli import eval_main
+    from cli.eval_cache import cached_eval
 
     t = time.perf_counter()
     steps.section("3. the paper's conditions, seed i with translator i (rerun: resumes the run folder)")
     paper_eval = eval_args(out, ckpts, seeds, args.num_samples)
     steps.add("evaluate.py", paper_eval)
-    cli = eval_main(paper_eval)
-    module = cli.model
+    run_dir = cached_eval(paper_eval, organisms)  # a warm demo loads the records of an identical evaluation
     print(f"[demo] evaluation step: {time.perf_counter() - t:.0f} s", flush=True)
     steps.section("4. the report of those records (tables, CIs, McNemar, TOST, plots)")
-    steps.report(module.run_dir)
+    steps.report(run_dir)
 
     # evaluate.py's own summary (the per-condition table, run and report folders) has been printed above.
-    print(f"\n[demo] run folder: {module.run_dir}")
-    print(f"[demo] report and plots: {module.run_dir / 'report'}")
+    print(f"\n[demo] run folder: {run_dir}")
+    print(f"[demo] report and plots: {run_dir / 'report'}")
     wandb_dirs = sorted(str(p) for p in out.rglob("offline-run-*"))
     if wandb_dirs:
         print(f"[demo] W&B offline runs (upload with `wandb sync <dir>`): {len(wandb_dirs)} under {out}")

@@ -21,6 +21,7 @@ from jsonargparse import Namespace
 from pytorch_lightning import LightningDataModule, LightningModule, Trainer
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import ArgsType, LightningCLI
+from pytorch_lightning.loggers import WandbLogger
 
 from activation_transfer.errors import UsageError, debug_enabled, one_line
 from activation_transfer.translators.architectures import LinearTranslator, MLPTranslator  # noqa: F401 (short class_path)
@@ -43,8 +44,6 @@ from lightning_modules.translator import TranslatorModule  # noqa: F401
 def finish_wandb(trainer) -> None:
     """Close the W&B runs of a finished subcommand, so a next ``main()`` in the same process starts a new run
     (WandbLogger leaves its run open, and a second WandbLogger would silently log into the first run)."""
-    from pytorch_lightning.loggers import WandbLogger
-
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger) and logger._experiment is not None:
             logger.experiment.finish()
@@ -72,7 +71,7 @@ def group_runs(config: Namespace) -> None:
     for logger in _as_list(config.trainer.get("logger")):
         cls = _class_of(logger)
         args = logger.get("init_args") if cls is not None else None
-        if cls is not None and cls.__name__ == "WandbLogger" and args is not None and not args.get("group"):
+        if cls is not None and issubclass(cls, WandbLogger) and args is not None and not args.get("group"):
             args["group"] = Path(files[-1]).stem
 
 
@@ -252,10 +251,11 @@ class TrainCLI(ProjectCLI):
         return
 
 
-# Evaluation logs to W&B (summary metrics, per-sample table, plot, results artifact) unless a config says otherwise.
+# Evaluation logs to W&B (summary metrics, per-sample table, plot, results artifact) unless a config says otherwise,
+# one W&B run per run folder (a resumed evaluation resumes it).
 EVAL_TRAINER_DEFAULTS = {
     "trainer.logger": {
-        "class_path": "pytorch_lightning.loggers.WandbLogger",
+        "class_path": "callbacks.wandb_artifacts.RunFolderWandbLogger",
         "init_args": {"project": "activation-transfer", "job_type": "eval"},
     },
     "trainer.callbacks": [{"class_path": "callbacks.eval_logging.EvalLoggingCallback"}],

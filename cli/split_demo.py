@@ -73,10 +73,10 @@ def receiver_blocks(folder: Path) -> int:
     return int(AutoConfig.from_pretrained(str(folder)).num_hidden_layers)
 
 
-def layer_sweep(out: Path, num_layers: int, num_samples: int | None, steps=None) -> list[dict]:
+def layer_sweep(out: Path, num_layers: int, num_samples: int | None, steps=None, organisms=None) -> list[dict]:
     """``SWEEP_CONDITIONS`` at every receiver block on the validation questions; one row per block. Each command is
-    recorded in ``steps`` (the demo's ``Steps``) when given."""
-    from cli.lightning_cli import eval_main
+    recorded in ``steps`` (the demo's ``Steps``) when given; ``organisms`` key the evaluation cache."""
+    from cli.eval_cache import cached_eval
 
     rows = []
     for layer in range(num_layers):
@@ -99,7 +99,7 @@ def layer_sweep(out: Path, num_layers: int, num_samples: int | None, steps=None)
             args += ["--data.num_samples", str(num_samples)]
         if steps is not None:
             steps.add("evaluate.py", args)
-        rows.append({"layer": layer, **_accuracies(eval_main(args).model.run_dir)})
+        rows.append({"layer": layer, **_accuracies(cached_eval(args, organisms))})
     return rows
 
 
@@ -128,7 +128,7 @@ def run_split(
 ) -> Path:
     """Steps 1-3; returns the split evaluation's run folder. ``translator`` is the demo's cached trainer; ``steps``
     (the demo's ``Steps``), when given, records every command with the paths it used."""
-    from cli.lightning_cli import eval_main
+    from cli.eval_cache import cached_eval
 
     def section(title: str) -> None:
         if steps is not None:
@@ -137,7 +137,7 @@ def run_split(
     t = time.perf_counter()
     num_layers = receiver_blocks(organisms["receiver"])
     section(f"5. split protocol: slots_self layer sweep on validation questions (generator seed {SELECTION_SEED})")
-    rows = layer_sweep(out, num_layers, num_samples, steps)
+    rows = layer_sweep(out, num_layers, num_samples, steps, organisms)
     chosen = choose_layer(rows)
     print(
         f"[demo] slots_self layer sweep on validation questions (generator seed {SELECTION_SEED}), "
@@ -175,7 +175,7 @@ def run_split(
     section("7. split protocol: every split condition on the held-out questions, then its report")
     if steps is not None:
         steps.add("evaluate.py", args)
-    run_dir = eval_main(args).model.run_dir
+    run_dir = cached_eval(args, organisms)
     if steps is not None:
         steps.report(run_dir)
     print(f"[demo] split evaluation step: {time.perf_counter() - t:.0f} s", flush=True)
@@ -227,7 +227,7 @@ def run_split(
         for eval_args in plans:
             if steps is not None:
                 steps.add("evaluate.py", eval_args)
-            runs["counterfactual" if cf else "original"].append(eval_main(eval_args).model.run_dir)
+            runs["counterfactual" if cf else "original"].append(cached_eval(eval_args, organisms))
     print(f"[demo] control and counterfactual evaluations: {time.perf_counter() - t:.0f} s", flush=True)
     write_json(report / "subgroups.json", subgroup_summary(runs))
     return run_dir

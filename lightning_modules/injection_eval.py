@@ -32,6 +32,7 @@ from activation_transfer.report import logged_metrics, run_report
 from activation_transfer.report import records as rio
 from activation_transfer.run_lock import RunFolderLock
 from activation_transfer.translators.loading import load_translator_for
+from callbacks.eval_logging import grouped_metrics
 from callbacks.wandb_artifacts import local_translator
 
 log = logging.getLogger(__name__)
@@ -79,7 +80,8 @@ class InjectionEvalModule(pl.LightningModule):
         run_dir: The run folder (set at test start).
         samples_by_id: The data module's samples by id (set at test start).
         results: Run key (``<condition>__seed<seed>``) -> its records, every run of the config (set at test end).
-        summary_metrics: ``eval/<metric>/condition=<name>`` -> accuracy (set at test end).
+        summary_metrics: ``eval/<metric>/condition=<name>`` -> accuracy (set at test end; logged grouped by condition
+            as ``eval/<name>/<metric>``).
         report_result: What ``run_report`` returned, or None (no report, or no baseline condition).
         resolved_config: The CLI's resolved config, written as ``config.yaml`` into the run folder (set by the CLI).
     """
@@ -319,7 +321,7 @@ class InjectionEvalModule(pl.LightningModule):
             if key not in self.results:
                 self.results[key] = rio.read_records(rio.records_path(self.run_dir, spec.name, seed))
         self.summary_metrics = logged_metrics([r for recs in self.results.values() for r in recs])
-        for name, value in self.summary_metrics.items():
+        for name, value in grouped_metrics(self.summary_metrics).items():  # eval/<condition>/<metric>
             self.log(name, value)
         self.timing_by_run = {k: sum(t.get(k, 0.0) for t in timings) for k in self.new_records}
         self._finish()

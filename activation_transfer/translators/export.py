@@ -10,12 +10,13 @@ import hashlib
 import inspect
 import json
 import math
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from huggingface_hub import ModelCard, PyTorchModelHubMixin
+from huggingface_hub import ModelCard, ModelCardData, PyTorchModelHubMixin
 from torch import nn
 
 from activation_transfer.errors import UsageError
@@ -30,6 +31,14 @@ CONFIG_NAME = "config.json"
 # architectures unless the caller trusts them.
 TRUSTED_CLASS_PREFIX = "activation_transfer.translators.architectures."
 TRUSTED_CLASS_PREFIXES = (TRUSTED_CLASS_PREFIX, "activation_transfer.translators.kv_projector.")
+# The model card's metadata: the project's license (pyproject.toml), the paper, the Hub's tags.
+CARD_LICENSE = "apache-2.0"
+PAPER_ID = "2606.03280"
+PAPER_URL = f"https://arxiv.org/abs/{PAPER_ID}"
+CARD_TAGS = ["activation-transfer", "translator", "pytorch_model_hub_mixin", f"arxiv:{PAPER_ID}"]
+# A Hub model id (``owner/name``): only those can be a card's ``base_model`` (the Hub refuses other values), so a
+# preset (``tiny-neox``), an organism or a local folder is named in the text only.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def apply_translator(translator: nn.Module, x: torch.Tensor, normalize: bool) -> torch.Tensor:
@@ -55,7 +64,7 @@ class PretrainedTranslator(
     PyTorchModelHubMixin,
     library_name="activation-transfer",
     tags=["activation-transfer", "translator"],
-    paper_url="https://arxiv.org/abs/2606.03280",
+    paper_url=PAPER_URL,
 ):
     """A trained translator with everything needed to apply it: what ``from_pretrained`` returns.
 
@@ -184,6 +193,15 @@ class PretrainedTranslator(
         write_json(Path(save_directory) / CONFIG_NAME, {**self.config, "translator_sha256": self.weights_sha256()})
         atomic_write(Path(save_directory) / "README.md", str(self.generate_model_card()))
 
+    def card_data(self) -> ModelCardData:
+        """The card's YAML metadata: library, license, tags (the paper's ``arxiv:`` id among them) and, as
+        ``base_model``, the sender and receiver when they are Hub models."""
+        names = [(self.config[role] or {}).get("name") for role in ("sender", "receiver")]
+        base = list(dict.fromkeys(n for n in names if isinstance(n, str) and _HUB_ID.match(n) and not Path(n).exists()))
+        return ModelCardData(
+            library_name="activation-transfer", license=CARD_LICENSE, base_model=base or None, tags=list(CARD_TAGS)
+        )
+
     def generate_model_card(self, *args, **kwargs) -> ModelCard:
         """A card stating what the translator maps, how it was trained and how to load it (no template engine)."""
         c = self.config
@@ -194,14 +212,14 @@ class PretrainedTranslator(
             return f"`{ident.get('name', 'unknown')}` layer `{ident.get('layer', '?')}` (d={c[role + '_dim']})"
 
         text = f"""---
-library_name: activation-transfer
-tags: [activation-transfer, translator, pytorch_model_hub_mixin]
+{self.card_data().to_yaml()}
 ---
 
 # Activation translator
 
 Maps the hidden states of the sender {model("sender")} into the residual stream of the receiver {model("receiver")}
-(arXiv 2606.03280). Architecture `{c["translator"]["class_path"]}` with `{json.dumps(c["translator"]["init_args"])}`;
+([arXiv {PAPER_ID}]({PAPER_URL})).
+Architecture `{c["translator"]["class_path"]}` with `{json.dumps(c["translator"]["init_args"])}`;
 inputs are {"L2-normalized per vector" if c["normalize"] else "used raw"}, outputs are not re-normalized. Trained
 with the `{c["loss"]}` loss.
 

@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 from test_evaluate_cli import _FakeWandbLogger, ckpt, small  # noqa: F401 (ckpt: the module-scoped fixture)
 from test_train_cli import _offline_wandb, _wandb_records
 
+from activation_transfer.io import sha256_file
 from activation_transfer.models.frozen_lm import ModelRef
 from activation_transfer.models.generation import GenerationSettings
 from activation_transfer.task.scoring import METRICS
 from callbacks.eval_logging import SAMPLE_COLUMNS, EvalLoggingCallback, report_tables, sample_table
+from callbacks.wandb_artifacts import RUN_ID_FILE
 from cli.lightning_cli import eval_main
 
 
@@ -94,6 +97,11 @@ def test_fake_logger_gets_long_table_report_tables_and_artifact(tmp_path, ckpt):
     pngs = {p.stem for p in (module.run_dir / "report").glob("*.png")}
     assert "eval/by_condition" in fake.images and pngs and report_keys == {f"eval/report/{s}" for s in pngs}
     assert all(len(fake.images[k]) == 1 for k in report_keys)
+    # Lineage: the local checkpoint is a used `model` artifact holding a checksummed file:// reference to it.
+    (used,) = fake.run.used
+    assert (used.type, used.name) == ("model", f"translator-{sha256_file(ckpt)[:12]}")
+    (ref,) = used.manifest.entries.values()
+    assert ref.ref == Path(ckpt).resolve().as_uri() and ref.digest and used.metadata["sha256"] == sha256_file(ckpt)
     (art,) = fake.run.artifacts
     assert art.type == "eval_results" and art.name == f"{module.run_dir.name}-results"
     names = set(art.manifest.entries)
@@ -101,7 +109,11 @@ def test_fake_logger_gets_long_table_report_tables_and_artifact(tmp_path, ckpt):
     lines = (module.run_dir / "records" / "no_inject__deterministic.jsonl").read_text().splitlines()
     recs = [json.loads(line) for line in lines]
     by_hand = sum(r["metrics"]["word_boundary_contains"] for r in recs) / len(recs)
-    assert len(recs) == 4 and art.metadata["eval/word_boundary_contains/condition=no_inject"] == by_hand
+    assert len(recs) == 4 and art.metadata["eval/no_inject/word_boundary_contains"] == by_hand
+    # The per-run metric table: one row per condition x seed x metric, each value that run's accuracy.
+    columns, rows = fake.tables["eval/metrics"]
+    assert columns == ["condition", "seed", "metric", "value", "n"] and len(rows) == 2 * len(METRICS)
+    assert ["no_inject", None, "word_boundary_contains", by_hand, 4] in rows
 
 
 def test_report_tables_skip_absent_files(tmp_path):
@@ -147,3 +159,44 @@ def test_offline_evaluation_logs_tables_and_the_results_artifact(tmp_path, ckpt,
     # Tables land as files of the run; none under W&B's own names (config.yaml, wandb-summary.json, ...).
     table_files = {p.relative_to(run_dir / "files").as_posix() for p in (run_dir / "files").rglob("*.table.json")}
     assert any(name.startswith("media/table/eval/samples") for name in table_files), table_files
+    assert "eval/metrics" in media and "eval/no_inject/word_boundary_contains" in history_keys
+    assert not any("condition=" in k for k in history_keys)
+    # Lineage offline: the checkpoint as a `model` artifact of one checksummed file:// reference, recorded with
+    # use_after_commit (W&B refuses use_artifact offline; `wandb sync` replays this record as the use).
+    (used,) = [a for a in artifacts if a.type == "model"]
+    assert used.name == f"translator-{sha256_file(ckpt)[:12]}" and used.use_after_commit
+    (ref,) = used.manifest.contents
+    assert ref.ref == Path(ckpt).resolve().as_uri() and ref.digest
+    # The run folder names its W&B run, which a resumed evaluation resumes instead of opening a second one.
+    run_id = run_dir.name.rsplit("-", 1)[1]
+    assert json.loads((cli.model.run_dir / RUN_ID_FILE).read_text()) == {"activation-transfer": run_id}
+
+
+def _run_records(run_dir: Path):
+    from wandb.proto import wandb_internal_pb2
+
+    (record_file,) = run_dir.glob("run-*.wandb")
+    for data in _wandb_records(record_file):
+        rec = wandb_internal_pb2.Record()
+        rec.ParseFromString(data)
+        yield rec
+
+
+def test_a_resumed_evaluation_resumes_its_wandb_run(tmp_path, ckpt, monkeypatch, request):  # noqa: F811
+    import wandb
+
+    _offline_wandb(monkeypatch, request)
+    args = small(tmp_path, ckpt, "--model.conditions", "[no_inject]")
+    first = eval_main(args)
+    wandb.teardown()
+    second = eval_main(args)  # the same command again: nothing left to compute, the run folder is the same
+    wandb.teardown()
+    assert second.model.run_dir == first.model.run_dir
+    runs = sorted((tmp_path / "wandb" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and len({r.name.rsplit("-", 1)[1] for r in runs}) == 1  # one W&B run id, two sessions
+    resumes = [[rec.run.resume for rec in _run_records(r) if rec.WhichOneof("record_type") == "run"] for r in runs]
+    assert resumes == [[False], [True]]  # the run record of the second session says it resumes the first
+    # A new run folder (other conditions' samples) gets a run of its own.
+    eval_main(small(tmp_path, ckpt, "--model.conditions", "[no_inject]", "--data.num_samples", "5"))
+    wandb.teardown()
+    assert len({r.name.rsplit("-", 1)[1] for r in (tmp_path / "wandb" / "wandb").glob("offline-run-*")}) == 2

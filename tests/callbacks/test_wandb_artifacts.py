@@ -11,6 +11,7 @@ import pytest
 import torch
 from test_train_cli import TINY, _linear_store, _offline_wandb, _run_args, _wandb_records
 
+from activation_transfer.io import sha256_file
 from activation_transfer.translators.export import from_pretrained
 from activation_transfer.translators.loading import is_online, load_translator, resolve_translator_ref
 from callbacks.model_artifact import TranslatorArtifactCallback
@@ -74,10 +75,16 @@ def test_offline_training_logs_the_translator_as_a_model_artifact(tmp_path, monk
     # An offline run's finish() returns before W&B's service has written the last records; teardown waits for it.
     wandb.teardown()
     (run_dir,) = (tmp_path / "runs" / "wandb").glob("offline-run-*")
-    (art,) = _artifact_records(run_dir)
+    art, last = _artifact_records(run_dir)  # two versions of one artifact: the best checkpoint, then the last
     run_id = run_dir.name.rsplit("-", 1)[1]
+    # W&B adds `latest` to each version it logs: it ends on the last checkpoint's.
     assert (art.type, art.name, sorted(art.aliases)) == ("model", f"translator-{run_id}", ["best", "latest"])
-    assert cb.logged == [art.name]
+    assert (last.type, last.name, sorted(last.aliases)) == ("model", art.name, ["last", "latest"])
+    assert cb.logged == [art.name, f"{art.name}:last"]
+    last_ckpt = Path(cli.trainer.checkpoint_callback.last_model_path)
+    (entry,) = last.manifest.contents
+    assert entry.path == "last.ckpt" and Path(entry.local_path).read_bytes() == last_ckpt.read_bytes()
+    assert json.loads(last.metadata)["checkpoint_sha256"] == sha256_file(last_ckpt)
     meta = json.loads(art.metadata)
     assert (meta["sender_dim"], meta["receiver_dim"], meta["loss"], meta["normalize"]) == (12, 16, "cosine", True)
     assert meta["checkpoint"] == best.name and meta["metrics"]["best/val/loss"] > 0

@@ -180,3 +180,23 @@ def test_help_is_short_and_leads_with_the_projects_options(capsys, monkeypatch, 
     assert "--trainer.max_epochs" in short.split("\n\n")[-1] and "--help-full" in short.split("\n\n")[-1]
     assert "--trainer.max_epochs" in _options(full)
     assert not any(o in {"--model.sender_dim", "--model.sender"} for o in options if main is train_main)  # linked
+
+
+def test_setup_logging_drops_lightnings_advertisements_and_the_weight_loading_bars():
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    from cli.console import setup_logging
+
+    setup_logging()
+    assert not hf_logging.is_progress_bar_enabled()
+    rank_zero = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+
+    def kept(message: str) -> bool:
+        record = logging.LogRecord(rank_zero.name, logging.INFO, __file__, 1, message, None, None)
+        return all(f.filter(record) for f in rank_zero.filters)
+
+    assert not kept("💡 Tip: For seamless cloud uploads and versioning, try installing [litmodels](...)")
+    assert not kept("💡 Tip: ... try installing [litlogger](https://pypi.org/project/litlogger/) ...")
+    assert kept("GPU available: False, used: False")

@@ -74,8 +74,12 @@ def test_tiny_config_writes_every_file(tmp_path, ckpt, capsys):
     assert "translator_ckpt: " + ckpt in config and "tiny-neox-large" in config
     assert (run_dir / "report" / "comparisons.json").exists()
     metrics = cli.trainer.callback_metrics
-    assert "eval/word_boundary_contains/condition=no_inject" in metrics
-    assert len([k for k in metrics if k.startswith("eval/")]) == 11 * 5
+    # Grouped by condition (one W&B chart section each), the numbers the report's summary has.
+    assert (
+        metrics["eval/no_inject/word_boundary_contains"]
+        == cli.model.summary_metrics["eval/word_boundary_contains/condition=no_inject"]
+    )
+    assert len([k for k in metrics if k.startswith("eval/")]) == 11 * 5 and not any("condition=" in k for k in metrics)
 
 
 def test_print_config_loads_no_model(tmp_path, monkeypatch, capsys):
@@ -173,10 +177,14 @@ class _FakeRun:
     disabled = False
 
     def __init__(self):
-        self.artifacts = []
+        self.artifacts, self.used = [], []
 
     def log_artifact(self, art):
         self.artifacts.append(art)
+
+    def use_artifact(self, art):
+        self.used.append(art)
+        return art
 
 
 class _FakeWandbLogger(pl.loggers.Logger):
