@@ -114,7 +114,8 @@ def subgroup_markdown(rows: Sequence[dict]) -> str:
     field = rows[0]["field"]
     values = sorted({r["value"] for r in rows})
     cells = {(r["condition"], r["value"]): r for r in rows}
-    head = f"| condition | {' | '.join(f'{field}={v} (n)' for v in values)} |\n|---|" + "---|" * len(values)
+    names = ["accuracy [95% CI] (n)"] if values == ["all"] else [f"{field}={v} (n)" for v in values]
+    head = f"| condition | {' | '.join(names)} |\n|---|" + "---|" * len(values)
     lines = [head]
     for cond in dict.fromkeys(r["condition"] for r in rows):
         parts = []
