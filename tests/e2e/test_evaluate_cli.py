@@ -110,7 +110,8 @@ def test_ckpt_path_is_refused(tmp_path, ckpt, capsys):
     )
 
 
-def test_unknown_condition_via_cli(tmp_path, ckpt):
+def test_unknown_condition_via_cli(tmp_path, ckpt, monkeypatch):
+    monkeypatch.setenv("ACTIVATION_TRANSFER_DEBUG", "1")  # the UsageError itself, not its one line and exit 2
     with pytest.raises(ValueError, match="unknown condition 'nope'"):
         main(small(tmp_path, ckpt, "--model.conditions", "[no_inject, nope]"))
 
@@ -131,7 +132,8 @@ def test_unknown_condition_via_cli(tmp_path, ckpt):
     ],
     ids=["not-json", "missing-field", "duplicate-id", "empty-answer"],
 )
-def test_bad_qa_file_surfaces_through_evaluate(tmp_path, ckpt, lines, match):
+def test_bad_qa_file_surfaces_through_evaluate(tmp_path, ckpt, lines, match, monkeypatch):
+    monkeypatch.setenv("ACTIVATION_TRANSFER_DEBUG", "1")  # the UsageError itself, not its one line and exit 2
     bad = tmp_path / "bad.jsonl"
     bad.write_text("\n".join(lines) + "\n")
     with pytest.raises(ValueError, match=match) as exc:
@@ -139,7 +141,8 @@ def test_bad_qa_file_surfaces_through_evaluate(tmp_path, ckpt, lines, match):
     assert "bad.jsonl" in str(exc.value)
 
 
-def test_paper_file_sha_mismatch_surfaces_through_evaluate(tmp_path, ckpt, multihop_dir):
+def test_paper_file_sha_mismatch_surfaces_through_evaluate(tmp_path, ckpt, multihop_dir, monkeypatch):
+    monkeypatch.setenv("ACTIVATION_TRANSFER_DEBUG", "1")  # the UsageError itself, not its one line and exit 2
     data = tmp_path / "data"
     data.mkdir()
     for p in multihop_dir.iterdir():

@@ -89,7 +89,8 @@ def test_linear_ground_truth_reaches_high_validation_cosine(tmp_path):
         (["--data.corpus.source", "/nonexistent/corpus.txt"], r"/nonexistent/corpus\.txt"),
     ],
 )
-def test_bad_input_through_the_cli(tmp_path, override, match):
+def test_bad_input_through_the_cli(tmp_path, override, match, monkeypatch):
+    monkeypatch.setenv("ACTIVATION_TRANSFER_DEBUG", "1")  # the UsageError itself, not its one line and exit 2
     with pytest.raises((ValueError, FileNotFoundError), match=match):
         main(["-c", TINY, *_run_args(tmp_path), *override], run=False)  # run=False: no subcommand
 
