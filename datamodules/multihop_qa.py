@@ -35,8 +35,10 @@ class QADataset(Dataset):
 
 
 def counterfactual_samples(samples: list[QASample], seed: int) -> list[QASample]:
-    """Each sample with its gold answer replaced in the context by another entity of its type (see
-    :func:`activation_transfer.task.entities.counterfactual`); samples without one are left out."""
+    """Each sample with its gold answer replaced everywhere in the context by another entity of its type that the
+    context does not name (:func:`activation_transfer.task.entities.counterfactual`, deterministic per seed and
+    sample id); the substitute becomes ``answer``, the old one ``gold_original``. Samples whose answer has no known
+    type are left out (counted in ``source_info``)."""
     out = []
     for s in samples:
         changed = substitute(s.context, s.answer, seed, s.sample_id)
@@ -62,11 +64,8 @@ class MultiHopQADataModule(pl.LightningDataModule):
             ``source: synthetic`` (use ``limit`` to shorten a file).
         generator_seed: Seed of the generator (default ``EVAL_SEED``, the held-out evaluation seed).
         limit: Keep only the first N samples of any source, for quick runs.
-        counterfactual: Replace the gold answer everywhere in each context by another entity of its type that the
-            context does not name (``activation_transfer.task.entities``); the substitute becomes the gold, the old
-            answer ``gold_original``. Samples whose answer has no known type are dropped (counted in
-            ``source_info``): does an answer follow the context, or what a model learnt?
-        counterfactual_seed: Seed of the substitutes (with each sample id: deterministic per sample).
+        counterfactual: Swap each gold answer in its context for another entity of its type.
+        counterfactual_seed: Seed of the substitutes.
         batch_size: Samples per batch.
         num_workers: DataLoader worker processes.
     """

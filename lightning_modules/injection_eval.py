@@ -73,8 +73,8 @@ class InjectionEvalModule(pl.LightningModule):
         functional_translator_ckpt: The functional translator (trained through the receiver), as ``translator_ckpt``:
             a .ckpt or exported folder, one or one per seed; read by the ``*_functional`` conditions.
         slots: The split protocol's slot scheme (``SlotSpec``: scheme, k, token_id, max_context_tokens).
-        sender_site: The split protocol's sender site: ``block`` or ``embeddings`` (``slots_functional_lexical``).
-        kv_layers: The KV protocol's prefix layers (receiver attention layers; null: all; negative: from the end).
+        sender_site: Split protocol: sender read at block or embeddings.
+        kv_layers: KV protocol: receiver layers given a prefix (null: all; negative: from the end).
 
     Attributes:
         run_dir: The run folder (set at test start).
