@@ -12,6 +12,9 @@ from pathlib import Path
 from activation_transfer.errors import UsageError
 
 LOCK_NAME = ".lock"
+# Locks this process holds, by path: evaluations in one process run one after another, so a lock still held here
+# belongs to an earlier evaluation that crashed before releasing it (Lightning calls no teardown on an exception).
+_HELD: dict[str, int] = {}
 
 
 class RunFolderLock:
@@ -22,6 +25,9 @@ class RunFolderLock:
         self.fd: int | None = None
 
     def acquire(self) -> RunFolderLock:
+        stale = _HELD.pop(str(self.path.resolve()), None)
+        if stale is not None:
+            os.close(stale)  # closing the descriptor releases the flock
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -34,12 +40,13 @@ class RunFolderLock:
             ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self.fd = fd
+        self.fd = _HELD[str(self.path.resolve())] = fd
         return self
 
     def release(self) -> None:
-        if self.fd is not None:
+        if self.fd is not None and _HELD.get(str(self.path.resolve())) == self.fd:
+            del _HELD[str(self.path.resolve())]
             os.ftruncate(self.fd, 0)
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
-            self.fd = None
+        self.fd = None

@@ -12,9 +12,9 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from activation_transfer.io import sha256_file
 from activation_transfer.models.frozen_lm import ModelRef, load_ref
 from activation_transfer.report import records as rio
+from activation_transfer.translators.loading import load_translator
 from cli.lightning_cli import eval_main as main
 from lightning_modules.translator import TranslatorModule
 
@@ -69,7 +69,7 @@ def test_tiny_config_writes_every_file(tmp_path, ckpt, capsys):
         assert meta[key] is not None, key
     for key in ("libraries", "device", "elapsed_seconds", "started_at", "computed"):
         assert meta["invocations"][-1][key] is not None, key
-    assert meta["translators"][0]["sha256"] == sha256_file(ckpt)
+    assert meta["translators"][0]["sha256"] == load_translator(ckpt).weights_sha256()  # the weights' digest
     config = (run_dir / "config.yaml").read_text()
     assert "translator_ckpt: " + ckpt in config and "tiny-neox-large" in config
     assert (run_dir / "report" / "comparisons.json").exists()

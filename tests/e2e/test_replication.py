@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from test_injection_eval import make_ckpt  # the tiny translator checkpoint of the evaluation tests
 
-from activation_transfer.io import sha256_file
 from activation_transfer.report import run_report
+from activation_transfer.translators.loading import load_translator
 from cli import demo
 
 WB = "word_boundary_contains"
@@ -164,7 +164,7 @@ def test_eval_records_name_their_translator_and_its_report_counts_one_translator
         return module
 
     shared = evaluate(ckpts[0], "shared")
-    sha0 = sha256_file(ckpts[0])
+    sha0 = load_translator(ckpts[0]).sha256  # the weights digest (issue 20 item 9)
     for seed in (42, 123):
         assert all(r["diagnostics"]["translator_sha256"] == sha0 for r in shared.results[f"additive__seed{seed}"])
         assert all(r["diagnostics"]["seeded"] is False for r in shared.results[f"additive__seed{seed}"])
@@ -179,7 +179,7 @@ def test_eval_records_name_their_translator_and_its_report_counts_one_translator
     per_seed = evaluate(json.dumps(ckpts), "per_seed")
     for seed, ckpt in zip((42, 123), ckpts):
         assert {r["diagnostics"]["translator_sha256"] for r in per_seed.results[f"additive__seed{seed}"]} == {
-            sha256_file(ckpt)
+            load_translator(ckpt).sha256
         }
     add = next(c for c in per_seed.report_result.comparisons if c["condition"] == "additive" and c["metric"] == WB)
     assert (add["runs"], add["pooled_n_pairs"]) == (2, 12)

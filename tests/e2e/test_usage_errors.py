@@ -4,6 +4,7 @@ one run folder (a lock naming its holder)."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sys
@@ -71,16 +72,24 @@ def test_evaluate_into_another_configurations_run_folder_is_one_line(tmp_path, c
     assert f"run folder {run_dir} holds results of another configuration" in line
 
 
+def _other_process_lock(folder: Path, pid: int = 4242) -> int:
+    """Hold ``folder``'s lock as another process would: its own open file, flocked, holding its pid."""
+    fd = os.open(folder / ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.pwrite(fd, f"{pid}\n".encode(), 0)
+    return fd
+
+
 def test_a_second_evaluation_of_one_run_folder_is_refused_naming_the_holder(tmp_path, ckpt, capsys):
     run_dir = tmp_path / "out" / "busy"
     run_dir.mkdir(parents=True)
-    holder = RunFolderLock(run_dir).acquire()  # another open file: flock refuses it as it would another process
+    holder = _other_process_lock(run_dir)
     try:
         args = small(tmp_path, ckpt, "--model.run_name", "busy", "--model.conditions", "[no_inject]")
         line = _one_line_exit(capsys, lambda: eval_main(args), "evaluate.py")
-        assert f"run folder {run_dir} is in use by process {os.getpid()}" in line
+        assert f"run folder {run_dir} is in use by process 4242" in line
     finally:
-        holder.release()
+        os.close(holder)
     # Released: the evaluation runs, and releases the folder when it ends.
     cli = eval_main(small(tmp_path, ckpt, "--model.run_name", "busy", "--model.conditions", "[no_inject]"))
     assert (run_dir / "records" / "no_inject__deterministic.jsonl").is_file() and cli.model.run_lock is None
@@ -88,11 +97,19 @@ def test_a_second_evaluation_of_one_run_folder_is_refused_naming_the_holder(tmp_
 
 
 def test_the_lock_is_exclusive_until_released(tmp_path):
-    first = RunFolderLock(tmp_path).acquire()
-    with pytest.raises(UsageError, match=f"in use by process {os.getpid()}"):
+    holder = _other_process_lock(tmp_path)
+    with pytest.raises(UsageError, match="in use by process 4242"):
         RunFolderLock(tmp_path).acquire()
-    first.release()
+    os.close(holder)
+    mine = RunFolderLock(tmp_path).acquire()
+    assert (tmp_path / ".lock").read_text().strip() == str(os.getpid())
+    # A lock this process still holds is an earlier, crashed evaluation's: taken over, not refused.
     RunFolderLock(tmp_path).acquire().release()
+    mine.release()  # already taken over: a no-op
+    held = RunFolderLock(tmp_path).acquire()
+    with pytest.raises(BlockingIOError):  # while held here, another process cannot take it
+        _other_process_lock(tmp_path)
+    held.release()
 
 
 def test_debug_shows_the_traceback_and_bugs_keep_theirs(monkeypatch, capsys):
