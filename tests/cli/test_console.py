@@ -172,7 +172,9 @@ def test_help_is_short_and_leads_with_the_projects_options(capsys, monkeypatch, 
     monkeypatch.setenv("COLUMNS", "80")
     short = _help(main, args, capsys)
     full = _help(main, [*args[:1], "--help-full", *args[1:]], capsys)
-    assert len(short.splitlines()) <= 210 < len(full.splitlines())
+    # The project's options grow with each protocol (the full help was 626-689 lines before the split): the short one
+    # stays under half the full one and within four screens.
+    assert len(short.splitlines()) <= 240 and 2 * len(short.splitlines()) < len(full.splitlines())
     options = _options(short)
     assert first_model_option in options and "--data.batch_size" in options
     assert not any(o.startswith("--trainer.") for o in options)  # Lightning's are named in one closing paragraph
