@@ -347,6 +347,8 @@ class FunctionalTranslatorModule(pl.LightningModule):
     )
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self._trainer is None:  # load_from_checkpoint (overrides allowed), not a resumed fit
+            return
         check_resume_matches(checkpoint.get("hyper_parameters") or {}, dict(self.hparams), self.RESUME_KEYS)
 
     def configure_optimizers(self):

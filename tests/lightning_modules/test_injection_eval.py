@@ -241,7 +241,7 @@ def test_missing_checkpoint(tmp_path):
 def test_corrupt_checkpoint(tmp_path):
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match="cannot load translator checkpoint"):
+    with pytest.raises(ValueError, match="is not a translator checkpoint"):
         run_eval(tmp_path, str(bad), conditions=["additive"], seeds=[42])
 
 
