@@ -10,7 +10,6 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from activation_transfer.errors import UsageError
 from activation_transfer.injection.protocols.split import SplitProtocol
 from activation_transfer.injection.sources import position_ids
 from activation_transfer.models.generation import GenerationSettings
@@ -193,16 +192,12 @@ def test_cli_fit_exports_a_translator_that_translates_like_the_module(tmp_path):
         assert torch.equal(loaded.translate(x), expected)
         assert loaded.hparams["receiver_dim"] == 48 and loaded.hparams["loss"] == "functional:answer_ce"
     assert from_pretrained(folder).config["training"]["slots"]["scheme"] == "all"
-    # Loading restores the translator into a module whose frozen LMs come from the given models: those it was trained
-    # with (the config's receiver block 0); another block is refused (issue 20 item 7).
+    # Loading restores the translator into a module whose frozen LMs come from the given models (overrides allowed:
+    # only a resumed fit refuses other decisive options).
     resumed = FunctionalTranslatorModule.load_from_checkpoint(
-        str(best), sender_model=SENDER, receiver_model={**RECEIVER, "layer": 0}, weights_only=True
+        str(best), sender_model=SENDER, receiver_model=RECEIVER, weights_only=True
     )
     assert torch.equal(resumed.translate(x), expected)
-    with pytest.raises(UsageError, match="receiver: saved"):
-        FunctionalTranslatorModule.load_from_checkpoint(
-            str(best), sender_model=SENDER, receiver_model=RECEIVER, weights_only=True
-        )
     # `fit --ckpt_path last` resumes through the functional CLI (the checkpoint holds no LM weights).
     again = train_main([*args[:-2], "--trainer.max_epochs", "2", "--ckpt_path", "last"])
     assert again.trainer.current_epoch == 2 and again.trainer.global_step == 4
