@@ -9,7 +9,7 @@
 3. ``two_channel.json`` and its table: per condition of both runs, accuracy, the fraction of the receiver_alone ->
    skyline gap recovered (``report.gap``: question-clustered bootstrap), the clustered CI of the difference from
    ``receiver_alone`` and bytes per question (KV: the records' ``bytes_sent``; slots: slot_count x hidden x 4, the
-   fp32 vectors written), and the clustered CI of ``kv_functional - slots_functional``.
+   fp32 vectors written; text conditions: none), and the clustered CI of ``kv_functional - slots_functional``.
 """
 
 from __future__ import annotations
@@ -172,13 +172,14 @@ def two_channel(split_run: Path, kv_run: Path, hidden: int) -> dict:
     for cond in groups:
         gap = gaps.get(cond, {})
         row = {
-            "channel": "kv" if cond in kv_names else ("text" if cond in ("receiver_alone", "skyline") else "slots"),
+            "channel": "kv" if cond in kv_names else ("slots" if cond.startswith("slots") else "text"),
             "condition": cond,
             "accuracy": acc[cond][MAIN_METRIC]["mean"],
             "runs": len(groups[cond]),
             "gap_fraction": gap.get("fraction"),
             "gap_ci": [gap.get("ci_low"), gap.get("ci_high")],
-            "bytes_per_question": sent.get(cond, 0.0),
+            # Text conditions send no vectors (nl_relay's message is text): no figure.
+            "bytes_per_question": None if cond not in kv_names and not cond.startswith("slots") else sent[cond],
         }
         if cond != GAP_LOW and GAP_LOW in groups:
             row["vs_receiver_alone"] = clustered_difference(groups, cond, GAP_LOW, f"{cond}|two_channel|{GAP_LOW}")
@@ -204,7 +205,8 @@ def two_channel_lines(table: dict) -> list[str]:
         frac = "" if r["gap_fraction"] is None else f"{r['gap_fraction']:+.3f}{_ci(*r['gap_ci'])}"
         v = r.get("vs_receiver_alone")
         diff = "" if v is None else f"{v['delta']:+.3f}{_ci(v['ci_low'], v['ci_high'])}"
-        cells = [r["channel"], r["condition"], f"{r['accuracy']:.3f}", frac, diff, f"{r['bytes_per_question']:.0f}"]
+        sent = "" if r["bytes_per_question"] is None else f"{r['bytes_per_question']:.0f}"
+        cells = [r["channel"], r["condition"], f"{r['accuracy']:.3f}", frac, diff, sent]
         lines.append("| " + " | ".join(cells) + " |")
     h = table.get("headline")
     if h:

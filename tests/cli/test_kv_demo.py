@@ -139,8 +139,9 @@ def test_kv_step_sweeps_on_validation_questions_and_prints_the_records_numbers(
         if cond not in ("receiver_alone", "skyline"):
             assert row["gap_fraction"] == pytest.approx(gap, abs=1e-12)
             assert row["gap_ci"][0] <= row["gap_fraction"] <= row["gap_ci"][1]
-        expected_bytes = {"kv": mean_count * 2 * 2 * HIDDEN * 4, "slots": mean_count * HIDDEN * 4, "text": 0.0}
+        expected_bytes = {"kv": mean_count * 2 * 2 * HIDDEN * 4, "slots": mean_count * HIDDEN * 4, "text": None}
         assert row["bytes_per_question"] == pytest.approx(expected_bytes[row["channel"]])
+        assert row["channel"] == {"receiver_alone": "text", "skyline": "text"}.get(cond, cond.split("_")[0])
     # The headline: per question, kv_functional's run-mean minus slots_functional's, with the clustered CI.
     per_q = np.array(
         [
