@@ -82,10 +82,10 @@ def choose_subset(rows: list[dict]) -> dict:
     return min((r for r in rows if r["kv_functional"] == best), key=lambda r: r["num_layers"])
 
 
-def kv_layer_sweep(out: Path, organisms: dict, seed: int, num_layers: int, num_samples, translator, steps=None):
-    """One projector (seed ``seed``) per subset, evaluated on the validation questions; one row per subset."""
+def kv_layer_sweep(out: Path, organisms: dict, seed: int, num_layers: int, num_samples, translator, steps, split):
+    """One projector (seed ``seed``) per subset, evaluated on the validation questions (``split.SELECTION_SEED``,
+    read by ``split._accuracies``: the split demo's); one row per subset."""
     from cli.lightning_cli import eval_main
-    from cli.split_demo import SELECTION_SEED, _accuracies
 
     rows = []
     for name, layers in layer_subsets(num_layers).items():
@@ -97,13 +97,13 @@ def kv_layer_sweep(out: Path, organisms: dict, seed: int, num_layers: int, num_s
             layers=layers,
             num_samples=num_samples,
             conditions=list(KV_SWEEP_CONDITIONS),
-            generator_seed=SELECTION_SEED,
+            generator_seed=split.SELECTION_SEED,
         )
         if steps is not None:
             steps.add("evaluate.py", args)
         n = num_layers if layers is None else len(layers)
         row = {"subset": name, "layers": layers, "num_layers": n, "projector": str(ckpt)}
-        rows.append({**row, **_accuracies(eval_main(args).model.run_dir)})
+        rows.append({**row, **split._accuracies(eval_main(args).model.run_dir)})
     return rows
 
 
@@ -224,24 +224,26 @@ def receiver_hidden(folder: Path) -> int:
     return int(AutoConfig.from_pretrained(str(folder)).hidden_size)
 
 
-def run_kv(out: Path, organisms: dict, seeds: list[int], num_samples, translator, split_run: Path, steps=None) -> dict:
+def run_kv(
+    out: Path, organisms: dict, seeds: list[int], num_samples, translator, split_run: Path, steps, split
+) -> dict:
     """Sweep, projectors per seed, the KV evaluation and ``two_channel.json`` (in the split run's report); returns
-    the two-channel table."""
+    the two-channel table. ``split`` is the split demo's module (passed in: it imports this one)."""
     from cli.lightning_cli import eval_main
-    from cli.split_demo import SELECTION_SEED, receiver_blocks
+
+    selection_seed = split.SELECTION_SEED
 
     def section(title: str) -> None:
         if steps is not None:
             steps.section(title)
 
     t = time.perf_counter()
-    section(f"10. KV protocol: layer-subset sweep on validation questions (generator seed {SELECTION_SEED})")
-    rows = kv_layer_sweep(
-        out, organisms, seeds[0], receiver_blocks(organisms["receiver"]), num_samples, translator, steps
-    )
+    section(f"10. KV protocol: layer-subset sweep on validation questions (generator seed {selection_seed})")
+    num_layers = split.receiver_blocks(organisms["receiver"])
+    rows = kv_layer_sweep(out, organisms, seeds[0], num_layers, num_samples, translator, steps, split)
     chosen = choose_subset(rows)
     print(
-        f"[demo] KV layer-subset sweep on validation questions (generator seed {SELECTION_SEED}, projector seed "
+        f"[demo] KV layer-subset sweep on validation questions (generator seed {selection_seed}, projector seed "
         f"{seeds[0]}), {time.perf_counter() - t:.0f} s:\n{kv_sweep_table(rows, chosen['subset'])}",
         flush=True,
     )
@@ -258,7 +260,7 @@ def run_kv(out: Path, organisms: dict, seeds: list[int], num_samples, translator
     print(f"[demo] KV projectors and evaluation: {time.perf_counter() - t:.0f} s", flush=True)
     table = two_channel(split_run, kv_run, receiver_hidden(organisms["receiver"]))
     report = split_run / "report"
-    sweep = {"selection_generator_seed": SELECTION_SEED, "projector_seed": seeds[0], "chosen": chosen, "rows": rows}
+    sweep = {"selection_generator_seed": selection_seed, "projector_seed": seeds[0], "chosen": chosen, "rows": rows}
     write_json(report / "kv_layer_sweep.json", sweep)
     write_json(report / "two_channel.json", table)
     return table

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -242,7 +243,7 @@ def kv_channel(out: Path, organisms: dict[str, Path], seeds: list[int], num_samp
     both channels."""
     from cli.kv_demo import run_kv, two_channel_lines
 
-    table = run_kv(out, organisms, seeds, num_samples, translator, run_dir, steps)
+    table = run_kv(out, organisms, seeds, num_samples, translator, run_dir, steps, sys.modules[__name__])
     print("[demo] both channels on the held-out questions (gap: receiver_alone -> skyline; CIs cluster questions):")
     print("\n".join(two_channel_lines(table)), flush=True)
 
