@@ -18,12 +18,16 @@
    type). ``subgroups.json`` in the report: accuracy by hops and by candidates (entities of the answer's type in the
    context) with question-clustered CIs, and per condition how often an answer follows the new context or keeps the
    old answer.
+5. The KV channel on the same held-out questions (``cli/kv_demo.py``): a layer-subset sweep of KV projectors on the
+   validation questions, one projector per seed at the chosen subset, the KV protocol, and one table of both
+   channels (accuracy, gap recovered, clustered CIs, bytes per question: ``two_channel.json``).
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -230,7 +234,18 @@ def run_split(
             runs["counterfactual" if cf else "original"].append(cached_eval(eval_args, organisms))
     print(f"[demo] control and counterfactual evaluations: {time.perf_counter() - t:.0f} s", flush=True)
     write_json(report / "subgroups.json", subgroup_summary(runs))
+    kv_channel(out, organisms, seeds, num_samples, translator, run_dir, steps)
     return run_dir
+
+
+def kv_channel(out: Path, organisms: dict[str, Path], seeds: list[int], num_samples, translator, run_dir, steps=None):
+    """Steps 10-11 (``cli/kv_demo.py``): the KV channel on the split evaluation's questions; prints the table of
+    both channels."""
+    from cli.kv_demo import run_kv, two_channel_lines
+
+    table = run_kv(out, organisms, seeds, num_samples, translator, run_dir, steps, sys.modules[__name__])
+    print("[demo] both channels on the held-out questions (gap: receiver_alone -> skyline; CIs cluster questions):")
+    print("\n".join(two_channel_lines(table)), flush=True)
 
 
 def split_eval_args(

@@ -1,0 +1,164 @@
+"""The KV channel of the split demo: the layer subset is chosen on validation questions, the table of both channels
+holds the numbers a direct computation from the records gives."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from activation_transfer.report.stats import derive_seed
+from activation_transfer.task.generator import EVAL_SEED
+from cli import kv_demo, split_demo
+
+IDS = [f"q{i}" for i in range(12)]
+SEEDS = (42, 123, 456)
+HIDDEN = 8
+# Questions each condition gets right (per seed for the seeded ones): the table is computed from these.
+RIGHT = {
+    "receiver_alone": set(IDS[:2]),
+    "skyline": set(IDS[:10]),
+    "slots_functional": {42: set(IDS[:3]), 123: set(IDS[:4]), 456: set(IDS[1:4])},
+    "slots_zero": set(IDS[:2]) | {"q11"},
+    "kv_self": set(IDS[:10]),
+    "kv_functional": {42: set(IDS[:8]), 123: set(IDS[:9]), 456: set(IDS[2:9])},
+    "kv_zero": set(IDS[1:3]),
+}
+# kv_functional per layer subset on the validation questions: every_other and all tie, every_other has fewer layers.
+SWEEP = {"all": 0.5, "first_half": 0.25, "second_half": 0.125, "every_other": 0.5}
+
+
+def opt(args: list[str], name: str) -> str | None:
+    return args[args.index(name) + 1] if name in args else None
+
+
+def write_run(run_dir: Path, conditions: list[str], kv_layers: int | None = None) -> Path:
+    """Records of ``conditions`` (RIGHT) in an evaluation run folder; kv records carry bytes_sent, slot records
+    slot_count (a question's prefix/slot count: 3 + its index)."""
+    (run_dir / "records").mkdir(parents=True)
+    for cond in conditions:
+        right = RIGHT[cond]
+        rows = []
+        for seed in SEEDS if isinstance(right, dict) else (None,):
+            for i, q in enumerate(IDS):
+                ok = q in (right[seed] if seed else right)
+                diag = {"slot_count": 3 + i} if cond.startswith("slots") else {}
+                if cond.startswith("kv"):
+                    diag = {"bytes_sent": (3 + i) * kv_layers * 2 * HIDDEN * 4, "prefix_len": 3 + i}
+                rows.append(
+                    {
+                        "sample_id": q,
+                        "condition": cond,
+                        "seed": seed,
+                        "gold": "Peru",
+                        "prediction": "Peru" if ok else "Chile",
+                        "diagnostics": diag,
+                    }
+                )
+        (run_dir / "records" / f"{cond}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return run_dir
+
+
+def fake_kv_eval(args):
+    """A KV evaluation: the sweep's runs write a summary (kv_functional per SWEEP subset), the held-out run records."""
+    root = Path(opt(args, "--trainer.default_root_dir"))
+    if opt(args, "--data.generator_seed") is not None:
+        name = root.name
+        conds = {"receiver_alone": 0.1, "skyline": 0.8, "kv_self": 0.75, "kv_functional": SWEEP[name]}
+        summary = {"conditions": {c: {"n": 12, "word_boundary_contains": {"mean": v}} for c, v in conds.items()}}
+        (root / "run" / "report").mkdir(parents=True)
+        (root / "run" / "report" / "summary.json").write_text(json.dumps(summary))
+        return SimpleNamespace(model=SimpleNamespace(run_dir=root / "run"))
+    layers = json.loads(opt(args, "--model.kv_layers") or "[0, 1, 2, 3]")
+    conds = ["receiver_alone", "skyline", "kv_self", "kv_functional", "kv_zero"]
+    return SimpleNamespace(model=SimpleNamespace(run_dir=write_run(root / "run", conds, len(layers))))
+
+
+def test_choose_subset_takes_the_best_kv_functional_and_the_fewest_layers_of_ties() -> None:
+    rows = [{"subset": n, "num_layers": k, "kv_functional": SWEEP[n]} for n, k in zip(SWEEP, (4, 2, 2, 2))]
+    assert kv_demo.choose_subset(rows)["subset"] == "every_other"
+    assert kv_demo.layer_subsets(4) == {
+        "all": None,
+        "first_half": [0, 1],
+        "second_half": [2, 3],
+        "every_other": [0, 2],
+    }
+    with pytest.raises(ValueError, match="empty"):
+        kv_demo.choose_subset([])
+
+
+def _bootstrap_ci(deltas: np.ndarray, seed: int) -> tuple[float, float]:
+    """The question-clustered percentile bootstrap written out: resample questions, 10,000 draws."""
+    means = np.sort(deltas[np.random.default_rng(seed).integers(0, deltas.size, size=(10_000, deltas.size))].mean(1))
+    return float(means[int(0.025 * 9_999)]), float(means[int(0.975 * 9_999)])
+
+
+def test_kv_step_sweeps_on_validation_questions_and_prints_the_records_numbers(
+    tmp_path: Path, monkeypatch, capsys, fake_demo
+) -> None:
+    from cli import demo
+
+    fake_demo.evaluate = fake_kv_eval
+    monkeypatch.setattr(kv_demo, "receiver_hidden", lambda folder: HIDDEN)
+    monkeypatch.setattr(split_demo, "receiver_blocks", lambda folder: 4)
+    split_run = write_run(tmp_path / "split" / "run", ["receiver_alone", "skyline", "slots_functional", "slots_zero"])
+    (split_run / "report").mkdir()
+    out = tmp_path / "demo"
+    split_demo.kv_channel(out, fake_demo.organisms, list(SEEDS), None, demo._translator, split_run)
+
+    sweep, held_out = fake_demo.evaluated[:4], fake_demo.evaluated[4]
+    # The sweep reads only validation questions; one projector (the first seed) per subset, with its layers.
+    assert {opt(a, "--data.generator_seed") for a in sweep} == {str(split_demo.SELECTION_SEED)} != {str(EVAL_SEED)}
+    assert [opt(a, "--model.kv_layers") for a in sweep] == [None, "[0, 1]", "[2, 3]", "[0, 2]"]
+    assert all(opt(a, "--model.seeds") == "[42]" for a in sweep)
+    assert [opt(t, "--model.init_args.layers") for t in fake_demo.trained[:4]] == [None, "[0, 1]", "[2, 3]", "[0, 2]"]
+    # The held-out run: the config's questions, the chosen subset, one projector per seed (the sweep's seed-42 one
+    # reused from the cache).
+    assert opt(held_out, "--data.generator_seed") is None and opt(held_out, "--model.kv_layers") == "[0, 2]"
+    assert len(fake_demo.trained) == 6
+    used = [Path(c).read_text() for c in json.loads(opt(held_out, "--model.functional_translator_ckpt"))]
+    assert all(f"--seed_everything {s} " in u and "--model.init_args.layers [0, 2]" in u for s, u in zip(SEEDS, used))
+
+    # The table, against a direct computation from the records.
+    def acc(cond: str) -> float:
+        right = RIGHT[cond]
+        runs = [right[s] for s in SEEDS] if isinstance(right, dict) else [right]
+        return float(np.mean([len(r) / len(IDS) for r in runs]))
+
+    table = json.loads((split_run / "report" / "two_channel.json").read_text())
+    rows = {r["condition"]: r for r in table["rows"]}
+    kv_conds = ["kv_functional", "kv_self", "kv_zero"]  # the KV run's record files, in name order
+    assert list(rows) == ["receiver_alone", "skyline", "slots_functional", "slots_zero", *kv_conds]
+    mean_count = np.mean([3 + i for i in range(len(IDS))])
+    for cond, row in rows.items():
+        assert row["accuracy"] == pytest.approx(acc(cond), abs=1e-12)
+        gap = (acc(cond) - acc("receiver_alone")) / (acc("skyline") - acc("receiver_alone"))
+        if cond not in ("receiver_alone", "skyline"):
+            assert row["gap_fraction"] == pytest.approx(gap, abs=1e-12)
+            assert row["gap_ci"][0] <= row["gap_fraction"] <= row["gap_ci"][1]
+        expected_bytes = {"kv": mean_count * 2 * 2 * HIDDEN * 4, "slots": mean_count * HIDDEN * 4, "text": None}
+        assert row["bytes_per_question"] == pytest.approx(expected_bytes[row["channel"]])
+        assert row["channel"] == {"receiver_alone": "text", "skyline": "text"}.get(cond, cond.split("_")[0])
+    # The headline: per question, kv_functional's run-mean minus slots_functional's, with the clustered CI.
+    per_q = np.array(
+        [
+            np.mean([q in RIGHT["kv_functional"][s] for s in SEEDS])
+            - np.mean([q in RIGHT["slots_functional"][s] for s in SEEDS])
+            for q in IDS
+        ]
+    )
+    head = table["headline"]
+    assert head["delta"] == pytest.approx(per_q.mean(), abs=1e-12) and head["n"] == len(IDS)
+    low, high = _bootstrap_ci(per_q, derive_seed(0, "kv_functional|slots_functional|two_channel"))
+    assert (head["ci_low"], head["ci_high"]) == pytest.approx((low, high), abs=1e-12)
+    printed = capsys.readouterr().out
+    kv = rows["kv_functional"]
+    line = f"| kv | kv_functional | {acc('kv_functional'):.3f} | {kv['gap_fraction']:+.3f} [{kv['gap_ci'][0]:+.3f}, "
+    assert line in printed
+    assert f"kv_functional - slots_functional: {per_q.mean():+.3f} [{low:+.3f}, {high:+.3f}]" in printed
+    assert "| every_other ([0, 2]) (chosen) | 0.100 | 0.800 | 0.750 | 0.500 |" in printed
+    sweep_json = json.loads((split_run / "report" / "kv_layer_sweep.json").read_text())
+    assert sweep_json["selection_generator_seed"] == split_demo.SELECTION_SEED and sweep_json["projector_seed"] == 42
