@@ -12,10 +12,10 @@ import pytorch_lightning as pl
 from test_evaluate_cli import _FakeWandbLogger, ckpt, small  # noqa: F401 (ckpt: the module-scoped fixture)
 from test_train_cli import _offline_wandb, _wandb_records
 
-from activation_transfer.io import sha256_file
 from activation_transfer.models.frozen_lm import ModelRef
 from activation_transfer.models.generation import GenerationSettings
 from activation_transfer.task.scoring import METRICS
+from activation_transfer.translators.export import translator_sha256
 from callbacks.eval_logging import SAMPLE_COLUMNS, EvalLoggingCallback, report_tables, sample_table
 from callbacks.wandb_artifacts import RUN_ID_FILE
 from cli.lightning_cli import eval_main
@@ -99,9 +99,12 @@ def test_fake_logger_gets_long_table_report_tables_and_artifact(tmp_path, ckpt):
     assert all(len(fake.images[k]) == 1 for k in report_keys)
     # Lineage: the local checkpoint is a used `model` artifact holding a checksummed file:// reference to it.
     (used,) = fake.run.used
-    assert (used.type, used.name) == ("model", f"translator-{sha256_file(ckpt)[:12]}")
+    # Named by the translator's identity (its weights' digest, the same for a .ckpt and its exported folder); the
+    # reference's own checksum is the file's.
+    identity = translator_sha256(ckpt)
+    assert (used.type, used.name) == ("model", f"translator-{identity[:12]}")
     (ref,) = used.manifest.entries.values()
-    assert ref.ref == Path(ckpt).resolve().as_uri() and ref.digest and used.metadata["sha256"] == sha256_file(ckpt)
+    assert ref.ref == Path(ckpt).resolve().as_uri() and ref.digest and used.metadata["sha256"] == identity
     (art,) = fake.run.artifacts
     assert art.type == "eval_results" and art.name == f"{module.run_dir.name}-results"
     names = set(art.manifest.entries)
@@ -164,7 +167,7 @@ def test_offline_evaluation_logs_tables_and_the_results_artifact(tmp_path, ckpt,
     # Lineage offline: the checkpoint as a `model` artifact of one checksummed file:// reference, recorded with
     # use_after_commit (W&B refuses use_artifact offline; `wandb sync` replays this record as the use).
     (used,) = [a for a in artifacts if a.type == "model"]
-    assert used.name == f"translator-{sha256_file(ckpt)[:12]}" and used.use_after_commit
+    assert used.name == f"translator-{translator_sha256(ckpt)[:12]}" and used.use_after_commit
     (ref,) = used.manifest.contents
     assert ref.ref == Path(ckpt).resolve().as_uri() and ref.digest
     # The run folder names its W&B run, which a resumed evaluation resumes instead of opening a second one.
