@@ -80,7 +80,7 @@ class InjectionEvalModule(pl.LightningModule):
         stack_runs: Answer all pending runs of a sub-batch with one ``generate`` per prompt width, each row block
             with its own prefill write (False: one ``generate`` per run). The records are identical either way.
         max_generate_rows: Most rows in one stacked ``generate`` (a run is never split); ``auto``: on CUDA the
-            largest that fits in memory, found once at test start; on CPU 8 x ``data.batch_size``.
+            largest that fits in memory, found once at test start; on CPU 2 x ``data.batch_size``.
 
     Attributes:
         run_dir: The run folder (set at test start).

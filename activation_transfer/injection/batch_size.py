@@ -15,7 +15,9 @@ from activation_transfer.models.generation import GenerationSettings
 
 log = logging.getLogger(__name__)
 
-CPU_ROWS_PER_BATCH = 8  # auto on CPU: rows per generate = this x data.batch_size
+CPU_ROWS_PER_BATCH = (
+    2  # auto on CPU: rows per generate = this x data.batch_size (measured: more only adds memory traffic)
+)
 PROBE_CEILING = 8192  # auto on CUDA: the most rows tried
 
 

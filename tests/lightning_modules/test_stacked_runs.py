@@ -59,7 +59,7 @@ def test_stacked_runs_give_the_per_run_records(tmp_path, ckpts, name, monkeypatc
     per_run, per_run_rows = _run(tmp_path / "per_run", ckpts, name, monkeypatch, stack_runs=False)
     stacked, stacked_rows = _run(tmp_path / "stacked", ckpts, name, monkeypatch)
     capped, capped_rows = _run(tmp_path / "capped", ckpts, name, monkeypatch, max_generate_rows=7)
-    assert per_run.generate_rows is None and stacked.generate_rows == 8 * 5 and capped.generate_rows == 7
+    assert per_run.generate_rows is None and stacked.generate_rows == 2 * 5 and capped.generate_rows == 7
     assert per_run.run_dir != stacked.run_dir  # separate folders: each computed everything
     assert set(per_run.results) == set(stacked.results) == set(capped.results)
     for key, records in per_run.results.items():
