@@ -9,9 +9,11 @@ from test_kv_translator import make_kv_ckpt
 from test_translator_loading import make_functional_ckpt
 
 import activation_transfer.injection.answering as answering
+from activation_transfer.errors import UsageError
 from activation_transfer.injection.conditions import CONDITION_NAMES, FUNCTIONAL_VARIANTS
 from activation_transfer.injection.protocols.kv import CONDITION_NAMES as KV_CONDITION_NAMES
 from activation_transfer.injection.protocols.split import CONDITION_NAMES as SPLIT_CONDITION_NAMES
+from lightning_modules.injection_eval import InjectionEvalModule
 
 SEEDS = [42, 123]
 
@@ -73,3 +75,8 @@ def test_stacked_runs_give_the_per_run_records(tmp_path, ckpts, name, monkeypatc
     else:
         assert len(stacked_rows) < len(capped_rows) < len(per_run_rows)
     assert max(capped_rows) <= max(7, 5)  # one run (5 rows at most) never splits
+
+
+def test_bad_max_generate_rows_is_one_clear_error():
+    with pytest.raises(UsageError, match="model.max_generate_rows must be >= 1 or auto, got 0"):
+        InjectionEvalModule("tiny-neox", "tiny-neox-large", conditions=["no_inject"], max_generate_rows=0)
