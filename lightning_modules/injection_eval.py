@@ -23,7 +23,7 @@ from pytorch_lightning.utilities import rank_zero_only
 from activation_transfer.errors import UsageError
 from activation_transfer.injection import conditions as cnd
 from activation_transfer.injection.answering import as_pending, resolve
-from activation_transfer.injection.batch_size import generate_rows
+from activation_transfer.injection.batch_size import checked_rows, generate_rows
 from activation_transfer.injection.eval_plan import EvalPlan, checkpoint_list
 from activation_transfer.injection.protocols import protocol_for
 from activation_transfer.injection.slots import SlotSpec, check_slots_fit
@@ -145,9 +145,7 @@ class InjectionEvalModule(pl.LightningModule):
         )
         self.allow_mismatch, self.run_name, self.cache_dir = allow_mismatch, run_name, cache_dir
         self.do_report, self.report_resamples = report, report_resamples
-        if max_generate_rows != "auto" and int(max_generate_rows) < 1:
-            raise UsageError(f"model.max_generate_rows must be >= 1 or auto, got {max_generate_rows}")
-        self.stack_runs, self.max_generate_rows = stack_runs, max_generate_rows
+        self.stack_runs, self.max_generate_rows = stack_runs, checked_rows(max_generate_rows)
         self.generate_rows: int | None = None  # rows per stacked generate (on_test_start), None: one per run
         self.save_hyperparameters(ignore=["sender", "receiver", "generation", "slots"], logger=False)  # see save_config
         # Plain dicts only, so hparams stay loadable with weights_only.
@@ -302,11 +300,9 @@ class InjectionEvalModule(pl.LightningModule):
             work.append((group, sub, as_pending(self.protocol.answer(spec, seed, self.plan, sub)), time.time() - t0))
         t0 = time.time()
         answers = resolve(self.receiver, [w[2] for w in work], self.generation, self.generate_rows)
-        total_rows = sum(w[2].rows for w in work) or 1
-        generate_seconds = time.time() - t0
+        per_row = (time.time() - t0) / (sum(w[2].rows for w in work) or 1)  # a run's share of the generates: its rows
         for (group, sub, pending, prep_seconds), (preds, diags) in zip(work, answers, strict=True):
-            # Each run's share of the stacked generate goes by its rows.
-            dt = (prep_seconds + generate_seconds * pending.rows / total_rows) / len(group)
+            dt = (prep_seconds + per_row * pending.rows) / len(group)
             for spec, seed in group:
                 key = rio.run_key(spec.name, seed)
                 recs = [

@@ -11,6 +11,7 @@ import logging
 
 import torch
 
+from activation_transfer.errors import UsageError
 from activation_transfer.models.frozen_lm import LoadedModel
 from activation_transfer.models.generation import GenerationSettings
 
@@ -20,6 +21,13 @@ CPU_ROWS_PER_BATCH = (
     2  # auto on CPU: rows per generate = this x data.batch_size (measured: more only adds memory traffic)
 )
 PROBE_CEILING = 8192  # auto on CUDA: the most rows tried
+
+
+def checked_rows(option: int | str) -> int | str:
+    """``model.max_generate_rows`` checked: ``auto`` or a count >= 1 (else one clear error)."""
+    if option != "auto" and (isinstance(option, bool) or not isinstance(option, int) or option < 1):
+        raise UsageError(f"model.max_generate_rows must be >= 1 or auto, got {option}")
+    return option
 
 
 def generate_rows(option: int | str, batch_size: int, receiver: LoadedModel, settings: GenerationSettings) -> int:
