@@ -1,7 +1,19 @@
 """Evaluate a translator by injection on multi-hop QA: ``python evaluate.py test -c configs/eval/tiny.yaml
---model.translator_ckpt PATH``. A thin wrapper: the CLI lives in ``cli.lightning_cli``."""
+--model.translator_ckpt PATH``. A thin wrapper: the CLI lives in ``cli.lightning_cli`` (imported only when the command
+needs it: ``cli.fast_start`` answers the top-level --help and a missing config file without Lightning)."""
 
-from cli.lightning_cli import eval_main as main
+import sys
+
+from cli.fast_start import answer_early
+
+
+def main(args=None):
+    from cli.lightning_cli import eval_main
+
+    return eval_main(args)
+
 
 if __name__ == "__main__":
+    if (status := answer_early("evaluate.py")) is not None:
+        sys.exit(status)
     main()

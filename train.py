@@ -1,6 +1,18 @@
-"""Train a translator: ``python train.py fit -c configs/train/tiny.yaml`` (the CLI is cli/lightning_cli.py)."""
+"""Train a translator: ``python train.py fit -c configs/train/tiny.yaml`` (the CLI is cli/lightning_cli.py, imported
+only when the command needs it: ``cli.fast_start`` answers the top-level --help and a missing config file)."""
 
-from cli.lightning_cli import train_main as main
+import sys
+
+from cli.fast_start import answer_early
+
+
+def main(args=None, run: bool = True):
+    from cli.lightning_cli import train_main
+
+    return train_main(args, run)
+
 
 if __name__ == "__main__":
+    if (status := answer_early("train.py")) is not None:
+        sys.exit(status)
     main()

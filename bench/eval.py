@@ -4,10 +4,13 @@ r"""Benchmark: batched generation (this project) against one prompt at a time (t
     python bench/eval.py --pair pythia-shape --num-prompts 4 --max-new-tokens 16
     python bench/eval.py --pair pythia-shape --data ../shared/data/multihop/clean_eval.jsonl --num-prompts 396 \
         --batch-size 64 --device cuda --dtype float32 bfloat16 --single-time-limit 200
+    python bench/eval.py --matrix --pair tiny organisms --num-prompts 100 --batch-size 64 --threads 1
 
 Both paths run the receiver with the paper's decoding settings and an additive prefill injection hook (hook cost
 included). Prints samples/s of each path, the ratio, and how many answers differ (0 expected on fp32; bf16 may
 differ); with ``--single-time-limit`` the one-at-a-time rate is over the prompts it finished in that time.
+``--matrix``: the whole paper matrix (11 conditions x 3 seeds, one translator per seed) as three commands, each a
+process of its own (bench/matrix.py): ``evaluate.py test`` stacked and per run, and the paper's runner.
 """
 
 from __future__ import annotations
@@ -88,7 +91,7 @@ def bench_dtype(args, dtype: str, prompts: list[str]) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--pair", choices=sorted(PAIRS), default="tiny")
+    p.add_argument("--pair", nargs="+", default=["tiny"], help=f"{', '.join(PAIRS)}; --matrix: tiny, organisms")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], nargs="+", default=["float32"])
     p.add_argument("--data", help="JSONL file in the paper's format (default: the built-in generator)")
     p.add_argument("--num-prompts", type=int, default=16)
@@ -96,13 +99,25 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--device", default="cpu")
     p.add_argument("--single-time-limit", type=float, help="seconds after which the one-at-a-time loop stops")
-    args = p.parse_args()
+    p.add_argument("--matrix", action="store_true", help="the paper matrix: project (stacked, per run) vs paper runner")
+    p.add_argument("--threads", type=int, default=1, help="--matrix: OMP/MKL threads of each process")
+    args, rest = p.parse_known_args()
+    if args.matrix:
+        from matrix import main as matrix_main  # bench/ is the script's folder
+
+        matrix_main(args, rest)
+        return
+    if rest:
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
 
     if args.data:
         samples = read_jsonl(args.data)[: args.num_prompts]
     else:
         samples = generate_samples(args.num_prompts, EVAL_SEED)
     prompts = [format_prompt(s.context, s.question) for s in samples]
+    if len(args.pair) != 1 or args.pair[0] not in PAIRS:
+        p.error(f"--pair takes one of {', '.join(PAIRS)} (without --matrix)")
+    (args.pair,) = args.pair
     for dtype in args.dtype:
         bench_dtype(args, dtype, prompts)
         if args.device.startswith("cuda"):

@@ -28,6 +28,7 @@ from activation_transfer.translators.architectures import LinearTranslator, MLPT
 from callbacks.progress import progress_callbacks
 from callbacks.save_config import LoggerSaveConfigCallback
 from cli.console import eval_summary, setup_logging, train_summary
+from cli.fast_start import USAGES
 from cli.organisms import ensure_organisms, organism_names
 from cli.parser import ProjectParser, union_error
 
@@ -302,8 +303,7 @@ TRAIN_DESCRIPTION = (
     "Train a translator: the aligned TranslatorModule on an activation store by default, or the module a config's "
     "model.class_path names (FunctionalTranslatorModule + QATrainingDataModule: trained for use)."
 )
-TRAIN_USAGE = "Train a translator: python train.py fit -c CONFIG [--OPTION VALUE ...] (python train.py fit --help)."
-EVAL_USAGE = "Evaluate translators: python evaluate.py test -c CONFIG --model.translator_ckpt CKPT (test --help)."
+TRAIN_USAGE, EVAL_USAGE = (USAGES[prog][0] for prog in ("train.py", "evaluate.py"))  # also the Lightning-free help
 EVAL_DESCRIPTION = "Evaluate translators by injection into the receiver on multi-hop QA (--model.translator_ckpt)."
 
 

@@ -22,6 +22,8 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from activation_transfer.errors import UsageError
 from activation_transfer.injection import conditions as cnd
+from activation_transfer.injection.answering import as_pending, resolve
+from activation_transfer.injection.batch_size import checked_rows, generate_rows
 from activation_transfer.injection.eval_plan import EvalPlan, checkpoint_list
 from activation_transfer.injection.protocols import protocol_for
 from activation_transfer.injection.slots import SlotSpec, check_slots_fit
@@ -75,6 +77,10 @@ class InjectionEvalModule(pl.LightningModule):
         slots: The split protocol's slot scheme (``SlotSpec``: scheme, k, token_id, max_context_tokens).
         sender_site: Split protocol: sender read at block or embeddings.
         kv_layers: KV protocol: receiver layers given a prefix (null: all; negative: from the end).
+        stack_runs: Answer all pending runs of a sub-batch with one ``generate`` per prompt width, each row block
+            with its own prefill write (False: one ``generate`` per run). The records are identical either way.
+        max_generate_rows: Most rows in one stacked ``generate`` (a run is never split); ``auto``: on CUDA the
+            largest that fits in memory, found once at test start; on CPU 2 x ``data.batch_size``.
 
     Attributes:
         run_dir: The run folder (set at test start).
@@ -107,6 +113,8 @@ class InjectionEvalModule(pl.LightningModule):
         slots: SlotSpec = DEFAULT_SLOTS,
         sender_site: Literal["block", "embeddings"] = "block",
         kv_layers: list[int] | None = None,
+        stack_runs: bool = True,
+        max_generate_rows: int | Literal["auto"] = "auto",
     ) -> None:
         super().__init__()
         self.sender_ref, self.receiver_ref = as_ref(sender), as_ref(receiver)
@@ -137,6 +145,8 @@ class InjectionEvalModule(pl.LightningModule):
         )
         self.allow_mismatch, self.run_name, self.cache_dir = allow_mismatch, run_name, cache_dir
         self.do_report, self.report_resamples = report, report_resamples
+        self.stack_runs, self.max_generate_rows = stack_runs, checked_rows(max_generate_rows)
+        self.generate_rows: int | None = None  # rows per stacked generate (on_test_start), None: one per run
         self.save_hyperparameters(ignore=["sender", "receiver", "generation", "slots"], logger=False)  # see save_config
         # Plain dicts only, so hparams stay loadable with weights_only.
         self.hparams.update(
@@ -272,11 +282,14 @@ class InjectionEvalModule(pl.LightningModule):
             "functional": [t["sha256"] for t in self.functional_info],
         }
         self.protocol.prepare(self.plan, translators, shas, batch_size)
+        if self.stack_runs:
+            self.generate_rows = generate_rows(self.max_generate_rows, batch_size, self.receiver, self.generation)
 
     # ------------------------------------------------------------------------------------------------ test loop
 
     def test_step(self, batch, batch_idx: int) -> None:
         samples = list(batch)
+        work = []  # (group, its samples, its pending answers, seconds spent preparing them)
         for group in self.plan.groups:
             rows = self.plan.rows_to_generate(group, [s.sample_id for s in samples])
             if not rows:
@@ -284,8 +297,12 @@ class InjectionEvalModule(pl.LightningModule):
             t0 = time.time()
             sub = [samples[i] for i in rows]
             spec, seed = group[0]  # the runs of a group share one computation
-            preds, diags = self.protocol.answer(spec, seed, self.plan, sub)
-            dt = (time.time() - t0) / len(group)
+            work.append((group, sub, as_pending(self.protocol.answer(spec, seed, self.plan, sub)), time.time() - t0))
+        t0 = time.time()
+        answers = resolve(self.receiver, [w[2] for w in work], self.generation, self.generate_rows)
+        per_row = (time.time() - t0) / (sum(w[2].rows for w in work) or 1)  # a run's share of the generates: its rows
+        for (group, sub, pending, prep_seconds), (preds, diags) in zip(work, answers, strict=True):
+            dt = (prep_seconds + per_row * pending.rows) / len(group)
             for spec, seed in group:
                 key = rio.run_key(spec.name, seed)
                 recs = [

@@ -38,21 +38,21 @@ class _Spy(PrefillInjection):
     def __call__(self, h):
         out = super().__call__(h)
         if self.calls == 1:
-            _Spy.seen.append((self.mode, self.mask.clone(), h.detach().clone(), None if out is None else out.clone()))
+            self.record = (self.mode, self.mask.clone(), h.detach().clone(), None if out is None else out.clone())
+            _Spy.seen.append(self.record)
         return out
 
 
 @pytest.fixture(scope="module")
 def split_run(tmp_path_factory, ckpts):
-    """Every split condition, slot scheme ``all``; the calls to ``answer_injected`` and the prefill hooks kept."""
+    """Every split condition, slot scheme ``all``; the calls to ``request_injected`` and the prefill hooks kept."""
     calls: list[dict] = []
-    real = answering.answer_injected
+    real = answering.request_injected
 
-    def spy_answer(receiver, ids, mask, settings, spec, sample_ids, source, *args, write_mask=None, **kw):
+    def spy_answer(ids, mask, spec, sample_ids, source, rows=None, donors=None, write_mask=None):
         calls.append(
             {
                 "condition": spec.name,
-                "hook": len(_Spy.seen),
                 "ids": ids.clone(),
                 "mask": mask.clone(),
                 "sample_ids": list(sample_ids),
@@ -60,11 +60,13 @@ def split_run(tmp_path_factory, ckpts):
                 "write_mask": None if write_mask is None else write_mask.clone(),
             }
         )
-        return real(receiver, ids, mask, settings, spec, sample_ids, source, *args, write_mask=write_mask, **kw)
+        run = real(ids, mask, spec, sample_ids, source, rows, donors, write_mask)
+        calls[-1]["injection"] = run.injection  # its prefill hook (it fires when the module generates)
+        return run
 
     _Spy.seen = []
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(split_protocol, "answer_injected", spy_answer)
+        mp.setattr(split_protocol, "request_injected", spy_answer)
         mp.setattr(answering, "PrefillInjection", _Spy)
         module = run_eval(
             tmp_path_factory.mktemp("split"),
@@ -168,7 +170,7 @@ def test_slots_zero_writes_zeros_exactly_at_the_slots(split_run):
     zero = [c for c in calls if c["condition"] == "slots_zero"]
     assert zero
     for call in zero:
-        mode, write_mask, h, new = seen[call["hook"]]  # the prefill hook of this very call
+        mode, write_mask, h, new = call["injection"].record  # the prefill hook of this very call
         assert mode == "replace" and torch.equal(write_mask, call["write_mask"])
         slot = write_mask.bool()
         assert new[slot].eq(0).all() and torch.equal(new[~slot], h[~slot])  # every other position bit-identical

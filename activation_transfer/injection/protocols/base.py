@@ -11,14 +11,13 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
-from activation_transfer.injection.answering import answer_relay
+from activation_transfer.injection.answering import Answers, PendingAnswers, request_relay
 from activation_transfer.injection.conditions import ConditionSpec, select_conditions
 from activation_transfer.injection.eval_plan import EvalPlan
 from activation_transfer.models.frozen_lm import LoadedModel
 from activation_transfer.models.generation import GenerationSettings
 
 TranslatorKey = tuple[str, int]  # (kind: aligned | functional, index in that kind's checkpoint list)
-Answers = tuple[list[str], list[dict]]  # one prediction and one diagnostics dict per sample
 
 
 class EvalProtocol(ABC):
@@ -98,14 +97,16 @@ class EvalProtocol(ABC):
         order). ``translators``/``shas``: ``aligned``/``functional`` -> the loaded translators / their SHA-256."""
 
     @abstractmethod
-    def answer(self, spec: ConditionSpec, seed: int | None, plan: EvalPlan, sub: Sequence) -> Answers:
-        """The receiver's answers and each record's diagnostics for the samples ``sub`` under one condition."""
+    def answer(self, spec: ConditionSpec, seed: int | None, plan: EvalPlan, sub: Sequence) -> PendingAnswers | Answers:
+        """The receiver's answers and each record's diagnostics for the samples ``sub`` under one condition: a
+        :class:`PendingAnswers` (its ``generate`` is left to the module, which stacks the runs of a sub-batch), or
+        the finished ``Answers`` of a run that generates by itself."""
 
     # ------------------------------------------------------------------------------------------------ shared steps
 
-    def answer_relay(self, sub: Sequence) -> Answers:
+    def answer_relay(self, sub: Sequence) -> PendingAnswers:
         """``nl_relay``: the sender's relay of the context, then the receiver answers from it (the same everywhere)."""
-        return answer_relay(
+        return request_relay(
             self.sender,
             self.receiver,
             [s.sample_id for s in sub],

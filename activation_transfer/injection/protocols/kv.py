@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from activation_transfer.injection.answering import PendingAnswers
 from activation_transfer.injection.conditions import (
     SOURCE_NONE,
     SOURCE_RANDOM,
@@ -36,7 +37,6 @@ from activation_transfer.injection.kv_prefix import (
     resolve_layers,
     zero_prefix,
 )
-from activation_transfer.injection.protocols.base import Answers
 from activation_transfer.injection.protocols.split import SplitProtocol
 from activation_transfer.injection.slots import SlotSpec, left_padded, sender_batch
 from activation_transfer.models.generation import GenerationSettings, decode
@@ -180,8 +180,10 @@ class KVProtocol(SplitProtocol):
 
     # ------------------------------------------------------------------------------------------------ answering
 
-    def answer(self, spec: ConditionSpec, seed: int | None, plan: EvalPlan, sub: Sequence) -> Answers:
-        """One condition's answers and diagnostics (``bytes_sent``, prefix length and norms) for ``sub``."""
+    def answer(self, spec: ConditionSpec, seed: int | None, plan: EvalPlan, sub: Sequence) -> PendingAnswers:
+        """One condition's answers and diagnostics (``bytes_sent``, prefix length and norms) for ``sub``; a prefix
+        condition generates here, by itself (its prefix and question widths are its own), the text-only ones are
+        left to the module's stacked ``generate``."""
         if spec.source == SOURCE_NONE:  # receiver_alone and skyline read text only: the split protocol's answers
             return super().answer(spec, seed, plan, sub)
         sample_ids = [s.sample_id for s in sub]
@@ -192,7 +194,8 @@ class KVProtocol(SplitProtocol):
         tok = self.receiver.tokenizer
         new_ids = generate_after_prefix(self.receiver.model, tok, prefix, ids, mask, self.settings)
         preds = [p.strip() for p in decode(tok, new_ids)]
-        return preds, self.diagnostics(spec, seed, plan, prefix, mask, (key_norm, value_norm), donors)
+        diags = self.diagnostics(spec, seed, plan, prefix, mask, (key_norm, value_norm), donors)
+        return PendingAnswers.answered((preds, diags), spec.name)
 
     def diagnostics(self, spec, seed, plan, prefix: KVPrefix, mask, norms, donors) -> list[dict]:
         hidden = self.receiver.identity()["hidden_size"]

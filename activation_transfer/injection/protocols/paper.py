@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from activation_transfer.injection.answering import answer_injected
+from activation_transfer.injection.answering import PendingAnswers, request_injected
 from activation_transfer.injection.conditions import (
     CONDITION_NAMES,
     SOURCE_RELAY,
@@ -20,7 +20,7 @@ from activation_transfer.injection.conditions import (
     paper_conditions,
 )
 from activation_transfer.injection.eval_plan import EvalPlan
-from activation_transfer.injection.protocols.base import Answers, EvalProtocol, TranslatorKey
+from activation_transfer.injection.protocols.base import EvalProtocol, TranslatorKey
 from activation_transfer.injection.sources import condition_source, random_draws, translate_prompts
 from activation_transfer.models.frozen_lm import LoadedModel
 from activation_transfer.models.generation import GenerationSettings
@@ -102,7 +102,7 @@ class PaperProtocol(EvalProtocol):
                     self.sender, modules[t], ids, prompts, batch_size, self.settings.max_prompt_tokens, dtype
                 )
 
-    def answer(self, spec: ConditionSpec, seed: int | None, plan: EvalPlan, sub: Sequence) -> Answers:
+    def answer(self, spec: ConditionSpec, seed: int | None, plan: EvalPlan, sub: Sequence) -> PendingAnswers:
         if spec.source == SOURCE_RELAY:
             return self.answer_relay(sub)
         sample_ids = [s.sample_id for s in sub]
@@ -115,6 +115,6 @@ class PaperProtocol(EvalProtocol):
             spec, seed, sample_ids, ids, mask, self.receiver, translated, derangement, self.random_rows.get(seed)
         )
         donors = [derangement.donors[sid] for sid in sample_ids] if derangement is not None else None
-        preds, diags = answer_injected(self.receiver, ids, mask, self.settings, spec, sample_ids, source, rows, donors)
         fields = self.run_fields(spec, seed, plan)
-        return preds, [{**d, **fields} for d in diags]
+        run = request_injected(ids, mask, spec, sample_ids, source, rows, donors)
+        return run.then(lambda preds, diags: (preds, [{**d, **fields} for d in diags]))

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from activation_transfer.injection.answering import answer_injected
+from activation_transfer.injection.answering import PendingAnswers, request_injected
 from activation_transfer.injection.conditions import (
     SOURCE_NONE,
     SOURCE_RANDOM,
@@ -25,7 +25,7 @@ from activation_transfer.injection.conditions import (
     rescale_to,
 )
 from activation_transfer.injection.eval_plan import EvalPlan
-from activation_transfer.injection.protocols.base import Answers, EvalProtocol, TranslatorKey
+from activation_transfer.injection.protocols.base import EvalProtocol, TranslatorKey
 from activation_transfer.injection.slots import (
     SlotSpec,
     encode_parts,
@@ -314,14 +314,16 @@ class SplitProtocol(EvalProtocol):
         check_finite_rows(rows, spec.name, sample_ids, owners)
         return rows, rows, donors
 
-    def answer(self, spec: ConditionSpec, seed: int | None, plan: EvalPlan, sub: Sequence) -> Answers:
+    def answer(self, spec: ConditionSpec, seed: int | None, plan: EvalPlan, sub: Sequence) -> PendingAnswers:
         """One condition's answers and diagnostics for the samples ``sub``; the diagnostics also carry
         ``candidates`` (entities of the answer's type in the context, None if untyped) and, for a counterfactual
         sample, ``gold_original`` (the answer its context stated before the substitution)."""
-        preds, diags = self._answer(spec, seed, plan, sub)
-        return preds, [{**d, **sample_fields(s)} for d, s in zip(diags, sub, strict=True)]
+        run = self._answer(spec, seed, plan, sub)
+        return run.then(
+            lambda preds, diags: (preds, [{**d, **sample_fields(s)} for d, s in zip(diags, sub, strict=True)])
+        )
 
-    def _answer(self, spec: ConditionSpec, seed: int | None, plan: EvalPlan, sub: Sequence) -> Answers:
+    def _answer(self, spec: ConditionSpec, seed: int | None, plan: EvalPlan, sub: Sequence) -> PendingAnswers:
         sample_ids = [s.sample_id for s in sub]
         if spec.source == SOURCE_RELAY:
             return self.answer_relay(sub)
@@ -329,10 +331,8 @@ class SplitProtocol(EvalProtocol):
             tok = tokenize_left_padded(
                 self.receiver.tokenizer, [s.prompt for s in sub], self.settings.max_prompt_tokens
             )
-            preds, diags = answer_injected(
-                self.receiver, tok["input_ids"], tok["attention_mask"], self.settings, spec, sample_ids, None
-            )
-            return preds, [{**d, "slot_count": 0, "seeded": False} for d in diags]
+            run = request_injected(tok["input_ids"], tok["attention_mask"], spec, sample_ids, None)
+            return run.then(lambda preds, diags: (preds, [{**d, "slot_count": 0, "seeded": False} for d in diags]))
         # receiver_alone (no source) reads the question part without slots; every other condition writes slots.
         slotted = spec.source != SOURCE_NONE
         vectors, rows, donors = self.slot_vectors(spec, seed, plan, sample_ids) if slotted else (None, None, None)
@@ -343,17 +343,6 @@ class SplitProtocol(EvalProtocol):
         ids, mask, slot_mask = batch["input_ids"], batch["attention_mask"], batch["slot_mask"]
         param = next(self.receiver.model.parameters())
         source = slot_grid(vectors, slot_mask, dtype=param.dtype, device=param.device) if slotted else None
-        preds, diags = answer_injected(
-            self.receiver,
-            ids,
-            mask,
-            self.settings,
-            spec,
-            sample_ids,
-            source,
-            rows,
-            donors,
-            write_mask=slot_mask if slotted else None,
-        )
+        run = request_injected(ids, mask, spec, sample_ids, source, rows, donors, slot_mask if slotted else None)
         fields = self.run_fields(spec, seed, plan)
-        return preds, [{**d, "slot_count": k, **fields} for d, k in zip(diags, counts)]
+        return run.then(lambda preds, diags: (preds, [{**d, "slot_count": k, **fields} for d, k in zip(diags, counts)]))

@@ -1,0 +1,68 @@
+"""What ``train.py`` and ``evaluate.py`` answer before importing Lightning (about 5 s of imports on a quiet CPU).
+
+The top-level ``--help`` (without a subcommand) and a ``-c`` file that does not exist need none of it. Everything
+else goes to the LightningCLI (``cli/lightning_cli.py``), whose parser knows the classes. Imports only the standard
+library.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+USAGES = {
+    "evaluate.py": (
+        "Evaluate translators: python evaluate.py test -c CONFIG --model.translator_ckpt CKPT (test --help).",
+        {"test": "Evaluate the translators by injection."},
+    ),
+    "train.py": (
+        "Train a translator: python train.py fit -c CONFIG [--OPTION VALUE ...] (python train.py fit --help).",
+        {
+            "fit": "Runs the full optimization routine.",
+            "validate": "Perform one evaluation epoch over the validation set.",
+            "test": "Perform one evaluation epoch over the test set.",
+            "predict": "Run inference on your data.",
+        },
+    ),
+}
+
+
+def top_help(prog: str) -> str:
+    """The top-level help of ``prog``: its usage line, description and subcommands (each has its own --help)."""
+    description, subcommands = USAGES[prog]
+    lines = [f"usage: {prog} [-h] [--help-full] [-c CONFIG] [--print_config] {{{','.join(subcommands)}}} ...", ""]
+    lines += [
+        description,
+        "",
+        "subcommands (each with its own --help, e.g. " + f"{prog} {next(iter(subcommands))} --help):",
+    ]
+    lines += [f"  {name:<10} {text}" for name, text in subcommands.items()]
+    lines += ["", "options: -c/--config CONFIG, --print_config, --help-full (every option, Lightning's included)"]
+    return "\n".join(lines) + "\n"
+
+
+def missing_config(argv: list[str]) -> str | None:
+    """The first ``-c``/``--config`` file of ``argv`` that does not exist, or None."""
+    for i, arg in enumerate(argv):
+        if arg in ("-c", "--config") and i + 1 < len(argv):
+            path = argv[i + 1]
+        elif arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        else:
+            continue
+        if not path.lstrip().startswith(("{", "[")) and not Path(path).exists():  # not an inline JSON/YAML config
+            return path
+    return None
+
+
+def answer_early(prog: str, argv: list[str] | None = None) -> int | None:
+    """Answer ``prog``'s command line without Lightning when it can: the exit status (0: top-level help printed,
+    2: a config file is missing, one line on stderr), or None (the LightningCLI answers)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv in (["-h"], ["--help"]):
+        sys.stdout.write(top_help(prog))
+        return 0
+    if (path := missing_config(argv)) is not None:
+        sys.stderr.write(f"{prog}: error: config file {path} does not exist (-c takes a YAML file)\n")
+        return 2
+    return None
