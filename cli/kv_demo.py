@@ -6,7 +6,10 @@
    fewer bytes) is used after. Written as ``kv_layer_sweep.json``.
 2. One projector per evaluation seed at that subset (the first seed's is the sweep's; cached by content key like
    every demo translator), the KV protocol on the held-out questions (``configs/eval/kv_demo.yaml``).
-3. ``two_channel.json`` and its table: per condition of both runs, accuracy, the fraction of the receiver_alone ->
+3. The split demo's two controls in KV form, a projector per seed each, each evaluated in a run of its own:
+   ``kv_functional_lexical`` (trained and read on the sender's token embeddings) and ``kv_functional_mismatched``
+   (trained on contexts swapped between samples).
+4. ``two_channel.json`` and its table: per condition of all those runs, accuracy, the fraction of the receiver_alone ->
    skyline gap recovered (``report.gap``: question-clustered bootstrap), the clustered CI of the difference from
    ``receiver_alone`` and bytes per question (KV: the records' ``bytes_sent``; slots: slot_count x hidden x 4, the
    fp32 vectors written; text conditions: none), and the clustered CI of ``kv_functional - slots_functional``.
@@ -29,6 +32,11 @@ KV_SWEEP_CONDITIONS = ("receiver_alone", "skyline", "kv_self", "kv_functional")
 # The headline comparison of the two channels (both trained through the frozen receiver).
 HEADLINE = ("kv_functional", "slots_functional")
 SLOT_BYTES = 4  # a slot vector is written as fp32 hidden states
+# The KV controls: each trained and evaluated with the split demo's control of the same kind's arguments and site.
+KV_CONTROLS = {
+    "kv_functional_lexical": "slots_functional_lexical",
+    "kv_functional_mismatched": "slots_functional_mismatched",
+}
 
 
 def layer_subsets(num_layers: int) -> dict[str, list[int] | None]:
@@ -42,9 +50,12 @@ def layer_subsets(num_layers: int) -> dict[str, list[int] | None]:
     }
 
 
-def projector(out: Path, organisms: dict, seed: int, layers: list[int] | None, translator, steps=None) -> Path:
-    """The KV projector of one seed and layer subset, trained through the demo's cached ``translator``."""
-    extra = ["--data.init_args.shuffle_seed", str(seed)]
+def projector(
+    out: Path, organisms: dict, seed: int, layers: list[int] | None, translator, steps=None, control=()
+) -> Path:
+    """The KV projector of one seed and layer subset, trained through the demo's cached ``translator`` (``control``:
+    a control's extra training arguments)."""
+    extra = ["--data.init_args.shuffle_seed", str(seed), *control]
     if layers is not None:
         extra += ["--model.init_args.layers", json.dumps(layers)]
     return translator(out, organisms, seed, KV_TRAIN_CONFIG, extra, steps=steps)
@@ -59,13 +70,16 @@ def kv_eval_args(
     num_samples: int | None,
     conditions: list[str] | None = None,
     generator_seed: int | None = None,
+    site: str = "block",
 ) -> list[str]:
-    """The command line of a KV evaluation into ``root``: one projector per seed, its layers, optional conditions and
-    question generator seed (None: the config's, the held-out questions)."""
+    """The command line of a KV evaluation into ``root``: one projector per seed, its layers, optional conditions,
+    question generator seed (None: the config's, the held-out questions) and sender site."""
     args = ["test", "-c", str(KV_EVAL_CONFIG), "--model.seeds", json.dumps(seeds)]
     args += ["--model.functional_translator_ckpt", json.dumps([str(c) for c in ckpts])]
     if layers is not None:
         args += ["--model.kv_layers", json.dumps(layers)]
+    if site != "block":
+        args += ["--model.sender_site", site]
     if conditions:
         args += ["--model.conditions", json.dumps(conditions)]
     if generator_seed is not None:
@@ -151,21 +165,21 @@ def bytes_per_question(records: list[dict], hidden: int) -> dict[str, float]:
     return {c: float(np.mean(v)) for c, v in sums.items()}
 
 
-def two_channel(split_run: Path, kv_run: Path, hidden: int) -> dict:
+def two_channel(split_run: Path, kv_runs: list[Path], hidden: int) -> dict:
     """The rows of both channels on the same questions: the split run's conditions (its ``receiver_alone`` and
-    ``skyline`` are the baselines of every row), then the KV run's own conditions."""
+    ``skyline`` are the baselines of every row), then the KV runs' own conditions (the KV run, its controls' runs)."""
     from activation_transfer.report.analysis import condition_accuracy
     from activation_transfer.report.gap import GAP_LOW, gap_recovered
     from activation_transfer.report.load import collapse_repeated_runs, group_records, load_records
     from activation_transfer.report.subgroups import read_records
     from activation_transfer.task.scoring import MAIN_METRIC
 
-    kv_only = [r for r in load_records([kv_run]) if r.condition not in ("receiver_alone", "skyline")]
+    kv_only = [r for r in load_records(kv_runs) if r.condition not in ("receiver_alone", "skyline")]
     records = load_records([split_run]) + kv_only
     groups = collapse_repeated_runs(group_records(records), records).groups
     gaps = {row["condition"]: row for row in gap_recovered(groups)}
     kv_names = {r.condition for r in kv_only}
-    raw = read_records([split_run]) + [r for r in read_records([kv_run]) if r["condition"] in kv_names]
+    raw = read_records([split_run]) + [r for r in read_records(kv_runs) if r["condition"] in kv_names]
     sent = bytes_per_question(raw, hidden)
     acc = condition_accuracy(groups)
     rows = []
@@ -184,7 +198,7 @@ def two_channel(split_run: Path, kv_run: Path, hidden: int) -> dict:
         if cond != GAP_LOW and GAP_LOW in groups:
             row["vs_receiver_alone"] = clustered_difference(groups, cond, GAP_LOW, f"{cond}|two_channel|{GAP_LOW}")
         rows.append(row)
-    out = {"metric": MAIN_METRIC, "split_run": str(split_run), "kv_run": str(kv_run), "rows": rows}
+    out = {"metric": MAIN_METRIC, "split_run": str(split_run), "kv_runs": [str(r) for r in kv_runs], "rows": rows}
     if all(c in groups for c in HEADLINE):
         out["headline"] = {"condition": HEADLINE[0], "baseline": HEADLINE[1]}
         out["headline"].update(clustered_difference(groups, *HEADLINE, "|".join(HEADLINE) + "|two_channel"))
@@ -215,6 +229,31 @@ def two_channel_lines(table: dict) -> list[str]:
             f"(question-clustered 95% CI, n={h['n']})"
         )
     return lines
+
+
+def kv_control(out: Path, organisms: dict, seeds, num_samples, translator, steps, split, name: str, chosen: dict):
+    """One KV control (``KV_CONTROLS``): a projector per seed at the chosen layers, trained with the split control's
+    arguments (the mismatched one with the seed's own mismatch seed), evaluated in a run of its own at its site;
+    returns the run folder."""
+    from cli.lightning_cli import eval_main
+
+    base = KV_CONTROLS[name]
+    ckpts = [
+        projector(out, organisms, s, chosen["layers"], translator, steps, split.control_training(base, s))
+        for s in seeds
+    ]
+    args = kv_eval_args(
+        out / "eval_kv_controls" / name,
+        ckpts,
+        seeds=seeds,
+        layers=chosen["layers"],
+        num_samples=num_samples,
+        conditions=[name],
+        site=split.CONTROL_SITE[base],
+    )
+    if steps is not None:
+        steps.add("evaluate.py", args)
+    return eval_main(args).model.run_dir
 
 
 def receiver_hidden(folder: Path) -> int:
@@ -258,7 +297,13 @@ def run_kv(
         steps.add("evaluate.py", args)
     kv_run = eval_main(args).model.run_dir
     print(f"[demo] KV projectors and evaluation: {time.perf_counter() - t:.0f} s", flush=True)
-    table = two_channel(split_run, kv_run, receiver_hidden(organisms["receiver"]))
+    t = time.perf_counter()
+    section(f"12. KV protocol: the control projectors per seed at layers {chosen['subset']}, each in a run of its own")
+    runs = [kv_run] + [
+        kv_control(out, organisms, seeds, num_samples, translator, steps, split, name, chosen) for name in KV_CONTROLS
+    ]
+    print(f"[demo] KV control projectors and evaluations: {time.perf_counter() - t:.0f} s", flush=True)
+    table = two_channel(split_run, runs, receiver_hidden(organisms["receiver"]))
     report = split_run / "report"
     sweep = {"selection_generator_seed": selection_seed, "projector_seed": seeds[0], "chosen": chosen, "rows": rows}
     write_json(report / "kv_layer_sweep.json", sweep)

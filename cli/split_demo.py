@@ -48,6 +48,17 @@ CONTROL_TRAINING = {
     "slots_functional_mismatched": ["--data.init_args.mismatched_contexts", "true"],
 }
 CONTROL_SITE = {"slots_functional_lexical": "embeddings", "slots_functional_mismatched": "block"}
+
+
+def control_training(name: str, seed: int) -> list[str]:
+    """A control's extra training arguments for one seed (the mismatched one swaps contexts with the seed's own
+    derangement); the KV demo's controls read the same."""
+    mismatch = (
+        ["--data.init_args.mismatch_seed", str(seed)] if "mismatched_contexts" in CONTROL_TRAINING[name][0] else []
+    )
+    return [*CONTROL_TRAINING[name], *mismatch]
+
+
 # The conditions evaluated again on counterfactual contexts (with the two controls, in their own runs).
 COUNTERFACTUAL_CONDITIONS = ("receiver_alone", "skyline", "slots_self", "slots_translated", "slots_functional")
 
@@ -198,13 +209,13 @@ def run_split(
                 organisms,
                 s,
                 FUNCTIONAL_CONFIG,
-                ["--model.init_args.receiver_model.layer", block, "--data.init_args.shuffle_seed", str(s), *extra]
-                + (["--data.init_args.mismatch_seed", str(s)] if "mismatched" in name else []),
+                ["--model.init_args.receiver_model.layer", block, "--data.init_args.shuffle_seed", str(s)]
+                + control_training(name, s),
                 steps=steps,
             )
             for s in seeds
         ]
-        for name, extra in CONTROL_TRAINING.items()
+        for name in CONTROL_TRAINING
     }
     print(f"[demo] control translators ({len(controls)} x {len(seeds)}): {time.perf_counter() - t:.0f} s", flush=True)
 

@@ -92,10 +92,12 @@ def split_conditions() -> dict[str, ConditionSpec]:
     }
 
 
-def check_translator_training(spec: ConditionSpec, training: dict, sender_site: str, where: str) -> None:
+def check_translator_training(
+    spec: ConditionSpec, training: dict, sender_site: str, where: str, mismatched: str = MISMATCHED
+) -> None:
     """Refuse a translator whose training does not fit the condition reading it: the sender site it was trained on
-    must be the evaluation's (``model.sender_site``), and only ``slots_functional_mismatched`` reads a translator
-    trained on mismatched contexts (and it reads nothing else)."""
+    must be the evaluation's (``model.sender_site``), and only the condition ``mismatched`` (the protocol's
+    mismatched-training control) reads a translator trained on mismatched contexts (and it reads nothing else)."""
     trained_site = training.get("sender_site", "block")
     if trained_site != sender_site:
         raise ValueError(
@@ -106,7 +108,7 @@ def check_translator_training(spec: ConditionSpec, training: dict, sender_site: 
     if spec.translator_kind != "functional":
         return
     contexts = training.get("contexts", "own")
-    wanted = "mismatched" if spec.name == MISMATCHED else "own"
+    wanted = "mismatched" if spec.name == mismatched else "own"
     if contexts != wanted:
         raise ValueError(
             f"condition {spec.name} needs a functional translator trained on {wanted} contexts, but {where} was "
@@ -134,6 +136,7 @@ class SplitProtocol(EvalProtocol):
 
     name = "split"
     default_conditions = CONDITION_NAMES
+    lexical_condition = LEXICAL  # the only translator condition read at the sender's embeddings
     baselines = SPLIT_BASELINES
 
     def __init__(self, slots: SlotSpec, sender_site: str = "block") -> None:
@@ -160,11 +163,12 @@ class SplitProtocol(EvalProtocol):
         condition that reads a translator (every translator of the run is read at the embeddings)."""
         specs = super().conditions(names, scale, alpha)
         lexical = self.sender_site == "embeddings"
-        wrong = [s.name for s in specs if s.translator_kind and (s.name == LEXICAL) != lexical]
+        name = self.lexical_condition
+        wrong = [s.name for s in specs if s.translator_kind and (s.name == name) != lexical]
         if wrong:
             raise ValueError(
                 f"conditions {', '.join(wrong)} cannot run with model.sender_site {self.sender_site}: "
-                f"{LEXICAL} needs sender_site embeddings, every other translator condition sender_site block"
+                f"{name} needs sender_site embeddings, every other translator condition sender_site block"
             )
         return specs
 
