@@ -11,8 +11,9 @@
    (trained on contexts swapped between samples).
 4. ``two_channel.json`` and its table: per condition of all those runs, accuracy, the fraction of the receiver_alone ->
    skyline gap recovered (``report.gap``: question-clustered bootstrap), the clustered CI of the difference from
-   ``receiver_alone`` and bytes per question (KV: the records' ``bytes_sent``; slots: slot_count x hidden x 4, the
-   fp32 vectors written; text conditions: none), and the clustered CI of ``kv_functional - slots_functional``.
+   ``receiver_alone`` and bytes per question (the records' ``bytes_sent``: KV entries or slot vectors at their dtype,
+   the relay's text; older slot records: slot_count x hidden x 4), and the clustered CI of ``kv_functional -
+   slots_functional``.
 """
 
 from __future__ import annotations
@@ -156,12 +157,15 @@ def clustered_difference(groups: dict, cond: str, base: str, label: str) -> dict
 
 
 def bytes_per_question(records: list[dict], hidden: int) -> dict[str, float]:
-    """Mean bytes sent per question by condition: a KV record's ``bytes_sent``, else slot_count x hidden x 4."""
+    """Mean bytes sent per question by condition: a record's ``bytes_sent`` (KV and split records), else, for a slot
+    record written before split records carried it, slot_count x hidden x 4; conditions with neither are absent."""
     sums: dict[str, list[float]] = {}
     for r in records:
         d = r.get("diagnostics") or {}
-        sent = d["bytes_sent"] if "bytes_sent" in d else d.get("slot_count", 0) * hidden * SLOT_BYTES
-        sums.setdefault(r["condition"], []).append(float(sent))
+        if "bytes_sent" in d:
+            sums.setdefault(r["condition"], []).append(float(d["bytes_sent"]))
+        elif r["condition"].startswith("slots"):
+            sums.setdefault(r["condition"], []).append(float(d.get("slot_count", 0) * hidden * SLOT_BYTES))
     return {c: float(np.mean(v)) for c, v in sums.items()}
 
 
@@ -192,8 +196,8 @@ def two_channel(split_run: Path, kv_runs: list[Path], hidden: int) -> dict:
             "runs": len(groups[cond]),
             "gap_fraction": gap.get("fraction"),
             "gap_ci": [gap.get("ci_low"), gap.get("ci_high")],
-            # Text conditions send no vectors (nl_relay's message is text): no figure.
-            "bytes_per_question": None if cond not in kv_names and not cond.startswith("slots") else sent[cond],
+            # nl_relay's figure is its text; older text records carry none.
+            "bytes_per_question": sent.get(cond),
         }
         if cond != GAP_LOW and GAP_LOW in groups:
             row["vs_receiver_alone"] = clustered_difference(groups, cond, GAP_LOW, f"{cond}|two_channel|{GAP_LOW}")

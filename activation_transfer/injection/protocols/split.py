@@ -326,9 +326,12 @@ class SplitProtocol(EvalProtocol):
         return preds, [{**d, **sample_fields(s)} for d, s in zip(diags, sub, strict=True)]
 
     def _answer(self, spec: ConditionSpec, seed: int | None, plan: EvalPlan, sub: Sequence) -> Answers:
+        """Answers and diagnostics; ``bytes_sent`` is what crossed from the sender per question: the relay's UTF-8
+        text (``nl_relay``), the slot vectors at the receiver's dtype, nothing for ``receiver_alone``/``skyline``."""
         sample_ids = [s.sample_id for s in sub]
         if spec.source == SOURCE_RELAY:
-            return self.answer_relay(sub)
+            preds, diags = self.answer_relay(sub)
+            return preds, [{**d, "bytes_sent": len(d["relay"].encode("utf-8"))} for d in diags]
         if spec.name == "skyline":  # the paper's prompt, tokenized as the paper protocol's no_inject reads it
             tok = tokenize_left_padded(
                 self.receiver.tokenizer, [s.prompt for s in sub], self.settings.max_prompt_tokens
@@ -336,7 +339,7 @@ class SplitProtocol(EvalProtocol):
             preds, diags = answer_injected(
                 self.receiver, tok["input_ids"], tok["attention_mask"], self.settings, spec, sample_ids, None
             )
-            return preds, [{**d, "slot_count": 0, "seeded": False} for d in diags]
+            return preds, [{**d, "slot_count": 0, "bytes_sent": 0, "seeded": False} for d in diags]
         # receiver_alone (no source) reads the question part without slots; every other condition writes slots.
         slotted = spec.source != SOURCE_NONE
         vectors, rows, donors = self.slot_vectors(spec, seed, plan, sample_ids) if slotted else (None, None, None)
@@ -360,4 +363,5 @@ class SplitProtocol(EvalProtocol):
             write_mask=slot_mask if slotted else None,
         )
         fields = self.run_fields(spec, seed, plan)
-        return preds, [{**d, "slot_count": k, **fields} for d, k in zip(diags, counts)]
+        size = self.receiver.identity()["hidden_size"] * param.element_size()  # one slot vector at the dtype
+        return preds, [{**d, "slot_count": k, "bytes_sent": k * size, **fields} for d, k in zip(diags, counts)]
