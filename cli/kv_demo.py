@@ -89,6 +89,11 @@ def kv_eval_args(
     return args + (["--data.num_samples", str(num_samples)] if num_samples else [])
 
 
+def sweep_projectors(out: Path, organisms: dict, seed: int, num_layers: int, translator, steps=None) -> list[Path]:
+    """The sweep's projectors (seed ``seed``), one per layer subset, in :func:`layer_subsets` order."""
+    return [projector(out, organisms, seed, layers, translator, steps) for layers in layer_subsets(num_layers).values()]
+
+
 def choose_subset(rows: list[dict]) -> dict:
     """The sweep row with the highest ``kv_functional``; of ties, the one with the fewest layers (fewer bytes)."""
     if not rows:
@@ -103,8 +108,8 @@ def kv_layer_sweep(out: Path, organisms: dict, seed: int, num_layers: int, num_s
     from cli.lightning_cli import eval_main
 
     rows = []
-    for name, layers in layer_subsets(num_layers).items():
-        ckpt = projector(out, organisms, seed, layers, translator, steps)
+    ckpts = sweep_projectors(out, organisms, seed, num_layers, translator, steps)
+    for (name, layers), ckpt in zip(layer_subsets(num_layers).items(), ckpts, strict=True):
         args = kv_eval_args(
             out / "kv_sweep" / name,
             [ckpt],
@@ -235,17 +240,20 @@ def two_channel_lines(table: dict) -> list[str]:
     return lines
 
 
+def control_projectors(out: Path, organisms: dict, seeds, layers, split, name: str, translator, steps=None):
+    """One KV control's projectors (``KV_CONTROLS``), one per seed at ``layers``, trained with the split control's
+    arguments (the mismatched one with the seed's own mismatch seed)."""
+    control = KV_CONTROLS[name]
+    return [projector(out, organisms, s, layers, translator, steps, split.control_training(control, s)) for s in seeds]
+
+
 def kv_control(out: Path, organisms: dict, seeds, num_samples, translator, steps, split, name: str, chosen: dict):
-    """One KV control (``KV_CONTROLS``): a projector per seed at the chosen layers, trained with the split control's
-    arguments (the mismatched one with the seed's own mismatch seed), evaluated in a run of its own at its site;
+    """One KV control: its projectors (:func:`control_projectors`) evaluated in a run of its own at its sender site;
     returns the run folder."""
     from cli.lightning_cli import eval_main
 
     base = KV_CONTROLS[name]
-    ckpts = [
-        projector(out, organisms, s, chosen["layers"], translator, steps, split.control_training(base, s))
-        for s in seeds
-    ]
+    ckpts = control_projectors(out, organisms, seeds, chosen["layers"], split, name, translator, steps)
     args = kv_eval_args(
         out / "eval_kv_controls" / name,
         ckpts,
@@ -292,6 +300,13 @@ def run_kv(
     )
 
     t = time.perf_counter()
+    from cli.train_ahead import demo_jobs, train_ahead
+
+    # The other seeds' projectors and the controls', side by side (cli/train_ahead.py).
+    layers = chosen["layers"]
+    plans = [lambda t: [projector(out, organisms, s, layers, t) for s in seeds[1:]]]
+    plans += [lambda t, n=n: control_projectors(out, organisms, seeds, layers, split, n, t) for n in KV_CONTROLS]
+    train_ahead(translator, plans, demo_jobs())
     section(f"11. KV protocol: one projector per seed at layers {chosen['subset']}, the held-out questions")
     # The first seed's projector at the chosen subset is the sweep's own.
     ckpts = [Path(chosen["projector"])]

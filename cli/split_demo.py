@@ -162,22 +162,26 @@ def run_split(
 
     t = time.perf_counter()
     block = str(chosen)
+
+    def functional_at_block(t, name: str | None = None, steps=None) -> list[Path]:
+        """The functional translators per seed at the chosen block (``name``: a control's)."""
+        args = ["--model.init_args.receiver_model.layer", block, "--data.init_args.shuffle_seed"]
+        extra = (lambda s: control_training(name, s)) if name else (lambda s: [])
+        return [t(out, organisms, s, FUNCTIONAL_CONFIG, [*args, str(s), *extra(s)], steps=steps) for s in seeds]
+
+    from cli import kv_demo
+    from cli.train_ahead import demo_jobs, train_ahead
+
+    # Every functional and KV training whose command is known now, side by side (cli/train_ahead.py).
+    plans = [functional_at_block, *(functools.partial(functional_at_block, name=n) for n in CONTROL_TRAINING)]
+    plans.append(lambda t: kv_demo.sweep_projectors(out, organisms, seeds[0], num_layers, t))
+    train_ahead(translator, plans, demo_jobs())
     section(f"6. split protocol: aligned, then functional translators per seed at receiver block {chosen}")
     aligned = [
         translator(out, organisms, s, ALIGNED_CONFIG, ["--data.receiver_model.layer", block], steps=steps)
         for s in seeds
     ]
-    functional = [
-        translator(
-            out,
-            organisms,
-            s,
-            FUNCTIONAL_CONFIG,
-            ["--model.init_args.receiver_model.layer", block, "--data.init_args.shuffle_seed", str(s)],
-            steps=steps,
-        )
-        for s in seeds
-    ]
+    functional = functional_at_block(translator, steps=steps)
     print(
         f"[demo] split translators ({len(seeds)} aligned + {len(seeds)} functional, receiver block {chosen}): "
         f"{time.perf_counter() - t:.0f} s",
@@ -202,21 +206,7 @@ def run_split(
 
     t = time.perf_counter()
     section(f"8. split protocol: the control translators per seed at receiver block {chosen}")
-    controls = {
-        name: [
-            translator(
-                out,
-                organisms,
-                s,
-                FUNCTIONAL_CONFIG,
-                ["--model.init_args.receiver_model.layer", block, "--data.init_args.shuffle_seed", str(s)]
-                + control_training(name, s),
-                steps=steps,
-            )
-            for s in seeds
-        ]
-        for name in CONTROL_TRAINING
-    }
+    controls = {name: functional_at_block(translator, name, steps) for name in CONTROL_TRAINING}
     print(f"[demo] control translators ({len(controls)} x {len(seeds)}): {time.perf_counter() - t:.0f} s", flush=True)
 
     t = time.perf_counter()

@@ -109,6 +109,7 @@ def test_kv_step_sweeps_on_validation_questions_and_prints_the_records_numbers(
 ) -> None:
     from cli import demo
 
+    monkeypatch.setenv("ACTIVATION_TRANSFER_DEMO_JOBS", "1")  # the fakes live in this process
     fake_demo.evaluate = fake_kv_eval
     monkeypatch.setattr(kv_demo, "receiver_hidden", lambda folder: HIDDEN)
     monkeypatch.setattr(split_demo, "receiver_blocks", lambda folder: 4)

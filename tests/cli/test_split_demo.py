@@ -87,6 +87,7 @@ def fake_eval(args):
 def test_split_demo_sweeps_on_validation_questions_and_uses_the_chosen_block(
     tmp_path: Path, monkeypatch, capsys, fake_demo
 ) -> None:
+    monkeypatch.setenv("ACTIVATION_TRANSFER_DEMO_JOBS", "1")  # the fakes live in this process
     fake_demo.evaluate = fake_eval
     trained, evaluated = fake_demo.trained, fake_demo.evaluated
     monkeypatch.setattr(split_demo, "receiver_blocks", lambda folder: len(SWEEP))
@@ -172,6 +173,7 @@ def test_demo_prints_the_commands_it_ran_with_paths_that_exist_and_that_parse(
     tmp_path: Path, monkeypatch, capsys, fake_demo
 ) -> None:
     monkeypatch.chdir(Path(demo.ROOT))  # a newcomer runs `make demo` in the repository: paths print relative to it
+    monkeypatch.setenv("ACTIVATION_TRANSFER_DEMO_JOBS", "1")  # the fakes live in this process
     fake_demo.evaluate = fake_eval
     monkeypatch.setattr(split_demo, "receiver_blocks", lambda folder: len(SWEEP))
     monkeypatch.setattr(kv_demo, "receiver_hidden", lambda folder: 16)
