@@ -107,6 +107,7 @@ def main() -> None:
     p.add_argument("--receiver-layer", type=float, default=0.67, help="block index (>= 1) or relative depth")
     p.add_argument("--kv", action="store_true", help="the KV projector's trainer (KVTranslatorModule)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (CPU)")
     p.add_argument("--samples", type=int, default=320, help="training samples of an epoch")
     p.add_argument("--epochs", type=int, default=3, help="timed passes over them (the demo trains 3)")
     p.add_argument("--batch-size", type=int, default=8)
@@ -117,6 +118,7 @@ def main() -> None:
     args = p.parse_args()
 
     device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
     ensure_organisms([args.sender, args.receiver])  # organism:<role> names: trained once and cached, then resolved
     data = QATrainingDataModule(num_train_samples=args.samples, num_val_samples=1, batch_size=args.batch_size)
     data.setup()

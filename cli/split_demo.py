@@ -7,7 +7,8 @@
    ``slots_self_layer_sweep.json``/``.png``/``.svg``.
 2. Translators at that block, one per evaluation seed: the offline-aligned one (``configs/train/demo.yaml``, the
    receiver block overridden) and the functional one, trained through the frozen receiver
-   (``configs/train/functional_demo.yaml``). Cached like the paper demo's (key: config, organisms, arguments).
+   (``configs/train/functional_demo.yaml``). Cached like the paper demo's (key: config, organisms, arguments); the
+   functional ones, the controls' and the KV sweep's train side by side first (``cli/train_ahead.py``).
 3. Evaluation of every split condition on the held-out questions (``configs/eval/split_demo.yaml``), three
    translator seeds; the report compares with ``receiver_alone`` and ``skyline`` and writes the fraction of the gap
    recovered with its bootstrap CI (``gap_recovered.json``).
