@@ -6,10 +6,14 @@
    fewer bytes) is used after. Written as ``kv_layer_sweep.json``.
 2. One projector per evaluation seed at that subset (the first seed's is the sweep's; cached by content key like
    every demo translator), the KV protocol on the held-out questions (``configs/eval/kv_demo.yaml``).
-3. ``two_channel.json`` and its table: per condition of both runs, accuracy, the fraction of the receiver_alone ->
+3. The split demo's two controls in KV form, a projector per seed each, each evaluated in a run of its own:
+   ``kv_functional_lexical`` (trained and read on the sender's token embeddings) and ``kv_functional_mismatched``
+   (trained on contexts swapped between samples).
+4. ``two_channel.json`` and its table: per condition of all those runs, accuracy, the fraction of the receiver_alone ->
    skyline gap recovered (``report.gap``: question-clustered bootstrap), the clustered CI of the difference from
-   ``receiver_alone`` and bytes per question (KV: the records' ``bytes_sent``; slots: slot_count x hidden x 4, the
-   fp32 vectors written; text conditions: none), and the clustered CI of ``kv_functional - slots_functional``.
+   ``receiver_alone`` and bytes per question (the records' ``bytes_sent``: KV entries or slot vectors at their dtype,
+   the relay's text; older slot records: slot_count x hidden x 4), and the clustered CI of ``kv_functional -
+   slots_functional``.
 """
 
 from __future__ import annotations
@@ -29,6 +33,11 @@ KV_SWEEP_CONDITIONS = ("receiver_alone", "skyline", "kv_self", "kv_functional")
 # The headline comparison of the two channels (both trained through the frozen receiver).
 HEADLINE = ("kv_functional", "slots_functional")
 SLOT_BYTES = 4  # a slot vector is written as fp32 hidden states
+# The KV controls: each trained and evaluated with the split demo's control of the same kind's arguments and site.
+KV_CONTROLS = {
+    "kv_functional_lexical": "slots_functional_lexical",
+    "kv_functional_mismatched": "slots_functional_mismatched",
+}
 
 
 def layer_subsets(num_layers: int) -> dict[str, list[int] | None]:
@@ -42,9 +51,12 @@ def layer_subsets(num_layers: int) -> dict[str, list[int] | None]:
     }
 
 
-def projector(out: Path, organisms: dict, seed: int, layers: list[int] | None, translator, steps=None) -> Path:
-    """The KV projector of one seed and layer subset, trained through the demo's cached ``translator``."""
-    extra = ["--data.init_args.shuffle_seed", str(seed)]
+def projector(
+    out: Path, organisms: dict, seed: int, layers: list[int] | None, translator, steps=None, control=()
+) -> Path:
+    """The KV projector of one seed and layer subset, trained through the demo's cached ``translator`` (``control``:
+    a control's extra training arguments)."""
+    extra = ["--data.init_args.shuffle_seed", str(seed), *control]
     if layers is not None:
         extra += ["--model.init_args.layers", json.dumps(layers)]
     return translator(out, organisms, seed, KV_TRAIN_CONFIG, extra, steps=steps)
@@ -59,19 +71,27 @@ def kv_eval_args(
     num_samples: int | None,
     conditions: list[str] | None = None,
     generator_seed: int | None = None,
+    site: str = "block",
 ) -> list[str]:
-    """The command line of a KV evaluation into ``root``: one projector per seed, its layers, optional conditions and
-    question generator seed (None: the config's, the held-out questions)."""
+    """The command line of a KV evaluation into ``root``: one projector per seed, its layers, optional conditions,
+    question generator seed (None: the config's, the held-out questions) and sender site."""
     args = ["test", "-c", str(KV_EVAL_CONFIG), "--model.seeds", json.dumps(seeds)]
     args += ["--model.functional_translator_ckpt", json.dumps([str(c) for c in ckpts])]
     if layers is not None:
         args += ["--model.kv_layers", json.dumps(layers)]
+    if site != "block":
+        args += ["--model.sender_site", site]
     if conditions:
         args += ["--model.conditions", json.dumps(conditions)]
     if generator_seed is not None:
         args += ["--data.generator_seed", str(generator_seed)]
     args += ["--trainer.default_root_dir", str(root), "--trainer.logger", "false"]
     return args + (["--data.num_samples", str(num_samples)] if num_samples else [])
+
+
+def sweep_projectors(out: Path, organisms: dict, seed: int, num_layers: int, translator, steps=None) -> list[Path]:
+    """The sweep's projectors (seed ``seed``), one per layer subset, in :func:`layer_subsets` order."""
+    return [projector(out, organisms, seed, layers, translator, steps) for layers in layer_subsets(num_layers).values()]
 
 
 def choose_subset(rows: list[dict]) -> dict:
@@ -88,8 +108,8 @@ def kv_layer_sweep(out: Path, organisms: dict, seed: int, num_layers: int, num_s
     from cli.lightning_cli import eval_main
 
     rows = []
-    for name, layers in layer_subsets(num_layers).items():
-        ckpt = projector(out, organisms, seed, layers, translator, steps)
+    ckpts = sweep_projectors(out, organisms, seed, num_layers, translator, steps)
+    for (name, layers), ckpt in zip(layer_subsets(num_layers).items(), ckpts, strict=True):
         args = kv_eval_args(
             out / "kv_sweep" / name,
             [ckpt],
@@ -142,30 +162,33 @@ def clustered_difference(groups: dict, cond: str, base: str, label: str) -> dict
 
 
 def bytes_per_question(records: list[dict], hidden: int) -> dict[str, float]:
-    """Mean bytes sent per question by condition: a KV record's ``bytes_sent``, else slot_count x hidden x 4."""
+    """Mean bytes sent per question by condition: a record's ``bytes_sent`` (KV and split records), else, for a slot
+    record written before split records carried it, slot_count x hidden x 4; conditions with neither are absent."""
     sums: dict[str, list[float]] = {}
     for r in records:
         d = r.get("diagnostics") or {}
-        sent = d["bytes_sent"] if "bytes_sent" in d else d.get("slot_count", 0) * hidden * SLOT_BYTES
-        sums.setdefault(r["condition"], []).append(float(sent))
+        if "bytes_sent" in d:
+            sums.setdefault(r["condition"], []).append(float(d["bytes_sent"]))
+        elif r["condition"].startswith("slots"):
+            sums.setdefault(r["condition"], []).append(float(d.get("slot_count", 0) * hidden * SLOT_BYTES))
     return {c: float(np.mean(v)) for c, v in sums.items()}
 
 
-def two_channel(split_run: Path, kv_run: Path, hidden: int) -> dict:
+def two_channel(split_run: Path, kv_runs: list[Path], hidden: int) -> dict:
     """The rows of both channels on the same questions: the split run's conditions (its ``receiver_alone`` and
-    ``skyline`` are the baselines of every row), then the KV run's own conditions."""
+    ``skyline`` are the baselines of every row), then the KV runs' own conditions (the KV run, its controls' runs)."""
     from activation_transfer.report.analysis import condition_accuracy
     from activation_transfer.report.gap import GAP_LOW, gap_recovered
     from activation_transfer.report.load import collapse_repeated_runs, group_records, load_records
     from activation_transfer.report.subgroups import read_records
     from activation_transfer.task.scoring import MAIN_METRIC
 
-    kv_only = [r for r in load_records([kv_run]) if r.condition not in ("receiver_alone", "skyline")]
+    kv_only = [r for r in load_records(kv_runs) if r.condition not in ("receiver_alone", "skyline")]
     records = load_records([split_run]) + kv_only
     groups = collapse_repeated_runs(group_records(records), records).groups
     gaps = {row["condition"]: row for row in gap_recovered(groups)}
     kv_names = {r.condition for r in kv_only}
-    raw = read_records([split_run]) + [r for r in read_records([kv_run]) if r["condition"] in kv_names]
+    raw = read_records([split_run]) + [r for r in read_records(kv_runs) if r["condition"] in kv_names]
     sent = bytes_per_question(raw, hidden)
     acc = condition_accuracy(groups)
     rows = []
@@ -178,13 +201,13 @@ def two_channel(split_run: Path, kv_run: Path, hidden: int) -> dict:
             "runs": len(groups[cond]),
             "gap_fraction": gap.get("fraction"),
             "gap_ci": [gap.get("ci_low"), gap.get("ci_high")],
-            # Text conditions send no vectors (nl_relay's message is text): no figure.
-            "bytes_per_question": None if cond not in kv_names and not cond.startswith("slots") else sent[cond],
+            # nl_relay's figure is its text; older text records carry none.
+            "bytes_per_question": sent.get(cond),
         }
         if cond != GAP_LOW and GAP_LOW in groups:
             row["vs_receiver_alone"] = clustered_difference(groups, cond, GAP_LOW, f"{cond}|two_channel|{GAP_LOW}")
         rows.append(row)
-    out = {"metric": MAIN_METRIC, "split_run": str(split_run), "kv_run": str(kv_run), "rows": rows}
+    out = {"metric": MAIN_METRIC, "split_run": str(split_run), "kv_runs": [str(r) for r in kv_runs], "rows": rows}
     if all(c in groups for c in HEADLINE):
         out["headline"] = {"condition": HEADLINE[0], "baseline": HEADLINE[1]}
         out["headline"].update(clustered_difference(groups, *HEADLINE, "|".join(HEADLINE) + "|two_channel"))
@@ -215,6 +238,34 @@ def two_channel_lines(table: dict) -> list[str]:
             f"(question-clustered 95% CI, n={h['n']})"
         )
     return lines
+
+
+def control_projectors(out: Path, organisms: dict, seeds, layers, split, name: str, translator, steps=None):
+    """One KV control's projectors (``KV_CONTROLS``), one per seed at ``layers``, trained with the split control's
+    arguments (the mismatched one with the seed's own mismatch seed)."""
+    control = KV_CONTROLS[name]
+    return [projector(out, organisms, s, layers, translator, steps, split.control_training(control, s)) for s in seeds]
+
+
+def kv_control(out: Path, organisms: dict, seeds, num_samples, translator, steps, split, name: str, chosen: dict):
+    """One KV control: its projectors (:func:`control_projectors`) evaluated in a run of its own at its sender site;
+    returns the run folder."""
+    from cli.lightning_cli import eval_main
+
+    base = KV_CONTROLS[name]
+    ckpts = control_projectors(out, organisms, seeds, chosen["layers"], split, name, translator, steps)
+    args = kv_eval_args(
+        out / "eval_kv_controls" / name,
+        ckpts,
+        seeds=seeds,
+        layers=chosen["layers"],
+        num_samples=num_samples,
+        conditions=[name],
+        site=split.CONTROL_SITE[base],
+    )
+    if steps is not None:
+        steps.add("evaluate.py", args)
+    return eval_main(args).model.run_dir
 
 
 def receiver_hidden(folder: Path) -> int:
@@ -249,6 +300,13 @@ def run_kv(
     )
 
     t = time.perf_counter()
+    from cli.train_ahead import demo_jobs, train_ahead
+
+    # The other seeds' projectors and the controls', side by side (cli/train_ahead.py).
+    layers = chosen["layers"]
+    plans = [lambda t: [projector(out, organisms, s, layers, t) for s in seeds[1:]]]
+    plans += [lambda t, n=n: control_projectors(out, organisms, seeds, layers, split, n, t) for n in KV_CONTROLS]
+    train_ahead(translator, plans, demo_jobs())
     section(f"11. KV protocol: one projector per seed at layers {chosen['subset']}, the held-out questions")
     # The first seed's projector at the chosen subset is the sweep's own.
     ckpts = [Path(chosen["projector"])]
@@ -258,7 +316,13 @@ def run_kv(
         steps.add("evaluate.py", args)
     kv_run = eval_main(args).model.run_dir
     print(f"[demo] KV projectors and evaluation: {time.perf_counter() - t:.0f} s", flush=True)
-    table = two_channel(split_run, kv_run, receiver_hidden(organisms["receiver"]))
+    t = time.perf_counter()
+    section(f"12. KV protocol: the control projectors per seed at layers {chosen['subset']}, each in a run of its own")
+    runs = [kv_run] + [
+        kv_control(out, organisms, seeds, num_samples, translator, steps, split, name, chosen) for name in KV_CONTROLS
+    ]
+    print(f"[demo] KV control projectors and evaluations: {time.perf_counter() - t:.0f} s", flush=True)
+    table = two_channel(split_run, runs, receiver_hidden(organisms["receiver"]))
     report = split_run / "report"
     sweep = {"selection_generator_seed": selection_seed, "projector_seed": seeds[0], "chosen": chosen, "rows": rows}
     write_json(report / "kv_layer_sweep.json", sweep)

@@ -7,7 +7,8 @@
    ``slots_self_layer_sweep.json``/``.png``/``.svg``.
 2. Translators at that block, one per evaluation seed: the offline-aligned one (``configs/train/demo.yaml``, the
    receiver block overridden) and the functional one, trained through the frozen receiver
-   (``configs/train/functional_demo.yaml``). Cached like the paper demo's (key: config, organisms, arguments).
+   (``configs/train/functional_demo.yaml``). Cached like the paper demo's (key: config, organisms, arguments); the
+   functional ones, the controls' and the KV sweep's train side by side first (``cli/train_ahead.py``).
 3. Evaluation of every split condition on the held-out questions (``configs/eval/split_demo.yaml``), three
    translator seeds; the report compares with ``receiver_alone`` and ``skyline`` and writes the fraction of the gap
    recovered with its bootstrap CI (``gap_recovered.json``).
@@ -48,6 +49,17 @@ CONTROL_TRAINING = {
     "slots_functional_mismatched": ["--data.init_args.mismatched_contexts", "true"],
 }
 CONTROL_SITE = {"slots_functional_lexical": "embeddings", "slots_functional_mismatched": "block"}
+
+
+def control_training(name: str, seed: int) -> list[str]:
+    """A control's extra training arguments for one seed (the mismatched one swaps contexts with the seed's own
+    derangement); the KV demo's controls read the same."""
+    mismatch = (
+        ["--data.init_args.mismatch_seed", str(seed)] if "mismatched_contexts" in CONTROL_TRAINING[name][0] else []
+    )
+    return [*CONTROL_TRAINING[name], *mismatch]
+
+
 # The conditions evaluated again on counterfactual contexts (with the two controls, in their own runs).
 COUNTERFACTUAL_CONDITIONS = ("receiver_alone", "skyline", "slots_self", "slots_translated", "slots_functional")
 
@@ -151,22 +163,26 @@ def run_split(
 
     t = time.perf_counter()
     block = str(chosen)
+
+    def functional_at_block(t, name: str | None = None, steps=None) -> list[Path]:
+        """The functional translators per seed at the chosen block (``name``: a control's)."""
+        args = ["--model.init_args.receiver_model.layer", block, "--data.init_args.shuffle_seed"]
+        extra = (lambda s: control_training(name, s)) if name else (lambda s: [])
+        return [t(out, organisms, s, FUNCTIONAL_CONFIG, [*args, str(s), *extra(s)], steps=steps) for s in seeds]
+
+    from cli import kv_demo
+    from cli.train_ahead import demo_jobs, train_ahead
+
+    # Every functional and KV training whose command is known now, side by side (cli/train_ahead.py).
+    plans = [functional_at_block, *(functools.partial(functional_at_block, name=n) for n in CONTROL_TRAINING)]
+    plans.append(lambda t: kv_demo.sweep_projectors(out, organisms, seeds[0], num_layers, t))
+    train_ahead(translator, plans, demo_jobs())
     section(f"6. split protocol: aligned, then functional translators per seed at receiver block {chosen}")
     aligned = [
         translator(out, organisms, s, ALIGNED_CONFIG, ["--data.receiver_model.layer", block], steps=steps)
         for s in seeds
     ]
-    functional = [
-        translator(
-            out,
-            organisms,
-            s,
-            FUNCTIONAL_CONFIG,
-            ["--model.init_args.receiver_model.layer", block, "--data.init_args.shuffle_seed", str(s)],
-            steps=steps,
-        )
-        for s in seeds
-    ]
+    functional = functional_at_block(translator, steps=steps)
     print(
         f"[demo] split translators ({len(seeds)} aligned + {len(seeds)} functional, receiver block {chosen}): "
         f"{time.perf_counter() - t:.0f} s",
@@ -191,21 +207,7 @@ def run_split(
 
     t = time.perf_counter()
     section(f"8. split protocol: the control translators per seed at receiver block {chosen}")
-    controls = {
-        name: [
-            translator(
-                out,
-                organisms,
-                s,
-                FUNCTIONAL_CONFIG,
-                ["--model.init_args.receiver_model.layer", block, "--data.init_args.shuffle_seed", str(s), *extra]
-                + (["--data.init_args.mismatch_seed", str(s)] if "mismatched" in name else []),
-                steps=steps,
-            )
-            for s in seeds
-        ]
-        for name, extra in CONTROL_TRAINING.items()
-    }
+    controls = {name: functional_at_block(translator, name, steps) for name in CONTROL_TRAINING}
     print(f"[demo] control translators ({len(controls)} x {len(seeds)}): {time.perf_counter() - t:.0f} s", flush=True)
 
     t = time.perf_counter()

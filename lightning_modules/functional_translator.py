@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from activation_transfer.errors import UsageError
 from activation_transfer.injection.conditions import apply_injection
-from activation_transfer.injection.slots import SlotSpec, check_slots_fit, slot_grid
+from activation_transfer.injection.slots import SlotSpec, check_slots_fit, encode_parts, slot_grid
 from activation_transfer.injection.sources import SENDER_SITES, capture_block, capture_site, position_ids
 from activation_transfer.models.frozen_lm import ModelRef, as_ref, load_ref
 from activation_transfer.models.hooks import block_hook
@@ -33,6 +33,7 @@ from activation_transfer.translators.architectures import (
     build_translator,
     translator_spec,
 )
+from activation_transfer.translators.context_cache import ContextStateCache, context_rows
 from activation_transfer.translators.export import apply_translator
 from activation_transfer.translators.functional_loss import (
     IGNORE,
@@ -44,6 +45,7 @@ from activation_transfer.translators.functional_loss import (
     context_vectors,
     distill_kl,
     full_prompts,
+    grouped_answer_logits,
     until_eos,
 )
 from activation_transfer.translators.loading import check_resume_matches
@@ -77,6 +79,11 @@ class FunctionalTranslatorModule(pl.LightningModule):
             (its token embeddings, the input of block 0: the ``slots_functional_lexical`` control, which carries
             which tokens the context held and nothing the sender computed). Recorded in the training spec; the
             evaluation refuses a translator read at another site.
+        sender_cache_mb: Most MiB of frozen sender context states computed once at the start of fit and reused every
+            epoch (:class:`ContextStateCache`; 0: the sender runs on every batch). A data set over it is not cached.
+        group_by_length: Run the receiver on each batch in groups of rows of similar length (:func:`length_groups`),
+            each padded only to its own longest row: the same loss and gradients up to float reassociation, less
+            padding computed (a CPU speed-up; a GPU may prefer one pass).
         <optimizer args>
         cache_dir: Project cache folder (offline tokenizer, organisms).
     """
@@ -95,6 +102,8 @@ class FunctionalTranslatorModule(pl.LightningModule):
         max_question_tokens: int = 64,
         max_answer_tokens: int = 16,
         sender_site: Literal["block", "embeddings"] = "block",
+        sender_cache_mb: float = 1024.0,
+        group_by_length: bool = True,
         lr: float = DEFAULTS.lr,
         weight_decay: float = DEFAULTS.weight_decay,
         betas: tuple[float, float] = DEFAULTS.betas,
@@ -117,6 +126,8 @@ class FunctionalTranslatorModule(pl.LightningModule):
                 raise UsageError(f"model.{name} must be >= 1, got {n}")
         if sender_site not in SENDER_SITES:
             raise UsageError(f"model.sender_site must be one of {', '.join(SENDER_SITES)}, got {sender_site!r}")
+        if sender_cache_mb < 0:
+            raise UsageError(f"model.sender_cache_mb must be >= 0, got {sender_cache_mb}")
         spec = translator_spec(translator)
         self.slot_spec = slots if isinstance(slots, SlotSpec) else SlotSpec(**(slots or {}))
         self.save_hyperparameters(ignore=["sender_model", "receiver_model", "translator", "slots"], logger=False)
@@ -185,25 +196,65 @@ class FunctionalTranslatorModule(pl.LightningModule):
 
     # -- one batch ------------------------------------------------------------------------------------------------
 
+    # -- what the frozen sender gives: computed once per context when the cache holds it ----------------------------
+
+    @property
+    def token_memo(self) -> dict:
+        """Each sample's token rows (:func:`build_batch`'s memo): tokenizers and bounds are fixed for the module."""
+        return self.__dict__.setdefault("_token_memo", {})
+
+    def _sender_pass(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        site = self.hparams.get("sender_site", "block")  # the KV trainer reads the block
+        return capture_site(self.sender, self.sender_lm.layer.path, ids.to(self.device), mask.to(self.device), site)
+
+    def fill_context_cache(self, samples) -> None:
+        """Compute the frozen sender's context states of ``samples`` once (at the start of fit: every training and
+        validation sample), in an order fixed by the contexts alone; nothing when ``sender_cache_mb`` is 0 or the
+        states would pass it."""
+        mb = self.hparams.get("sender_cache_mb", 0)
+        if not mb or not samples:
+            return
+        if self.__dict__.get("context_cache") is None:
+            size = int(self.sender_lm.identity()["hidden_size"]) * next(self.sender.parameters()).element_size()
+            eos = self.sender_lm.tokenizer.eos_token_id
+            self.context_cache = ContextStateCache(self._sender_pass, size, mb * 2**20, eos)
+        contexts, questions = [s.context for s in samples], [s.question for s in samples]
+        n_ctx, n_q = self.slot_spec.max_context_tokens, self.hparams.max_question_tokens
+        self.context_cache.fill(encode_parts(self.sender_lm.tokenizer, contexts, questions, n_ctx, n_q)[0])
+
+    def sender_states(self, layout: dict) -> list[torch.Tensor]:
+        """Per row of a ``sender_batch`` layout its frozen sender states at the context tokens ``(n_i, d_s)`` (no
+        grad): from the context cache when it holds every row, else one sender pass over the full prompts."""
+        cache = self.__dict__.get("context_cache")
+        held = None if cache is None else cache.get(context_rows(layout))
+        if held is not None:
+            return [h.to(self.device) for h in held]
+        states = self._sender_pass(layout["input_ids"], layout["attention_mask"])
+        return [states[i, sl] for i, sl in enumerate(layout["context_slices"])]
+
     def slot_vectors(self, batch: dict) -> list[torch.Tensor]:
         """Per sample the slot vectors ``(K_i, d_r)`` (differentiable in the translator): the context positions'
         states translated, then picked by the SlotSpec, in the order the split evaluation uses (it matters for
         ``pooled``: the mean of translations)."""
-        s = batch["sender"]
-        ids, mask = s["input_ids"].to(self.device), s["attention_mask"].to(self.device)
-        path, site = self.sender_lm.layer.path, self.hparams.sender_site
-        states = capture_site(self.sender, path, ids, mask, site)  # no grad: the sender is frozen
-        context = [states[i, sl] for i, sl in enumerate(s["context_slices"])]
+        context = self.sender_states(batch["sender"])
         translated = self.translate(torch.cat(context)).split([len(c) for c in context])
         return [self.slot_spec.pick(t) for t in translated]
 
     def answer_logits(self, layout: dict, slots: list[torch.Tensor] | None = None):
         """The receiver's logits ``(N, V)`` at the N positions that predict a layout's answer tokens, and those
-        tokens ``(N,)``; ``slots`` are written at the layout's slot positions at block Lr when given.
+        tokens ``(N,)``; ``slots`` are written at the layout's slot positions at block Lr when given. Under
+        ``group_by_length`` the rows pass the receiver in groups of similar length (:func:`grouped_answer_logits`).
 
         The answer ends every (left-padded) row, so the LM head runs on the last ``longest answer + 1`` columns only
         (``logits_to_keep``): a full-vocabulary head on every position would dominate the memory of a Pythia batch.
         """
+        if not self.hparams.get("group_by_length", False):
+            return self._answer_logits(layout, slots)
+        return grouped_answer_logits(
+            layout, lambda sub, rows: self._answer_logits(sub, None if slots is None else [slots[i] for i in rows])
+        )
+
+    def _answer_logits(self, layout: dict, slots: list[torch.Tensor] | None):
         ids, mask = layout["input_ids"].to(self.device), layout["attention_mask"].to(self.device)
         labels = layout["labels"].to(self.device)
         keep = int(labels.ne(IGNORE).sum(dim=1).max()) + 1
@@ -239,6 +290,7 @@ class FunctionalTranslatorModule(pl.LightningModule):
             h.max_question_tokens,
             h.max_answer_tokens,
             answer_ids=answers,
+            memo=self.token_memo,
         )
         slots = self.slot_vectors(batch)
         student, targets = self.answer_logits(batch["student"], slots)
@@ -299,9 +351,11 @@ class FunctionalTranslatorModule(pl.LightningModule):
             )
 
     def on_fit_start(self) -> None:
+        data = self.trainer.datamodule
+        parts = [list(getattr(getattr(data, name, None), "samples", None) or []) for name in ("train_set", "val_set")]
+        self.fill_context_cache(parts[0] + parts[1])
         # As the split evaluation warns: a context cut at max_context_tokens loses its end, the slots never carry it.
-        train_set = getattr(self.trainer.datamodule, "train_set", None)
-        samples = list(getattr(train_set, "samples", None) or [])
+        samples = parts[0]
         if samples and self.trainer.is_global_zero:
             contexts = [split_prompt(s.context, s.question)[0] for s in samples]
             n = self.slot_spec.max_context_tokens
@@ -327,23 +381,9 @@ class FunctionalTranslatorModule(pl.LightningModule):
 
     # What decides the weights a resumed run continues: refused when the resuming config differs.
     RESUME_KEYS = (
-        "sender",
-        "receiver",
-        "translator",
-        "normalize",
-        "objective",
-        "mse_weight",
-        "distill_on",
-        "distill_temperature",
-        "slots",
-        "max_question_tokens",
-        "max_answer_tokens",
-        "lr",
-        "weight_decay",
-        "betas",
-        "warmup_steps",
-        "decay",
-        "min_lr_ratio",
+        *("sender", "receiver", "translator", "normalize", "objective", "mse_weight", "distill_on"),
+        *("distill_temperature", "slots", "max_question_tokens", "max_answer_tokens", "lr", "weight_decay", "betas"),
+        *("warmup_steps", "decay", "min_lr_ratio"),
     )
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:

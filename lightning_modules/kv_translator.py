@@ -18,8 +18,9 @@ from typing import Literal
 import pytorch_lightning as pl
 import torch
 
-from activation_transfer.injection.kv_prefix import assemble, context_states, geometry, prefixed_forward, resolve_layers
+from activation_transfer.injection.kv_prefix import assemble, geometry, prefixed_forward, resolve_layers
 from activation_transfer.injection.slots import SlotSpec, left_padded
+from activation_transfer.injection.sources import SENDER_SITES, left_grid
 from activation_transfer.models.frozen_lm import ModelRef, as_ref, load_ref
 from activation_transfer.translators.architectures import build_translator
 from activation_transfer.translators.functional_loss import (
@@ -39,13 +40,20 @@ PROJECTOR_CLASS = "activation_transfer.translators.kv_projector.KVProjector"
 
 
 def kv_batch(
-    samples, sender_tokenizer, receiver_tokenizer, max_context_tokens: int, max_q: int, max_a: int, answers=None
+    samples,
+    sender_tokenizer,
+    receiver_tokenizer,
+    max_context_tokens: int,
+    max_q: int,
+    max_a: int,
+    answers=None,
+    memo: dict | None = None,
 ):
     """The functional trainer's layouts (:func:`build_batch`: sender ``context + question``, teacher full prompt +
-    answer) and the KV student: the teacher's rows without their context part, i.e. ``question + answer + EOS``
-    left padded, with the same answer labels."""
+    answer; ``memo`` its token memo) and the KV student: the teacher's rows without their context part, i.e.
+    ``question + answer + EOS`` left padded, with the same answer labels."""
     spec = SlotSpec(max_context_tokens=max_context_tokens)
-    batch = build_batch(samples, sender_tokenizer, receiver_tokenizer, spec, max_q, max_a, answer_ids=answers)
+    batch = build_batch(samples, sender_tokenizer, receiver_tokenizer, spec, max_q, max_a, answers, memo)
     teacher = batch["teacher"]
     rows = [teacher["input_ids"][i, sl.stop :].tolist() for i, sl in enumerate(teacher["context_slices"])]
     ids, mask = left_padded(rows, receiver_tokenizer.eos_token_id)
@@ -69,6 +77,11 @@ class KVTranslatorModule(FunctionalTranslatorModule, pl.LightningModule):  # nam
         max_context_tokens: Context tokens kept (right truncation): prefix entries per sample.
         max_question_tokens: Question-part tokens kept (right truncation).
         max_answer_tokens: Answer tokens kept before the EOS (right truncation).
+        sender_site: Where the sender is read: ``block`` (the output of ``sender_model.layer``) or ``embeddings``
+            (its token embeddings: the ``kv_functional_lexical`` control). Recorded in the training spec; the
+            evaluation refuses a projector read at another site.
+        sender_cache_mb: Most MiB of frozen sender context states computed once at the start of fit and reused every
+            epoch (0: the sender runs on every batch), as the functional trainer's.
         <optimizer args>
         cache_dir: Project cache folder (offline tokenizer, organisms).
     """
@@ -85,6 +98,8 @@ class KVTranslatorModule(FunctionalTranslatorModule, pl.LightningModule):  # nam
         max_context_tokens: int = 224,
         max_question_tokens: int = 64,
         max_answer_tokens: int = 16,
+        sender_site: Literal["block", "embeddings"] = "block",
+        sender_cache_mb: float = 1024.0,
         lr: float = DEFAULTS.lr,
         weight_decay: float = DEFAULTS.weight_decay,
         betas: tuple[float, float] = DEFAULTS.betas,
@@ -104,6 +119,10 @@ class KVTranslatorModule(FunctionalTranslatorModule, pl.LightningModule):  # nam
         for name in ("max_context_tokens", "max_question_tokens", "max_answer_tokens"):
             if locals()[name] < 1:
                 raise ValueError(f"model.{name} must be >= 1, got {locals()[name]}")
+        if sender_site not in SENDER_SITES:
+            raise ValueError(f"model.sender_site must be one of {', '.join(SENDER_SITES)}, got {sender_site!r}")
+        if sender_cache_mb < 0:
+            raise ValueError(f"model.sender_cache_mb must be >= 0, got {sender_cache_mb}")
         # The inherited teacher reads the full prompt with this context bound (teacher_answers, full_prompts).
         self.slot_spec = SlotSpec(max_context_tokens=max_context_tokens)
         # Given explicitly: Lightning collects a subclass's arguments only from an __init__ that calls super().
@@ -136,6 +155,8 @@ class KVTranslatorModule(FunctionalTranslatorModule, pl.LightningModule):  # nam
                 "objective": objective,
                 "distill_on": distill_on if objective == "distill" else None,
                 "max_context_tokens": max_context_tokens,
+                "sender_site": sender_site,
+                "contexts": "own",  # set from the data module at setup (the functional trainer's setup)
                 "slots": {"layers": option},  # what the evaluation's KVProtocol.translator_slots() must equal
             },
         )
@@ -146,9 +167,10 @@ class KVTranslatorModule(FunctionalTranslatorModule, pl.LightningModule):  # nam
     def projected(self, sender_layout: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Unrotated keys and values ``(S, B, H, P, hd)`` of the context tokens (differentiable in the projector)
         and the prefix mask ``(B, P)``, as ``KVProtocol.project`` builds them."""
-        grid, mask = context_states(self.sender, self.sender_lm.layer.path, sender_layout)  # frozen: no grad
+        rows = self.sender_states(sender_layout)  # frozen: no grad
+        grid = left_grid(rows, max(len(r) for r in rows), rows[0].shape[-1], rows[0].dtype, self.device)
         keys, values = self.translator(grid)
-        return keys, values, mask.to(self.device)
+        return keys, values, left_padded([[0] * len(r) for r in rows], 0)[1].to(self.device)
 
     def prefixed_logits(self, layout: dict, keys, values, mask) -> tuple[torch.Tensor, torch.Tensor]:
         """The receiver's logits at the positions predicting the layout's answer tokens after the prefix, and the
@@ -175,6 +197,7 @@ class KVTranslatorModule(FunctionalTranslatorModule, pl.LightningModule):  # nam
             h.max_question_tokens,
             h.max_answer_tokens,
             answers,
+            self.token_memo,
         )
         student, targets = self.prefixed_logits(batch["student"], *self.projected(batch["sender"]))
         lengths = batch["student"]["labels"].ne(IGNORE).sum(dim=1).tolist()

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from activation_transfer.injection.slots import left_padded
-from activation_transfer.injection.sources import capture_block, left_grid, position_ids
+from activation_transfer.injection.sources import capture_site, left_grid, position_ids
 from activation_transfer.models.generation import GenerationSettings, MaskedRepetitionPenalty, generation_config
 
 
@@ -91,11 +91,12 @@ class KVPrefix:
         return mean(self.keys), mean(self.values)
 
 
-def context_states(model, path: str, layout: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """A frozen sender's block-``path`` states at each row's context tokens of a ``sender_batch`` layout, left padded
-    into ``(B, P, d_s)`` on the model's device, and the prefix mask ``(B, P)`` (one entry per context token)."""
+def context_states(model, path: str, layout: dict, site: str = "block") -> tuple[torch.Tensor, torch.Tensor]:
+    """A frozen sender's states at each row's context tokens of a ``sender_batch`` layout (at ``site``: the output of
+    the block at ``path`` or the token embeddings, :func:`capture_site`), left padded into ``(B, P, d_s)`` on the
+    model's device, and the prefix mask ``(B, P)`` (one entry per context token)."""
     device = next(model.parameters()).device
-    h = capture_block(model, path, layout["input_ids"].to(device), layout["attention_mask"].to(device))
+    h = capture_site(model, path, layout["input_ids"].to(device), layout["attention_mask"].to(device), site)
     rows = [h[i, sl] for i, sl in enumerate(layout["context_slices"])]
     grid = left_grid(rows, max(len(r) for r in rows), h.shape[-1], h.dtype, h.device)
     return grid, left_padded([[0] * len(r) for r in rows], 0)[1]

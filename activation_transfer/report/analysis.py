@@ -59,6 +59,16 @@ def condition_accuracy(groups: Mapping[str, Mapping[str, Mapping[str, Mapping[st
     return out
 
 
+def bytes_per_question(records: Sequence) -> dict[str, float]:
+    """Mean ``bytes_sent`` per question of each condition whose records carry it (``load.Record.bytes_sent``): what
+    crossed from the sender, beside the accuracy it bought."""
+    sent: dict[str, list[float]] = {}
+    for r in records:
+        if r.bytes_sent is not None:
+            sent.setdefault(r.condition, []).append(float(r.bytes_sent))
+    return {cond: float(np.mean(values)) for cond, values in sent.items()}
+
+
 def build_summary(
     groups: Mapping, order: Sequence[str], resamples: int, seed: int, collapsed: Mapping | None = None
 ) -> dict[str, dict]:

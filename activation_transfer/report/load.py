@@ -37,6 +37,8 @@ class Record:
         prediction: The decoded answer.
         translator: ``diagnostics.translator_sha256``: the checksum of the translator behind the answer, if named.
         seeded: ``diagnostics.seeded``: whether the run seed changes the answer (with a fixed translator), if said.
+        bytes_sent: ``diagnostics.bytes_sent``: what crossed from the sender for this answer (split and KV
+            protocols), if said.
     """
 
     sample_id: str
@@ -47,6 +49,7 @@ class Record:
     prediction: str = ""
     translator: str | None = None
     seeded: bool | None = None
+    bytes_sent: float | None = None
 
     @property
     def same_for_every_seed(self) -> str | None:
@@ -99,7 +102,12 @@ def _parse_record(obj: Any, where: str, notes: dict[str, Any]) -> Record:
         notes["metric_mismatch"] = notes.get("metric_mismatch", 0) + 1
     run = _run_key(obj.get("seed"), where)
     translator, seeded = _translator_identity(obj, where)
-    return Record(str(obj["sample_id"]), obj["condition"], run, scores, where, obj["prediction"], translator, seeded)
+    sent = (obj.get("diagnostics") or {}).get("bytes_sent") if isinstance(obj.get("diagnostics"), Mapping) else None
+    if sent is not None and (isinstance(sent, bool) or not isinstance(sent, int | float) or not sent >= 0):
+        raise ReportInputError(f"{where}: 'diagnostics.bytes_sent' must be a number >= 0 or absent, got {sent!r}")
+    return Record(
+        str(obj["sample_id"]), obj["condition"], run, scores, where, obj["prediction"], translator, seeded, sent
+    )
 
 
 def _load_file(path: Path, notes: dict[str, Any], in_folder: bool = False) -> list[Record]:

@@ -16,6 +16,7 @@ from activation_transfer.report.analysis import (
     DEFAULT_TOST_RESAMPLES,
     build_comparisons,
     build_summary,
+    bytes_per_question,
     condition_accuracy,
 )
 from activation_transfer.report.clustered import CI_METHOD, DEFAULT_PERMUTATIONS, P_METHOD
@@ -250,6 +251,8 @@ def run_report(
         "unnamed_identical_runs": runs.unnamed_twins,
     }
     summary = {"conditions": build_summary(groups, order, resamples, seed, collapsed), "meta": meta}
+    for cond, sent in bytes_per_question(records).items():
+        summary["conditions"][cond]["bytes_per_question"] = sent
     comparisons, equivalence, cmp_notes = build_comparisons(
         groups, order, chosen, resamples, margins, seed, intersect, tost_resamples, collapsed, permutations
     )

@@ -29,6 +29,7 @@ SUMMARY_COLUMNS = (
     "pooled_ci_low",
     "pooled_ci_high",
     "per_run",
+    "bytes_per_question",
 )
 METRIC_LABELS = {
     "exact_match": "Exact match",
@@ -75,20 +76,26 @@ def _runs_text(meta: Mapping) -> str:
 
 
 def summary_markdown(summary: Mapping) -> str:
-    """The paper's main table: condition, runs, n, then mean +/- sample SD of each metric (main metric first)."""
-    head = ["Condition", "Runs", "n", *(METRIC_LABELS[m] for m in METRIC_ORDER)]
-    lines = ["| " + " | ".join(head) + " |", "| --- | ---: | ---: |" + " ---: |" * len(METRIC_ORDER)]
+    """The paper's main table: condition, runs, n, then mean +/- sample SD of each metric (main metric first); with
+    records that say what crossed from the sender (split, KV), its bytes per question after n."""
+    sent = any("bytes_per_question" in e for e in summary["conditions"].values())
+    head = ["Condition", "Runs", "n", *(["Bytes/question"] if sent else []), *(METRIC_LABELS[m] for m in METRIC_ORDER)]
+    lines = ["| " + " | ".join(head) + " |", "| --- |" + " ---: |" * (len(head) - 1)]
     for cond, e in summary["conditions"].items():
         cells = [cond, str(e["runs"]), str(e["n"])]
+        if sent:
+            cells.append(f"{e['bytes_per_question']:.0f}" if "bytes_per_question" in e else "n/a")
         for m in METRIC_ORDER:
             v = e[m]
             cells.append(_f(v["mean"]) if v["sd"] is None else f"{_f(v['mean'])} ± {_f(v['sd'])}")
         lines.append("| " + " | ".join(cells) + " |")
     meta = summary["meta"]
+    cost = "Bytes/question: what crossed from the sender (relay text, slot vectors or KV entries at their dtype). "
     return (
         "\n".join(lines)
         + f"\n\nValues are mean ± sample SD over runs (single runs: the run's value). Main metric: {MAIN_METRIC}. "
-        f"Scored from gold and prediction; seed {meta['seed']}.\n"
+        + (cost if sent else "")
+        + f"Scored from gold and prediction; seed {meta['seed']}.\n"
         + (f"\n{_runs_text(meta)}\n" if _runs_text(meta) else "")
     )
 
@@ -253,6 +260,7 @@ def summary_rows(summary: Mapping) -> list[dict]:
                     "pooled_ci_low": v["pooled_ci_low"],
                     "pooled_ci_high": v["pooled_ci_high"],
                     "per_run": ";".join(f"{k}={x:.6g}" for k, x in v["per_run"].items()),
+                    "bytes_per_question": e.get("bytes_per_question", ""),
                 }
             )
     return rows

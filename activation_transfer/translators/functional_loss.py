@@ -47,11 +47,13 @@ def build_batch(
     max_question_tokens: int,
     max_answer_tokens: int,
     answer_ids: Sequence[Sequence[int]] | None = None,
+    memo: dict | None = None,
 ) -> dict:
     """Tokenize QA samples (``context``, ``question``, ``answer``) into the three layouts of the module docstring.
 
     ``answer_ids`` (receiver token rows ending with EOS, e.g. the full-context receiver's own greedy answers) replace
-    the gold answers as the teacher-forced sequence when given.
+    the gold answers as the teacher-forced sequence when given. ``memo`` (a dict kept by the caller for one set of
+    tokenizers and bounds) holds each sample's token rows: every epoch then tokenizes nothing again.
 
     Returns:
         ``{"sender": sender_batch(...), "student": receiver_batch(...) + labels, "teacher": sender_batch(...) of the
@@ -60,15 +62,19 @@ def build_batch(
     Raises:
         ValueError: A sample whose context part has no token (no slot could carry it).
     """
-    contexts = [s.context for s in samples]
-    questions = [s.question for s in samples]
-    s_ctx, s_q = encode_parts(sender_tokenizer, contexts, questions, spec.max_context_tokens, max_question_tokens)
-    r_ctx, r_q = encode_parts(receiver_tokenizer, contexts, questions, spec.max_context_tokens, max_question_tokens)
+    memo = {} if memo is None else memo
+    keys = [(s.context, s.question, s.answer) for s in samples]
+    new = [k for k in dict.fromkeys(keys) if k not in memo]
+    if new:
+        contexts, questions, answers = (list(col) for col in zip(*new, strict=True))
+        s_ctx, s_q = encode_parts(sender_tokenizer, contexts, questions, spec.max_context_tokens, max_question_tokens)
+        r_ctx, r_q = encode_parts(receiver_tokenizer, contexts, questions, spec.max_context_tokens, max_question_tokens)
+        rows = answer_rows(receiver_tokenizer, answers, max_answer_tokens)
+        memo.update(zip(new, zip(s_ctx, s_q, r_ctx, r_q, rows, strict=True), strict=True))
+    s_ctx, s_q, r_ctx, r_q, answers = (list(col) for col in zip(*(memo[k] for k in keys), strict=True))
     if any(not c for c in s_ctx):
         raise ValueError("a sample's context part has no sender token; the split protocol needs a context")
-    if answer_ids is None:
-        answers = answer_rows(receiver_tokenizer, [s.answer for s in samples], max_answer_tokens)
-    else:
+    if answer_ids is not None:
         answers = [list(a) for a in answer_ids]
     lengths = [len(a) for a in answers]
     counts = [spec.count(len(c)) for c in s_ctx]
@@ -116,6 +122,61 @@ def answer_logits(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
     shifted = labels[:, 1:]
     keep = shifted != IGNORE
     return logits[:, :-1][keep], shifted[keep]
+
+
+# The fixed cost of one receiver pass, in padded tokens (measured on the organisms, 1 CPU thread): what splitting a
+# batch into one more length group must save to pay off.
+GROUP_COST_TOKENS = 48
+
+
+def length_groups(lengths: Sequence[int], pass_cost: int = GROUP_COST_TOKENS) -> list[list[int]]:
+    """Row indices in groups of similar length, each to be padded only to its own longest row.
+
+    The rows sorted by length are cut into the contiguous groups that minimize ``sum(rows x longest) + pass_cost x
+    groups`` (dynamic programming): the padded tokens a left-padded batch computes, plus the cost of each pass.
+    """
+    order = sorted(range(len(lengths)), key=lambda i: (int(lengths[i]), i))
+    size = [int(lengths[i]) for i in order]
+    best, cut = [0] + [None] * len(order), [0] * (len(order) + 1)
+    for j in range(1, len(order) + 1):
+        for i in range(j):
+            cost = best[i] + (j - i) * size[j - 1] + pass_cost
+            if best[j] is None or cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], len(order)
+    while j:
+        groups.append(order[cut[j] : j])
+        j = cut[j]
+    return groups[::-1]
+
+
+def grouped_answer_logits(layout: dict, run, pass_cost: int = GROUP_COST_TOKENS):
+    """:func:`answer_logits` of a left-padded ``layout`` computed per :func:`length_groups` group, in row order.
+
+    Args:
+        layout: ``input_ids``, ``attention_mask``, ``labels`` and optional ``slot_mask`` ``(B, T)``.
+        run: ``run(sub_layout, rows) -> (logits, targets)`` of the rows ``rows``, their columns cut to the group's
+            longest row (a row keeps its positions: they count from its first real token).
+        pass_cost: :func:`length_groups`'s cost of a pass (0 groups nothing: one pass per distinct length).
+
+    Returns:
+        The logits ``(N, V)`` and targets ``(N,)`` of one pass over the whole batch, up to float reassociation (each
+        row's positions are the same, only the padded width differs): the same loss, less padding computed.
+    """
+    lengths = layout["attention_mask"].sum(dim=1).tolist()
+    groups = length_groups(lengths, pass_cost)
+    keys = [k for k in ("input_ids", "attention_mask", "labels", "slot_mask") if k in layout]
+    if len(groups) == 1:
+        return run({k: layout[k] for k in keys}, list(range(len(lengths))))
+    parts: list = [None] * len(lengths)
+    for rows in groups:
+        width = int(max(lengths[i] for i in rows))
+        sub = {k: layout[k][rows, -width:] for k in keys}
+        logits, targets = run(sub, rows)
+        counts = sub["labels"].ne(IGNORE).sum(dim=1).tolist()
+        for i, lg, tg in zip(rows, logits.split(counts), targets.split(counts), strict=True):
+            parts[i] = (lg, tg)
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
 def answer_ce(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,8 @@ RIGHT = {
     "kv_self": set(IDS[:10]),
     "kv_functional": {42: set(IDS[:8]), 123: set(IDS[:9]), 456: set(IDS[2:9])},
     "kv_zero": set(IDS[1:3]),
+    "kv_functional_lexical": {42: set(IDS[:5]), 123: set(IDS[1:5]), 456: set(IDS[:4])},
+    "kv_functional_mismatched": {42: set(IDS[:2]), 123: set(IDS[1:3]), 456: set(IDS[:3])},
 }
 # kv_functional per layer subset on the validation questions: every_other and all tie, every_other has fewer layers.
 SWEEP = {"all": 0.5, "first_half": 0.25, "second_half": 0.125, "every_other": 0.5}
@@ -73,7 +75,13 @@ def fake_kv_eval(args):
         (root / "run" / "report" / "summary.json").write_text(json.dumps(summary))
         return SimpleNamespace(model=SimpleNamespace(run_dir=root / "run"))
     layers = json.loads(opt(args, "--model.kv_layers") or "[0, 1, 2, 3]")
-    conds = ["receiver_alone", "skyline", "kv_self", "kv_functional", "kv_zero"]
+    conds = json.loads(opt(args, "--model.conditions") or "null") or [
+        "receiver_alone",
+        "skyline",
+        "kv_self",
+        "kv_functional",
+        "kv_zero",
+    ]
     return SimpleNamespace(model=SimpleNamespace(run_dir=write_run(root / "run", conds, len(layers))))
 
 
@@ -101,6 +109,7 @@ def test_kv_step_sweeps_on_validation_questions_and_prints_the_records_numbers(
 ) -> None:
     from cli import demo
 
+    monkeypatch.setenv("ACTIVATION_TRANSFER_DEMO_JOBS", "1")  # the fakes live in this process
     fake_demo.evaluate = fake_kv_eval
     monkeypatch.setattr(kv_demo, "receiver_hidden", lambda folder: HIDDEN)
     monkeypatch.setattr(split_demo, "receiver_blocks", lambda folder: 4)
@@ -109,7 +118,7 @@ def test_kv_step_sweeps_on_validation_questions_and_prints_the_records_numbers(
     out = tmp_path / "demo"
     split_demo.kv_channel(out, fake_demo.organisms, list(SEEDS), None, demo._translator, split_run)
 
-    sweep, held_out = fake_demo.evaluated[:4], fake_demo.evaluated[4]
+    sweep, held_out, controls = fake_demo.evaluated[:4], fake_demo.evaluated[4], fake_demo.evaluated[5:]
     # The sweep reads only validation questions; one projector (the first seed) per subset, with its layers.
     assert {opt(a, "--data.generator_seed") for a in sweep} == {str(split_demo.SELECTION_SEED)} != {str(EVAL_SEED)}
     assert [opt(a, "--model.kv_layers") for a in sweep] == [None, "[0, 1]", "[2, 3]", "[0, 2]"]
@@ -118,9 +127,18 @@ def test_kv_step_sweeps_on_validation_questions_and_prints_the_records_numbers(
     # The held-out run: the config's questions, the chosen subset, one projector per seed (the sweep's seed-42 one
     # reused from the cache).
     assert opt(held_out, "--data.generator_seed") is None and opt(held_out, "--model.kv_layers") == "[0, 2]"
-    assert len(fake_demo.trained) == 6
+    assert len(fake_demo.trained) == 6 + 2 * len(SEEDS)
     used = [Path(c).read_text() for c in json.loads(opt(held_out, "--model.functional_translator_ckpt"))]
     assert all(f"--seed_everything {s} " in u and "--model.init_args.layers [0, 2]" in u for s, u in zip(SEEDS, used))
+    # The controls: a projector per seed trained with the split control's option, at the chosen subset, each
+    # evaluated in a run of its own at its sender site.
+    assert [json.loads(opt(a, "--model.conditions")) for a in controls] == [[c] for c in kv_demo.KV_CONTROLS]
+    assert [opt(a, "--model.sender_site") for a in controls] == ["embeddings", None]
+    assert all(opt(a, "--model.kv_layers") == "[0, 2]" and opt(a, "--data.generator_seed") is None for a in controls)
+    for args, option in zip(controls, ("--model.init_args.sender_site embeddings", "mismatched_contexts true")):
+        used = [Path(c).read_text() for c in json.loads(opt(args, "--model.functional_translator_ckpt"))]
+        assert all(f"--seed_everything {s} " in u and option in u and "layers [0, 2]" in u for s, u in zip(SEEDS, used))
+    assert all(f"--data.init_args.mismatch_seed {s}" in u for s, u in zip(SEEDS, used))
 
     # The table, against a direct computation from the records.
     def acc(cond: str) -> float:
@@ -131,7 +149,8 @@ def test_kv_step_sweeps_on_validation_questions_and_prints_the_records_numbers(
     table = json.loads((split_run / "report" / "two_channel.json").read_text())
     rows = {r["condition"]: r for r in table["rows"]}
     kv_conds = ["kv_functional", "kv_self", "kv_zero"]  # the KV run's record files, in name order
-    assert list(rows) == ["receiver_alone", "skyline", "slots_functional", "slots_zero", *kv_conds]
+    controls = list(kv_demo.KV_CONTROLS)  # then the controls' runs
+    assert list(rows) == ["receiver_alone", "skyline", "slots_functional", "slots_zero", *kv_conds, *controls]
     mean_count = np.mean([3 + i for i in range(len(IDS))])
     for cond, row in rows.items():
         assert row["accuracy"] == pytest.approx(acc(cond), abs=1e-12)

@@ -32,20 +32,22 @@ def test_choose_layer_takes_the_best_slots_self_and_the_shallowest_tie() -> None
 
 
 def fake_kv_eval(args):
-    """A KV evaluation: the layer-subset sweep's runs write a summary, the held-out run kv_functional records."""
+    """A KV evaluation: the layer-subset sweep's runs write a summary, the held-out run kv_functional records (a
+    control's run: its condition's)."""
     run_dir = Path(opt(args, "--trainer.default_root_dir")) / "run"
     (run_dir / "report").mkdir(parents=True)
     conds = {"receiver_alone": 0.05, "skyline": 0.7, "kv_self": 0.65, "kv_functional": 0.5}
     summary = {"conditions": {c: {"n": 30, "word_boundary_contains": {"mean": v}} for c, v in conds.items()}}
     (run_dir / "report" / "summary.json").write_text(json.dumps(summary))
+    cond = (json.loads(opt(args, "--model.conditions") or '["kv_functional"]') + ["kv_functional"])[0]
     rows = [
-        {"sample_id": q, "condition": "kv_functional", "seed": s, "gold": "Peru", "prediction": "Peru"}
+        {"sample_id": q, "condition": cond, "seed": s, "gold": "Peru", "prediction": "Peru"}
         | {"diagnostics": {"bytes_sent": 1024}}
         for q in ("q1", "q2")
         for s in (42, 123, 456)
     ]
     (run_dir / "records").mkdir()
-    (run_dir / "records" / "kv_functional.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (run_dir / "records" / f"{cond}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return SimpleNamespace(model=SimpleNamespace(report_result=None, run_dir=run_dir))
 
 
@@ -85,6 +87,7 @@ def fake_eval(args):
 def test_split_demo_sweeps_on_validation_questions_and_uses_the_chosen_block(
     tmp_path: Path, monkeypatch, capsys, fake_demo
 ) -> None:
+    monkeypatch.setenv("ACTIVATION_TRANSFER_DEMO_JOBS", "1")  # the fakes live in this process
     fake_demo.evaluate = fake_eval
     trained, evaluated = fake_demo.trained, fake_demo.evaluated
     monkeypatch.setattr(split_demo, "receiver_blocks", lambda folder: len(SWEEP))
@@ -92,8 +95,8 @@ def test_split_demo_sweeps_on_validation_questions_and_uses_the_chosen_block(
     assert demo.main(["--out", str(tmp_path / "demo")]) == 0
 
     paper_eval, *rest = evaluated
-    sweep, split_eval, controls = rest[: len(SWEEP)], rest[len(SWEEP)], rest[len(SWEEP) + 1 : -5]
-    assert [opt(a, "-c") for a in rest[-5:]] == [str(kv_demo.KV_EVAL_CONFIG)] * 5  # the KV channel's, tested there
+    sweep, split_eval, controls = rest[: len(SWEEP)], rest[len(SWEEP)], rest[len(SWEEP) + 1 : -7]
+    assert [opt(a, "-c") for a in rest[-7:]] == [str(kv_demo.KV_EVAL_CONFIG)] * 7  # the KV channel's, tested there
     # The sweep: every block, on the validation questions (never the evaluation seed), no translators.
     assert [opt(a, "--model.receiver.layer") for a in sweep] == ["0", "1", "2"]
     assert {opt(a, "--data.generator_seed") for a in sweep} == {str(split_demo.SELECTION_SEED)} != {str(EVAL_SEED)}
@@ -111,8 +114,9 @@ def test_split_demo_sweeps_on_validation_questions_and_uses_the_chosen_block(
         used = Path(ckpt).read_text()
         assert f"--seed_everything {seed}" in used and "--model.init_args.receiver_model.layer 1" in used
         assert str(split_demo.FUNCTIONAL_CONFIG) in used
-    # paper translators, aligned and functional at the chosen block, the controls, the KV sweep and two more seeds
-    assert len(trained) == 3 + 6 + 6 + 4 + 2
+    # paper translators, aligned and functional at the chosen block, the controls, the KV sweep, two more seeds and
+    # the KV controls
+    assert len(trained) == 3 + 6 + 6 + 4 + 2 + 6
     lexical, mismatched = trained[9:12], trained[12:15]
     for args, seed in zip(lexical, (42, 123, 456)):
         assert opt(args, "--model.init_args.sender_site") == "embeddings" and opt(args, "--seed_everything") == str(
@@ -169,6 +173,7 @@ def test_demo_prints_the_commands_it_ran_with_paths_that_exist_and_that_parse(
     tmp_path: Path, monkeypatch, capsys, fake_demo
 ) -> None:
     monkeypatch.chdir(Path(demo.ROOT))  # a newcomer runs `make demo` in the repository: paths print relative to it
+    monkeypatch.setenv("ACTIVATION_TRANSFER_DEMO_JOBS", "1")  # the fakes live in this process
     fake_demo.evaluate = fake_eval
     monkeypatch.setattr(split_demo, "receiver_blocks", lambda folder: len(SWEEP))
     monkeypatch.setattr(kv_demo, "receiver_hidden", lambda folder: 16)
@@ -178,7 +183,7 @@ def test_demo_prints_the_commands_it_ran_with_paths_that_exist_and_that_parse(
     env = dict(kv.split("=", 1) for kv in shlex.split(lines[0])[1:])
     assert Path(env["ACTIVATION_TRANSFER_CACHE"]).is_dir() and env["WANDB_MODE"] == "disabled"  # conftest's
     titles = [line.split(".")[0] for line in lines if line.startswith("# ") and line[2].isdigit()]
-    assert titles == [f"# {i}" for i in range(1, 12)]
+    assert titles == [f"# {i}" for i in range(1, 13)]
     for role, folder in fake_demo.organisms.items():  # the organisms' cache folders are named, one a line
         assert f"#    {role}: {folder}" in lines
     commands = [shlex.split(line) for line in lines[1:] if not line.startswith("#")]

@@ -314,3 +314,25 @@ def test_evaluate_cli_runs_the_split_protocol(tmp_path, monkeypatch, capsys):
     recs = cli.model.results["slots_functional__seed42"]
     assert len(recs) == 6 and all(r["diagnostics"]["slot_count"] == 2 for r in recs)
     assert "skyline" in capsys.readouterr().out
+
+
+def test_records_and_report_say_what_crossed_per_question(split_run):
+    module, _, _ = split_run
+    hidden = module.protocol.receiver.identity()["hidden_size"]
+    sent: dict[str, list[int]] = {}
+    for key, records in module.results.items():
+        cond = key.split("__")[0]
+        for r in records:
+            d = r["diagnostics"]
+            if cond in ("receiver_alone", "skyline"):  # nothing crosses
+                assert d["bytes_sent"] == 0
+            elif cond == "nl_relay":  # the relay's text
+                assert d["bytes_sent"] == len(d["relay"].encode("utf-8")) > 0
+            else:  # the slot vectors, fp32
+                assert d["bytes_sent"] == d["slot_count"] * hidden * 4 > 0
+            sent.setdefault(cond, []).append(d["bytes_sent"])
+    summary = module.report_result.summary["conditions"]
+    assert {c: e["bytes_per_question"] for c, e in summary.items()} == pytest.approx(
+        {c: sum(v) / len(v) for c, v in sent.items()}
+    )
+    assert "| Condition | Runs | n | Bytes/question |" in module.report_result.markdown

@@ -4,7 +4,8 @@ prefix of one key and value per context token at each receiver layer (or a chose
 The prefix is the receiver's own context pass (``kv_self``, which must answer as ``skyline``), the sender's context
 states through a KV projector (``translators/kv_projector.py``), another sample's, seeded random entries with the
 projected norms, or zeros (docs/conditions.md, "KV protocol"). Parts, truncation checks and the ``receiver_alone`` /
-``skyline`` answers are the split protocol's; the report compares with the same two baselines.
+``skyline`` answers are the split protocol's; the report compares with the same two baselines, and the controls that
+say what crossed are the split protocol's in KV form (each with a projector of its own, in a run of its own).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from activation_transfer.injection.kv_prefix import (
     resolve_layers,
     zero_prefix,
 )
-from activation_transfer.injection.protocols.split import SplitProtocol
+from activation_transfer.injection.protocols.split import SplitProtocol, check_translator_training
 from activation_transfer.injection.slots import SlotSpec, left_padded, sender_batch
 from activation_transfer.models.generation import GenerationSettings, decode
 
@@ -50,6 +51,11 @@ CONDITION_NAMES: tuple[str, ...] = (
     "kv_random_functional",
     "kv_zero",
 )
+# The split protocol's controls in KV form, not in the default list: a projector trained and read on the sender's token
+# embeddings (``sender_site: embeddings``: which tokens the context held, nothing the sender computed), or trained on
+# contexts swapped between samples (``QATrainingDataModule.mismatched_contexts``: what the question alone tells).
+CONTROL_CONDITIONS: tuple[str, ...] = ("kv_functional_lexical", "kv_functional_mismatched")
+KV_LEXICAL, KV_MISMATCHED = CONTROL_CONDITIONS
 # The translator option whose checkpoints the KV conditions read (``--model.functional_translator_ckpt``).
 KV_OPTION = "functional"
 
@@ -66,6 +72,7 @@ def kv_conditions() -> dict[str, ConditionSpec]:
         # Random entries take the norms of the projected ones: they read the projector.
         "kv_random_functional": ConditionSpec("kv_random_functional", "replace", SOURCE_RANDOM, translator=f),
         "kv_zero": ConditionSpec("kv_zero", "replace", SOURCE_ZEROS),
+        **{name: ConditionSpec(name, "replace", SOURCE_TRANSLATED, translator=f) for name in CONTROL_CONDITIONS},
     }
 
 
@@ -75,29 +82,37 @@ class KVProtocol(SplitProtocol):
     Args:
         slots: Only ``max_context_tokens`` is read (context tokens kept, right truncation: the prefix length).
         layers: Receiver layers that get a prefix (None: all; negative: from the end); the others hold zeros.
+        sender_site: Where the projectors read the sender: ``block`` (its ``sender.layer`` output) or ``embeddings``
+            (its token embeddings: ``kv_functional_lexical`` only).
     """
 
     name = "kv"
     default_conditions = CONDITION_NAMES
+    lexical_condition = KV_LEXICAL
 
-    def __init__(self, slots: SlotSpec, layers: Sequence[int] | None = None) -> None:
-        super().__init__(slots)
+    def __init__(self, slots: SlotSpec, layers: Sequence[int] | None = None, sender_site: str = "block") -> None:
+        super().__init__(slots, sender_site)
         self.layers_option = None if layers is None else [int(i) for i in layers]
         self.layers: list[int] = []
         self.projectors: dict[tuple[str, int], torch.nn.Module] = {}
 
     @classmethod
-    def configured(cls, slots: SlotSpec | None = None, layers: Sequence[int] | None = None, **options) -> KVProtocol:
-        return cls(slots or SlotSpec(), layers)
+    def configured(
+        cls, slots: SlotSpec | None = None, layers: Sequence[int] | None = None, sender_site: str = "block", **options
+    ) -> KVProtocol:
+        return cls(slots or SlotSpec(), layers, sender_site)
 
     def condition_table(self, scale: float, alpha: float) -> dict[str, ConditionSpec]:
         return kv_conditions()
 
     def identity(self) -> dict:
+        # The site only when it is not the default: the fingerprints (run folders) of block runs stay what they were.
+        site = {} if self.sender_site == "block" else {"sender_site": self.sender_site}
         return {
             "protocol": self.name,
             "max_context_tokens": self.slots.max_context_tokens,
             "layers": self.layers_option,
+            **site,
         }
 
     def translator_slots(self) -> dict:
@@ -126,8 +141,16 @@ class KVProtocol(SplitProtocol):
     def prepare(
         self, plan: EvalPlan, translators: Mapping[str, Sequence], shas: Mapping[str, list[str]], batch_size: int
     ) -> None:
-        """Keep the projectors the pending runs need (prefixes are computed per batch: a whole set's would not fit)."""
+        """Keep the projectors the pending runs need (prefixes are computed per batch: a whole set's would not fit),
+        refusing one trained for other layers, another sender site or other contexts than its condition reads."""
         self.shas = {k: list(v) for k, v in shas.items()}
+        for spec, seed in plan.pending:
+            if spec.translator_kind == KV_OPTION:
+                t = plan.translator_index(seed, KV_OPTION)
+                projector = translators[KV_OPTION][t]
+                training = (getattr(projector, "hparams", None) or {}).get("training") or {}
+                where = f"{KV_OPTION} #{t} ({getattr(projector, 'path', '?')})"
+                check_translator_training(spec, training, self.sender_site, where, KV_MISMATCHED)
         for t in plan.translators_needed(KV_OPTION):
             projector = translators[KV_OPTION][t]
             trained = list(getattr(projector.translator, "layers", []))
@@ -146,7 +169,7 @@ class KVProtocol(SplitProtocol):
         (receiver dtype and device), and the prefix mask ``(B, P)`` (left padded, one entry per context token)."""
         ctx, qst = zip(*(self.parts["sender"][sid] for sid in owners))
         batch = sender_batch(ctx, qst, self.sender.tokenizer.eos_token_id)
-        grid, mask = context_states(self.sender.model, self.sender.layer.path, batch)
+        grid, mask = context_states(self.sender.model, self.sender.layer.path, batch, self.sender_site)
         keys, values = projector.translate(grid)
         param = next(self.receiver.model.parameters())
         return keys.to(param), values.to(param), mask

@@ -92,10 +92,12 @@ def split_conditions() -> dict[str, ConditionSpec]:
     }
 
 
-def check_translator_training(spec: ConditionSpec, training: dict, sender_site: str, where: str) -> None:
+def check_translator_training(
+    spec: ConditionSpec, training: dict, sender_site: str, where: str, mismatched: str = MISMATCHED
+) -> None:
     """Refuse a translator whose training does not fit the condition reading it: the sender site it was trained on
-    must be the evaluation's (``model.sender_site``), and only ``slots_functional_mismatched`` reads a translator
-    trained on mismatched contexts (and it reads nothing else)."""
+    must be the evaluation's (``model.sender_site``), and only the condition ``mismatched`` (the protocol's
+    mismatched-training control) reads a translator trained on mismatched contexts (and it reads nothing else)."""
     trained_site = training.get("sender_site", "block")
     if trained_site != sender_site:
         raise ValueError(
@@ -106,7 +108,7 @@ def check_translator_training(spec: ConditionSpec, training: dict, sender_site: 
     if spec.translator_kind != "functional":
         return
     contexts = training.get("contexts", "own")
-    wanted = "mismatched" if spec.name == MISMATCHED else "own"
+    wanted = "mismatched" if spec.name == mismatched else "own"
     if contexts != wanted:
         raise ValueError(
             f"condition {spec.name} needs a functional translator trained on {wanted} contexts, but {where} was "
@@ -134,6 +136,7 @@ class SplitProtocol(EvalProtocol):
 
     name = "split"
     default_conditions = CONDITION_NAMES
+    lexical_condition = LEXICAL  # the only translator condition read at the sender's embeddings
     baselines = SPLIT_BASELINES
 
     def __init__(self, slots: SlotSpec, sender_site: str = "block") -> None:
@@ -160,11 +163,12 @@ class SplitProtocol(EvalProtocol):
         condition that reads a translator (every translator of the run is read at the embeddings)."""
         specs = super().conditions(names, scale, alpha)
         lexical = self.sender_site == "embeddings"
-        wrong = [s.name for s in specs if s.translator_kind and (s.name == LEXICAL) != lexical]
+        name = self.lexical_condition
+        wrong = [s.name for s in specs if s.translator_kind and (s.name == name) != lexical]
         if wrong:
             raise ValueError(
                 f"conditions {', '.join(wrong)} cannot run with model.sender_site {self.sender_site}: "
-                f"{LEXICAL} needs sender_site embeddings, every other translator condition sender_site block"
+                f"{name} needs sender_site embeddings, every other translator condition sender_site block"
             )
         return specs
 
@@ -324,15 +328,21 @@ class SplitProtocol(EvalProtocol):
         )
 
     def _answer(self, spec: ConditionSpec, seed: int | None, plan: EvalPlan, sub: Sequence) -> PendingAnswers:
+        """The run's pending answers; ``bytes_sent`` is what crossed from the sender per question: the relay's UTF-8
+        text (``nl_relay``), the slot vectors at the receiver's dtype, nothing for ``receiver_alone``/``skyline``."""
         sample_ids = [s.sample_id for s in sub]
         if spec.source == SOURCE_RELAY:
-            return self.answer_relay(sub)
+            return self.answer_relay(sub).then(
+                lambda preds, diags: (preds, [{**d, "bytes_sent": len(d["relay"].encode("utf-8"))} for d in diags])
+            )
         if spec.name == "skyline":  # the paper's prompt, tokenized as the paper protocol's no_inject reads it
             tok = tokenize_left_padded(
                 self.receiver.tokenizer, [s.prompt for s in sub], self.settings.max_prompt_tokens
             )
             run = request_injected(tok["input_ids"], tok["attention_mask"], spec, sample_ids, None)
-            return run.then(lambda preds, diags: (preds, [{**d, "slot_count": 0, "seeded": False} for d in diags]))
+            return run.then(
+                lambda preds, diags: (preds, [{**d, "slot_count": 0, "bytes_sent": 0, "seeded": False} for d in diags])
+            )
         # receiver_alone (no source) reads the question part without slots; every other condition writes slots.
         slotted = spec.source != SOURCE_NONE
         vectors, rows, donors = self.slot_vectors(spec, seed, plan, sample_ids) if slotted else (None, None, None)
@@ -345,4 +355,10 @@ class SplitProtocol(EvalProtocol):
         source = slot_grid(vectors, slot_mask, dtype=param.dtype, device=param.device) if slotted else None
         run = request_injected(ids, mask, spec, sample_ids, source, rows, donors, slot_mask if slotted else None)
         fields = self.run_fields(spec, seed, plan)
-        return run.then(lambda preds, diags: (preds, [{**d, "slot_count": k, **fields} for d, k in zip(diags, counts)]))
+        size = self.receiver.identity()["hidden_size"] * param.element_size()  # one slot vector at the dtype
+        return run.then(
+            lambda preds, diags: (
+                preds,
+                [{**d, "slot_count": k, "bytes_sent": k * size, **fields} for d, k in zip(diags, counts)],
+            )
+        )
