@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from activation_transfer.models.frozen_lm import load_model, load_tokenizer
-from activation_transfer.task import organism_eval
+from activation_transfer.task.entities import answer_type
 from activation_transfer.task.generator import EVAL_NUM_SAMPLES, EVAL_SEED, generate_samples
 from activation_transfer.task.organism_eval import chance_rate, evaluate_organism
 from activation_transfer.task.scoring import METRIC_FUNCTIONS
@@ -247,7 +247,7 @@ def test_chance_rates():
     samples = generate_samples(EVAL_NUM_SAMPLES, EVAL_SEED)
     pool = chance_rate(samples, "type_pool")
     # By hand: answers are countries (1/26), continents (1/6) or counts (1/56), weighted by how often each is asked.
-    kinds = [organism_eval._entity_type(s.answer) for s in samples]
+    kinds = [answer_type(s.answer) for s in samples]
     expected = sum({"country": 1 / 26, "continent": 1 / 6, "count": 1 / 56}[k] for k in kinds) / len(samples)
     assert pool == pytest.approx(expected)
     same_type = chance_rate(samples, "context_same_type")
