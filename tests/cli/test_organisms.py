@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -11,8 +12,8 @@ import pytest
 import torch
 
 from activation_transfer.models.frozen_lm import load_model, load_tokenizer
-from activation_transfer.task.entities import answer_type
-from activation_transfer.task.generator import EVAL_NUM_SAMPLES, EVAL_SEED, generate_samples
+from activation_transfer.task.entities import answer_type, candidates
+from activation_transfer.task.generator import CITIES, EVAL_NUM_SAMPLES, EVAL_SEED, PEOPLE, generate_samples
 from activation_transfer.task.organism_eval import chance_rate, evaluate_organism
 from activation_transfer.task.scoring import METRIC_FUNCTIONS
 from activation_transfer.task.tokenizer import offline_tokenizer
@@ -24,7 +25,15 @@ from cli.organisms import (
     organism_config,
     resolved_config,
 )
-from datamodules.organism_text import ANSWER, PAD, PROMPT, OrganismTextDataModule, encode_samples, eval_keys
+from datamodules.organism_text import (
+    ANSWER,
+    PAD,
+    PROMPT,
+    OrganismTextDataModule,
+    encode_samples,
+    eval_keys,
+    one_hop_question,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted(ORGANISM_CONFIG_DIR.glob("*.yaml"))
@@ -128,7 +137,7 @@ def test_tiny_organism_trains_exports_and_reloads(tiny_organism):
         assert (path / name).exists(), name
     info = json.loads((path / organisms.MARKER).read_text())
     assert info["global_step"] == 24
-    assert "val/answer_acc" in info["final_metrics"] and "val/loss" in info["final_metrics"]
+    assert {"val/answer_acc", "val/answer_acc_two_candidates", "val/loss"} <= info["final_metrics"].keys()
     assert path.name.startswith("sender-")
     assert not list(path.parent.glob(".*tmp*"))  # the temporary folder was renamed away
 
@@ -241,6 +250,16 @@ def test_evaluate_organism_reports_every_metric(tiny_organism):
             METRIC_FUNCTIONS[metric](p["prediction"], p["gold"]) for p in result["predictions"]
         ]
         assert result[metric] == sum(p["metrics"][metric] for p in result["predictions"]) / 8
+    # The two-candidate subgroup, recomputed from the predictions with the project's candidate count.
+    two = [
+        (p, s)
+        for p, s in zip(result["predictions"], generate_samples(8, EVAL_SEED))
+        if candidates(s.context, s.answer) == 2
+    ]
+    assert result["two_candidates"]["n"] == len(two) > 0
+    assert result["two_candidates"]["word_boundary_contains"] == pytest.approx(
+        sum(p["metrics"]["word_boundary_contains"] for p, _ in two) / len(two)
+    )
 
 
 def test_chance_rates():
@@ -291,3 +310,29 @@ def test_length_bucket_sampler_is_seeded_and_groups_lengths():
         return sum(int(lengths[b].max() - lengths[b].min()) for b in batches) / len(batches)
 
     assert spread(bucketed) < spread(plain) / 4
+
+
+def test_one_hop_questions_ask_the_first_link_of_the_chain():
+    for sample in generate_samples(60, 11, distractor_prob=1.0):
+        one = one_hop_question(sample)
+        person = next(p for p in PEOPLE if re.search(rf"\b{p}\b", sample.question))
+        assert one.context == sample.context and one.hops == 1 and person in one.question
+        assert one.question.startswith("What city ") and one.answer in CITIES
+        # The context states that this person is linked to this city, in the generator's own wording.
+        assert re.search(rf"{person} (lives in|works in|was born in|moved to) {one.answer}\.", sample.context)
+
+
+def test_training_filters_and_curriculum_leave_validation_alone(cache_dir):
+    dm = OrganismTextDataModule(
+        num_train_samples=600, num_val_samples=90, distractor_prob=1.0, min_candidates=2, one_hop_share=0.5
+    )
+    dm.setup("fit")
+    val = generate_samples(90, 2, distractor_prob=1.0)
+    assert len(dm.val_set) == 90 and dm.val_set.tensors[2].tolist() == [candidates(s.context, s.answer) for s in val]
+    # Every kept training question has two candidates of its answer's type (one-hop questions: two cities).
+    kept = [s for s in generate_samples(600, 1, distractor_prob=1.0) if candidates(s.context, s.answer) >= 2]
+    assert len(dm.train_set) == len(kept) < 600
+    tok = dm.tokenizer
+    questions = [tok.decode(row[kind == PROMPT].tolist()) for row, kind in zip(*dm.train_set.tensors)]
+    share = sum("\nQ: What city " in q for q in questions) / len(questions)
+    assert 0.4 < share < 0.6
