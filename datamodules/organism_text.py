@@ -6,10 +6,7 @@ any training or validation sample whose key also occurs in the evaluation set is
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import random
-import re
 
 import pytorch_lightning as pl
 import torch
@@ -20,7 +17,6 @@ from activation_transfer.task.entities import candidates
 from activation_transfer.task.generator import (
     EVAL_NUM_SAMPLES,
     EVAL_SEED,
-    PERSON_CITY,
     MultiHopSample,
     generate_samples,
 )
@@ -64,23 +60,6 @@ def held_out_samples(
             seed,
         )
     return kept
-
-
-def one_hop_question(sample: MultiHopSample) -> MultiHopSample:
-    """The same context asked its first hop: "What city does <person> live in?" (answer: that person's city).
-
-    The person is the one the sample's question asks about; the question uses the generator's own phrasing of the
-    person -> city link the context states (``generator.PERSON_CITY``). These questions teach the first lookup of
-    every chain on its own, a curriculum step: the multi-hop answer is that lookup followed by more of its kind.
-    """
-    for statement, verb, _ in PERSON_CITY:
-        head = statement.split(" {c}")[0]  # "{p} lives in"
-        pattern = re.escape(head).replace(re.escape("{p}"), r"(\w+)") + r" (\w+)\."
-        for person, city in re.findall(pattern, sample.context):
-            if re.search(rf"\b{person}\b", sample.question):
-                question = f"What city {verb.format(p=person)}?"
-                return dataclasses.replace(sample, question=question, answer=city, hops=1, question_type="tail")
-    raise ValueError(f"sample {sample.sample_id}: no person -> city fact for the person its question names")
 
 
 def encode_samples(samples: list[MultiHopSample], tokenizer, max_length: int) -> dict[str, torch.Tensor]:
@@ -161,8 +140,6 @@ class OrganismTextDataModule(pl.LightningDataModule):
         num_val_samples: int = 256,
         val_seed: int = 2,
         distractor_prob: float = 0.5,
-        min_candidates: int = 1,
-        one_hop_share: float = 0.0,
         max_length: int = 96,
         batch_size: int = 64,
         trim_padding: bool = True,
@@ -179,11 +156,6 @@ class OrganismTextDataModule(pl.LightningDataModule):
             num_val_samples: Validation samples drawn from ``val_seed``.
             val_seed: Generator seed of the validation set; must differ from ``EVAL_SEED``.
             distractor_prob: Probability that a sample carries a distractor chain (as in the evaluation set).
-            min_candidates: Training keeps only samples whose context names at least this many entities of the
-                answer's type (validation keeps all). With 2, every training answer needs the chain itself: naming
-                the one entity of the asked type, which answers the single-candidate questions, scores half.
-            one_hop_share: Share of the training samples whose question is replaced by its first hop
-                (:func:`one_hop_question`), drawn with ``shuffle_seed``; validation keeps the generator's questions.
             max_length: Fixed padded length of every row (prompt + answer + EOS); the longest generated example
                 is under 90 tokens with the offline tokenizer.
             batch_size: Rows per batch.
@@ -227,11 +199,6 @@ class OrganismTextDataModule(pl.LightningDataModule):
         train_all = held_out_samples(hp.num_train_samples, hp.train_seed, hp.distractor_prob, exclude)
         val_keys = {s.key for s in val}
         train = [s for s in train_all if s.key not in val_keys]
-        if hp.min_candidates > 1:
-            train = [s for s in train if (candidates(s.context, s.answer) or 0) >= hp.min_candidates]
-        if hp.one_hop_share > 0:
-            rng = random.Random(hp.shuffle_seed)
-            train = [one_hop_question(s) if rng.random() < hp.one_hop_share else s for s in train]
         self.num_dropped = hp.num_train_samples - len(train)
         self.train_keys = {s.key for s in train}
         enc_train = encode_samples(train, self.tokenizer, hp.max_length)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import torch
 
 from activation_transfer.models.frozen_lm import load_model, load_tokenizer
 from activation_transfer.task.entities import answer_type, candidates
-from activation_transfer.task.generator import CITIES, EVAL_NUM_SAMPLES, EVAL_SEED, PEOPLE, generate_samples
+from activation_transfer.task.generator import EVAL_NUM_SAMPLES, EVAL_SEED, generate_samples
 from activation_transfer.task.organism_eval import chance_rate, evaluate_organism
 from activation_transfer.task.scoring import METRIC_FUNCTIONS
 from activation_transfer.task.tokenizer import offline_tokenizer
@@ -32,7 +31,6 @@ from datamodules.organism_text import (
     OrganismTextDataModule,
     encode_samples,
     eval_keys,
-    one_hop_question,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -312,27 +310,12 @@ def test_length_bucket_sampler_is_seeded_and_groups_lengths():
     assert spread(bucketed) < spread(plain) / 4
 
 
-def test_one_hop_questions_ask_the_first_link_of_the_chain():
-    for sample in generate_samples(60, 11, distractor_prob=1.0):
-        one = one_hop_question(sample)
-        person = next(p for p in PEOPLE if re.search(rf"\b{p}\b", sample.question))
-        assert one.context == sample.context and one.hops == 1 and person in one.question
-        assert one.question.startswith("What city ") and one.answer in CITIES
-        # The context states that this person is linked to this city, in the generator's own wording.
-        assert re.search(rf"{person} (lives in|works in|was born in|moved to) {one.answer}\.", sample.context)
-
-
-def test_training_filters_and_curriculum_leave_validation_alone(cache_dir):
-    dm = OrganismTextDataModule(
-        num_train_samples=600, num_val_samples=90, distractor_prob=1.0, min_candidates=2, one_hop_share=0.5
-    )
+def test_validation_rows_carry_their_candidate_count(cache_dir):
+    dm = OrganismTextDataModule(num_train_samples=200, num_val_samples=90, distractor_prob=1.0)
     dm.setup("fit")
     val = generate_samples(90, 2, distractor_prob=1.0)
-    assert len(dm.val_set) == 90 and dm.val_set.tensors[2].tolist() == [candidates(s.context, s.answer) for s in val]
-    # Every kept training question has two candidates of its answer's type (one-hop questions: two cities).
-    kept = [s for s in generate_samples(600, 1, distractor_prob=1.0) if candidates(s.context, s.answer) >= 2]
-    assert len(dm.train_set) == len(kept) < 600
-    tok = dm.tokenizer
-    questions = [tok.decode(row[kind == PROMPT].tolist()) for row, kind in zip(*dm.train_set.tensors)]
-    share = sum("\nQ: What city " in q for q in questions) / len(questions)
-    assert 0.4 < share < 0.6
+    assert dm.val_set.tensors[2].tolist() == [candidates(s.context, s.answer) for s in val]
+    assert {1, 2} <= set(dm.val_set.tensors[2].tolist())
+    input_ids, token_type, cands = next(iter(dm.val_dataloader()))
+    assert cands.tolist() == dm.val_set.tensors[2][: len(cands)].tolist()
+    assert len(next(iter(dm.train_dataloader()))) == 2  # training batches: ids and token types only
