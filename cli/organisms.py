@@ -5,10 +5,10 @@ organisms are a sender and a larger receiver (different width and depth, one sha
 the generated multi-hop questions, so activation transfer can be tested end to end offline. ``organism:<role>`` names
 only resolve (:func:`resolve_organism`); :func:`ensure_organisms` is the one step that trains.
 
-Training the recipes takes many minutes on a CPU, and other CPUs train other weights, so the weights the recipes
-trained once ship as package data (``cli/organism_weights/``, SHA-256 pinned in its manifest): ``ensure_organism``
-installs them when the recipe's hash matches, and trains otherwise or when asked to (``retrain=True``, the
-environment variable ``ACTIVATION_TRANSFER_RETRAIN_ORGANISMS=1``, or ``python organism.py fit``).
+Training the recipes takes minutes on a CPU, and other CPUs train other weights, so weights trained once by the
+recipes can ship as package data (``cli/organism_weights/``, SHA-256 pinned in its manifest; written by
+``python -m cli.organisms ship``): ``ensure_organism`` installs them when the recipe's hash matches, and trains
+otherwise or when asked to (``retrain=True``, ``ACTIVATION_TRANSFER_RETRAIN_ORGANISMS=1``, ``python organism.py fit``).
 """
 
 from __future__ import annotations
@@ -141,7 +141,9 @@ def shipped_entry(name: str, shipped_dir: Path | None = None) -> dict | None:
     return entry if entry and entry.get("config_hash") == digest else None
 
 
-def _install_shipped(entry: dict, config: dict, out: Path, cache_dir: str | None, shipped_dir: Path | None) -> dict:
+def _install_shipped(
+    entry: dict, name: str, config: dict, out: Path, cache_dir: str | None, shipped_dir: Path | None
+) -> dict:
     """Write the shipped weights of ``entry`` as an organism folder in ``out`` after checking their SHA-256."""
     from safetensors.torch import load_file
 
@@ -163,7 +165,10 @@ def _install_shipped(entry: dict, config: dict, out: Path, cache_dir: str | None
         )
     model.load_state_dict(load_file(str(path)), strict=True)
     export_model(model, tokenizer, out)
-    return {k: v for k, v in entry.items() if k not in ("file", "sha256")} | {"source": f"package:{entry['file']}"}
+    info = {"name": name, "config": config, "format_version": ORGANISM_FORMAT_VERSION}
+    return (
+        info | {k: v for k, v in entry.items() if k not in ("file", "sha256")} | {"source": f"package:{entry['file']}"}
+    )
 
 
 def ensure_organism(
@@ -218,7 +223,8 @@ def ensure_organism(
         entry = None if retrain else shipped_entry(folder.name, shipped_dir)
         if entry:
             log.info("installing the shipped weights of %s (trained by this recipe)", folder.name)
-            info = _install_shipped(entry, resolved_config(config_path, overrides), tmp, cache_dir, shipped_dir)
+            config = resolved_config(config_path, overrides)
+            info = _install_shipped(entry, folder.name, config, tmp, cache_dir, shipped_dir)
         else:
             log.info("training the organism %s (minutes on a CPU; cached afterwards)", folder.name)
             info = _train(config_path, train_overrides, tmp, folder.name)

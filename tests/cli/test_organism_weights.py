@@ -51,6 +51,9 @@ def test_install_reproduces_the_trained_organism(shipped_tiny, tmp_path, cache_d
     assert installed.name == trained.name and installed != trained
     info = json.loads((installed / MARKER).read_text())
     assert info["source"] == "package:sender.safetensors" and info["global_step"] == 24
+    trained_info = json.loads((trained / MARKER).read_text())
+    assert info["name"] == installed.name
+    assert organisms.config_hash(info["config"]) == organisms.config_hash(trained_info["config"])
     ids = torch.tensor([[5, 17, 40, 3, 99, 12]])
     with torch.no_grad():
         a, b = load_model(str(trained))(ids).logits, load_model(str(installed))(ids).logits
