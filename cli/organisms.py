@@ -4,6 +4,11 @@ Nothing on the development, CI or GPU machines can download Pythia, and random-w
 organisms are a sender and a larger receiver (different width and depth, one shared tokenizer) that actually answer
 the generated multi-hop questions, so activation transfer can be tested end to end offline. ``organism:<role>`` names
 only resolve (:func:`resolve_organism`); :func:`ensure_organisms` is the one step that trains.
+
+Training the recipes takes minutes on a CPU, and other CPUs train other weights, so weights trained once by the
+recipes can ship as package data (``cli/organism_weights/``, SHA-256 pinned in its manifest; written by
+``python -m cli.organisms ship``): ``ensure_organism`` installs them when the recipe's hash matches, and trains
+otherwise or when asked to (``retrain=True``, ``ACTIVATION_TRANSFER_RETRAIN_ORGANISMS=1``, ``python organism.py fit``).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from pathlib import Path
 import torch
 
 from activation_transfer.errors import UsageError
-from activation_transfer.io import cache_root
+from activation_transfer.io import cache_root, sha256_file
 from activation_transfer.models.frozen_lm import register_resolver
 from activation_transfer.task.tokenizer import offline_tokenizer, tokenizer_fingerprint
 from callbacks.progress import progress_callbacks
@@ -40,6 +45,11 @@ MARKER = "organism.json"  # written last inside the temporary folder: its presen
 _UNHASHED = ("config", "export_dir", "ckpt_path")
 _UNHASHED_TRAINER = ("logger", "default_root_dir", "enable_progress_bar", "enable_model_summary", "log_every_n_steps")
 _UNHASHED_DATA = ("num_workers", "cache_dir")
+# Weights trained once from the recipes, shipped as package data; the manifest pins each file's SHA-256 and the
+# config hash of the recipe that trained it.
+SHIPPED_DIR = Path(__file__).resolve().parent / "organism_weights"
+SHIPPED_MANIFEST = "manifest.json"
+RETRAIN_ENV = "ACTIVATION_TRANSFER_RETRAIN_ORGANISMS"
 
 
 @contextlib.contextmanager
@@ -117,7 +127,57 @@ def organism_dir(config_path: str, cache_dir: str | None = None, overrides: list
     return cache_root(cache_dir) / "organisms" / f"{Path(config_path).stem}-{config_hash(config, tok_sha)}"
 
 
-def ensure_organism(config_path: str, cache_dir: str | None = None, overrides: list[str] | None = None) -> Path:
+def shipped_entry(name: str, shipped_dir: Path | None = None) -> dict | None:
+    """The manifest entry of the shipped weights for the organism folder name ``<role>-<hash>``, if any.
+
+    An entry only matches the exact recipe hash that trained it: any change of the recipe, the tokenizer or
+    ``ORGANISM_FORMAT_VERSION`` makes the shipped weights unused (and the organism is trained instead).
+    """
+    manifest = (shipped_dir or SHIPPED_DIR) / SHIPPED_MANIFEST
+    if not manifest.exists():
+        return None
+    role, _, digest = name.rpartition("-")
+    entry = json.loads(manifest.read_text()).get(role)
+    return entry if entry and entry.get("config_hash") == digest else None
+
+
+def _install_shipped(
+    entry: dict, name: str, config: dict, out: Path, cache_dir: str | None, shipped_dir: Path | None
+) -> dict:
+    """Write the shipped weights of ``entry`` as an organism folder in ``out`` after checking their SHA-256."""
+    from safetensors.torch import load_file
+
+    from lightning_modules.causal_lm import build_neox, export_model
+
+    path = (shipped_dir or SHIPPED_DIR) / entry["file"]
+    digest = sha256_file(path)
+    if digest != entry["sha256"]:
+        raise UsageError(
+            f"{path}: SHA-256 {digest} differs from {entry['sha256']} pinned in {path.parent / SHIPPED_MANIFEST}; "
+            f"reinstall the package, or set {RETRAIN_ENV}=1 to train the organism from its recipe instead"
+        )
+    m = config["model"]
+    tokenizer = offline_tokenizer((config.get("data") or {}).get("cache_dir") or cache_dir)
+    keys = ("hidden_size", "num_layers", "num_heads", "intermediate_size", "max_position_embeddings", "rotary_pct")
+    with torch.random.fork_rng(devices=[]):  # the random init is overwritten; the caller's RNG stays untouched
+        model = build_neox(
+            vocab_size=len(tokenizer), tie_word_embeddings=m["tie_word_embeddings"], **{k: m[k] for k in keys}
+        )
+    model.load_state_dict(load_file(str(path)), strict=True)
+    export_model(model, tokenizer, out)
+    info = {"name": name, "config": config, "format_version": ORGANISM_FORMAT_VERSION}
+    return (
+        info | {k: v for k, v in entry.items() if k not in ("file", "sha256")} | {"source": f"package:{entry['file']}"}
+    )
+
+
+def ensure_organism(
+    config_path: str,
+    cache_dir: str | None = None,
+    overrides: list[str] | None = None,
+    retrain: bool | None = None,
+    shipped_dir: Path | None = None,
+) -> Path:
     """Return the Hugging Face folder of the organism ``config_path`` describes, training it only if not cached.
 
     The cache entry is ``cache_root(cache_dir)/organisms/<role>-<hash>/`` where ``role`` is the config's file stem
@@ -125,21 +185,31 @@ def ensure_organism(config_path: str, cache_dir: str | None = None, overrides: l
     writes into a temporary sibling folder that is renamed into place once complete, so an interrupted or
     concurrent run never leaves a half-written organism behind. The folder holds ``save_pretrained`` output of the
     model and tokenizer (load it with ``load_model(str(path))`` / ``load_tokenizer(str(path))``), ``organism.json``
-    (config, hash, training time, final validation metrics) and the training logs under ``training/``.
+    (config, hash, training time, final validation metrics) and the training logs under ``training/``. When the
+    package ships weights trained by this very recipe (same hash), they are installed instead of training.
 
     Args:
         config_path: Organism YAML, e.g. ``configs/organisms/receiver.yaml``.
         cache_dir: Project cache folder (default: ``cache_root()``).
         overrides: Extra CLI arguments applied after the config, e.g. ``["--trainer.max_steps", "40"]``.
+        retrain: Train from the recipe even when shipped weights match (a cached entry installed from the package is
+            replaced). Default: the environment variable ``ACTIVATION_TRANSFER_RETRAIN_ORGANISMS`` (``1`` = yes).
+        shipped_dir: Folder of the shipped weights and their manifest (default: ``cli/organism_weights``).
 
     Returns:
         The organism's folder.
     """
     overrides = list(overrides or [])
+    if retrain is None:
+        retrain = os.environ.get(RETRAIN_ENV, "") not in ("", "0")
     folder = organism_dir(config_path, cache_dir, overrides)
     if (folder / MARKER).exists():
-        log.info("reusing the cached organism %s", folder)
-        return folder
+        source = json.loads((folder / MARKER).read_text()).get("source", "")
+        if not (retrain and source.startswith("package:")):
+            log.info("reusing the cached organism %s", folder)
+            return folder
+        log.info("retraining %s: the cached one was installed from the package", folder)
+        shutil.rmtree(folder)
     if folder.exists():  # left by something other than this function (the marker is written before the rename)
         log.warning("removing the incomplete organism folder %s", folder)
         shutil.rmtree(folder)
@@ -150,8 +220,14 @@ def ensure_organism(config_path: str, cache_dir: str | None = None, overrides: l
         if cache_dir and not (resolved_config(config_path, overrides).get("data") or {}).get("cache_dir"):
             # Train with the tokenizer the cache key was computed from (data.cache_dir is not part of the key).
             train_overrides += ["--data.cache_dir", str(cache_dir)]
-        log.info("training the organism %s (minutes on a CPU; cached afterwards)", folder.name)
-        info = _train(config_path, train_overrides, tmp, folder.name)
+        entry = None if retrain else shipped_entry(folder.name, shipped_dir)
+        if entry:
+            log.info("installing the shipped weights of %s (trained by this recipe)", folder.name)
+            config = resolved_config(config_path, overrides)
+            info = _install_shipped(entry, folder.name, config, tmp, cache_dir, shipped_dir)
+        else:
+            log.info("training the organism %s (minutes on a CPU; cached afterwards)", folder.name)
+            info = _train(config_path, train_overrides, tmp, folder.name)
         (tmp / MARKER).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
         try:
             os.replace(tmp, folder)
@@ -209,6 +285,40 @@ def _train(config_path: str, overrides: list[str], out: Path, name: str) -> dict
     }
 
 
+def ship_organism(
+    config_path: str, cache_dir: str | None = None, overrides: list[str] | None = None, shipped_dir: Path | None = None
+) -> dict:
+    """Train the organism of ``config_path`` from its recipe and write its weights into the package data.
+
+    The weights (the model's ``state_dict``, float32 safetensors) go to ``<shipped_dir>/<role>.safetensors`` and
+    the manifest records their SHA-256, the recipe's hash and the training record (time, threads, versions), so
+    :func:`ensure_organism` installs them wherever the same recipe is asked for. Run by
+    ``python -m cli.organisms ship``.
+
+    Returns:
+        The manifest entry.
+    """
+    from safetensors.torch import save_file
+
+    from activation_transfer.models.frozen_lm import load_model
+
+    shipped_dir = Path(shipped_dir or SHIPPED_DIR)
+    folder = ensure_organism(config_path, cache_dir, overrides, retrain=True)
+    info = json.loads((folder / MARKER).read_text())
+    role, _, digest = folder.name.rpartition("-")
+    shipped_dir.mkdir(parents=True, exist_ok=True)
+    path = shipped_dir / f"{role}.safetensors"
+    state = {k: v.detach().contiguous() for k, v in load_model(str(folder), dtype="float32").state_dict().items()}
+    save_file(state, str(path), metadata={"format": "pt"})
+    keep = ("train_seconds", "global_step", "final_metrics", "torch_num_threads", "versions", "config_path")
+    entry = {"file": path.name, "sha256": sha256_file(path), "config_hash": digest} | {k: info.get(k) for k in keep}
+    manifest_path = shipped_dir / SHIPPED_MANIFEST
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
+    manifest[role] = entry
+    manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return entry
+
+
 # --------------------------------------------------------------------------------------------- names
 
 # ``organism:<role>`` names the built-in organism whose recipe is ``configs/organisms/<role>.yaml`` (package data,
@@ -260,3 +370,15 @@ def ensure_organisms(names, cache_dir: str | None = None) -> dict[str, Path]:
 
 
 register_resolver(ORGANISM_PREFIX, resolve_organism)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Train the organisms from their recipes and ship their weights.")
+    parser.add_argument("command", choices=["ship"])
+    parser.add_argument("roles", nargs="*", default=["sender", "receiver"])
+    parser.add_argument("--cache-dir", default=None, help="Project cache folder (default: cache_root()).")
+    ns = parser.parse_args()
+    for r in ns.roles:
+        print(r, json.dumps(ship_organism(str(organism_config(r)), ns.cache_dir)))

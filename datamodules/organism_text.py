@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from activation_transfer.errors import UsageError
+from activation_transfer.task.entities import candidates
 from activation_transfer.task.generator import (
     EVAL_NUM_SAMPLES,
     EVAL_SEED,
@@ -75,7 +76,8 @@ def encode_samples(samples: list[MultiHopSample], tokenizer, max_length: int) ->
             would cut the context the answer must be read from).
 
     Returns:
-        ``input_ids`` (N, max_length) and ``token_type`` (N, max_length) with values PAD / PROMPT / ANSWER.
+        ``input_ids`` (N, max_length) and ``token_type`` (N, max_length) with values PAD / PROMPT / ANSWER, and
+        ``candidates`` (N,): how many entities of the answer's type the context names (0 if untyped).
     """
     eos = tokenizer.eos_token_id
     prompts = tokenizer([format_prompt(s.context, s.question) for s in samples], add_special_tokens=False)["input_ids"]
@@ -89,7 +91,8 @@ def encode_samples(samples: list[MultiHopSample], tokenizer, max_length: int) ->
         ids[i, : len(row)] = torch.tensor(row)
         kind[i, : len(p)] = PROMPT
         kind[i, len(p) : len(row)] = ANSWER
-    return {"input_ids": ids, "token_type": kind}
+    cands = torch.tensor([candidates(s.context, s.answer) or 0 for s in samples], dtype=torch.long)
+    return {"input_ids": ids, "token_type": kind, "candidates": cands}
 
 
 class LengthBucketBatchSampler(Sampler[list[int]]):
@@ -201,15 +204,16 @@ class OrganismTextDataModule(pl.LightningDataModule):
         enc_train = encode_samples(train, self.tokenizer, hp.max_length)
         enc_val = encode_samples(val, self.tokenizer, hp.max_length)
         self.train_set = TensorDataset(enc_train["input_ids"], enc_train["token_type"])
-        self.val_set = TensorDataset(enc_val["input_ids"], enc_val["token_type"])
+        # Validation rows also carry their candidate count: val/answer_acc_two_candidates follows the chain-reading
+        # skill itself (with one candidate of the answer's type, naming it is enough).
+        self.val_set = TensorDataset(enc_val["input_ids"], enc_val["token_type"], enc_val["candidates"])
 
     def _collate(self, rows):
-        input_ids = torch.stack([r[0] for r in rows])
-        token_type = torch.stack([r[1] for r in rows])
+        input_ids, token_type, *rest = (torch.stack(column) for column in zip(*rows))
         if self.hparams.trim_padding:
             used = int((token_type != PAD).any(dim=0).nonzero().max()) + 1
             input_ids, token_type = input_ids[:, :used], token_type[:, :used]
-        return input_ids, token_type
+        return (input_ids, token_type, *rest)
 
     def train_dataloader(self) -> DataLoader:
         # Private generators: the order depends on shuffle_seed only, not on how much global RNG ran before.

@@ -109,6 +109,7 @@ class CausalLMModule(pl.LightningModule):
         self.val_loss = MeanMetric()
         self.val_answer_acc = MeanMetric()
         self.val_answer_acc_best = MaxMetric()
+        self.val_answer_acc_two = MeanMetric()
 
     def _losses(self, input_ids: torch.Tensor, token_type: torch.Tensor):
         # No attention mask: rows are right-padded, so under causal attention real tokens never see the padding and
@@ -129,9 +130,10 @@ class CausalLMModule(pl.LightningModule):
         self.val_loss.reset()
         self.val_answer_acc.reset()
         self.val_answer_acc_best.reset()
+        self.val_answer_acc_two.reset()
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        input_ids, token_type = batch
+        input_ids, token_type = batch[:2]
         answer_loss, prompt_loss, correct = self._losses(input_ids, token_type)
         loss = answer_loss + self.hparams.prompt_loss_weight * prompt_loss
         self.log_dict(
@@ -146,12 +148,17 @@ class CausalLMModule(pl.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        input_ids, token_type = batch
+        input_ids, token_type, *rest = batch
         answer_loss, _, correct = self._losses(input_ids, token_type)
         self.val_loss.update(answer_loss, weight=input_ids.size(0))
         self.val_answer_acc.update(correct)
         self.log("val/loss", self.val_loss, on_epoch=True, prog_bar=True)
         self.log("val/answer_acc", self.val_answer_acc, on_epoch=True, prog_bar=True)
+        if rest:  # candidate counts: the questions whose context names two entities of the answer's type
+            two = (rest[0] == 2).float()
+            if two.any():
+                self.val_answer_acc_two.update(correct, weight=two)
+                self.log("val/answer_acc_two_candidates", self.val_answer_acc_two, on_epoch=True)
 
     def on_validation_epoch_end(self) -> None:
         # Logged through .compute() so Lightning does not reset the running maximum.
@@ -181,15 +188,23 @@ class CausalLMModule(pl.LightningModule):
 
     def export(self, folder: str | Path, tokenizer) -> Path:
         """Write the model and tokenizer in Hugging Face format (``from_pretrained``-loadable) into ``folder``."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        model = self.model
-        was_training = model.training
-        model.eval()
-        # Generation defaults matching Pythia: id 0 ends and pads.
-        model.generation_config.pad_token_id = model.generation_config.eos_token_id = 0
-        model.generation_config.bos_token_id = 0
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        model.train(was_training)
-        return folder
+        return export_model(self.model, tokenizer, folder)
+
+
+def export_model(model, tokenizer, folder: str | Path) -> Path:
+    """Write ``model`` (a ``build_neox`` model) and ``tokenizer`` in Hugging Face format into ``folder``.
+
+    Shared by training (:meth:`CausalLMModule.export`) and by the organisms shipped as package data, so both write
+    the same files.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    # Generation defaults matching Pythia: id 0 ends and pads.
+    model.generation_config.pad_token_id = model.generation_config.eos_token_id = 0
+    model.generation_config.bos_token_id = 0
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    model.train(was_training)
+    return folder

@@ -6,23 +6,14 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import torch
 
 from activation_transfer.models.frozen_lm import load_model, load_tokenizer
 from activation_transfer.models.generation import GenerationSettings, generate_texts
-from activation_transfer.task.generator import (
-    CITIES,
-    CONTINENTS,
-    COUNTRIES,
-    EVAL_NUM_SAMPLES,
-    EVAL_SEED,
-    PEOPLE,
-    MultiHopSample,
-    generate_samples,
-)
+from activation_transfer.task.entities import ENTITY_TYPES, answer_type, entities_in
+from activation_transfer.task.generator import EVAL_NUM_SAMPLES, EVAL_SEED, MultiHopSample, generate_samples
 from activation_transfer.task.prompts import format_prompt
 from activation_transfer.task.scoring import METRICS, score
 
@@ -70,8 +61,9 @@ def evaluate_organism(
 
     Returns:
         ``{"n": ..., <metric>: accuracy for each of METRICS, "by_hops": {hops: word-boundary accuracy},
-        "ambiguous": {"n", "word_boundary_contains"} over the questions whose context names two candidates of the
-        answer's type, "chance": chance_rate(samples)}`` plus ``"predictions"`` when asked for.
+        "two_candidates": {"n", "word_boundary_contains", "other_candidate"} over the questions whose context names
+        two entities of the answer's type (``other_candidate``: the share whose prediction names the other one),
+        "chance": chance_rate(samples)}`` plus ``"predictions"`` when asked for.
     """
     model = load_model(str(path), dtype="float32")
     tokenizer = load_tokenizer(str(path))
@@ -86,12 +78,16 @@ def evaluate_organism(
         by_hops.setdefault(s.hops, []).append(sc["word_boundary_contains"])
     result["by_hops"] = {h: sum(v) / len(v) for h, v in sorted(by_hops.items())}
     # Questions whose context names a second entity of the answer's type (a distractor chain) need the chain itself.
-    ambiguous = [
-        sc["word_boundary_contains"]
-        for s, sc in zip(samples, scores)
-        if len(_context_entities(s.context)[_entity_type(s.answer)]) > 1
+    two = [
+        (s, sc, p)
+        for s, sc, p in zip(samples, scores, preds)
+        if len(entities_in(s.context, answer_type(s.answer))) == 2
     ]
-    result["ambiguous"] = {"n": len(ambiguous), "word_boundary_contains": sum(ambiguous) / max(len(ambiguous), 1)}
+    result["two_candidates"] = {
+        "n": len(two),
+        "word_boundary_contains": sum(sc["word_boundary_contains"] for _, sc, _ in two) / max(len(two), 1),
+        "other_candidate": sum(_names_other(s, p) for s, _, p in two) / max(len(two), 1),
+    }
     result["chance"] = chance_rate(samples)
     if return_predictions:
         result["predictions"] = [
@@ -101,32 +97,16 @@ def evaluate_organism(
     return result
 
 
+def _names_other(sample: MultiHopSample, prediction: str) -> bool:
+    """Whether ``prediction`` names (word-bounded) an entity of the answer's type from the context other than gold."""
+    others = [e for e in entities_in(sample.context, answer_type(sample.answer)) if e != sample.answer]
+    return any(score(prediction, e)["word_boundary_contains"] for e in others)
+
+
 # --------------------------------------------------------------------------------------------- chance
 
 
-COUNTS = tuple(str(m) for m in range(5, 61))  # the generator's "about {m} countries" range
-ENTITY_POOLS: dict[str, tuple[str, ...]] = {
-    "person": PEOPLE,
-    "city": CITIES,
-    "country": COUNTRIES,
-    "continent": CONTINENTS,
-    "count": COUNTS,
-}
 CHANCE_MODES = ("type_pool", "context_same_type", "context_entity")
-
-
-def _entity_type(answer: str) -> str:
-    for kind, pool in ENTITY_POOLS.items():
-        if answer in pool:
-            return kind
-    raise ValueError(f"answer {answer!r} is not an entity of the generator's pools")
-
-
-def _context_entities(context: str) -> dict[str, list[str]]:
-    found: dict[str, list[str]] = {}
-    for kind, pool in ENTITY_POOLS.items():
-        found[kind] = [e for e in pool if re.search(rf"(?<!\w){re.escape(e)}(?!\w)", context)]
-    return found
 
 
 def chance_rate(
@@ -156,9 +136,10 @@ def chance_rate(
     total = 0.0
     for s in samples:
         if mode == "type_pool":
-            guesses = list(ENTITY_POOLS[_entity_type(s.answer)])
+            guesses = list(ENTITY_TYPES[answer_type(s.answer)])
+        elif mode == "context_same_type":
+            guesses = entities_in(s.context, answer_type(s.answer))
         else:
-            found = _context_entities(s.context)
-            guesses = found[_entity_type(s.answer)] if mode == "context_same_type" else sum(found.values(), [])
+            guesses = [e for kind in ENTITY_TYPES for e in entities_in(s.context, kind)]
         total += sum(score(g, s.answer)[metric] for g in guesses) / len(guesses)
     return total / max(len(samples), 1)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from activation_transfer.models.frozen_lm import load_model, load_tokenizer
-from activation_transfer.task import organism_eval
+from activation_transfer.task.entities import answer_type, candidates
 from activation_transfer.task.generator import EVAL_NUM_SAMPLES, EVAL_SEED, generate_samples
 from activation_transfer.task.organism_eval import chance_rate, evaluate_organism
 from activation_transfer.task.scoring import METRIC_FUNCTIONS
@@ -24,7 +24,14 @@ from cli.organisms import (
     organism_config,
     resolved_config,
 )
-from datamodules.organism_text import ANSWER, PAD, PROMPT, OrganismTextDataModule, encode_samples, eval_keys
+from datamodules.organism_text import (
+    ANSWER,
+    PAD,
+    PROMPT,
+    OrganismTextDataModule,
+    encode_samples,
+    eval_keys,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted(ORGANISM_CONFIG_DIR.glob("*.yaml"))
@@ -128,7 +135,7 @@ def test_tiny_organism_trains_exports_and_reloads(tiny_organism):
         assert (path / name).exists(), name
     info = json.loads((path / organisms.MARKER).read_text())
     assert info["global_step"] == 24
-    assert "val/answer_acc" in info["final_metrics"] and "val/loss" in info["final_metrics"]
+    assert {"val/answer_acc", "val/answer_acc_two_candidates", "val/loss"} <= info["final_metrics"].keys()
     assert path.name.startswith("sender-")
     assert not list(path.parent.glob(".*tmp*"))  # the temporary folder was renamed away
 
@@ -241,13 +248,23 @@ def test_evaluate_organism_reports_every_metric(tiny_organism):
             METRIC_FUNCTIONS[metric](p["prediction"], p["gold"]) for p in result["predictions"]
         ]
         assert result[metric] == sum(p["metrics"][metric] for p in result["predictions"]) / 8
+    # The two-candidate subgroup, recomputed from the predictions with the project's candidate count.
+    two = [
+        (p, s)
+        for p, s in zip(result["predictions"], generate_samples(8, EVAL_SEED))
+        if candidates(s.context, s.answer) == 2
+    ]
+    assert result["two_candidates"]["n"] == len(two) > 0
+    assert result["two_candidates"]["word_boundary_contains"] == pytest.approx(
+        sum(p["metrics"]["word_boundary_contains"] for p, _ in two) / len(two)
+    )
 
 
 def test_chance_rates():
     samples = generate_samples(EVAL_NUM_SAMPLES, EVAL_SEED)
     pool = chance_rate(samples, "type_pool")
     # By hand: answers are countries (1/26), continents (1/6) or counts (1/56), weighted by how often each is asked.
-    kinds = [organism_eval._entity_type(s.answer) for s in samples]
+    kinds = [answer_type(s.answer) for s in samples]
     expected = sum({"country": 1 / 26, "continent": 1 / 6, "count": 1 / 56}[k] for k in kinds) / len(samples)
     assert pool == pytest.approx(expected)
     same_type = chance_rate(samples, "context_same_type")
@@ -291,3 +308,14 @@ def test_length_bucket_sampler_is_seeded_and_groups_lengths():
         return sum(int(lengths[b].max() - lengths[b].min()) for b in batches) / len(batches)
 
     assert spread(bucketed) < spread(plain) / 4
+
+
+def test_validation_rows_carry_their_candidate_count(cache_dir):
+    dm = OrganismTextDataModule(num_train_samples=200, num_val_samples=90, distractor_prob=1.0)
+    dm.setup("fit")
+    val = generate_samples(90, 2, distractor_prob=1.0)
+    assert dm.val_set.tensors[2].tolist() == [candidates(s.context, s.answer) for s in val]
+    assert {1, 2} <= set(dm.val_set.tensors[2].tolist())
+    input_ids, token_type, cands = next(iter(dm.val_dataloader()))
+    assert cands.tolist() == dm.val_set.tensors[2][: len(cands)].tolist()
+    assert len(next(iter(dm.train_dataloader()))) == 2  # training batches: ids and token types only
