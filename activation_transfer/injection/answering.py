@@ -26,6 +26,8 @@ from activation_transfer.task.prompts import (
 )
 
 Answers = tuple[list[str], list[dict]]  # one prediction and one diagnostics dict per sample
+# Stacked runs decode in phases of this many tokens, dropping the rows that have ended after each (generate_ids).
+DROP_FINISHED_EVERY = 4
 
 
 @dataclass
@@ -114,12 +116,19 @@ def _generate(
 ) -> list[str]:
     """Stripped answers of one ``generate`` under ``inj``; on non-finite logits ``check`` raises the more precise
     cause first (a non-finite injection block), else the error names ``condition``. ``shared``: the prefill states
-    below the write already computed for these prompts (and kept for the next call)."""
+    below the write already computed for these prompts (and kept for the next call); with it, finished rows leave
+    the decoding every ``DROP_FINISHED_EVERY`` tokens."""
     reuse = nullcontext() if shared is None else shared.reusing(receiver.model, receiver.layer.path, ids, mask)
     try:
         with reuse, prefill_injection(receiver.model, receiver.layer.path, inj):
             new_ids = generate_ids(
-                receiver.model, receiver.tokenizer, ids, mask, settings, model_name=f"the receiver {receiver.ref.name}"
+                receiver.model,
+                receiver.tokenizer,
+                ids,
+                mask,
+                settings,
+                model_name=f"the receiver {receiver.ref.name}",
+                drop_finished_every=None if shared is None else DROP_FINISHED_EVERY,
             )
     except NonFiniteLogits as err:
         check()
