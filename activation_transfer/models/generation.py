@@ -7,6 +7,7 @@ bf16 small numeric differences between batch shapes can flip a greedy choice.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -199,7 +200,11 @@ def _generate_phase(model, tokenizer, ids, mask, prompt_mask, settings, n, model
     processors = LogitsProcessorList([FiniteLogitsCheck(model_name or str(model.config.name_or_path))])
     if settings.repetition_penalty != 1.0:
         processors.append(MaskedRepetitionPenalty(settings.repetition_penalty, prompt_mask))
-    kwargs = {} if cache is None else {"cache": cache}
+    # transformers renamed generate's past_key_values to cache (5.2x); the name this version takes
+    name = (
+        "cache" if "cache" in inspect.signature(model.prepare_inputs_for_generation).parameters else "past_key_values"
+    )
+    kwargs = {} if cache is None else {name: cache}
     return model.generate(
         input_ids=ids, attention_mask=mask, generation_config=cfg, logits_processor=processors, **kwargs
     )
