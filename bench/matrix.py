@@ -65,16 +65,16 @@ def translators(pair: str, sender: str, receiver: str, folder: Path) -> list[str
     return out
 
 
-def timed(cmd: list[str], env: dict) -> float:
+def timed(cmd: list[str], env: dict, code: Path = ROOT) -> float:
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    done = subprocess.run(cmd, cwd=code, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if done.returncode:
         raise SystemExit(f"{' '.join(cmd[:3])} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     return wall
 
 
-def project(pair: str, ckpts: list[str], root: Path, stack: bool, args, env: dict) -> dict:
+def project(pair: str, ckpts: list[str], root: Path, stack: bool, args, env: dict, code: Path = ROOT) -> dict:
     sender, receiver, new, relay = PAIRS[pair]
     cmd = [sys.executable, "evaluate.py", "test", "--trainer.accelerator", "cpu", "--trainer.devices", "1"]
     cmd += ["--trainer.logger", "false", "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir"]
@@ -83,7 +83,7 @@ def project(pair: str, ckpts: list[str], root: Path, stack: bool, args, env: dic
     cmd += ["--model.generation.max_new_tokens", str(new), "--model.generation.relay_max_new_tokens", str(relay)]
     cmd += ["--data.source", "synthetic", "--data.num_samples", str(args.num_prompts)]
     cmd += ["--data.batch_size", str(args.batch_size)]
-    wall = timed(cmd, env)
+    wall = timed(cmd, env, code)
     (run_dir,) = [p.parent for p in root.glob("*/meta.json")]
     meta = json.loads((run_dir / "meta.json").read_text())
     records = {}
@@ -129,6 +129,8 @@ def bench_pair(pair: str, args, env: dict) -> list[str]:
     per_run = project(pair, ckpts, folder / "per_run", False, args, env)
     stacked = project(pair, ckpts, folder / "stacked", True, args, env)
     same = per_run["records"] == stacked["records"]
+    # --baseline: the stacked command of another checkout (e.g. the branch point), for a before/after in one run
+    before = args.baseline and project(pair, ckpts, folder / "before", True, args, env, Path(args.baseline).resolve())
     differ = total = 0
     for key, text in runner["answers"].items():
         condition, seed, sid = key.split("|")
@@ -139,7 +141,10 @@ def bench_pair(pair: str, args, env: dict) -> list[str]:
         f"| {pair} | paper's runner (one prompt at a time, {len(SEEDS) * 11} runs) | {runner['wall']:.1f} | "
         f"{runner['work']:.1f} | 1.0x | 1.0x |",
     ]
-    for name, r in (("evaluate.py, one generate per run", per_run), ("evaluate.py, stacked runs", stacked)):
+    commands = [("evaluate.py, one generate per run", per_run), ("evaluate.py, stacked runs", stacked)]
+    if before:
+        commands.insert(1, (f"evaluate.py at {args.baseline}, stacked runs", before))
+    for name, r in commands:
         rows.append(
             f"| {pair} | {name} ({runs} runs) | {r['wall']:.1f} | {r['work']:.1f} | "
             f"{runner['wall'] / r['wall']:.1f}x | {runner['work'] / r['work']:.1f}x |"
@@ -149,6 +154,11 @@ def bench_pair(pair: str, args, env: dict) -> list[str]:
         f"{per_run['wall'] / stacked['wall']:.2f}x wall; records identical: {same}; answers differing from the "
         f"paper's runner: {differ}/{total}",
     ]
+    if before:
+        notes.append(
+            f"{pair}: stacked, this checkout vs {args.baseline}: {before['work'] / stacked['work']:.2f}x on the work; "
+            f"records identical: {before['records'] == stacked['records']}"
+        )
     return rows + notes
 
 

@@ -10,12 +10,13 @@ rows, each with its own write) or one per run.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 
 import torch
 
 from activation_transfer.injection.conditions import ConditionSpec
-from activation_transfer.injection.prefill_hook import PrefillInjection, prefill_injection
+from activation_transfer.injection.prefill_hook import PrefillInjection, SharedPrefill, prefill_injection
 from activation_transfer.models.frozen_lm import LoadedModel
 from activation_transfer.models.generation import GenerationSettings, NonFiniteLogits, decode, generate_ids
 from activation_transfer.task.prompts import (
@@ -25,6 +26,8 @@ from activation_transfer.task.prompts import (
 )
 
 Answers = tuple[list[str], list[dict]]  # one prediction and one diagnostics dict per sample
+# Stacked runs decode in phases of this many tokens, dropping the rows that have ended after each (generate_ids).
+DROP_FINISHED_EVERY = 4
 
 
 @dataclass
@@ -102,14 +105,30 @@ class StackedInjection:
 
 
 def _generate(
-    receiver: LoadedModel, ids, mask, settings: GenerationSettings, inj, condition: str, check: Callable[[], None]
+    receiver: LoadedModel,
+    ids,
+    mask,
+    settings: GenerationSettings,
+    inj,
+    condition: str,
+    check: Callable[[], None],
+    shared: SharedPrefill | None = None,
 ) -> list[str]:
     """Stripped answers of one ``generate`` under ``inj``; on non-finite logits ``check`` raises the more precise
-    cause first (a non-finite injection block), else the error names ``condition``."""
+    cause first (a non-finite injection block), else the error names ``condition``. ``shared``: the prefill states
+    below the write already computed for these prompts (and kept for the next call); with it, finished rows leave
+    the decoding every ``DROP_FINISHED_EVERY`` tokens."""
+    reuse = nullcontext() if shared is None else shared.reusing(receiver.model, receiver.layer.path, ids, mask)
     try:
-        with prefill_injection(receiver.model, receiver.layer.path, inj):
+        with reuse, prefill_injection(receiver.model, receiver.layer.path, inj):
             new_ids = generate_ids(
-                receiver.model, receiver.tokenizer, ids, mask, settings, model_name=f"the receiver {receiver.ref.name}"
+                receiver.model,
+                receiver.tokenizer,
+                ids,
+                mask,
+                settings,
+                model_name=f"the receiver {receiver.ref.name}",
+                drop_finished_every=None if shared is None else DROP_FINISHED_EVERY,
             )
     except NonFiniteLogits as err:
         check()
@@ -118,13 +137,19 @@ def _generate(
     return [p.strip() for p in decode(receiver.tokenizer, new_ids)]
 
 
-def _generate_stacked(receiver: LoadedModel, runs: Sequence[PendingAnswers], settings: GenerationSettings) -> None:
+def _generate_stacked(
+    receiver: LoadedModel,
+    runs: Sequence[PendingAnswers],
+    settings: GenerationSettings,
+    shared: SharedPrefill | None = None,
+) -> None:
     """Answer ``runs`` (one prompt width) with one ``generate``: their rows stacked, each block written by its own
     run. Rows are independent in a batch (a row's states do not depend on the others'), so every run's answers and
-    norms equal its own ``generate``'s in fp32; the runs' ``answers`` are set."""
-    if len(runs) == 1:  # the per-run path, exactly
+    norms equal its own ``generate``'s in fp32, also when ``shared`` gives the states below the write of prompts
+    seen before; the runs' ``answers`` are set."""
+    if len(runs) == 1:  # the per-run path, exactly (with shared=None)
         p = runs[0]
-        texts = _generate(receiver, p.ids, p.mask, settings, p.injection, p.condition, _check(p))
+        texts = _generate(receiver, p.ids, p.mask, settings, p.injection, p.condition, _check(p), shared)
         p.answers = p.finish(texts)
         return
     bounds = torch.tensor([0] + [p.rows for p in runs]).cumsum(0).tolist()
@@ -137,7 +162,7 @@ def _generate_stacked(receiver: LoadedModel, runs: Sequence[PendingAnswers], set
             _check(p)()
 
     names = ", ".join(dict.fromkeys(p.condition for p in runs))
-    texts = _generate(receiver, ids, mask, settings, stacked, names, check)
+    texts = _generate(receiver, ids, mask, settings, stacked, names, check, shared)
     for p, rows in zip(runs, slices):
         p.answers = p.finish(texts[rows])
 
@@ -160,7 +185,8 @@ def resolve(
         settings: Decoding settings.
         max_rows: Stack runs of the same prompt width into one ``generate`` of at most this many rows (a run is never
             split; one larger than ``max_rows`` runs alone); None: one ``generate`` per run. Only equal widths are
-            stacked: more left padding changes a row's fp32 states in the last bits.
+            stacked: more left padding changes a row's fp32 states in the last bits. The stacked ``generate`` calls
+            compute the blocks up to the injection block once per distinct prompt (:class:`SharedPrefill`).
     """
     runs = [as_pending(r) for r in runs]
     todo = [p for p in runs if p.answers is None]
@@ -168,17 +194,17 @@ def resolve(
         for p in todo:
             _generate_stacked(receiver, [p], settings)
     else:
-        by_width: dict[int, list[PendingAnswers]] = {}
+        shared, by_width = SharedPrefill(), {}
         for p in todo:
             by_width.setdefault(int(p.ids.shape[1]), []).append(p)
         for group in by_width.values():
             stack: list[PendingAnswers] = []
             for p in group:
                 if stack and sum(q.rows for q in stack) + p.rows > max_rows:
-                    _generate_stacked(receiver, stack, settings)
+                    _generate_stacked(receiver, stack, settings, shared)
                     stack = []
                 stack.append(p)
-            _generate_stacked(receiver, stack, settings)
+            _generate_stacked(receiver, stack, settings, shared)
     return [p.answers for p in runs]
 
 

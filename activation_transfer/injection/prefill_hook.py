@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from activation_transfer.injection.conditions import apply_injection, masked_norm_mean
-from activation_transfer.models.hooks import block_hook
+from activation_transfer.models.hooks import block_hook, get_module
 
 
 class PrefillInjection:
@@ -85,3 +85,93 @@ def prefill_injection(model: nn.Module, path: str, injection: PrefillInjection) 
         yield injection
     if not injection.fired:
         raise RuntimeError(f"the injection hook on {path!r} never fired: the block was not run")
+
+
+class _CacheRecorder:
+    """Stands in for the KV cache while a block runs on some rows: keeps what the block would cache."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def update(self, keys: torch.Tensor, values: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        self.calls.append((keys, values, args, kwargs))
+        return keys, values  # a fresh cache's first update returns what it stores
+
+
+class SharedPrefill:
+    """The prefill states of prompt rows up to and including the injection block, kept across ``generate`` calls
+    (:meth:`reusing`): every stacked run of a sub-batch asks the same prompts, and nothing differs between runs
+    before the write at the injection block's output, so those blocks run once per distinct prompt row.
+
+    A row's states do not depend on the other rows of its batch (the property stacking rests on), so a row's stored
+    states equal what it would compute in any batch of the same width; decoding steps run every block as usual.
+    """
+
+    def __init__(self) -> None:
+        self.states: dict[tuple, tuple[torch.Tensor, list[tuple]]] = {}  # (block, row) -> output, cache entries
+
+    @contextmanager
+    def reusing(self, model: nn.Module, path: str, ids: torch.Tensor, mask: torch.Tensor) -> Iterator[None]:
+        """During one ``generate`` of the prompt batch ``ids``/``mask``: the blocks up to ``path`` compute on their
+        prefill pass only the rows not stored yet, and take the others' output and KV entries from the store."""
+        from transformers.cache_utils import Cache
+
+        parent, _, index = path.rpartition(".")
+        rows = [(tuple(i), tuple(m)) for i, m in zip(ids.tolist(), mask.tolist())]
+        device = next(model.parameters()).device
+
+        def shared(number: int, original: Callable) -> Callable:
+            calls = [0]
+
+            def forward(hidden: torch.Tensor, *args, **kwargs):
+                calls[0] += 1
+                if calls[0] > 1:  # a decoding step
+                    return original(hidden, *args, **kwargs)
+                if hidden.shape[0] != len(rows) or any(isinstance(a, Cache) for a in args):
+                    raise RuntimeError(f"shared prefill: block input {tuple(hidden.shape)} is not the prompt batch")
+                todo_at, seen = [], set()
+                for i, row in enumerate(rows):  # the first copy of each row not stored yet
+                    if (number, row) not in self.states and row not in seen:
+                        seen.add(row)
+                        todo_at.append(i)
+                if todo_at:
+                    self._compute(number, original, hidden, args, kwargs, [rows[i] for i in todo_at], todo_at, device)
+                stored = [self.states[(number, r)] for r in rows]
+                for cache in (v for v in kwargs.values() if isinstance(v, Cache)):
+                    for k, (_, _, a, kw) in enumerate(stored[0][1]):
+                        cache.update(*(torch.stack([s[1][k][j] for s in stored]) for j in (0, 1)), *a, **kw)
+                return torch.stack([s[0] for s in stored])
+
+            return forward
+
+        blocks = list(get_module(model, parent))[: int(index) + 1]
+        own = [block.__dict__.get("forward") for block in blocks]
+        for number, block in enumerate(blocks):
+            block.forward = shared(number, block.forward)
+        try:
+            yield
+        finally:
+            for block, forward in zip(blocks, own):
+                del block.forward
+                if forward is not None:  # an instance-level forward (e.g. an accelerate hook) comes back
+                    block.forward = forward
+
+    def _compute(self, number, original, hidden, args, kwargs, keys, at, device) -> None:
+        """Run block ``number`` on the rows ``at`` of the batch and store each row's output and cache entries."""
+        from transformers.cache_utils import Cache
+
+        sel, batch = torch.tensor(at, device=device), hidden.shape[0]
+
+        def pick(x):
+            if isinstance(x, torch.Tensor) and x.dim() and x.shape[0] == batch:
+                return x[sel]
+            return tuple(pick(y) for y in x) if isinstance(x, tuple) else x
+
+        recorder = _CacheRecorder()
+        kwargs = {k: recorder if isinstance(v, Cache) else pick(v) for k, v in kwargs.items()}
+        out = original(hidden[sel], *[pick(a) for a in args], **kwargs)
+        if not isinstance(out, torch.Tensor):
+            raise RuntimeError("shared prefill needs blocks that return a tensor (transformers >= 5)")
+        for j, key in enumerate(keys):
+            entries = [(k[j], v[j], a, kw) for k, v, a, kw in recorder.calls]
+            self.states[(number, key)] = (out[j], entries)

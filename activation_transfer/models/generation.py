@@ -7,6 +7,7 @@ bf16 small numeric differences between batch shapes can flip a greedy choice.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -147,31 +148,66 @@ def generate_ids(
     settings: GenerationSettings,
     max_new_tokens: int | None = None,
     model_name: str | None = None,
+    drop_finished_every: int | None = None,
 ) -> torch.Tensor:
     """Generate for a left-padded batch; returns only the new token ids (B, <= max_new_tokens), EOS-padded.
 
     Hugging Face appends the custom penalty after its own processors (here no_repeat_ngram_size, and the sampling
     warpers when ``do_sample``); for greedy decoding the order does not change the chosen token. Every step's logits
     are checked (:class:`FiniteLogitsCheck`, naming ``model_name``).
+
+    ``drop_finished_every``: greedy decoding in phases of this many tokens; after each phase the rows that have
+    emitted EOS leave the batch (with their KV cache rows) and the others continue from the cache. A finished row
+    would only append EOS padding, and a row's states do not depend on the other rows, so the ids are the same.
     """
     if input_ids.shape[0] == 0:
         return torch.zeros((0, 0), dtype=torch.long)
     if bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("the prompt batch is not left-padded: some row's last column is padding")
     device = next(model.parameters()).device
+    total = max_new_tokens or settings.max_new_tokens
+    ids, mask = input_ids.to(device), attention_mask.to(device)
+    if settings.do_sample or not drop_finished_every or drop_finished_every >= total:
+        return _generate_phase(model, tokenizer, ids, mask, mask, settings, total, model_name)[:, ids.shape[1] :].cpu()
+    from transformers import DynamicCache
+
+    eos, cache, prompt_mask = int(tokenizer.eos_token_id), DynamicCache(config=model.config), mask
+    rows = torch.arange(ids.shape[0], device=device)  # the rows still decoding
+    out = torch.full((ids.shape[0], total), eos, dtype=torch.long, device=device)
+    done = length = 0
+    while done < total:
+        n = min(drop_finished_every, total - done)
+        got = _generate_phase(model, tokenizer, ids, mask, prompt_mask[rows], settings, n, model_name, cache)
+        got = got[:, ids.shape[1] :]
+        out[rows, done : done + got.shape[1]] = got
+        length, done = done + got.shape[1], done + n
+        going = ~(got == eos).any(1)
+        if got.shape[1] < n or not bool(going.any()):  # every row has ended
+            break
+        ids, mask = torch.cat([ids, got], 1)[going], torch.cat([mask, torch.ones_like(got)], 1)[going]
+        if not bool(going.all()):
+            rows = rows[going]
+            cache.batch_select_indices(going.nonzero().flatten())
+    return out[:, :length].cpu()
+
+
+def _generate_phase(model, tokenizer, ids, mask, prompt_mask, settings, n, model_name, cache=None) -> torch.Tensor:
+    """One ``generate`` of up to ``n`` new tokens (the sequences, prompt included); with ``cache``, which holds the
+    KV of all but ``ids``' last column after the first phase, it continues from there and keeps the cache."""
     from transformers import LogitsProcessorList
 
-    cfg = generation_config(tokenizer, settings, max_new_tokens or settings.max_new_tokens)
+    cfg = generation_config(tokenizer, settings, n)
     processors = LogitsProcessorList([FiniteLogitsCheck(model_name or str(model.config.name_or_path))])
     if settings.repetition_penalty != 1.0:
-        processors.append(MaskedRepetitionPenalty(settings.repetition_penalty, attention_mask.to(device)))
-    out = model.generate(
-        input_ids=input_ids.to(device),
-        attention_mask=attention_mask.to(device),
-        generation_config=cfg,
-        logits_processor=processors,
+        processors.append(MaskedRepetitionPenalty(settings.repetition_penalty, prompt_mask))
+    # transformers renamed generate's past_key_values to cache (5.2x); the name this version takes
+    name = (
+        "cache" if "cache" in inspect.signature(model.prepare_inputs_for_generation).parameters else "past_key_values"
     )
-    return out[:, input_ids.shape[1] :].cpu()
+    kwargs = {} if cache is None else {name: cache}
+    return model.generate(
+        input_ids=ids, attention_mask=mask, generation_config=cfg, logits_processor=processors, **kwargs
+    )
 
 
 def decode(tokenizer, new_ids: torch.Tensor) -> list[str]:

@@ -87,3 +87,39 @@ def test_a_run_stacked_with_others_is_refused_when_its_rows_do_not_fit(receiver)
     stacked = answering.StackedInjection([(run.injection, slice(0, 4))])
     with pytest.raises(RuntimeError, match="has 5 rows, the stacked runs 4"):
         stacked(torch.zeros(5, 3, receiver.model.config.hidden_size))
+
+
+def test_shared_prefill_runs_the_blocks_below_the_write_once_per_distinct_prompt(receiver):
+    """The blocks up to the injection block see each distinct prompt row once over two ``generate`` calls (the
+    rows above it every row), and the answers equal a plain ``generate``'s."""
+    from activation_transfer.injection.prefill_hook import SharedPrefill
+    from activation_transfer.models.generation import decode, generate_ids
+    from activation_transfer.models.hooks import get_module
+
+    tok = tokenize_left_padded(receiver.tokenizer, PROMPTS[:2] * 3)  # six rows, two distinct
+    ids, mask = tok["input_ids"], tok["attention_mask"]
+    parent, _, index = receiver.layer.path.rpartition(".")
+    blocks = list(get_module(receiver.model, parent))
+    below, above = blocks[int(index)], blocks[int(index) + 1]
+    seen = {"below": [], "above": []}
+    hooks = [
+        below.mlp.register_forward_hook(lambda m, i, o: seen["below"].append(i[0].shape[:2])),
+        above.mlp.register_forward_hook(lambda m, i, o: seen["above"].append(i[0].shape[:2])),
+    ]
+    shared = SharedPrefill()
+    try:
+        got = []
+        for _ in range(2):
+            with shared.reusing(receiver.model, receiver.layer.path, ids, mask):
+                got.append(
+                    decode(receiver.tokenizer, generate_ids(receiver.model, receiver.tokenizer, ids, mask, SETTINGS))
+                )
+    finally:
+        for h in hooks:
+            h.remove()
+    width = ids.shape[1]
+    assert [s for s in seen["below"] if s[1] == width] == [(2, width)]  # once, two rows, over both calls
+    assert [s for s in seen["above"] if s[1] == width] == [(6, width)] * 2
+    plain = decode(receiver.tokenizer, generate_ids(receiver.model, receiver.tokenizer, ids, mask, SETTINGS))
+    assert got == [plain, plain]
+    assert "forward" not in below.__dict__  # the blocks are back to their own forward

@@ -111,3 +111,27 @@ def test_non_finite_logits_stop_generation_naming_the_model(tokenizer):
             GenerationSettings(max_new_tokens=2),
             model_name="the sender tiny-neox",
         )
+
+
+@pytest.mark.parametrize("every", [1, 2, 3])
+def test_dropping_finished_rows_gives_the_same_ids(tokenizer, every):
+    """Decoding in phases that drop the rows which have emitted EOS returns exactly one ``generate``'s ids (shape
+    included), with rows ending at their third token between rows that run on."""
+    model = _eos_model(tokenizer)
+    omar = "Context: Omar moved to Oslo. Oslo is part of Norway.\nQ: What continent?\nA:"
+    batch = tokenize_left_padded(tokenizer, [SHORT, omar, LONG, "Hello there"])
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    whole = generate_ids(model, tokenizer, ids, mask, SETTINGS)
+    phased = generate_ids(model, tokenizer, ids, mask, SETTINGS, drop_finished_every=every)
+    ended = (whole == tokenizer.eos_token_id).any(1).tolist()
+    assert ended == [True, False, True, False] and whole.shape[1] == SETTINGS.max_new_tokens
+    assert torch.equal(phased, whole)
+    short = tokenize_left_padded(tokenizer, [SHORT])  # every row ends: the ids stop where generate stops
+    alone = generate_ids(model, tokenizer, short["input_ids"], short["attention_mask"], SETTINGS)
+    assert alone.shape[1] == 3
+    assert torch.equal(
+        generate_ids(
+            model, tokenizer, short["input_ids"], short["attention_mask"], SETTINGS, drop_finished_every=every
+        ),
+        alone,
+    )
