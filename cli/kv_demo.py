@@ -12,8 +12,9 @@
 4. ``two_channel.json`` and its table: per condition of all those runs, accuracy, the fraction of the receiver_alone ->
    skyline gap recovered (``report.gap``: question-clustered bootstrap), the clustered CI of the difference from
    ``receiver_alone`` and bytes per question (the records' ``bytes_sent``: KV entries or slot vectors at their dtype,
-   the relay's text; older slot records: slot_count x hidden x 4), and the clustered CI of ``kv_functional -
-   slots_functional``.
+   the relay's text; older slot records: slot_count x hidden x 4), and the clustered CIs of the ``CONTRASTS``:
+   ``kv_functional - slots_functional`` (the headline), then in each channel the functional translator minus its
+   lexical control (what the sender computed beyond which tokens its context held).
 """
 
 from __future__ import annotations
@@ -32,6 +33,12 @@ KV_EVAL_CONFIG = ROOT / "configs" / "eval" / "kv_demo.yaml"
 KV_SWEEP_CONDITIONS = ("receiver_alone", "skyline", "kv_self", "kv_functional")
 # The headline comparison of the two channels (both trained through the frozen receiver).
 HEADLINE = ("kv_functional", "slots_functional")
+# What each channel carries beyond token identity: the functional translator against its lexical control.
+CONTRASTS = (
+    HEADLINE,
+    ("slots_functional", "slots_functional_lexical"),
+    ("kv_functional", "kv_functional_lexical"),
+)
 SLOT_BYTES = 4  # a slot vector is written as fp32 hidden states
 # The KV controls: each trained and evaluated with the split demo's control of the same kind's arguments and site.
 KV_CONTROLS = {
@@ -174,21 +181,25 @@ def bytes_per_question(records: list[dict], hidden: int) -> dict[str, float]:
     return {c: float(np.mean(v)) for c, v in sums.items()}
 
 
-def two_channel(split_run: Path, kv_runs: list[Path], hidden: int) -> dict:
+def two_channel(split_run: Path, kv_runs: list[Path], hidden: int, slot_runs: list[Path] = ()) -> dict:
     """The rows of both channels on the same questions: the split run's conditions (its ``receiver_alone`` and
-    ``skyline`` are the baselines of every row), then the KV runs' own conditions (the KV run, its controls' runs)."""
+    ``skyline`` are the baselines of every row), the slot controls' runs (``slot_runs``), then the KV runs' own
+    conditions (the KV run, its controls' runs); and the ``CONTRASTS`` whose two conditions are there."""
     from activation_transfer.report.analysis import condition_accuracy
     from activation_transfer.report.gap import GAP_LOW, gap_recovered
     from activation_transfer.report.load import collapse_repeated_runs, group_records, load_records
     from activation_transfer.report.subgroups import read_records
     from activation_transfer.task.scoring import MAIN_METRIC
 
-    kv_only = [r for r in load_records(kv_runs) if r.condition not in ("receiver_alone", "skyline")]
-    records = load_records([split_run]) + kv_only
+    baselines = ("receiver_alone", "skyline")
+    controls = [r for r in load_records(list(slot_runs)) if r.condition not in baselines]
+    kv_only = [r for r in load_records(kv_runs) if r.condition not in baselines]
+    records = load_records([split_run]) + controls + kv_only
     groups = collapse_repeated_runs(group_records(records), records).groups
     gaps = {row["condition"]: row for row in gap_recovered(groups)}
     kv_names = {r.condition for r in kv_only}
-    raw = read_records([split_run]) + [r for r in read_records(kv_runs) if r["condition"] in kv_names]
+    extra = {r.condition for r in controls} | kv_names
+    raw = read_records([split_run]) + [r for r in read_records([*slot_runs, *kv_runs]) if r["condition"] in extra]
     sent = bytes_per_question(raw, hidden)
     acc = condition_accuracy(groups)
     rows = []
@@ -208,9 +219,13 @@ def two_channel(split_run: Path, kv_runs: list[Path], hidden: int) -> dict:
             row["vs_receiver_alone"] = clustered_difference(groups, cond, GAP_LOW, f"{cond}|two_channel|{GAP_LOW}")
         rows.append(row)
     out = {"metric": MAIN_METRIC, "split_run": str(split_run), "kv_runs": [str(r) for r in kv_runs], "rows": rows}
+    out["contrasts"] = [
+        {"condition": a, "baseline": b, **clustered_difference(groups, a, b, f"{a}|{b}|two_channel")}
+        for a, b in CONTRASTS
+        if a in groups and b in groups
+    ]
     if all(c in groups for c in HEADLINE):
-        out["headline"] = {"condition": HEADLINE[0], "baseline": HEADLINE[1]}
-        out["headline"].update(clustered_difference(groups, *HEADLINE, "|".join(HEADLINE) + "|two_channel"))
+        out["headline"] = out["contrasts"][0]
     return out
 
 
@@ -219,7 +234,7 @@ def _ci(low, high) -> str:
 
 
 def two_channel_lines(table: dict) -> list[str]:
-    """The demo's printout of ``two_channel.json``: one markdown table and the headline difference."""
+    """The demo's printout of ``two_channel.json``: one markdown table and the contrasts (the headline first)."""
     lines = [
         "| channel | condition | accuracy | gap recovered [95% CI] | - receiver_alone [95% CI] | bytes/question |",
         "|---|---|---|---|---|---|",
@@ -231,8 +246,7 @@ def two_channel_lines(table: dict) -> list[str]:
         sent = "" if r["bytes_per_question"] is None else f"{r['bytes_per_question']:.0f}"
         cells = [r["channel"], r["condition"], f"{r['accuracy']:.3f}", frac, diff, sent]
         lines.append("| " + " | ".join(cells) + " |")
-    h = table.get("headline")
-    if h:
+    for h in table.get("contrasts", []):
         lines.append(
             f"[demo] {h['condition']} - {h['baseline']}: {h['delta']:+.3f}{_ci(h['ci_low'], h['ci_high'])} "
             f"(question-clustered 95% CI, n={h['n']})"
@@ -276,10 +290,19 @@ def receiver_hidden(folder: Path) -> int:
 
 
 def run_kv(
-    out: Path, organisms: dict, seeds: list[int], num_samples, translator, split_run: Path, steps, split
+    out: Path,
+    organisms: dict,
+    seeds: list[int],
+    num_samples,
+    translator,
+    split_run: Path,
+    steps,
+    split,
+    slot_runs: list[Path] = (),
 ) -> dict:
-    """Sweep, projectors per seed, the KV evaluation and ``two_channel.json`` (in the split run's report); returns
-    the two-channel table. ``split`` is the split demo's module (passed in: it imports this one)."""
+    """Sweep, projectors per seed, the KV evaluation and ``two_channel.json`` (in the split run's report, with the
+    slot controls' runs ``slot_runs``); returns the two-channel table. ``split`` is the split demo's module (passed
+    in: it imports this one)."""
     from cli.lightning_cli import eval_main
 
     selection_seed = split.SELECTION_SEED
@@ -322,7 +345,7 @@ def run_kv(
         kv_control(out, organisms, seeds, num_samples, translator, steps, split, name, chosen) for name in KV_CONTROLS
     ]
     print(f"[demo] KV control projectors and evaluations: {time.perf_counter() - t:.0f} s", flush=True)
-    table = two_channel(split_run, runs, receiver_hidden(organisms["receiver"]))
+    table = two_channel(split_run, runs, receiver_hidden(organisms["receiver"]), slot_runs)
     report = split_run / "report"
     sweep = {"selection_generator_seed": selection_seed, "projector_seed": seeds[0], "chosen": chosen, "rows": rows}
     write_json(report / "kv_layer_sweep.json", sweep)

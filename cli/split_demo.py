@@ -236,16 +236,19 @@ def run_split(
             runs["counterfactual" if cf else "original"].append(cached_eval(eval_args, organisms))
     print(f"[demo] control and counterfactual evaluations: {time.perf_counter() - t:.0f} s", flush=True)
     write_json(report / "subgroups.json", subgroup_summary(runs))
-    kv_channel(out, organisms, seeds, num_samples, translator, run_dir, steps)
+    kv_channel(out, organisms, seeds, num_samples, translator, run_dir, steps, runs["original"][1:])
     return run_dir
 
 
-def kv_channel(out: Path, organisms: dict[str, Path], seeds: list[int], num_samples, translator, run_dir, steps=None):
-    """Steps 10-11 (``cli/kv_demo.py``): the KV channel on the split evaluation's questions; prints the table of
-    both channels."""
+def kv_channel(
+    out: Path, organisms: dict[str, Path], seeds: list[int], num_samples, translator, run_dir, steps=None, controls=()
+):
+    """Steps 10-12 (``cli/kv_demo.py``): the KV channel on the split evaluation's questions; prints the table of
+    both channels (with the slot controls' runs ``controls``)."""
     from cli.kv_demo import run_kv, two_channel_lines
 
-    table = run_kv(out, organisms, seeds, num_samples, translator, run_dir, steps, sys.modules[__name__])
+    module = sys.modules[__name__]
+    table = run_kv(out, organisms, seeds, num_samples, translator, run_dir, steps, module, list(controls))
     print("[demo] both channels on the held-out questions (gap: receiver_alone -> skyline; CIs cluster questions):")
     print("\n".join(two_channel_lines(table)), flush=True)
 

@@ -23,6 +23,7 @@ RIGHT = {
     "skyline": set(IDS[:10]),
     "slots_functional": {42: set(IDS[:3]), 123: set(IDS[:4]), 456: set(IDS[1:4])},
     "slots_zero": set(IDS[:2]) | {"q11"},
+    "slots_functional_lexical": {42: set(IDS[:2]), 123: set(IDS[:3]), 456: set(IDS[1:3])},
     "kv_self": set(IDS[:10]),
     "kv_functional": {42: set(IDS[:8]), 123: set(IDS[:9]), 456: set(IDS[2:9])},
     "kv_zero": set(IDS[1:3]),
@@ -115,8 +116,10 @@ def test_kv_step_sweeps_on_validation_questions_and_prints_the_records_numbers(
     monkeypatch.setattr(split_demo, "receiver_blocks", lambda folder: 4)
     split_run = write_run(tmp_path / "split" / "run", ["receiver_alone", "skyline", "slots_functional", "slots_zero"])
     (split_run / "report").mkdir()
+    # A slot control's run of its own, as the split demo's step 9 writes it.
+    lexical_run = write_run(tmp_path / "split" / "lexical", ["slots_functional_lexical"])
     out = tmp_path / "demo"
-    split_demo.kv_channel(out, fake_demo.organisms, list(SEEDS), None, demo._translator, split_run)
+    split_demo.kv_channel(out, fake_demo.organisms, list(SEEDS), None, demo._translator, split_run, None, [lexical_run])
 
     sweep, held_out, controls = fake_demo.evaluated[:4], fake_demo.evaluated[4], fake_demo.evaluated[5:]
     # The sweep reads only validation questions; one projector (the first seed) per subset, with its layers.
@@ -150,7 +153,8 @@ def test_kv_step_sweeps_on_validation_questions_and_prints_the_records_numbers(
     rows = {r["condition"]: r for r in table["rows"]}
     kv_conds = ["kv_functional", "kv_self", "kv_zero"]  # the KV run's record files, in name order
     controls = list(kv_demo.KV_CONTROLS)  # then the controls' runs
-    assert list(rows) == ["receiver_alone", "skyline", "slots_functional", "slots_zero", *kv_conds, *controls]
+    slots = ["slots_functional", "slots_zero", "slots_functional_lexical"]
+    assert list(rows) == ["receiver_alone", "skyline", *slots, *kv_conds, *controls]
     mean_count = np.mean([3 + i for i in range(len(IDS))])
     for cond, row in rows.items():
         assert row["accuracy"] == pytest.approx(acc(cond), abs=1e-12)
@@ -161,23 +165,23 @@ def test_kv_step_sweeps_on_validation_questions_and_prints_the_records_numbers(
         expected_bytes = {"kv": mean_count * 2 * 2 * HIDDEN * 4, "slots": mean_count * HIDDEN * 4, "text": None}
         assert row["bytes_per_question"] == pytest.approx(expected_bytes[row["channel"]])
         assert row["channel"] == {"receiver_alone": "text", "skyline": "text"}.get(cond, cond.split("_")[0])
-    # The headline: per question, kv_functional's run-mean minus slots_functional's, with the clustered CI.
-    per_q = np.array(
-        [
-            np.mean([q in RIGHT["kv_functional"][s] for s in SEEDS])
-            - np.mean([q in RIGHT["slots_functional"][s] for s in SEEDS])
-            for q in IDS
-        ]
-    )
-    head = table["headline"]
-    assert head["delta"] == pytest.approx(per_q.mean(), abs=1e-12) and head["n"] == len(IDS)
-    low, high = _bootstrap_ci(per_q, derive_seed(0, "kv_functional|slots_functional|two_channel"))
-    assert (head["ci_low"], head["ci_high"]) == pytest.approx((low, high), abs=1e-12)
+    # The contrasts: per question, one condition's run-mean minus the other's, with the clustered CI; the headline
+    # (kv_functional - slots_functional) first, then each channel's functional translator minus its lexical control.
     printed = capsys.readouterr().out
+    pairs = [(c["condition"], c["baseline"]) for c in table["contrasts"]]
+    assert pairs == list(kv_demo.CONTRASTS) and table["headline"] == table["contrasts"][0]
+    for contrast in table["contrasts"]:
+        a, b = contrast["condition"], contrast["baseline"]
+        per_q = np.array(
+            [np.mean([q in RIGHT[a][s] for s in SEEDS]) - np.mean([q in RIGHT[b][s] for s in SEEDS]) for q in IDS]
+        )
+        assert contrast["delta"] == pytest.approx(per_q.mean(), abs=1e-12) and contrast["n"] == len(IDS)
+        low, high = _bootstrap_ci(per_q, derive_seed(0, f"{a}|{b}|two_channel"))
+        assert (contrast["ci_low"], contrast["ci_high"]) == pytest.approx((low, high), abs=1e-12)
+        assert f"{a} - {b}: {per_q.mean():+.3f} [{low:+.3f}, {high:+.3f}]" in printed
     kv = rows["kv_functional"]
     line = f"| kv | kv_functional | {acc('kv_functional'):.3f} | {kv['gap_fraction']:+.3f} [{kv['gap_ci'][0]:+.3f}, "
     assert line in printed
-    assert f"kv_functional - slots_functional: {per_q.mean():+.3f} [{low:+.3f}, {high:+.3f}]" in printed
     assert "| every_other ([0, 2]) (chosen) | 0.100 | 0.800 | 0.750 | 0.500 |" in printed
     sweep_json = json.loads((split_run / "report" / "kv_layer_sweep.json").read_text())
     assert sweep_json["selection_generator_seed"] == split_demo.SELECTION_SEED and sweep_json["projector_seed"] == 42
