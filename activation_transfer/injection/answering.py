@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from activation_transfer.injection.conditions import ConditionSpec
-from activation_transfer.injection.prefill_hook import PrefillInjection, SharedPrefill, prefill_injection
+from activation_transfer.injection.prefill_hook import PrefillInjection, PrefillOnly, SharedPrefill, prefill_injection
 from activation_transfer.models.frozen_lm import LoadedModel
 from activation_transfer.models.generation import GenerationSettings, NonFiniteLogits, decode, generate_ids
 from activation_transfer.task.prompts import (
@@ -76,7 +76,7 @@ def as_pending(answer: PendingAnswers | Answers) -> PendingAnswers:
     return answer if isinstance(answer, PendingAnswers) else PendingAnswers.answered(answer)
 
 
-class StackedInjection:
+class StackedInjection(PrefillOnly):
     """The prefill write of several runs stacked along the batch: each row block gets its own run's
     :class:`PrefillInjection` (which measures its norms as if it ran alone).
 
@@ -86,15 +86,9 @@ class StackedInjection:
 
     def __init__(self, parts: Sequence[tuple[PrefillInjection, slice]]) -> None:
         self.parts = list(parts)
-        self.calls = 0
-
-    @property
-    def fired(self) -> bool:
-        return self.calls > 0
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor | None:
-        self.calls += 1
-        if self.calls > 1:  # a decoding step: leave it alone
+        if self.decoding():
             return None
         if h.shape[0] != self.parts[-1][1].stop:
             raise RuntimeError(f"the prefill pass has {h.shape[0]} rows, the stacked runs {self.parts[-1][1].stop}")
@@ -281,24 +275,6 @@ def request_injected(
     return PendingAnswers(ids, mask, inj, spec.name, list(sample_ids), finish)
 
 
-def answer_injected(
-    receiver: LoadedModel,
-    ids: torch.Tensor,
-    mask: torch.Tensor,
-    settings: GenerationSettings,
-    spec: ConditionSpec,
-    sample_ids: Sequence[str],
-    source: torch.Tensor | None,
-    translated_rows: Sequence[torch.Tensor] | None = None,
-    donor_ids: Sequence[str] | None = None,
-    write_mask: torch.Tensor | None = None,
-) -> Answers:
-    """:func:`request_injected` answered by its own ``generate`` (``receiver``: the frozen receiver and its block;
-    ``settings``: decoding)."""
-    run = request_injected(ids, mask, spec, sample_ids, source, translated_rows, donor_ids, write_mask)
-    return resolve(receiver, [run], settings)[0]
-
-
 def request_relay(
     sender: LoadedModel,
     receiver: LoadedModel,
@@ -345,16 +321,3 @@ def request_relay(
         return preds, diags
 
     return PendingAnswers(rtok["input_ids"], rtok["attention_mask"], inj, "nl_relay", list(sample_ids), finish)
-
-
-def answer_relay(
-    sender: LoadedModel,
-    receiver: LoadedModel,
-    sample_ids: Sequence[str],
-    contexts: Sequence[str],
-    questions: Sequence[str],
-    settings: GenerationSettings,
-) -> Answers:
-    """:func:`request_relay` answered by its own ``generate``."""
-    run = request_relay(sender, receiver, sample_ids, contexts, questions, settings)
-    return resolve(receiver, [run], settings)[0]

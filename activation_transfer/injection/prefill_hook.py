@@ -16,7 +16,22 @@ from activation_transfer.injection.conditions import apply_injection, masked_nor
 from activation_transfer.models.hooks import block_hook, get_module
 
 
-class PrefillInjection:
+class PrefillOnly:
+    """Counts the hook's calls: the first is the prompt prefill, every later one a decoding step to leave alone."""
+
+    calls = 0
+
+    @property
+    def fired(self) -> bool:
+        return self.calls > 0
+
+    def decoding(self) -> bool:
+        """Count this call; True for a decoding step (any call after the prefill)."""
+        self.calls += 1
+        return self.calls > 1
+
+
+class PrefillInjection(PrefillOnly):
     """The state of one prefill-only injection: what to write and what was seen.
 
     After the prefill call, per row (CPU tensors of shape (B,), ``None`` where they do not apply):
@@ -49,18 +64,12 @@ class PrefillInjection:
         self.source = source
         self.alpha = alpha
         self.scale = scale
-        self.calls = 0
         self.receiver_norm_mean: torch.Tensor | None = None
         self.source_norm: torch.Tensor | None = None
         self.injected_norm_mean: torch.Tensor | None = None
 
-    @property
-    def fired(self) -> bool:
-        return self.calls > 0
-
     def __call__(self, h: torch.Tensor) -> torch.Tensor | None:
-        self.calls += 1
-        if self.calls > 1:  # a decoding step: leave it alone
+        if self.decoding():
             return None
         if h.shape[:2] != self.mask.shape:
             raise RuntimeError(

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from activation_transfer.injection.answering import answer_injected, answer_relay
+from activation_transfer.injection.answering import request_injected, request_relay, resolve
 from activation_transfer.injection.conditions import build_conditions
 from activation_transfer.models.frozen_lm import ModelRef, load_ref
 from activation_transfer.models.generation import GenerationSettings, NonFiniteLogits
@@ -27,11 +27,13 @@ def test_nan_in_the_receiver_after_the_injection_block_names_receiver_and_condit
     tok = tokenize_left_padded(receiver.tokenizer, ["Alice lives in Paris. Where does Alice live?"], 32)
     (spec,) = build_conditions(["no_inject"])
     with pytest.raises(NonFiniteLogits, match="condition no_inject: the logits of the receiver tiny-neox-large"):
-        answer_injected(receiver, tok["input_ids"], tok["attention_mask"], SETTINGS, spec, ["s0"], None)
+        run = request_injected(tok["input_ids"], tok["attention_mask"], spec, ["s0"], None)
+        resolve(receiver, [run], SETTINGS)
 
 
 def test_nan_in_the_senders_head_stops_the_relay():
     sender, receiver = load_ref(ModelRef("tiny-neox", layer=0.67)), load_ref(ModelRef("tiny-neox-large", layer=0.67))
     _break_head(sender)
     with pytest.raises(NonFiniteLogits, match=r"condition nl_relay \(the relay\): the logits of the sender tiny-neox "):
-        answer_relay(sender, receiver, ["s0"], ["Alice lives in Paris."], ["Where does Alice live?"], SETTINGS)
+        run = request_relay(sender, receiver, ["s0"], ["Alice lives in Paris."], ["Where does Alice live?"], SETTINGS)
+        resolve(receiver, [run], SETTINGS)
