@@ -66,11 +66,15 @@ def translators(pair: str, sender: str, receiver: str, folder: Path) -> list[str
 
 
 def timed(cmd: list[str], env: dict, code: Path = ROOT) -> float:
+    # Each command runs for seconds to minutes with its output captured: a line before and after shows progress.
+    name = " ".join(Path(c).name if i < 2 else c for i, c in enumerate(cmd[:3]))
+    print(f"[matrix] running {name} ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     done = subprocess.run(cmd, cwd=code, env=env, capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if done.returncode:
         raise SystemExit(f"{' '.join(cmd[:3])} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+    print(f"[matrix] {name}: {wall:.1f} s", file=sys.stderr, flush=True)
     return wall
 
 
