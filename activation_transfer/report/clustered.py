@@ -48,20 +48,40 @@ def question_bootstrap_ci(
         confidence: Two-sided coverage.
         seed: Seed of ``numpy.random.default_rng``.
     """
+    return question_means_ci(clustered_deltas(condition_runs, baseline_runs), resamples, confidence, seed)
+
+
+def question_means_ci(
+    per_question: np.ndarray | Sequence[float],
+    resamples: int = DEFAULT_RESAMPLES,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean of per-question values, each already the mean over that question's runs.
+
+    Resampling these values resamples questions with all their runs. Indices are drawn as
+    ``default_rng(seed).integers(0, n, size=(resamples, n))``, in row chunks for large ``n``.
+
+    Args:
+        per_question: One value per question (a run-averaged delta, accuracy or rate).
+        resamples: Bootstrap resamples ``B`` (>= 1).
+        confidence: Two-sided coverage.
+        seed: Seed of ``numpy.random.default_rng``.
+    """
     if resamples < 1:
-        raise ValueError(f"question_bootstrap_ci: resamples must be >= 1, got {resamples}")
+        raise ValueError(f"question_means_ci: resamples must be >= 1, got {resamples}")
     if not 0.0 < confidence < 1.0:
-        raise ValueError(f"question_bootstrap_ci: confidence must be in (0, 1), got {confidence}")
-    per_question = clustered_deltas(condition_runs, baseline_runs)
-    n = per_question.size
+        raise ValueError(f"question_means_ci: confidence must be in (0, 1), got {confidence}")
+    x = np.asarray(per_question, dtype=np.float64).ravel()
+    n = x.size
     if n == 0:
-        raise ValueError("question_bootstrap_ci: no questions")
+        raise ValueError("question_means_ci: no questions")
     rng = np.random.default_rng(seed)
     means = np.empty(resamples, dtype=np.float64)
     rows = max(1, _CHUNK_ENTRIES // n)
     for start in range(0, resamples, rows):
         stop = min(resamples, start + rows)
-        means[start:stop] = per_question[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
+        means[start:stop] = x[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
     return _percentiles(means, confidence)
 
 

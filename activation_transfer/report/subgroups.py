@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from activation_transfer.report.clustered import question_means_ci
 from activation_transfer.task.scoring import MAIN_METRIC, word_boundary_contains
 
 SUBGROUP_FIELDS = ("hops", "candidates")
@@ -36,22 +37,9 @@ def field_of(record: dict, field: str):
     return (record.get("diagnostics") or {}).get(field)
 
 
-def clustered_ci(
-    per_question: Sequence[float], resamples: int = 2000, confidence: float = 0.95, seed: int = 0
-) -> tuple[float, float]:
-    """Percentile bootstrap CI of the mean of per-question values (each the mean over that question's runs):
-    resampling questions keeps a question's runs together."""
-    x = np.asarray(per_question, dtype=np.float64)
-    if x.size == 0:
-        raise ValueError("clustered_ci: no questions")
-    means = np.sort(x[np.random.default_rng(seed).integers(0, x.size, size=(resamples, x.size))].mean(axis=1))
-    q = (1.0 - confidence) / 2.0
-    return float(means[int(q * (resamples - 1))]), float(means[int((1.0 - q) * (resamples - 1))])
-
-
 def _rate_row(by_question: dict[str, list[float]], resamples: int, seed: int) -> dict:
     per_question = [float(np.mean(v)) for _, v in sorted(by_question.items())]
-    low, high = clustered_ci(per_question, resamples, seed=seed)
+    low, high = question_means_ci(per_question, resamples, seed=seed)
     runs = max(len(v) for v in by_question.values())
     return {"rate": float(np.mean(per_question)), "ci_low": low, "ci_high": high, "n": len(per_question), "runs": runs}
 
@@ -140,7 +128,6 @@ def counterfactual_markdown(rows: Sequence[dict]) -> str:
 
 __all__ = [
     "SUBGROUP_FIELDS",
-    "clustered_ci",
     "counterfactual_markdown",
     "counterfactual_rows",
     "field_of",

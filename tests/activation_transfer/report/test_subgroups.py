@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
+from activation_transfer.report.clustered import question_means_ci
 from activation_transfer.report.subgroups import (
-    clustered_ci,
     counterfactual_markdown,
     counterfactual_rows,
     read_records,
@@ -65,7 +65,7 @@ def test_subgroup_accuracy_equals_a_direct_computation() -> None:
     assert set(by) == {("slots_functional", 1), ("slots_functional", 2), ("skyline", 1), ("skyline", 2)}
     two = by[("slots_functional", 2)]  # q2 (1, 0), q3 (0, 0), q5 (0, 1)
     assert two["accuracy"] == pytest.approx(np.mean([0.5, 0.0, 0.5])) and two["n"] == 3 and two["runs"] == 2
-    assert (two["ci_low"], two["ci_high"]) == clustered_ci([0.5, 0.0, 0.5], 400, seed=3)
+    assert (two["ci_low"], two["ci_high"]) == question_means_ci([0.5, 0.0, 0.5], 400, seed=3)
     assert by[("slots_functional", 1)]["accuracy"] == 1.0 and by[("skyline", 2)]["accuracy"] == 1.0
     hops = {(r["condition"], r["value"]): r["accuracy"] for r in subgroup_rows(_records(), "hops", resamples=50)}
     assert hops[("slots_functional", 2)] == 0.75 and hops[("slots_functional", 3)] == 0.5
@@ -81,9 +81,9 @@ def test_the_clustered_ci_resamples_questions() -> None:
     values = [0.0, 0.5, 1.0, 1.0]
     rng = np.random.default_rng(9)
     means = np.sort(np.asarray(values)[rng.integers(0, 4, size=(300, 4))].mean(axis=1))
-    assert clustered_ci(values, 300, seed=9) == (float(means[int(0.025 * 299)]), float(means[int(0.975 * 299)]))
+    assert question_means_ci(values, 300, seed=9) == (float(means[int(0.025 * 299)]), float(means[int(0.975 * 299)]))
     with pytest.raises(ValueError, match="no questions"):
-        clustered_ci([])
+        question_means_ci([])
 
 
 def test_counterfactual_rates_follow_the_new_gold_or_keep_the_old(tmp_path) -> None:
