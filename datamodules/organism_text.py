@@ -62,7 +62,9 @@ def held_out_samples(
     return kept
 
 
-def encode_samples(samples: list[MultiHopSample], tokenizer, max_length: int) -> dict[str, torch.Tensor]:
+def encode_samples(
+    samples: list[MultiHopSample], tokenizer, max_length: int, with_candidates: bool = True
+) -> dict[str, torch.Tensor]:
     """Tokenize prompt + `` {answer}`` + EOS into fixed-length, right-padded tensors.
 
     The prompt is the paper's ``Context: {context}\\nQ: {question}\\nA:``. The loss is taken on the ANSWER tokens
@@ -74,25 +76,33 @@ def encode_samples(samples: list[MultiHopSample], tokenizer, max_length: int) ->
         tokenizer: A tokenizer whose ``eos_token_id`` doubles as padding (id 0 for the offline tokenizer).
         max_length: Length every row is padded to; a longer example raises instead of being truncated (truncation
             would cut the context the answer must be read from).
+        with_candidates: Also count each context's candidates (a regex scan per entity: half the encoding time, and
+            only validation uses it).
 
     Returns:
-        ``input_ids`` (N, max_length) and ``token_type`` (N, max_length) with values PAD / PROMPT / ANSWER, and
-        ``candidates`` (N,): how many entities of the answer's type the context names (0 if untyped).
+        ``input_ids`` (N, max_length) and ``token_type`` (N, max_length) with values PAD / PROMPT / ANSWER, and with
+        ``with_candidates`` also ``candidates`` (N,): how many entities of the answer's type the context names (0 if
+        untyped).
     """
     eos = tokenizer.eos_token_id
     prompts = tokenizer([format_prompt(s.context, s.question) for s in samples], add_special_tokens=False)["input_ids"]
     answers = tokenizer([" " + s.answer for s in samples], add_special_tokens=False)["input_ids"]
-    ids = torch.full((len(samples), max_length), eos, dtype=torch.long)
-    kind = torch.full((len(samples), max_length), PAD, dtype=torch.long)
+    # Rows are filled as Python lists and converted once: a tensor per row costs more than the tokenizer here.
+    ids = [[eos] * max_length for _ in samples]
+    kind = [[PAD] * max_length for _ in samples]
     for i, (p, a) in enumerate(zip(prompts, answers)):
         row = p + a + [eos]
         if len(row) > max_length:
             raise UsageError(f"sample {samples[i].sample_id} needs {len(row)} tokens but max_length is {max_length}")
-        ids[i, : len(row)] = torch.tensor(row)
-        kind[i, : len(p)] = PROMPT
-        kind[i, len(p) : len(row)] = ANSWER
-    cands = torch.tensor([candidates(s.context, s.answer) or 0 for s in samples], dtype=torch.long)
-    return {"input_ids": ids, "token_type": kind, "candidates": cands}
+        ids[i][: len(row)] = row
+        kind[i][: len(row)] = [PROMPT] * len(p) + [ANSWER] * (len(row) - len(p))
+    out = {
+        "input_ids": torch.tensor(ids, dtype=torch.long).view(len(samples), max_length),
+        "token_type": torch.tensor(kind, dtype=torch.long).view(len(samples), max_length),
+    }
+    if with_candidates:
+        out["candidates"] = torch.tensor([candidates(s.context, s.answer) or 0 for s in samples], dtype=torch.long)
+    return out
 
 
 class LengthBucketBatchSampler(Sampler[list[int]]):
@@ -201,7 +211,7 @@ class OrganismTextDataModule(pl.LightningDataModule):
         train = [s for s in train_all if s.key not in val_keys]
         self.num_dropped = hp.num_train_samples - len(train)
         self.train_keys = {s.key for s in train}
-        enc_train = encode_samples(train, self.tokenizer, hp.max_length)
+        enc_train = encode_samples(train, self.tokenizer, hp.max_length, with_candidates=False)
         enc_val = encode_samples(val, self.tokenizer, hp.max_length)
         self.train_set = TensorDataset(enc_train["input_ids"], enc_train["token_type"])
         # Validation rows also carry their candidate count: val/answer_acc_two_candidates follows the chain-reading

@@ -127,6 +127,10 @@ def test_encoding_marks_answer_and_eos_as_targets():
     assert (kind[kind != PAD] != PAD).all() and kind[-1] == PAD  # right padding
     with pytest.raises(ValueError, match="max_length"):
         encode_samples([sample], tok, max_length=8)
+    # Training rows skip the candidate count and are otherwise the same.
+    bare = encode_samples([sample], tok, max_length=96, with_candidates=False)
+    assert "candidates" not in bare and int(enc["candidates"][0]) >= 1
+    assert torch.equal(bare["input_ids"], enc["input_ids"]) and torch.equal(bare["token_type"], enc["token_type"])
 
 
 def test_tiny_organism_trains_exports_and_reloads(tiny_organism):
