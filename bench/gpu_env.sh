@@ -1,0 +1,9 @@
+# Sourced by the GPU scripts (bench/gpu_check.sh, bench/gpu_organisms.sh) on a machine with torch and no network:
+# installs the carried wheels (bench/gpu_wheels.sh made them) into a private folder and sets the offline environment.
+# Sets $out (the folder whose files come back: $OUT, or ./<name>_out) and $py.
+out="${OUT:-$PWD/${1:-gpu}_out}"
+mkdir -p "$out"
+py="${PYTHON:-python3}"  # a dry run here: PYTHON=.venv/bin/python bash bench/<script>.sh --dry-run
+"$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true

@@ -1,0 +1,201 @@
+r"""Organisms that select (issue 19, item 3): train candidate organism recipes long on one GPU, in one short call.
+
+On two-candidate questions the CPU-trained organisms are a coin flip between the two chains (docs/organisms.md): the
+runs that fit a CPU core stop before the plateau ends. This script trains each variant below from its recipe
+(``configs/organisms/<role>.yaml`` plus the variant's overrides) with ``python -m cli.organisms``' shipping path,
+several variants at once on the one GPU, and judges them on validation questions only (generator seed 777, never a
+training or evaluation seed). Per variant it writes, under ``--out``:
+
+- ``<variant>/<role>.safetensors`` and ``<variant>/manifest.json``: shippable weights, keyed by the hash of the
+  recipe with the overrides (write the overrides into the recipe and copy both files to ``cli/organism_weights/`` to
+  ship them: the hash is of the resolved config, so it then matches);
+- ``<variant>/result.json``: steps reached, training time, validation accuracy (all questions, two candidates, the
+  other candidate's share) and the held-out figure (EVAL_SEED), which is reported, never used to choose.
+
+Then one table and ``gpu_organisms.json``. On the GPU image run it through ``bench/gpu_organisms.sh`` (installs the
+carried wheels). Dry run on CPU, seconds per variant:
+
+    python bench/gpu_organisms.py --dry-run --out /tmp/gpu_organisms --variants receiver-4x128
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the repo root: run from anywhere, no install needed
+
+# Validation questions (never a training, validation-during-training or evaluation seed).
+VALIDATION_SEED = 777
+GOAL = 0.85
+
+# The long-training schedule every variant shares: 256 questions a step, 200k distinct training questions (about 25
+# passes at 20k steps), bf16 autocast. max_time stops a slow machine before the call's limit; a variant that stops
+# early says so (steps < max_steps) and its schedule did not finish.
+LONG = [
+    "--trainer.accelerator=auto",
+    "--trainer.precision=bf16-mixed",
+    "--trainer.max_steps=20000",
+    "--trainer.max_time=00:00:05:00",
+    "--trainer.val_check_interval=2000",
+    "--data.batch_size=256",
+    "--data.num_train_samples=200000",
+    "--data.num_workers=2",
+    "--model.lr=0.002",
+    "--model.warmup_steps=500",
+]
+# name: (role, overrides on top of LONG). Sizes stay within the 20 MB of shipped weights for a sender and a receiver.
+VARIANTS = {
+    "receiver-4x128": ("receiver", []),
+    "receiver-6x192": (
+        "receiver",
+        ["--model.num_layers=6", "--model.hidden_size=192", "--model.num_heads=6", "--model.intermediate_size=768"],
+    ),
+    "sender-2x96": ("sender", []),
+    "sender-4x96": ("sender", ["--model.num_layers=4"]),
+}
+# The dry run: the same path on CPU, a few steps, a few questions.
+DRY = [
+    "--trainer.accelerator=cpu",
+    "--trainer.precision=32-true",
+    "--trainer.max_steps=6",
+    "--trainer.val_check_interval=3",
+    "--data.batch_size=8",
+    "--data.num_train_samples=200",
+    "--data.num_val_samples=16",
+]
+
+
+def overrides_of(name: str, dry_run: bool) -> tuple[str, list[str]]:
+    """The role and the full override list of a variant."""
+    role, extra = VARIANTS[name]
+    return role, [*(DRY if dry_run else LONG), *extra]
+
+
+def run_variant(name: str, out: Path, dry_run: bool) -> dict:
+    """Train one variant through the shipping path, then decode validation and held-out questions."""
+    import torch
+
+    from activation_transfer.task.organism_eval import evaluate_organism
+    from cli.organisms import organism_config, organism_dir, ship_organism
+
+    role, overrides = overrides_of(name, dry_run)
+    config = str(organism_config(role))
+    folder = out / name
+    start = time.perf_counter()
+    entry = ship_organism(config, str(out / "cache"), overrides, shipped_dir=folder)
+    train_s = time.perf_counter() - start
+    trained = organism_dir(config, str(out / "cache"), overrides)
+    questions = (24, 24) if dry_run else (600, 300)
+    val = evaluate_organism(trained, num_samples=questions[0], seed=VALIDATION_SEED)
+    held_out = evaluate_organism(trained, num_samples=questions[1])
+    result = {
+        "variant": name,
+        "role": role,
+        "overrides": overrides,
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "train_seconds": round(train_s, 1),
+        "global_step": entry["global_step"],
+        "max_steps": int(next(o.split("=")[1] for o in overrides if o.startswith("--trainer.max_steps="))),
+        "config_hash": entry["config_hash"],
+        "sha256": entry["sha256"],
+        "weights_mb": round((folder / entry["file"]).stat().st_size / 2**20, 2),
+        "val_during_training": {k: v for k, v in (entry.get("final_metrics") or {}).items() if k.startswith("val/")},
+        "validation": {
+            "seed": VALIDATION_SEED,
+            "n": val["n"],
+            "all": val["word_boundary_contains"],
+            "two_candidates": val["two_candidates"],
+            "by_hops": val["by_hops"],
+        },
+        "held_out": {
+            "n": held_out["n"],
+            "all": held_out["word_boundary_contains"],
+            "two_candidates": held_out["two_candidates"],
+        },
+    }
+    (folder / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def table(results: list[dict]) -> str:
+    """One Markdown row per variant; the choice is made on the validation columns."""
+    lines = [
+        "| variant | steps | train s | MB | val all | val two candidates (other) | held-out all | held-out two |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['variant']} | failed: {r['error']} |  |  |  |  |  |  |")
+            continue
+        v, h = r["validation"], r["held_out"]
+        lines.append(
+            f"| {r['variant']} | {r['global_step']}/{r['max_steps']} | {r['train_seconds']:.0f} | {r['weights_mb']} "
+            f"| {v['all']:.3f} | {v['two_candidates']['word_boundary_contains']:.3f} "
+            f"({v['two_candidates']['other_candidate']:.3f}) | {h['all']:.3f} "
+            f"| {h['two_candidates']['word_boundary_contains']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="a new folder for the variants' weights, results and the table")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--parallel", type=int, default=4, help="variants trained at once, each in its own process")
+    p.add_argument("--dry-run", action="store_true", help="CPU, a few steps: checks the script")
+    p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a child: run the one variant given
+    args = p.parse_args(argv)
+    out = Path(args.out).resolve()
+    if args.one:
+        run_variant(args.variants[0], out, args.dry_run)
+        return 0
+    if out.exists() and any(out.iterdir()):
+        p.error(f"--out {out} is not empty: give a new folder (a cached organism there would be reused, not trained)")
+    out.mkdir(parents=True, exist_ok=True)
+    results: list[dict] = []
+    if args.parallel <= 1:
+        results = [run_variant(name, out, args.dry_run) for name in args.variants]
+    else:
+        # One process per variant: small models leave the GPU mostly idle, and Python's per-step overhead is per
+        # process. Each child gets its share of the CPU threads (decoding the questions runs on the CPU).
+        threads = max(1, (os.cpu_count() or 1) // min(args.parallel, len(args.variants)))
+        env = os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        pending = list(args.variants)
+        running: dict[str, subprocess.Popen] = {}
+        while pending or running:
+            while pending and len(running) < args.parallel:
+                name = pending.pop(0)
+                cmd = [sys.executable, __file__, "--one", "--out", str(out), "--variants", name]
+                log = (out / f"{name}.log").open("w")
+                running[name] = subprocess.Popen(
+                    cmd + (["--dry-run"] if args.dry_run else []), stdout=log, stderr=log, env=env
+                )
+                print(f"started {name}", flush=True)
+            time.sleep(2)
+            for name, proc in list(running.items()):
+                if proc.poll() is not None:
+                    del running[name]
+                    print(f"finished {name} (exit {proc.returncode})", flush=True)
+        for name in args.variants:
+            path = out / name / "result.json"
+            results.append(
+                json.loads(path.read_text()) if path.exists() else {"variant": name, "error": f"see {name}.log"}
+            )
+    text = table(results)
+    print(text)
+    (out / "gpu_organisms.json").write_text(json.dumps({"goal": GOAL, "results": results}, indent=2) + "\n")
+    (out / "gpu_organisms.md").write_text(text + "\n")
+    return 0 if all("error" not in r for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""bench/gpu_organisms.py, dry run: each variant is trained by the shipping path, and what it writes ships.
+
+The script runs for real only on a GPU (issue 19, item 3); this keeps it from rotting between the sessions that have
+one. The weights it writes must install for the recipe with the variant's overrides, as ``cli/organism_weights``."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from activation_transfer.io import sha256_file
+from activation_transfer.models.frozen_lm import load_model
+from cli import organisms
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("gpu_organisms", ROOT / "bench" / "gpu_organisms.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_dry_run_writes_weights_that_install_for_the_variant_recipe(tmp_path, cache_dir, monkeypatch):
+    script = load_script()
+    out = tmp_path / "run"
+    assert script.main(["--dry-run", "--out", str(out), "--variants", "sender-2x96", "--parallel", "1"]) == 0
+    result = json.loads((out / "gpu_organisms.json").read_text())["results"][0]
+    assert result["global_step"] == result["max_steps"] == 6
+    weights = out / "sender-2x96" / "sender.safetensors"
+    assert sha256_file(weights) == result["sha256"]
+    assert result["validation"]["seed"] == script.VALIDATION_SEED and result["validation"]["n"] == 24
+    assert "| sender-2x96 | 6/6 |" in (out / "gpu_organisms.md").read_text()
+    # Shipping: the same recipe and overrides in a fresh cache install these weights instead of training.
+    role, overrides = script.overrides_of("sender-2x96", dry_run=True)
+    monkeypatch.setattr(organisms, "_train", lambda *a, **k: pytest.fail("trained instead of installing"))
+    fresh = tmp_path / "fresh"
+    installed = organisms.ensure_organism(
+        str(organisms.organism_config(role)), str(fresh), overrides, shipped_dir=out / "sender-2x96"
+    )
+    trained = organisms.organism_dir(str(organisms.organism_config(role)), str(out / "cache"), overrides)
+    assert installed.name == trained.name == f"sender-{result['config_hash']}"
+    ids = torch.tensor([[5, 17, 40, 3, 99, 12]])
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(str(installed))(ids).logits, load_model(str(trained))(ids).logits)
+
+
+def test_a_used_folder_is_refused(tmp_path):
+    (tmp_path / "old").mkdir()
+    with pytest.raises(SystemExit) as err:
+        load_script().main(["--dry-run", "--out", str(tmp_path)])
+    assert err.value.code == 2
