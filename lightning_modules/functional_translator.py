@@ -48,7 +48,7 @@ from activation_transfer.translators.functional_loss import (
     grouped_answer_logits,
     until_eos,
 )
-from activation_transfer.translators.loading import check_resume_matches
+from activation_transfer.translators.loading import ResumableTraining
 from activation_transfer.translators.optim import OptimizerArgs, document_optimizer_args
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ DEFAULTS = OptimizerArgs(lr=1e-3, warmup_steps=50)
 
 
 @document_optimizer_args
-class FunctionalTranslatorModule(pl.LightningModule):
+class FunctionalTranslatorModule(ResumableTraining, pl.LightningModule):
     """Learn a sender -> receiver translator whose slot vectors make the frozen receiver answer.
 
     Args:
@@ -385,15 +385,6 @@ class FunctionalTranslatorModule(pl.LightningModule):
         *("distill_temperature", "slots", "max_question_tokens", "max_answer_tokens", "lr", "weight_decay", "betas"),
         *("warmup_steps", "decay", "min_lr_ratio"),
     )
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if self._trainer is None:  # load_from_checkpoint (overrides allowed), not a resumed fit
-            return
-        check_resume_matches(checkpoint.get("hyper_parameters") or {}, dict(self.hparams), self.RESUME_KEYS)
-
-    def configure_optimizers(self):
-        total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
-        return self.optimizer_args.configure(self.translator.parameters(), total)
 
 
 __all__ = ["FunctionalTranslatorModule"]

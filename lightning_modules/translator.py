@@ -39,7 +39,7 @@ from activation_transfer.translators.architectures import (
     translator_spec,
 )
 from activation_transfer.translators.export import apply_translator
-from activation_transfer.translators.loading import check_resume_matches
+from activation_transfer.translators.loading import ResumableTraining
 from activation_transfer.translators.optim import OptimizerArgs, document_optimizer_args
 
 DEFAULTS = OptimizerArgs()  # the optimizer arguments' defaults
@@ -48,7 +48,7 @@ STAGES = ("val", "test")
 
 
 @document_optimizer_args
-class TranslatorModule(pl.LightningModule):
+class TranslatorModule(ResumableTraining, pl.LightningModule):
     """Learn a map from sender hidden states to receiver hidden states.
 
     Args:
@@ -190,15 +190,6 @@ class TranslatorModule(pl.LightningModule):
         "decay",
         "min_lr_ratio",
     )
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if self._trainer is None:  # load_from_checkpoint (overrides allowed), not a resumed fit
-            return
-        check_resume_matches(checkpoint.get("hyper_parameters") or {}, dict(self.hparams), self.RESUME_KEYS)
-
-    def configure_optimizers(self):
-        total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
-        return self.optimizer_args.configure(self.translator.parameters(), total)
 
 
 __all__ = ["TranslatorModule"]

@@ -248,3 +248,23 @@ def check_resume_matches(saved: dict, given: dict, keys, ckpt: str = "the checkp
             f"cannot resume from {ckpt} with other options ({'; '.join(diff)}): resume with the options it was "
             "trained with, or start a new run without --ckpt_path"
         )
+
+
+class ResumableTraining:
+    """What the translator LightningModules share about their training state (a mixin: the library has no Lightning).
+
+    A subclass names in ``RESUME_KEYS`` the hyperparameters that decide the weights; a resumed fit whose config
+    differs in one of them is refused, while ``load_from_checkpoint`` (no trainer) may override them. The optimizer
+    and schedule come from ``self.optimizer_args`` over ``self.translator``'s parameters.
+    """
+
+    RESUME_KEYS: tuple[str, ...] = ()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if self._trainer is None:  # load_from_checkpoint (overrides allowed), not a resumed fit
+            return
+        check_resume_matches(checkpoint.get("hyper_parameters") or {}, dict(self.hparams), self.RESUME_KEYS)
+
+    def configure_optimizers(self):
+        total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1
+        return self.optimizer_args.configure(self.translator.parameters(), total)
