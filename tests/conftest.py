@@ -120,3 +120,17 @@ def fake_demo(tmp_path, monkeypatch):
     monkeypatch.setattr(cli, "eval_main", fake_eval)
     monkeypatch.setattr(sys, "argv", ["demo"])
     return state
+
+
+@pytest.fixture
+def bench_script():
+    """Loads a script of ``bench/`` (not a package) as a module: ``bench_script("gpu_check").main([...])``."""
+    import importlib.util
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

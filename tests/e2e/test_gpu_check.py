@@ -3,7 +3,6 @@ runs wrote (the check cannot run in CI on a GPU; this keeps it from rotting betw
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -13,18 +12,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def load_check():
-    spec = importlib.util.spec_from_file_location("gpu_check", ROOT / "bench" / "gpu_check.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_dry_run_reports_each_step_and_the_records_it_wrote(tmp_path, multihop_dir, monkeypatch):
+def test_dry_run_reports_each_step_and_the_records_it_wrote(tmp_path, multihop_dir, monkeypatch, bench_script):
     monkeypatch.chdir(ROOT)  # the configs are named relative to the repo root, as on the GPU machine
     monkeypatch.setattr(sys, "argv", ["gpu_check.py"])  # as when run as a script (the CLIs get their args in-process)
     out = tmp_path / "check"
-    assert load_check().main(["--dry-run", "--data-dir", str(multihop_dir), "--out", str(out)]) == 0
+    assert bench_script("gpu_check").main(["--dry-run", "--data-dir", str(multihop_dir), "--out", str(out)]) == 0
     result = json.loads((out / "gpu_check.json").read_text())
     steps = [r["step"] for r in result["rows"]]
     assert steps == ["train aligned (extract + fit)", "paper fp32", "paper bf16", "train functional", "split fp32"]
@@ -35,8 +27,8 @@ def test_dry_run_reports_each_step_and_the_records_it_wrote(tmp_path, multihop_d
     assert (out / "cache").is_dir()  # caches cold, inside the check's folder
 
 
-def test_a_used_folder_is_refused(tmp_path, multihop_dir):
+def test_a_used_folder_is_refused(tmp_path, multihop_dir, bench_script):
     (tmp_path / "old").mkdir()
     with pytest.raises(SystemExit) as err:
-        load_check().main(["--dry-run", "--data-dir", str(multihop_dir), "--out", str(tmp_path)])
+        bench_script("gpu_check").main(["--dry-run", "--data-dir", str(multihop_dir), "--out", str(tmp_path)])
     assert err.value.code == 2

@@ -5,9 +5,7 @@ one. The weights it writes must install for the recipe with the variant's overri
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,18 +14,9 @@ from activation_transfer.io import sha256_file
 from activation_transfer.models.frozen_lm import load_model
 from cli import organisms
 
-ROOT = Path(__file__).resolve().parents[2]
 
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("gpu_organisms", ROOT / "bench" / "gpu_organisms.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_dry_run_writes_weights_that_install_for_the_variant_recipe(tmp_path, cache_dir, monkeypatch):
-    script = load_script()
+def test_dry_run_writes_weights_that_install_for_the_variant_recipe(tmp_path, cache_dir, monkeypatch, bench_script):
+    script = bench_script("gpu_organisms")
     out = tmp_path / "run"
     assert script.main(["--dry-run", "--out", str(out), "--variants", "sender-2x96", "--parallel", "1"]) == 0
     result = json.loads((out / "gpu_organisms.json").read_text())["results"][0]
@@ -50,8 +39,8 @@ def test_dry_run_writes_weights_that_install_for_the_variant_recipe(tmp_path, ca
         torch.testing.assert_close(load_model(str(installed))(ids).logits, load_model(str(trained))(ids).logits)
 
 
-def test_a_used_folder_is_refused(tmp_path):
+def test_a_used_folder_is_refused(tmp_path, bench_script):
     (tmp_path / "old").mkdir()
     with pytest.raises(SystemExit) as err:
-        load_script().main(["--dry-run", "--out", str(tmp_path)])
+        bench_script("gpu_organisms").main(["--dry-run", "--out", str(tmp_path)])
     assert err.value.code == 2
