@@ -99,10 +99,17 @@ class PaperProtocol(EvalProtocol):
         self.random_rows = random_draws(plan, list(self.lengths.items()), hidden) if sequential else {}
         ids, prompts = list(self.lengths), self._prompts()
         for kind, modules in translators.items():
-            for t in plan.translators_needed(kind):
-                self.translated[(kind, t)] = translate_prompts(
-                    self.sender, modules[t], ids, prompts, batch_size, self.settings.max_prompt_tokens, dtype
-                )
+            needed = plan.translators_needed(kind)
+            rows = translate_prompts(
+                self.sender,
+                [modules[t] for t in needed],
+                ids,
+                prompts,
+                batch_size,
+                self.settings.max_prompt_tokens,
+                dtype,
+            )
+            self.translated.update({(kind, t): r for t, r in zip(needed, rows, strict=True)})
 
     def _receiver_batch(self, sub: Sequence, sample_ids: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """The receiver's left-padded ids and mask of ``sub``; tokenized once for the runs that ask the same
