@@ -169,11 +169,11 @@ def generate_ids(
     ids, mask = input_ids.to(device), attention_mask.to(device)
     if settings.do_sample or not drop_finished_every or drop_finished_every >= total:
         return _generate_phase(model, tokenizer, ids, mask, mask, settings, total, model_name)[:, ids.shape[1] :].cpu()
-    from activation_transfer.models.kv_cache import BufferedCache
+    from activation_transfer.models.kv_cache import phase_cache
 
     # KV buffers as long as the prompt and its answer: no per-step copy of the whole cache (kv_cache's docstring)
     eos, prompt_mask = int(tokenizer.eos_token_id), mask
-    cache = BufferedCache(model.config, capacity=ids.shape[1] + total)
+    cache = phase_cache(model.config, capacity=ids.shape[1] + total)
     rows = torch.arange(ids.shape[0], device=device)  # the rows still decoding
     out = torch.full((ids.shape[0], total), eos, dtype=torch.long, device=device)
     done = length = 0

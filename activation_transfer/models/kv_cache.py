@@ -73,7 +73,8 @@ class BufferedLayer(DynamicLayer):
 
 class BufferedCache(DynamicCache):
     """A ``DynamicCache`` whose layers are :class:`BufferedLayer` of ``capacity`` positions (the prompt width plus
-    the new tokens); models with sliding-window or other special layers are refused.
+    the new tokens); models with sliding-window or other special layers are refused (:func:`phase_cache` gives them
+    a ``DynamicCache``).
 
     Args:
         config: The model's config (the number and kinds of layers).
@@ -86,3 +87,12 @@ class BufferedCache(DynamicCache):
             kinds = sorted({type(layer).__name__ for layer in self.layers})
             raise ValueError(f"BufferedCache supports plain attention layers only, this model has {kinds}")
         self.layers = [BufferedLayer(capacity) for _ in self.layers]
+
+
+def phase_cache(config, capacity: int) -> DynamicCache:
+    """The cache of a phased ``generate``: a :class:`BufferedCache`, or a ``DynamicCache`` for a model whose layers
+    are not all plain attention (sliding windows, linear attention), which it does not support."""
+    try:
+        return BufferedCache(config, capacity)
+    except ValueError:
+        return DynamicCache(config=config)

@@ -52,3 +52,16 @@ def test_buffered_cache_gives_dynamic_cache_logits(tmp_path, spare):
     layer = buffered.layers[0]
     assert isinstance(layer, BufferedLayer) and layer.keys.shape[0] == 2 and layer.length == ids.shape[1] + 5
     assert (layer._keys.shape[2] > ids.shape[1] + spare) == (spare == 0)  # grew only when it had no room
+
+
+def test_models_with_sliding_windows_keep_the_dynamic_cache():
+    from transformers import GPTNeoXConfig, MistralConfig
+
+    from activation_transfer.models.kv_cache import phase_cache
+
+    small = {"num_hidden_layers": 2, "hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4}
+    sliding = MistralConfig(sliding_window=16, num_key_value_heads=2, **small)
+    with pytest.raises(ValueError, match="plain attention layers only"):
+        BufferedCache(sliding, 8)
+    assert type(phase_cache(sliding, 8)) is DynamicCache
+    assert type(phase_cache(GPTNeoXConfig(**small), 8)) is BufferedCache
