@@ -4,10 +4,11 @@ needs it: ``cli.fast_start`` answers the top-level --help and a missing config f
 
 import sys
 
-from cli.fast_start import answer_early
+from cli.fast_start import answer_early, keep_freed_memory
 
 
 def main(args=None):
+    keep_freed_memory()  # before any tensor: decoding on CPU allocates and frees at every step
     from cli.lightning_cli import eval_main
 
     return eval_main(args)

@@ -7,6 +7,7 @@ library.
 
 from __future__ import annotations
 
+import ctypes
 import sys
 from pathlib import Path
 
@@ -66,3 +67,27 @@ def answer_early(prog: str, argv: list[str] | None = None) -> int | None:
         sys.stderr.write(f"{prog}: error: config file {path} does not exist (-c takes a YAML file)\n")
         return 2
     return None
+
+
+# mallopt's parameter numbers (glibc's malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+
+def keep_freed_memory() -> bool:
+    """Let glibc's malloc keep freed memory for the next allocation (blocks up to 32 MiB from the heap, whose top is
+    never given back) instead of returning it to the system; False where the C library has no ``mallopt``.
+
+    By default glibc maps blocks over its (adaptive) threshold on their own and unmaps them when freed, and trims the
+    heap's top, so the next tensor of that size faults its pages in again, zeroed by the kernel. An evaluation on CPU
+    allocates and frees its activations and KV caches at every decoding step: on the organisms' matrix that was
+    575k page faults, ~0.7 s of system time in a 13 s command (195k with this). The cost: the process keeps its peak
+    memory until it exits.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # no C library to load, or one without mallopt (musl)
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(M_MMAP_THRESHOLD, 32 << 20)) and bool(mallopt(M_TRIM_THRESHOLD, 1 << 30))

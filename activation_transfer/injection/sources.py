@@ -92,33 +92,35 @@ def left_grid(rows: list[torch.Tensor], width: int, hidden: int, dtype, device) 
 @torch.no_grad()
 def translate_prompts(
     sender: LoadedModel,
-    translator,
+    translators: Sequence,
     sample_ids: Sequence[str],
     prompts: Sequence[str],
     batch_size: int,
     max_prompt_tokens: int,
     dtype: torch.dtype,
-) -> dict[str, torch.Tensor]:
-    """Each sample's translated sequence (L_i, d_r) in ``dtype``, on the sender's device.
+) -> list[dict[str, torch.Tensor]]:
+    """Each translator's sequence (L_i, d_r) for every sample, in ``dtype``, on the sender's device: one dict per
+    translator. The sender reads each batch once for all translators (its states do not depend on them).
 
     Args:
         sender: The frozen sender and its block.
-        translator: A module with ``translate(h)`` mapping (B, T, d_s) to (B, T, d_r).
+        translators: Modules with ``translate(h)`` mapping (B, T, d_s) to (B, T, d_r).
         sample_ids: One id per prompt.
         prompts: The prompts, tokenized as the receiver's are (left padded, right truncated).
         batch_size: Prompts per sender forward pass.
         max_prompt_tokens: Prompt truncation length.
         dtype: Dtype of the returned rows (the receiver's).
     """
-    t_dtype = next(translator.parameters()).dtype
-    out: dict[str, torch.Tensor] = {}
+    out: list[dict[str, torch.Tensor]] = [{} for _ in translators]
     for start in range(0, len(prompts), batch_size):
         tok = tokenize_left_padded(sender.tokenizer, list(prompts[start : start + batch_size]), max_prompt_tokens)
         h = capture_block(sender.model, sender.layer.path, tok["input_ids"], tok["attention_mask"])
-        tr = translator.translate(h.to(t_dtype)).to(dtype)
-        width = tr.shape[1]
-        for i, n in enumerate(tok["attention_mask"].sum(1).tolist()):
-            out[sample_ids[start + i]] = tr[i, width - int(n) :]
+        lengths = tok["attention_mask"].sum(1).tolist()
+        for translator, rows in zip(translators, out):
+            tr = translator.translate(h.to(next(translator.parameters()).dtype)).to(dtype)
+            width = tr.shape[1]
+            for i, n in enumerate(lengths):
+                rows[sample_ids[start + i]] = tr[i, width - int(n) :]
     return out
 
 

@@ -169,9 +169,11 @@ def generate_ids(
     ids, mask = input_ids.to(device), attention_mask.to(device)
     if settings.do_sample or not drop_finished_every or drop_finished_every >= total:
         return _generate_phase(model, tokenizer, ids, mask, mask, settings, total, model_name)[:, ids.shape[1] :].cpu()
-    from transformers import DynamicCache
+    from activation_transfer.models.kv_cache import phase_cache
 
-    eos, cache, prompt_mask = int(tokenizer.eos_token_id), DynamicCache(config=model.config), mask
+    # KV buffers as long as the prompt and its answer: no per-step copy of the whole cache (kv_cache's docstring)
+    eos, prompt_mask = int(tokenizer.eos_token_id), mask
+    cache = phase_cache(model.config, capacity=ids.shape[1] + total)
     rows = torch.arange(ids.shape[0], device=device)  # the rows still decoding
     out = torch.full((ids.shape[0], total), eos, dtype=torch.long, device=device)
     done = length = 0
@@ -191,6 +193,13 @@ def generate_ids(
     return out[:, :length].cpu()
 
 
+def cache_argument(model: nn.Module) -> str:
+    """The name under which ``model`` takes a KV cache: transformers renamed ``past_key_values`` to ``cache`` (5.2x)."""
+    return (
+        "cache" if "cache" in inspect.signature(model.prepare_inputs_for_generation).parameters else "past_key_values"
+    )
+
+
 def _generate_phase(model, tokenizer, ids, mask, prompt_mask, settings, n, model_name, cache=None) -> torch.Tensor:
     """One ``generate`` of up to ``n`` new tokens (the sequences, prompt included); with ``cache``, which holds the
     KV of all but ``ids``' last column after the first phase, it continues from there and keeps the cache."""
@@ -200,11 +209,7 @@ def _generate_phase(model, tokenizer, ids, mask, prompt_mask, settings, n, model
     processors = LogitsProcessorList([FiniteLogitsCheck(model_name or str(model.config.name_or_path))])
     if settings.repetition_penalty != 1.0:
         processors.append(MaskedRepetitionPenalty(settings.repetition_penalty, prompt_mask))
-    # transformers renamed generate's past_key_values to cache (5.2x); the name this version takes
-    name = (
-        "cache" if "cache" in inspect.signature(model.prepare_inputs_for_generation).parameters else "past_key_values"
-    )
-    kwargs = {} if cache is None else {name: cache}
+    kwargs = {} if cache is None else {cache_argument(model): cache}
     return model.generate(
         input_ids=ids, attention_mask=mask, generation_config=cfg, logits_processor=processors, **kwargs
     )

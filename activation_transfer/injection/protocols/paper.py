@@ -47,6 +47,7 @@ class PaperProtocol(EvalProtocol):
         self.translated: dict[TranslatorKey, dict[str, torch.Tensor]] = {}  # -> sample id -> (L_i, d_r)
         self.random_rows: dict[int, dict[str, torch.Tensor]] = {}  # seed -> sample id -> (L_i, d_r), sequential draw
         self.shas = {}
+        self._last_batch: tuple[tuple, tuple[torch.Tensor, torch.Tensor]] | None = None
 
     def condition_table(self, scale: float, alpha: float) -> dict[str, ConditionSpec]:
         return paper_conditions(scale, alpha)
@@ -61,6 +62,7 @@ class PaperProtocol(EvalProtocol):
     ) -> dict[str, int]:
         self.sender, self.receiver, self.settings, self.random_draw = sender, receiver, settings, random_draw
         self.samples = list(samples)
+        self._last_batch = None
         self.receiver_rows = self._token_rows(receiver.tokenizer, self._prompts())
         self.lengths = {s.sample_id: len(r) for s, r in zip(self.samples, self.receiver_rows, strict=True)}
         return self.lengths
@@ -97,17 +99,33 @@ class PaperProtocol(EvalProtocol):
         self.random_rows = random_draws(plan, list(self.lengths.items()), hidden) if sequential else {}
         ids, prompts = list(self.lengths), self._prompts()
         for kind, modules in translators.items():
-            for t in plan.translators_needed(kind):
-                self.translated[(kind, t)] = translate_prompts(
-                    self.sender, modules[t], ids, prompts, batch_size, self.settings.max_prompt_tokens, dtype
-                )
+            needed = plan.translators_needed(kind)
+            rows = translate_prompts(
+                self.sender,
+                [modules[t] for t in needed],
+                ids,
+                prompts,
+                batch_size,
+                self.settings.max_prompt_tokens,
+                dtype,
+            )
+            self.translated.update({(kind, t): r for t, r in zip(needed, rows, strict=True)})
+
+    def _receiver_batch(self, sub: Sequence, sample_ids: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The receiver's left-padded ids and mask of ``sub``; tokenized once for the runs that ask the same
+        samples one after another (every condition of a sub-batch). Nothing writes into them (``generate`` and the
+        stacking copy)."""
+        if self._last_batch is None or self._last_batch[0] != tuple(sample_ids):
+            texts = [s.prompt for s in sub]
+            tok = tokenize_left_padded(self.receiver.tokenizer, texts, self.settings.max_prompt_tokens)
+            self._last_batch = (tuple(sample_ids), (tok["input_ids"], tok["attention_mask"]))
+        return self._last_batch[1]
 
     def answer(self, spec: ConditionSpec, seed: int | None, plan: EvalPlan, sub: Sequence) -> PendingAnswers:
         if spec.source == SOURCE_RELAY:
             return self.answer_relay(sub)
         sample_ids = [s.sample_id for s in sub]
-        tok = tokenize_left_padded(self.receiver.tokenizer, [s.prompt for s in sub], self.settings.max_prompt_tokens)
-        ids, mask = tok["input_ids"], tok["attention_mask"]
+        ids, mask = self._receiver_batch(sub, sample_ids)
         kind = spec.translator_kind
         translated = self.translated.get((kind, plan.translator_index(seed, kind))) if kind else None
         derangement = plan.derangements.get(seed) if spec.source == SOURCE_SHUFFLED else None
