@@ -92,6 +92,21 @@ def test_cache_hash_follows_weight_relevant_settings_only():
     assert config_hash(cfg) != config_hash(other)
 
 
+def test_a_config_is_parsed_once_per_content(tmp_path, monkeypatch):
+    config = tmp_path / "sender.yaml"
+    config.write_text(organism_config("sender").read_text())
+    calls = []
+    parse = organisms._parse
+    monkeypatch.setattr(organisms, "_parse", lambda *a: calls.append(a) or parse(*a))
+    first = resolved_config(str(config))
+    first["model"]["lr"] = -1.0  # callers get a copy: changing it changes nothing remembered
+    assert resolved_config(str(config))["model"]["lr"] > 0 and len(calls) == 1
+    resolved_config(str(config), ["--model.lr", "0.001"])  # other overrides: parsed
+    assert len(calls) == 2
+    config.write_text(config.read_text().replace("hidden_size: 96", "hidden_size: 64"))  # other content
+    assert resolved_config(str(config))["model"]["hidden_size"] == 64 and len(calls) == 3
+
+
 def test_training_data_excludes_the_evaluation_set():
     held_out = eval_keys()
     assert len(held_out) == len({s.key for s in generate_samples(EVAL_NUM_SAMPLES, EVAL_SEED)})
