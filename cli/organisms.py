@@ -50,6 +50,7 @@ _UNHASHED_DATA = ("num_workers", "cache_dir")
 SHIPPED_DIR = Path(__file__).resolve().parent / "organism_weights"
 SHIPPED_MANIFEST = "manifest.json"
 RETRAIN_ENV = "ACTIVATION_TRANSFER_RETRAIN_ORGANISMS"
+_PARSED: dict[tuple, str] = {}  # resolved_config's parses
 
 
 @contextlib.contextmanager
@@ -82,28 +83,22 @@ def _isolated_cli() -> Iterator[None]:
 def resolved_config(config_path: str, overrides: list[str] | None = None) -> dict:
     """The fully parsed organism config (defaults filled in, overrides applied), without building anything.
 
-    A parse costs about 0.1 s and a command asks for each organism's twice (training it if missing, then resolving
-    its name), so parses are remembered per file (path and content) and overrides.
+    A command asks for each organism's twice (train if missing, resolve its name): parses are remembered per file
+    (path and content) and overrides, as JSON text, so each caller gets its own copy.
 
     Args:
         config_path: An organism YAML (``configs/organisms/*.yaml``).
         overrides: Extra CLI arguments, e.g. ``["--trainer.max_steps", "40"]``.
 
     Returns:
-        The config as plain JSON types (``model``, ``data``, ``trainer``, ``seed_everything``, ...); a copy the
-        caller may change.
+        The config as plain JSON types (``model``, ``data``, ``trainer``, ``seed_everything``, ...).
     """
-    path = Path(config_path)
-    if not path.is_file():  # the parser says what is wrong
-        return _parse(config_path, overrides)
-    key = (str(path.resolve()), hashlib.sha256(path.read_bytes()).hexdigest(), tuple(overrides or ()))
+    path = Path(config_path)  # a missing file: the parser says what is wrong
+    content = hashlib.sha256(path.read_bytes() if path.is_file() else b"").hexdigest()
+    key = (str(path.resolve()), content, tuple(overrides or ()))
     if key not in _PARSED:
         _PARSED[key] = json.dumps(_parse(config_path, overrides))
     return json.loads(_PARSED[key])
-
-
-# Parsed organism configs (as JSON text, so every caller gets its own copy), by file, content and overrides.
-_PARSED: dict[tuple, str] = {}
 
 
 def _parse(config_path: str, overrides: list[str] | None) -> dict:
