@@ -171,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         env = os.environ | {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
         pending = list(args.variants)
         running: dict[str, subprocess.Popen] = {}
+        start, reported = time.perf_counter(), 0
         while pending or running:
             while pending and len(running) < args.parallel:
                 name = pending.pop(0)
@@ -181,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 print(f"started {name}", flush=True)
             time.sleep(2)
+            if int(time.perf_counter() - start) // 60 > reported:  # a line a minute: each child logs to its file
+                reported = int(time.perf_counter() - start) // 60
+                print(f"[{reported} min] running: {', '.join(running)} (logs: {out}/<variant>.log)", flush=True)
             for name, proc in list(running.items()):
                 if proc.poll() is not None:
                     del running[name]
