@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from activation_transfer.errors import UsageError
 from activation_transfer.injection.conditions import apply_injection
 from activation_transfer.injection.slots import SlotSpec, check_slots_fit, encode_parts, slot_grid
-from activation_transfer.injection.sources import SENDER_SITES, capture_block, capture_site, position_ids
+from activation_transfer.injection.sources import capture_block, capture_site, position_ids
 from activation_transfer.models.frozen_lm import ModelRef, as_ref, load_ref
 from activation_transfer.models.hooks import block_hook
 from activation_transfer.task.prompts import over_length, split_prompt
@@ -41,7 +41,7 @@ from activation_transfer.translators.functional_loss import (
     answer_ce,
     answer_logits,
     build_batch,
-    check_objective,
+    check_training_options,
     context_vectors,
     distill_kl,
     full_prompts,
@@ -52,7 +52,6 @@ from activation_transfer.translators.loading import ResumableTraining
 from activation_transfer.translators.optim import OptimizerArgs, document_optimizer_args
 
 log = logging.getLogger(__name__)
-DISTILL_ON = ("gold", "teacher_greedy")
 # The optimizer arguments' defaults: a larger rate and a shorter warmup than the aligned trainer's.
 DEFAULTS = OptimizerArgs(lr=1e-3, warmup_steps=50)
 
@@ -113,21 +112,18 @@ class FunctionalTranslatorModule(ResumableTraining, pl.LightningModule):
         cache_dir: str | None = None,
     ):
         super().__init__()
-        check_objective(objective)
+        check_training_options(
+            objective,
+            distill_on,
+            distill_temperature,
+            sender_site,
+            sender_cache_mb,
+            max_question_tokens=max_question_tokens,
+            max_answer_tokens=max_answer_tokens,
+        )
         self.optimizer_args = OptimizerArgs.of(locals())  # checks the six optimizer arguments
         if mse_weight < 0:
             raise UsageError(f"model.mse_weight must be >= 0, got {mse_weight}")
-        if distill_on not in DISTILL_ON:
-            raise UsageError(f"model.distill_on must be one of {', '.join(DISTILL_ON)}, got {distill_on!r}")
-        if distill_temperature <= 0:
-            raise UsageError(f"model.distill_temperature must be > 0, got {distill_temperature}")
-        for name, n in (("max_question_tokens", max_question_tokens), ("max_answer_tokens", max_answer_tokens)):
-            if n < 1:
-                raise UsageError(f"model.{name} must be >= 1, got {n}")
-        if sender_site not in SENDER_SITES:
-            raise UsageError(f"model.sender_site must be one of {', '.join(SENDER_SITES)}, got {sender_site!r}")
-        if sender_cache_mb < 0:
-            raise UsageError(f"model.sender_cache_mb must be >= 0, got {sender_cache_mb}")
         spec = translator_spec(translator)
         self.slot_spec = slots if isinstance(slots, SlotSpec) else SlotSpec(**(slots or {}))
         self.save_hyperparameters(ignore=["sender_model", "receiver_model", "translator", "slots"], logger=False)

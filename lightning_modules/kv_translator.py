@@ -20,7 +20,7 @@ import torch
 
 from activation_transfer.injection.kv_prefix import assemble, geometry, prefixed_forward, resolve_layers
 from activation_transfer.injection.slots import SlotSpec, left_padded
-from activation_transfer.injection.sources import SENDER_SITES, left_grid
+from activation_transfer.injection.sources import left_grid
 from activation_transfer.models.frozen_lm import ModelRef, as_ref, load_ref
 from activation_transfer.translators.architectures import build_translator
 from activation_transfer.translators.functional_loss import (
@@ -30,11 +30,11 @@ from activation_transfer.translators.functional_loss import (
     answer_labels,
     answer_logits,
     build_batch,
-    check_objective,
+    check_training_options,
     distill_kl,
 )
 from activation_transfer.translators.optim import OptimizerArgs, document_optimizer_args
-from lightning_modules.functional_translator import DEFAULTS, DISTILL_ON, FunctionalTranslatorModule
+from lightning_modules.functional_translator import DEFAULTS, FunctionalTranslatorModule
 
 PROJECTOR_CLASS = "activation_transfer.translators.kv_projector.KVProjector"
 
@@ -110,19 +110,17 @@ class KVTranslatorModule(FunctionalTranslatorModule, pl.LightningModule):  # nam
     ):
         args = {k: v for k, v in locals().items() if k not in ("self", "sender_model", "receiver_model", "layers")}
         pl.LightningModule.__init__(self)  # not the functional trainer's: it builds a slot translator
-        check_objective(objective)
+        check_training_options(
+            objective,
+            distill_on,
+            distill_temperature,
+            sender_site,
+            sender_cache_mb,
+            max_context_tokens=max_context_tokens,
+            max_question_tokens=max_question_tokens,
+            max_answer_tokens=max_answer_tokens,
+        )
         self.optimizer_args = OptimizerArgs.of(locals())
-        if distill_on not in DISTILL_ON:
-            raise ValueError(f"model.distill_on must be one of {', '.join(DISTILL_ON)}, got {distill_on!r}")
-        if distill_temperature <= 0:
-            raise ValueError(f"model.distill_temperature must be > 0, got {distill_temperature}")
-        for name in ("max_context_tokens", "max_question_tokens", "max_answer_tokens"):
-            if locals()[name] < 1:
-                raise ValueError(f"model.{name} must be >= 1, got {locals()[name]}")
-        if sender_site not in SENDER_SITES:
-            raise ValueError(f"model.sender_site must be one of {', '.join(SENDER_SITES)}, got {sender_site!r}")
-        if sender_cache_mb < 0:
-            raise ValueError(f"model.sender_cache_mb must be >= 0, got {sender_cache_mb}")
         # The inherited teacher reads the full prompt with this context bound (teacher_answers, full_prompts).
         self.slot_spec = SlotSpec(max_context_tokens=max_context_tokens)
         # Given explicitly: Lightning collects a subclass's arguments only from an __init__ that calls super().

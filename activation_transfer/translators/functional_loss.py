@@ -11,15 +11,39 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from activation_transfer.errors import UsageError
 from activation_transfer.injection.slots import SlotSpec, encode_parts, receiver_batch, sender_batch
+from activation_transfer.injection.sources import SENDER_SITES
 
 IGNORE = -100
 OBJECTIVES = ("answer_ce", "distill")
+DISTILL_ON = ("gold", "teacher_greedy")
 
 
 def check_objective(objective: str) -> None:
     if objective not in OBJECTIVES:
-        raise ValueError(f"model.objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+        raise UsageError(f"model.objective must be one of {', '.join(OBJECTIVES)}, got {objective!r}")
+
+
+def check_training_options(
+    objective: str, distill_on: str, distill_temperature: float, sender_site: str, sender_cache_mb: float, **bounds
+) -> None:
+    """The options the functional and the KV translator modules share, checked as bad input (one line, exit 2).
+
+    ``bounds``: token limits (``max_question_tokens=64``, ...), each of which must be >= 1.
+    """
+    check_objective(objective)
+    if distill_on not in DISTILL_ON:
+        raise UsageError(f"model.distill_on must be one of {', '.join(DISTILL_ON)}, got {distill_on!r}")
+    if distill_temperature <= 0:
+        raise UsageError(f"model.distill_temperature must be > 0, got {distill_temperature}")
+    for name, n in bounds.items():
+        if n < 1:
+            raise UsageError(f"model.{name} must be >= 1, got {n}")
+    if sender_site not in SENDER_SITES:
+        raise UsageError(f"model.sender_site must be one of {', '.join(SENDER_SITES)}, got {sender_site!r}")
+    if sender_cache_mb < 0:
+        raise UsageError(f"model.sender_cache_mb must be >= 0, got {sender_cache_mb}")
 
 
 def answer_rows(tokenizer, answers: Sequence[str], max_answer_tokens: int) -> list[list[int]]:

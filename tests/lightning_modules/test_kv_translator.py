@@ -10,6 +10,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
+from activation_transfer.errors import UsageError
 from activation_transfer.injection.kv_prefix import assemble, generate_after_prefix
 from activation_transfer.injection.slots import left_padded
 from activation_transfer.models.frozen_lm import ModelRef
@@ -108,10 +109,16 @@ def _rows(layout):
 def test_bad_options_fail_clearly():
     with pytest.raises(ValueError, match="kv layers must be distinct"):
         KVTranslatorModule(SENDER, RECEIVER, layers=[9])
-    with pytest.raises(ValueError, match="model.max_context_tokens must be >= 1"):
-        KVTranslatorModule(SENDER, RECEIVER, max_context_tokens=0)
-    with pytest.raises(ValueError, match="model.objective must be one of"):
-        KVTranslatorModule(SENDER, RECEIVER, objective="mse")
+    # The options the KV and functional modules share are checked by one function, as bad input (UsageError).
+    for option, message in (
+        ({"max_context_tokens": 0}, "model.max_context_tokens must be >= 1"),
+        ({"objective": "mse"}, "model.objective must be one of"),
+        ({"distill_temperature": 0.0}, "model.distill_temperature must be > 0"),
+        ({"distill_on": "silver"}, "model.distill_on must be one of gold, teacher_greedy"),
+        ({"sender_cache_mb": -1.0}, "model.sender_cache_mb must be >= 0"),
+    ):
+        with pytest.raises(UsageError, match=message):
+            KVTranslatorModule(SENDER, RECEIVER, **option)
 
 
 def test_checkpoint_and_export_load_as_a_kv_translator(tmp_path):
