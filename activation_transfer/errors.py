@@ -23,3 +23,8 @@ def debug_enabled() -> bool:
 def one_line(err: BaseException) -> str:
     """``err``'s message on one line (a wrapped library message may span several)."""
     return " ".join(str(err).split())
+
+
+class MissingInput(UsageError, FileNotFoundError):
+    """A file or folder that the input names does not exist: bad input (one line, exit 2) that is also a
+    ``FileNotFoundError``, as the library raised before."""

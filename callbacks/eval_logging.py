@@ -24,6 +24,7 @@ from pathlib import Path
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_only
 
+from activation_transfer.errors import UsageError
 from activation_transfer.report import accuracy_figure, accuracy_summary
 from activation_transfer.report.tables import SUMMARY_COLUMNS, summary_rows
 from activation_transfer.task.scoring import METRICS
@@ -153,7 +154,7 @@ class EvalLoggingCallback(pl.Callback):
     ) -> None:
         for key in (table_key, metrics_key, plot_key, tables_prefix):
             if any(part.startswith("_") for part in key.split("/")):
-                raise ValueError(f"W&B reserves names starting with '_': choose another key than {key!r}")
+                raise UsageError(f"W&B reserves names starting with '_': choose another key than {key!r}")
         self.table_key, self.metrics_key, self.plot_key, self.tables_prefix = (
             table_key,
             metrics_key,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,14 +22,13 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import ArgsType, LightningCLI
 from pytorch_lightning.loggers import WandbLogger
 
-from activation_transfer.errors import UsageError, debug_enabled, one_line
 from activation_transfer.translators.architectures import LinearTranslator, MLPTranslator  # noqa: F401 (short class_path)
 from callbacks.progress import progress_callbacks
 from callbacks.save_config import LoggerSaveConfigCallback
 from cli.console import eval_summary, setup_logging, train_summary
 from cli.fast_start import USAGES
 from cli.organisms import ensure_organisms, organism_names
-from cli.parser import ProjectParser, union_error
+from cli.parser import ProjectParser, usage_errors
 
 # Imported so that configs and --model/--data may name these classes by their short names.
 from datamodules.activation_pairs import ActivationPairDataModule, RecordPairIndices  # noqa: F401
@@ -138,27 +136,6 @@ def show_progress(trainer: Namespace) -> None:
     if extra:
         plain = Namespace(class_path="callbacks.progress.PlainProgress", init_args=Namespace(every_seconds=30.0))
         trainer["callbacks"] = [*_as_list(trainer.get("callbacks") or []), plain]
-
-
-@contextlib.contextmanager
-def usage_errors(prog: str) -> Iterator[None]:
-    """Bad input (:class:`UsageError`, a folder that cannot be written) as one line ``<prog>: error: ...`` and exit
-    status 2; ``ACTIVATION_TRANSFER_DEBUG=1`` shows the traceback. Any other exception is a bug: it propagates."""
-    try:
-        yield
-    except (UsageError, PermissionError, ValueError) as err:
-        # jsonargparse re-raises a class's check at instantiation as a ValueError listing the Union's subtypes.
-        message = union_error(str(err)) if type(err) is ValueError else None
-        if debug_enabled() or (type(err) is ValueError and message is None):
-            raise
-        if isinstance(err, PermissionError):
-            message = f"cannot write {err.filename or 'a file'} ({err.strerror}); pick a writable folder"
-        message = message or one_line(err)
-        wandb = sys.modules.get("wandb")
-        if wandb is not None and wandb.run is not None:  # a next CLI in this process would log into it
-            wandb.finish(exit_code=2)
-        sys.stderr.write(f"{prog}: error: {message} (traceback: ACTIVATION_TRANSFER_DEBUG=1)\n")
-        raise SystemExit(2) from None
 
 
 class ProjectCLI(LightningCLI):

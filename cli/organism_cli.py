@@ -12,6 +12,7 @@ import logging
 from pytorch_lightning.cli import ArgsType, LightningCLI
 
 from activation_transfer.errors import UsageError
+from cli.parser import usage_errors
 from datamodules.organism_text import OrganismTextDataModule
 from lightning_modules.causal_lm import CausalLMModule
 
@@ -57,8 +58,10 @@ def cli_kwargs() -> dict:
 
 
 def main(args: ArgsType = None) -> OrganismCLI:
-    """Run the organism CLI (``fit``/``validate``/...); ``args`` replaces ``sys.argv[1:]`` when given."""
-    return OrganismCLI(**cli_kwargs(), args=args)
+    """Run the organism CLI (``fit``/``validate``/...); ``args`` replaces ``sys.argv[1:]`` when given. Bad input is
+    one line and exit status 2, as in ``train.py`` and ``evaluate.py``."""
+    with usage_errors("organism.py"):
+        return OrganismCLI(**cli_kwargs(), args=args)
 
 
 if __name__ == "__main__":

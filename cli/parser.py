@@ -9,6 +9,7 @@ names the Trainer's (``--help-full`` prints jsonargparse's complete help).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import difflib
 import inspect
@@ -17,10 +18,13 @@ import re
 import shutil
 import sys
 import textwrap
+from collections.abc import Iterator
 from typing import NoReturn
 
 from jsonargparse import ArgumentParser, Namespace
 from pytorch_lightning.cli import LightningArgumentParser
+
+from activation_transfer.errors import UsageError, debug_enabled, one_line
 
 # Options whose right spelling is elsewhere: option -> the fix (shown instead of a spelling suggestion).
 HINTS = {
@@ -195,3 +199,24 @@ class ProjectParser(LightningArgumentParser):
         i = args.index(name)
         fixed = " ".join(["python", self.prog.split()[0], name, *args[:i], *args[i + 1 :]])
         return f"put -c after the subcommand: {fixed}"
+
+
+@contextlib.contextmanager
+def usage_errors(prog: str) -> Iterator[None]:
+    """Bad input (:class:`UsageError`, a folder that cannot be written) as one line ``<prog>: error: ...`` and exit
+    status 2; ``ACTIVATION_TRANSFER_DEBUG=1`` shows the traceback. Any other exception is a bug: it propagates."""
+    try:
+        yield
+    except (UsageError, PermissionError, ValueError) as err:
+        # jsonargparse re-raises a class's check at instantiation as a ValueError listing the Union's subtypes.
+        message = union_error(str(err)) if type(err) is ValueError else None
+        if debug_enabled() or (type(err) is ValueError and message is None):
+            raise
+        if isinstance(err, PermissionError):
+            message = f"cannot write {err.filename or 'a file'} ({err.strerror}); pick a writable folder"
+        message = message or one_line(err)
+        wandb = sys.modules.get("wandb")
+        if wandb is not None and wandb.run is not None:  # a next CLI in this process would log into it
+            wandb.finish(exit_code=2)
+        sys.stderr.write(f"{prog}: error: {message} (traceback: ACTIVATION_TRANSFER_DEBUG=1)\n")
+        raise SystemExit(2) from None

@@ -14,6 +14,8 @@ import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from activation_transfer.errors import UsageError
+
 JOBS_ENV = "ACTIVATION_TRANSFER_DEMO_JOBS"
 MAX_JOBS = 4  # each training holds its own models and data (about 1 GB on the organisms)
 
@@ -33,7 +35,7 @@ def demo_jobs() -> int:
     if not value:
         return max(1, min(MAX_JOBS, cores()))
     if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"{JOBS_ENV}={value!r}: set it to the number of trainings to run at once (>= 1)")
+        raise UsageError(f"{JOBS_ENV}={value!r}: set it to the number of trainings to run at once (>= 1)")
     return int(value)
 
 

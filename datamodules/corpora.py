@@ -11,7 +11,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from activation_transfer.errors import UsageError
+from activation_transfer.errors import MissingInput, UsageError
 
 BUILTIN = "builtin"
 HF_PREFIX = "hf:"
@@ -92,7 +92,7 @@ def _first_invalid_utf8(data: bytes) -> int:
 
 def _read_local(path: Path, spec: CorpusSpec) -> list[str]:
     if not path.is_file():
-        raise FileNotFoundError(f"corpus file {path} does not exist (option data.corpus.source)")
+        raise MissingInput(f"corpus file {path} does not exist (option data.corpus.source)")
     try:
         return _read_local_utf8(path, spec)
     except UnicodeDecodeError:

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from activation_transfer.errors import UsageError
 from datamodules.store_format import PairStore
 
 # PairStream's __len__ is exact (it shards by rank and worker itself), but Lightning warns about any IterableDataset
@@ -52,7 +53,7 @@ def epoch_order(
 def step_bounds(n: int, batch_size: int, world_size: int) -> list[tuple[int, int]]:
     """Position ranges of the global steps: ``batch_size * world_size`` rows each, every rank getting >= 1 row."""
     if n < world_size:
-        raise ValueError(f"{n} pairs cannot be split over {world_size} ranks")
+        raise UsageError(f"{n} pairs cannot be split over {world_size} ranks")
     g = batch_size * world_size
     bounds = [(a, min(a + g, n)) for a in range(0, n, g)]
     if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] < world_size:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import MaxMetric, MeanMetric
 
+from activation_transfer.errors import UsageError
 from datamodules.organism_text import ANSWER, PROMPT
 
 
@@ -94,7 +95,7 @@ class CausalLMModule(pl.LightningModule):
         """
         super().__init__()
         if hidden_size % num_heads:
-            raise ValueError(f"num_heads={num_heads} must divide hidden_size={hidden_size}")
+            raise UsageError(f"num_heads={num_heads} must divide hidden_size={hidden_size}")
         self.save_hyperparameters()
         self.model = build_neox(
             vocab_size=vocab_size,

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from activation_transfer.errors import UsageError
+
 # Sources of the vectors a condition writes.
 SOURCE_NONE = "none"  # no injection (no_inject)
 SOURCE_RELAY = "relay"  # no injection, different prompts (nl_relay)
@@ -141,16 +143,16 @@ def select_conditions(
         ValueError: No name, or an unknown or repeated one, naming the known ones.
     """
     if not names:
-        raise ValueError("model.conditions is empty; choose from: " + ", ".join(table))
+        raise UsageError("model.conditions is empty; choose from: " + ", ".join(table))
     seen: set[str] = set()
     out = []
     for name in names:
         if name not in table:
-            raise ValueError(
+            raise UsageError(
                 f"unknown condition {name!r} in model.conditions of the {protocol} protocol; known: {', '.join(table)}"
             )
         if name in seen:
-            raise ValueError(f"condition {name!r} is listed twice in model.conditions")
+            raise UsageError(f"condition {name!r} is listed twice in model.conditions")
         seen.add(name)
         out.append(table[name])
     return out

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from activation_transfer.errors import UsageError
 from activation_transfer.injection.slots import left_padded
 from activation_transfer.injection.sources import capture_site, left_grid, position_ids
 from activation_transfer.models.generation import GenerationSettings, MaskedRepetitionPenalty, generation_config
@@ -37,7 +38,7 @@ def resolve_layers(layers: Sequence[int] | None, num_layers: int) -> list[int]:
         return list(range(num_layers))
     out = [int(i) + num_layers if int(i) < 0 else int(i) for i in layers]
     if not out or any(not 0 <= i < num_layers for i in out) or len(set(out)) != len(out):
-        raise ValueError(f"kv layers must be distinct indices in [-{num_layers}, {num_layers}), got {list(layers)}")
+        raise UsageError(f"kv layers must be distinct indices in [-{num_layers}, {num_layers}), got {list(layers)}")
     return sorted(out)
 
 

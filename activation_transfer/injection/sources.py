@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from activation_transfer.errors import UsageError
 from activation_transfer.injection.conditions import (
     SOURCE_RANDOM,
     SOURCE_RECEIVER,
@@ -56,7 +57,7 @@ def capture_site(model, path: str, ids: torch.Tensor, mask: torch.Tensor, site: 
     if site == "block":
         return capture_block(model, path, ids, mask)
     if site not in SENDER_SITES:
-        raise ValueError(f"sender site must be one of {', '.join(SENDER_SITES)}, got {site!r}")
+        raise UsageError(f"sender site must be one of {', '.join(SENDER_SITES)}, got {site!r}")
     captured: list[torch.Tensor] = []
 
     def hook(_module, args, kwargs):

@@ -73,7 +73,7 @@ class MaskedRepetitionPenalty:
 
     def __init__(self, penalty: float, prompt_mask: torch.Tensor) -> None:
         if penalty <= 0:
-            raise ValueError(f"repetition penalty must be > 0, got {penalty}")
+            raise UsageError(f"repetition penalty must be > 0, got {penalty}")
         self.penalty = float(penalty)
         self.prompt_mask = prompt_mask.bool()
 

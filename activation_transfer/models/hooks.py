@@ -13,6 +13,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from activation_transfer.errors import UsageError
+
 
 def hidden_of(output) -> torch.Tensor:
     """The hidden-state tensor of a block's output (tensor or tuple)."""
@@ -30,7 +32,7 @@ def get_module(model: nn.Module, path: str) -> nn.Module:
     try:
         return model.get_submodule(path)
     except AttributeError as err:
-        raise ValueError(f"module path {path!r} does not exist in {type(model).__name__}") from err
+        raise UsageError(f"module path {path!r} does not exist in {type(model).__name__}") from err
 
 
 @contextmanager

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from activation_transfer.errors import MissingInput
 from activation_transfer.report.records import read_records
 from activation_transfer.task.scoring import METRICS
 
@@ -24,7 +25,7 @@ def record_rows(run_dir: str | Path) -> list[dict]:
     folder = folder / "records" if (folder / "records").is_dir() else folder
     files = sorted(folder.glob("*.jsonl"))
     if not files:
-        raise FileNotFoundError(f"no records/*.jsonl in {run_dir}: not an evaluation run folder")
+        raise MissingInput(f"no records/*.jsonl in {run_dir}: not an evaluation run folder")
     rows = []
     for path in files:
         for rec in read_records(path):

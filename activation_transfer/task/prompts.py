@@ -12,6 +12,8 @@ from collections.abc import Sequence
 
 import torch
 
+from activation_transfer.errors import UsageError
+
 # The paper's prompt: both models get it in the activation-transfer and no-injection conditions.
 PROMPT_TEMPLATE = "Context: {context}\nQ: {question}\nA:"
 # The natural-language relay baseline: the sender writes a relay from the context alone, the receiver answers
@@ -75,13 +77,13 @@ def tokenize_left_padded(tokenizer, texts: Sequence[str], max_length: int = MAX_
         raise TypeError("texts must be a sequence of prompts, not a single string")
     side = getattr(tokenizer, "truncation_side", "right")
     if side != "right":
-        raise ValueError(
+        raise UsageError(
             f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has truncation_side={side!r}; prompts are truncated "
             "on the right (the paper's Hugging Face default), set tokenizer.truncation_side = 'right'"
         )
     pad_id = tokenizer.eos_token_id
     if pad_id is None:
-        raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no EOS token to pad with")
+        raise UsageError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no EOS token to pad with")
     if not texts:
         empty = torch.zeros((0, 0), dtype=torch.long)
         return {"input_ids": empty, "attention_mask": empty.clone()}
@@ -144,7 +146,7 @@ def check_same_tokens(
         pos = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
         got_a = a[pos] if pos < len(a) else "end of prompt"
         got_b = b[pos] if pos < len(b) else "end of prompt"
-        raise ValueError(
+        raise UsageError(
             f"sample {sid!r}: the {names[0]} and the {names[1]} tokenize the prompt differently ({len(a)} vs "
             f"{len(b)} tokens, first difference at position {pos}: {got_a} vs {got_b}); replacement-mode "
             "conditions need identical token ids (same tokenizer, same truncation)"

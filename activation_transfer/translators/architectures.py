@@ -14,6 +14,8 @@ import sys
 import torch
 from torch import nn
 
+from activation_transfer.errors import UsageError
+
 
 class Translator(nn.Module):
     """Base of the project's translators: ``--model.translator`` offers its subclasses (not every torch module).
@@ -62,7 +64,7 @@ class MLPTranslator(Translator):
     ):
         super().__init__()
         if num_layers < 1:
-            raise ValueError(f"MLPTranslator.num_layers must be >= 1, got {num_layers}")
+            raise UsageError(f"MLPTranslator.num_layers must be >= 1, got {num_layers}")
         layers: list[nn.Module] = []
         d = in_dim
         for _ in range(num_layers):
@@ -128,7 +130,7 @@ def resolve_class(class_path: str) -> type[nn.Module]:
     module = sys.modules.get(module_name) or importlib.import_module(module_name)
     cls = getattr(module, name, None)
     if not (inspect.isclass(cls) and issubclass(cls, nn.Module)):
-        raise ValueError(f"translator class_path {class_path!r} is not an nn.Module class")
+        raise UsageError(f"translator class_path {class_path!r} is not an nn.Module class")
     return cls
 
 

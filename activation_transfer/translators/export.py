@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from huggingface_hub import ModelCard, ModelCardData, PyTorchModelHubMixin
 from torch import nn
 
-from activation_transfer.errors import UsageError
+from activation_transfer.errors import MissingInput, UsageError
 from activation_transfer.io import atomic_output, atomic_write, fingerprint, sha256_file, write_json
 from activation_transfer.translators.architectures import build_translator, current_class_path, translator_spec
 
@@ -343,7 +343,7 @@ def from_pretrained(
         patterns = [CONFIG_NAME, WEIGHTS_NAME, "README.md"]
         local = Path(snapshot_download(str(folder_or_hub_id), allow_patterns=patterns, **hub_kwargs))
     if not is_pretrained_folder(local):
-        raise FileNotFoundError(f"{local} is not an exported translator folder ({WEIGHTS_NAME} + {CONFIG_NAME})")
+        raise MissingInput(f"{local} is not an exported translator folder ({WEIGHTS_NAME} + {CONFIG_NAME})")
     config = _read_config(local)
     class_path = str((config.get("translator") or {}).get("class_path", ""))
     # A folder exported before the library moved names the class where it lived then: trusted as where it lives now.

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from activation_transfer.errors import UsageError
+
 
 class KVProjector(nn.Module):
     """Per receiver layer in ``layers`` a linear map of the layer-normalized sender state to every head's key and
@@ -34,7 +36,7 @@ class KVProjector(nn.Module):
     ):
         super().__init__()
         if out_dim % num_heads:
-            raise ValueError(f"receiver hidden size {out_dim} is not a multiple of {num_heads} heads")
+            raise UsageError(f"receiver hidden size {out_dim} is not a multiple of {num_heads} heads")
         self.in_dim, self.out_dim, self.num_heads = int(in_dim), int(out_dim), int(num_heads)
         self.layers = [int(i) for i in layers]
         self.proj = nn.Linear(in_dim, len(self.layers) * 2 * out_dim, bias=bias)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from activation_transfer.errors import UsageError
+from activation_transfer.errors import MissingInput, UsageError
 from activation_transfer.translators.export import (
     PretrainedTranslator,
     checkpoint_translator,
@@ -127,7 +127,7 @@ def load_translator(
     if is_pretrained_folder(path):  # save_pretrained output (safetensors + config.json): the same translations
         translator = from_pretrained(path, map_location=str(map_location))
     elif not path.is_file():
-        raise FileNotFoundError(f"translator checkpoint {path} does not exist")
+        raise MissingInput(f"translator checkpoint {path} does not exist")
     else:
         translator = checkpoint_translator(path).to(map_location)
     # A diverged training run saves NaN weights; they would turn every answer into "" and score as accuracy 0.

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from activation_transfer.errors import UsageError
+
 DECAYS = ("linear", "constant")
 
 # The six arguments' documentation, as the trainers' ``Args:`` lines (jsonargparse reads them for ``--help``).
@@ -48,17 +50,17 @@ class OptimizerArgs:
 
     def __post_init__(self) -> None:
         if self.decay not in DECAYS:
-            raise ValueError(f"model.decay must be 'linear' or 'constant', got {self.decay!r}")
+            raise UsageError(f"model.decay must be 'linear' or 'constant', got {self.decay!r}")
         if not self.lr > 0:
-            raise ValueError(f"model.lr must be > 0, got {self.lr}")
+            raise UsageError(f"model.lr must be > 0, got {self.lr}")
         if self.weight_decay < 0:
-            raise ValueError(f"model.weight_decay must be >= 0, got {self.weight_decay}")
+            raise UsageError(f"model.weight_decay must be >= 0, got {self.weight_decay}")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
-            raise ValueError(f"model.betas must be two numbers in [0, 1), got {list(self.betas)}")
+            raise UsageError(f"model.betas must be two numbers in [0, 1), got {list(self.betas)}")
         if self.warmup_steps < 0:
-            raise ValueError(f"model.warmup_steps must be >= 0, got {self.warmup_steps}")
+            raise UsageError(f"model.warmup_steps must be >= 0, got {self.warmup_steps}")
         if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"model.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+            raise UsageError(f"model.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
     @classmethod
     def of(cls, hparams: Mapping) -> OptimizerArgs:

@@ -63,6 +63,34 @@ def test_evaluate_bad_organism_name_is_one_line(tmp_path, ckpt, capsys):
     assert "unknown organism 'nope'" in line
 
 
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--model.conditions", "[no_inject, bogus]"], "unknown condition 'bogus' in model.conditions"),
+        (["--model.conditions", "[no_inject, no_inject]"], "condition 'no_inject' is listed twice"),
+    ],
+)
+def test_evaluate_bad_model_options_are_one_line(tmp_path, ckpt, capsys, extra, message):
+    # These are checked in the library, past the parser: they were tracebacks once.
+    line = _one_line_exit(capsys, lambda: eval_main(small(tmp_path, ckpt, *extra)), "evaluate.py")
+    assert message in line
+
+
+def test_evaluate_missing_translator_checkpoint_is_one_line(tmp_path, ckpt, capsys):
+    missing = tmp_path / "missing.ckpt"
+    line = _one_line_exit(capsys, lambda: eval_main(small(tmp_path, str(missing))), "evaluate.py")
+    assert f"translator checkpoint {missing} does not exist" in line
+
+
+def test_organism_bad_model_size_is_one_line(tmp_path, capsys):
+    from cli.organism_cli import main as organism_main
+
+    recipe = str(ROOT / "configs" / "organisms" / "sender.yaml")
+    args = ["fit", "-c", recipe, "--model.num_heads", "5", "--trainer.default_root_dir", str(tmp_path)]
+    line = _one_line_exit(capsys, lambda: organism_main(args), "organism.py")
+    assert "num_heads=5 must divide hidden_size=96" in line
+
+
 def test_evaluate_into_another_configurations_run_folder_is_one_line(tmp_path, ckpt, capsys):
     run_dir = tmp_path / "out" / "mine"
     run_dir.mkdir(parents=True)

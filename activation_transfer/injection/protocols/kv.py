@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from activation_transfer.errors import UsageError
 from activation_transfer.injection.answering import PendingAnswers
 from activation_transfer.injection.conditions import (
     SOURCE_NONE,
@@ -155,7 +156,7 @@ class KVProtocol(SplitProtocol):
             projector = translators[KV_OPTION][t]
             trained = list(getattr(projector.translator, "layers", []))
             if trained != self.layers:
-                raise ValueError(
+                raise UsageError(
                     f"the KV projector {getattr(projector, 'path', t)} writes receiver layers {trained}, the "
                     f"evaluation's prefix layers are {self.layers}; evaluate with the layers it was trained for"
                 )

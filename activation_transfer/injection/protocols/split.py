@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from activation_transfer.errors import UsageError
 from activation_transfer.injection.answering import PendingAnswers, request_injected
 from activation_transfer.injection.conditions import (
     SOURCE_NONE,
@@ -100,7 +101,7 @@ def check_translator_training(
     mismatched-training control) reads a translator trained on mismatched contexts (and it reads nothing else)."""
     trained_site = training.get("sender_site", "block")
     if trained_site != sender_site:
-        raise ValueError(
+        raise UsageError(
             f"translator {where} was trained on the sender's {trained_site} but the evaluation reads its "
             f"{sender_site} (condition {spec.name}); set --model.sender_site {trained_site} or pass a translator "
             f"trained with model.sender_site {sender_site}"
@@ -110,7 +111,7 @@ def check_translator_training(
     contexts = training.get("contexts", "own")
     wanted = "mismatched" if spec.name == mismatched else "own"
     if contexts != wanted:
-        raise ValueError(
+        raise UsageError(
             f"condition {spec.name} needs a functional translator trained on {wanted} contexts, but {where} was "
             f"trained on {contexts} contexts (data.mismatched_contexts); pass the matching functional_translator_ckpt"
         )
@@ -141,7 +142,7 @@ class SplitProtocol(EvalProtocol):
 
     def __init__(self, slots: SlotSpec, sender_site: str = "block") -> None:
         if sender_site not in SENDER_SITES:
-            raise ValueError(f"model.sender_site must be one of {', '.join(SENDER_SITES)}, got {sender_site!r}")
+            raise UsageError(f"model.sender_site must be one of {', '.join(SENDER_SITES)}, got {sender_site!r}")
         self.slots, self.sender_site = slots, sender_site
         self.ids: list[str] = []
         self.texts: dict[str, tuple[str, str]] = {}
@@ -166,7 +167,7 @@ class SplitProtocol(EvalProtocol):
         name = self.lexical_condition
         wrong = [s.name for s in specs if s.translator_kind and (s.name == name) != lexical]
         if wrong:
-            raise ValueError(
+            raise UsageError(
                 f"conditions {', '.join(wrong)} cannot run with model.sender_site {self.sender_site}: "
                 f"{name} needs sender_site embeddings, every other translator condition sender_site block"
             )
