@@ -11,6 +11,7 @@ errors, a short ``--help``). Configs go after the subcommand: ``python train.py 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import os
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from pytorch_lightning.cli import ArgsType, LightningCLI
 from pytorch_lightning.loggers import WandbLogger
 
 from activation_transfer.translators.architectures import LinearTranslator, MLPTranslator  # noqa: F401 (short class_path)
+from activation_transfer.translators.optim import OptimizerArgs
 from callbacks.progress import progress_callbacks
 from callbacks.save_config import LoggerSaveConfigCallback
 from cli.console import eval_summary, setup_logging, train_summary
@@ -155,10 +157,14 @@ class ProjectCLI(LightningCLI):
         show_progress(config.trainer)
         group_runs(config)
         keep_wandb_under(config.trainer.get("default_root_dir") or ".")  # before the logger exists
+        # Subclass-mode configs (the functional trainer) hold the options under init_args.
+        data, model = ((config.get(k) or {}).get("init_args") or config.get(k) or {} for k in ("data", "model"))
+        # The optimizer options are checked now, not at the model's instantiation: that comes after training organisms
+        # and extracting activations (minutes on a cold cache), and a bad learning rate should not wait for them.
+        if all(model.get(f.name) is not None for f in dataclasses.fields(OptimizerArgs)):
+            OptimizerArgs.of(model)
         names = organism_names(config.as_dict())
         if names:
-            # Subclass-mode configs (the functional trainer) hold the options under init_args.
-            data, model = ((config.get(k) or {}).get("init_args") or config.get(k) or {} for k in ("data", "model"))
             ensure_organisms(names, cache_dir=data.get("cache_dir") or model.get("cache_dir"))
 
 

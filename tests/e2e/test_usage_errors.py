@@ -50,6 +50,17 @@ def test_train_bad_option_value_is_one_line(tmp_path, capsys):
     assert "data.extract_batch_size must be >= 1, got 0" in line
 
 
+def test_a_bad_optimizer_option_is_reported_before_organisms_are_trained(tmp_path, capsys, monkeypatch):
+    # The functional demo names organisms: on a cold cache they train for minutes before the model is instantiated.
+    def trained(*_args, **_kwargs):
+        raise AssertionError("organisms were trained before the options were checked")
+
+    monkeypatch.setattr("cli.lightning_cli.ensure_organisms", trained)
+    args = ["fit", "-c", FUNCTIONAL, "--trainer.default_root_dir", str(tmp_path), "--model.lr", "-1"]
+    line = _one_line_exit(capsys, lambda: train_main(args), "train.py")
+    assert "model.lr must be > 0, got -1" in line
+
+
 def test_a_dataclass_check_is_shown_without_jsonargparse_subtypes(tmp_path, capsys):
     # Item 15: "Does not validate against any of the Union subtypes / Subtypes: [NoneType, ...]" before the message.
     args = ["fit", "-c", FUNCTIONAL, "--trainer.default_root_dir", str(tmp_path), *TINY_MODELS, "--model.slots.k", "0"]
