@@ -188,6 +188,7 @@ def two_channel(split_run: Path, kv_runs: list[Path], hidden: int, slot_runs: li
     from activation_transfer.report.analysis import condition_accuracy
     from activation_transfer.report.gap import GAP_LOW, gap_recovered
     from activation_transfer.report.load import collapse_repeated_runs, group_records, load_records
+    from activation_transfer.report.stats import run_mean_sd
     from activation_transfer.report.subgroups import read_records
     from activation_transfer.task.scoring import MAIN_METRIC
 
@@ -209,6 +210,8 @@ def two_channel(split_run: Path, kv_runs: list[Path], hidden: int, slot_runs: li
             "channel": "kv" if cond in kv_names else ("slots" if cond.startswith("slots") else "text"),
             "condition": cond,
             "accuracy": acc[cond][MAIN_METRIC]["mean"],
+            # Across the runs (one per seed's translator); None for a single run.
+            "accuracy_sd": run_mean_sd(list(acc[cond][MAIN_METRIC]["per_run"].values()))[1],
             "runs": len(groups[cond]),
             "gap_fraction": gap.get("fraction"),
             "gap_ci": [gap.get("ci_low"), gap.get("ci_high")],
@@ -236,7 +239,8 @@ def _ci(low, high) -> str:
 def two_channel_lines(table: dict) -> list[str]:
     """The demo's printout of ``two_channel.json``: one markdown table and the contrasts (the headline first)."""
     lines = [
-        "| channel | condition | accuracy | gap recovered [95% CI] | - receiver_alone [95% CI] | bytes/question |",
+        "| channel | condition | accuracy (± SD over seeds) | gap recovered [95% CI] | - receiver_alone [95% CI] "
+        "| bytes/question |",
         "|---|---|---|---|---|---|",
     ]
     for r in table["rows"]:
@@ -244,7 +248,8 @@ def two_channel_lines(table: dict) -> list[str]:
         v = r.get("vs_receiver_alone")
         diff = "" if v is None else f"{v['delta']:+.3f}{_ci(v['ci_low'], v['ci_high'])}"
         sent = "" if r["bytes_per_question"] is None else f"{r['bytes_per_question']:.0f}"
-        cells = [r["channel"], r["condition"], f"{r['accuracy']:.3f}", frac, diff, sent]
+        sd = "" if r.get("accuracy_sd") is None else f" ± {r['accuracy_sd']:.3f}"
+        cells = [r["channel"], r["condition"], f"{r['accuracy']:.3f}{sd}", frac, diff, sent]
         lines.append("| " + " | ".join(cells) + " |")
     for h in table.get("contrasts", []):
         lines.append(

@@ -158,6 +158,11 @@ def test_kv_step_sweeps_on_validation_questions_and_prints_the_records_numbers(
     mean_count = np.mean([3 + i for i in range(len(IDS))])
     for cond, row in rows.items():
         assert row["accuracy"] == pytest.approx(acc(cond), abs=1e-12)
+        if isinstance(RIGHT[cond], dict):  # one run per seed: their sample SD; a single run has none
+            sd = np.std([len(RIGHT[cond][s]) / len(IDS) for s in SEEDS], ddof=1)
+            assert row["accuracy_sd"] == pytest.approx(sd, abs=1e-12)
+        else:
+            assert row["accuracy_sd"] is None
         gap = (acc(cond) - acc("receiver_alone")) / (acc("skyline") - acc("receiver_alone"))
         if cond not in ("receiver_alone", "skyline"):
             assert row["gap_fraction"] == pytest.approx(gap, abs=1e-12)
@@ -180,7 +185,8 @@ def test_kv_step_sweeps_on_validation_questions_and_prints_the_records_numbers(
         assert (contrast["ci_low"], contrast["ci_high"]) == pytest.approx((low, high), abs=1e-12)
         assert f"{a} - {b}: {per_q.mean():+.3f} [{low:+.3f}, {high:+.3f}]" in printed
     kv = rows["kv_functional"]
-    line = f"| kv | kv_functional | {acc('kv_functional'):.3f} | {kv['gap_fraction']:+.3f} [{kv['gap_ci'][0]:+.3f}, "
+    cell = f"{acc('kv_functional'):.3f} ± {kv['accuracy_sd']:.3f}"
+    line = f"| kv | kv_functional | {cell} | {kv['gap_fraction']:+.3f} [{kv['gap_ci'][0]:+.3f}, "
     assert line in printed
     assert "| every_other ([0, 2]) (chosen) | 0.100 | 0.800 | 0.750 | 0.500 |" in printed
     sweep_json = json.loads((split_run / "report" / "kv_layer_sweep.json").read_text())
