@@ -34,6 +34,8 @@ HINTS = {
 NOT_ACCEPTED = re.compile(r"Parser key \"(\w+)\".*class_path '([\w.]+)'.*Option '([\w.]+)' is not accepted", re.S)
 # Not in the short help: the groups shown otherwise, and Lightning's checkpoint-loading detail.
 SHORT_HELP_SKIP = {"model", "data", "trainer", "weights_only"}
+# A key of a config file (-c) that the subcommand does not take.
+CONFIG_KEY_NOT_ACCEPTED = re.compile(r"Subcommand '\w+' does not accept option '([\w.]+)'")
 GROUP_CONFIG = re.compile(r"\n  --[\w.]+ CONFIG\s+Path to a configuration file\.")
 # Trainer options named in the short help (the rest: --help-full).
 COMMON_TRAINER = ("max_epochs", "accelerator", "devices", "precision", "default_root_dir", "logger", "callbacks")
@@ -85,6 +87,19 @@ def _class(value, default: type | None) -> type | None:
         return default
     module, _, name = path.rpartition(".")
     return getattr(sys.modules.get(module) or __import__(module, fromlist=[name]), name, default)
+
+
+def _read_yaml(path: str) -> tuple[object, Exception | None]:
+    """A config file's content and None, or None and the YAML error (an unreadable file: None, None)."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f), None
+    except yaml.YAMLError as err:
+        return None, err
+    except OSError:
+        return None, None
 
 
 class ProjectParser(LightningArgumentParser):
@@ -156,6 +171,11 @@ class ProjectParser(LightningArgumentParser):
             return self._config_after_subcommand()
         if m := re.match(r"unrecognized arguments: (\S+)", message):
             return self._closest(m.group(1), self._option_names())
+        if "Problems parsing config" in message:
+            return self._bad_yaml() or " ".join(message.split())
+        if m := CONFIG_KEY_NOT_ACCEPTED.search(message):
+            found = self._closest(f"--{m.group(1)}", self._option_names()).replace("--", "")
+            return f"{self._config_names(m.group(1))}: {found.replace('unknown option', 'unknown key')}"
         if m := NOT_ACCEPTED.search(message):
             key, cls, option = m.groups()
             params = inspect.signature(_class(cls, None)).parameters
@@ -163,6 +183,35 @@ class ProjectParser(LightningArgumentParser):
             return self._closest(f"--{key}.{option}", names)
         # jsonargparse's own message, without the page of usage before it (and without its union noise)
         return union_error(message) or message.strip()
+
+    def _config_files(self) -> list[str]:
+        args = list(getattr(self, "args", None) or [])
+        files = [b for a, b in zip(args, args[1:]) if a in ("-c", "--config")]
+        return files + [a.split("=", 1)[1] for a in args if a.startswith("--config=")]
+
+    def _config_names(self, key: str) -> str:
+        """``config FILE``: the -c files that hold the dotted ``key`` (all of them when none does)."""
+
+        def holds(path: str) -> bool:
+            node = _read_yaml(path)[0]
+            for part in key.split("."):
+                if not isinstance(node, dict) or part not in node:
+                    return False
+                node = node[part]
+            return True
+
+        files = [p for p in self._config_files() if holds(p)] or self._config_files()
+        return f"config {' or '.join(files)}" if files else "a config"
+
+    def _bad_yaml(self) -> str | None:
+        """``config FILE: not valid YAML (...)`` for the first -c file that does not parse, else None."""
+        for path in self._config_files():
+            err = _read_yaml(path)[1]
+            if err is not None:
+                mark = getattr(err, "problem_mark", None)
+                where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+                return f"config {path}: not valid YAML ({getattr(err, 'problem', None) or err}{where})"
+        return None
 
     def _subcommand(self) -> tuple[str | None, ArgumentParser]:
         args = getattr(self, "args", None) or []

@@ -143,6 +143,18 @@ def test_a_typo_in_evaluate_and_an_unknown_option(capsys, monkeypatch):
     assert err == "evaluate.py test: error: unknown option --zzz; --help lists the options\n"
 
 
+def test_a_config_files_unknown_key_and_bad_yaml_name_the_file(capsys, monkeypatch, tmp_path):
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("model:\n  conditons: [no_inject]\n")
+    err = _error(eval_main, ["test", "-c", EVAL_TINY, "-c", str(typo)], capsys, "evaluate.py", monkeypatch)
+    fix = "unknown key model.conditons; did you mean model.conditions?"
+    assert err == f"evaluate.py test: error: config {typo}: {fix}\n"
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("trainer:\n  max_epochs: 3\nmodel: [\n")
+    err = _error(train_main, ["fit", "-c", TRAIN_TINY, "--config", str(broken)], capsys, "train.py", monkeypatch)
+    assert err.startswith(f"train.py fit: error: config {broken}: not valid YAML (") and "line 4, column 1)" in err
+
+
 def test_abbreviated_options_are_refused(capsys, monkeypatch):
     # argparse would take --trainer.max_epoch as --trainer.max_epochs (a unique prefix) without a word.
     args = ["fit", "-c", TRAIN_TINY, "--trainer.max_epoch", "3", "--print_config"]
