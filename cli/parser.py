@@ -23,6 +23,7 @@ from typing import NoReturn
 
 from jsonargparse import ArgumentParser, Namespace
 from pytorch_lightning.cli import LightningArgumentParser
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from activation_transfer.errors import UsageError, debug_enabled, one_line
 
@@ -34,6 +35,10 @@ HINTS = {
 NOT_ACCEPTED = re.compile(r"Parser key \"(\w+)\".*class_path '([\w.]+)'.*Option '([\w.]+)' is not accepted", re.S)
 # Not in the short help: the groups shown otherwise, and Lightning's checkpoint-loading detail.
 SHORT_HELP_SKIP = {"model", "data", "trainer", "weights_only"}
+# The parts of jsonargparse's type error of one option: the option, the value given, the types it accepts.
+PARSER_KEY = re.compile(r'Parser key "([\w.]+)":')
+GIVEN_VALUE = re.compile(r"(?:Given value|Got value): (.+)")
+EXPECTED = re.compile(r"Expected a (?:<class '([\w.]+)'>|typing\.Literal\[(.*?)\])")
 # A key of a config file (-c) that the subcommand does not take.
 CONFIG_KEY_NOT_ACCEPTED = re.compile(r"Subcommand '\w+' does not accept option '([\w.]+)'")
 GROUP_CONFIG = re.compile(r"\n  --[\w.]+ CONFIG\s+Path to a configuration file\.")
@@ -56,6 +61,24 @@ def union_error(message: str) -> str | None:
         if line.strip().startswith("- ") and not UNION_NOISE.match(line.strip().removeprefix("- ").strip())
     ]
     return "; ".join(dict.fromkeys(reasons)) or None
+
+
+def option_type_error(message: str) -> str | None:
+    """``--KEY: expected int or null; got abc`` for jsonargparse's page on a value of the wrong type, else None
+    (a check's own message, e.g. of a dataclass, is :func:`union_error`'s)."""
+    keys = PARSER_KEY.findall(message)
+    # A subclass-mode group ("data") nests its class's own report: the option is the keys joined, the error the last.
+    inner = message.rsplit("Problem with given class_path", 1)[-1]
+    given = GIVEN_VALUE.search(inner)
+    if not keys or given is None:
+        return None
+    kinds = []
+    for cls, literal in EXPECTED.findall(inner):
+        kind = {"NoneType": "null"}.get(cls, cls) if cls else f"one of {literal}"
+        kinds.append(kind)
+    if not kinds:
+        return None
+    return f"--{'.'.join(keys)}: expected {' or '.join(dict.fromkeys(kinds))}; got {given.group(1).strip()}"
 
 
 class _ShortHelp(argparse._HelpAction):
@@ -182,7 +205,7 @@ class ProjectParser(LightningArgumentParser):
             names = [f"--{key}.{p}" for p in params if p != "self"]
             return self._closest(f"--{key}.{option}", names)
         # jsonargparse's own message, without the page of usage before it (and without its union noise)
-        return union_error(message) or message.strip()
+        return option_type_error(message) or union_error(message) or " ".join(message.split())
 
     def _config_files(self) -> list[str]:
         args = list(getattr(self, "args", None) or [])
@@ -252,11 +275,12 @@ class ProjectParser(LightningArgumentParser):
 
 @contextlib.contextmanager
 def usage_errors(prog: str) -> Iterator[None]:
-    """Bad input (:class:`UsageError`, a folder that cannot be written) as one line ``<prog>: error: ...`` and exit
-    status 2; ``ACTIVATION_TRANSFER_DEBUG=1`` shows the traceback. Any other exception is a bug: it propagates."""
+    """Bad input (:class:`UsageError`, a folder that cannot be written, a Trainer setting Lightning refuses, such as a
+    GPU accelerator on a machine without one) as one line ``<prog>: error: ...`` and exit status 2;
+    ``ACTIVATION_TRANSFER_DEBUG=1`` shows the traceback. Any other exception is a bug: it propagates."""
     try:
         yield
-    except (UsageError, PermissionError, ValueError) as err:
+    except (UsageError, PermissionError, ValueError, MisconfigurationException) as err:
         # jsonargparse re-raises a class's check at instantiation as a ValueError listing the Union's subtypes.
         message = union_error(str(err)) if type(err) is ValueError else None
         if debug_enabled() or (type(err) is ValueError and message is None):

@@ -155,6 +155,18 @@ def test_a_config_files_unknown_key_and_bad_yaml_name_the_file(capsys, monkeypat
     assert err.startswith(f"train.py fit: error: config {broken}: not valid YAML (") and "line 4, column 1)" in err
 
 
+@pytest.mark.parametrize(
+    ("option", "value", "expected"),
+    [
+        ("--trainer.max_epochs", "abc", "--trainer.max_epochs: expected null or int; got abc"),
+        ("--data.extract_batch_size", "x", "--data.extract_batch_size: expected int; got x"),
+    ],
+)
+def test_a_value_of_the_wrong_type_names_the_option_and_the_types(capsys, monkeypatch, option, value, expected):
+    err = _error(train_main, ["fit", "-c", TRAIN_TINY, option, value], capsys, "train.py", monkeypatch)
+    assert err == f"train.py fit: error: {expected}\n"
+
+
 def test_abbreviated_options_are_refused(capsys, monkeypatch):
     # argparse would take --trainer.max_epoch as --trainer.max_epochs (a unique prefix) without a word.
     args = ["fit", "-c", TRAIN_TINY, "--trainer.max_epoch", "3", "--print_config"]

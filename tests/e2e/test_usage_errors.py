@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from test_evaluate_cli import small
 from test_injection_eval import make_ckpt
 
@@ -59,6 +60,13 @@ def test_a_bad_optimizer_option_is_reported_before_organisms_are_trained(tmp_pat
     args = ["fit", "-c", FUNCTIONAL, "--trainer.default_root_dir", str(tmp_path), "--model.lr", "-1"]
     line = _one_line_exit(capsys, lambda: train_main(args), "train.py")
     assert "model.lr must be > 0, got -1" in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_gpu_accelerator_on_a_machine_without_one_is_one_line(tmp_path, capsys):
+    args = ["fit", "-c", TINY_TRAIN, "--trainer.default_root_dir", str(tmp_path), "--trainer.accelerator", "cuda"]
+    line = _one_line_exit(capsys, lambda: train_main(args), "train.py")
+    assert "`CUDAAccelerator` can not run on your system" in line
 
 
 def test_a_dataclass_check_is_shown_without_jsonargparse_subtypes(tmp_path, capsys):
