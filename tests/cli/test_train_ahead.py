@@ -54,3 +54,17 @@ def test_jobs_come_from_the_environment_or_the_cores(monkeypatch) -> None:
         monkeypatch.setenv(JOBS_ENV, bad)
         with pytest.raises(ValueError, match=f"{JOBS_ENV}="):
             demo_jobs()
+
+
+def test_the_demo_refuses_a_bad_jobs_setting_at_once_in_one_line(tmp_path, monkeypatch, capsys) -> None:
+    import cli.demo
+
+    def organisms(*_args):
+        raise AssertionError("the demo started before checking its settings")
+
+    monkeypatch.setattr(cli.demo, "_organisms", organisms)
+    monkeypatch.setenv(JOBS_ENV, "two")
+    with pytest.raises(SystemExit) as exit_:
+        cli.demo.main(["--out", str(tmp_path / "demo")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith(f"demo: error: {JOBS_ENV}='two': ") and err.count("\n") == 1
