@@ -294,15 +294,15 @@ class InjectionEvalModule(pl.LightningModule):
             rows = self.plan.rows_to_generate(group, [s.sample_id for s in samples])
             if not rows:
                 continue
-            t0 = time.time()
-            sub = [samples[i] for i in rows]
+            t0, sub = time.time(), [samples[i] for i in rows]
             spec, seed = group[0]  # the runs of a group share one computation
             work.append((group, sub, as_pending(self.protocol.answer(spec, seed, self.plan, sub)), time.time() - t0))
+        generated = [w[2].rows for w in work]  # counted before resolve answers the runs (answered: 0 rows)
         t0 = time.time()
         answers = resolve(self.receiver, [w[2] for w in work], self.generation, self.generate_rows)
-        per_row = (time.time() - t0) / (sum(w[2].rows for w in work) or 1)  # a run's share of the generates: its rows
-        for (group, sub, pending, prep_seconds), (preds, diags) in zip(work, answers, strict=True):
-            dt = (prep_seconds + per_row * pending.rows) / len(group)
+        per_row = (time.time() - t0) / (sum(generated) or 1)  # a run's share of the generates: its rows
+        for (group, sub, _, prep_seconds), n, (preds, diags) in zip(work, generated, answers, strict=True):
+            dt = (prep_seconds + per_row * n) / len(group)
             for spec, seed in group:
                 key = rio.run_key(spec.name, seed)
                 recs = [

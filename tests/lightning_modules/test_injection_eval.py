@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import pytorch_lightning as pl
@@ -218,6 +219,29 @@ def test_rerun_computes_only_missing_parts(tmp_path, ckpt, monkeypatch):
     assert target.read_text() == old
     after = {p.name: p.stat().st_mtime_ns for p in (run_dir / "records").glob("*.jsonl")}
     assert all(after[k] == v for k, v in before.items() if k != target.name)
+
+
+@pytest.mark.parametrize("stack_runs", [False, True])
+def test_generation_time_goes_to_the_runs_that_generated(tmp_path, ckpt, monkeypatch, stack_runs):
+    import lightning_modules.injection_eval as ie
+
+    waited = []  # each resolve of a sub-batch waits 0.2 s more: that time belongs to the runs it generated
+
+    def slow(*a, **k):
+        waited.append(0.2)
+        time.sleep(0.2)
+        return real(*a, **k)
+
+    real = ie.resolve
+    monkeypatch.setattr(ie, "resolve", slow)
+    module = run_eval(
+        tmp_path, ckpt, batch_size=4, conditions=["no_inject", "additive"], seeds=[42], stack_runs=stack_runs
+    )
+    seconds = module.timing_by_run
+    assert set(seconds) == {"no_inject__deterministic", "additive__seed42"}
+    assert sum(seconds.values()) >= sum(waited)  # the runs' shares add up to the time spent generating
+    # both runs generate the same rows, so each gets about half of it
+    assert min(seconds.values()) >= sum(waited) / 3
 
 
 # --------------------------------------------------------------------------------------------- bad input
