@@ -30,7 +30,7 @@ from callbacks.save_config import LoggerSaveConfigCallback
 from cli.console import eval_summary, setup_logging, train_summary
 from cli.fast_start import USAGES
 from cli.organisms import ensure_organisms, organism_names
-from cli.parser import ProjectParser, usage_errors
+from cli.parser import ProjectParser, hidden_host_argv, usage_errors
 
 # Imported so that configs and --model/--data may name these classes by their short names.
 from datamodules.activation_pairs import ActivationPairDataModule, RecordPairIndices  # noqa: F401
@@ -298,7 +298,7 @@ def train_main(args: ArgsType = None, run: bool = True) -> TrainCLI:
         run: Run the subcommand (False: only instantiate, for tests).
     """
     setup_logging()
-    with restored_env(WANDB_FOLDERS), usage_errors("train.py"):
+    with restored_env(WANDB_FOLDERS), usage_errors("train.py"), hidden_host_argv(args):
         cli = TrainCLI(
             LightningModule,
             LightningDataModule,
@@ -327,7 +327,7 @@ def train_main(args: ArgsType = None, run: bool = True) -> TrainCLI:
 def eval_main(args: ArgsType = None) -> EvalCLI:
     """Run the evaluation CLI; ``args`` replaces ``sys.argv[1:]`` when given (tests pass a list)."""
     setup_logging()
-    with restored_env(WANDB_FOLDERS), usage_errors("evaluate.py"):
+    with restored_env(WANDB_FOLDERS), usage_errors("evaluate.py"), hidden_host_argv(args):
         cli = EvalCLI(
             InjectionEvalModule,
             MultiHopQADataModule,

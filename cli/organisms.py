@@ -20,7 +20,6 @@ import logging
 import os
 import random
 import shutil
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -35,6 +34,7 @@ from activation_transfer.task.tokenizer import offline_tokenizer, tokenizer_fing
 from callbacks.progress import progress_callbacks
 from cli.organism_cli import OrganismCLI, cli_kwargs
 from cli.organism_cli import main as organism_main
+from cli.parser import hidden_host_argv
 
 log = logging.getLogger(__name__)
 
@@ -58,20 +58,16 @@ def _isolated_cli() -> Iterator[None]:
     """Run a LightningCLI inside another program without side effects on it.
 
     Training calls ``seed_everything``: the caller's random, numpy and torch streams are restored afterwards. The
-    CLI gets its arguments through ``args=``; LightningCLI warns when the host program's ``sys.argv`` also holds
-    arguments (pytest's, the demo's), so ``sys.argv`` is cut to the program name meanwhile.
+    CLI gets its arguments through ``args=``, the host's ``sys.argv`` hidden meanwhile (:func:`hidden_host_argv`).
     """
     import numpy as np
 
     py_state, np_state = random.getstate(), np.random.get_state()
     env = os.environ.get("PL_GLOBAL_SEED")
-    argv = sys.argv
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), hidden_host_argv([]):
         try:
-            sys.argv = argv[:1]
             yield
         finally:
-            sys.argv = argv
             random.setstate(py_state)
             np.random.set_state(np_state)
             if env is None:

@@ -274,6 +274,22 @@ class ProjectParser(LightningArgumentParser):
 
 
 @contextlib.contextmanager
+def hidden_host_argv(args) -> Iterator[None]:
+    """While a LightningCLI gets ``args`` inside another program (the demo, tests, an organism trained for a command),
+    ``sys.argv`` is cut to the program name: LightningCLI warns when the host's ``sys.argv`` also holds arguments.
+    ``args`` None (the CLI reads ``sys.argv`` itself) changes nothing."""
+    if args is None:
+        yield
+        return
+    argv = sys.argv
+    sys.argv = argv[:1]
+    try:
+        yield
+    finally:
+        sys.argv = argv
+
+
+@contextlib.contextmanager
 def usage_errors(prog: str) -> Iterator[None]:
     """Bad input (:class:`UsageError`, a folder that cannot be written, a Trainer setting Lightning refuses, such as a
     GPU accelerator on a machine without one) as one line ``<prog>: error: ...`` and exit status 2;

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -226,3 +227,14 @@ def test_setup_logging_drops_lightnings_advertisements_and_the_weight_loading_ba
     assert not kept("💡 Tip: For seamless cloud uploads and versioning, try installing [litmodels](...)")
     assert not kept("💡 Tip: ... try installing [litlogger](https://pypi.org/project/litlogger/) ...")
     assert kept("GPU available: False, used: False")
+
+
+@pytest.mark.parametrize("main", [train_main, eval_main], ids=["train", "evaluate"])
+def test_a_cli_called_inside_another_program_does_not_warn_about_its_command_line(main, monkeypatch, capsys):
+    # The demo calls train_main/eval_main with args= while sys.argv holds its own options: LightningCLI would warn
+    # (four times in every `make demo`) that both are given.
+    monkeypatch.setattr(sys, "argv", ["demo.py", "--skip-split", "--out", "/tmp/x"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _help(main, ["fit" if main is train_main else "test"], capsys)
+    assert sys.argv == ["demo.py", "--skip-split", "--out", "/tmp/x"]  # given back
