@@ -2,9 +2,7 @@
 --model.translator_ckpt PATH``. A thin wrapper: the CLI lives in ``cli.lightning_cli`` (imported only when the command
 needs it: ``cli.fast_start`` answers the top-level --help and a missing config file without Lightning)."""
 
-import sys
-
-from cli.fast_start import answer_early, keep_freed_memory
+from cli.fast_start import keep_freed_memory, run_command
 
 
 def main(args=None):
@@ -15,6 +13,4 @@ def main(args=None):
 
 
 if __name__ == "__main__":
-    if (status := answer_early("evaluate.py")) is not None:
-        sys.exit(status)
-    main()
+    run_command("evaluate.py", main)

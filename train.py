@@ -1,9 +1,7 @@
 """Train a translator: ``python train.py fit -c configs/train/tiny.yaml`` (the CLI is cli/lightning_cli.py, imported
 only when the command needs it: ``cli.fast_start`` answers the top-level --help and a missing config file)."""
 
-import sys
-
-from cli.fast_start import answer_early
+from cli.fast_start import run_command
 
 
 def main(args=None, run: bool = True):
@@ -13,6 +11,4 @@ def main(args=None, run: bool = True):
 
 
 if __name__ == "__main__":
-    if (status := answer_early("train.py")) is not None:
-        sys.exit(status)
-    main()
+    run_command("train.py", main)

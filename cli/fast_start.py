@@ -8,7 +8,9 @@ library.
 from __future__ import annotations
 
 import ctypes
+import gc
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 USAGES = {
@@ -67,6 +69,22 @@ def answer_early(prog: str, argv: list[str] | None = None) -> int | None:
         sys.stderr.write(f"{prog}: error: config file {path} does not exist (-c takes a YAML file)\n")
         return 2
     return None
+
+
+def run_command(prog: str, main: Callable[[], object]) -> None:
+    """The ``__main__`` of ``prog`` (train.py, evaluate.py): answer early when the command line allows it (exit 0 or
+    2), else run ``main`` and leave out the garbage collection of the interpreter's shutdown.
+
+    Python's shutdown collects garbage over every object still alive, among them those of the ~4,000 modules that
+    Lightning, torch and transformers import: 1-2 s of a 13 s evaluation on a 2-core CPU, after its work is done.
+    Frozen objects (``gc.freeze``) are left out. Nothing is lost: records, checkpoints and reports are written and
+    closed by then, W&B is finished and logging is flushed by ``atexit``, which still runs. Only here, where the
+    process is about to end: what is frozen is never collected (tests call ``main`` directly).
+    """
+    if (status := answer_early(prog)) is not None:
+        sys.exit(status)
+    main()
+    gc.freeze()
 
 
 # mallopt's parameter numbers (glibc's malloc.h)

@@ -3,6 +3,7 @@ importing Lightning, and say what the LightningCLI says."""
 
 from __future__ import annotations
 
+import gc
 import re
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from cli.fast_start import USAGES, answer_early, missing_config, top_help
+from cli.fast_start import USAGES, answer_early, missing_config, run_command, top_help
 from cli.lightning_cli import eval_main, train_main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,6 +58,20 @@ def test_the_entry_points_answer_without_importing_lightning_or_torch(args):
     )
     done = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, capture_output=True, text=True, check=True)
     assert done.stdout.splitlines()[-2:] == [f"exit {0 if args == ['--help'] else 2}", "[]"]
+
+
+def test_a_command_that_ran_leaves_its_objects_out_of_the_shutdown_collection(monkeypatch, capsys):
+    ran = []
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", "test", "-c", "nope.yaml"])
+    with pytest.raises(SystemExit) as exc:  # answered early: main is not run
+        run_command("evaluate.py", lambda: ran.append(1))
+    assert exc.value.code == 2 and not ran and gc.get_freeze_count() == 0
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", "test"])
+    try:
+        run_command("evaluate.py", lambda: ran.append(gc.get_freeze_count()))
+        assert ran == [0] and gc.get_freeze_count() > 0  # frozen after main, not before
+    finally:
+        gc.unfreeze()  # this test process goes on
 
 
 FAULTS = """
