@@ -6,6 +6,7 @@ r"""Benchmark: batched generation (this project) against one prompt at a time (t
         --batch-size 64 --device cuda --dtype float32 bfloat16 --single-time-limit 200
     python bench/eval.py --matrix --pair tiny organisms --num-prompts 100 --batch-size 64 --threads 1
     python bench/eval.py --matrix --pair organisms --baseline /tmp/main  # + main's stacked command (git archive)
+    python bench/eval.py --matrix --pair organisms --repeat 3  # medians (ranges) of 3 rounds on a noisy machine
 
 Both paths run the receiver with the paper's decoding settings and an additive prefill injection hook (hook cost
 included). Prints samples/s of each path, the ratio, and how many answers differ (0 expected on fp32; bf16 may
@@ -102,6 +103,7 @@ def main() -> None:
     p.add_argument("--single-time-limit", type=float, help="seconds after which the one-at-a-time loop stops")
     p.add_argument("--matrix", action="store_true", help="the paper matrix: project (stacked, per run) vs paper runner")
     p.add_argument("--threads", type=int, default=1, help="--matrix: OMP/MKL threads of each process")
+    p.add_argument("--repeat", type=int, default=1, help="--matrix: rounds of every command; medians and ranges")
     p.add_argument("--baseline", help="--matrix: also time the stacked command of this checkout (e.g. main's tree)")
     args, rest = p.parse_known_args()
     if args.matrix:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -124,44 +125,65 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} cores, commit {commit.strip()}"
 
 
+def spread(values: list[float]) -> tuple[float, str]:
+    """The median of ``values`` and its text: ``"13.1"``, or with several values ``"13.1 (12.8-14.0)"`` (range)."""
+    mid = statistics.median(values)
+    return mid, f"{mid:.1f}" if len(values) == 1 else f"{mid:.1f} ({min(values):.1f}-{max(values):.1f})"
+
+
 def bench_pair(pair: str, args, env: dict) -> list[str]:
     import cli.organisms  # noqa: F401 (registers organism: names; never trains)
 
     folder = Path(tempfile.mkdtemp(prefix=f"bench-matrix-{pair}-"))
     ckpts = translators(pair, *PAIRS[pair][:2], folder)
-    runner = paper(pair, ckpts, folder, args, env)
-    per_run = project(pair, ckpts, folder / "per_run", False, args, env)
-    stacked = project(pair, ckpts, folder / "stacked", True, args, env)
-    same = per_run["records"] == stacked["records"]
-    # --baseline: the stacked command of another checkout (e.g. the branch point), for a before/after in one run
-    before = args.baseline and project(pair, ckpts, folder / "before", True, args, env, Path(args.baseline).resolve())
+    # --repeat: rounds of every command in turn (each round in fresh folders, so nothing is resumed), so that a
+    # slow spell of a shared machine hits every command; the table gives medians and ranges.
+    rounds = []
+    for i in range(args.repeat):
+        base = folder / f"round{i}"
+        base.mkdir()
+        got = {"runner": paper(pair, ckpts, base, args, env)}
+        got["per_run"] = project(pair, ckpts, base / "per_run", False, args, env)
+        got["stacked"] = project(pair, ckpts, base / "stacked", True, args, env)
+        if args.baseline:  # the stacked command of another checkout (e.g. the branch point), in the same round
+            got["before"] = project(pair, ckpts, base / "before", True, args, env, Path(args.baseline).resolve())
+        rounds.append(got)
+    first = rounds[0]
+    runner, stacked = first["runner"], first["stacked"]
+    same = all(r["per_run"]["records"] == r["stacked"]["records"] == stacked["records"] for r in rounds)
     differ = total = 0
     for key, text in runner["answers"].items():
         condition, seed, sid = key.split("|")
         rec = stacked["records"].get((condition, int(seed), sid)) or stacked["records"][(condition, None, sid)]
         differ, total = differ + (rec["prediction"] != text), total + 1
     runs = len({k[:2] for k in stacked["records"]})
+    med = {name: {kind: spread([r[name][kind] for r in rounds]) for kind in ("wall", "work")} for name in first}
+    paper_wall, paper_work = med["runner"]["wall"][0], med["runner"]["work"][0]
     rows = [
-        f"| {pair} | paper's runner (one prompt at a time, {len(SEEDS) * 11} runs) | {runner['wall']:.1f} | "
-        f"{runner['work']:.1f} | 1.0x | 1.0x |",
+        f"| {pair} | paper's runner (one prompt at a time, {len(SEEDS) * 11} runs) | {med['runner']['wall'][1]} | "
+        f"{med['runner']['work'][1]} | 1.0x | 1.0x |",
     ]
-    commands = [("evaluate.py, one generate per run", per_run), ("evaluate.py, stacked runs", stacked)]
-    if before:
-        commands.insert(1, (f"evaluate.py at {args.baseline}, stacked runs", before))
-    for name, r in commands:
+    commands = [("evaluate.py, one generate per run", "per_run"), ("evaluate.py, stacked runs", "stacked")]
+    if args.baseline:
+        commands.insert(1, (f"evaluate.py at {args.baseline}, stacked runs", "before"))
+    for label, name in commands:
+        (wall, wall_text), (work, work_text) = med[name]["wall"], med[name]["work"]
         rows.append(
-            f"| {pair} | {name} ({runs} runs) | {r['wall']:.1f} | {r['work']:.1f} | "
-            f"{runner['wall'] / r['wall']:.1f}x | {runner['work'] / r['work']:.1f}x |"
+            f"| {pair} | {label} ({runs} runs) | {wall_text} | {work_text} | "
+            f"{paper_wall / wall:.1f}x | {paper_work / work:.1f}x |"
         )
+    per_run, stacked_m = med["per_run"], med["stacked"]
     notes = [
-        f"{pair}: stacked vs per run {per_run['work'] / stacked['work']:.2f}x on the work, "
-        f"{per_run['wall'] / stacked['wall']:.2f}x wall; records identical: {same}; answers differing from the "
-        f"paper's runner: {differ}/{total}",
+        f"{pair}: stacked vs per run {per_run['work'][0] / stacked_m['work'][0]:.2f}x on the work, "
+        f"{per_run['wall'][0] / stacked_m['wall'][0]:.2f}x wall; records identical (every round): {same}; answers "
+        f"differing from the paper's runner: {differ}/{total}",
     ]
-    if before:
+    if args.baseline:
+        before_same = all(r["before"]["records"] == stacked["records"] for r in rounds)
+        work_x, wall_x = (med["before"][k][0] / stacked_m[k][0] for k in ("work", "wall"))
         notes.append(
-            f"{pair}: stacked, this checkout vs {args.baseline}: {before['work'] / stacked['work']:.2f}x on the work; "
-            f"records identical: {before['records'] == stacked['records']}"
+            f"{pair}: stacked, this checkout vs {args.baseline}: {work_x:.2f}x on the work, {wall_x:.2f}x wall; "
+            f"records identical: {before_same}"
         )
     return rows + notes
 
@@ -177,7 +199,11 @@ def main(args, rest: list[str]) -> None:
         if pair not in PAIRS:
             raise SystemExit(f"--matrix --pair takes {', '.join(PAIRS)}, got {pair}")
         lines += bench_pair(pair, args, env)
-    print(f"machine: {machine()}; {threads} thread(s) per process; {args.num_prompts} prompts, batch {args.batch_size}")
+    rounds = f"; median (range) of {args.repeat} rounds" if args.repeat > 1 else ""
+    print(
+        f"machine: {machine()}; {threads} thread(s) per process; {args.num_prompts} prompts, batch {args.batch_size}"
+        f"{rounds}"
+    )
     print("| pair | command | wall s | work s | wall: paper / this | work: paper / this |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     print("\n".join(line for line in lines if line.startswith("|")))
