@@ -39,6 +39,9 @@ SHORT_HELP_SKIP = {"model", "data", "trainer", "weights_only"}
 PARSER_KEY = re.compile(r'Parser key "([\w.]+)":')
 GIVEN_VALUE = re.compile(r"(?:Given value|Got value): (.+)")
 EXPECTED = re.compile(r"Expected a (?:<class '([\w.]+)'>|typing\.Literal\[(.*?)\])")
+# A Union's types as jsonargparse lists them ("Subtypes: [...]"): its per-type errors name a Literal[64, 32, 16] "int".
+SUBTYPES = re.compile(r"Subtypes: \[(.*)\]")
+TYPE_OR_LITERAL = re.compile(r"<class '([\w.]+)'>|typing\.Literal\[(.*?)\]")
 # A key of a config file (-c) that the subcommand does not take.
 CONFIG_KEY_NOT_ACCEPTED = re.compile(r"Subcommand '\w+' does not accept option '([\w.]+)'")
 GROUP_CONFIG = re.compile(r"\n  --[\w.]+ CONFIG\s+Path to a configuration file\.")
@@ -72,10 +75,11 @@ def option_type_error(message: str) -> str | None:
     given = GIVEN_VALUE.search(inner)
     if not keys or given is None:
         return None
-    kinds = []
-    for cls, literal in EXPECTED.findall(inner):
-        kind = {"NoneType": "null"}.get(cls, cls) if cls else f"one of {literal}"
-        kinds.append(kind)
+    listed = SUBTYPES.search(inner)
+    found = TYPE_OR_LITERAL.findall(listed.group(1)) if listed else EXPECTED.findall(inner)
+    kinds = [{"NoneType": "null"}.get(cls, cls) for cls, _ in found if cls]
+    if literals := [literal for cls, literal in found if not cls]:  # several Literals read as one list of values
+        kinds.append(f"one of {', '.join(literals)}")
     if not kinds:
         return None
     return f"--{'.'.join(keys)}: expected {' or '.join(dict.fromkeys(kinds))}; got {given.group(1).strip()}"

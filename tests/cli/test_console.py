@@ -168,6 +168,14 @@ def test_a_value_of_the_wrong_type_names_the_option_and_the_types(capsys, monkey
     assert err == f"train.py fit: error: {expected}\n"
 
 
+def test_a_union_of_literals_lists_their_values(capsys, monkeypatch):
+    # Lightning's precision: None | Literal[64, 32, 16] | Literal["16-mixed", ...] | Literal["64", ...]; jsonargparse's
+    # own errors call the first Literal "int".
+    err = _error(train_main, ["fit", "-c", TRAIN_TINY, "--trainer.precision", "foo"], capsys, "train.py", monkeypatch)
+    assert err.startswith("train.py fit: error: --trainer.precision: expected null or one of 64, 32, 16, ")
+    assert "'bf16-mixed', " in err and err.endswith("; got foo\n") and " int" not in err
+
+
 def test_abbreviated_options_are_refused(capsys, monkeypatch):
     # argparse would take --trainer.max_epoch as --trainer.max_epochs (a unique prefix) without a word.
     args = ["fit", "-c", TRAIN_TINY, "--trainer.max_epoch", "3", "--print_config"]
