@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
+from lightning_helpers import quiet_trainer
 from test_evaluate_cli import _FakeWandbLogger, ckpt, small  # noqa: F401 (ckpt: the module-scoped fixture)
 from test_train_cli import _offline_wandb, _wandb_records
 
@@ -70,14 +70,7 @@ def test_fake_logger_gets_long_table_report_tables_and_artifact(tmp_path, ckpt):
         generation=GenerationSettings(max_new_tokens=3),
         report_resamples=50,
     )
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        logger=fake,
-        callbacks=[cb],
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path),
-    )
+    trainer = quiet_trainer(tmp_path, logger=fake, callbacks=[cb])
     trainer.test(module, datamodule=MultiHopQADataModule(num_samples=4, batch_size=4), verbose=False)
     columns, rows = fake.tables["eval/samples"]
     assert columns == list(SAMPLE_COLUMNS) and len(rows) == 4 * 2  # 4 samples x (no_inject, additive seed 42)

@@ -6,6 +6,7 @@ import logging
 
 import pytorch_lightning as pl
 import torch
+from lightning_helpers import quiet_trainer
 from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks.progress import PlainProgress, progress_callbacks
@@ -33,16 +34,7 @@ def _loader():
 
 
 def test_plain_progress_reports_steps_eta_and_validation(tmp_path, caplog):
-    trainer = pl.Trainer(
-        max_epochs=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[PlainProgress(every_seconds=0)],
-        default_root_dir=str(tmp_path),
-        num_sanity_val_steps=0,
-    )
+    trainer = quiet_trainer(tmp_path, max_epochs=2, callbacks=[PlainProgress(every_seconds=0)], num_sanity_val_steps=0)
     with caplog.at_level(logging.INFO, logger="callbacks.progress"):
         trainer.fit(_Tiny(), _loader(), _loader())
     lines = [r.getMessage() for r in caplog.records if r.name == "callbacks.progress"]

@@ -12,6 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from lightning_helpers import quiet_trainer
 from torch.utils.data import Dataset
 
 from activation_transfer.task.generator import EVAL_NUM_SAMPLES, EVAL_SEED, fingerprint, generate_samples
@@ -336,14 +337,6 @@ def test_trainer_test_hands_the_sample_lists_to_the_module(tmp_path):
             self.seen += [s.sample_id for s in batch]
 
     dm, module = MultiHopQADataModule(num_samples=10, batch_size=4), Collect()
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=str(tmp_path),
-    )
+    trainer = quiet_trainer(tmp_path)
     trainer.test(module, datamodule=dm, verbose=False)
     assert module.seen == [s.sample_id for s in dm.samples]

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from lightning_helpers import save_weights
 
 from activation_transfer.models.frozen_lm import ModelRef, load_ref
 from activation_transfer.report import records as rio
@@ -39,12 +40,7 @@ def ckpt(tmp_path_factory):
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         module = TranslatorModule(32, 48, sender=s.identity(), receiver=r.identity())
-    quiet = {"enable_checkpointing": False, "enable_progress_bar": False, "enable_model_summary": False}
-    trainer = pl.Trainer(logger=False, **quiet)
-    trainer.strategy.connect(module)
-    path = tmp_path_factory.mktemp("ckpt") / "translator.ckpt"
-    trainer.save_checkpoint(str(path), weights_only=True)
-    return str(path)
+    return save_weights(module, tmp_path_factory.mktemp("ckpt") / "translator.ckpt")
 
 
 def small(tmp, ckpt, *extra):

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
+from lightning_helpers import quiet_trainer
 from test_evaluate_cli import _FakeWandbLogger, ckpt, small  # noqa: F401 (ckpt: the module-scoped fixture)
 
 from activation_transfer.models.frozen_lm import ModelRef
@@ -58,13 +58,7 @@ def test_a_wandb_reference_is_used_downloaded_and_recorded(tmp_path, ckpt):  # n
         generation=GenerationSettings(max_new_tokens=3),
         report_resamples=50,
     )
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        logger=fake,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path),
-    )
+    trainer = quiet_trainer(tmp_path, logger=fake)
     trainer.test(module, datamodule=MultiHopQADataModule(num_samples=4, batch_size=4), verbose=False)
     assert used == ["me/proj/translator-abc:best"]
     info = module.translator_info[0]
@@ -108,12 +102,6 @@ def test_a_functional_wandb_reference_is_refused_under_other_slots(tmp_path, ckp
         generation=GenerationSettings(max_new_tokens=3),
         report_resamples=50,
     )
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        logger=fake,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path),
-    )
+    trainer = quiet_trainer(tmp_path, logger=fake)
     with pytest.raises(UsageError, match=r"slots: trained with \{'scheme': 'all'.*evaluated with \{'scheme': 'last'"):
         trainer.test(module, datamodule=MultiHopQADataModule(num_samples=4, batch_size=4), verbose=False)

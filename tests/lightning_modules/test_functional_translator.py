@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 import torch
+from lightning_helpers import quiet_trainer
 
 from activation_transfer.injection.protocols.split import SplitProtocol
 from activation_transfer.injection.sources import position_ids
@@ -33,17 +34,7 @@ def _plain_argv(monkeypatch):
 
 
 def _trainer(tmp_path: Path, **kwargs) -> pl.Trainer:
-    opts = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path),
-        num_sanity_val_steps=0,
-    )
-    return pl.Trainer(**{**opts, **kwargs})
+    return quiet_trainer(tmp_path, **{"num_sanity_val_steps": 0, **kwargs})
 
 
 def test_only_the_translator_learns(tmp_path):

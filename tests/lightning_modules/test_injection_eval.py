@@ -8,6 +8,7 @@ import time
 import pytest
 import pytorch_lightning as pl
 import torch
+from lightning_helpers import quiet_trainer, save_weights
 
 import activation_transfer.injection.answering as answering
 from activation_transfer.models.frozen_lm import ModelRef, load_ref
@@ -42,12 +43,7 @@ def make_ckpt(path, sender=SENDER, receiver=RECEIVER, seed=0):
         module = TranslatorModule(
             s.identity()["hidden_size"], r.identity()["hidden_size"], sender=s.identity(), receiver=r.identity()
         )
-    trainer = pl.Trainer(
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
-    )
-    trainer.strategy.connect(module)
-    trainer.save_checkpoint(str(path), weights_only=True)
-    return str(path)
+    return save_weights(module, path)
 
 
 def run_eval(
@@ -65,16 +61,7 @@ def run_eval(
         **kw,
     )
     dm = dm or MultiHopQADataModule(source="synthetic", num_samples=N, batch_size=batch_size)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=list(callbacks),
-        default_root_dir=str(tmp),
-        **(trainer_kw or {}),
-    )
+    trainer = quiet_trainer(tmp, callbacks=list(callbacks), **(trainer_kw or {}))
     trainer.test(module, datamodule=dm, verbose=False)
     return module
 

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import pytorch_lightning as pl
 import torch
+from lightning_helpers import quiet_trainer
 from test_injection_eval import RECEIVER, SENDER, N, run_eval
 
 from activation_transfer.injection.sources import capture_block, left_grid
@@ -26,15 +27,7 @@ def train_projector(folder, seed: int, **options) -> tuple[str, dict]:
     pl.seed_everything(seed, verbose=False)
     module = KVTranslatorModule(SENDER, RECEIVER, max_answer_tokens=4, **options)
     data = QATrainingDataModule(num_train_samples=8, num_val_samples=4, batch_size=4, **data_options)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(folder),
-    )
+    trainer = quiet_trainer(folder, max_steps=2)
     trainer.fit(module, datamodule=data)
     path = folder / f"kv-{seed}.ckpt"
     trainer.save_checkpoint(str(path), weights_only=True)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import pytorch_lightning as pl
 import torch
+from lightning_helpers import quiet_trainer
 from test_injection_eval import RECEIVER, SENDER, N, preds, run_eval
 from test_kv_translator import make_kv_ckpt
 from test_translator_loading import make_functional_ckpt
@@ -134,9 +134,7 @@ def test_kv_self_answers_equal_the_skyline_in_fp32_without_penalties(tmp_path):
     module = InjectionEvalModule(
         SENDER, RECEIVER, conditions=["skyline", "kv_self"], seeds=[], generation=NO_PENALTY, protocol="kv"
     )
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, default_root_dir=str(tmp_path)
-    )
+    trainer = quiet_trainer(tmp_path)
     trainer.test(module, datamodule=dm, verbose=False)
     got = preds(module)
     assert len(got["kv_self__deterministic"]) == 16

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 import torch
+from lightning_helpers import save_weights
 
 from activation_transfer.errors import UsageError
 from activation_transfer.injection.kv_prefix import assemble, generate_after_prefix
@@ -32,12 +32,7 @@ def make_kv_ckpt(path, seed: int = 0, **kwargs) -> str:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         module = KVTranslatorModule(SENDER, RECEIVER, **kwargs)
-    trainer = pl.Trainer(
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
-    )
-    trainer.strategy.connect(module)
-    trainer.save_checkpoint(str(path), weights_only=True)
-    return str(path)
+    return save_weights(module, path)
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-import pytorch_lightning as pl
 import torch
+from lightning_helpers import save_weights
 from test_injection_eval import RECEIVER, SENDER, make_ckpt, run_eval
 
 from activation_transfer.injection.sources import capture_block
@@ -25,12 +25,7 @@ def control_ckpt(path, sender_site: str = "block", contexts: str = "own", seed: 
         torch.manual_seed(seed)
         module = FunctionalTranslatorModule(SENDER, RECEIVER, sender_site=sender_site)
     module.hparams.training["contexts"] = contexts
-    trainer = pl.Trainer(
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
-    )
-    trainer.strategy.connect(module)
-    trainer.save_checkpoint(str(path), weights_only=True)
-    return str(path)
+    return save_weights(module, path)
 
 
 @pytest.fixture(scope="module")

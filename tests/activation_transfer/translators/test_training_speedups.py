@@ -6,8 +6,8 @@ from __future__ import annotations
 import itertools
 
 import pytest
-import pytorch_lightning as pl
 import torch
+from lightning_helpers import quiet_trainer
 
 from activation_transfer.translators.context_cache import ContextStateCache, context_rows
 from activation_transfer.translators.functional_loss import build_batch, length_groups
@@ -118,15 +118,7 @@ def test_the_token_memo_gives_the_same_batch_without_tokenizing_again() -> None:
 def test_fit_fills_the_cache_with_every_training_and_validation_context(tmp_path, cls) -> None:
     module = cls(SENDER, RECEIVER)
     data = QATrainingDataModule(num_train_samples=12, num_val_samples=4, batch_size=4)
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=str(tmp_path),
-    )
+    trainer = quiet_trainer(tmp_path, max_steps=2)
     trainer.fit(module, datamodule=data)
     contexts = {s.context for part in (data.train_set, data.val_set) for s in part.samples}
     assert len(module.context_cache) == len(contexts)

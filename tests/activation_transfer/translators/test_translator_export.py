@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-import pytorch_lightning as pl
 import torch
+from lightning_helpers import save_weights
 
 from activation_transfer.translators import export as te
 from activation_transfer.translators.loading import check_translator_matches, load_translator
@@ -24,13 +24,7 @@ def _checkpoint(tmp_path, **kwargs) -> str:
         module = TranslatorModule(12, 16, sender=SENDER, receiver=RECEIVER, **kwargs)
         for p in module.translator.parameters():  # non-trivial weights, not the init's
             p.data.normal_()
-    trainer = pl.Trainer(
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
-    )
-    trainer.strategy.connect(module)
-    path = tmp_path / "translator.ckpt"
-    trainer.save_checkpoint(str(path), weights_only=True)
-    return str(path)
+    return save_weights(module, tmp_path / "translator.ckpt")
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"normalize": False, "translator": MLP, "loss": "mse"}], ids=["linear", "mlp"])

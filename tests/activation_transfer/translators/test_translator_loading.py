@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import pytorch_lightning as pl
 import torch
+from lightning_helpers import save_weights
 from test_injection_eval import RECEIVER, SENDER, make_ckpt, run_eval
 
 from activation_transfer.injection.slots import SlotSpec
@@ -32,12 +32,7 @@ def make_functional_ckpt(path, slots: dict | None = None, like: str | None = Non
         module = FunctionalTranslatorModule(SENDER, RECEIVER, slots=slots)
     if like is not None:
         module.translator.load_state_dict(load_translator(like).translator.state_dict())
-    trainer = pl.Trainer(
-        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False
-    )
-    trainer.strategy.connect(module)
-    trainer.save_checkpoint(str(path), weights_only=True)
-    return str(path)
+    return save_weights(module, path)
 
 
 @pytest.fixture(scope="module")
