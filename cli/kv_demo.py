@@ -165,7 +165,11 @@ def clustered_difference(groups: dict, cond: str, base: str, label: str) -> dict
     elif len(c_runs) == 1:
         c_runs = c_runs * len(b_runs)
     low, high = question_bootstrap_ci(c_runs, b_runs, seed=derive_seed(0, label))
-    return {"delta": float(clustered_deltas(c_runs, b_runs).mean()), "ci_low": low, "ci_high": high, "n": len(ids)}
+    # The CI resamples questions for these translators; the paired runs' own differences show how much it would
+    # move with other ones (one per seed, in seed order).
+    per_run = [float(np.mean(c, dtype=float) - np.mean(b, dtype=float)) for c, b in zip(c_runs, b_runs)]
+    delta = float(clustered_deltas(c_runs, b_runs).mean())
+    return {"delta": delta, "ci_low": low, "ci_high": high, "n": len(ids), "per_run": per_run}
 
 
 def bytes_per_question(records: list[dict], hidden: int) -> dict[str, float]:
@@ -252,9 +256,10 @@ def two_channel_lines(table: dict) -> list[str]:
         cells = [r["channel"], r["condition"], f"{r['accuracy']:.3f}{sd}", frac, diff, sent]
         lines.append("| " + " | ".join(cells) + " |")
     for h in table.get("contrasts", []):
+        seeds = " / ".join(f"{d:+.3f}" for d in h.get("per_run", []))
         lines.append(
             f"[demo] {h['condition']} - {h['baseline']}: {h['delta']:+.3f}{_ci(h['ci_low'], h['ci_high'])} "
-            f"(question-clustered 95% CI, n={h['n']})"
+            f"(question-clustered 95% CI, n={h['n']}; per seed {seeds})"
         )
     return lines
 

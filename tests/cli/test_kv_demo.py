@@ -183,7 +183,14 @@ def test_kv_step_sweeps_on_validation_questions_and_prints_the_records_numbers(
         assert contrast["delta"] == pytest.approx(per_q.mean(), abs=1e-12) and contrast["n"] == len(IDS)
         low, high = _bootstrap_ci(per_q, derive_seed(0, f"{a}|{b}|two_channel"))
         assert (contrast["ci_low"], contrast["ci_high"]) == pytest.approx((low, high), abs=1e-12)
-        assert f"{a} - {b}: {per_q.mean():+.3f} [{low:+.3f}, {high:+.3f}]" in printed
+        # each seed's translators paired: their own difference on all questions (the spread the CI leaves out)
+        per_seed = [(len(RIGHT[a][s]) - len(RIGHT[b][s])) / len(IDS) for s in SEEDS]
+        assert contrast["per_run"] == pytest.approx(per_seed, abs=1e-12)
+        seeds = " / ".join(f"{d:+.3f}" for d in per_seed)
+        assert (
+            f"{a} - {b}: {per_q.mean():+.3f} [{low:+.3f}, {high:+.3f}] (question-clustered 95% CI, n={len(IDS)}; "
+            f"per seed {seeds})" in printed
+        )
     kv = rows["kv_functional"]
     cell = f"{acc('kv_functional'):.3f} ± {kv['accuracy_sd']:.3f}"
     line = f"| kv | kv_functional | {cell} | {kv['gap_fraction']:+.3f} [{kv['gap_ci'][0]:+.3f}, "
