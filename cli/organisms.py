@@ -64,7 +64,7 @@ def _isolated_cli() -> Iterator[None]:
 
     py_state, np_state = random.getstate(), np.random.get_state()
     env = os.environ.get("PL_GLOBAL_SEED")
-    with torch.random.fork_rng(devices=[]), hidden_host_argv([]):
+    with torch.random.fork_rng(devices=[]), hidden_host_argv():
         try:
             yield
         finally:

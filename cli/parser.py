@@ -38,10 +38,10 @@ SHORT_HELP_SKIP = {"model", "data", "trainer", "weights_only"}
 # The parts of jsonargparse's type error of one option: the option, the value given, the types it accepts.
 PARSER_KEY = re.compile(r'Parser key "([\w.]+)":')
 GIVEN_VALUE = re.compile(r"(?:Given value|Got value): (.+)")
-EXPECTED = re.compile(r"Expected a (?:<class '([\w.]+)'>|typing\.Literal\[(.*?)\])")
+TYPE_OR_LITERAL = re.compile(r"<class '([\w.]+)'>|typing\.Literal\[(.*?)\]")
+EXPECTED = re.compile(rf"Expected a (?:{TYPE_OR_LITERAL.pattern})")
 # A Union's types as jsonargparse lists them ("Subtypes: [...]"): its per-type errors name a Literal[64, 32, 16] "int".
 SUBTYPES = re.compile(r"Subtypes: \[(.*)\]")
-TYPE_OR_LITERAL = re.compile(r"<class '([\w.]+)'>|typing\.Literal\[(.*?)\]")
 # A key of a config file (-c) that the subcommand does not take.
 CONFIG_KEY_NOT_ACCEPTED = re.compile(r"Subcommand '\w+' does not accept option '([\w.]+)'")
 GROUP_CONFIG = re.compile(r"\n  --[\w.]+ CONFIG\s+Path to a configuration file\.")
@@ -278,10 +278,10 @@ class ProjectParser(LightningArgumentParser):
 
 
 @contextlib.contextmanager
-def hidden_host_argv(args) -> Iterator[None]:
+def hidden_host_argv(args=()) -> Iterator[None]:
     """While a LightningCLI gets ``args`` inside another program (the demo, tests, an organism trained for a command),
     ``sys.argv`` is cut to the program name: LightningCLI warns when the host's ``sys.argv`` also holds arguments.
-    ``args`` None (the CLI reads ``sys.argv`` itself) changes nothing."""
+    ``args`` None (the CLI reads ``sys.argv`` itself) changes nothing; without ``args``, the host's are hidden."""
     if args is None:
         yield
         return
