@@ -4,6 +4,11 @@
 out="${OUT:-$PWD/${1:-gpu}_out}"
 mkdir -p "$out"
 py="${PYTHON:-python3}"  # a dry run here: PYTHON=.venv/bin/python bash bench/<script>.sh --dry-run
-"$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+# Once per machine and set of wheels (bench/gpu_session.sh sources this twice in one call).
+stamp="$(ls .whl | md5sum | cut -c1-12)"
+if [ ! -f "/tmp/site/.wheels-$stamp" ]; then
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  touch "/tmp/site/.wheels-$stamp"
+fi
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true

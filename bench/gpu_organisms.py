@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -38,13 +39,12 @@ VALIDATION_SEED = 777
 GOAL = 0.85
 
 # The long-training schedule every variant shares: 256 questions a step, 200k distinct training questions (about 25
-# passes at 20k steps), bf16 autocast. max_time stops a slow machine before the call's limit; a variant that stops
+# passes at 20k steps), bf16 autocast. --max-seconds stops a slow machine before the call's limit; a variant that stops
 # early says so (steps < max_steps) and its schedule did not finish.
 LONG = [
     "--trainer.accelerator=auto",
     "--trainer.precision=bf16-mixed",
     "--trainer.max_steps=20000",
-    "--trainer.max_time=00:00:05:00",
     "--trainer.val_check_interval=2000",
     "--data.batch_size=256",
     "--data.num_train_samples=200000",
@@ -74,26 +74,30 @@ DRY = [
 ]
 
 
-def overrides_of(name: str, dry_run: bool) -> tuple[str, list[str]]:
-    """The role and the full override list of a variant."""
+def overrides_of(name: str, dry_run: bool, max_seconds: int | None = None) -> tuple[str, list[str]]:
+    """The role and the full override list of a variant (``max_seconds``: the training's time limit, if any)."""
     role, extra = VARIANTS[name]
-    return role, [*(DRY if dry_run else LONG), *extra]
+    limit = [] if max_seconds is None else [f"--trainer.max_time=00:00:{max_seconds // 60:02d}:{max_seconds % 60:02d}"]
+    return role, [*(DRY if dry_run else LONG), *limit, *extra]
 
 
-def run_variant(name: str, out: Path, dry_run: bool) -> dict:
+def run_variant(name: str, out: Path, dry_run: bool, max_seconds: int | None = None) -> dict:
     """Train one variant through the shipping path, then decode validation and held-out questions."""
     import torch
 
     from activation_transfer.task.organism_eval import evaluate_organism
     from cli.organisms import organism_config, organism_dir, ship_organism
 
-    role, overrides = overrides_of(name, dry_run)
+    role, overrides = overrides_of(name, dry_run, max_seconds)
     config = str(organism_config(role))
     folder = out / name
     start = time.perf_counter()
     entry = ship_organism(config, str(out / "cache"), overrides, shipped_dir=folder)
     train_s = time.perf_counter() - start
     trained = organism_dir(config, str(out / "cache"), overrides)
+    # The validation curve (every val_check_interval steps) comes back with the weights; the cache stays behind.
+    for curve in (trained / "training").rglob("metrics.csv"):
+        shutil.copy(curve, folder / "metrics.csv")
     questions = (24, 24) if dry_run else (600, 300)
     val = evaluate_organism(trained, num_samples=questions[0], seed=VALIDATION_SEED)
     held_out = evaluate_organism(trained, num_samples=questions[1])
@@ -151,19 +155,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="a new folder for the variants' weights, results and the table")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--parallel", type=int, default=4, help="variants trained at once, each in its own process")
+    p.add_argument(
+        "--max-seconds",
+        type=int,
+        default=None,
+        help="stop each variant's training after this many seconds (Lightning max_time; part of the recipe's hash)",
+    )
     p.add_argument("--dry-run", action="store_true", help="CPU, a few steps: checks the script")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a child: run the one variant given
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
     if args.one:
-        run_variant(args.variants[0], out, args.dry_run)
+        run_variant(args.variants[0], out, args.dry_run, args.max_seconds)
         return 0
     if out.exists() and any(out.iterdir()):
         p.error(f"--out {out} is not empty: give a new folder (a cached organism there would be reused, not trained)")
     out.mkdir(parents=True, exist_ok=True)
     results: list[dict] = []
     if args.parallel <= 1:
-        results = [run_variant(name, out, args.dry_run) for name in args.variants]
+        results = [run_variant(name, out, args.dry_run, args.max_seconds) for name in args.variants]
     else:
         # One process per variant: small models leave the GPU mostly idle, and Python's per-step overhead is per
         # process. Each child gets its share of the CPU threads (decoding the questions runs on the CPU).
@@ -176,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             while pending and len(running) < args.parallel:
                 name = pending.pop(0)
                 cmd = [sys.executable, __file__, "--one", "--out", str(out), "--variants", name]
+                cmd += [] if args.max_seconds is None else ["--max-seconds", str(args.max_seconds)]
                 log = (out / f"{name}.log").open("w")
                 running[name] = subprocess.Popen(
                     cmd + (["--dry-run"] if args.dry_run else []), stdout=log, stderr=log, env=env
