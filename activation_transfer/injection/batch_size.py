@@ -1,6 +1,7 @@
 """How many rows one stacked ``generate`` of the evaluation takes (``model.max_generate_rows``).
 
-``auto`` on CUDA finds, once, the largest power of two of rows whose worst case fits in memory. On CPU the work is
+``auto`` on CUDA finds, once, the largest power of two of rows whose worst case fits in memory, and takes half of
+it (:data:`CUDA_HEADROOM`). On CPU the work is
 compute-bound: larger stacks only added memory traffic (measured on the organisms, before finished rows left the
 decoding), so ``auto`` is a small fixed multiple of the data batch size.
 """
@@ -21,6 +22,12 @@ CPU_ROWS_PER_BATCH = (
     2  # auto on CPU: rows per generate = this x data.batch_size (measured: more only adds memory traffic)
 )
 PROBE_CEILING = 8192  # auto on CUDA: the most rows tried
+# auto on CUDA takes 1/CUDA_HEADROOM of the rows the probe fits. The probe sees an empty card, but a stacked
+# ``generate`` runs beside the shared prefill store (every distinct prompt's cache up to the injection block, for each
+# prompt width of a sub-batch) and the injection's recomputed block. Measured on an H200 (bench/gpu_check.py,
+# Pythia-shaped presets, fp32): 1024 probed rows peaked at 132.6 of 139.8 GiB on the paper protocol and ran out of
+# memory on the split protocol.
+CUDA_HEADROOM = 2
 
 
 def checked_rows(option: int | str) -> int | str:
@@ -31,16 +38,22 @@ def checked_rows(option: int | str) -> int | str:
 
 
 def generate_rows(option: int | str, batch_size: int, receiver: LoadedModel, settings: GenerationSettings) -> int:
-    """Rows per stacked ``generate``: ``option`` itself, or for ``auto`` :func:`probe_rows` on CUDA and
-    ``CPU_ROWS_PER_BATCH x batch_size`` elsewhere."""
+    """Rows per stacked ``generate``: ``option`` itself, or for ``auto`` :func:`with_headroom` of :func:`probe_rows`
+    on CUDA and ``CPU_ROWS_PER_BATCH x batch_size`` elsewhere."""
     if option != "auto":
         return int(option)
     device = next(receiver.model.parameters()).device
     if device.type != "cuda":
         return CPU_ROWS_PER_BATCH * int(batch_size)
-    rows = probe_rows(receiver, settings)
-    log.info("max_generate_rows auto: %d rows fit on %s", rows, torch.cuda.get_device_name(device))
+    fit = probe_rows(receiver, settings)
+    rows = with_headroom(fit)
+    log.info("max_generate_rows auto: %d rows (%d fit alone) on %s", rows, fit, torch.cuda.get_device_name(device))
     return rows
+
+
+def with_headroom(fit: int) -> int:
+    """The rows ``auto`` takes on CUDA when ``fit`` rows fit the probe: room is left for what it does not see."""
+    return max(1, fit // CUDA_HEADROOM)
 
 
 @torch.no_grad()

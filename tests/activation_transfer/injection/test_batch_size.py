@@ -6,7 +6,7 @@ from types import SimpleNamespace
 
 import torch
 
-from activation_transfer.injection.batch_size import CPU_ROWS_PER_BATCH, generate_rows, probe_rows
+from activation_transfer.injection.batch_size import CPU_ROWS_PER_BATCH, generate_rows, probe_rows, with_headroom
 from activation_transfer.models.generation import GenerationSettings
 
 SETTINGS = GenerationSettings(max_new_tokens=8, max_prompt_tokens=24)
@@ -41,3 +41,9 @@ def test_the_probe_halves_until_a_prompt_and_its_whole_answer_fit():
     assert probe_rows(receiver, SETTINGS, ceiling=1024) == 256
     assert receiver.model.seen == [(1024, 32), (512, 32), (256, 32)]  # width = max_prompt_tokens + max_new_tokens
     assert probe_rows(_receiver(fits=0), SETTINGS, ceiling=8) == 1
+
+
+def test_auto_on_cuda_leaves_half_the_probed_rows_to_what_the_probe_does_not_see():
+    # An H200 fitted 1024 fp32 rows in the probe and then ran out of memory on the split protocol (gpu_check).
+    assert with_headroom(1024) == 512
+    assert with_headroom(2) == with_headroom(1) == 1
