@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/gpu_env.sh gpu_check
 run="$(mktemp -d)/gpu_check"  # a new folder each time: nothing resumed, caches cold
-# GPU_CHECK_SECONDS (0: none) bounds the check when it shares one call with other work (bench/gpu_session.sh).
-timeout "${GPU_CHECK_SECONDS:-0}" "$py" bench/gpu_check.py --data-dir .gpu/data --out "$run" "$@" 2>&1 |
+# GPU_CHECK_SECONDS (0: none) bounds the check when it shares one call with other work (bench/gpu_session.sh); KILL
+# follows TERM after 10 s, since Lightning catches TERM and goes on.
+timeout -k 10 "${GPU_CHECK_SECONDS:-0}" "$py" bench/gpu_check.py --data-dir .gpu/data --out "$run" "$@" 2>&1 |
   tee "$out/gpu_check.log"
 cp "$run/gpu_check.json" "$out/"
