@@ -59,10 +59,11 @@ def schedule(batch: int, lr: float, steps: int, warmup: int) -> list[str]:
     ]
 
 
-# The session of 2026-12-04 (H200, docs/organisms.md, runs M): at 256 questions a step a variant made about 36 steps
+# The session of 2026-12-04 (H200, docs/organisms.md, runs M): at 256 questions a step a variant made about 40 steps
 # a second (2 or 4 variants at once, the same rate: the step's Python, not the GPU, sets it), so 20k steps do not fit
 # one call; two-candidate validation accuracy was still rising at 9.4k steps (0.72). A step of 4x as many questions
-# costs about the same, so the default variants below finish their schedules within about 5 minutes.
+# should cost about the same, so the default variants below are sized to finish their schedules within about 5 minutes
+# (not yet run).
 SENDER_4X96 = ["--model.num_layers=4"]
 # name: (role, overrides on top of LONG). Sizes stay within the 20 MB of shipped weights for a sender and a receiver.
 VARIANTS = {
