@@ -7,8 +7,9 @@ several variants at once on the one GPU, and judges them on validation questions
 training or evaluation seed). Per variant it writes, under ``--out``:
 
 - ``<variant>/<role>.safetensors`` and ``<variant>/manifest.json``: shippable weights, keyed by the hash of the
-  recipe with the overrides (write the overrides into the recipe and copy both files to ``cli/organism_weights/`` to
-  ship them: the hash is of the resolved config, so it then matches);
+  recipe with ``recipe_overrides`` (result.json: the overrides without the time guard, when the schedule finished;
+  write them into the recipe and copy both files to ``cli/organism_weights/`` to ship them: the hash is of the
+  resolved config, so it then matches);
 - ``<variant>/result.json``: steps reached, training time, validation accuracy (all questions, two candidates, the
   other candidate's share) and the held-out figure (EVAL_SEED), which is reported, never used to choose.
 
@@ -112,7 +113,7 @@ def run_variant(name: str, out: Path, dry_run: bool, max_seconds: int | None = N
     import torch
 
     from activation_transfer.task.organism_eval import evaluate_organism
-    from cli.organisms import organism_config, organism_dir, ship_organism
+    from cli.organisms import SHIPPED_MANIFEST, organism_config, organism_dir, ship_organism
 
     role, overrides = overrides_of(name, dry_run, max_seconds)
     config = str(organism_config(role))
@@ -121,6 +122,18 @@ def run_variant(name: str, out: Path, dry_run: bool, max_seconds: int | None = N
     entry = ship_organism(config, str(out / "cache"), overrides, shipped_dir=folder)
     train_s = time.perf_counter() - start
     trained = organism_dir(config, str(out / "cache"), overrides)
+    max_steps = int([o.split("=")[1] for o in overrides if o.startswith("--trainer.max_steps=")][-1])
+    # The recipe to ship: the overrides without the time guard, which did not act when the schedule finished (training
+    # repeats on one GPU: runs M gave the same curve twice), so the manifest is keyed by that recipe's hash. A
+    # variant stopped by the guard has no recipe that makes its weights: it is reported, not shippable.
+    finished = entry["global_step"] == max_steps
+    recipe = [o for o in overrides if not o.startswith("--trainer.max_time=")] if finished else None
+    if recipe is not None and recipe != overrides:
+        entry["config_hash"] = organism_dir(config, str(out / "cache"), recipe).name.rpartition("-")[2]
+        manifest_path = folder / SHIPPED_MANIFEST
+        manifest = json.loads(manifest_path.read_text())
+        manifest[role] = entry
+        manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     # The validation curve (every val_check_interval steps) comes back with the weights; the cache stays behind.
     for curve in (trained / "training").rglob("metrics.csv"):
         shutil.copy(curve, folder / "metrics.csv")
@@ -134,7 +147,8 @@ def run_variant(name: str, out: Path, dry_run: bool, max_seconds: int | None = N
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "train_seconds": round(train_s, 1),
         "global_step": entry["global_step"],
-        "max_steps": int([o.split("=")[1] for o in overrides if o.startswith("--trainer.max_steps=")][-1]),
+        "max_steps": max_steps,
+        "recipe_overrides": recipe,
         "config_hash": entry["config_hash"],
         "sha256": entry["sha256"],
         "weights_mb": round((folder / entry["file"]).stat().st_size / 2**20, 2),

@@ -18,7 +18,18 @@ from cli import organisms
 def test_dry_run_writes_weights_that_install_for_the_variant_recipe(tmp_path, cache_dir, monkeypatch, bench_script):
     script = bench_script("gpu_organisms")
     out = tmp_path / "run"
-    assert script.main(["--dry-run", "--out", str(out), "--variants", "sender-4x96-b1024", "--parallel", "1"]) == 0
+    argv = [
+        "--dry-run",
+        "--out",
+        str(out),
+        "--variants",
+        "sender-4x96-b1024",
+        "--parallel",
+        "1",
+        "--max-seconds",
+        "600",
+    ]
+    assert script.main(argv) == 0
     result = json.loads((out / "gpu_organisms.json").read_text())["results"][0]
     assert result["global_step"] == result["max_steps"] == 6
     weights = out / "sender-4x96-b1024" / "sender.safetensors"
@@ -32,8 +43,13 @@ def test_dry_run_writes_weights_that_install_for_the_variant_recipe(tmp_path, ca
     installed = organisms.ensure_organism(
         str(organisms.organism_config(role)), str(fresh), overrides, shipped_dir=out / "sender-4x96-b1024"
     )
-    trained = organisms.organism_dir(str(organisms.organism_config(role)), str(out / "cache"), overrides)
-    assert installed.name == trained.name == f"sender-{result['config_hash']}"
+    # The time guard (--max-seconds) did not stop the schedule, so the recipe to ship leaves it out, and the manifest
+    # is keyed by that recipe, not by the overrides it trained under.
+    assert result["recipe_overrides"] == overrides
+    assert installed.name == f"sender-{result['config_hash']}"
+    _, guarded = script.overrides_of("sender-4x96-b1024", dry_run=True, max_seconds=600)
+    trained = organisms.organism_dir(str(organisms.organism_config(role)), str(out / "cache"), guarded)
+    assert trained.exists() and trained.name != installed.name
     ids = torch.tensor([[5, 17, 40, 3, 99, 12]])
     with torch.no_grad():
         torch.testing.assert_close(load_model(str(installed))(ids).logits, load_model(str(trained))(ids).logits)
