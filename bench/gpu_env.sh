@@ -4,11 +4,17 @@
 out="${OUT:-$PWD/${1:-gpu}_out}"
 mkdir -p "$out"
 py="${PYTHON:-python3}"  # a dry run here: PYTHON=.venv/bin/python bash bench/<script>.sh --dry-run
-# Once per machine and set of wheels (bench/gpu_session.sh sources this twice in one call).
-stamp="$(ls .whl | md5sum | cut -c1-12)"
-if [ ! -f "/tmp/site/.wheels-$stamp" ]; then
-  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
-  touch "/tmp/site/.wheels-$stamp"
+wheels="${GPU_WHEELS:-.whl}"
+if compgen -G "$wheels/*.whl" >/dev/null; then
+  # Once per machine and set of wheels (bench/gpu_session.sh sources this twice in one call).
+  stamp="$(ls "$wheels" | md5sum | cut -c1-12)"
+  if [ ! -f "/tmp/site/.wheels-$stamp" ]; then
+    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$wheels"/*.whl
+    touch "/tmp/site/.wheels-$stamp"
+  fi
+  export PYTHONPATH=/tmp/site
+else
+  echo "[gpu_env] no wheels in $wheels/: $py's own packages (bash bench/gpu_wheels.sh makes them for the GPU image)"
 fi
-export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
