@@ -9,6 +9,8 @@ rows, each with its own write) or one per run.
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
@@ -17,6 +19,7 @@ import torch
 
 from activation_transfer.injection.conditions import ConditionSpec
 from activation_transfer.injection.prefill_hook import PrefillInjection, PrefillOnly, SharedPrefill, prefill_injection
+from activation_transfer.loop_progress import fmt_seconds
 from activation_transfer.models.frozen_lm import LoadedModel
 from activation_transfer.models.generation import GenerationSettings, NonFiniteLogits, decode, generate_ids
 from activation_transfer.task.prompts import (
@@ -165,6 +168,32 @@ def _check(p: PendingAnswers) -> Callable[[], None]:
     return lambda: check_finite_states(p.injection, p.condition, p.sample_ids)
 
 
+log = logging.getLogger(__name__)
+# Least seconds between two lines of a sub-batch's progress: on a GPU one sub-batch can be the whole evaluation set
+# (on an H200 the paper protocol's 25 runs of 396 prompts were one 71 s sub-batch), one step of Lightning's loop.
+PROGRESS_EVERY_S = 30.0
+
+
+class _RunsProgress:
+    """A log line at most every ``PROGRESS_EVERY_S`` while the runs of one sub-batch are answered."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done = total, 0
+        self.start = self.last = time.monotonic()
+
+    def add(self, runs: int) -> None:
+        self.done += runs
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_EVERY_S:
+            self.last = now
+            log.info(
+                "answered %d/%d runs of this sub-batch, elapsed %s",
+                self.done,
+                self.total,
+                fmt_seconds(now - self.start),
+            )
+
+
 def resolve(
     receiver: LoadedModel,
     runs: Sequence[PendingAnswers | Answers],
@@ -184,9 +213,11 @@ def resolve(
     """
     runs = [as_pending(r) for r in runs]
     todo = [p for p in runs if p.answers is None]
+    progress = _RunsProgress(len(todo))
     if max_rows is None:
         for p in todo:
             _generate_stacked(receiver, [p], settings)
+            progress.add(1)
     else:
         shared, by_width = SharedPrefill(), {}
         for p in todo:
@@ -196,9 +227,11 @@ def resolve(
             for p in group:
                 if stack and sum(q.rows for q in stack) + p.rows > max_rows:
                     _generate_stacked(receiver, stack, settings, shared)
+                    progress.add(len(stack))
                     stack = []
                 stack.append(p)
             _generate_stacked(receiver, stack, settings, shared)
+            progress.add(len(stack))
     return [p.answers for p in runs]
 
 

@@ -80,3 +80,17 @@ def test_stacked_runs_give_the_per_run_records(tmp_path, ckpts, name, monkeypatc
 def test_bad_max_generate_rows_is_one_clear_error():
     with pytest.raises(UsageError, match="model.max_generate_rows must be >= 1 or auto, got 0"):
         InjectionEvalModule("tiny-neox", "tiny-neox-large", conditions=["no_inject"], max_generate_rows=0)
+
+
+@pytest.mark.parametrize("stack_runs", [True, False])
+def test_a_sub_batch_s_runs_show_progress_in_the_log(tmp_path, ckpts, monkeypatch, caplog, stack_runs):
+    # On a GPU one sub-batch can hold the whole evaluation (71 s on an H200), one step of Lightning's loop.
+    monkeypatch.setattr(answering, "PROGRESS_EVERY_S", 0.0)  # a line after every generate
+    caplog.set_level("INFO", logger=answering.__name__)
+    _run(tmp_path, ckpts, "split", monkeypatch, stack_runs=stack_runs)
+    lines = [r.getMessage() for r in caplog.records if r.name == answering.__name__]
+    done = [tuple(map(int, line.split()[1].split("/"))) for line in lines if line.startswith("answered ")]
+    assert done and all(0 < d <= n for d, n in done)
+    # Each sub-batch (8 samples in batches of 5: two) counts up to its pending runs.
+    assert [d for d, n in done if d == n] and sum(d == n for d, n in done) == 2
+    assert len({n for _, n in done}) == 1 and done[0][1] > 1  # both sub-batches answer the same runs
