@@ -113,7 +113,7 @@ def run_variant(name: str, out: Path, dry_run: bool, max_seconds: int | None = N
     import torch
 
     from activation_transfer.task.organism_eval import evaluate_organism
-    from cli.organisms import SHIPPED_MANIFEST, organism_config, organism_dir, ship_organism
+    from cli.organisms import organism_config, organism_dir, record_shipped, ship_organism
 
     role, overrides = overrides_of(name, dry_run, max_seconds)
     config = str(organism_config(role))
@@ -130,10 +130,7 @@ def run_variant(name: str, out: Path, dry_run: bool, max_seconds: int | None = N
     recipe = [o for o in overrides if not o.startswith("--trainer.max_time=")] if finished else None
     if recipe is not None and recipe != overrides:
         entry["config_hash"] = organism_dir(config, str(out / "cache"), recipe).name.rpartition("-")[2]
-        manifest_path = folder / SHIPPED_MANIFEST
-        manifest = json.loads(manifest_path.read_text())
-        manifest[role] = entry
-        manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        record_shipped(folder, role, entry)
     # The validation curve (every val_check_interval steps) comes back with the weights; the cache stays behind.
     for curve in (trained / "training").rglob("metrics.csv"):
         shutil.copy(curve, folder / "metrics.csv")
@@ -199,7 +196,8 @@ def main(argv: list[str] | None = None) -> int:
         "--max-seconds",
         type=int,
         default=None,
-        help="stop each variant's training after this many seconds (Lightning max_time; part of the recipe's hash)",
+        help="stop each variant's training after this many seconds (Lightning max_time; left out of the shipped recipe "
+        "when the schedule finished first)",
     )
     p.add_argument("--dry-run", action="store_true", help="CPU, a few steps: checks the script")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # a child: run the one variant given

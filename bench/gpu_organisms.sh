@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # On the GPU machine (torch present, no network): install the carried wheels (bench/gpu_wheels.sh made them), then
-# train and judge the organism variants of bench/gpu_organisms.py (about 8 minutes). Writes under $OUT (or
-# ./gpu_organisms_out): the table and log, and gpu_organisms.tar.part-*: each variant's shippable weights, manifest,
-# result, validation curve and log, gpu_organisms.json.
+# train and judge the organism variants of bench/gpu_organisms.py (training bounded by --max-seconds, if given).
+# Writes under $OUT (or ./gpu_organisms_out): the table and log, and gpu_organisms.tar.part-*: each variant's
+# shippable weights, manifest, result, validation curve and log, gpu_organisms.json.
 #   bash bench/gpu_organisms.sh [extra gpu_organisms.py options, e.g. --variants receiver-6x192 sender-4x96]
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -322,11 +322,16 @@ def ship_organism(
     save_file(state, str(path), metadata={"format": "pt"})
     keep = ("train_seconds", "global_step", "final_metrics", "torch_num_threads", "versions", "config_path")
     entry = {"file": path.name, "sha256": sha256_file(path), "config_hash": digest} | {k: info.get(k) for k in keep}
-    manifest_path = shipped_dir / SHIPPED_MANIFEST
+    record_shipped(shipped_dir, role, entry)
+    return entry
+
+
+def record_shipped(shipped_dir: Path, role: str, entry: dict) -> None:
+    """Write ``entry`` as ``role``'s line of the manifest in ``shipped_dir`` (the other roles' lines are kept)."""
+    manifest_path = Path(shipped_dir) / SHIPPED_MANIFEST
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     manifest[role] = entry
     manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    return entry
 
 
 # --------------------------------------------------------------------------------------------- names

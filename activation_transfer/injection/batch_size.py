@@ -1,9 +1,8 @@
 """How many rows one stacked ``generate`` of the evaluation takes (``model.max_generate_rows``).
 
 ``auto`` on CUDA finds, once, the largest power of two of rows whose worst case fits in memory, and takes half of
-it (:data:`CUDA_HEADROOM`). On CPU the work is
-compute-bound: larger stacks only added memory traffic (measured on the organisms, before finished rows left the
-decoding), so ``auto`` is a small fixed multiple of the data batch size.
+it (:data:`CUDA_HEADROOM`). On CPU the work is compute-bound: larger stacks only added memory traffic (measured on
+the organisms, before finished rows left the decoding), so ``auto`` is a small fixed multiple of the data batch size.
 """
 
 from __future__ import annotations
