@@ -61,13 +61,26 @@ def schedule(batch: int, lr: float, steps: int, warmup: int) -> list[str]:
 
 
 # The session of 2026-12-04 (H200, docs/organisms.md, runs M): at 256 questions a step a variant made about 40 steps
-# a second (2 or 4 variants at once, the same rate: the step's Python, not the GPU, sets it), so 20k steps do not fit
-# one call; two-candidate validation accuracy was still rising at 9.4k steps (0.72). A step of 4x as many questions
-# should cost about the same, so the default variants below are sized to finish their schedules within about 5 minutes
-# (not yet run).
+# a second (2 or 4 variants at once, the same rate: the step's Python, not the GPU, sets it), so 20k steps did not fit
+# one call, and the time guard stopped every schedule part-way (nothing shippable); two-candidate validation accuracy
+# was still rising at 9.4k steps (0.72). The default variants take 1,024 questions a step (a step of more questions
+# should cost about the same) and let callbacks.time_budget.FitStepsToTime choose their length from the pace of steps
+# 200-800 of their warm-up, so each schedule ends inside --max-seconds whatever the pace (max_steps is only a
+# ceiling); the chosen length becomes the recipe (recipe_overrides): the run took the steps of a plain run of that
+# length. Two of them compile the training step into CUDA graphs, which remove the per-op Python overhead that set
+# the pace (one sequence length, no trimming of padding: one graph); model.compile stays out of the recipe's hash.
+# Not yet run on a GPU: the eager variants are the fallback if compiling fails there.
 SENDER_4X96 = ["--model.num_layers=4"]
+COMPILED = ["--model.compile=reduce-overhead", "--data.trim_padding=false"]
+FITTED = ("receiver-4x128-b1024-fitted", "receiver-4x128-b1024-fitted-compiled", "sender-4x96-b1024-fitted")
+FITTED += ("sender-4x96-b1024-fitted-compiled",)
 # name: (role, overrides on top of LONG). Sizes stay within the 20 MB of shipped weights for a sender and a receiver.
 VARIANTS = {
+    "receiver-4x128-b1024-fitted": ("receiver", schedule(1024, 0.004, 60000, 1000)),
+    "receiver-4x128-b1024-fitted-compiled": ("receiver", [*schedule(1024, 0.004, 60000, 1000), *COMPILED]),
+    "sender-4x96-b1024-fitted": ("sender", [*schedule(1024, 0.004, 60000, 1000), *SENDER_4X96]),
+    "sender-4x96-b1024-fitted-compiled": ("sender", [*schedule(1024, 0.004, 60000, 1000), *SENDER_4X96, *COMPILED]),
+    # Fixed schedules (2026-12-04; not run: the next session was lent no GPU).
     "receiver-4x128-b512": ("receiver", schedule(512, 0.003, 10000, 500)),
     "receiver-4x128-b1024": ("receiver", schedule(1024, 0.004, 6000, 300)),
     "sender-4x96-b512": ("sender", [*schedule(512, 0.003, 10000, 500), *SENDER_4X96]),
@@ -87,7 +100,7 @@ VARIANTS = {
     "sender-2x96": ("sender", schedule(256, 0.002, 20000, 500)),
     "sender-4x96": ("sender", [*schedule(256, 0.002, 20000, 500), *SENDER_4X96]),
 }
-DEFAULT_VARIANTS = list(VARIANTS)[:4]
+DEFAULT_VARIANTS = list(FITTED)
 # The dry run: the same path on CPU, a few steps, a few questions.
 DRY = [
     "--trainer.accelerator=cpu",
@@ -104,6 +117,14 @@ def overrides_of(name: str, dry_run: bool, max_seconds: int | None = None) -> tu
     """The role and the full override list of a variant (``max_seconds``: the training's time limit, if any)."""
     role, extra = VARIANTS[name]
     limit = [] if max_seconds is None else [f"--trainer.max_time=00:00:{max_seconds // 60:02d}:{max_seconds % 60:02d}"]
+    if name in FITTED and max_seconds is not None:
+        # Measured inside the warm-up (1,000 steps) but late: the compiling variants load the GPU only after their
+        # first minute, so 20% of the time is kept for a slower pace then. The dry run measures steps 2-4 of its 6.
+        window = {"measure_from": 200, "measure_to": 800, "margin": 0.8}
+        if dry_run:
+            window = {"measure_from": 2, "measure_to": 4, "round_to": 2}
+        fit = {"class_path": "callbacks.time_budget.FitStepsToTime", "init_args": {"seconds": max_seconds, **window}}
+        limit.append(f"--trainer.callbacks=[{json.dumps(fit)}]")
     # The dry run's small schedule comes last, so it wins over the variant's (the last of a key wins).
     return role, [*extra, *DRY, *limit] if dry_run else [*LONG, *limit, *extra]
 
@@ -113,6 +134,7 @@ def run_variant(name: str, out: Path, dry_run: bool, max_seconds: int | None = N
     import torch
 
     from activation_transfer.task.organism_eval import evaluate_organism
+    from callbacks.time_budget import RECORD
     from cli.organisms import organism_config, organism_dir, record_shipped, ship_organism
 
     role, overrides = overrides_of(name, dry_run, max_seconds)
@@ -123,11 +145,18 @@ def run_variant(name: str, out: Path, dry_run: bool, max_seconds: int | None = N
     train_s = time.perf_counter() - start
     trained = organism_dir(config, str(out / "cache"), overrides)
     max_steps = int([o.split("=")[1] for o in overrides if o.startswith("--trainer.max_steps=")][-1])
+    fitted = [json.loads(f.read_text()) for f in (trained / "training").rglob(RECORD)]
+    chosen = fitted[0]["max_steps"] if fitted else max_steps
     # The recipe to ship: the overrides without the time guard, which did not act when the schedule finished (training
-    # repeats on one GPU: runs M gave the same curve twice), so the manifest is keyed by that recipe's hash. A
-    # variant stopped by the guard has no recipe that makes its weights: it is reported, not shippable.
-    finished = entry["global_step"] == max_steps
-    recipe = [o for o in overrides if not o.startswith("--trainer.max_time=")] if finished else None
+    # repeats on one GPU: runs M gave the same curve twice), and with the length FitStepsToTime chose in place of the
+    # callback, so the manifest is keyed by that recipe's hash. A variant stopped by the guard has no recipe that
+    # makes its weights: it is reported, not shippable.
+    finished = entry["global_step"] == chosen
+    guards = ("--trainer.max_time=", "--trainer.callbacks=")
+    recipe = None
+    if finished:
+        recipe = [o for o in overrides if not o.startswith(guards)]
+        recipe += [f"--trainer.max_steps={chosen}"] if fitted else []
     if recipe is not None and recipe != overrides:
         entry["config_hash"] = organism_dir(config, str(out / "cache"), recipe).name.rpartition("-")[2]
         record_shipped(folder, role, entry)
@@ -144,7 +173,9 @@ def run_variant(name: str, out: Path, dry_run: bool, max_seconds: int | None = N
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "train_seconds": round(train_s, 1),
         "global_step": entry["global_step"],
-        "max_steps": max_steps,
+        "max_steps": chosen,
+        "max_steps_ceiling": max_steps,
+        "fit_steps_to_time": fitted[0] if fitted else None,
         "recipe_overrides": recipe,
         "config_hash": entry["config_hash"],
         "sha256": entry["sha256"],

@@ -41,10 +41,13 @@ log = logging.getLogger(__name__)
 # Bump when the training recipe changes in a way the config does not show, so stale cache entries are not reused.
 ORGANISM_FORMAT_VERSION = 1
 MARKER = "organism.json"  # written last inside the temporary folder: its presence means the entry is complete
-# Top-level and trainer keys that do not change the trained weights; they stay out of the cache hash.
+# Keys that do not change what training computes stay out of the cache hash (model.compile: the same math, fused).
 _UNHASHED = ("config", "export_dir", "ckpt_path")
-_UNHASHED_TRAINER = ("logger", "default_root_dir", "enable_progress_bar", "enable_model_summary", "log_every_n_steps")
-_UNHASHED_DATA = ("num_workers", "cache_dir")
+_UNHASHED_IN = {
+    "trainer": ("logger", "default_root_dir", "enable_progress_bar", "enable_model_summary", "log_every_n_steps"),
+    "data": ("num_workers", "cache_dir"),
+    "model": ("compile",),
+}
 # Weights trained once from the recipes, shipped as package data; the manifest pins each file's SHA-256 and the
 # config hash of the recipe that trained it.
 SHIPPED_DIR = Path(__file__).resolve().parent / "organism_weights"
@@ -122,8 +125,8 @@ def _parse(config_path: str, overrides: list[str] | None) -> dict:
 def config_hash(config: dict, tokenizer_sha256: str = "") -> str:
     """Short SHA-256 of the parts of a resolved config that decide the trained weights."""
     cfg = {k: v for k, v in config.items() if k not in _UNHASHED}
-    cfg["trainer"] = {k: v for k, v in (cfg.get("trainer") or {}).items() if k not in _UNHASHED_TRAINER}
-    cfg["data"] = {k: v for k, v in (cfg.get("data") or {}).items() if k not in _UNHASHED_DATA}
+    for section, unhashed in _UNHASHED_IN.items():
+        cfg[section] = {k: v for k, v in (cfg.get(section) or {}).items() if k not in unhashed}
     blob = json.dumps(
         {"config": cfg, "version": ORGANISM_FORMAT_VERSION, "tokenizer": tokenizer_sha256}, sort_keys=True
     )
@@ -367,10 +370,8 @@ def organism_names(obj) -> list[str]:
     found: list[str] = []
     if isinstance(obj, str):
         found = [obj] if obj.startswith(ORGANISM_PREFIX) else []
-    elif isinstance(obj, dict):
-        found = [n for v in obj.values() for n in organism_names(v)]
-    elif isinstance(obj, list | tuple):
-        found = [n for v in obj for n in organism_names(v)]
+    elif isinstance(obj, dict | list | tuple):
+        found = [n for v in (obj.values() if isinstance(obj, dict) else obj) for n in organism_names(v)]
     return list(dict.fromkeys(found))
 
 

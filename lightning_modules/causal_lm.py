@@ -19,6 +19,8 @@ from torchmetrics import MaxMetric, MeanMetric
 from activation_transfer.errors import UsageError
 from datamodules.organism_text import ANSWER, PROMPT
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
 
 def build_neox(
     *,
@@ -73,6 +75,7 @@ class CausalLMModule(pl.LightningModule):
         warmup_steps: int = 30,
         min_lr_ratio: float = 0.05,
         prompt_loss_weight: float = 0.1,
+        compile: str | None = None,
     ) -> None:
         """Build the model (weights drawn from the global seed that the CLI sets before instantiation).
 
@@ -92,10 +95,18 @@ class CausalLMModule(pl.LightningModule):
             warmup_steps: Linear warmup steps before the cosine decay.
             min_lr_ratio: Learning rate at the end of the cosine decay, as a fraction of ``lr``.
             prompt_loss_weight: Weight of the next-token loss on prompt tokens (0 trains on the answer only).
+            compile: ``torch.compile`` mode of the training step's forward and loss (``default``,
+                ``reduce-overhead``: CUDA graphs, ``max-autotune``, ``max-autotune-no-cudagraphs``); null runs eagerly.
+                It changes how the same computation runs, not what it computes (the float rounding differs, as it
+                does between CPUs), so it stays out of the organism cache's recipe hash. On an accelerator a small
+                model's step is bound by Python's per-op overhead, which fused kernels remove; on a CPU it gains
+                little. Pair it with ``data.trim_padding: false``: one sequence length, one compiled graph.
         """
         super().__init__()
         if hidden_size % num_heads:
             raise UsageError(f"num_heads={num_heads} must divide hidden_size={hidden_size}")
+        if compile is not None and compile not in COMPILE_MODES:
+            raise UsageError(f"model.compile={compile!r}: use one of {', '.join(COMPILE_MODES)}, or null (eager)")
         self.save_hyperparameters()
         self.model = build_neox(
             vocab_size=vocab_size,
@@ -111,6 +122,27 @@ class CausalLMModule(pl.LightningModule):
         self.val_answer_acc = MeanMetric()
         self.val_answer_acc_best = MaxMetric()
         self.val_answer_acc_two = MeanMetric()
+        self._compiled_losses = None
+        # The cosine decay's length; configure_optimizers sets it, FitStepsToTime may set it once during warm-up.
+        self.schedule_steps: int | None = None
+
+    def set_schedule_steps(self, steps: int) -> None:
+        """Set the length of the learning-rate schedule (warm-up, then cosine decay to ``min_lr_ratio``).
+
+        The warm-up's rates do not depend on it, so a run that sets it during warm-up takes the same steps as one
+        configured with ``trainer.max_steps = steps`` from the start (``callbacks.time_budget.FitStepsToTime``).
+        """
+        self.schedule_steps = max(int(steps), 1)
+
+    def _train_losses(self, input_ids: torch.Tensor, token_type: torch.Tensor):
+        mode = self.hparams.compile
+        if mode is None:
+            return self._losses(input_ids, token_type)
+        if self._compiled_losses is None:
+            self._compiled_losses = torch.compile(self._losses, mode=mode)
+        torch.compiler.cudagraph_mark_step_begin()  # one step, one generation of CUDA graphs (a no-op without them)
+        # Copies: a CUDA graph's outputs are overwritten by its next replay, and Lightning keeps the logged values.
+        return tuple(t.clone() for t in self._compiled_losses(input_ids, token_type))
 
     def _losses(self, input_ids: torch.Tensor, token_type: torch.Tensor):
         # No attention mask: rows are right-padded, so under causal attention real tokens never see the padding and
@@ -135,7 +167,7 @@ class CausalLMModule(pl.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         input_ids, token_type = batch[:2]
-        answer_loss, prompt_loss, correct = self._losses(input_ids, token_type)
+        answer_loss, prompt_loss, correct = self._train_losses(input_ids, token_type)
         loss = answer_loss + self.hparams.prompt_loss_weight * prompt_loss
         self.log_dict(
             {
@@ -175,12 +207,13 @@ class CausalLMModule(pl.LightningModule):
             lr=hp.lr,
             betas=(hp.beta1, hp.beta2),
         )
-        total = max(int(self.trainer.estimated_stepping_batches), 1)
-        warmup = min(hp.warmup_steps, total)
+        self.set_schedule_steps(self.trainer.estimated_stepping_batches)
+        warmup = min(hp.warmup_steps, self.schedule_steps)
 
         def schedule(step: int) -> float:
             if step < warmup:
                 return (step + 1) / warmup
+            total = self.schedule_steps  # read at each step: FitStepsToTime may set it during the warm-up
             progress = min((step - warmup) / max(total - warmup, 1), 1.0)
             return hp.min_lr_ratio + (1 - hp.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 

@@ -87,8 +87,10 @@ def test_sender_and_receiver_differ_in_width_and_depth():
 def test_cache_hash_follows_weight_relevant_settings_only():
     cfg = resolved_config(str(organism_config("sender")))
     same = resolved_config(str(organism_config("sender")), ["--trainer.enable_progress_bar=true"])
+    compiled = resolved_config(str(organism_config("sender")), ["--model.compile=reduce-overhead"])
     other = resolved_config(str(organism_config("sender")), ["--model.lr", "0.001"])
-    assert config_hash(cfg) == config_hash(same)
+    assert compiled["model"]["compile"] == "reduce-overhead"
+    assert config_hash(cfg) == config_hash(same) == config_hash(compiled)
     assert config_hash(cfg) != config_hash(other)
 
 

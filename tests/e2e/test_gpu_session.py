@@ -27,7 +27,7 @@ def test_the_session_script_brings_back_the_check_and_shippable_organisms_in_few
         "OUT": str(out),
         "GPU_WHEELS": str(wheels),  # none: the test's interpreter and packages, not /tmp/site
         "GPU_CHECK_ARGS": "--steps 4 --skip paper split",  # no data files needed
-        "GPU_ORGANISMS_ARGS": "--variants sender-4x96-b1024 --parallel 1",
+        "GPU_ORGANISMS_ARGS": "--variants sender-4x96-b1024-fitted --parallel 1",
         "TMPDIR": str(scratch),  # the scripts' run folders (mktemp -d) stay inside the test's folder
     }
     run = subprocess.run(
@@ -52,12 +52,16 @@ def test_the_session_script_brings_back_the_check_and_shippable_organisms_in_few
     parts = sorted(out.glob("gpu_organisms.tar.part-*"))
     with tarfile.open(fileobj=io.BytesIO(b"".join(p.read_bytes() for p in parts))) as tar:
         names = set(tar.getnames())
-        result = json.load(tar.extractfile("./sender-4x96-b1024/result.json"))
+        result = json.load(tar.extractfile("./sender-4x96-b1024-fitted/result.json"))
     for name in ("sender.safetensors", "manifest.json", "metrics.csv"):
-        assert f"./sender-4x96-b1024/{name}" in names
+        assert f"./sender-4x96-b1024-fitted/{name}" in names
     assert "./gpu_organisms.json" in names and not any(n.startswith("./cache") for n in names)
-    # The time limit the session gave is in the training overrides, not in the recipe that ships.
+    # The time limit the session gave is in the training overrides, and so is the callback that fits the schedule to
+    # it; the recipe that ships has neither, but the length the callback chose (here the dry run's ceiling, 6).
     assert f"--trainer.max_time=00:00:{left // 60:02d}:{left % 60:02d}" in result["overrides"]
-    assert result["global_step"] == result["max_steps"] == 6
-    assert not any(o.startswith("--trainer.max_time") for o in result["recipe_overrides"])
+    (fit,) = [json.loads(o.split("=", 1)[1]) for o in result["overrides"] if o.startswith("--trainer.callbacks=")]
+    assert fit[0]["class_path"] == "callbacks.time_budget.FitStepsToTime" and fit[0]["init_args"]["seconds"] == left
+    assert result["fit_steps_to_time"]["max_steps"] == result["global_step"] == result["max_steps"] == 6
+    assert not any(o.startswith(("--trainer.max_time", "--trainer.callbacks")) for o in result["recipe_overrides"])
+    assert result["recipe_overrides"][-1] == "--trainer.max_steps=6"
     assert any(scratch.iterdir())
