@@ -7,7 +7,8 @@ several variants at once on the one GPU, and judges them on validation questions
 training or evaluation seed). Per variant it writes, under ``--out``:
 
 - ``<variant>/<role>.safetensors`` and ``<variant>/manifest.json``: shippable weights, keyed by the hash of the
-  recipe with ``recipe_overrides`` (result.json: the overrides without the time guard, when the schedule finished;
+  recipe with ``recipe_overrides`` (result.json: the overrides without the time guard, and with the length that
+  ``FitStepsToTime`` chose in place of that callback, when the schedule finished;
   write them into the recipe and copy both files to ``cli/organism_weights/`` to ship them: the hash is of the
   resolved config, so it then matches);
 - ``<variant>/result.json``: steps reached, training time, validation accuracy (all questions, two candidates, the
