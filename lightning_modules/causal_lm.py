@@ -146,8 +146,8 @@ class CausalLMModule(pl.LightningModule):
 
     def _losses(self, input_ids: torch.Tensor, token_type: torch.Tensor):
         # No attention mask: rows are right-padded, so under causal attention real tokens never see the padding and
-        # SDPA can take its fused causal path.
-        logits = self.model(input_ids=input_ids).logits[:, :-1]
+        # SDPA can take its fused causal path. No KV cache: training never decodes, and building one costs each step.
+        logits = self.model(input_ids=input_ids, use_cache=False).logits[:, :-1]
         target, kind = input_ids[:, 1:], token_type[:, 1:]
         nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), target.reshape(-1), reduction="none")
         nll = nll.view_as(target)
