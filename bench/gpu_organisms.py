@@ -202,16 +202,19 @@ def run_variant(name: str, out: Path, dry_run: bool, max_seconds: int | None = N
 def table(results: list[dict]) -> str:
     """One Markdown row per variant; the choice is made on the validation columns."""
     lines = [
-        "| variant | steps | train s | MB | val all | val two candidates (other) | held-out all | held-out two |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| variant | steps | steps/s | train s | MB | val all | val two candidates (other) | held-out all "
+        "| held-out two |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['variant']} | failed: {r['error']} |  |  |  |  |  |  |")
+            lines.append(f"| {r['variant']} | failed: {r['error']} |  |  |  |  |  |  |  |")
             continue
         v, h = r["validation"], r["held_out"]
+        pace = (r.get("fit_steps_to_time") or {}).get("steps_per_s", "")  # measured in the warm-up, side by side
         lines.append(
-            f"| {r['variant']} | {r['global_step']}/{r['max_steps']} | {r['train_seconds']:.0f} | {r['weights_mb']} "
+            f"| {r['variant']} | {r['global_step']}/{r['max_steps']} | {pace} | {r['train_seconds']:.0f} "
+            f"| {r['weights_mb']} "
             f"| {v['all']:.3f} | {v['two_candidates']['word_boundary_contains']:.3f} "
             f"({v['two_candidates']['other_candidate']:.3f}) | {h['all']:.3f} "
             f"| {h['two_candidates']['word_boundary_contains']:.3f} |"
