@@ -330,6 +330,8 @@ def gap_lines(report: Path) -> list[str]:
     lines = []
     for row in json.loads(path.read_text()):
         frac = "undefined" if row["fraction"] is None else f"{row['fraction']:+.3f}"
-        ci = "" if row["fraction"] is None else f" [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]"
+        ci = "" if row["fraction"] is None else " CI unbounded"
+        if row["ci_low"] is not None:
+            ci = f" [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}]"
         lines.append(f"  {row['condition']:<28} {frac}{ci}  (n={row['n']}, runs={row['runs']})")
     return lines

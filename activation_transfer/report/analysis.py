@@ -17,6 +17,7 @@ from activation_transfer.report.clustered import (
 from activation_transfer.report.load import ReportInputError, sort_runs
 from activation_transfer.report.stats import (
     bootstrap_mean_ci,
+    bootstrap_run_means_ci,
     clustered_deltas,
     compare_paired,
     derive_seed,
@@ -75,9 +76,11 @@ def build_summary(
     """Per condition: runs, n, and per metric the run mean, sample SD, per-run values and 95% CIs.
 
     ``ci_low``/``ci_high`` resample questions (each question's correctness averaged over the runs; ``ci_unit``
-    ``"question"``) when every run holds the same questions, else they are the pooled CI (``ci_unit`` ``"pooled"``,
-    e.g. runs of a strict subset that differ). ``pooled_ci_low``/``pooled_ci_high`` always pool runs x samples as
-    independent draws (the paper's way).
+    ``"question"``) when every run holds the same questions. Else (e.g. runs of a strict subset that differ) they
+    are the pooled CI (``ci_unit`` ``"pooled"``) when the runs are of one size, whose pooled mean is the run mean,
+    and each run resampled within itself (``ci_unit`` ``"run"``) when sizes differ, so that the CI is of the mean of
+    run means it is printed beside. ``pooled_ci_low``/``pooled_ci_high`` always pool runs x samples as independent
+    draws (the paper's way).
 
     Args:
         groups: Output of ``load.group_records`` (after ``load.collapse_repeated_runs``).
@@ -101,6 +104,7 @@ def build_summary(
         # Questions are the units when every run holds the same ones: a question's runs are resampled together.
         shared = set.intersection(*(set(runs[k]) for k in keys))
         by_question = len(shared) == max(sizes.values())
+        unit = "question" if by_question else "pooled" if len(set(sizes.values())) == 1 else "run"
         ids = sorted(shared)
         for m in METRICS:
             per_run = accuracy[cond][m]["per_run"]
@@ -108,16 +112,19 @@ def build_summary(
             ci_seed = derive_seed(seed, f"{cond}|accuracy|{m}")
             plo, phi = bootstrap_mean_ci(pooled, resamples=resamples, confidence=0.95, seed=ci_seed)
             lo, hi = plo, phi
-            if by_question:
+            if unit == "question":
                 per_question = np.mean([[runs[k][i][m] for i in ids] for k in keys], axis=0)
                 lo, hi = bootstrap_mean_ci(per_question, resamples=resamples, confidence=0.95, seed=ci_seed)
+            elif unit == "run":
+                scores = [[s[m] for s in runs[k].values()] for k in keys]
+                lo, hi = bootstrap_run_means_ci(scores, resamples=resamples, confidence=0.95, seed=ci_seed)
             entry[m] = {
                 "mean": accuracy[cond][m]["mean"],
                 "sd": run_mean_sd(list(per_run.values()))[1],
                 "per_run": per_run,
                 "ci_low": lo,
                 "ci_high": hi,
-                "ci_unit": "question" if by_question else "pooled",
+                "ci_unit": unit,
                 "pooled_ci_low": plo,
                 "pooled_ci_high": phi,
                 "bootstrap_seed": ci_seed,

@@ -85,19 +85,28 @@ def _bootstrap(
     runs and ``rc, rl, rh`` the run counts,
     ``fraction = sum(kc * rl - kl * rc) * rh / (sum(kh * rl - kl * rh) * rc)``, so identical inputs give exactly 0
     or 1 and the sign test of the denominator is exact.
+
+    A resample whose gap is <= 0 has no finite fraction: as its gap falls to 0 the fraction runs off towards the
+    infinity of its numerator's sign, so it is ranked there. Leaving such resamples out would print a finite interval
+    even when the gap's own CI contains 0, where the ratio's interval is unbounded (Fieller); with them ranked, a
+    percentile that lands on one gives ``(None, None)``.
     """
     rc, rl, rh = (len(groups[c]) for c in (cond, low, high))
     kc, kl, kh = (_counts(groups[c], ids, metric) for c in (cond, low, high))
     per_id = np.stack([kc * rl - kl * rc, kh * rl - kl * rh], axis=1)
     sums = _resampled_sums(per_id, resamples, seed)
-    defined = sums[:, 1] > 0
-    ratios = np.sort(sums[defined, 0] * rh / (sums[defined, 1] * rc))
-    if ratios.size == 0:
-        return None, None, resamples
-    # The same percentile rule as ``stats.bootstrap_mean_ci``, over the resamples where the fraction is defined.
+    num, den = sums[:, 0], sums[:, 1]
+    defined = den > 0
+    ratios = np.where(num >= 0, np.inf, -np.inf)
+    ratios[defined] = num[defined] * rh / (den[defined] * rc)
+    ratios.sort()
+    # The same percentile rule as ``stats.bootstrap_mean_ci``.
     q = (1.0 - GAP_CONFIDENCE) / 2.0
-    b = ratios.size
-    return float(ratios[int(q * (b - 1))]), float(ratios[int((1.0 - q) * (b - 1))]), resamples - b
+    lo, hi = ratios[int(q * (resamples - 1))], ratios[int((1.0 - q) * (resamples - 1))]
+    undefined = resamples - int(defined.sum())
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return None, None, undefined
+    return float(lo), float(hi), undefined
 
 
 def gap_recovered(
@@ -110,11 +119,13 @@ def gap_recovered(
 ) -> list[dict]:
     """Per condition, the fraction of the ``low`` -> ``high`` accuracy gap it recovers, with a 95% bootstrap CI.
 
-    The point estimate reads :func:`analysis.condition_accuracy`, so its three accuracies are the summary's to the
-    last bit. The CI is a simple percentile bootstrap (as the paper's CIs; not BCa) over questions: each resample
+    The point estimate reads :func:`analysis.condition_accuracy` on the ids common to every run of the condition,
+    ``low`` and ``high``, so when all runs hold the same questions its three accuracies are the summary's to the last
+    bit. The CI is a simple percentile bootstrap (as the paper's CIs; not BCa) over those questions: each resample
     draws sample ids with replacement and uses them for every run of the condition and for ``low`` and ``high``.
-    It uses the ids common to all those runs; when some are excluded (e.g. the strict shuffled control's subset)
-    ``dropped`` counts them, and the point estimate, being the summary's, still reads every sample of each condition.
+    When some ids are not common (e.g. a run missing a question) ``dropped`` counts them, and the point estimate and
+    its accuracies leave them out too: a fraction whose floor was measured on other questions than the condition
+    is not paired, and could fall outside its own CI.
 
     Why questions are the unit: the three accuracies are measured on the same questions, so their errors are
     correlated; resampling them apart would ignore that and give a much wider interval. Seeds are not independent
@@ -134,8 +145,10 @@ def gap_recovered(
         holds each run's own fraction (``{run: fraction}``, the run's accuracy against the same floor and ceiling)
         and ``per_run_sd`` their sample SD (``None`` for one run): the CI resamples questions for these runs, so it
         says nothing about other translators, the spread does; ``[]`` when
-        ``low`` or ``high`` is absent. A resample whose gap is <= 0 has no fraction: it is left out of the CI and
-        counted in ``undefined_resamples``. A point gap <= 0 gives ``fraction`` and CI ``None`` and a ``note``.
+        ``low`` or ``high`` is absent. A resample whose gap is <= 0 has no finite fraction: it is counted in
+        ``undefined_resamples`` and ranked at the infinity of its numerator's sign; when a percentile lands on one,
+        the CI is unbounded: ``None`` with a ``note``. A point gap <= 0 (or no common id) gives ``fraction`` and CI
+        ``None`` and a ``note``.
 
     Raises:
         ValueError: An unknown metric, ``low == high``, or ``resamples < 1``.
@@ -149,8 +162,6 @@ def gap_recovered(
     if low not in groups or high not in groups:
         return []
     accuracy = condition_accuracy(groups)
-    acc = {c: a[metric]["mean"] for c, a in accuracy.items()}
-    gap = acc[high] - acc[low]
     rows: list[dict] = []
     for cond, runs in groups.items():
         if cond in (low, high):
@@ -158,15 +169,21 @@ def gap_recovered(
         id_sets = [set(r) for c in (cond, low, high) for r in groups[c].values()]
         ids = sorted(set.intersection(*id_sets))
         dropped = len(set.union(*id_sets)) - len(ids)
+        acc = accuracy
+        if dropped and ids:
+            # The fraction pairs the three accuracies by question, as its CI does: on the common ids only.
+            acc = condition_accuracy(
+                {c: {r: {i: s[i] for i in ids} for r, s in groups[c].items()} for c in (cond, low, high)}
+            )
         boot_seed = derive_seed(seed, f"{cond}|gap|{low}|{high}|{metric}")
         row: dict[str, Any] = {
             "condition": cond,
             "metric": metric,
             "low": low,
             "high": high,
-            "acc_condition": acc[cond],
-            "acc_low": acc[low],
-            "acc_high": acc[high],
+            "acc_condition": acc[cond][metric]["mean"],
+            "acc_low": acc[low][metric]["mean"],
+            "acc_high": acc[high][metric]["mean"],
             "fraction": None,
             "ci_low": None,
             "ci_high": None,
@@ -180,24 +197,28 @@ def gap_recovered(
         }
         if dropped:
             row["dropped"] = dropped
-        if gap <= _ZERO_GAP:
-            row["note"] = f"{high} is not above {low} ({acc[high]:.4f} vs {acc[low]:.4f}): the fraction is undefined"
+        floor, ceiling = row["acc_low"], row["acc_high"]
+        gap = ceiling - floor
+        if not ids:
+            row["note"] = f"no sample id common to every run of {cond}, {low} and {high}: no fraction"
+        elif gap <= _ZERO_GAP:
+            row["note"] = f"{high} is not above {low} ({ceiling:.4f} vs {floor:.4f}): the fraction is undefined"
         else:
-            row["fraction"] = (acc[cond] - acc[low]) / gap
+            row["fraction"] = (row["acc_condition"] - floor) / gap
             # Each run's (translator's, seed's) own fraction: the CI is conditional on these runs, their spread
             # shows how much another translator could move the figure.
-            per_run = {k: (a - acc[low]) / gap for k, a in accuracy[cond][metric]["per_run"].items()}
+            per_run = {k: (a - floor) / gap for k, a in acc[cond][metric]["per_run"].items()}
             row["per_run"] = per_run
             row["per_run_sd"] = run_mean_sd(list(per_run.values()))[1]
-            if not ids:
-                row["note"] = f"no sample id common to every run of {cond}, {low} and {high}: no CI"
-            else:
-                row["ci_low"], row["ci_high"], undefined = _bootstrap(
-                    groups, cond, low, high, ids, metric, resamples, boot_seed
+            row["ci_low"], row["ci_high"], undefined = _bootstrap(
+                groups, cond, low, high, ids, metric, resamples, boot_seed
+            )
+            if undefined:
+                row["undefined_resamples"] = undefined
+            if row["ci_low"] is None:
+                row["note"] = (
+                    f"{high} is not above {low} in {undefined} of {resamples} resamples: "
+                    f"the fraction's {GAP_CONFIDENCE:.0%} CI is unbounded"
                 )
-                if undefined:
-                    row["undefined_resamples"] = undefined
-                if row["ci_low"] is None:
-                    row["note"] = f"{high} is not above {low} in any resample of the common ids: no CI"
         rows.append(row)
     return rows

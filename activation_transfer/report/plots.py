@@ -87,7 +87,8 @@ def accuracy_figure(summary: Mapping, metric: str = MAIN_METRIC, baseline: str |
         ax.errorbar(
             mean,
             y,
-            xerr=[[mean - v["ci_low"]], [v["ci_high"] - mean]],
+            # A percentile CI need not contain its point; an error bar cannot be negative.
+            xerr=[[max(0.0, mean - v["ci_low"])], [max(0.0, v["ci_high"] - mean)]],
             fmt="o",
             color="C0",
             ecolor="C0",
@@ -117,8 +118,8 @@ def accuracy_figure(summary: Mapping, metric: str = MAIN_METRIC, baseline: str |
     ax.set_yticklabels(
         [
             f"{c} (runs={summary['conditions'][c]['runs']})"
-            # Runs over different questions cannot be resampled by question: that row's CI pools them.
-            + (", pooled CI" if summary["conditions"][c][metric].get("ci_unit") == "pooled" else "")
+            # Runs over different questions cannot be resampled by question: say how that row's CI resampled.
+            + {"pooled": ", pooled CI", "run": ", CI per run"}.get(summary["conditions"][c][metric].get("ci_unit"), "")
             for c in conds
         ]
     )
@@ -176,7 +177,7 @@ def plot_forest(
             ax.errorbar(
                 c["delta"],
                 y,
-                xerr=[[c["delta"] - c["ci_low"]], [c["ci_high"] - c["delta"]]],
+                xerr=[[max(0.0, c["delta"] - c["ci_low"])], [max(0.0, c["ci_high"] - c["delta"])]],
                 fmt="s",
                 color=color,
                 ecolor=color,

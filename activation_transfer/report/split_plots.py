@@ -33,13 +33,19 @@ def plot_gap(rows: Sequence[Mapping]) -> dict[str, bytes]:
             ax.errorbar(
                 r["fraction"],
                 y,
-                xerr=[[r["fraction"] - r["ci_low"]], [r["ci_high"] - r["fraction"]]],
+                # A percentile CI need not contain its point; an error bar cannot be negative.
+                xerr=[[max(0.0, r["fraction"] - r["ci_low"])], [max(0.0, r["ci_high"] - r["fraction"])]],
                 fmt="o",
                 color="C0",
                 capsize=3,
                 label=None if label in labelled else label,
             )
             labelled.add(label)
+        else:
+            ax.plot(r["fraction"], y, "o", color="C0")
+            ax.annotate(
+                "CI unbounded", (r["fraction"], y), xytext=(6, 0), textcoords="offset points", va="center", fontsize=8
+            )
         per_run = list(r.get("per_run", {}).values())
         if len(per_run) > 1:
             label = "one run (translator / seed)"

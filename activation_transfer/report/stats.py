@@ -84,6 +84,39 @@ def bootstrap_mean_ci(
     return float(means[int(q * (resamples - 1))]), float(means[int((1.0 - q) * (resamples - 1))])
 
 
+def bootstrap_run_means_ci(
+    runs: Sequence[Sequence[bool]], resamples: int = DEFAULT_RESAMPLES, confidence: float = 0.95, seed: int = 0
+) -> tuple[float, float]:
+    """Percentile CI of the mean of run accuracies, each run's 0/1 scores resampled within the run (stratified).
+
+    For runs of different sizes, whose questions cannot be resampled together: the estimand is the mean of the run
+    means (the summary's accuracy), which a bootstrap of the pooled scores would weight by run size instead. A run's
+    resampled accuracy is exactly ``Binomial(n, p) / n``, the distribution of the mean of n scores drawn with
+    replacement.
+
+    Args:
+        runs: Each run's scores (non-empty).
+        resamples: Number of bootstrap resamples ``B`` (>= 1).
+        confidence: Two-sided coverage, e.g. 0.95.
+        seed: Seed of ``numpy.random.default_rng``.
+
+    Returns:
+        ``(low, high)`` by the percentile rule of :func:`bootstrap_mean_ci`.
+    """
+    if not runs or any(len(r) == 0 for r in runs):
+        raise ValueError("bootstrap_run_means_ci: every run needs a score")
+    if resamples < 1:
+        raise ValueError(f"bootstrap_run_means_ci: resamples must be >= 1, got {resamples}")
+    rng = np.random.default_rng(seed)
+    means = np.zeros(resamples, dtype=np.float64)
+    for r in runs:
+        x = np.asarray(r, dtype=np.float64)
+        means += rng.binomial(x.size, x.mean(), size=resamples) / x.size
+    means = np.sort(means / len(runs))
+    q = (1.0 - confidence) / 2.0
+    return float(means[int(q * (resamples - 1))]), float(means[int((1.0 - q) * (resamples - 1))])
+
+
 def _as_bool(a: np.ndarray | Sequence[bool], name: str) -> np.ndarray:
     arr = np.asarray(a)
     if arr.ndim != 1:

@@ -50,6 +50,8 @@ def _f(x: float | None, signed: bool = False) -> str:
 
 
 def _p(p: float) -> str:
+    if p < 1e-300:  # a normal tail underflows to 0.0 (or zero spread gives it exactly); never print "p = 0"
+        return "< 1e-300"
     return f"{p:.3g}" if p >= 1e-3 else f"{p:.2e}"
 
 
@@ -213,12 +215,14 @@ def gap_markdown(rows: Sequence[Mapping], meta: Mapping) -> str:
         out += ["", f"{low}: {_f(rows[0]['acc_low'])}; {high}: {_f(rows[0]['acc_high'])}."]
     notes = [f"{r['condition']}: {r['note']}." for r in rows if r.get("note")]
     notes += [
-        f"{r['condition']}: {r['undefined_resamples']} resample(s) with {high} not above {low} left out of the CI."
+        f"{r['condition']}: {r['undefined_resamples']} resample(s) with {high} not above {low}, ranked at the "
+        "fraction's infinite ends (beyond the CI's percentiles)."
         for r in rows
-        if r.get("undefined_resamples")
+        if r.get("undefined_resamples") and r["ci_low"] is not None
     ]
     notes += [
-        f"{r['condition']}: the CI uses the {r['n']} ids common to all runs ({r['dropped']} left out)."
+        f"{r['condition']}: the fraction, its accuracy and its CI use the {r['n']} ids common to all runs "
+        f"({r['dropped']} left out)."
         for r in rows
         if r.get("dropped")
     ]

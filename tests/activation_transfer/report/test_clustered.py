@@ -96,3 +96,15 @@ def test_sign_flip_p_edges() -> None:
     assert sign_flip_p(np.ones(40), permutations=999, seed=0) == pytest.approx(1 / 1000)
     with pytest.raises(ValueError, match="permutations"):
         sign_flip_p(np.ones(3), permutations=0)
+
+
+def test_runs_of_different_sizes_get_a_ci_of_their_mean_of_run_means(tmp_path: Path) -> None:
+    # Run 1 holds 300 questions at 0.5, run 2 only 30 of them, all wrong: the summary's accuracy is 0.25, the
+    # pooled scores' mean 0.45. A pooled CI printed beside 0.25 excluded it (and the plot's error bar was negative).
+    recs = _records("no_inject", None, [True] * 150 + [False] * 150)
+    recs += _records("c", 1, [True, False] * 150) + _records("c", 2, [False] * 30)
+    res = run_report(recs, tmp_path, resamples=2000, intersect=True)
+    acc = res.summary["conditions"]["c"][MAIN_METRIC]
+    assert acc["mean"] == 0.25 and acc["ci_unit"] == "run" and acc["ci_low"] < 0.25 < acc["ci_high"]
+    assert acc["pooled_ci_low"] < 300 * 0.5 / 330 < acc["pooled_ci_high"]  # the paper's pooled view, kept
+    assert (tmp_path / "accuracy.png").exists()

@@ -166,32 +166,59 @@ def test_gap_of_zero_or_less_has_no_fraction() -> None:
         assert "undefined" in row["note"] and "undefined_resamples" not in row
 
 
-def test_resamples_without_a_gap_are_left_out_and_counted() -> None:
-    # The ceiling beats the floor on one question of 20: about (19/20)^20 = 36% of resamples miss it.
+def test_resamples_without_a_gap_make_the_ci_unbounded_when_a_percentile_lands_on_one() -> None:
+    # The ceiling beats the floor on one question of 20: about (19/20)^20 = 36% of resamples miss it, so the gap's
+    # own CI contains 0 and the fraction's interval has no finite end (Fieller): no CI, a note says why.
     low = [False] * 10 + [True] * 10
     high = [True] + [False] * 9 + [True] * 10
     (row,) = gap_recovered(_groups(low, high, c=[high]), resamples=1000)
-    assert 200 < row["undefined_resamples"] < 500 and "note" not in row
-    assert row["fraction"] == row["ci_low"] == row["ci_high"] == 1.0  # every defined resample: 1
-    # No resample with a gap at all (one resample, drawn without that question): no CI, a note says why.
-    label = f"c|gap|{LOW}|{HIGH}|{MAIN_METRIC}"
-    seed = next(s for s in range(100) if 0 not in np.random.default_rng(derive_seed(s, label)).integers(0, 20, 20))
-    (row,) = gap_recovered(_groups(low, high, c=[high]), resamples=1, seed=seed)
-    assert row["fraction"] == 1.0 and row["ci_low"] is None and row["undefined_resamples"] == 1
-    assert "any resample" in row["note"]
+    assert 200 < row["undefined_resamples"] < 500 and row["fraction"] == 1.0
+    assert row["ci_low"] is None and row["ci_high"] is None and "unbounded" in row["note"]
+    # On 4 questions of 20: about (16/20)^20 = 1.2% of resamples miss them all, fewer than the 2.5% beyond each
+    # percentile, so the CI is finite (every other resample gives exactly 1) and the undefined ones are counted.
+    high = [True] * 4 + [False] * 6 + [True] * 10
+    (row,) = gap_recovered(_groups(low, high, c=[high]), resamples=1000)
+    assert 0 < row["undefined_resamples"] < 25 and "note" not in row
+    assert row["fraction"] == row["ci_low"] == row["ci_high"] == 1.0
 
 
-def test_ids_not_common_to_every_run_are_dropped_from_the_ci_only() -> None:
+def test_an_undefined_resample_ranks_on_its_numerators_side() -> None:
+    # Condition below the floor wherever the ceiling is not above it: undefined resamples rank at -inf, so the
+    # lower end is the one that goes unbounded, and the same data with the condition above gives +inf.
+    low = [False] * 10 + [True] * 10
+    high = [True] + [False] * 9 + [True] * 10
+    cond = [True] + [False] * 10 + [True] * 9  # right where the ceiling gains, wrong on one the floor gets
+    ranks = gap_module._bootstrap(_groups(low, high, c=[cond]), "c", LOW, HIGH, sorted(_run(low)), MAIN_METRIC, 1000, 3)
+    assert ranks[0] is None and ranks[2] > 200
+
+
+def test_ids_not_common_to_every_run_are_left_out_of_the_fraction_and_its_ci() -> None:
     low, high, cond = _random(50)
     groups = _groups(low, high, c=[cond, cond])
     del groups["c"]["123"]["q0003"]  # one run of the condition misses a question
     (row,) = gap_recovered(groups, resamples=200)
     assert (row["n"], row["dropped"]) == (49, 1)
-    acc = condition_accuracy(groups)
-    want = (acc["c"][MAIN_METRIC]["mean"] - acc[LOW][MAIN_METRIC]["mean"]) / (
-        acc[HIGH][MAIN_METRIC]["mean"] - acc[LOW][MAIN_METRIC]["mean"]
-    )
-    assert row["fraction"] == want  # the summary's accuracies, every sample of each run
+    common = {
+        c: {r: {i: v for i, v in s.items() if i != "q0003"} for r, s in runs.items()} for c, runs in groups.items()
+    }
+    acc = {c: a[MAIN_METRIC]["mean"] for c, a in condition_accuracy(common).items()}
+    assert row["fraction"] == (acc["c"] - acc[LOW]) / (acc[HIGH] - acc[LOW])
+    assert (row["acc_condition"], row["acc_low"], row["acc_high"]) == (acc["c"], acc[LOW], acc[HIGH])
+
+
+def test_a_floor_measured_on_other_questions_does_not_unpair_the_fraction() -> None:
+    # The floor is right only on the 10 ids the condition lacks: on every sample the floor reads 0.1, but on the
+    # common ids 0 (ceiling 45/90, condition 22/90). Read unpaired (0.321), the fraction fell outside its own CI
+    # (and the plot's error bar went negative).
+    n = 100
+    low = [i < 10 for i in range(n)]
+    high = [i < 10 or i % 2 == 0 for i in range(n)]
+    cond = [i % 4 == 0 for i in range(n)]
+    groups = _groups(low, high, c=[cond])
+    groups["c"]["42"] = {k: v for k, v in groups["c"]["42"].items() if int(k[1:]) >= 10}
+    (row,) = gap_recovered(groups, resamples=2000)
+    assert row["acc_low"] == 0.0 and row["dropped"] == 10
+    assert row["fraction"] == pytest.approx(22 / 45) and row["ci_low"] <= row["fraction"] <= row["ci_high"]
 
 
 def test_bad_arguments() -> None:

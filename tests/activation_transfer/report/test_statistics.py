@@ -201,3 +201,20 @@ def test_degradation_p_direction() -> None:
     assert eq.degradation_p(worse) == pytest.approx(stats.norm.cdf(d_mean / se))
     assert eq.degradation_p(worse) < 0.01
     assert eq.degradation_p(-worse) > 0.99
+
+
+def test_run_means_ci_matches_resampling_each_run_by_index() -> None:
+    # Binomial(n, p) / n per run is the mean of n scores drawn with replacement: the same distribution as drawing
+    # indices within each run, so with many resamples the two CIs agree to sampling error.
+    rng = np.random.default_rng(5)
+    runs = [np.arange(300) % 2 == 0, np.arange(30) < 3]  # 0.5 and 0.1: run mean 0.3, pooled 153 / 330
+    lo, hi = st.bootstrap_run_means_ci(runs, resamples=40_000, seed=1)
+    draws = [r[rng.integers(0, r.size, size=(40_000, r.size))].mean(axis=1) for r in runs]
+    direct = np.mean(draws, axis=0)
+    assert lo == pytest.approx(np.quantile(direct, 0.025), abs=0.004)
+    assert hi == pytest.approx(np.quantile(direct, 0.975), abs=0.004)
+    # Centred on the mean of run means, not on the pooled mean (which weights the 300-score run ten times).
+    centre = (runs[0].mean() + runs[1].mean()) / 2
+    assert lo < centre < hi and not lo < np.concatenate(runs).mean() < hi
+    with pytest.raises(ValueError, match="every run"):
+        st.bootstrap_run_means_ci([[True], []])
