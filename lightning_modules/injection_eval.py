@@ -381,7 +381,7 @@ class InjectionEvalModule(pl.LightningModule):
             "alpha": self.hparams.alpha,
             "generation": self.generation.to_dict(),
             "precision": self.run_identity["precision"],
-            "random_vectors": cnd.RANDOM_DRAW_NOTES[self.random_draw],
+            "random_vectors": self.protocol.random_draw_note(self.random_draw),
             "diagnostics": self.plan.shuffle_diagnostics(),
             "truncated_prompts": self.truncated,
         }

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import random
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -221,6 +222,8 @@ def apply_injection(
         add = (scale * source.float()).to(h.device)
         new = h.float() + add[:, None, :]
         injected = add.norm(dim=-1)
+        if h.dtype != torch.float32:
+            _warn_if_rounded_away(h.dtype, new.to(h.dtype).float() - h.float(), m, add)
     else:
         if source.shape != h.shape:
             raise ValueError(
@@ -236,6 +239,22 @@ def apply_injection(
             raise ValueError(f"unknown injection mode {mode!r}; known: {', '.join(MODES)}")
         injected = masked_norm_mean(new, m)
     return torch.where(m[..., None], new.to(h.dtype), h), injected
+
+
+def _warn_if_rounded_away(dtype: torch.dtype, change: torch.Tensor, mask: torch.Tensor, add: torch.Tensor) -> None:
+    """Warn when the block output's dtype distorts an additive write by more than half its norm: the paper's scale
+    (0.01 of a translated state, against states of norm ~70) is below bfloat16's resolution, so the condition would
+    measure rounding (the change is mostly 0 with a few ulps elsewhere; error ~0.8 of the write's norm on
+    Pythia-shaped states), while the records carry the intended norm (the paper's definition)."""
+    error = (change - add[:, None, :]).norm(dim=-1) / add.norm(dim=-1).clamp_min(1e-30)[:, None]  # (B, T)
+    real = mask.bool()
+    if real.any() and error[real].mean() > 0.5:
+        warnings.warn(
+            f"additive: in {str(dtype).removeprefix('torch.')} rounding distorts the added vector by more than half "
+            "its norm; the paper's additive condition needs a float32 receiver (--model.receiver.dtype=float32)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 # --------------------------------------------------------------------------------------------- seeded sources

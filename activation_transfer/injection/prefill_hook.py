@@ -136,7 +136,7 @@ class SharedPrefill:
                 calls[0] += 1
                 if calls[0] > 1:  # a decoding step
                     return original(hidden, *args, **kwargs)
-                if hidden.shape[0] != len(rows) or any(isinstance(a, Cache) for a in args):
+                if hidden.shape[0] != len(rows):
                     raise RuntimeError(f"shared prefill: block input {tuple(hidden.shape)} is not the prompt batch")
                 todo_at, seen = [], set()
                 for i, row in enumerate(rows):  # the first copy of each row not stored yet
@@ -146,7 +146,8 @@ class SharedPrefill:
                 if todo_at:
                     self._compute(number, original, hidden, args, kwargs, [rows[i] for i in todo_at], todo_at, device)
                 stored = [self.states[(number, r)] for r in rows]
-                for cache in (v for v in kwargs.values() if isinstance(v, Cache)):
+                # Blocks take the cache by keyword (GPT-NeoX, Llama) or by position (GPT-2).
+                for cache in (v for v in (*args, *kwargs.values()) if isinstance(v, Cache)):
                     for k, (_, _, a, kw) in enumerate(stored[0][1]):
                         cache.update(*(torch.stack([s[1][k][j] for s in stored]) for j in (0, 1)), *a, **kw)
                 return torch.stack([s[0] for s in stored])
@@ -178,7 +179,8 @@ class SharedPrefill:
 
         recorder = _CacheRecorder()
         kwargs = {k: recorder if isinstance(v, Cache) else pick(v) for k, v in kwargs.items()}
-        out = original(hidden[sel], *[pick(a) for a in args], **kwargs)
+        args = [recorder if isinstance(a, Cache) else pick(a) for a in args]
+        out = original(hidden[sel], *args, **kwargs)
         if not isinstance(out, torch.Tensor):
             raise RuntimeError("shared prefill needs blocks that return a tensor (transformers >= 5)")
         for j, key in enumerate(keys):

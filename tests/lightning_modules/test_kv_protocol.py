@@ -79,6 +79,8 @@ def test_every_kv_condition_is_written_with_its_cost(kv_run):
         assert all(r["diagnostics"]["translator_sha256"] == sha for r in _records(module, c, 42).values())
     meta = json.loads((module.run_dir / "meta.json").read_text())
     assert meta["protocol"] == "kv" and meta["layers"] is None and meta["max_context_tokens"] == 224
+    # The module's random_draw is "sequential" (the paper's), but the KV controls draw per sample: meta says so.
+    assert module.random_draw == "sequential" and "always draws per sample" in meta["random_vectors"]
     assert {c["baseline"] for c in module.report_result.comparisons} == {"receiver_alone", "skyline"}
 
 

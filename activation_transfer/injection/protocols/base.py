@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from typing import ClassVar
 
 from activation_transfer.injection.answering import Answers, PendingAnswers, request_relay
-from activation_transfer.injection.conditions import ConditionSpec, select_conditions
+from activation_transfer.injection.conditions import RANDOM_DRAW_NOTES, ConditionSpec, select_conditions
 from activation_transfer.injection.eval_plan import EvalPlan
 from activation_transfer.models.frozen_lm import LoadedModel
 from activation_transfer.models.generation import GenerationSettings
@@ -60,6 +60,10 @@ class EvalProtocol(ABC):
     def identity(self) -> dict:
         """What the protocol adds to the run's fingerprint and ``meta.json`` (none: the paper's folders keep theirs)."""
         return {}
+
+    def random_draw_note(self, random_draw: str) -> str:
+        """What ``meta.json`` says of the random controls' draw under the module's ``random_draw`` option."""
+        return RANDOM_DRAW_NOTES[random_draw]
 
     def translator_slots(self) -> dict | None:
         """The slot scheme a functional translator must have been trained with, or None (nothing to check)."""

@@ -17,6 +17,7 @@ import torch
 from activation_transfer.errors import UsageError
 from activation_transfer.injection.answering import PendingAnswers
 from activation_transfer.injection.conditions import (
+    RANDOM_DRAW_NOTES,
     SOURCE_NONE,
     SOURCE_RANDOM,
     SOURCE_RECEIVER,
@@ -174,6 +175,13 @@ class KVProtocol(SplitProtocol):
         keys, values = projector.translate(grid)
         param = next(self.receiver.model.parameters())
         return keys.to(param), values.to(param), mask
+
+    def random_draw_note(self, random_draw: str) -> str:
+        """The KV controls always draw per sample (:meth:`random_like`), whatever ``random_draw`` says."""
+        return (
+            f"{RANDOM_DRAW_NOTES['per_sample']}, randn of the projected keys' and values' shape, rescaled to each "
+            "(layer, head, position) vector's norm (the KV protocol always draws per sample)"
+        )
 
     def random_like(self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, seed: int, sample_ids):
         """Gaussian keys and values with the norm of each projected (layer, head, position) vector; one generator

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import warnings
 
 import pytest
 import torch
@@ -88,6 +89,22 @@ def test_additive_broadcasts_scaled_vector(batch):
         real = mask[b].bool()
         assert torch.allclose(diff[b, real], (0.01 * v[b]).expand(int(real.sum()), -1), atol=1e-5)
     assert torch.allclose(injected, 0.01 * v.norm(dim=-1), rtol=1e-6)
+
+
+def test_additive_warns_when_the_receivers_dtype_rounds_the_write_away(batch):
+    # States of norm ~72 (the paper's receivers at block 16) and the paper's 0.01 of a unit-scale vector: bfloat16
+    # rounds the change to 0 or an ulp per element (about 0.8 of its norm wrong), float32 keeps it. The records
+    # keep the intended norm either way.
+    g = torch.Generator().manual_seed(1)
+    h, v = torch.randn(3, 5, 64, generator=g) * 9, torch.randn(3, 64, generator=g)
+    mask = batch[1]
+    with pytest.warns(RuntimeWarning, match="in bfloat16 rounding distorts the added vector by more than half"):
+        new, injected = apply_injection("additive", h.bfloat16(), mask, v, scale=0.01)
+    assert torch.allclose(injected, 0.01 * v.norm(dim=-1), rtol=1e-6) and new.dtype == torch.bfloat16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        apply_injection("additive", h, mask, v, scale=0.01)
+        apply_injection("additive", h.bfloat16(), mask, v, scale=10.0)  # a write bfloat16 can carry
 
 
 def test_rescaled_alpha_one_has_receiver_norm_and_source_direction(batch):

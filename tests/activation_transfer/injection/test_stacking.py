@@ -24,10 +24,13 @@ OTHER = ["Q: Where?\nA:", "Q: What country does Alice live in?\nA:"]  # another 
 SETTINGS = GenerationSettings(max_new_tokens=10)
 
 
-@pytest.fixture(scope="module")
-def receiver():
-    """The tiny receiver with EOS scored like its most frequent answer token, so rows end after different lengths."""
-    r = load_ref(ModelRef("tiny-neox-large", layer=0.67))
+# GPT-2 blocks take the KV cache by position, GPT-NeoX blocks by keyword: the shared prefill must serve both.
+# (tiny-gpt2 has 2 blocks: its write goes after block 0, so that a block runs above it.)
+@pytest.fixture(scope="module", params=[("tiny-neox-large", 0.67), ("tiny-gpt2", 0)], ids=lambda p: p[0])
+def receiver(request):
+    """A tiny receiver with EOS scored like its most frequent answer token, so rows end after different lengths."""
+    name, layer = request.param
+    r = load_ref(ModelRef(name, layer=layer))
     texts = generate_texts(r.model, r.tokenizer, PROMPTS, SETTINGS)
     ids = [t for text in texts for t in r.tokenizer(text)["input_ids"]]
     frequent = max(set(ids), key=ids.count)
