@@ -1,4 +1,5 @@
-"""What ``train.py`` and ``evaluate.py`` answer before importing Lightning (about 5 s of imports on a quiet CPU).
+"""What ``train.py``, ``evaluate.py`` and ``organism.py`` answer before importing Lightning (about 5 s of imports
+on a quiet CPU).
 
 The top-level ``--help`` (without a subcommand) and a ``-c`` file that does not exist need none of it. Everything
 else goes to the LightningCLI (``cli/lightning_cli.py``), whose parser knows the classes. Imports only the standard
@@ -17,6 +18,15 @@ USAGES = {
     "evaluate.py": (
         "Evaluate translators: python evaluate.py test -c CONFIG --model.translator_ckpt CKPT (test --help).",
         {"test": "Evaluate the translators by injection."},
+    ),
+    "organism.py": (
+        "Train an offline model organism: python organism.py fit -c configs/organisms/receiver.yaml [--export_dir D].",
+        {
+            "fit": "Runs the full optimization routine.",
+            "validate": "Perform one evaluation epoch over the validation set.",
+            "test": "Perform one evaluation epoch over the test set.",
+            "predict": "Run inference on your data.",
+        },
     ),
     "train.py": (
         "Train a translator: python train.py fit -c CONFIG [--OPTION VALUE ...] (python train.py fit --help).",
@@ -83,8 +93,37 @@ def run_command(prog: str, main: Callable[[], object]) -> None:
     """
     if (status := answer_early(prog)) is not None:
         sys.exit(status)
-    main()
+    keep_matplotlib_in_cache()
+    try:
+        main()
+    except SystemExit as stop:
+        # Lightning answers SIGTERM (kill, a scheduler's pre-emption, docker stop) with SIGTERMException, a SystemExit
+        # without a code: the shell would read a finished job, and `train.py && evaluate.py` would go on.
+        if type(stop).__name__ != "SIGTERMException":
+            raise
+        sys.stderr.write(f"{prog}: interrupted by SIGTERM; {RESUME.get(prog, 'rerun the same command')}\n")
+        sys.exit(SIGTERM_STATUS)
     gc.freeze()
+
+
+def keep_matplotlib_in_cache() -> None:
+    """Point matplotlib's config and font cache (``MPLCONFIGDIR``; torchmetrics imports matplotlib, which creates
+    ``~/.config/matplotlib`` and ``~/.cache/matplotlib`` on import) at ``<project cache>/matplotlib``, unless the user
+    set it: nothing is written outside the run and cache folders the user chose."""
+    import os
+
+    from activation_transfer.io import cache_root  # the standard library only
+
+    os.environ.setdefault("MPLCONFIGDIR", str(cache_root() / "matplotlib"))
+
+
+# The shell's status of a process ended by SIGTERM (128 + 15), and how each command picks up what it had done.
+SIGTERM_STATUS = 143
+RESUME = {
+    "train.py": "rerun the same command with --ckpt_path last to resume from the last checkpoint",
+    "evaluate.py": "rerun the same command: the run folder keeps every finished shard",
+    "organism.py": "rerun the same command (an organism trains from the start)",
+}
 
 
 # mallopt's parameter numbers (glibc's malloc.h)

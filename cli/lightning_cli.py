@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import importlib
 import os
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import ArgsType, LightningCLI
 from pytorch_lightning.loggers import WandbLogger
 
+from activation_transfer.errors import UsageError
 from activation_transfer.translators.architectures import LinearTranslator, MLPTranslator  # noqa: F401 (short class_path)
 from activation_transfer.translators.optim import OptimizerArgs
 from callbacks.progress import progress_callbacks
@@ -154,6 +156,7 @@ class ProjectCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         use_one_output_root(config.trainer)
+        make_output_root(config.trainer.get("default_root_dir") or ".")
         show_progress(config.trainer)
         group_runs(config)
         keep_wandb_under(config.trainer.get("default_root_dir") or ".")  # before the logger exists
@@ -166,6 +169,32 @@ class ProjectCLI(LightningCLI):
         names = organism_names(config.as_dict())
         if names:
             ensure_organisms(names, cache_dir=data.get("cache_dir") or model.get("cache_dir"))
+
+
+def make_output_root(root: str | Path) -> None:
+    """Create the run's output folder now: one that cannot be made (a file in its path, no permission) is bad input,
+    said before organisms, extraction or evaluation run."""
+    try:
+        Path(root).mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UsageError(
+            f"--trainer.default_root_dir {root}: cannot create the folder ({err.strerror}); pick a writable folder"
+        ) from None
+
+
+def check_resume_checkpoint(path: str | None) -> None:
+    """``fit --ckpt_path``: a file must exist and be a torch checkpoint (a zip archive; a truncated file has no
+    central directory), so a wrong path is one line now, not a traceback after extraction. Lightning's names
+    (``last``, ``best``, ...) are Lightning's to resolve."""
+    if path is None or path in ("last", "best", "hpc", "registry") or path.startswith("registry:"):
+        return
+    if not Path(path).is_file():
+        raise UsageError(f"--ckpt_path {path} does not exist (or is a folder); give a .ckpt file or 'last'")
+    if not zipfile.is_zipfile(path):
+        raise UsageError(
+            f"--ckpt_path {path} is not a Lightning checkpoint written by train.py (truncated, or another format); "
+            "give a .ckpt file from the run's checkpoints/ folder or 'last'"
+        )
 
 
 # The paper's training recipe (arXiv 2606.03280, sections 2-3) as the trainer's defaults: 30 epochs, gradient-norm
@@ -226,6 +255,13 @@ class TrainCLI(ProjectCLI):
         for src, dst in STORE_LINKS:
             parser.link_arguments(src, dst, apply_on="instantiate")
         parser.linked |= {dst.replace(".init_args", "") for _, dst in STORE_LINKS}
+
+    def before_fit(self) -> None:
+        check_resume_checkpoint(self.config.fit.get("ckpt_path"))
+        # W&B checks its login when the logger first logs, after extraction (minutes on a cold cache): start it now.
+        for logger in self.trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.experiment  # noqa: B018 (the property starts the run)
 
     def _parse_ckpt_path(self) -> None:
         # Not LightningCLI's: it parses a checkpoint file's hparams over the config, silently replacing the options

@@ -12,7 +12,8 @@ import logging
 from pytorch_lightning.cli import ArgsType, LightningCLI
 
 from activation_transfer.errors import UsageError
-from cli.parser import usage_errors
+from cli.fast_start import USAGES
+from cli.parser import ProjectParser, usage_errors
 from datamodules.organism_text import OrganismTextDataModule
 from lightning_modules.causal_lm import CausalLMModule
 
@@ -23,6 +24,8 @@ class OrganismCLI(LightningCLI):
     """Links the tokenizer's vocabulary into the model and exports the trained model after ``fit``."""
 
     def add_arguments_to_parser(self, parser) -> None:
+        if isinstance(parser, ProjectParser):  # its short --help lists these classes' options
+            parser.classes.update(model=self.model_class, data=self.datamodule_class)
         # The vocabulary size is a property of the loaded tokenizer, so it is linked at instantiation time.
         parser.link_arguments("data.vocab_size", "model.vocab_size", apply_on="instantiate")
         parser.add_argument(
@@ -50,7 +53,9 @@ def cli_kwargs() -> dict:
     return dict(
         model_class=CausalLMModule,
         datamodule_class=OrganismTextDataModule,
-        parser_kwargs={"parser_mode": "omegaconf"},
+        parser_kwargs={"parser_mode": "omegaconf", "description": USAGES["organism.py"][0]},
+        # One-line errors (exit 2) and a short --help, as train.py and evaluate.py.
+        parser_class=ProjectParser,
         # Each organism trains into its own folder, but reruns into the same folder must not abort.
         save_config_kwargs={"overwrite": True},
         seed_everything_default=0,

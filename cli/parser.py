@@ -38,7 +38,10 @@ SHORT_HELP_SKIP = {"model", "data", "trainer", "weights_only"}
 # The parts of jsonargparse's type error of one option: the option, the value given, the types it accepts.
 PARSER_KEY = re.compile(r'Parser key "([\w.]+)":')
 GIVEN_VALUE = re.compile(r"(?:Given value|Got value): (.+)")
-TYPE_OR_LITERAL = re.compile(r"<class '([\w.]+)'>|typing\.Literal\[(.*?)\]")
+# (a list type, e.g. "collections.abc.Sequence[int]" beside "<class 'NoneType'>", reads "a list of int")
+TYPE_OR_LITERAL = re.compile(
+    r"<class '([\w.]+)'>|typing\.Literal\[(.*?)\]|(?:collections\.abc\.|typing\.)?(?:Sequence|List|list)\[([\w.]+)\]"
+)
 EXPECTED = re.compile(rf"Expected a (?:{TYPE_OR_LITERAL.pattern})")
 # A Union's types as jsonargparse lists them ("Subtypes: [...]"): its per-type errors name a Literal[64, 32, 16] "int".
 SUBTYPES = re.compile(r"Subtypes: \[(.*)\]")
@@ -77,8 +80,10 @@ def option_type_error(message: str) -> str | None:
         return None
     listed = SUBTYPES.search(inner)
     found = TYPE_OR_LITERAL.findall(listed.group(1)) if listed else EXPECTED.findall(inner)
-    kinds = [{"NoneType": "null"}.get(cls, cls) for cls, _ in found if cls]
-    if literals := [literal for cls, literal in found if not cls]:  # several Literals read as one list of values
+    kinds = [
+        {"NoneType": "null"}.get(cls, cls) if cls else f"a list of {item}" for cls, _, item in found if cls or item
+    ]
+    if literals := [literal for cls, literal, item in found if not cls and not item]:  # several Literals: one list
         kinds.append(f"one of {', '.join(literals)}")
     if not kinds:
         return None
@@ -312,4 +317,15 @@ def usage_errors(prog: str) -> Iterator[None]:
         if wandb is not None and wandb.run is not None:  # a next CLI in this process would log into it
             wandb.finish(exit_code=2)
         sys.stderr.write(f"{prog}: error: {message} (traceback: ACTIVATION_TRANSFER_DEBUG=1)\n")
+        raise SystemExit(2) from None
+    except Exception as err:
+        # W&B without a login (no API key, no WANDB_MODE) raises its own UsageError/AuthenticationError.
+        if debug_enabled() or type(err).__module__.split(".")[0] != "wandb":
+            raise
+        if type(err).__name__ not in ("UsageError", "AuthenticationError"):
+            raise
+        sys.stderr.write(
+            f"{prog}: error: W&B: {one_line(err)} (or run without an account: WANDB_MODE=offline or disabled; "
+            "traceback: ACTIVATION_TRANSFER_DEBUG=1)\n"
+        )
         raise SystemExit(2) from None

@@ -168,6 +168,12 @@ def test_a_value_of_the_wrong_type_names_the_option_and_the_types(capsys, monkey
     assert err == f"train.py fit: error: {expected}\n"
 
 
+def test_a_list_option_given_one_value_names_the_list_type(capsys, monkeypatch):
+    # model.seeds: None | Sequence[int]; the list type was dropped, so "expected null" was all the line said.
+    err = _error(eval_main, ["test", "-c", EVAL_TINY, "--model.seeds", "42"], capsys, "evaluate.py", monkeypatch)
+    assert err == "evaluate.py test: error: --model.seeds: expected null or a list of int; got 42\n"
+
+
 def test_a_union_of_literals_lists_their_values(capsys, monkeypatch):
     # Lightning's precision: None | Literal[64, 32, 16] | Literal["16-mixed", ...] | Literal["64", ...]; jsonargparse's
     # own errors call the first Literal "int".

@@ -4,6 +4,7 @@ importing Lightning, and say what the LightningCLI says."""
 from __future__ import annotations
 
 import gc
+import os
 import re
 import subprocess
 import sys
@@ -13,11 +14,14 @@ import pytest
 
 from cli.fast_start import USAGES, answer_early, missing_config, run_command, top_help
 from cli.lightning_cli import eval_main, train_main
+from cli.organism_cli import main as organism_main
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize(("prog", "main"), [("evaluate.py", eval_main), ("train.py", train_main)])
+@pytest.mark.parametrize(
+    ("prog", "main"), [("evaluate.py", eval_main), ("train.py", train_main), ("organism.py", organism_main)]
+)
 def test_the_lightning_free_help_names_the_clis_subcommands_and_description(prog, main, capsys, monkeypatch):
     monkeypatch.setattr(sys, "argv", [prog])
     with pytest.raises(SystemExit):
@@ -103,3 +107,34 @@ def test_kept_memory_is_not_faulted_in_again():
         for mode in ("default", "keep")
     }
     assert faults["default"] > 10 * 2 * 5000 and faults["keep"] < 2000, faults
+
+
+def test_sigterm_ends_a_command_with_the_shells_status_and_how_to_resume(monkeypatch, capsys):
+    # Lightning turns SIGTERM into SIGTERMException, a SystemExit without a code: a shell read status 0.
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    def stopped():
+        raise SIGTERMException
+
+    monkeypatch.setattr(sys, "argv", ["train.py", "fit"])
+    with pytest.raises(SystemExit) as exc:
+        run_command("train.py", stopped)
+    assert exc.value.code == 143
+    assert capsys.readouterr().err == (
+        "train.py: interrupted by SIGTERM; rerun the same command with --ckpt_path last to resume from the last "
+        "checkpoint\n"
+    )
+    with pytest.raises(SystemExit) as exc:  # any other exit keeps its status
+        run_command("train.py", lambda: sys.exit(3))
+    assert exc.value.code == 3 and gc.get_freeze_count() == 0
+
+
+def test_matplotlib_writes_into_the_project_cache_not_the_home_folder(tmp_path):
+    # torchmetrics imports matplotlib, which makes its config and font cache folders on import.
+    env = {k: v for k, v in os.environ.items() if k not in ("MPLCONFIGDIR", "XDG_CACHE_HOME", "XDG_CONFIG_HOME")}
+    env.update(HOME=str(tmp_path / "home"), ACTIVATION_TRANSFER_CACHE=str(tmp_path / "cache"), HF_HUB_OFFLINE="1")
+    done = subprocess.run(
+        [sys.executable, "organism.py", "fit", "--help"], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "cache" / "matplotlib").is_dir() and not (tmp_path / "home").exists()

@@ -101,6 +101,13 @@ def test_evaluate_missing_translator_checkpoint_is_one_line(tmp_path, ckpt, caps
     assert f"translator checkpoint {missing} does not exist" in line
 
 
+def test_evaluate_translator_folder_that_is_not_an_export_is_one_line(tmp_path, ckpt, capsys):
+    folder = tmp_path / "not_exported"
+    folder.mkdir()
+    line = _one_line_exit(capsys, lambda: eval_main(small(tmp_path, str(folder))), "evaluate.py")
+    assert f"translator checkpoint {folder} is a folder but not an exported translator" in line
+
+
 def test_organism_bad_model_size_is_one_line(tmp_path, capsys):
     from cli.organism_cli import main as organism_main
 
@@ -176,3 +183,41 @@ def test_debug_shows_the_traceback_and_bugs_keep_theirs(monkeypatch, capsys):
     monkeypatch.setenv(DEBUG_ENV, "1")
     with pytest.raises(UsageError, match="bad option"):
         fail(UsageError("bad option"))
+
+
+def test_an_output_folder_that_cannot_be_made_is_one_line_before_anything_runs(tmp_path, capsys):
+    (tmp_path / "afile").write_text("")
+    args = ["fit", "-c", TINY_TRAIN, "--trainer.default_root_dir", str(tmp_path / "afile" / "run")]
+    line = _one_line_exit(capsys, lambda: train_main(args), "train.py")
+    assert f"--trainer.default_root_dir {tmp_path / 'afile' / 'run'}: cannot create the folder" in line
+
+
+@pytest.mark.parametrize("kind", ["missing", "random bytes", "truncated"])
+def test_a_bad_resume_checkpoint_is_one_line_before_extraction(tmp_path, ckpt, capsys, monkeypatch, kind):
+    def extracted(*_args, **_kwargs):
+        raise AssertionError("activations were extracted before the checkpoint was checked")
+
+    monkeypatch.setattr("datamodules.activation_pairs.ActivationPairDataModule.setup", extracted)
+    path = tmp_path / "resume.ckpt"
+    if kind == "random bytes":
+        path.write_bytes(os.urandom(1000))
+    elif kind == "truncated":  # a torch checkpoint cut short, as by a full disk
+        path.write_bytes(Path(ckpt).read_bytes()[:-100])
+    args = ["fit", "-c", TINY_TRAIN, "--trainer.default_root_dir", str(tmp_path / "run"), "--ckpt_path", str(path)]
+    line = _one_line_exit(capsys, lambda: train_main(args), "train.py")
+    assert f"--ckpt_path {path} " in line and ("does not exist" if kind == "missing" else "is not a Lightning") in line
+
+
+def test_wandb_without_a_login_is_one_line_and_other_wandb_errors_keep_their_traceback(capsys):
+    # wandb's own UsageError (no API key and no WANDB_MODE) is bad input; its other errors are not ours to hide.
+    def wandb_error(name: str) -> Exception:
+        return type(name, (Exception,), {"__module__": "wandb.errors.errors"})("No API key configured.")
+
+    with pytest.raises(SystemExit) as exit_, usage_errors("train.py"):
+        raise wandb_error("UsageError")
+    line = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and line.startswith("train.py: error: W&B: No API key configured.")
+    assert "WANDB_MODE=offline" in line
+    with pytest.raises(Exception, match="No API key") as other, usage_errors("train.py"):
+        raise wandb_error("CommError")
+    assert type(other.value).__name__ == "CommError"
