@@ -123,7 +123,14 @@ def _read_local_utf8(path: Path, spec: CorpusSpec) -> list[str]:
                             f"corpus file {path}, line {lineno}: no {spec.text_field!r} field "
                             "(option data.corpus.text_field)"
                         )
-                    yield obj[spec.text_field]
+                    value = obj[spec.text_field]
+                    # str() would turn 5 or {"a": 1} into text silently; null stays a blank row, as in HF datasets.
+                    if value is not None and not isinstance(value, str):
+                        raise UsageError(
+                            f"corpus file {path}, line {lineno}: field {spec.text_field!r} must be a string, got "
+                            f"{type(value).__name__} (store the text as a JSON string, or set data.corpus.text_field)"
+                        )
+                    yield value
 
         docs = _keep(rows(), spec.max_documents)
     else:

@@ -52,9 +52,14 @@ def translate_one(run_dir: Path) -> None:
     """Load the run's first translator with the library's loader and translate one sender vector."""
     import torch
 
+    from activation_transfer.errors import UsageError
     from activation_transfer.translators.loading import load_translator
 
-    infos = json.loads((run_dir / "meta.json").read_text()).get("translators") or []
+    meta = run_dir / "meta.json"
+    try:
+        infos = json.loads(meta.read_text()).get("translators") or []
+    except json.JSONDecodeError as err:  # its message alone names neither the file nor the fix
+        raise UsageError(f"{meta}: not valid JSON ({err.msg}); is {run_dir} a finished evaluation run?") from err
     if not infos:
         print("no translator in this run (no translator condition was evaluated)")
         return
@@ -73,12 +78,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--metric", default="word_boundary_contains", help="the metric to compare")
     args = parser.parse_args(argv)
 
+    from activation_transfer.errors import debug_enabled, one_line
     from activation_transfer.report.frame import records_to_dataframe
     from activation_transfer.task.scoring import METRICS
 
     if args.metric not in METRICS:
         parser.error(f"--metric {args.metric}: not a metric of the records; one of {', '.join(METRICS)}")
-    frame = records_to_dataframe(args.run_dir)
+
+    def input_error(err: Exception):
+        # A folder that is not a run, a torn record line or a bad translator is bad input, not a bug: one line and
+        # exit 2 like the project's CLIs (ACTIVATION_TRANSFER_DEBUG=1 shows the traceback).
+        if debug_enabled():
+            raise err
+        parser.exit(2, f"{parser.prog}: error: {one_line(err)}\n")
+
+    try:
+        # UsageError/MissingInput are ValueErrors, and read_records names the file and line in a plain ValueError.
+        frame = records_to_dataframe(args.run_dir)
+    except (ValueError, OSError) as err:
+        input_error(err)
     print(f"{len(frame)} records, {frame['condition'].nunique()} conditions, columns: {', '.join(frame.columns)}")
     table = condition_accuracy(frame, args.metric)
     for condition, row in table.iterrows():
@@ -86,7 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     baseline = next((b for b in BASELINES if b in table.index), None)
     plot_comparison(table, baseline, args.metric, args.plot)
     print(f"figure: {args.plot}")
-    translate_one(args.run_dir)
+    try:
+        translate_one(args.run_dir)
+    except (ValueError, OSError) as err:
+        input_error(err)
     return 0
 
 

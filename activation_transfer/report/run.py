@@ -6,6 +6,7 @@ same report from the same records.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,8 +205,10 @@ def run_report(
     if resamples < 1:
         raise ValueError(f"resamples must be >= 1, got {resamples}")
     margins = [float(g) for g in margins]
-    if not margins or any(g <= 0 for g in margins):
-        raise ValueError(f"margins must be positive numbers, got {margins}")
+    # NaN fails every comparison, so `g <= 0` lets it through to a late JSON "Out of range float" error; inf is no
+    # margin at all. Both are refused here, before any work.
+    if not margins or not all(math.isfinite(g) and g > 0 for g in margins):
+        raise ValueError(f"margins must be finite positive numbers, got {margins}")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ReportInputError(f"--out {out} is a file, not a folder: name a folder (it is created if absent)")

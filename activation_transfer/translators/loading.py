@@ -14,6 +14,8 @@ import torch
 
 from activation_transfer.errors import MissingInput, UsageError
 from activation_transfer.translators.export import (
+    CONFIG_NAME,
+    WEIGHTS_NAME,
     PretrainedTranslator,
     checkpoint_translator,
     from_pretrained,
@@ -121,11 +123,20 @@ def load_translator(
 
     Raises:
         FileNotFoundError: The path does not exist.
-        ValueError: Not a readable translator checkpoint, or NaN/infinite weights.
+        ValueError: Not a readable translator checkpoint, a folder that is not an exported translator, or
+            NaN/infinite weights.
     """
     path = Path(resolve_translator_ref(ref, run, root))
     if is_pretrained_folder(path):  # save_pretrained output (safetensors + config.json): the same translations
         translator = from_pretrained(path, map_location=str(map_location))
+    elif path.is_dir():
+        # "does not exist" would be wrong here: the folder is there, it just misses the files of an export.
+        missing = " and ".join(name for name in (CONFIG_NAME, WEIGHTS_NAME) if not (path / name).is_file())
+        raise UsageError(
+            f"translator checkpoint {path} is a folder but not an exported translator: it lacks {missing} "
+            f"(an exported translator holds {CONFIG_NAME} and {WEIGHTS_NAME}, as written by export_from_checkpoint / "
+            "save_pretrained or the TranslatorArtifactCallback); pass such a folder or a translator .ckpt file"
+        )
     elif not path.is_file():
         raise MissingInput(f"translator checkpoint {path} does not exist")
     else:

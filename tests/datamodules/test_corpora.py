@@ -22,3 +22,17 @@ def test_utf8_corpus_reads(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_text("café au lait\nsecond\n", encoding="utf-8")
     assert load_corpus(CorpusSpec(source=str(path))).documents == ["café au lait", "second"]
+
+
+@pytest.mark.parametrize(("value", "kind"), [("5", "int"), ('{"a": 1}', "dict"), ("[1]", "list"), ("true", "bool")])
+def test_jsonl_non_string_text_names_file_line_and_type(tmp_path, value, kind):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text(f'{{"text": "fine"}}\n{{"text": {value}}}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"corpus.jsonl, line 2: field 'text' must be a string, got {kind}"):
+        load_corpus(CorpusSpec(source=str(path)))
+
+
+def test_jsonl_null_text_is_skipped_like_a_blank_row(tmp_path):
+    path = tmp_path / "corpus.jsonl"
+    path.write_text('{"text": null}\n{"text": "kept"}\n', encoding="utf-8")
+    assert load_corpus(CorpusSpec(source=str(path))).documents == ["kept"]

@@ -127,3 +127,23 @@ def test_using_translators_runs_and_prints_what_it_says(demo_folder) -> None:
         by_condition.setdefault(r["condition"], []).append(bool(r["metrics"][MAIN_METRIC]))
     assert ast.literal_eval(frame) == {c: round(sum(v) / len(v), 3) for c, v in by_condition.items()}
     assert sum(map(len, by_condition.values())) == 2 * NUM_EVAL
+
+
+def test_the_pythia_walkthrough_reports_the_folder_it_evaluated_into() -> None:
+    # Step 3 reads runs/pythia/eval/eval-<hash>: step 2 must write there, not into its config's own default root.
+    import yaml
+
+    text = (ROOT / "docs" / "usage.md").read_text()
+    block = text.split("## Real Pythia", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    commands = block.replace("\\\n", " ").splitlines()
+    (train,) = [c.strip() for c in commands if c.strip().startswith("python train.py")]
+    (evaluate,) = [c.strip() for c in commands if c.strip().startswith("python evaluate.py")]
+    (report,) = [c.strip() for c in commands if c.strip().startswith("python report.py")]
+    root = re.search(r"--trainer\.default_root_dir (\S+)", evaluate)
+    config = yaml.safe_load((ROOT / re.search(r"-c (\S+)", evaluate)[1]).read_text())
+    root = root[1] if root else config["trainer"]["default_root_dir"]
+    assert report.split()[2] == f"{root}/eval-<hash>"
+    # ...and step 2 evaluates the checkpoints step 1 wrote, one per seed.
+    trained = re.search(r"--trainer\.default_root_dir (\S+)", train)[1]
+    for seed in (42, 123, 456):
+        assert trained.replace("$seed", str(seed)) + "/checkpoints/best-<e>-<s>.ckpt" in evaluate

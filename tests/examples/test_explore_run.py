@@ -72,3 +72,20 @@ def test_explore_run_refuses_an_unknown_metric(tmp_path):
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
     assert done.returncode == 2 and "--metric accuracy: not a metric" in done.stderr
+
+
+@pytest.mark.parametrize("torn", [False, True])
+def test_explore_run_bad_folder_is_one_line_and_exit_2(tmp_path, torn):
+    # A folder that is not a run, or a record file cut mid-line, is bad input: one line naming it, no traceback.
+    if torn:
+        (tmp_path / "records").mkdir()
+        (tmp_path / "records" / "no_inject.jsonl").write_text('{"sample_id": "s0", "cond')
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path), "--plot", str(tmp_path / "x.png")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    expected = "no_inject.jsonl:1: not valid JSON" if torn else f"no records/*.jsonl in {tmp_path}"
+    assert done.returncode == 2 and done.stderr.startswith("explore_run.py: error: "), done.stderr
+    assert expected in done.stderr and done.stderr.count("\n") == 1 and "Traceback" not in done.stderr

@@ -263,6 +263,17 @@ def test_cli_bad_input_exits_2_with_the_location(tmp_path: Path, capsys) -> None
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
+@pytest.mark.parametrize("margin", ["nan", "inf", "0", "-0.1"])
+def test_cli_margin_not_finite_and_positive_exits_2_naming_margins(tmp_path: Path, capsys, margin: str) -> None:
+    path = _write_jsonl(tmp_path / "r.jsonl", _records("no_inject", None, [True, False]))
+    with pytest.raises(SystemExit) as exc:
+        main([str(path), "--out", str(tmp_path / "out"), "--resamples", "50", "--margins", "0.05", margin])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("report.py: error: margins must be finite positive numbers") and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
 def test_sample_ids_differ_from_baseline(tmp_path: Path) -> None:
     recs = _records("no_inject", None, [True, False, True, False])
     recs += _records("short", 7, [True, False, False], start=1)  # s0001..s0003: s0000 missing

@@ -186,6 +186,22 @@ def test_an_exported_folder_naming_a_class_from_before_the_move_loads(translator
     assert torch.equal(load_translator(folder).translate(x), load_translator(src).translate(x))
 
 
+def test_a_folder_that_is_not_an_exported_translator_is_named_as_such(translators, tmp_path):
+    # An existing folder used to be reported as "does not exist", which sends the user looking for a typo.
+    folder = tmp_path / "run"
+    folder.mkdir()
+    shutil.copy(Path(translators["aligned_folder"]) / "config.json", folder / "config.json")
+    with pytest.raises(
+        ValueError, match=r"run is a folder but not an exported translator: it lacks model\.safet"
+    ) as exc:
+        load_translator(folder)
+    assert str(folder) in str(exc.value) and "config.json and model.safetensors" in str(exc.value)
+    assert not isinstance(exc.value, FileNotFoundError)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty is a folder but not an exported translator: it lacks config.json and"):
+        load_translator(tmp_path / "empty")
+
+
 # ------------------------------------------------------------------------------------------ optimizer arguments
 
 
