@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -110,8 +111,6 @@ def keep_matplotlib_in_cache() -> None:
     """Point matplotlib's config and font cache (``MPLCONFIGDIR``; torchmetrics imports matplotlib, which creates
     ``~/.config/matplotlib`` and ``~/.cache/matplotlib`` on import) at ``<project cache>/matplotlib``, unless the user
     set it: nothing is written outside the run and cache folders the user chose."""
-    import os
-
     from activation_transfer.io import cache_root  # the standard library only
 
     os.environ.setdefault("MPLCONFIGDIR", str(cache_root() / "matplotlib"))

@@ -12,19 +12,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from activation_transfer.report.stats import _CHUNK_ENTRIES, DEFAULT_RESAMPLES, clustered_deltas
+from activation_transfer.report.stats import _CHUNK_ENTRIES, DEFAULT_RESAMPLES, clustered_deltas, percentile_ci
 
 DEFAULT_PERMUTATIONS = 10_000
 CI_METHOD = "question-clustered percentile bootstrap (each draw keeps all runs of a question)"
 P_METHOD = "paired sign-flip permutation test on per-question mean deltas (two-sided)"
-
-
-def _percentiles(means: np.ndarray, confidence: float) -> tuple[float, float]:
-    """The rule of ``stats.bootstrap_mean_ci``: sorted means at ``int(q * (B - 1))`` and ``int((1 - q) * (B - 1))``."""
-    means = np.sort(means)
-    q = (1.0 - confidence) / 2.0
-    b = means.size
-    return float(means[int(q * (b - 1))]), float(means[int((1.0 - q) * (b - 1))])
 
 
 def question_bootstrap_ci(
@@ -82,7 +74,7 @@ def question_means_ci(
     for start in range(0, resamples, rows):
         stop = min(resamples, start + rows)
         means[start:stop] = x[rng.integers(0, n, size=(stop - start, n))].mean(axis=1)
-    return _percentiles(means, confidence)
+    return percentile_ci(means, confidence)
 
 
 def sign_flip_p(per_question: np.ndarray | Sequence[float], permutations: int = DEFAULT_PERMUTATIONS, seed: int = 0):

@@ -15,7 +15,7 @@ import numpy as np
 
 from activation_transfer.report.analysis import condition_accuracy
 from activation_transfer.report.load import sort_runs
-from activation_transfer.report.stats import _CHUNK_ENTRIES, DEFAULT_RESAMPLES, derive_seed, run_mean_sd
+from activation_transfer.report.stats import _CHUNK_ENTRIES, DEFAULT_RESAMPLES, derive_seed, percentile_ci, run_mean_sd
 from activation_transfer.task.scoring import MAIN_METRIC, METRICS
 
 GAP_LOW = "receiver_alone"
@@ -99,14 +99,11 @@ def _bootstrap(
     defined = den > 0
     ratios = np.where(num >= 0, np.inf, -np.inf)
     ratios[defined] = num[defined] * rh / (den[defined] * rc)
-    ratios.sort()
-    # The same percentile rule as ``stats.bootstrap_mean_ci``.
-    q = (1.0 - GAP_CONFIDENCE) / 2.0
-    lo, hi = ratios[int(q * (resamples - 1))], ratios[int((1.0 - q) * (resamples - 1))]
+    lo, hi = percentile_ci(ratios, GAP_CONFIDENCE)
     undefined = resamples - int(defined.sum())
     if not (np.isfinite(lo) and np.isfinite(hi)):
         return None, None, undefined
-    return float(lo), float(hi), undefined
+    return lo, hi, undefined
 
 
 def gap_recovered(

@@ -34,6 +34,15 @@ def derive_seed(seed: int, label: str) -> int:
     return int(hashlib.sha256(f"{seed}|{label}".encode()).hexdigest()[:8], 16)
 
 
+def percentile_ci(values: np.ndarray, confidence: float) -> tuple[float, float]:
+    """The one percentile rule of every bootstrap here (the paper's): the sorted values at ``int(q * (B - 1))`` and
+    ``int((1 - q) * (B - 1))`` with ``q = (1 - confidence) / 2``."""
+    values = np.sort(values)
+    q = (1.0 - confidence) / 2.0
+    b = values.size
+    return float(values[int(q * (b - 1))]), float(values[int((1.0 - q) * (b - 1))])
+
+
 def bootstrap_mean_ci(
     values: np.ndarray | Sequence[float],
     resamples: int = DEFAULT_RESAMPLES,
@@ -79,9 +88,7 @@ def bootstrap_mean_ci(
             stop = min(resamples, start + rows)
             idx = rng.integers(0, n, size=(stop - start, n))
             means[start:stop] = x[idx].mean(axis=1)
-    means.sort()
-    q = (1.0 - confidence) / 2.0
-    return float(means[int(q * (resamples - 1))]), float(means[int((1.0 - q) * (resamples - 1))])
+    return percentile_ci(means, confidence)
 
 
 def bootstrap_run_means_ci(
@@ -112,9 +119,7 @@ def bootstrap_run_means_ci(
     for r in runs:
         x = np.asarray(r, dtype=np.float64)
         means += rng.binomial(x.size, x.mean(), size=resamples) / x.size
-    means = np.sort(means / len(runs))
-    q = (1.0 - confidence) / 2.0
-    return float(means[int(q * (resamples - 1))]), float(means[int((1.0 - q) * (resamples - 1))])
+    return percentile_ci(means / len(runs), confidence)
 
 
 def _as_bool(a: np.ndarray | Sequence[bool], name: str) -> np.ndarray:
