@@ -299,6 +299,7 @@ def build_comparisons(
                             "p_upper": t.p_upper,
                             "se": t.se,
                             "n": t.n,
+                            "n_differ": t.n_differ,
                             "runs": len(pairs),
                             "degradation_p": degr,
                             "bootstrap_ci90_low": blo,

@@ -14,6 +14,7 @@ from typing import Any
 
 from activation_transfer.report.analysis import METRIC_ORDER
 from activation_transfer.report.gap import GAP_HIGH, GAP_LOW
+from activation_transfer.report.tost import FEW_DIFFER
 from activation_transfer.task.scoring import MAIN_METRIC
 
 SUMMARY_COLUMNS = (
@@ -152,8 +153,13 @@ def comparisons_markdown(comparisons: Sequence[Mapping], meta: Mapping, metric: 
 
 
 def verdict(e: Mapping) -> str:
-    """The TOST verdict of one equivalence row, in words."""
-    return "equivalent" if e["equivalent"] else "not shown equivalent"
+    """The TOST verdict of one equivalence row, in words; marked when so few questions differ that the normal
+    approximation is rough (``tost.FEW_DIFFER``)."""
+    words = "equivalent" if e["equivalent"] else "not shown equivalent"
+    n_differ = e.get("n_differ")  # absent from equivalence.json written before it was recorded
+    if n_differ is not None and 0 < n_differ < FEW_DIFFER:
+        words += f" (approximate: {'1 question differs' if n_differ == 1 else f'{n_differ} questions differ'})"
+    return words
 
 
 def equivalence_markdown(equivalence: Sequence[Mapping], meta: Mapping, metric: str = MAIN_METRIC) -> str:
@@ -163,8 +169,9 @@ def equivalence_markdown(equivalence: Sequence[Mapping], meta: Mapping, metric: 
         "",
         f"{metric}. Clustered view: each question's delta averaged over runs; two one-sided tests with a normal "
         f"approximation, 90% CI, α = {meta.get('tost_alpha', 0.05)} per one-sided test; equivalent when the 90% CI "
-        "lies inside (−margin, +margin). Degradation p: one-sided test of Δ < 0. The margins were chosen after the "
-        "paper's frozen rerun (not preregistered).",
+        "lies inside (−margin, +margin). When every delta is the same, the exact bound for deltas in [−1, 1] replaces "
+        f"the approximation; a verdict is marked approximate when 1 to {FEW_DIFFER - 1} questions differ. Degradation "
+        "p: one-sided test of Δ < 0. The margins were chosen after the paper's frozen rerun (not preregistered).",
         "",
     ]
     for base in meta["baselines"]:

@@ -85,6 +85,30 @@ def _md_rows(md: str) -> list[list[str]]:
     return [r for r in rows if r[0] not in ("Condition", "---")]
 
 
+@pytest.mark.parametrize(
+    ("n_differ", "words"),
+    [
+        (None, "equivalent"),  # equivalence.json written before n_differ was recorded
+        (0, "equivalent"),  # no variation: the exact bound, not the approximation
+        (1, "equivalent (approximate: 1 question differs)"),
+        (9, "equivalent (approximate: 9 questions differ)"),
+        (10, "equivalent"),
+    ],
+)
+def test_verdict_marks_few_differing_questions(n_differ, words) -> None:
+    row = {"equivalent": True} if n_differ is None else {"equivalent": True, "n_differ": n_differ}
+    assert verdict(row) == words
+
+
+def test_few_differing_questions_are_marked_in_equivalence_md(tmp_path: Path) -> None:
+    # One question of 40 differs (+1): the normal approximation gives a narrow CI; the verdict says it is rough.
+    rows = _records("no_inject", None, [False] * 40) + _records("additive", 1, [True] + [False] * 39)
+    run_report(rows, tmp_path, resamples=20, tost_resamples=20, permutations=20, margins=[0.1], baselines=["no_inject"])
+    (e,) = [e for e in json.loads((tmp_path / "equivalence.json").read_text()) if e["metric"] == MAIN_METRIC]
+    assert e["n_differ"] == 1 and e["equivalent"]
+    assert "| equivalent (approximate: 1 question differs) |" in (tmp_path / "equivalence.md").read_text()
+
+
 def test_equivalence_md_rows_match_the_tost_json(tmp_path: Path) -> None:
     res = run_report(_synthetic(), tmp_path, resamples=100, margins=[0.05, 0.1])
     rows = _md_rows((tmp_path / "equivalence.md").read_text())

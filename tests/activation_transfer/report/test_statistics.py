@@ -184,14 +184,38 @@ def test_tost_equivalence_iff_ci90_inside_margins(mean: float, sd: float, margin
 
 
 def test_tost_and_degradation_without_variation() -> None:
+    # No variation: the normal approximation has no se; the exact bound decides, so n matters.
     t = eq.tost(np.zeros(50), 0.03)
-    assert t.p == 0.0 and t.equivalent and (t.ci90_low, t.ci90_high) == (0.0, 0.0)
+    assert t.p == pytest.approx(0.97**50) and not t.equivalent and t.n_differ == 0
+    # The CI is the exact bound, and still equivalent iff it lies inside the margins.
+    assert t.ci90_high == pytest.approx(1 - 0.05 ** (1 / 50)) and t.ci90_low == -t.ci90_high
+    assert not eq.tost(np.zeros(2), 0.05).equivalent  # called equivalent before the exact bound
+    big = eq.tost(np.zeros(300), 0.03)
+    assert big.equivalent and big.p == pytest.approx(0.97**300) and big.ci90_high < 0.03
     assert eq.degradation_p(np.zeros(50)) == 1.0
-    assert eq.degradation_p(np.full(50, -0.1)) == 0.0
+    # Equal values that the mean rounds (0.1 is not a binary fraction) still count as no variation.
+    assert eq.degradation_p(np.full(50, -0.1)) == pytest.approx((1 / 1.1) ** 50)
+    shifted = eq.tost(np.full(50, 0.1), 0.05)
+    assert shifted.se == 0.0 and shifted.p_upper == 1.0 and not shifted.equivalent
     with pytest.raises(ValueError, match="margin"):
         eq.tost(np.zeros(5), 0.0)
     with pytest.raises(ValueError, match="at least 2"):
         eq.tost([0.1], 0.05)
+
+
+@pytest.mark.parametrize("c", [0.0, 0.01, -0.02])
+def test_exact_bound_without_variation_holds_its_level(c: float) -> None:
+    # The likeliest H0 law for "all deltas equal c" (delta >= m): +1 with probability q, else c, mean exactly m.
+    # Its rate of all-c samples is the p the test reports, so at the n where p < alpha first, that rate is < alpha.
+    m, alpha = 0.03, 0.05
+    q = (m - c) / (1 - c)
+    assert q * 1 + (1 - q) * c == pytest.approx(m)
+    n = next(k for k in range(2, 2000) if eq.tost(np.full(k, c), m).p_upper < alpha)
+    p = eq.tost(np.full(n, c), m).p_upper
+    assert p == pytest.approx((1 - q) ** n) and p < alpha <= eq.tost(np.full(n - 1, c), m).p_upper
+    rng = np.random.default_rng(0)
+    all_c = (rng.random((20_000, n)) >= q).all(axis=1).mean()  # simulated: within 3 standard errors of p
+    assert all_c == pytest.approx(p, abs=3 * math.sqrt(p * (1 - p) / 20_000))
 
 
 def test_degradation_p_direction() -> None:
