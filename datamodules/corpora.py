@@ -29,8 +29,9 @@ class CorpusSpec:
         split: Dataset split for ``hf:`` sources.
         text_field: Field holding the text in JSONL files and HF datasets.
         max_documents: Keep only the first N non-empty documents (None: all).
-        builtin_samples: Number of generated samples for the built-in corpus.
-        builtin_seed: Generator seed of the built-in corpus.
+        builtin_samples: Number of generated samples for the built-in corpus (those that are also evaluation samples
+            are then dropped).
+        builtin_seed: Generator seed of the built-in corpus (not the evaluation seed 1234).
     """
 
     source: str = BUILTIN
@@ -62,11 +63,16 @@ def as_spec(spec: CorpusSpec | dict | str | None) -> CorpusSpec:
 
 
 def documents_fingerprint(documents: list[str]) -> str:
-    """SHA-256 over the documents in order (NUL-separated)."""
+    """SHA-256 over the documents in order, each prefixed by its length in bytes.
+
+    A separator alone would be ambiguous: with NUL separators, the one document "A\\0B" and the two "A", "B" hashed
+    alike, so a store extracted from one corpus was reused for the other.
+    """
     h = hashlib.sha256()
     for doc in documents:
-        h.update(doc.encode())
-        h.update(b"\0")
+        data = doc.encode()
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
     return h.hexdigest()
 
 
@@ -174,9 +180,17 @@ def load_corpus(spec: CorpusSpec | dict | str | None = None) -> Corpus:
     """
     spec = as_spec(spec)
     if spec.source == BUILTIN:
-        from activation_transfer.task.generator import corpus_text
+        from activation_transfer.task.generator import EVAL_SEED, sample_text
+        from datamodules.organism_text import held_out_samples
 
-        docs = _keep(corpus_text(num_samples=spec.builtin_samples, seed=spec.builtin_seed), spec.max_documents)
+        if spec.builtin_seed == EVAL_SEED:
+            raise UsageError(
+                f"data.corpus.builtin_seed={EVAL_SEED} is EVAL_SEED, the evaluation set's generator seed; pick another"
+            )
+        # Held out as the organisms' and the QA trainers' text is: evaluation samples dropped (the demo's 3,000
+        # samples of seed 0 held one evaluation question with its answer).
+        samples = held_out_samples(spec.builtin_samples, spec.builtin_seed)
+        docs = _keep((sample_text(s) for s in samples), spec.max_documents)
         if not docs:
             raise UsageError("the built-in corpus is empty: data.corpus.builtin_samples must be > 0")
     elif spec.source.startswith(HF_PREFIX):

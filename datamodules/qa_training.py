@@ -2,15 +2,21 @@
 
 Batches are plain lists of :class:`QASample`: the functional module owns both tokenizers and tokenizes them itself.
 Held out twice over, as for the model organisms: the generator's ``EVAL_SEED`` is refused, every generated sample whose
-key occurs in the built-in evaluation set is dropped (validation keys are dropped from training too), and the paper's
-evaluation files are refused as training or validation sources.
+key occurs in the built-in evaluation set is dropped (validation keys are dropped from training too), the paper's
+evaluation files are refused as training or validation sources, and every sample whose context is one of the paper's
+clean_eval contexts is dropped, whatever its source: the paper's val.jsonl holds 4 clean_eval questions verbatim and
+its train.jsonl 13 clean_eval contexts with other questions (the paper deduplicated clean_eval against train by key).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
+import json
 import logging
 import random
+from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
@@ -26,6 +32,35 @@ log = logging.getLogger(__name__)
 
 # The paper's files a translator may learn from; the others hold (or overlap) its evaluation questions.
 TRAINING_PAPER_FILES = ("train", "val")
+
+
+# Digests of the paper's clean_eval contexts (no copy of the data; checked against the pinned file by the tests).
+CLEAN_EVAL_CONTEXTS = Path(__file__).with_name("clean_eval_contexts.json")
+
+
+def context_digest(context: str) -> str:
+    """First 16 hex digits of the SHA-256 of a context (the form of ``CLEAN_EVAL_CONTEXTS``)."""
+    return hashlib.sha256(context.encode()).hexdigest()[:16]
+
+
+@functools.cache
+def clean_eval_contexts() -> frozenset[str]:
+    """Digests of every context of the paper's clean_eval.jsonl."""
+    return frozenset(json.loads(CLEAN_EVAL_CONTEXTS.read_text())["contexts"])
+
+
+def drop_clean_eval_contexts(samples: list[QASample], source: str) -> list[QASample]:
+    """The samples whose context is not one of clean_eval's, with a log line when some were dropped."""
+    held_out = clean_eval_contexts()
+    kept = [s for s in samples if context_digest(s.context) not in held_out]
+    if len(kept) < len(samples):
+        log.info(
+            "dropped %d of %d samples of %s whose context is a clean_eval context",
+            len(samples) - len(kept),
+            len(samples),
+            source,
+        )
+    return kept
 
 
 def sample_key(s: QASample) -> str:
@@ -158,7 +193,8 @@ class QATrainingDataModule(pl.LightningDataModule):
         h = self.hparams
         if source == "synthetic":
             gen = held_out_samples(2000 if num is None else num, seed)
-            return [QASample(s.sample_id, s.context, s.question, s.answer, s.hops) for s in gen]
+            samples = [QASample(s.sample_id, s.context, s.question, s.answer, s.hops) for s in gen]
+            return drop_clean_eval_contexts(samples, source)
         samples, info = load_source(source, data_dir=h.data_dir, cache_dir=h.cache_dir)
         copied = info.get("paper_file") if info.get("kind") == "jsonl" else None
         if copied is not None and copied not in TRAINING_PAPER_FILES:  # a renamed copy: the same bytes, other name
@@ -166,6 +202,7 @@ class QATrainingDataModule(pl.LightningDataModule):
                 f"{source} is a copy of the paper's evaluation file {PAPER_FILES[copied].filename} (same SHA-256): "
                 "training on evaluation questions; train on 'synthetic', train, val or other questions"
             )
+        samples = drop_clean_eval_contexts(samples, source)
         return samples if num is None else samples[:num]
 
     def setup(self, stage: str | None = None) -> None:

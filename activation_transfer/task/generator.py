@@ -221,9 +221,18 @@ def generate_samples(
     return out
 
 
+def sample_text(sample: MultiHopSample) -> str:
+    """One sample as plain text: its paper-format prompt followed by its answer."""
+    return f"{format_prompt(sample.context, sample.question)} {sample.answer}"
+
+
 def corpus_text(num_samples: int = 2000, seed: int = 0) -> list[str]:
-    """Plain-text lines (prompt plus answer) from the generator: the built-in offline corpus."""
-    return [f"{format_prompt(s.context, s.question)} {s.answer}" for s in generate_samples(num_samples, seed)]
+    """Plain-text lines (prompt plus answer) from the generator: the offline tokenizer's training text.
+
+    The translators' built-in corpus (``datamodules.corpora``) holds the evaluation set out; the tokenizer's text
+    does not (its merges would change, and with them every cached model).
+    """
+    return [sample_text(s) for s in generate_samples(num_samples, seed)]
 
 
 def fingerprint(samples: list[MultiHopSample]) -> str:

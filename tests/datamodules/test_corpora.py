@@ -4,7 +4,23 @@ from __future__ import annotations
 
 import pytest
 
-from datamodules.corpora import CorpusSpec, load_corpus
+from activation_transfer.errors import UsageError
+from activation_transfer.task.generator import EVAL_SEED, format_prompt, generate_samples
+from datamodules.corpora import CorpusSpec, documents_fingerprint, load_corpus
+
+
+def test_the_fingerprint_tells_a_nul_inside_a_document_from_two_documents():
+    assert documents_fingerprint(["a\0b"]) != documents_fingerprint(["a", "b"])
+    assert documents_fingerprint(["ab", ""]) != documents_fingerprint(["a", "b"])
+
+
+def test_the_builtin_corpus_holds_the_evaluation_set_out():
+    evaluation = {f"{format_prompt(s.context, s.question)} {s.answer}" for s in generate_samples(300, EVAL_SEED)}
+    docs = load_corpus(CorpusSpec(builtin_samples=3000, builtin_seed=0)).documents
+    # The demo's corpus: one of its 3,000 generated samples is an evaluation sample (syn_s1234_000183), dropped.
+    assert len(docs) == 2999 and not evaluation & set(docs)
+    with pytest.raises(UsageError, match="data.corpus.builtin_seed=1234"):
+        load_corpus(CorpusSpec(builtin_seed=EVAL_SEED))
 
 
 @pytest.mark.parametrize("suffix", [".txt", ".jsonl"])

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 
 import pytest
@@ -11,7 +13,49 @@ import torch
 from torch.utils.data import RandomSampler
 
 from activation_transfer.errors import UsageError
-from datamodules.qa_training import EpochRandomSampler, QATrainingDataModule
+from datamodules.qa_sources import PAPER_FILES
+from datamodules.qa_training import (
+    CLEAN_EVAL_CONTEXTS,
+    EpochRandomSampler,
+    QATrainingDataModule,
+    clean_eval_contexts,
+    context_digest,
+)
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_the_shipped_clean_eval_digests_are_those_of_the_pinned_file(multihop_dir):
+    path = multihop_dir / "clean_eval.jsonl"
+    shipped = json.loads(CLEAN_EVAL_CONTEXTS.read_text())
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == shipped["clean_eval_sha256"]
+    assert shipped["clean_eval_sha256"] == PAPER_FILES["clean_eval"].sha256
+    assert clean_eval_contexts() == {context_digest(r["context"]) for r in _rows(path)}
+    assert len(clean_eval_contexts()) == 394  # 396 questions, 2 contexts asked twice
+
+
+def test_the_papers_train_and_val_files_lose_their_clean_eval_contexts(multihop_dir):
+    # val.jsonl holds 4 clean_eval questions verbatim (5 contexts), train.jsonl 13 clean_eval contexts with other
+    # questions: the paper deduplicated clean_eval against train by key only.
+    held_out = {r["context"] for r in _rows(multihop_dir / "clean_eval.jsonl")}
+    assert sum(r["context"] in held_out for r in _rows(multihop_dir / "val.jsonl")) == 5
+    assert sum(r["context"] in held_out for r in _rows(multihop_dir / "train.jsonl")) == 13
+    dm = QATrainingDataModule(train_source="train", val_source="val", data_dir=str(multihop_dir))
+    dm.setup("fit")
+    # 94 more training rows are validation questions (dropped from training since issue 20).
+    assert len(dm.val_set) == 80 - 5 and len(dm.train_set) == 560 - 13 - 94
+    assert not any(s.context in held_out for s in dm.train_set.samples + dm.val_set.samples)
+
+
+def test_part_of_an_evaluation_file_under_another_name_leaves_nothing_to_train_on(tmp_path, multihop_dir):
+    # Its SHA-256 is not the file's, so the whole-file check cannot see it; the contexts can.
+    part = tmp_path / "my_qa.jsonl"
+    part.write_text("".join((multihop_dir / "clean_eval.jsonl").read_text().splitlines(keepends=True)[:50]))
+    dm = QATrainingDataModule(train_source=str(part), num_val_samples=4)
+    with pytest.raises(UsageError, match="no training samples left"):
+        dm.setup("fit")
 
 
 @pytest.mark.parametrize("role", ["train_source", "val_source"])
