@@ -149,8 +149,12 @@ def generate_ids(
     max_new_tokens: int | None = None,
     model_name: str | None = None,
     drop_finished_every: int | None = None,
+    penalty_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Generate for a left-padded batch; returns only the new token ids (B, <= max_new_tokens), EOS-padded.
+
+    ``penalty_mask`` (B, T): the prompt columns the repetition penalty counts, default ``attention_mask``; the split
+    protocol's slot tokens (EOS ids the receiver never reads as text) are attended to but not counted.
 
     Hugging Face appends the custom penalty after its own processors (here no_repeat_ngram_size, and the sampling
     warpers when ``do_sample``); for greedy decoding the order does not change the chosen token. Every step's logits
@@ -168,11 +172,15 @@ def generate_ids(
     total = max_new_tokens or settings.max_new_tokens
     ids, mask = input_ids.to(device), attention_mask.to(device)
     if settings.do_sample or not drop_finished_every or drop_finished_every >= total:
-        return _generate_phase(model, tokenizer, ids, mask, mask, settings, total, model_name)[:, ids.shape[1] :].cpu()
+        prompt_mask = mask if penalty_mask is None else penalty_mask.to(device)
+        return _generate_phase(model, tokenizer, ids, mask, prompt_mask, settings, total, model_name)[
+            :, ids.shape[1] :
+        ].cpu()
     from activation_transfer.models.kv_cache import phase_cache
 
     # KV buffers as long as the prompt and its answer: no per-step copy of the whole cache (kv_cache's docstring)
-    eos, prompt_mask = int(tokenizer.eos_token_id), mask
+    eos = int(tokenizer.eos_token_id)
+    prompt_mask = mask if penalty_mask is None else penalty_mask.to(device)
     cache = phase_cache(model.config, capacity=ids.shape[1] + total)
     rows = torch.arange(ids.shape[0], device=device)  # the rows still decoding
     out = torch.full((ids.shape[0], total), eos, dtype=torch.long, device=device)

@@ -11,6 +11,7 @@ from test_translator_loading import make_functional_ckpt
 
 import activation_transfer.injection.answering as answering
 import activation_transfer.injection.protocols.split as split_protocol
+import activation_transfer.models.generation as generation
 from activation_transfer.injection.prefill_hook import PrefillInjection, prefill_injection
 from activation_transfer.injection.protocols.split import CONDITION_NAMES as SPLIT_CONDITION_NAMES
 from activation_transfer.injection.slots import SlotSpec, encode_parts, receiver_batch, slot_grid
@@ -43,6 +44,19 @@ class _Spy(PrefillInjection):
         return out
 
 
+class _PenaltySpy(generation.MaskedRepetitionPenalty):
+    """The repetition penalty, keeping the prompt ids it counts (first call of each ``generate``)."""
+
+    counted: list = []
+
+    def __call__(self, input_ids, scores):
+        if not getattr(self, "_seen", False):
+            self._seen = True
+            width = self.prompt_mask.shape[1]
+            _PenaltySpy.counted.append(input_ids[:, :width][self.prompt_mask.to(input_ids.device)].cpu())
+        return super().__call__(input_ids, scores)
+
+
 @pytest.fixture(scope="module")
 def split_run(tmp_path_factory, ckpts):
     """Every split condition, slot scheme ``all``; the calls to ``request_injected`` and the prefill hooks kept."""
@@ -65,9 +79,11 @@ def split_run(tmp_path_factory, ckpts):
         return run
 
     _Spy.seen = []
+    _PenaltySpy.counted = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(split_protocol, "request_injected", spy_answer)
         mp.setattr(answering, "PrefillInjection", _Spy)
+        mp.setattr(generation, "MaskedRepetitionPenalty", _PenaltySpy)
         module = run_eval(
             tmp_path_factory.mktemp("split"),
             ckpts[0],
@@ -87,6 +103,16 @@ def _by_sample(calls, condition):
             src, wm = c["source"], c["write_mask"]
             out[sid] = (c["ids"][i], c["mask"][i], None if src is None else src[i], None if wm is None else wm[i])
     return out
+
+
+def test_the_repetition_penalty_counts_no_slot(split_run):
+    # Slot tokens are EOS ids (like the padding); the penalty used to count them, so every slot condition decoded
+    # with its EOS logit penalized and its baselines without: longer answers, which contains-scoring favours.
+    module, calls, _ = split_run
+    eos = module.protocol.receiver.tokenizer.eos_token_id
+    assert _PenaltySpy.counted and sum(c.numel() for c in _PenaltySpy.counted) > 0
+    assert all(not bool((c == eos).any()) for c in _PenaltySpy.counted)
+    assert any(c["write_mask"] is not None and bool(c["write_mask"].any()) for c in calls)  # slots were written
 
 
 def test_every_split_condition_is_written_with_the_fixed_schema(split_run):
