@@ -20,6 +20,7 @@ from activation_transfer.injection.slots import SlotSpec, encode_parts
 from activation_transfer.models.frozen_lm import load_ref
 from activation_transfer.models.generation import GenerationSettings
 from activation_transfer.report import records as rio
+from activation_transfer.task.entities import candidates
 from activation_transfer.task.prompts import tokenize_left_padded
 from activation_transfer.translators.loading import load_translator
 from datamodules.multihop_qa import MultiHopQADataModule
@@ -82,6 +83,24 @@ def test_every_kv_condition_is_written_with_its_cost(kv_run):
     # The module's random_draw is "sequential" (the paper's), but the KV controls draw per sample: meta says so.
     assert module.random_draw == "sequential" and "always draws per sample" in meta["random_vectors"]
     assert {c["baseline"] for c in module.report_result.comparisons} == {"receiver_alone", "skyline"}
+
+
+def test_every_kv_condition_carries_the_subgroup_fields_on_counterfactual_data(tmp_path, kv_ckpt):
+    # The prefix conditions built their own diagnostics and left out candidates and gold_original: the report then
+    # dropped every kv condition from the by-candidates table and the "follows the new context" rates.
+    dm = MultiHopQADataModule(num_samples=6, counterfactual=True, batch_size=6)
+    conditions = ["receiver_alone", "kv_self", "kv_zero", "kv_functional"]
+    module = run_eval(
+        tmp_path, None, conditions=conditions, seeds=[42], protocol="kv", functional_translator_ckpt=kv_ckpt, dm=dm
+    )
+    by_id = {s.sample_id: s for s in dm.samples}
+    for key, records in module.results.items():
+        assert len(records) == 6, key
+        for r in records:
+            s = by_id[r["sample_id"]]
+            assert r["diagnostics"]["gold_original"] == s.gold_original != r["gold"], key
+            assert r["diagnostics"]["candidates"] == candidates(s.context, s.answer), key
+    assert {k.split("__")[0] for k in module.results} == set(conditions)
 
 
 def test_kv_zero_entries_are_zero_and_kv_functional_ones_are_not(kv_run):

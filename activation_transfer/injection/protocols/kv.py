@@ -40,7 +40,7 @@ from activation_transfer.injection.kv_prefix import (
     resolve_layers,
     zero_prefix,
 )
-from activation_transfer.injection.protocols.split import SplitProtocol, check_translator_training
+from activation_transfer.injection.protocols.split import SplitProtocol, check_translator_training, sample_fields
 from activation_transfer.injection.slots import SlotSpec, left_padded, sender_batch
 from activation_transfer.models.generation import GenerationSettings, decode
 
@@ -227,6 +227,8 @@ class KVProtocol(SplitProtocol):
         new_ids = generate_after_prefix(self.receiver.model, tok, prefix, ids, mask, self.settings)
         preds = [p.strip() for p in decode(tok, new_ids)]
         diags = self.diagnostics(spec, seed, plan, prefix, mask, (key_norm, value_norm), donors)
+        # The subgroup report reads candidates (and gold_original) from every condition, as the text-only ones carry.
+        diags = [{**d, **sample_fields(s)} for d, s in zip(diags, sub, strict=True)]
         return PendingAnswers.answered((preds, diags), spec.name)
 
     def diagnostics(self, spec, seed, plan, prefix: KVPrefix, mask, norms, donors) -> list[dict]:
