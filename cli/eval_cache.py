@@ -27,7 +27,7 @@ OUTPUT_OPTION = "--trainer.default_root_dir"
 # Where the results go and how they are logged: not what they are (left out of the key).
 UNKEYED_OPTIONS = (OUTPUT_OPTION, "--trainer.logger")
 # The data module's options that choose the questions (batch size and workers do not).
-DATA_OPTIONS = ("source", "data_dir", "num_samples", "generator_seed", "limit")
+DATA_OPTIONS = ("source", "data_dir", "num_samples", "generator_seed", "limit", "counterfactual", "counterfactual_seed")
 
 
 def _content(value: str):

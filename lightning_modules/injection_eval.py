@@ -1,9 +1,8 @@
 """``InjectionEvalModule``: an injection evaluation (paper arXiv 2606.03280, section 4.2) as Lightning glue.
 
-What the receiver reads and what each condition writes belong to the protocol (``model.protocol``,
-``activation_transfer/injection/protocols``); this module loads the models and translators, plans what is left in
-the run folder (resume), runs each pending condition x seed batch by batch, gathers the ranks and writes records,
-``meta.json``, metrics and the report.
+What the receiver reads and what each condition writes belong to the protocol (``model.protocol``); this module
+loads the models and translators, plans what is left in the run folder (resume), runs each pending condition x seed
+batch by batch, gathers the ranks and writes records, ``meta.json``, metrics and the report.
 """
 
 from __future__ import annotations
@@ -40,7 +39,7 @@ from callbacks.wandb_artifacts import local_translator
 log = logging.getLogger(__name__)
 
 DEFAULT_SEEDS = (42, 123, 456)
-RUNNER_VERSION = 2
+RUNNER_VERSION = 3
 PAPER_GENERATION = GenerationSettings()
 DEFAULT_SLOTS = SlotSpec()  # frozen, so the shared default instance is safe
 
@@ -140,9 +139,8 @@ class InjectionEvalModule(pl.LightningModule):
             raise UsageError(f"model.random_draw must be one of {', '.join(cnd.RANDOM_DRAWS)}, got {random_draw!r}")
         self.random_draw = random_draw
         # A copy (the default instance is shared); a dict is what hparams hold, so they rebuild the module.
-        self.generation = (
-            GenerationSettings(**generation) if isinstance(generation, dict) else dataclasses.replace(generation)
-        )
+        gen = generation
+        self.generation = GenerationSettings(**gen) if isinstance(gen, dict) else dataclasses.replace(gen)
         self.allow_mismatch, self.run_name, self.cache_dir = allow_mismatch, run_name, cache_dir
         self.do_report, self.report_resamples = report, report_resamples
         self.stack_runs, self.max_generate_rows = stack_runs, checked_rows(max_generate_rows)
@@ -203,8 +201,7 @@ class InjectionEvalModule(pl.LightningModule):
                 info.append(entry)
 
     def _load_translator(self, ref: str, kind: str) -> tuple[torch.nn.Module, dict]:
-        """One frozen translator of ``kind``, checked against the models (and the protocol's slots), with its path
-        and hash."""
+        """One frozen translator of ``kind``, checked against the models and the protocol's slots; path and hash."""
         path = local_translator(ref, self.trainer)  # a .ckpt, an exported folder, or wandb:<...:alias>
         identities = self.sender.identity(), self.receiver.identity()
         translator = load_translator_for(
@@ -220,6 +217,7 @@ class InjectionEvalModule(pl.LightningModule):
 
     def config_fingerprint(self, samples) -> dict:
         """Everything that determines the answers (not the condition/seed lists: adding one reuses the folder)."""
+        per_seed = max(len(self.translator_info), len(self.functional_info)) > 1
         return {
             "sender": self.sender.identity(),
             "receiver": self.receiver.identity(),
@@ -228,7 +226,7 @@ class InjectionEvalModule(pl.LightningModule):
             "alpha": self.hparams.alpha,
             "generation": self.generation.to_dict(),
             "random_draw": self.random_draw,
-            # Bumped when the same config gives other answers (2: the paper's donor order, stripped relays).
+            # Bumped when the same config gives other answers or records (docs/NOTES.md, "Runner versions").
             "runner_version": RUNNER_VERSION,
             # The numerics: another precision, device type or library version gives other answers.
             "precision": str(self.trainer.precision),
@@ -237,6 +235,8 @@ class InjectionEvalModule(pl.LightningModule):
             "samples": fingerprint([(s.sample_id, s.context, s.question, s.answer, s.hops) for s in samples]),
             # Only when used, so a paper run's fingerprint (and folder) stays what it was.
             **({"functional_translators": [t["sha256"] for t in self.functional_info]} if self.functional_info else {}),
+            # Which seed reads which translator (one per seed): reordered seeds resumed here ran another's translator.
+            **({"translator_seeds": self.seeds} if per_seed else {}),
             **self.protocol.identity(),
         }
 

@@ -79,3 +79,15 @@ def test_an_unfinished_run_folder_is_not_cached(tmp_path, monkeypatch):
     args = ["test", "-c", str(Path(eval_cache.__file__)), "--trainer.default_root_dir", str(tmp_path / "out")]
     assert eval_cache.cached_eval(args, cache_dir=tmp_path / "cache") == run_dir
     assert not (tmp_path / "cache" / "evaluations").exists()
+
+
+def test_the_questions_of_a_counterfactual_evaluation_are_its_substituted_ones():
+    # The key read the original questions: a change of how counterfactual contexts are made kept the cached answers.
+    from activation_transfer.io import fingerprint
+    from datamodules.multihop_qa import MultiHopQADataModule
+
+    args = ["test", "--data.num_samples", "8", "--data.counterfactual", "true", "--data.counterfactual_seed", "3"]
+    dm = MultiHopQADataModule(num_samples=8, counterfactual=True, counterfactual_seed=3)
+    expected = fingerprint([(s.sample_id, s.context, s.question, s.answer, s.hops) for s in dm.samples])
+    assert eval_cache.samples_sha256(args) == expected != eval_cache.samples_sha256(args[:3])
+    assert eval_cache.samples_sha256(args[:-1] + ["4"]) != expected

@@ -327,3 +327,23 @@ def test_same_norm_random_writes_the_papers_sequential_draw(tmp_path, ckpt, monk
     assert set(seen) == set(expected)
     for sid, rows in expected.items():
         assert torch.equal(seen[sid], rows), sid
+
+
+def test_reordered_seeds_with_one_translator_each_are_another_run(tmp_path):
+    # The folder kept seed 42's records (translator A) and, resumed with the seeds reordered, ran seed 123 with A too:
+    # B was never evaluated and the report merged the two identical runs into one.
+    a, b = make_ckpt(tmp_path / "a.ckpt", seed=1), make_ckpt(tmp_path / "b.ckpt", seed=2)
+    conds = ["no_inject", "additive"]
+    first = run_eval(tmp_path / "out", [str(a), str(b)], conditions=conds, seeds=[42, 123])
+    again = run_eval(tmp_path / "out", [str(a), str(b)], conditions=conds, seeds=[42, 123])
+    swapped = run_eval(tmp_path / "out", [str(a), str(b)], conditions=conds, seeds=[123, 42])
+    assert again.run_dir == first.run_dir != swapped.run_dir
+    sha = {
+        (m, s): m.results[f"additive__seed{s}"][0]["diagnostics"]["translator_sha256"]
+        for m in (first, swapped)
+        for s in (42, 123)
+    }
+    assert sha[first, 42] == sha[swapped, 123] != sha[first, 123] == sha[swapped, 42]
+    # One translator for every seed: the order of the seeds changes nothing, the folder is reused.
+    one = run_eval(tmp_path / "one", a, conditions=conds, seeds=[42, 123])
+    assert run_eval(tmp_path / "one", a, conditions=conds, seeds=[123, 42]).run_dir == one.run_dir
