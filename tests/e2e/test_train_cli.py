@@ -49,6 +49,9 @@ def _linear_store(folder: Path, n: int = 3000, seed: int = 0) -> None:
 @pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
 def test_tiny_config_trains_and_reuses_the_cache(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="datamodules")
+    # main() sets up the console: the project's loggers print once and stop propagating to the root, where caplog
+    # listens; so listen on the logger itself (run alone, the test saw no line of it).
+    logging.getLogger("datamodules").addHandler(caplog.handler)
     args = ["fit", "-c", TINY, *_run_args(tmp_path), "--trainer.max_epochs", "1", "--data.corpus.builtin_samples", "60"]
     cli = main(args)
     metrics = cli.trainer.callback_metrics
@@ -64,6 +67,7 @@ def test_tiny_config_trains_and_reuses_the_cache(tmp_path, caplog):
     assert "cache miss" in caplog.text
     caplog.clear()
     cli2 = main(args)
+    logging.getLogger("datamodules").removeHandler(caplog.handler)
     assert "cache hit" in caplog.text and "cache miss" not in caplog.text
     # The resolved config was saved once per run, the second run next to the first without aborting.
     saved = sorted(p.name for p in (tmp_path / "runs").glob("config*.yaml"))
