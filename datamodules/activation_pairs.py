@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
@@ -130,6 +131,13 @@ class ActivationPairDataModule(pl.LightningDataModule):
                     "data.sender_model and data.receiver_model to extract one"
                 )
         else:
+            world = int(os.environ.get("WORLD_SIZE", "1"))
+            if h.rebuild and world > 1:
+                # Every process would clear and extract the store in turn, while the others read it.
+                raise UsageError(
+                    f"data.rebuild is set in a run of {world} processes: rebuild the store once with one process "
+                    "(the same command with --trainer.devices 1), then train without data.rebuild"
+                )
             folder, manifest = ensure_store(
                 self.sender_model,
                 self.receiver_model,

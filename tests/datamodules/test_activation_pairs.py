@@ -7,6 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from activation_transfer.errors import UsageError
 from datamodules.activation_pairs import ActivationPairDataModule, PairStream, epoch_order, step_bounds
 from datamodules.store_format import PairStore, write_pairs_store
 
@@ -117,3 +118,15 @@ def test_data_module_bad_options(tmp_path):
 def test_sizes_below_one_name_the_option(tmp_path, option, value):
     with pytest.raises(ValueError, match=rf"^data\.{option} must be >= 1, got {value}$"):
         ActivationPairDataModule(store_dir=str(tmp_path), **{option: value})
+
+
+def test_rebuild_in_a_run_of_several_processes_is_refused_before_any_extraction(tmp_path, monkeypatch):
+    # Each process cleared and re-extracted the store in turn while the others read it ("manifest.json does not
+    # exist" on rank 0, or world_size extractions in a row).
+    import datamodules.activation_pairs as pairs
+
+    monkeypatch.setattr(pairs, "ensure_store", lambda *a, **k: pytest.fail("extracted"))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    dm = ActivationPairDataModule(sender_model="tiny-neox", receiver_model="tiny-neox-large", rebuild=True)
+    with pytest.raises(UsageError, match=r"^data\.rebuild is set in a run of 2 processes: .*--trainer\.devices 1"):
+        _ = dm.sender_dim
