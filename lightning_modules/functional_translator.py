@@ -379,7 +379,9 @@ class FunctionalTranslatorModule(ResumableTraining, pl.LightningModule):
     RESUME_KEYS = (
         *("sender", "receiver", "translator", "normalize", "objective", "mse_weight", "distill_on"),
         *("distill_temperature", "slots", "max_question_tokens", "max_answer_tokens", "lr", "weight_decay", "betas"),
-        *("warmup_steps", "decay", "min_lr_ratio"),
+        *("warmup_steps", "decay", "min_lr_ratio", "sender_site"),
+        # The training spec also holds what setup() takes from the data (contexts: own or mismatched).
+        "training",
     )
 
 

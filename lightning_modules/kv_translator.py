@@ -208,5 +208,8 @@ class KVTranslatorModule(FunctionalTranslatorModule, pl.LightningModule):  # nam
             out["loss"] = out["kl"]
         return out
 
+    # The functional trainer's, and the context bound that decides the prefix each sample trains with.
+    RESUME_KEYS = (*FunctionalTranslatorModule.RESUME_KEYS, "max_context_tokens")
+
 
 __all__ = ["KVTranslatorModule", "kv_batch"]

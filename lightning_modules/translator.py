@@ -189,6 +189,9 @@ class TranslatorModule(ResumableTraining, pl.LightningModule):
         "warmup_steps",
         "decay",
         "min_lr_ratio",
+        # The store's models and layers: a resume on another block's activations would relabel the translator.
+        "sender",
+        "receiver",
     )
 
 

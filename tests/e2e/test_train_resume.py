@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -72,12 +73,14 @@ def test_ckpt_path_last_resumes_mid_epoch(tmp_path):
 # ------------------------------------------------------------------------------------------ issue 20 (items 6, 7)
 
 FUNCTIONAL = str(ROOT / "configs" / "train" / "functional_demo.yaml")
+KV = str(ROOT / "configs" / "train" / "kv_functional_demo.yaml")
 
 
-def _train_functional(root: Path, *extra: str):
-    """A few steps of functional_demo.yaml on the tiny presets: 3 batches of 4 per epoch, constant lr."""
+def _train_functional(root: Path, *extra: str, config: str = FUNCTIONAL):
+    """A few steps of functional_demo.yaml (or ``config``) on the tiny presets: 3 batches of 4 per epoch, constant
+    lr."""
     args = [
-        *["fit", "-c", FUNCTIONAL, "--trainer.default_root_dir", str(root), "--trainer.logger", "false"],
+        *["fit", "-c", config, "--trainer.default_root_dir", str(root), "--trainer.logger", "false"],
         *"--model.sender_model.name tiny-neox --model.receiver_model.name tiny-neox-large".split(),
         *"--data.num_train_samples 12 --data.num_val_samples 4 --data.batch_size 4 --model.decay constant".split(),
         *"--model.warmup_steps 0 --trainer.enable_progress_bar false --trainer.enable_model_summary false".split(),
@@ -102,11 +105,22 @@ def test_functional_resume_equals_an_uninterrupted_run(tmp_path):
         ("functional", [], ["--model.slots.scheme", "last", "--model.slots.k", "8"], "slots: saved {"),
         ("functional", [], ["--model.objective", "distill"], "objective: saved 'answer_ce' vs given 'distill'"),
         ("aligned", [], ["--model.lr", "0.5", "--model.loss", "mse"], "loss: saved 'cosine' vs given 'mse'; lr: saved"),
+        # Another block of the sender (same hidden size) would relabel the translator as reading it.
+        ("aligned", [], ["--data.sender_model.layer", "0"], "sender: saved {"),
+        ("functional", [], ["--model.sender_site", "embeddings"], "sender_site: saved 'block' vs given 'embeddings'"),
+        # The data's contexts reach the training spec in setup(): own vs mismatched is what the control checks.
+        ("functional", [], ["--data.mismatched_contexts", "true"], "'contexts': 'mismatched'"),
+        (
+            "kv",
+            ["--model.max_context_tokens", "224"],
+            ["--model.max_context_tokens", "8"],
+            "max_context_tokens: saved 224",
+        ),
     ],
 )
 def test_a_resume_with_other_decisive_options_is_refused(tmp_path, capsys, trainer, first, changed, expected):
     # Item 7: the record claimed the given options for the whole run while the checkpoint ran with the saved ones.
-    train = _train_functional if trainer == "functional" else _train
+    train = {"functional": _train_functional, "kv": partial(_train_functional, config=KV), "aligned": _train}[trainer]
     train(tmp_path / "run", "--trainer.max_epochs", "1", *first)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_:
