@@ -83,7 +83,10 @@ class OptimizerArgs:
                 return (step + 1) / warmup
             if decay == "constant":
                 return 1.0
-            frac = min(1.0, (step - warmup) / max(1, total - warmup))
+            # Decay from the peak step (the warm-up's last, or step 0 without one) so the peak is used once and the
+            # last step (total - 1, the last the optimizer takes) runs at the floor.
+            peak = max(warmup - 1, 0)
+            frac = min(1.0, (step - peak) / max(1, total - 1 - peak))
             return max(floor, 1.0 - frac * (1.0 - floor))
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)

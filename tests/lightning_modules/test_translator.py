@@ -44,12 +44,21 @@ def test_losses():
         TranslatorModule(2, 2, loss="l1")
 
 
-def test_warmup_then_linear_decay():
-    m = TranslatorModule(3, 3, lr=1.0, warmup_steps=10, min_lr_ratio=0.0)
+@pytest.mark.parametrize("floor", [0.0, 0.5])
+@pytest.mark.parametrize("warmup", [0, 10])
+def test_warmup_then_linear_decay(floor, warmup):
+    m = TranslatorModule(3, 3, lr=1.0, warmup_steps=warmup, min_lr_ratio=floor)
     m._trainer = SimpleNamespace(estimated_stepping_batches=110)
     sched = m.configure_optimizers()["lr_scheduler"]["scheduler"]
-    factors = [f(s) for s in (0, 4, 9, 10, 60, 110) for f in sched.lr_lambdas]
-    assert factors == pytest.approx([0.1, 0.5, 1.0, 1.0, 0.5, 0.0])
+    # Optimizer step k runs at factor(k) (the scheduler steps after it): steps 0..109.
+    factors = [sched.lr_lambdas[0](s) for s in range(110)]
+    if warmup:
+        assert factors[:10] == pytest.approx([(s + 1) / 10 for s in range(10)])
+    # The peak is used by one step only, and the last step runs at the promised floor, halfway in between.
+    assert factors.count(1.0) == 1 and factors[max(warmup - 1, 0)] == 1.0
+    assert factors[-1] == pytest.approx(floor)
+    peak = max(warmup - 1, 0)
+    assert factors[(peak + 109) // 2] == pytest.approx(1 - (1 - floor) * ((109 - peak) // 2) / (109 - peak))
 
 
 @pytest.mark.parametrize(
