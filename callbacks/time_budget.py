@@ -25,14 +25,23 @@ RECORD = "fit_steps_to_time.json"
 
 
 def steps_within(
-    seconds_left: float, pace: float, step: int, round_to: int, margin: float, ceiling: int | None = None
+    seconds_left: float,
+    pace: float,
+    step: int,
+    round_to: int,
+    margin: float,
+    ceiling: int | None = None,
+    floor: int = 0,
 ) -> int:
     """The largest multiple of ``round_to`` steps that ``pace`` (steps/s) reaches in ``margin`` of the time left.
 
-    Never fewer than the next multiple after ``step`` (the run already took those), never more than ``ceiling``.
+    Never fewer than the next multiple after ``step`` (the run already took those) nor than ``floor`` (the warm-up:
+    a schedule shorter than it would be clamped at configure time, unlike the plain recipe's), never more than
+    ``ceiling``.
     """
     reach = step + max(seconds_left, 0.0) * margin * pace
     steps = max(math.floor(reach / round_to), math.floor(step / round_to) + 1) * round_to
+    steps = max(steps, floor)
     return min(steps, ceiling) if ceiling else steps
 
 
@@ -65,6 +74,7 @@ class FitStepsToTime(pl.Callback):
         self.seconds, self.measure_from, self.measure_to = seconds, measure_from, measure_to
         self.round_to, self.margin = round_to, margin
         self.chosen: int | None = None
+        self._warmup = 0
         self._start = self._t0 = 0.0
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -76,6 +86,7 @@ class FitStepsToTime(pl.Callback):
                 f"FitStepsToTime: measure_to={self.measure_to} is after the warm-up ({warmup} steps), where the "
                 "learning rate already depends on the schedule's length; raise model.warmup_steps or lower measure_to"
             )
+        self._warmup = int(warmup)
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args) -> None:
@@ -87,7 +98,11 @@ class FitStepsToTime(pl.Callback):
         now = time.perf_counter()
         pace = (self.measure_to - self.measure_from) / max(now - self._t0, 1e-9)
         ceiling = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
-        self.chosen = steps_within(self.seconds - (now - self._start), pace, step, self.round_to, self.margin, ceiling)
+        left = self.seconds - (now - self._start)
+        within = steps_within(left, pace, step, self.round_to, self.margin, ceiling)
+        self.chosen = steps_within(left, pace, step, self.round_to, self.margin, ceiling, floor=self._warmup)
+        if self.chosen > within:
+            log.warning("FitStepsToTime: the budget ends inside the warm-up; running its %d steps anyway", self.chosen)
         trainer.fit_loop.epoch_loop.max_steps = self.chosen  # what the loop checks (fit_loop.max_steps reads it)
         pl_module.set_schedule_steps(self.chosen)
         record = {"max_steps": self.chosen, "steps_per_s": round(pace, 2), "seconds": self.seconds, "at_step": step}

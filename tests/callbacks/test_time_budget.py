@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -37,6 +38,25 @@ def test_steps_within_rounds_down_and_keeps_what_ran():
     assert steps_within(100, 50, 400, round_to=1000, margin=0.8, ceiling=3000) == 3000
     # No time left: never fewer steps than the run already took (the next multiple).
     assert steps_within(-5, 50, 400, round_to=500, margin=0.8) == 500
+    # Nor than the warm-up: a shorter schedule is clamped at configure time, unlike the plain recipe's.
+    assert steps_within(-5, 50, 400, round_to=500, margin=0.8, floor=1000) == 1000
+    assert steps_within(-5, 50, 400, round_to=500, margin=0.8, ceiling=800, floor=1000) == 800
+
+
+def test_the_chosen_length_never_ends_inside_the_warm_up(monkeypatch):
+    # 400 steps measured at 1 step/s with 100 s left: 500 steps fit, but the module warms up for 1,000.
+    clock = iter([0.0, 0.0, 300.0])
+    monkeypatch.setattr(time_budget.time, "perf_counter", lambda: next(clock))
+    chosen = []
+    module = SimpleNamespace(hparams=SimpleNamespace(warmup_steps=1000), set_schedule_steps=chosen.append)
+    loop = SimpleNamespace(epoch_loop=SimpleNamespace(max_steps=-1))
+    trainer = SimpleNamespace(global_step=100, max_steps=-1, fit_loop=loop, is_global_zero=False, log_dir=None)
+    cb = FitStepsToTime(400, measure_from=100, measure_to=400, round_to=500, margin=1.0)
+    cb.on_train_start(trainer, module)
+    cb.on_train_batch_end(trainer, module)
+    trainer.global_step = 400
+    cb.on_train_batch_end(trainer, module)
+    assert chosen == [1000] and loop.epoch_loop.max_steps == 1000
 
 
 def _fit(tmp_path, name: str, extra: list[str]):
