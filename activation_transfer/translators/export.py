@@ -327,7 +327,7 @@ def from_pretrained(
 
     Args:
         folder_or_hub_id: A folder from :func:`save_pretrained`, or ``<user>/<repo>`` on the Hub.
-        map_location: Device of the weights.
+        map_location: Device of the weights (read into the CPU-built module, then moved there with the module).
         trust_class_path: Build a ``class_path`` outside ``activation_transfer.translators.architectures`` (importing
             it runs its module's code).
         hub_kwargs: ``revision``, ``cache_dir``, ``token``, ``local_files_only``, ... for a Hub id.
@@ -357,7 +357,7 @@ def from_pretrained(
     try:
         model = PretrainedTranslator(**config)
         # strict: a missing or extra tensor is an error, never silently random weights (the mixin's loader is lenient).
-        load_model(model, str(local / WEIGHTS_NAME), strict=True, device=map_location)
+        load_model(model, str(local / WEIGHTS_NAME), strict=True, device="cpu")
     except UsageError:
         raise
     except Exception as err:  # safetensors/torch raise many types for a damaged file or a config that does not fit
@@ -371,7 +371,7 @@ def from_pretrained(
             f"exported translator {local}: the weights do not match the digest translator_sha256 in {CONFIG_NAME} "
             "(the folder was changed or damaged); export it again from its checkpoint"
         )
-    return model.eval()
+    return model.to(map_location).eval()
 
 
 def _read_config(folder: Path) -> dict:

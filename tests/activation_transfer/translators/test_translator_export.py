@@ -40,6 +40,13 @@ def test_exported_translator_translates_exactly_as_the_checkpoint(tmp_path, kwar
     assert torch.equal(te.PretrainedTranslator.from_pretrained(str(folder)).translate(x), loaded.translate(x))
 
 
+def test_from_pretrained_puts_the_weights_on_map_location(tmp_path):
+    # load_model copies into the module's parameters, which stay where they were built (CPU) unless moved.
+    folder = te.export_from_checkpoint(_checkpoint(tmp_path), tmp_path / "export")
+    loaded = te.from_pretrained(folder, map_location="meta")
+    assert {p.device.type for p in loaded.parameters()} == {"meta"}
+
+
 def test_config_holds_dims_identities_and_metrics(tmp_path):
     metrics = {"val/cos_norm": 0.5, "bad": float("nan")}
     folder = te.export_from_checkpoint(_checkpoint(tmp_path), tmp_path / "export", metrics=metrics)
