@@ -121,6 +121,8 @@ class CausalLMModule(pl.LightningModule):
         self.val_loss = MeanMetric()
         self.val_answer_acc = MeanMetric()
         self.val_answer_acc_best = MaxMetric()
+        # Persistent: a resumed fit restores the best so far instead of forgetting the epochs before the checkpoint.
+        self.val_answer_acc_best.persistent(True)
         self.val_answer_acc_two = MeanMetric()
         self._compiled_losses = None
         # The cosine decay's length; configure_optimizers sets it, FitStepsToTime may set it once during warm-up.
@@ -162,7 +164,6 @@ class CausalLMModule(pl.LightningModule):
         # The sanity-check validation batches must not leak into the first epoch's validation metrics.
         self.val_loss.reset()
         self.val_answer_acc.reset()
-        self.val_answer_acc_best.reset()
         self.val_answer_acc_two.reset()
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
@@ -194,6 +195,9 @@ class CausalLMModule(pl.LightningModule):
                 self.log("val/answer_acc_two_candidates", self.val_answer_acc_two, on_epoch=True)
 
     def on_validation_epoch_end(self) -> None:
+        # The sanity check's few batches never reach the best (it is not reset at train start: a resume restored it).
+        if self.trainer.sanity_checking:
+            return
         # Logged through .compute() so Lightning does not reset the running maximum.
         self.val_answer_acc_best.update(self.val_answer_acc.compute())
         self.log("val/answer_acc_best", self.val_answer_acc_best.compute())

@@ -108,6 +108,8 @@ class TranslatorModule(ResumableTraining, pl.LightningModule):
             }
         )
         self.val_cos_norm_best = MaxMetric()
+        # Persistent: a resumed fit restores the best so far instead of forgetting the epochs before the checkpoint.
+        self.val_cos_norm_best.persistent(True)
 
     # -- the map ------------------------------------------------------------------------------------------------
 
@@ -130,7 +132,8 @@ class TranslatorModule(ResumableTraining, pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         pred = self.translate(batch["sender"])
         loss = self._loss(pred, self._prep(batch["receiver"].to(pred.dtype)))
-        self.train_loss(loss.detach())
+        # Weighted by rows, as validation's loss: the short last batch must not count as a full one.
+        self.train_loss(loss.detach(), weight=len(pred))
         self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(pred))
         self.log("train/loss_epoch", self.train_loss, on_step=False, on_epoch=True, batch_size=len(pred))
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
@@ -161,10 +164,10 @@ class TranslatorModule(ResumableTraining, pl.LightningModule):
         self._eval_step("test", batch)
 
     def on_train_start(self) -> None:
-        # The sanity-check batches must not count towards the first epoch's metrics or the best value.
+        # The sanity-check batches must not count towards the first epoch's metrics. The best value never sees them
+        # (on_validation_epoch_end skips the sanity check) and is not reset: a resumed fit restored it.
         for metric in self.metrics["val"].values():
             metric.reset()
-        self.val_cos_norm_best.reset()
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
