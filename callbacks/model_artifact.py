@@ -15,8 +15,12 @@ from pathlib import Path
 import pytorch_lightning as pl
 from pytorch_lightning.utilities import rank_zero_only
 
-from activation_transfer.io import sha256_file
-from activation_transfer.translators.export import config_from_hparams, export_from_checkpoint, save_pretrained
+from activation_transfer.translators.export import (
+    checkpoint_translator,
+    config_from_hparams,
+    export_from_checkpoint,
+    save_pretrained,
+)
 from callbacks.wandb_artifacts import files_artifact, log_to_runs, recording_runs
 
 log = logging.getLogger(__name__)
@@ -92,7 +96,7 @@ class TranslatorArtifactCallback(pl.Callback):
         }
         files = {}
         if best is not None:
-            metadata.update(checkpoint=best.name, checkpoint_sha256=sha256_file(best))
+            metadata.update(self._source(best))
             files[best.name] = best
         folders = {"exported": self.exported} if self.exported is not None else {}
         for run in runs:
@@ -100,10 +104,16 @@ class TranslatorArtifactCallback(pl.Callback):
             log_to_runs([run], files_artifact(name, "model", files, folders, metadata), self.aliases)
             self.logged.append(name)
             if last is not None and self.last_aliases:
-                last_meta = {**metadata, "checkpoint": last.name, "checkpoint_sha256": sha256_file(last)}
+                last_meta = {**metadata, **self._source(last)}
                 art = files_artifact(name, "model", {last.name: last}, None, last_meta)
                 log_to_runs([run], art, self.last_aliases)
                 self.logged.append(f"{name}:last")
+
+    @staticmethod
+    def _source(ckpt: Path) -> dict:
+        """The checkpoint's own name, SHA-256, epoch and global step (as its exported config's ``source``): the best
+        checkpoint may come from an epoch long before the end of fit, whose epoch and step the trainer holds."""
+        return dict(checkpoint_translator(ckpt).config["source"])
 
     @staticmethod
     def _file(ckpt_cb, attr: str) -> Path | None:
