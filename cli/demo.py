@@ -38,6 +38,9 @@ from activation_transfer.models.weights import folder_sha256
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN_CONFIG = ROOT / "configs" / "train" / "demo.yaml"
 EVAL_CONFIG = ROOT / "configs" / "eval" / "demo.yaml"
+# Bumped when the same config and organisms train other weights, so a warm cache does not serve the old ones (2,
+# 2026-12-05: the built-in corpus holds the evaluation set out, the linear schedule ends at its floor).
+TRAINING_CODE_VERSION = 2
 
 
 def shown(path: str | Path) -> str:
@@ -133,6 +136,7 @@ def _translator(
             "config": config.read_text(),
             "extra": extra,
             "organisms": {k: folder_sha256(v) for k, v in organisms.items()},
+            "training_code": TRAINING_CODE_VERSION,
         },
         sort_keys=True,
     )
