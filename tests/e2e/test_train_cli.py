@@ -45,19 +45,30 @@ def _linear_store(folder: Path, n: int = 3000, seed: int = 0) -> None:
     write_pairs_store(folder, x, y, shard_rows=700)
 
 
+@pytest.fixture
+def datamodules_log(caplog):
+    """caplog on the ``datamodules`` logger itself: main() sets up the console, where the project's loggers print once
+    and stop propagating to the root, where caplog listens (run alone, the test saw no line). Removed in teardown,
+    also after a failure: a handler left behind writes to a closed stream in every later test."""
+    caplog.set_level(logging.INFO, logger="datamodules")
+    logger = logging.getLogger("datamodules")
+    logger.addHandler(caplog.handler)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+
+
 # A second run into the same root puts its checkpoint next to the first one's (a "-v1" name); Lightning says so.
 @pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
-def test_tiny_config_trains_and_reuses_the_cache(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="datamodules")
-    # main() sets up the console: the project's loggers print once and stop propagating to the root, where caplog
-    # listens; so listen on the logger itself (run alone, the test saw no line of it).
-    logging.getLogger("datamodules").addHandler(caplog.handler)
+def test_tiny_config_trains_and_reuses_the_cache(tmp_path, datamodules_log):
+    caplog = datamodules_log
     args = ["fit", "-c", TINY, *_run_args(tmp_path), "--trainer.max_epochs", "1", "--data.corpus.builtin_samples", "60"]
     cli = main(args)
     metrics = cli.trainer.callback_metrics
     for key in ("val/cos_norm", "val/r2_norm", "val/cos_raw", "val/r2_raw", "val/norm_ratio", "val/cos_norm_best"):
         assert key in metrics and torch.isfinite(metrics[key])
-    assert metrics["val/cos_norm"] > 0.3
+    # Learned something (an untrained map scores about 0): 0.2999 with 1 thread after the linear schedule's fix of
+    # 2026-12-05, so 0.3 was a coin toss between CPUs.
+    assert metrics["val/cos_norm"] > 0.2
     best = cli.trainer.checkpoint_callback.best_model_path
     assert best and Path(best).is_file()
     ckpt = torch.load(best, weights_only=True)
@@ -67,7 +78,6 @@ def test_tiny_config_trains_and_reuses_the_cache(tmp_path, caplog):
     assert "cache miss" in caplog.text
     caplog.clear()
     cli2 = main(args)
-    logging.getLogger("datamodules").removeHandler(caplog.handler)
     assert "cache hit" in caplog.text and "cache miss" not in caplog.text
     # The resolved config was saved once per run, the second run next to the first without aborting.
     saved = sorted(p.name for p in (tmp_path / "runs").glob("config*.yaml"))
