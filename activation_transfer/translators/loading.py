@@ -261,6 +261,19 @@ def check_resume_matches(saved: dict, given: dict, keys, ckpt: str = "the checkp
         )
 
 
+def check_resume_at_epoch_end(checkpoint: dict, ckpt: str = "the checkpoint") -> None:
+    """Raise :class:`UsageError` when ``checkpoint`` was written part-way through an epoch: for a trainer whose
+    sample order cannot skip the batches an epoch already took, resuming there would retrain on another order."""
+    progress = ((checkpoint.get("loops") or {}).get("fit_loop") or {}).get("epoch_loop.batch_progress") or {}
+    taken = int((progress.get("current") or {}).get("ready", 0))
+    if taken and not progress.get("is_last_batch", True):
+        raise UsageError(
+            f"cannot resume from {ckpt}: it was written mid-epoch (after {taken} batches of its epoch), and this "
+            "trainer's sample order does not skip the batches already taken; resume from an end-of-epoch checkpoint "
+            "(such as last.ckpt written at an epoch's end)"
+        )
+
+
 class ResumableTraining:
     """What the translator LightningModules share about their training state (a mixin: the library has no Lightning).
 
@@ -270,11 +283,15 @@ class ResumableTraining:
     """
 
     RESUME_KEYS: tuple[str, ...] = ()
+    # False for a trainer whose data order cannot resume part-way through an epoch: such a resume is refused.
+    RESUMES_MID_EPOCH = True
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         if self._trainer is None:  # load_from_checkpoint (overrides allowed), not a resumed fit
             return
         check_resume_matches(checkpoint.get("hyper_parameters") or {}, dict(self.hparams), self.RESUME_KEYS)
+        if not self.RESUMES_MID_EPOCH:
+            check_resume_at_epoch_end(checkpoint, str(self._trainer.ckpt_path or "the checkpoint"))
 
     def configure_optimizers(self):
         total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1

@@ -99,6 +99,17 @@ def test_functional_resume_equals_an_uninterrupted_run(tmp_path):
     _assert_identical(full, resumed)
 
 
+def test_a_functional_resume_mid_epoch_is_refused(tmp_path, capsys):
+    # Its sampler restarts the epoch's order: resumed at step 4 (batch 1 of 3), it would retrain on another order.
+    every = ["--trainer.callbacks.every_n_train_steps", "2"]
+    _train_functional(tmp_path / "run", "--trainer.max_epochs", "3", "--trainer.max_steps", "4", *every)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        _train_functional(tmp_path / "run", "--trainer.max_epochs", "3", "--ckpt_path", "last", *every)
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_.value.code == 2 and "last.ckpt: it was written mid-epoch (after 1 batches" in line
+
+
 @pytest.mark.parametrize(
     "trainer, first, changed, expected",
     [
