@@ -213,7 +213,7 @@ TRAINER_DEFAULTS = {
         {"class_path": "callbacks.model_artifact.TranslatorArtifactCallback"},
         # Last in the list, so `--trainer.callbacks.monitor ...` on the command line reaches the checkpoint.
         {
-            "class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
+            "class_path": "callbacks.checkpoint.LastEveryValidationCheckpoint",
             # No metric in the file name: "val/loss" would create a sub-folder.
             "init_args": {
                 "monitor": "val/loss",

@@ -6,11 +6,11 @@ import json
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 
 from activation_transfer.io import sha256_file
 from callbacks import model_artifact
+from callbacks.checkpoint import LastEveryValidationCheckpoint
 from lightning_modules.translator import TranslatorModule
 
 
@@ -33,7 +33,7 @@ def test_artifact_metadata_gives_each_checkpoints_own_epoch_and_step(tmp_path, m
     a = torch.randn(8, 6, generator=torch.Generator().manual_seed(0))
     train = [{"sender": x, "receiver": x @ a} for x in torch.randn(256, 8, generator=torch.Generator().manual_seed(1))]
     val = [{"sender": x, "receiver": -(x @ a)} for x in torch.randn(64, 8, generator=torch.Generator().manual_seed(2))]
-    saver = ModelCheckpoint(
+    saver = LastEveryValidationCheckpoint(
         dirpath=tmp_path / "ckpt", monitor="val/loss", mode="min", filename="best-{epoch}", save_last=True
     )
     trainer = pl.Trainer(
@@ -50,13 +50,11 @@ def test_artifact_metadata_gives_each_checkpoints_own_epoch_and_step(tmp_path, m
     assert (best_aliases, last_aliases) == (["best"], ["last"])
     assert (best["checkpoint"], best["epoch"], best["global_step"]) == ("best-epoch=0.ckpt", 0, 4)
     assert best["checkpoint_sha256"] == sha256_file(tmp_path / "ckpt" / "best-epoch=0.ckpt")
-    # Lightning 2.6 writes last.ckpt only with a top-k save, so here it too holds epoch 0: its own values, whatever.
+    # The trainer's checkpoint callback rewrites last.ckpt every epoch (plain Lightning 2.6 kept epoch 0's here).
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
-    assert (last["checkpoint"], last["epoch"], last["global_step"]) == (
-        "last.ckpt",
-        saved["epoch"],
-        saved["global_step"],
-    )
+    assert (last["checkpoint"], last["epoch"], last["global_step"]) == ("last.ckpt", 2, 12)
+    assert (saved["epoch"], saved["global_step"]) == (2, 12)
+    assert last["checkpoint_sha256"] == sha256_file(tmp_path / "ckpt" / "last.ckpt")
     assert (trainer.current_epoch, trainer.global_step) == (3, 12)  # what the metadata gave before
     source = json.loads((tmp_path / "ckpt" / "best-epoch=0" / "config.json").read_text())["source"]
     assert (source["epoch"], source["global_step"]) == (best["epoch"], best["global_step"])

@@ -70,6 +70,21 @@ def test_ckpt_path_last_resumes_mid_epoch(tmp_path):
     _assert_identical(full, resumed)
 
 
+def test_last_ckpt_is_the_last_epoch_even_when_the_monitor_does_not_improve(tmp_path):
+    # Lightning 2.6 writes last.ckpt only when a top-k checkpoint is written at the same step: with mode max on a
+    # falling val/loss only epoch 0 is "best", and last.ckpt stayed at epoch 0, so `--ckpt_path last` after an
+    # interruption silently retrained every later epoch.
+    cli, _ = _train(tmp_path, "--trainer.max_epochs", "3", "--trainer.callbacks.mode", "max")
+    saver = cli.trainer.checkpoint_callback
+    assert Path(saver.best_model_path).name.startswith("best-00-")  # the premise: no improvement after epoch 0
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert (last["epoch"], last["global_step"]) == (2, cli.trainer.global_step)
+    # Still one best and one last file: the fix adds no checkpoint files.
+    assert sorted((tmp_path / "checkpoints").glob("*.ckpt")) == sorted(
+        [Path(saver.best_model_path), Path(saver.last_model_path)]
+    )
+
+
 # ------------------------------------------------------------------------------------------ issue 20 (items 6, 7)
 
 FUNCTIONAL = str(ROOT / "configs" / "train" / "functional_demo.yaml")
