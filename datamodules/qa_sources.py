@@ -19,7 +19,14 @@ from pathlib import Path
 
 from activation_transfer.errors import UsageError
 from activation_transfer.io import sha256_file
-from activation_transfer.task.generator import fingerprint, generate_samples
+from activation_transfer.task.generator import (
+    EVAL_NUM_SAMPLES,
+    EVAL_SEED,
+    TRAINING_SETS,
+    fingerprint,
+    generate_samples,
+    training_keys,
+)
 from activation_transfer.task.prompts import format_prompt, format_relay_receiver_prompt, format_relay_sender_prompt
 
 log = logging.getLogger(__name__)
@@ -316,6 +323,36 @@ def generated_samples(num_samples: int, seed: int) -> tuple[list[QASample], str]
     return [QASample(s.sample_id, s.context, s.question, s.answer, s.hops) for s in gen], fingerprint(gen)
 
 
+def generated_eval_samples(num_samples: int, seed: int) -> tuple[list[QASample], str, int]:
+    """Evaluation samples of the built-in generator without those the shipped recipes train on.
+
+    The first ``EVAL_NUM_SAMPLES`` of ``EVAL_SEED`` are held out of every training set; any other generated question
+    may occur in one (about 0.4% of them: 12 of samples 300-2,999 of ``EVAL_SEED``, 15 of 3,000 of seed 5), and a
+    model that trained on a question with its answer is not tested on it.
+
+    Returns:
+        The kept samples, their fingerprint and how many were dropped.
+
+    Raises:
+        UsageError: ``seed`` is a training seed (:data:`TRAINING_SETS`).
+    """
+    if seed in dict(TRAINING_SETS):
+        raise UsageError(
+            f"--data.generator_seed {seed} generates the shipped recipes' training samples; evaluate another seed "
+            f"(the evaluation seed is {EVAL_SEED}, validation questions use 2)"
+        )
+    gen = generate_samples(num_samples, seed)
+    if seed != EVAL_SEED or num_samples > EVAL_NUM_SAMPLES:
+        seen = training_keys()
+        gen = [s for s in gen if s.key not in seen]
+    dropped = num_samples - len(gen)
+    if dropped:
+        log.info(
+            "dropped %d of %d generated questions (seed %d) that a shipped recipe trains on", dropped, num_samples, seed
+        )
+    return [QASample(s.sample_id, s.context, s.question, s.answer, s.hops) for s in gen], fingerprint(gen), dropped
+
+
 def load_source(
     source: str,
     *,
@@ -334,12 +371,11 @@ def load_source(
     """
     info = {"source": source, "path": None, "url": None, "generator_seed": None, "num_samples": None}
     if source == "synthetic":
-        from activation_transfer.task.generator import EVAL_NUM_SAMPLES, EVAL_SEED
-
         num_samples = EVAL_NUM_SAMPLES if num_samples is None else num_samples
         seed = EVAL_SEED if generator_seed is None else generator_seed
-        samples, sha = generated_samples(num_samples, seed)
+        samples, sha, dropped = generated_eval_samples(num_samples, seed)
         info.update(kind="synthetic", sha256=sha, generator_seed=seed, num_samples=num_samples, paper_file=None)
+        info["dropped_seen_in_training"] = dropped
     elif source in PAPER_FILES:
         path, url = resolve_paper_file(source, data_dir=data_dir, cache_dir=cache_dir)
         samples = read_jsonl(path)

@@ -8,6 +8,7 @@ extractive too: the gold answer is always in the context), which makes the offli
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import random
 from dataclasses import asdict, dataclass
@@ -18,6 +19,12 @@ from activation_transfer.task.prompts import format_prompt
 # hold this seed out and drop samples whose key also occurs in the evaluation set.
 EVAL_SEED = 1234
 EVAL_NUM_SAMPLES = 300
+# The generated sets the shipped recipes train on, as (seed, samples): the organisms' text (configs/organisms: seed 1,
+# 40,000; the functional translators' and KV projectors' seed-1 samples are its first 6,000) and the aligned
+# translators' built-in corpus (configs/train/demo.yaml: seed 0, 3,000). Their training drops the first
+# EVAL_NUM_SAMPLES of EVAL_SEED; an evaluation of other generated questions drops the samples these sets hold
+# (tests/activation_transfer/task/test_training_sets.py checks every shipped config against this list).
+TRAINING_SETS = ((1, 40_000), (0, 3_000))
 
 PEOPLE = (
     "Alice",
@@ -233,6 +240,14 @@ def corpus_text(num_samples: int = 2000, seed: int = 0) -> list[str]:
     does not (its merges would change, and with them every cached model).
     """
     return [sample_text(s) for s in generate_samples(num_samples, seed)]
+
+
+@functools.lru_cache(maxsize=1)
+def training_keys() -> frozenset[str]:
+    """Keys of the samples of :data:`TRAINING_SETS` that training keeps, i.e. all but the held-out evaluation set's
+    (about 1 s, once per process)."""
+    held_out = {s.key for s in generate_samples(EVAL_NUM_SAMPLES, EVAL_SEED)}
+    return frozenset(s.key for seed, n in TRAINING_SETS for s in generate_samples(n, seed)) - held_out
 
 
 def fingerprint(samples: list[MultiHopSample]) -> str:
