@@ -15,9 +15,9 @@ from torch.utils.data import DataLoader, Sampler, TensorDataset
 from activation_transfer.errors import UsageError
 from activation_transfer.task.entities import candidates
 from activation_transfer.task.generator import (
-    EVAL_NUM_SAMPLES,
     EVAL_SEED,
     MultiHopSample,
+    eval_keys,
     generate_samples,
 )
 from activation_transfer.task.prompts import format_prompt
@@ -26,11 +26,6 @@ log = logging.getLogger(__name__)
 
 # Masks stored per token: 0 padding, 1 prompt, 2 answer (target) token.
 PAD, PROMPT, ANSWER = 0, 1, 2
-
-
-def eval_keys(num_samples: int = EVAL_NUM_SAMPLES, seed: int = EVAL_SEED) -> set[str]:
-    """Keys of the built-in evaluation set: no organism may train or validate on these."""
-    return {s.key for s in generate_samples(num_samples, seed)}
 
 
 def held_out_samples(

@@ -242,12 +242,16 @@ def corpus_text(num_samples: int = 2000, seed: int = 0) -> list[str]:
     return [sample_text(s) for s in generate_samples(num_samples, seed)]
 
 
+def eval_keys(num_samples: int = EVAL_NUM_SAMPLES, seed: int = EVAL_SEED) -> set[str]:
+    """Keys of the built-in evaluation set: no organism or translator may train or validate on these."""
+    return {s.key for s in generate_samples(num_samples, seed)}
+
+
 @functools.lru_cache(maxsize=1)
 def training_keys() -> frozenset[str]:
     """Keys of the samples of :data:`TRAINING_SETS` that training keeps, i.e. all but the held-out evaluation set's
     (about 1 s, once per process)."""
-    held_out = {s.key for s in generate_samples(EVAL_NUM_SAMPLES, EVAL_SEED)}
-    return frozenset(s.key for seed, n in TRAINING_SETS for s in generate_samples(n, seed)) - held_out
+    return frozenset(s.key for seed, n in TRAINING_SETS for s in generate_samples(n, seed)) - eval_keys()
 
 
 def fingerprint(samples: list[MultiHopSample]) -> str:
