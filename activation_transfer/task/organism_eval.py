@@ -13,7 +13,13 @@ import torch
 from activation_transfer.models.frozen_lm import load_model, load_tokenizer
 from activation_transfer.models.generation import GenerationSettings, generate_texts
 from activation_transfer.task.entities import ENTITY_TYPES, answer_type, entities_in
-from activation_transfer.task.generator import EVAL_NUM_SAMPLES, EVAL_SEED, MultiHopSample, generate_samples
+from activation_transfer.task.generator import (
+    EVAL_NUM_SAMPLES,
+    EVAL_SEED,
+    MultiHopSample,
+    generate_samples,
+    training_keys,
+)
 from activation_transfer.task.prompts import format_prompt
 from activation_transfer.task.scoring import METRICS, score
 
@@ -55,7 +61,9 @@ def evaluate_organism(
     Args:
         path: The organism's folder (or any model name ``load_model`` accepts).
         num_samples: Questions to decode (the first ``num_samples`` of the set that ``seed`` generates).
-        seed: Generator seed; the default is the held-out evaluation set, which no organism trains on.
+        seed: Generator seed; the default is the held-out evaluation set, which no organism trains on. Another
+            seed, or more than ``EVAL_NUM_SAMPLES`` of it, drops the questions a shipped recipe trains on
+            (``generator.training_keys``), as the evaluation's generated source does.
         batch_size: Prompts per ``generate`` call.
         return_predictions: Also return the per-sample records.
 
@@ -63,11 +71,16 @@ def evaluate_organism(
         ``{"n": ..., <metric>: accuracy for each of METRICS, "by_hops": {hops: word-boundary accuracy},
         "two_candidates": {"n", "word_boundary_contains", "other_candidate"} over the questions whose context names
         two entities of the answer's type (``other_candidate``: the share whose prediction names the other one),
-        "chance": chance_rate(samples)}`` plus ``"predictions"`` when asked for.
+        "chance": chance_rate(samples), "dropped_seen_in_training"}`` plus ``"predictions"`` when asked for.
     """
     model = load_model(str(path), dtype="float32")
     tokenizer = load_tokenizer(str(path))
     samples = generate_samples(num_samples, seed)
+    # Other seeds hold questions of the organisms' own training text (4 of seed 777's first 600): an organism that
+    # saw a question with its answer is not tested on it. The first EVAL_NUM_SAMPLES of EVAL_SEED hold none.
+    if seed != EVAL_SEED or num_samples > EVAL_NUM_SAMPLES:
+        samples = [s for s in samples if s.key not in training_keys()]
+    dropped = num_samples - len(samples)
     prompts = [format_prompt(s.context, s.question) for s in samples]
     preds = generate_answers(model, tokenizer, prompts, batch_size=batch_size)
     scores = [score(p, s.answer) for p, s in zip(preds, samples)]
@@ -89,6 +102,7 @@ def evaluate_organism(
         "other_candidate": sum(_names_other(s, p) for s, _, p in two) / max(len(two), 1),
     }
     result["chance"] = chance_rate(samples)
+    result["dropped_seen_in_training"] = dropped
     if return_predictions:
         result["predictions"] = [
             {"sample_id": s.sample_id, "gold": s.answer, "prediction": p, "hops": s.hops, "metrics": sc}

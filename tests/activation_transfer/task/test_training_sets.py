@@ -78,3 +78,21 @@ def test_more_or_other_generated_questions_drop_those_trained_on(seed, n):
 def test_a_training_seed_is_refused(seed):
     with pytest.raises(UsageError, match=f"--data.generator_seed {seed} generates the shipped recipes' training"):
         generated_eval_samples(10, seed)
+
+
+def test_an_organism_is_not_evaluated_on_questions_it_trained_on(monkeypatch):
+    # bench/gpu_organisms.py validates on 600 questions of seed 777: 4 of them are in the organisms' training text.
+    from activation_transfer.task import organism_eval
+
+    monkeypatch.setattr(organism_eval, "load_model", lambda *a, **k: None)
+    monkeypatch.setattr(organism_eval, "load_tokenizer", lambda *a, **k: None)
+    # A model that answers every prompt with the same word: only which questions are asked matters here.
+    monkeypatch.setattr(organism_eval, "generate_answers", lambda model, tok, prompts, **k: ["Asia"] * len(prompts))
+    everything = generate_samples(600, 777)
+    seen = {s.sample_id for s in everything if s.key in training_keys()}
+    assert len(seen) == 4
+    result = organism_eval.evaluate_organism("unused", num_samples=600, seed=777, return_predictions=True)
+    assert result["n"] == 596 and result["dropped_seen_in_training"] == 4
+    assert not seen & {p["sample_id"] for p in result["predictions"]}
+    held_out = organism_eval.evaluate_organism("unused", num_samples=EVAL_NUM_SAMPLES)
+    assert held_out["n"] == EVAL_NUM_SAMPLES and held_out["dropped_seen_in_training"] == 0
