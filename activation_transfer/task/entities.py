@@ -29,6 +29,13 @@ def _pattern(entity: str) -> re.Pattern:
     return re.compile(rf"(?<!\w){re.escape(entity)}(?!\w)")
 
 
+def _standalone(entity: str) -> re.Pattern:
+    # Word-bounded and not the first word of a longer name: the paper's files say "Mexico City is a city in Mexico",
+    # and the city must stay "Mexico City" when the country is replaced (not "Ghana City", which names the substitute
+    # a second time).
+    return re.compile(rf"(?<!\w){re.escape(entity)}(?!\w)(?! [A-Z])")
+
+
 def answer_type(answer: str) -> str | None:
     """The type whose pool holds ``answer`` (stripped), or None."""
     answer = answer.strip()
@@ -47,18 +54,19 @@ def candidates(context: str, answer: str) -> int | None:
 
 
 def counterfactual(context: str, answer: str, seed: int, key: str) -> tuple[str, str] | None:
-    """``(context', answer')``: every occurrence of the gold ``answer`` in ``context`` replaced by another entity of
-    its type that the context does not name; None when the answer is untyped, absent, or no such entity is left.
+    """``(context', answer')``: every occurrence of the gold ``answer`` in ``context`` (word-bounded, not the start of
+    a longer name such as "Mexico City") replaced by another entity of its type that the context does not name; None
+    when the answer is untyped, absent, or no such entity is left.
 
     The substitute is drawn by ``random.Random(f"{seed}:{key}")`` (``key``: the sample id): deterministic, and a
     sample's substitute does not depend on the rest of the dataset.
     """
     kind, gold = answer_type(answer), answer.strip()
-    if kind is None or not _pattern(gold).search(context):
+    if kind is None or not _standalone(gold).search(context):
         return None
     present = set(entities_in(context, kind))
     pool = [e for e in ENTITY_TYPES[kind] if e != gold and e not in present]
     if not pool:
         return None
     new = random.Random(f"{seed}:{key}").choice(pool)
-    return _pattern(gold).sub(new, context), new
+    return _standalone(gold).sub(new, context), new

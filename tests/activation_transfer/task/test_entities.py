@@ -56,3 +56,13 @@ def test_counterfactual_of_a_count_is_word_bounded_and_untyped_answers_have_none
     assert new_context == f"Asia has about {new} countries. There are about 45 countries in Europe."
     assert counterfactual(context, "United Kingdom", 0, "c") is None
     assert counterfactual("Bob lives in Oslo.", "Japan", 0, "c") is None  # the gold is not in the context
+
+
+def test_counterfactual_leaves_a_longer_name_that_starts_with_the_gold() -> None:
+    # The paper's v1 files (test, val, train): "Mexico City" is a city of the country "Mexico".
+    context = "Carlos was born in Mexico City. Mexico City is a city in Mexico."
+    new_context, new = counterfactual(context, "Mexico", seed=0, key="t")
+    assert new_context == f"Carlos was born in Mexico City. Mexico City is a city in {new}."
+    assert f"{new} City" not in new_context
+    # Only inside the longer name: nothing to replace.
+    assert counterfactual("Carlos lives in Mexico City.", "Mexico", 0, "t") is None
