@@ -15,6 +15,7 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from activation_transfer.errors import UsageError
@@ -202,6 +203,10 @@ def load_model(
             raise UsageError(
                 f"cannot load model {name!r}: it is not a preset ({', '.join(sorted(PRESETS))}), not a local model "
                 f"folder, and loading it from the Hugging Face Hub failed ({type(err).__name__}: {err})"
+            ) from err
+        except SafetensorError as err:  # a truncated or damaged weights file: bad input, not a bug
+            raise UsageError(
+                f"cannot load model {name!r}: a .safetensors file is damaged ({err}); save or download the model again"
             ) from err
     model.eval()
     model.requires_grad_(False)

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from activation_transfer.errors import UsageError
 from activation_transfer.models.frozen_lm import PRESETS, load_model, load_tokenizer, model_identity, resolve_layer
 from activation_transfer.models.hooks import block_hook, capture_hidden
 from activation_transfer.task.tokenizer import offline_tokenizer, tokenizer_fingerprint
@@ -139,3 +140,13 @@ def test_local_folder_identity_is_a_content_digest_remembered_by_size_and_mtime(
     load_model("tiny-neox", preset_seed=1).save_pretrained(folder)  # same name, other weights
     monkeypatch.setattr(weights, "sha256_file", real)
     assert weights_identity(ModelRef(str(folder)))["weights_sha256"] != first
+
+
+def test_damaged_weights_file_of_a_model_folder_is_one_clear_error(tmp_path):
+    # A copy cut short (disk full, interrupted transfer) used to escape as safetensors' own error: a traceback.
+    folder = tmp_path / "model"
+    load_model("tiny-neox").save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(UsageError, match=rf"cannot load model '{folder}': a \.safetensors file is damaged"):
+        load_model(str(folder))
