@@ -17,6 +17,8 @@ from pathlib import Path
 import pytorch_lightning as pl
 from pytorch_lightning.loggers import WandbLogger
 
+from activation_transfer.errors import UsageError
+from activation_transfer.io import write_json
 from activation_transfer.translators.loading import is_wandb_ref, resolve_translator_ref
 
 
@@ -127,14 +129,24 @@ class RunFolderWandbLogger(WandbLogger):
             ids = _stored_ids(folder)
             if ids.get(self._wandb_init.get("project")) != run.id:
                 ids[self._wandb_init.get("project")] = run.id
-                Path(folder).mkdir(parents=True, exist_ok=True)
-                (Path(folder) / RUN_ID_FILE).write_text(json.dumps(ids, indent=2, sort_keys=True) + "\n")
+                write_json(Path(folder) / RUN_ID_FILE, ids)  # atomic: a torn file would block every resume
         return run
 
 
 def _stored_ids(folder: str | Path) -> dict:
     path = Path(folder) / RUN_ID_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        ids = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        ids = None
+    if not isinstance(ids, dict):
+        raise UsageError(
+            f"{path} is not the JSON object of W&B run ids this folder's runs wrote; delete it (the evaluation then "
+            "starts a new W&B run) or restore it"
+        )
+    return ids
 
 
 def bind_run_to_folder(trainer: pl.Trainer, folder: str | Path) -> None:

@@ -173,3 +173,34 @@ def test_runs_of_the_trainer_by_mode():
     Trainer.loggers[1].experiment.log_artifact = lambda art: None
     assert wandb_runs(Trainer) == [Trainer.loggers[0].experiment, Trainer.loggers[1].experiment]
     assert recording_runs(Trainer) == [Trainer.loggers[0].experiment]
+
+
+def test_a_run_folder_killed_while_storing_its_wandb_run_id_still_resumes(tmp_path, monkeypatch, request):
+    import wandb
+
+    from callbacks.wandb_artifacts import RUN_ID_FILE, RunFolderWandbLogger
+
+    _offline_wandb(monkeypatch, request)
+    folder, real = tmp_path / "eval-x", {m: getattr(Path, m) for m in ("write_text", "write_bytes")}
+
+    def killed(method):  # the process dies half-way through writing the file
+        def write(self, data, *args, **kwargs):
+            real[method](self, data[: len(data) // 2], *args, **kwargs)
+            raise KeyboardInterrupt
+
+        return write
+
+    for method in real:
+        monkeypatch.setattr(Path, method, killed(method))
+    with pytest.raises(KeyboardInterrupt):
+        RunFolderWandbLogger(project="p", save_dir=str(tmp_path)).start(folder)
+    wandb.finish()
+    for method, fn in real.items():
+        monkeypatch.setattr(Path, method, fn)
+    # The resume used to fail on the torn file (a JSONDecodeError naming no file) at every later try.
+    run = RunFolderWandbLogger(project="p", save_dir=str(tmp_path)).start(folder)
+    assert json.loads((folder / RUN_ID_FILE).read_text()) == {"p": run.id}
+    wandb.finish()
+    (folder / RUN_ID_FILE).write_text('{"p": "ab')  # damaged by something else: one line naming the file
+    with pytest.raises(ValueError, match=f"{folder / RUN_ID_FILE} is not the JSON object .* delete it"):
+        RunFolderWandbLogger(project="p", save_dir=str(tmp_path)).start(folder)
