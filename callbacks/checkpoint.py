@@ -5,16 +5,42 @@ and ``save_top_k=1`` that is only when the metric improves, so after an interrup
 the last improvement and retrained every epoch since (pvnet #544 hit the same). This callback writes ``last.ckpt`` at
 every point where Lightning would have checked for a top-k save, as Lightning < 2.6 did; the best checkpoints are
 chosen exactly as before.
+
+Every checkpoint is written to a temporary file beside it and renamed into place (:class:`AtomicCheckpointIO`).
 """
 
 from __future__ import annotations
 
 import pytorch_lightning as pl
+import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.plugins import TorchCheckpointIO
+
+from activation_transfer.io import atomic_output
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer with the temporary file in the checkpoint's folder, renamed into place.
+
+    Lightning writes through a temporary file in the system's temp folder and ``shutil.move``; across file systems
+    (a tmpfs ``/tmp``, ``TMPDIR``) that move copies into the checkpoint's own name, so a process killed during the
+    copy left a torn ``last.ckpt`` in place of the good one, and ``--ckpt_path last`` failed with a traceback.
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None or "://" in str(path):  # Lightning's refusal, and remote file systems
+            return super().save_checkpoint(checkpoint, path, storage_options)
+        with atomic_output(path) as tmp:
+            torch.save(checkpoint, tmp)
 
 
 class LastEveryValidationCheckpoint(ModelCheckpoint):
     """``ModelCheckpoint`` (same arguments) that also rewrites ``last.ckpt`` when no top-k checkpoint was written."""
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:  # Lightning's default, not a chosen plugin
+            trainer.strategy.checkpoint_io = AtomicCheckpointIO()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_epoch_end(trainer, pl_module)
