@@ -54,8 +54,8 @@ class InjectionEvalModule(pl.LightningModule):
         receiver: The frozen receiver model and the block whose output is rewritten.
         translator_ckpt: Translator checkpoint from ``train.py``, or a list with one checkpoint per seed (same
             order as ``seeds``). Needed only when a translator condition is selected.
-        conditions: Condition names (default, or null: the protocol's own list; the paper's eleven, section 4.2, or
-            every split condition).
+        conditions: Condition names (default, or null: the protocol's own list; the paper's eleven, section 4.2,
+            every split condition, or every KV condition).
         seeds: Run seeds of the non-deterministic conditions (default, or null: the paper's 42, 123, 456).
         scale: ``additive``'s injection scale.
         alpha: ``best_alpha``'s blend weight (``scale_corrected`` uses 1).
@@ -70,16 +70,16 @@ class InjectionEvalModule(pl.LightningModule):
         report: Write the report of the finished records into ``<run_dir>/report``.
         report_resamples: Bootstrap resamples of the report.
         cache_dir: Project cache (offline tokenizer); default ``$ACTIVATION_TRANSFER_CACHE``.
-        protocol: ``paper`` (both models read the prompt) or ``split`` (the receiver reads the question after slots).
+        protocol: ``paper`` (both read the prompt), ``split`` (the receiver reads the question after slots) or ``kv``.
         functional_translator_ckpt: The functional translator (trained through the receiver), as ``translator_ckpt``:
             a .ckpt or exported folder, one or one per seed; read by the ``*_functional`` conditions.
         slots: The split protocol's slot scheme (``SlotSpec``: scheme, k, token_id, max_context_tokens).
-        sender_site: Split protocol: sender read at block or embeddings.
+        sender_site: Split and KV protocols: sender read at block or embeddings.
         kv_layers: KV protocol: receiver layers given a prefix (null: all; negative: from the end).
         stack_runs: Answer all pending runs of a sub-batch with one ``generate`` per prompt width, each row block
             with its own prefill write (False: one ``generate`` per run). The records are identical either way.
-        max_generate_rows: Most rows in one stacked ``generate`` (a run is never split); ``auto``: on CUDA the
-            largest that fits in memory, found once at test start; on CPU 2 x ``data.batch_size``.
+        max_generate_rows: Most rows in one stacked ``generate`` (a run is never split); ``auto``: on CUDA half the
+            largest power of two that fits, probed once at test start; on CPU 2 x ``data.batch_size``.
 
     Attributes:
         run_dir: The run folder (set at test start).
