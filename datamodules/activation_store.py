@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -107,7 +108,8 @@ def extract_store(
     partial = read_manifest(folder, PARTIAL)
     shards: list[dict] = []
     if partial is not None and partial.get("spec") == spec and partial.get("batch_size") == batch_size:
-        shards = [s for s in partial["shards"] if (folder / s["file"]).is_file()]
+        # The finished shards up to the first missing file: rows after a gap would be kept with the gap's lost.
+        shards = list(itertools.takewhile(lambda s: (folder / s["file"]).is_file(), partial["shards"]))
         if shards:
             log.info("resuming extraction in %s after %d finished shard(s)", folder, len(shards))
     doc_start = shards[-1]["doc_end"] if shards else 0

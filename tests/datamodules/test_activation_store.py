@@ -127,6 +127,30 @@ def test_nan_stops_naming_the_shard_then_resume_matches(tmp_path, monkeypatch, c
     torch.testing.assert_close(a.read_rows(rows), b.read_rows(rows))
 
 
+def test_resume_after_a_missing_middle_shard_reextracts_from_the_gap(tmp_path, monkeypatch):
+    # An unfinished store whose first shard file is gone: resuming after the shards that remain (the later ones) lost
+    # shard 0's documents and wrote the next shard over shard-00001, listed twice in a manifest that never opened.
+    ref_folder, ref = ensure_store(SENDER, RECEIVER, CORPUS, store_dir=str(tmp_path / "ref"), **SMALL)
+    real, calls = store_mod.save_shard, {"n": 0}
+
+    def interrupted(path, tensors):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(path, tensors)
+
+    monkeypatch.setattr(store_mod, "save_shard", interrupted)
+    folder = tmp_path / "s"
+    with pytest.raises(KeyboardInterrupt):
+        ensure_store(SENDER, RECEIVER, CORPUS, store_dir=str(folder), **SMALL)
+    monkeypatch.setattr(store_mod, "save_shard", real)
+    (folder / "shard-00000.safetensors").unlink()
+    _, m = ensure_store(SENDER, RECEIVER, CORPUS, store_dir=str(folder), **SMALL)
+    assert m["num_tokens"] == ref["num_tokens"] and m["shards"] == ref["shards"]
+    rows = torch.arange(ref["num_tokens"]).numpy()
+    torch.testing.assert_close(PairStore(folder).read_rows(rows), PairStore(ref_folder).read_rows(rows))
+
+
 def test_nan_in_stored_shard_is_reported(tmp_path):
     s, r = torch.randn(50, 4), torch.randn(50, 3)
     r[37, 1] = float("inf")
