@@ -125,12 +125,19 @@ class RunFolderWandbLogger(WandbLogger):
                 self._id = stored
         self.started = True
         run = super().experiment
-        if folder is not None and not getattr(run, "disabled", False) and hasattr(run, "id"):
-            ids = _stored_ids(folder)
-            if ids.get(self._wandb_init.get("project")) != run.id:
-                ids[self._wandb_init.get("project")] = run.id
-                write_json(Path(folder) / RUN_ID_FILE, ids)  # atomic: a torn file would block every resume
+        if folder is not None:
+            _store_id(folder, self._wandb_init.get("project"), run)
         return run
+
+
+def _store_id(folder: str | Path, project: str | None, run) -> None:
+    """Record ``run``'s id as ``project``'s in ``<folder>/wandb_run.json`` (a disabled run has none to record)."""
+    if getattr(run, "disabled", False) or not hasattr(run, "id"):
+        return
+    ids = _stored_ids(folder)
+    if ids.get(project) != run.id:
+        ids[project] = run.id
+        write_json(Path(folder) / RUN_ID_FILE, ids)  # atomic: a torn file would block every resume
 
 
 def _stored_ids(folder: str | Path) -> dict:
@@ -147,6 +154,47 @@ def _stored_ids(folder: str | Path) -> dict:
             "starts a new W&B run) or restore it"
         )
     return ids
+
+
+def _checkpoint_folder(trainer: pl.Trainer) -> Path | None:
+    dirpath = getattr(trainer.checkpoint_callback, "dirpath", None)
+    return Path(dirpath) if dirpath else None
+
+
+def resume_checkpoint_run(trainer: pl.Trainer, ckpt_path: str | None) -> None:
+    """``fit --ckpt_path``: each ``WandbLogger`` without an ``id`` of its own resumes (``resume="allow"``) the W&B run
+    that wrote the checkpoint, whose id :func:`store_checkpoint_run` keeps in ``wandb_run.json`` beside it; so a
+    resumed training continues its run (and its ``translator-<run id>`` artifact) instead of starting another.
+    Call before the loggers' runs start."""
+    if ckpt_path is None or ckpt_path in ("best", "hpc", "registry") or ckpt_path.startswith("registry:"):
+        return
+    folder = _checkpoint_folder(trainer) if ckpt_path == "last" else Path(ckpt_path).parent
+    if folder is None:
+        return
+    ids = _stored_ids(folder)
+    for logger in trainer.loggers:
+        stored = ids.get(getattr(logger, "_wandb_init", {}).get("project"))
+        if (
+            isinstance(logger, WandbLogger)
+            and logger._experiment is None
+            and stored
+            and not logger._wandb_init.get("id")
+        ):
+            logger._wandb_init.update(id=stored, resume="allow")
+            logger._id = stored
+
+
+class CheckpointRunId(pl.Callback):
+    """Keep the id of each running ``WandbLogger`` run in ``<checkpoint dirpath>/wandb_run.json`` (global rank 0), for
+    :func:`resume_checkpoint_run`; written at fit start, after ``ModelCheckpoint`` checked that its folder is empty."""
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        folder = _checkpoint_folder(trainer)
+        if folder is None or not trainer.is_global_zero:
+            return
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger) and logger._experiment is not None:
+                _store_id(folder, logger._wandb_init.get("project"), logger.experiment)
 
 
 def bind_run_to_folder(trainer: pl.Trainer, folder: str | Path) -> None:

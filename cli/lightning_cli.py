@@ -29,6 +29,7 @@ from activation_transfer.translators.architectures import LinearTranslator, MLPT
 from activation_transfer.translators.optim import OptimizerArgs
 from callbacks.progress import progress_callbacks
 from callbacks.save_config import LoggerSaveConfigCallback
+from callbacks.wandb_artifacts import CheckpointRunId, resume_checkpoint_run
 from cli.console import eval_summary, setup_logging, train_summary
 from cli.fast_start import USAGES
 from cli.organisms import ensure_organisms, organism_names
@@ -258,6 +259,7 @@ class TrainCLI(ProjectCLI):
 
     def before_fit(self) -> None:
         check_resume_checkpoint(self.config.fit.get("ckpt_path"))
+        resume_checkpoint_run(self.trainer, self.config.fit.get("ckpt_path"))  # --ckpt_path continues its W&B run
         # W&B checks its login when the logger first logs, after extraction (minutes on a cold cache): start it now.
         for logger in self.trainer.loggers:
             if isinstance(logger, WandbLogger):
@@ -341,6 +343,7 @@ def train_main(args: ArgsType = None, run: bool = True) -> TrainCLI:
             subclass_mode_model=True,
             subclass_mode_data=True,
             save_config_callback=LoggerSaveConfigCallback,
+            trainer_defaults={"callbacks": [CheckpointRunId()]},  # whatever the config's callbacks
             parser_kwargs={
                 "parser_mode": "omegaconf",
                 "description": TRAIN_USAGE,

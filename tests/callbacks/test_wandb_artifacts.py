@@ -95,6 +95,38 @@ def test_offline_training_logs_the_translator_as_a_model_artifact(tmp_path, monk
     assert Path(paths[best.name]).read_bytes() == best.read_bytes()
 
 
+def _history_steps(record_file: Path) -> list[int]:
+    from wandb.proto import wandb_internal_pb2
+
+    steps = []
+    for data in _wandb_records(record_file):
+        rec = wandb_internal_pb2.Record()
+        rec.ParseFromString(data)
+        if rec.WhichOneof("record_type") == "history":
+            items = {i.key or "/".join(i.nested_key): i.value_json for i in rec.history.item}
+            steps += [int(items["trainer/global_step"])] if "trainer/global_step" in items else []
+    return steps
+
+
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
+def test_a_training_resumed_from_last_ckpt_continues_its_wandb_run(tmp_path, monkeypatch, request):
+    import wandb
+
+    _offline_wandb(monkeypatch, request)
+    _linear_store(tmp_path / "store", n=600)
+    args = ["fit", "-c", TINY, *_run_args(tmp_path), "--data.sender_model", "null", "--data.receiver_model", "null"]
+    args += ["--data.store_dir", str(tmp_path / "store"), "--trainer.log_every_n_steps", "2"]
+    train_main([*args, "--trainer.max_epochs", "1"])
+    wandb.teardown()
+    train_main([*args, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
+    wandb.teardown()
+    first, resumed = sorted((tmp_path / "runs" / "wandb").glob("offline-run-*"))
+    # One W&B run (and one translator-<run id> artifact), not a second run that starts over.
+    assert first.name.rsplit("-", 1)[1] == resumed.name.rsplit("-", 1)[1]
+    (first_file,), (resumed_file,) = first.glob("run-*.wandb"), resumed.glob("run-*.wandb")
+    assert min(_history_steps(resumed_file)) > max(_history_steps(first_file))
+
+
 class _FakeArtifact:
     def __init__(self, files: dict[str, bytes]):
         self.files, self.roots = files, []
