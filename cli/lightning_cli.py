@@ -66,17 +66,21 @@ def _as_list(value) -> list:
     return list(value) if isinstance(value, list | tuple) else [value]
 
 
-def group_runs(config: Namespace) -> None:
+def group_runs(config: Namespace, seed: int | None = None) -> None:
     """A W&B logger without a ``group`` gets the config file's name, so ``train.py -c configs/train/X.yaml`` and
-    ``evaluate.py -c configs/eval/X.yaml`` land in one group ``X``."""
+    ``evaluate.py -c configs/eval/X.yaml`` land in one group ``X``; with ``seed`` (a training's), the run's name ends
+    in ``-seed<S>``: the three seeds' runs of one config otherwise share their name and group."""
     files = [str(p) for p in (config.get("config") or []) if p]
-    if not files:
-        return
     for logger in _as_list(config.trainer.get("logger")):
         cls = _class_of(logger)
         args = logger.get("init_args") if cls is not None else None
-        if cls is not None and issubclass(cls, WandbLogger) and args is not None and not args.get("group"):
+        if cls is None or not issubclass(cls, WandbLogger) or args is None:
+            continue
+        if files and not args.get("group"):
             args["group"] = Path(files[-1]).stem
+        name = args.get("name") or args.get("group")
+        if isinstance(seed, int) and name and not str(name).endswith(f"-seed{seed}"):
+            args["name"] = f"{name}-seed{seed}"
 
 
 def use_one_output_root(trainer: Namespace) -> None:
@@ -147,6 +151,8 @@ class ProjectCLI(LightningCLI):
     """What both entry points share: one output root (W&B's folders included), and organisms trained explicitly
     before instantiation; a parser with one-line errors, no abbreviated options and a short ``--help``."""
 
+    NAME_RUNS_BY_SEED = False  # a training's W&B run name ends in its seed (an evaluation runs every seed)
+
     def add_arguments_to_parser(self, parser: ProjectParser) -> None:
         # The short --help shows these classes' options; in subclass mode the config or the default picks them.
         if not self.subclass_mode_model:
@@ -159,7 +165,7 @@ class ProjectCLI(LightningCLI):
         use_one_output_root(config.trainer)
         make_output_root(config.trainer.get("default_root_dir") or ".")
         show_progress(config.trainer)
-        group_runs(config)
+        group_runs(config, config.get("seed_everything") if self.NAME_RUNS_BY_SEED else None)
         keep_wandb_under(config.trainer.get("default_root_dir") or ".")  # before the logger exists
         # Subclass-mode configs (the functional trainer) hold the options under init_args.
         data, model = ((config.get(k) or {}).get("init_args") or config.get(k) or {} for k in ("data", "model"))
@@ -249,6 +255,8 @@ DEFAULT_CLASSES = {
 class TrainCLI(ProjectCLI):
     """``train.py``: any LightningModule/LightningDataModule by ``class_path`` (subclass mode), by default the
     aligned TranslatorModule + ActivationPairDataModule with the store-derived values linked."""
+
+    NAME_RUNS_BY_SEED = True
 
     def add_arguments_to_parser(self, parser) -> None:
         super().add_arguments_to_parser(parser)

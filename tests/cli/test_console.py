@@ -61,6 +61,19 @@ def test_a_wandb_run_without_a_group_is_grouped_by_its_config_name(tmp_path):
     assert other.trainer.logger._wandb_init["group"] == "mine"
 
 
+def test_a_trainings_wandb_run_name_ends_in_its_seed(tmp_path):
+    # The three seeds of one config were three runs of one name in one group, told apart only by their config.
+    root = Path(__file__).resolve().parents[2] / "configs"
+    args = ["-c", str(root / "train" / "tiny.yaml"), "--trainer.default_root_dir", str(tmp_path / "t")]
+    names = {
+        s: train_main([*args, "--seed_everything", str(s)], run=False).trainer.logger._wandb_init["name"]
+        for s in (42, 123)
+    }
+    assert names == {42: "tiny-seed42", 123: "tiny-seed123"}
+    named = train_main([*args, "--trainer.logger.init_args.name", "mine-seed7", "--seed_everything", "7"], run=False)
+    assert named.trainer.logger._wandb_init["name"] == "mine-seed7"  # not mine-seed7-seed7
+
+
 def test_project_lines_print_once_when_someone_installs_a_root_handler():
     # wandb's logging.warning("Images sizes do not match") calls basicConfig: a root handler. A project line must
     # still print once (by the project's handler), not a second time through the root.
