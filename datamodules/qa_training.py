@@ -133,7 +133,8 @@ class QATrainingDataModule(pl.LightningDataModule):
         num_val_samples: Generated validation samples; a file keeps its first N when set.
         train_seed: Generator seed of the training samples; must differ from ``EVAL_SEED`` and ``val_seed``.
         val_seed: Generator seed of the validation samples; must differ from ``EVAL_SEED``.
-        shuffle_seed: Seed of the training order (independent of the global seed).
+        shuffle_seed: Seed of the training order (independent of the global seed) in one process; under DDP
+            Lightning's ``DistributedSampler`` replaces the sampler and the global seed sets the order.
         mismatched_contexts: Give every training and validation sample another sample's context (a seeded
             derangement: no sample keeps its own context): a translator trained so can only learn what the question
             alone tells (the ``slots_functional_mismatched`` control).
