@@ -23,6 +23,7 @@ from activation_transfer.models.frozen_lm import ModelRef
 from datamodules.activation_store import ensure_store
 from datamodules.corpora import CorpusSpec
 from datamodules.pair_stream import EpochLoader, PairStream, epoch_order, step_bounds
+from datamodules.rank_samplers import rank_world
 from datamodules.store_format import PairStore, StoreError, read_manifest
 
 log = logging.getLogger(__name__)
@@ -200,12 +201,6 @@ class ActivationPairDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         self._ensure()
 
-    def _rank_world(self) -> tuple[int, int]:
-        trainer = self.trainer
-        if trainer is not None:
-            return int(trainer.global_rank), int(trainer.world_size)
-        return 0, 1
-
     def _train_position(self) -> tuple[int, int]:
         """``(epoch, steps already taken in it)`` for the training pass whose first batch is being asked for.
 
@@ -218,7 +213,7 @@ class ActivationPairDataModule(pl.LightningDataModule):
         return int(self.trainer.current_epoch), int(self.trainer.fit_loop.epoch_loop.batch_progress.current.ready)
 
     def _loader(self, rows: tuple[int, int], shuffle: bool) -> DataLoader:
-        rank, world = self._rank_world()
+        rank, world = rank_world(self.trainer)
         h = self.hparams
         ds = PairStream(
             self.store_folder,

@@ -20,13 +20,14 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader
 
 from activation_transfer.errors import UsageError
 from activation_transfer.task.generator import EVAL_SEED
 from datamodules.multihop_qa import QADataset
 from datamodules.organism_text import held_out_samples
 from datamodules.qa_sources import PAPER_FILES, QASample, load_source, resolve_paper_file
+from datamodules.rank_samplers import EpochOrderSampler, eval_sampler, rank_world
 
 log = logging.getLogger(__name__)
 
@@ -98,30 +99,6 @@ def mismatched(samples: list[QASample], seed: int) -> list[QASample]:
     return [dataclasses.replace(s, context=samples[p].context) for s, p in zip(samples, perm, strict=True)]
 
 
-class EpochRandomSampler(RandomSampler):
-    """The order a ``RandomSampler`` with a generator seeded once with ``seed`` gives, epoch after epoch, but
-    computed from ``(seed, epoch)``: a run resumed at epoch ``e`` (Lightning calls :meth:`set_epoch`) sees epoch
-    ``e``'s order, not epoch 0's again, so resuming is bit-identical to not stopping. A ``RandomSampler``, so under
-    DDP Lightning still replaces it with its shuffling ``DistributedSampler``."""
-
-    # RandomSampler draws two permutations per epoch without replacement (the second one is cut to length 0).
-    DRAWS_PER_EPOCH = 2
-
-    def __init__(self, data_source, seed: int) -> None:
-        super().__init__(data_source, generator=torch.Generator())
-        self.seed, self.epoch = int(seed), 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __iter__(self):
-        self.generator.manual_seed(self.seed)
-        n = len(self.data_source)
-        for _ in range(self.DRAWS_PER_EPOCH * self.epoch):
-            torch.randperm(n, generator=self.generator)
-        yield from super().__iter__()
-
-
 class QATrainingDataModule(pl.LightningDataModule):
     """Training and validation QA samples for functional translator training.
 
@@ -133,8 +110,9 @@ class QATrainingDataModule(pl.LightningDataModule):
         num_val_samples: Generated validation samples; a file keeps its first N when set.
         train_seed: Generator seed of the training samples; must differ from ``EVAL_SEED`` and ``val_seed``.
         val_seed: Generator seed of the validation samples; must differ from ``EVAL_SEED``.
-        shuffle_seed: Seed of the training order (independent of the global seed) in one process; under DDP
-            Lightning's ``DistributedSampler`` replaces the sampler and the global seed sets the order.
+        shuffle_seed: Seed of the training order (independent of the global seed). Under DDP each rank reads its
+            share of that order (``datamodules.rank_samplers``): no sample twice, at most ``world - 1`` left to the
+            next epoch; validation reads every sample once.
         mismatched_contexts: Give every training and validation sample another sample's context (a seeded
             derangement: no sample keeps its own context): a translator trained so can only learn what the question
             alone tells (the ``slots_functional_mismatched`` control).
@@ -228,10 +206,11 @@ class QATrainingDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         # A private generator: the order depends on shuffle_seed and the epoch only, not on how much global RNG ran
         # before, nor on whether the run was resumed.
+        rank, world = rank_world(self.trainer)
         return DataLoader(
             self.train_set,
             batch_size=self.hparams.batch_size,
-            sampler=EpochRandomSampler(self.train_set, int(self.hparams.shuffle_seed)),
+            sampler=EpochOrderSampler(self.train_set, int(self.hparams.shuffle_seed), num_replicas=world, rank=rank),
             num_workers=self.hparams.num_workers,
             collate_fn=list,
         )
@@ -240,6 +219,7 @@ class QATrainingDataModule(pl.LightningDataModule):
         return DataLoader(
             self.val_set,
             batch_size=self.hparams.batch_size,
+            sampler=eval_sampler(self.val_set, *rank_world(self.trainer)),
             shuffle=False,
             num_workers=self.hparams.num_workers,
             collate_fn=list,

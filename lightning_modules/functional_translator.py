@@ -50,6 +50,7 @@ from activation_transfer.translators.functional_loss import (
 )
 from activation_transfer.translators.loading import ResumableTraining
 from activation_transfer.translators.optim import OptimizerArgs, document_optimizer_args
+from callbacks.val_metrics import validation_means
 
 log = logging.getLogger(__name__)
 # The optimizer arguments' defaults: a larger rate and a shorter warmup than the aligned trainer's.
@@ -112,6 +113,7 @@ class FunctionalTranslatorModule(ResumableTraining, pl.LightningModule):
         cache_dir: str | None = None,
     ):
         super().__init__()
+        self.val_means = validation_means()
         check_training_options(
             objective,
             distill_on,
@@ -335,16 +337,14 @@ class FunctionalTranslatorModule(ResumableTraining, pl.LightningModule):
 
     def _log_all(self, stage: str, out: dict, n: int) -> None:
         for key, value in out.items():
-            # sync_dist on validation: under DDP each rank holds a shard of the validation samples.
-            self.log(
-                f"{stage}/{key}",
-                value.detach(),
-                on_step=stage == "train",
-                on_epoch=True,
-                prog_bar=key == "loss",
-                batch_size=n,
-                sync_dist=stage != "train",
-            )
+            if stage == "train":  # this rank's batch and epoch means
+                self.log(
+                    f"train/{key}", value.detach(), on_step=True, on_epoch=True, prog_bar=key == "loss", batch_size=n
+                )
+                continue
+            # Under DDP each rank holds a share of the validation samples: the metric object syncs at epoch end.
+            self.val_means[key].update(value.detach(), weight=n)
+            self.log(f"{stage}/{key}", self.val_means[key], on_step=False, on_epoch=True, prog_bar=key == "loss")
 
     def on_fit_start(self) -> None:
         data = self.trainer.datamodule
@@ -375,7 +375,7 @@ class FunctionalTranslatorModule(ResumableTraining, pl.LightningModule):
     def validation_step(self, batch: list, batch_idx: int) -> None:
         self._log_all("val", self.losses(batch), len(batch))
 
-    # QATrainingDataModule's EpochRandomSampler restarts its epoch's order: a mid-epoch resume would retrain on another.
+    # QATrainingDataModule's EpochOrderSampler restarts its epoch's order: a mid-epoch resume would retrain on another.
     RESUMES_MID_EPOCH = False
     # What decides the weights a resumed run continues: refused when the resuming config differs.
     RESUME_KEYS = (

@@ -34,6 +34,7 @@ from activation_transfer.translators.functional_loss import (
     distill_kl,
 )
 from activation_transfer.translators.optim import OptimizerArgs, document_optimizer_args
+from callbacks.val_metrics import validation_means
 from lightning_modules.functional_translator import DEFAULTS, FunctionalTranslatorModule
 
 PROJECTOR_CLASS = "activation_transfer.translators.kv_projector.KVProjector"
@@ -110,6 +111,7 @@ class KVTranslatorModule(FunctionalTranslatorModule, pl.LightningModule):  # nam
     ):
         args = {k: v for k, v in locals().items() if k not in ("self", "sender_model", "receiver_model", "layers")}
         pl.LightningModule.__init__(self)  # not the functional trainer's: it builds a slot translator
+        self.val_means = validation_means()
         check_training_options(
             objective,
             distill_on,

@@ -16,11 +16,11 @@ from activation_transfer.errors import UsageError
 from datamodules.qa_sources import PAPER_FILES
 from datamodules.qa_training import (
     CLEAN_EVAL_CONTEXTS,
-    EpochRandomSampler,
     QATrainingDataModule,
     clean_eval_contexts,
     context_digest,
 )
+from datamodules.rank_samplers import EpochOrderSampler, eval_sampler
 
 
 def _rows(path):
@@ -81,12 +81,49 @@ def test_epoch_order_is_the_once_seeded_order_and_depends_only_on_seed_and_epoch
     data = list(range(11))
     once = RandomSampler(data, generator=torch.Generator().manual_seed(5))
     expected = [list(once) for _ in range(3)]  # what an uninterrupted run saw before (one generator, three epochs)
-    sampler = EpochRandomSampler(data, 5)
+    sampler = EpochOrderSampler(data, 5)
     got = []
     for epoch in range(3):
         sampler.set_epoch(epoch)
         got.append(list(sampler))
     assert got == expected and expected[1] != expected[2]
-    resumed = EpochRandomSampler(data, 5)  # a fresh sampler, as after a restart, at epoch 2
+    resumed = EpochOrderSampler(data, 5)  # a fresh sampler, as after a restart, at epoch 2
     resumed.set_epoch(2)
     assert list(resumed) == expected[2]
+
+
+def test_under_ddp_each_rank_reads_its_share_of_the_seeded_order_and_no_sample_twice():
+    data = list(range(11))
+    once = RandomSampler(data, generator=torch.Generator().manual_seed(5))
+    orders = [list(once) for _ in range(2)]  # the one-process order of epochs 0 and 1
+    for epoch, order in enumerate(orders):
+        ranks = []
+        for rank in range(3):
+            sampler = EpochOrderSampler(data, 5, num_replicas=3, rank=rank)
+            sampler.set_epoch(epoch)
+            ranks.append(list(sampler))
+        # Every 3rd of the order from the rank, up to 3 * (11 // 3): equal counts, 2 samples wait for the next epoch.
+        assert ranks == [order[r:9:3] for r in range(3)]
+        assert len(set(sum(ranks, []))) == 9
+    with pytest.raises(UsageError, match="2 training samples cannot be split over 3 processes"):
+        EpochOrderSampler([0, 1], 5, num_replicas=3, rank=0)
+
+
+def test_under_ddp_validation_reads_every_sample_exactly_once():
+    data = list(range(5))
+    assert eval_sampler(data, 0, 1) is None  # one process: the loader's own sequential order
+    shares = [list(eval_sampler(data, rank, 2)) for rank in range(2)]
+    assert shares == [[0, 2, 4], [1, 3]]
+    with pytest.raises(UsageError, match="validation samples cannot be split over 8 processes"):
+        eval_sampler(data, 0, 8)
+
+
+def test_the_data_modules_loaders_take_this_ranks_share():
+    dm = QATrainingDataModule(num_train_samples=9, num_val_samples=5, batch_size=2, shuffle_seed=3)
+    dm.setup("fit")
+    one = [s.sample_id for batch in dm.train_dataloader() for s in batch]
+    dm.trainer = type("Trainer", (), {"global_rank": 1, "world_size": 2})()  # rank 1 of a DDP run of 2
+    train = [s.sample_id for batch in dm.train_dataloader() for s in batch]
+    val = [s.sample_id for batch in dm.val_dataloader() for s in batch]
+    assert train == one[1:8:2]  # rank 1 of 2: every 2nd of the one-process order, up to 2 * (9 // 2)
+    assert val == [s.sample_id for s in dm.val_set.samples[1::2]]

@@ -263,3 +263,20 @@ def test_functional_run_resumes_from_a_checkpoint_file(tmp_path):
     again = main([*args, "--trainer.max_epochs", "2", "--ckpt_path", last])
     assert type(again.model).__name__ == "FunctionalTranslatorModule"
     assert again.trainer.current_epoch == 2 and again.trainer.global_step == 4
+
+
+def test_ddp_functional_validation_counts_every_sample_once(tmp_path):
+    # 5 validation samples on 2 ranks: Lightning's padding sampler counted one twice (val/ce 6.8956 against 6.9072),
+    # and its sync_dist mean then divided by a floored sample count (8.6341): val/loss chooses the best checkpoint.
+    config = str(ROOT / "configs" / "train" / "functional_demo.yaml")
+    cmd = [sys.executable, str(ROOT / "train.py"), "validate", "-c", config, *_run_args(tmp_path)]
+    cmd += "--model.sender_model.name tiny-neox --model.receiver_model.name tiny-neox-large".split()
+    cmd += "--data.num_train_samples 8 --data.num_val_samples 5 --data.batch_size 2 --trainer.logger false".split()
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    values = []
+    for ranks in ([], "--trainer.strategy ddp --trainer.devices 2".split()):
+        proc = subprocess.run([*cmd, *ranks], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        (line,) = [x for x in (proc.stdout + proc.stderr).splitlines() if "epoch 0 validation: val/ce" in x]
+        values.append(float(line.split("val/ce ")[1].split(",")[0]))
+    assert values[1] == pytest.approx(values[0], abs=2e-4), values

@@ -1,0 +1,71 @@
+"""Which samples of a map-style dataset each process reads, so that DDP neither repeats nor reorders them.
+
+Lightning replaces a plain sampler under DDP with a ``DistributedSampler`` that pads every rank to the same count by
+repeating samples: validation metrics then count up to ``world - 1`` samples twice, and the training order is set by
+the global seed instead of the data module's own. Samplers that already are ``DistributedSampler`` s are left alone,
+so these are.
+"""
+
+from __future__ import annotations
+
+import torch
+from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DistributedSampler
+
+from activation_transfer.errors import UsageError
+
+
+def rank_world(trainer) -> tuple[int, int]:
+    """``(global rank, world size)`` of the trainer a data module is attached to; ``(0, 1)`` without one."""
+    if trainer is not None:
+        return int(trainer.global_rank), int(trainer.world_size)
+    return 0, 1
+
+
+def sample_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The order a ``RandomSampler`` over ``n`` items with a generator seeded once with ``seed`` gives in epoch
+    ``epoch``, computed from ``(seed, epoch)`` alone so that a resumed run sees the order an uninterrupted one saw."""
+    generator = torch.Generator()
+    generator.manual_seed(int(seed))
+    # RandomSampler draws two permutations per epoch without replacement (the second one is cut to length 0).
+    for _ in range(2 * int(epoch)):
+        torch.randperm(n, generator=generator)
+    return torch.randperm(n, generator=generator).tolist()
+
+
+def _check_enough(dataset, world: int, what: str) -> None:
+    if len(dataset) < world:
+        raise UsageError(f"{len(dataset)} {what} samples cannot be split over {world} processes; give at least {world}")
+
+
+class EpochOrderSampler(DistributedSampler):
+    """Training order: :func:`sample_order` of ``(seed, epoch)`` (Lightning calls :meth:`set_epoch`).
+
+    One process reads the whole order. Under DDP rank ``r`` of ``w`` reads every ``w``-th sample of it from ``r``,
+    up to ``w * (n // w)``: every rank runs the same number of steps (DDP syncs gradients at each), no sample is read
+    twice, and the ``n % w`` (at most ``w - 1``) samples at the order's end, other ones each epoch, wait for the next.
+
+    Args:
+        dataset: The training samples (a sized dataset).
+        seed: Seed of the order, independent of the global seed.
+        num_replicas: Number of processes.
+        rank: This process's rank.
+    """
+
+    def __init__(self, dataset, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+        _check_enough(dataset, num_replicas, "training")
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=int(seed), drop_last=True)
+
+    def __iter__(self):
+        order = sample_order(len(self.dataset), self.seed, self.epoch)
+        return iter(order[self.rank : self.total_size : self.num_replicas])
+
+
+def eval_sampler(dataset, rank: int, world: int) -> UnrepeatedDistributedSampler | None:
+    """Validation: ``None`` (the loader's own sequential order) in one process; under DDP every ``world``-th sample
+    from ``rank``, each sample on exactly one rank (counts may differ by one: evaluation syncs no gradients, and
+    epoch-level metrics are weighted by each rank's sample count)."""
+    if world == 1:
+        return None
+    _check_enough(dataset, world, "validation")
+    return UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
