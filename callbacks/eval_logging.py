@@ -12,11 +12,15 @@ evaluation resumes it) and each local translator is recorded as a used ``model``
 - an ``eval_results`` artifact with the records, ``meta.json``, ``config.yaml`` and ``report/``, online and offline
   (``wandb sync`` uploads it with the run); a disabled run logs none.
 
+A rerun logs only what the run folder's W&B run does not hold yet (:mod:`callbacks.wandb_ledger`): a finished
+evaluation run again logs nothing and prints one line saying so.
+
 No key starts with ``_``: W&B reserves those names (``_step``, ``_runtime``, ``_timestamp``, ``_wandb``).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -29,13 +33,8 @@ from activation_transfer.report import accuracy_figure, accuracy_summary
 from activation_transfer.report.tables import SUMMARY_COLUMNS, summary_rows
 from activation_transfer.task.scoring import METRICS
 from activation_transfer.translators.loading import is_wandb_ref
-from callbacks.wandb_artifacts import (
-    bind_run_to_folder,
-    files_artifact,
-    log_to_runs,
-    recording_runs,
-    use_local_translator,
-)
+from callbacks.wandb_artifacts import bind_run_to_folder, files_artifact, recording_loggers, use_local_translator
+from callbacks.wandb_ledger import folder_digest, ledger_of
 
 log = logging.getLogger(__name__)
 
@@ -173,14 +172,16 @@ class EvalLoggingCallback(pl.Callback):
         """
         if getattr(pl_module, "run_dir", None) is not None:
             bind_run_to_folder(trainer, pl_module.run_dir)
-        runs = recording_runs(trainer)
+        runs = recording_loggers(trainer)
         for kind, infos in (("aligned", "translator_info"), ("functional", "functional_info")):
             for info in getattr(pl_module, infos, []):
                 if is_wandb_ref(str(info["ref"])):
                     continue
-                for run in runs:
-                    use_local_translator(run, info["path"], info["sha256"], kind)
-                self.logged.append(f"uses translator-{info['sha256'][:12]}")
+                name = f"translator-{info['sha256'][:12]}"
+                for logger, run in runs:
+                    use = functools.partial(use_local_translator, run, info["path"], info["sha256"], kind)
+                    if ledger_of(logger).once(f"uses/{name}", info["sha256"], use):  # the resumed run used it
+                        self.logged.append(f"uses {name}")
 
     @rank_zero_only
     def on_test_end(self, trainer: pl.Trainer, pl_module) -> None:
@@ -198,16 +199,17 @@ class EvalLoggingCallback(pl.Callback):
         }
         if run_dir is not None:
             tables |= {f"{self.tables_prefix}/{k}": v for k, v in report_tables(run_dir / "report").items()}
-        for logger in trainer.loggers:
-            if not hasattr(logger, "log_table"):
-                continue
+        loggers = [logger for logger in trainer.loggers if hasattr(logger, "log_table")]
+        for logger in loggers:
             for key, (columns, rows) in tables.items():
-                logger.log_table(key=key, columns=columns, data=rows)
+                logger.log_table(key=key, columns=columns, data=rows)  # a W&B run that holds it logs nothing
                 self.logged.append(key)
             self._log_plots(logger, results, pl_module.report_result)
-        runs = recording_runs(trainer)
+        runs = recording_loggers(trainer)
         if runs and run_dir is not None:
             self._log_artifact(runs, run_dir, grouped_metrics(getattr(pl_module, "summary_metrics", {})))
+        for line in filter(None, (ledger_of(logger).summary() for logger in loggers)):
+            print(line, flush=True)
 
     def _log_plots(self, logger, results, report) -> None:
         fig = accuracy_plot(results, report)
@@ -225,9 +227,20 @@ class EvalLoggingCallback(pl.Callback):
             logger.log_image(key=key, images=[str(png)])
             self.logged.append(key)
 
-    def _log_artifact(self, runs: list, run_dir: Path, metrics: dict) -> None:
+    def _log_artifact(self, runs: list[tuple], run_dir: Path, metrics: dict) -> None:
+        """Log the results artifact to each ``(logger, run)`` whose run does not hold this content yet: a rerun
+        changes ``meta.json``'s invocations and perhaps ``config.yaml`` (a batch size), no result, so those two
+        files are not part of the digest and a new version comes only with new records or a new report."""
         files = {name: run_dir / name for name in ("meta.json", "config.yaml")}
         folders = {name: run_dir / name for name in ("records", "report")}
-        art = files_artifact(f"{run_dir.name}-results", self.artifact_type, files, folders, metrics)
-        log_to_runs(runs, art)
-        self.logged.append("artifact")
+        art = None  # built only when a run needs it: building one stages a copy of every file
+
+        def log(run) -> None:
+            nonlocal art
+            art = art or files_artifact(f"{run_dir.name}-results", self.artifact_type, files, folders, metrics)
+            run.log_artifact(art)
+
+        digest = folder_digest(run_dir, tuple(folders), ("meta.json",))
+        for logger, run in runs:
+            if ledger_of(logger).once(f"artifact/{self.artifact_type}", digest, lambda r=run: log(r)):
+                self.logged.append("artifact")

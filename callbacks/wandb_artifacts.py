@@ -16,30 +16,42 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.utilities import rank_zero_only
 
 from activation_transfer.errors import UsageError
 from activation_transfer.io import write_json
 from activation_transfer.translators.loading import is_wandb_ref, resolve_translator_ref
+from callbacks.wandb_ledger import BOOKKEEPING, RunLedger, value_digest
 
 
-def wandb_runs(trainer: pl.Trainer) -> list:
-    """The runs of the trainer's W&B-like loggers (those with ``log_table``), whatever their mode.
+def wandb_loggers(trainer: pl.Trainer) -> list[tuple]:
+    """``(logger, run)`` of the trainer's W&B-like loggers (those with ``log_table``), whatever their mode.
 
     On ranks other than 0 a ``WandbLogger``'s experiment is a dummy without artifact methods: none is returned.
     """
-    runs = []
+    out = []
     for logger in trainer.loggers:
         if isinstance(logger, RunFolderWandbLogger):
             logger.start()  # asked for before its folder is known (a wandb: translator): a run of its own
         run = getattr(logger, "experiment", None) if hasattr(logger, "log_table") else None
         if run is not None and hasattr(run, "log_artifact"):
-            runs.append(run)
-    return runs
+            out.append((logger, run))
+    return out
+
+
+def wandb_runs(trainer: pl.Trainer) -> list:
+    """The runs of :func:`wandb_loggers`."""
+    return [run for _, run in wandb_loggers(trainer)]
+
+
+def recording_loggers(trainer: pl.Trainer) -> list[tuple]:
+    """``(logger, run)`` of the W&B runs (online or offline) that record artifacts; disabled runs are left out."""
+    return [(logger, run) for logger, run in wandb_loggers(trainer) if not getattr(run, "disabled", False)]
 
 
 def recording_runs(trainer: pl.Trainer) -> list:
     """The W&B runs (online or offline) of the trainer that record artifacts; disabled runs are left out."""
-    return [run for run in wandb_runs(trainer) if not getattr(run, "disabled", False)]
+    return [run for _, run in recording_loggers(trainer)]
 
 
 def files_artifact(
@@ -104,11 +116,16 @@ class RunFolderWandbLogger(WandbLogger):
     loaded models and translators); this logger's run waits for :meth:`start` (its ``experiment`` is ``None`` until
     then), which reads the run id stored in ``<folder>/wandb_run.json`` and resumes it (``resume="allow"``), or
     stores the new run's id there. An ``id`` given in the config wins. Takes ``WandbLogger``'s arguments.
+
+    What the folder's run already holds is in its :class:`~callbacks.wandb_ledger.RunLedger` (``ledger``, once the
+    run started in a folder): :meth:`log_metrics` (so ``log_table`` and ``log_image`` too) logs only the keys the run
+    does not hold with the same value, never at a step below the run's recorded one.
     """
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.started = False
+        self.ledger: RunLedger | None = None
 
     @property
     def experiment(self):
@@ -127,7 +144,31 @@ class RunFolderWandbLogger(WandbLogger):
         run = super().experiment
         if folder is not None:
             _store_id(folder, self._wandb_init.get("project"), run)
+            if self.ledger is None and not getattr(run, "disabled", False) and hasattr(run, "id"):
+                self.ledger = RunLedger(folder, f"{self._wandb_init.get('project')}/{run.id}")
         return run
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping, step: int | None = None) -> None:
+        """``WandbLogger.log_metrics`` without what the run already holds (see the class); a row of nothing new is
+        not logged. Offline a resumed run counts its steps from 0: the row goes to the recorded next step."""
+        if self.ledger is None:
+            super().log_metrics(metrics, step)
+            return
+        if self._prefix:
+            metrics = {f"{self._prefix}{self.LOGGER_JOIN_CHAR}{k}": v for k, v in metrics.items()}
+        new = self.ledger.new({k: value_digest(v) for k, v in metrics.items() if k not in BOOKKEEPING})
+        if not new:
+            return
+        row = {k: v for k, v in metrics.items() if k in new or k in BOOKKEEPING}
+        if step is not None and not self._wandb_init.get("sync_tensorboard"):
+            row["trainer/global_step"] = step
+        run = self.experiment
+        if self.ledger.step > run.step:
+            run.log(row, step=self.ledger.step, commit=True)
+        else:
+            run.log(row)
+        self.ledger.record(new, step=run.step)
 
 
 def _store_id(folder: str | Path, project: str | None, run) -> None:

@@ -196,3 +196,53 @@ def test_a_resumed_evaluation_resumes_its_wandb_run(tmp_path, ckpt, monkeypatch,
     eval_main(small(tmp_path, ckpt, "--model.conditions", "[no_inject]", "--data.num_samples", "5"))
     wandb.teardown()
     assert len({r.name.rsplit("-", 1)[1] for r in (tmp_path / "wandb" / "wandb").glob("offline-run-*")}) == 2
+
+
+def _logged(run_dir: Path) -> tuple[list[tuple[int, set[str]]], list[str]]:
+    """An offline session's history rows (step, keys without W&B's own ``_*``) and its artifacts' types."""
+    history, artifacts = [], []
+    for rec in _run_records(run_dir):
+        kind = rec.WhichOneof("record_type")
+        if kind == "history":
+            keys = {item.key or "/".join(item.nested_key) for item in rec.history.item}
+            history.append((rec.history.step.num, {k.split("/_")[0] for k in keys if not k.startswith("_")}))
+        elif kind == "artifact":
+            artifacts.append(rec.artifact.type)
+    return history, artifacts
+
+
+def test_a_rerun_logs_only_what_its_wandb_run_does_not_hold(tmp_path, ckpt, monkeypatch, request, capsys):  # noqa: F811
+    import wandb
+
+    from callbacks.wandb_ledger import LEDGER_FILE
+
+    _offline_wandb(monkeypatch, request)
+    args = small(tmp_path, ckpt, "--model.conditions", "[no_inject, additive]", "--model.seeds", "[42]")
+    first = eval_main(args)
+    wandb.teardown()
+    capsys.readouterr()
+    eval_main(args)  # everything reused: the resumed W&B run already holds it all
+    wandb.teardown()
+    one, two = sorted((tmp_path / "wandb" / "wandb").glob("offline-run-*"))
+    history, artifacts = _logged(one)
+    assert len(history) == 9 and artifacts.count("eval_results") == 1 and "model" in artifacts
+    # The second session used to log all 9 rows again (steps 0-8) and a second eval_results version.
+    assert _logged(two) == ([], [])
+    run_id = json.loads((first.model.run_dir / RUN_ID_FILE).read_text())["activation-transfer"]
+    assert f"W&B run {run_id} already holds these results; nothing logged again" in capsys.readouterr().out
+    # A condition added to the folder: only its metrics are new, the tables and the results have changed; offline
+    # W&B counts a resumed run's steps from 0, so the rows go after the first session's, not over them.
+    eval_main(small(tmp_path, ckpt, "--model.conditions", "[no_inject, additive, replace]", "--model.seeds", "[42]"))
+    wandb.teardown()
+    assert "logged only the" in capsys.readouterr().out
+    (three,) = set((tmp_path / "wandb" / "wandb").glob("offline-run-*")) - {one, two}
+    more, artifacts = _logged(three)
+    assert min(step for step, _ in more) == max(step for step, _ in history) + 1
+    metrics = more[0][1] - {"epoch", "trainer/global_step"}
+    assert metrics and all(k.startswith("eval/replace/") for k in metrics)
+    tables = {"eval/samples", "eval/metrics", "eval/tables/summary", "eval/by_condition"}
+    assert tables <= set().union(*(keys for _, keys in more))
+    # W&B's own run_table artifacts hold the tables; the translator's use was recorded by the first session.
+    assert [a for a in artifacts if a != "run_table"] == ["eval_results"]
+    ledger = json.loads((first.model.run_dir / LEDGER_FILE).read_text())
+    assert ledger[f"activation-transfer/{run_id}"]["step"] == max(step for step, _ in more) + 1

@@ -236,3 +236,21 @@ def test_a_run_folder_killed_while_storing_its_wandb_run_id_still_resumes(tmp_pa
     (folder / RUN_ID_FILE).write_text('{"p": "ab')  # damaged by something else: one line naming the file
     with pytest.raises(ValueError, match=f"{folder / RUN_ID_FILE} is not the JSON object .* delete it"):
         RunFolderWandbLogger(project="p", save_dir=str(tmp_path)).start(folder)
+
+
+def test_the_run_ledger_keeps_what_each_wandb_run_holds_item_by_item(tmp_path):
+    from callbacks.wandb_ledger import LEDGER_FILE, RunLedger, value_digest
+
+    ledger, calls = RunLedger(tmp_path, "p/run1"), []
+    assert ledger.once("eval/a", value_digest(0.5), lambda: calls.append("a"))
+    assert ledger.new({"eval/b": value_digest(1.0)})  # the process dies before it logs b
+    # A rerun's ledger holds what was logged, item by item, and nothing for another run (a deleted run id file).
+    again = RunLedger(tmp_path, "p/run1")
+    assert not again.once("eval/a", value_digest(0.5), lambda: calls.append("a twice"))
+    assert again.once("eval/b", value_digest(1.0), lambda: calls.append("b"))
+    assert again.once("eval/a", value_digest(0.75), lambda: calls.append("a changed"))
+    assert calls == ["a", "b", "a changed"] and RunLedger(tmp_path, "p/run2").items == {}
+    assert again.summary() == "W&B run run1 already held 1 of the logged items; logged only the 2 new or changed ones"
+    assert value_digest(object()) is None and again.new({"eval/x": None})  # no digest: logged every time
+    (tmp_path / LEDGER_FILE).write_text('{"p/run1": {"ite')  # torn by something else: logged again, no error
+    assert RunLedger(tmp_path, "p/run1").items == {} and RunLedger().once("k", "d", lambda: calls.append("k"))
