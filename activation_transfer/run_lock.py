@@ -1,15 +1,24 @@
-"""An exclusive lock on an evaluation's run folder: two processes on one folder would both compute every pending
-run (the records stay correct, the work is doubled). ``fcntl.flock`` on ``<folder>/.lock``, which holds the
-holder's pid; the kernel releases it when the process ends, however it ends.
+"""Exclusive locks on folders, ``fcntl.flock`` on a lock file there; the kernel releases one when its process ends,
+however it ends.
+
+:class:`RunFolderLock` refuses a second process: two on one evaluation's run folder would both compute every pending
+run (the records stay correct, the work is doubled); its ``<folder>/.lock`` holds the holder's pid.
+:func:`folder_lock` makes a second process wait instead, for work the first one finishes for both (an activation
+store's extraction, building an organism's cache entry).
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from activation_transfer.errors import UsageError
+
+log = logging.getLogger(__name__)
 
 LOCK_NAME = ".lock"
 # Locks this process holds, by path: evaluations in one process run one after another, so a lock still held here
@@ -50,3 +59,25 @@ class RunFolderLock:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
         self.fd = None
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path, name: str = LOCK_NAME) -> Iterator[None]:
+    """Hold ``<folder>/<name>`` exclusively for the block, waiting while another process holds it.
+
+    Args:
+        folder: The folder the lock guards (created if missing).
+        name: The lock file's name, for several locks in one folder.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / name, "a") as f:  # "a": never truncate (no write, no mtime change)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # say why nothing happens: the holder may take minutes
+            log.info("waiting for %s, held by another process", f.name)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

@@ -19,19 +19,19 @@ import json
 import logging
 import os
 import random
-import shutil
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from activation_transfer.errors import UsageError
-from activation_transfer.io import cache_root, sha256_file
+from activation_transfer.io import atomic_output, atomic_write, cache_root, sha256_file
 from activation_transfer.models.frozen_lm import register_resolver
 from activation_transfer.task.tokenizer import offline_tokenizer, tokenizer_fingerprint
 from callbacks.progress import progress_callbacks
+from cli.organism_cache import MARKER as MARKER  # re-exported: callers read organisms.MARKER
+from cli.organism_cache import commit, entry_lock, entry_problem, leftovers, read_marker, staging, why_build
 from cli.organism_cli import OrganismCLI, cli_kwargs
 from cli.organism_cli import main as organism_main
 from cli.parser import hidden_host_argv
@@ -40,7 +40,6 @@ log = logging.getLogger(__name__)
 
 # Bump when the training recipe changes in a way the config does not show, so stale cache entries are not reused.
 ORGANISM_FORMAT_VERSION = 1
-MARKER = "organism.json"  # written last inside the temporary folder: its presence means the entry is complete
 # Keys that do not change what training computes stay out of the cache hash (model.compile: the same math, fused).
 _UNHASHED = ("config", "export_dir", "ckpt_path")
 _UNHASHED_IN = {
@@ -193,13 +192,14 @@ def ensure_organism(
 ) -> Path:
     """Return the Hugging Face folder of the organism ``config_path`` describes, training it only if not cached.
 
-    The cache entry is ``cache_root(cache_dir)/organisms/<role>-<hash>/`` where ``role`` is the config's file stem
-    and ``hash`` covers the resolved config (overrides included), the tokenizer and the recipe version. Training
-    writes into a temporary sibling folder that is renamed into place once complete, so an interrupted or
-    concurrent run never leaves a half-written organism behind. The folder holds ``save_pretrained`` output of the
-    model and tokenizer (load it with ``load_model(str(path))`` / ``load_tokenizer(str(path))``), ``organism.json``
-    (config, hash, training time, final validation metrics) and the training logs under ``training/``. When the
-    package ships weights trained by this very recipe (same hash), they are installed instead of training.
+    The cache entry is ``cache_root(cache_dir)/organisms/<role>-<hash>/`` where ``role`` is the config's file stem and
+    ``hash`` covers the resolved config (overrides included), the tokenizer and the recipe version. It is built in a
+    temporary sibling folder under the entry's lock and renamed into place once complete, replacing an existing entry
+    whole (:mod:`cli.organism_cache`), so an interrupted or concurrent run never leaves a half-written organism behind,
+    and a killed replacement leaves the old one. The folder holds ``save_pretrained`` output of the model and tokenizer
+    (load it with ``load_model(str(path))`` / ``load_tokenizer(str(path))``), ``organism.json`` (config, hash, training
+    time, final validation metrics) and the training logs under ``training/``. When the package ships weights trained by
+    this very recipe (same hash), they are installed instead of training.
 
     Args:
         config_path: Organism YAML, e.g. ``configs/organisms/receiver.yaml``.
@@ -216,19 +216,17 @@ def ensure_organism(
     if retrain is None:
         retrain = os.environ.get(RETRAIN_ENV, "") not in ("", "0")
     folder = organism_dir(config_path, cache_dir, overrides)
-    if (folder / MARKER).exists():
-        source = json.loads((folder / MARKER).read_text()).get("source", "")
-        if not (retrain and source.startswith("package:")):
+    # Checked without the lock first, so a read-only cache serves its organisms; leftovers of a killed build are
+    # removed under the lock (entry_lock), where no live build's are among them.
+    if why_build(folder, retrain) is None and not leftovers(folder):
+        log.info("reusing the cached organism %s", folder)
+        return folder
+    with entry_lock(folder), staging(folder) as tmp:
+        why = why_build(folder, retrain)
+        if why is None:  # built by the process that held the lock, restored, or there all along beside leftovers
             log.info("reusing the cached organism %s", folder)
             return folder
-        log.info("retraining %s: the cached one was installed from the package", folder)
-        shutil.rmtree(folder)
-    if folder.exists():  # left by something other than this function (the marker is written before the rename)
-        log.warning("removing the incomplete organism folder %s", folder)
-        shutil.rmtree(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
+        log.info("building the organism %s: %s", folder, why)
         train_overrides = list(overrides)
         if cache_dir and not (resolved_config(config_path, overrides).get("data") or {}).get("cache_dir"):
             # Train with the tokenizer the cache key was computed from (data.cache_dir is not part of the key).
@@ -241,16 +239,7 @@ def ensure_organism(
         else:
             log.info("training the organism %s (minutes on a CPU; cached afterwards)", folder.name)
             info = _train(config_path, train_overrides, tmp, folder.name)
-        (tmp / MARKER).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-        try:
-            os.replace(tmp, folder)
-        except OSError:
-            if not (folder / MARKER).exists():
-                raise
-            log.info("another process finished %s first; using its organism", folder)  # identical config and seed
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        commit(tmp, folder, info)
     return folder
 
 
@@ -317,12 +306,13 @@ def ship_organism(
 
     shipped_dir = Path(shipped_dir or SHIPPED_DIR)
     folder = ensure_organism(config_path, cache_dir, overrides, retrain=True)
-    info = json.loads((folder / MARKER).read_text())
+    info = read_marker(folder)
     role, _, digest = folder.name.rpartition("-")
     shipped_dir.mkdir(parents=True, exist_ok=True)
     path = shipped_dir / f"{role}.safetensors"
     state = {k: v.detach().contiguous() for k, v in load_model(str(folder), dtype="float32").state_dict().items()}
-    save_file(state, str(path), metadata={"format": "pt"})
+    with atomic_output(path) as tmp:  # a killed ship leaves the old weights, which the manifest still pins
+        save_file(state, str(tmp), metadata={"format": "pt"})
     keep = ("train_seconds", "global_step", "final_metrics", "torch_num_threads", "versions", "config_path")
     entry = {"file": path.name, "sha256": sha256_file(path), "config_hash": digest} | {k: info.get(k) for k in keep}
     record_shipped(shipped_dir, role, entry)
@@ -334,7 +324,7 @@ def record_shipped(shipped_dir: Path, role: str, entry: dict) -> None:
     manifest_path = Path(shipped_dir) / SHIPPED_MANIFEST
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     manifest[role] = entry
-    manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    atomic_write(manifest_path, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 
 # --------------------------------------------------------------------------------------------- names
@@ -357,10 +347,12 @@ def organism_config(role: str) -> Path:
 def resolve_organism(role: str, cache_dir: str | None = None) -> str:
     """The cached folder of ``organism:<role>``. Never trains: a missing organism is an error naming the fix."""
     folder = organism_dir(str(organism_config(role)), cache_dir)
-    if not (folder / MARKER).exists():
+    problem = entry_problem(folder)
+    if problem:  # an incomplete entry is named here: loading it would fail on some missing file with a traceback
+        state = "not trained yet" if not folder.exists() else f"incomplete ({problem})"
         raise UsageError(
-            f"organism:{role} is not trained yet (no {folder}); train.py, evaluate.py and `make demo` train it on "
-            f"first use, or call cli.organisms.ensure_organisms(['organism:{role}'])"
+            f"organism:{role} is {state}: {folder}; train.py, evaluate.py and `make demo` (re)build it, "
+            f"or call cli.organisms.ensure_organisms(['organism:{role}'])"
         )
     return str(folder)
 

@@ -7,12 +7,10 @@ extraction resumes after its last finished shard and produces the same rows as a
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import itertools
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -22,6 +20,7 @@ from activation_transfer.io import write_json
 from activation_transfer.loop_progress import Progress
 from activation_transfer.models.frozen_lm import LoadedModel, ModelRef, as_ref, load_ref, resolve_dtype
 from activation_transfer.models.hooks import capture_hidden
+from activation_transfer.run_lock import folder_lock
 from datamodules.corpora import Corpus, CorpusSpec, load_corpus
 from datamodules.store_format import (
     FORMAT_VERSION,
@@ -39,18 +38,6 @@ from datamodules.store_format import (
 )
 
 log = logging.getLogger(__name__)
-
-
-@contextlib.contextmanager
-def _folder_lock(folder: Path) -> Iterator[None]:
-    """Serialize extraction into one folder across processes (DDP ranks started together, two runs at once)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "a") as f:  # "a": never truncate (no write, no mtime change)
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _remove_temporaries(folder: Path) -> None:
@@ -221,7 +208,7 @@ def ensure_store(
     spec = store_spec(s_spec, r_spec, corpus_obj.fingerprint, max_length, store_dtype)
     explicit = store_dir is not None
     folder = Path(store_dir).expanduser() if explicit else default_store_dir(spec, cache_dir)
-    with _folder_lock(folder):
+    with folder_lock(folder):  # extraction into one folder: DDP ranks started together, two runs at once
         _remove_temporaries(folder)
         if rebuild:
             log.warning("data.rebuild is set: rebuilding %s", folder)
