@@ -1,5 +1,6 @@
 """The trainer's checkpoint callback writes every checkpoint whole: a process killed while writing ``last.ckpt``
-leaves the previous one, never a torn file that ``--ckpt_path last`` would stop on."""
+leaves the previous one, never a torn file that ``--ckpt_path last`` would stop on; a fit stopped part-way through an
+epoch resumes from ``last.ckpt`` where it stopped."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import os
 import shutil
 from pathlib import Path
 
+import pytest
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
@@ -65,3 +67,52 @@ def test_a_kill_while_writing_last_ckpt_leaves_the_previous_one(tmp_path, monkey
     last = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["epoch"] == 0
     assert not list((tmp_path / "ckpt").glob(".*.tmp"))
+
+
+class _StopAt(pl.Callback):
+    """Stops the fit after global step ``step`` by ``trainer.should_stop``, as ``trainer.max_time``'s Timer does."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args) -> None:
+        if trainer.global_step == self.step:
+            trainer.should_stop = True
+
+
+def _fit(root: Path, callbacks=(), ckpt_path: str | None = None, monitor="val/loss", **limits) -> pl.Trainer:
+    """TranslatorModule on 64 pairs, 2 batches an epoch, the default callback's settings (monitor val/loss)."""
+    data = [{"sender": x, "receiver": x[:6]} for x in torch.randn(64, 8, generator=torch.Generator().manual_seed(0))]
+    saver = LastEveryValidationCheckpoint(dirpath=root / "ckpt", monitor=monitor, save_last=True)
+    quiet = {"logger": False, "enable_progress_bar": False, "enable_model_summary": False}
+    trainer = pl.Trainer(default_root_dir=root, callbacks=[*callbacks, saver], **quiet, **limits)
+    module = TranslatorModule(8, 6, lr=1e-2, warmup_steps=0, decay="constant")
+    loader = DataLoader(data, batch_size=32)
+    trainer.fit(module, loader, loader, ckpt_path=ckpt_path)
+    return trainer
+
+
+# The resume writes into the first fit's folder; a plain DataLoader does not skip the batches already taken.
+@pytest.mark.filterwarnings("ignore:Checkpoint directory .* exists and is not empty")
+@pytest.mark.filterwarnings("ignore:You're resuming from a checkpoint that ended before the epoch ended")
+@pytest.mark.parametrize("stop", [{"max_steps": 3}, {"callbacks": [_StopAt(3)]}], ids=["max_steps", "should_stop"])
+@pytest.mark.parametrize(
+    "resume, steps", [({"max_epochs": 2}, 4), ({"max_epochs": 3, "max_steps": 5}, 5)], ids=["same", "more_steps"]
+)
+def test_a_fit_stopped_mid_epoch_resumes_from_last_ckpt_where_it_stopped(tmp_path, stop, resume, steps):
+    # Stopped after step 3, epoch 1's first of 2 batches. last.ckpt was written in the cut-short epoch's
+    # on_train_epoch_end, the epoch counted as processed: the resume skipped its rest, or stopped at once at step 3
+    # ("max_epochs=2 reached"), or (max_steps 5) counted epoch 1 twice and stopped at step 4 ("max_epochs=3 reached").
+    assert _fit(tmp_path, max_epochs=2, **stop).global_step == 3
+    last = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert _fit(tmp_path, ckpt_path=str(tmp_path / "ckpt" / "last.ckpt"), **resume).global_step == steps
+    # From the step where the fit stopped (not an older one), epoch 1 not counted as processed.
+    assert last["global_step"] == 3 and last["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"] == 1
+
+
+def test_a_fit_stopped_mid_epoch_keeps_lightnings_choice_of_top_k(tmp_path):
+    # last.ckpt is written at the stopping batch; the top-k save Lightning makes at the cut-short epoch's end (without
+    # a monitor: the latest step) still happens, so the exported "best" translator is the same as before.
+    trainer = _fit(tmp_path, max_epochs=2, max_steps=3, monitor=None)
+    assert Path(trainer.checkpoint_callback.best_model_path).name == "epoch=1-step=3.ckpt"
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 3

@@ -58,13 +58,16 @@ def test_resume_from_last_ckpt_equals_an_uninterrupted_run(tmp_path):
     _assert_identical(full, resumed)
 
 
-def test_ckpt_path_last_resumes_mid_epoch(tmp_path):
-    # A checkpoint every 5 steps, the run stopped mid-epoch (step 55 of about 40 per epoch): `--ckpt_path last`
-    # finds the default callback's last.ckpt and the stream skips exactly the steps already taken.
+@pytest.mark.parametrize("stop", [55, 57])
+def test_ckpt_path_last_resumes_mid_epoch(tmp_path, stop):
+    # A checkpoint every 5 steps, the run stopped mid-epoch (step 55 or 57 of about 40 per epoch): `--ckpt_path last`
+    # finds the default callback's last.ckpt and the stream skips exactly the steps already taken. Stopped between
+    # two of them (57), last.ckpt was written in the cut-short epoch's end hooks and resumed at epoch 2, skipping 21
+    # steps of epoch 1.
     _, full = _train(tmp_path / "full", "--trainer.max_epochs", "3")
     every = ["--trainer.callbacks.every_n_train_steps", "5", "--trainer.callbacks.monitor", "null"]
-    part, _ = _train(tmp_path / "part", "--trainer.max_epochs", "3", "--trainer.max_steps", "55", *every)
-    assert part.trainer.global_step == 55 and 0 < part.trainer.fit_loop.epoch_loop.batch_progress.current.ready
+    part, _ = _train(tmp_path / "part", "--trainer.max_epochs", "3", "--trainer.max_steps", str(stop), *every)
+    assert part.trainer.global_step == stop and 0 < part.trainer.fit_loop.epoch_loop.batch_progress.current.ready
     cli, resumed = _train(tmp_path / "part", "--trainer.max_epochs", "3", "--ckpt_path", "last", *every)
     assert Path(cli.trainer.ckpt_path) == tmp_path / "part" / "checkpoints" / "last.ckpt"
     _assert_identical(full, resumed)
