@@ -274,6 +274,23 @@ def check_resume_at_epoch_end(checkpoint: dict, ckpt: str = "the checkpoint") ->
         )
 
 
+def check_resume_with_max_steps(checkpoint: dict, max_steps: int, ckpt: str = "the checkpoint") -> None:
+    """Raise :class:`UsageError` when ``checkpoint`` was written in an epoch's end hooks (the fit loop counts the epoch
+    processed, not yet completed) and is resumed with ``max_steps`` and steps left: Lightning 2.6 restarts such a fit
+    at that epoch's end and counts the epoch twice, so it stops one epoch early (at once when that was the last)."""
+    epochs = (((checkpoint.get("loops") or {}).get("fit_loop") or {}).get("epoch_progress") or {}).get("total") or {}
+    ready, started, processed, completed = (
+        int(epochs.get(k, 0)) for k in ("ready", "started", "processed", "completed")
+    )
+    step = int(checkpoint.get("global_step", 0))
+    if max_steps != -1 and step < max_steps and ready == started == processed == completed + 1:
+        raise UsageError(
+            f"cannot resume from {ckpt} with --trainer.max_steps {max_steps}: it was written at the end of epoch "
+            f"{checkpoint.get('epoch')} (step {step}), which Lightning 2.6 then counts twice (the fit stops an epoch "
+            "early); resume with --trainer.max_steps -1 and limit the run by --trainer.max_epochs"
+        )
+
+
 class ResumableTraining:
     """What the translator LightningModules share about their training state (a mixin: the library has no Lightning).
 
@@ -290,6 +307,9 @@ class ResumableTraining:
         if self._trainer is None:  # load_from_checkpoint (overrides allowed), not a resumed fit
             return
         check_resume_matches(checkpoint.get("hyper_parameters") or {}, dict(self.hparams), self.RESUME_KEYS)
+        check_resume_with_max_steps(
+            checkpoint, int(self._trainer.max_steps), str(self._trainer.ckpt_path or "the checkpoint")
+        )
         if not self.RESUMES_MID_EPOCH:
             check_resume_at_epoch_end(checkpoint, str(self._trainer.ckpt_path or "the checkpoint"))
 

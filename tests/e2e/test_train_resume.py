@@ -88,6 +88,21 @@ def test_last_ckpt_is_the_last_epoch_even_when_the_monitor_does_not_improve(tmp_
     )
 
 
+def test_a_resume_with_max_steps_from_an_epoch_end_checkpoint_is_refused(tmp_path, capsys):
+    # Lightning 2.6 restarts a fit with max_steps at the checkpoint's epoch end and counts that epoch again: resumed
+    # from epoch 1's end with 3 epochs and room for 200 steps, the fit stopped at once ("max_epochs=3 reached").
+    _train(tmp_path, "--trainer.max_epochs", "2")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        _train(tmp_path, "--trainer.max_epochs", "3", "--trainer.max_steps", "200", "--ckpt_path", "last")
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_.value.code == 2 and "with --trainer.max_steps 200: it was written at the end of epoch 1" in line
+    # Without steps left (max_steps at most the checkpoint's step) Lightning stops at once, as it should.
+    step = torch.load(tmp_path / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]
+    cli, _ = _train(tmp_path, "--trainer.max_epochs", "3", "--trainer.max_steps", str(step), "--ckpt_path", "last")
+    assert cli.trainer.global_step == step
+
+
 # ------------------------------------------------------------------------------------------ issue 20 (items 6, 7)
 
 FUNCTIONAL = str(ROOT / "configs" / "train" / "functional_demo.yaml")
