@@ -229,6 +229,10 @@ def build_comparisons(
                 continue
             pairs = _pair_runs(cond, sort_runs(groups[cond]), base, base_runs)
             ids, dropped = _align(groups, cond, base, pairs, intersect)
+            if len(ids) < 2:
+                # TOST and the degradation test need a standard error: no equivalence rows (a one-question smoke run
+                # still gets its report).
+                notes.append(f"{cond} vs {base}: 1 common sample: no equivalence (TOST) or degradation test")
             if dropped:
                 why = "--intersect dropped" if intersect else "a strict-matched subset by design: dropped"
                 notes.append(
@@ -278,6 +282,8 @@ def build_comparisons(
                         "pooled_bootstrap_seed": cmp_.bootstrap_seed,
                     }
                 )
+                if len(ids) < 2:
+                    continue
                 degr = degradation_p(clustered)
                 boot_seed = derive_seed(seed, label + "|clustered")
                 blo, bhi = bootstrap_mean_ci(clustered, resamples=tost_resamples, confidence=0.90, seed=boot_seed)

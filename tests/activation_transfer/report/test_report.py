@@ -346,3 +346,11 @@ def test_stored_metrics_that_disagree_are_noted(tmp_path: Path) -> None:
     recs[0]["metrics"] = {"word_boundary_contains": False}
     res = run_report(recs, tmp_path, resamples=50)
     assert any("1 record(s) carried stored metrics" in n for n in res.notes)
+
+
+def test_one_common_question_reports_without_tost(tmp_path: Path) -> None:
+    # A one-question smoke evaluation: TOST needs a standard error (2+ questions), the rest of the report does not.
+    recs = _records("no_inject", None, [True]) + _records("c", 1, [False])
+    res = run_report(recs, tmp_path, resamples=20, permutations=20)
+    assert res.equivalence == [] and any("c vs no_inject: 1 common sample: no equivalence" in n for n in res.notes)
+    assert [c["delta"] for c in res.comparisons if c["metric"] == "word_boundary_contains"] == [-1.0]
