@@ -8,6 +8,7 @@ or on pseudo-replicated seeds.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,7 +104,8 @@ def _parse_record(obj: Any, where: str, notes: dict[str, Any]) -> Record:
     run = _run_key(obj.get("seed"), where)
     translator, seeded = _translator_identity(obj, where)
     sent = (obj.get("diagnostics") or {}).get("bytes_sent") if isinstance(obj.get("diagnostics"), Mapping) else None
-    if sent is not None and (isinstance(sent, bool) or not isinstance(sent, int | float) or not sent >= 0):
+    # inf (JSON's Infinity) passes `>= 0` and would end as a non-JSON summary.json: refused here, naming the record.
+    if sent is not None and (isinstance(sent, bool) or not isinstance(sent, int | float) or not 0 <= sent < math.inf):
         raise ReportInputError(f"{where}: 'diagnostics.bytes_sent' must be a number >= 0 or absent, got {sent!r}")
     return Record(
         str(obj["sample_id"]), obj["condition"], run, scores, where, obj["prediction"], translator, seeded, sent

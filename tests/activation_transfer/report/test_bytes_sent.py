@@ -45,7 +45,7 @@ def test_records_without_bytes_give_the_table_as_before(tmp_path) -> None:
     assert "Bytes/question" not in none.markdown and "| Condition | Runs | n | " in none.markdown
 
 
-@pytest.mark.parametrize("bad", [-1, "12", True])
+@pytest.mark.parametrize("bad", [-1, "12", True, float("inf")])
 def test_a_bad_bytes_sent_is_refused(tmp_path, bad) -> None:
     records = _records({"receiver_alone": [0, 0], "skyline": [0, bad]})
     with pytest.raises(ReportInputError, match="'diagnostics.bytes_sent' must be a number >= 0 or absent"):
