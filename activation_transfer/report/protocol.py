@@ -80,3 +80,48 @@ def input_protocol(inputs: Iterable) -> str | None:
             "per protocol)"
         )
     return kinds[0] if kinds else None
+
+
+def _canonical(value) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _fingerprint(run: Path) -> tuple[str, dict] | None:
+    """A run folder's fingerprint and identity (``fingerprint.json``; older folders: ``meta.json``'s fingerprint)."""
+    for name in ("fingerprint.json", "meta.json"):
+        try:
+            data = json.loads((run / name).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(data, Mapping) and isinstance(data.get("fingerprint"), str):
+            identity = data.get("identity")
+            return data["fingerprint"], dict(identity) if isinstance(identity, Mapping) else {}
+    return None
+
+
+def mixed_configurations(inputs: Iterable) -> str | None:
+    """A warning when the inputs come from run folders of different configurations (fingerprints), else ``None``.
+
+    A run folder holds one configuration (models, translators, samples, decoding, numerics; not the condition and seed
+    lists), so records from two folders with different fingerprints were computed differently: a report of both
+    compares across experiments. Not refused (the same baseline evaluated again after a library update is such a
+    case), but said.
+    """
+    found: dict[str, tuple[str, dict]] = {}
+    for item in inputs:
+        if isinstance(item, Mapping):
+            continue
+        run = run_folder(Path(item))
+        if run is not None and (fp := _fingerprint(run)) is not None:
+            found.setdefault(str(run), fp)
+    if len({fp for fp, _ in found.values()}) < 2:
+        return None
+    identities = [identity for _, identity in found.values()]
+    keys = sorted(k for k in set().union(*identities) if len({_canonical(i.get(k)) for i in identities}) > 1)
+    listed = "; ".join(f"{folder}: {fp[:12]}" for folder, (fp, _) in found.items())
+    differ = f" (they differ in {', '.join(keys)})" if keys else ""
+    return (
+        f"WARNING the inputs come from run folders of different configurations ({listed}){differ}: their records "
+        "were computed with other models, translators, samples or settings, so comparisons across folders are not "
+        "within one experiment"
+    )

@@ -30,7 +30,7 @@ from activation_transfer.report.load import (
     load_records,
 )
 from activation_transfer.report.plots import plot_accuracy, plot_forest
-from activation_transfer.report.protocol import input_protocol
+from activation_transfer.report.protocol import input_protocol, mixed_configurations
 from activation_transfer.report.split_plots import plot_gap
 from activation_transfer.report.stats import DEFAULT_RESAMPLES
 from activation_transfer.report.tables import (
@@ -229,6 +229,8 @@ def run_report(
     if counters.get("metric_mismatch"):
         notes.append(f"{counters['metric_mismatch']} record(s) carried stored metrics that differ from re-scoring")
     notes += _collapse_notes(runs)
+    if (mixed := mixed_configurations(inputs)) is not None:
+        notes.append(mixed)
     chosen = _resolve_baselines(groups, baselines, notes, protocol)
     order = chosen + [c for c in groups if c not in chosen]
 

@@ -78,3 +78,20 @@ def test_the_protocol_comes_from_meta_json_then_config_yaml(tmp_path: Path) -> N
     # An explicit protocol must agree with the folders.
     with pytest.raises(ReportInputError, match="protocol 'paper' given"):
         run_report([_split(tmp_path / "c")], tmp_path / "o", protocol="paper")
+
+
+def test_run_folders_of_different_configurations_are_reported_with_a_warning(tmp_path: Path, capsys) -> None:
+    # One experiment's baseline, another's condition: both paper protocol, so only the fingerprints tell them apart.
+    base = _run_folder(tmp_path, "eval-a", {"no_inject": (None, CORRECT)}, {"fingerprint": "a" * 64})
+    other = _run_folder(tmp_path, "eval-b", {"additive": (42, CORRECT[::-1])}, {"fingerprint": "b" * 64})
+    (other / "fingerprint.json").write_text(json.dumps({"fingerprint": "b" * 64, "identity": {"receiver": "x"}}))
+    res = run_report([base, other], tmp_path / "o", resamples=20, permutations=20)
+    warning = [n for n in res.notes if "different configurations" in n]
+    assert len(warning) == 1 and f"{base}: aaaaaaaaaaaa" in warning[0] and "differ in receiver" in warning[0]
+    assert warning[0] in res.summary["meta"]["notes"]
+    main([str(base), str(other), "--out", str(tmp_path / "cli")])
+    assert "note: WARNING the inputs come from run folders of different configurations" in capsys.readouterr().out
+    # Folders of one configuration: no warning.
+    same = _run_folder(tmp_path, "eval-c", {"additive": (42, CORRECT)}, {"fingerprint": "a" * 64})
+    res = run_report([base, same], tmp_path / "o2", resamples=20, permutations=20)
+    assert not any("different configurations" in n for n in res.notes)
