@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from activation_transfer.report.tables import METRIC_LABELS
+from activation_transfer.report.tables import METRIC_LABELS, _f
 from activation_transfer.task.scoring import MAIN_METRIC
 
 
@@ -185,7 +185,8 @@ def plot_forest(
                 markersize=5,
             )
             ax.annotate(
-                f"{c['delta']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]",
+                # The table's numbers (tables._f): a zero is printed unsigned, never "+0.0000".
+                f"{_f(c['delta'], True)} [{_f(c['ci_low'], True)}, {_f(c['ci_high'], True)}]",
                 (c["delta"], y),
                 xytext=(0, 7),
                 textcoords="offset points",

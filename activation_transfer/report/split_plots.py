@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from activation_transfer.report.plots import figure_files, pyplot
+from activation_transfer.report.tables import _f
 from activation_transfer.task.scoring import MAIN_METRIC
 
 
@@ -54,7 +55,7 @@ def plot_gap(rows: Sequence[Mapping]) -> dict[str, bytes]:
             )
             labelled.add(label)
         ax.annotate(
-            f"{r['fraction']:+.3f}",
+            _f(r["fraction"], True),  # as gap_recovered.md prints it: a zero unsigned, never "+0.000"
             (r["fraction"], y),
             xytext=(0, 7),
             textcoords="offset points",

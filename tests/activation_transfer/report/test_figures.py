@@ -157,3 +157,17 @@ def test_layer_sweep_figure_has_cis_and_names_the_chosen_block(tmp_path: Path) -
     text = _svg_text(tmp_path / "sweep.svg")
     for label in ("chosen block: 1", "slots_self, 95% CI", "slots_zero, 95% CI", "receiver_alone 95% CI", "skyline"):
         assert label in text, label
+
+
+def test_plotted_numbers_print_a_zero_as_the_tables_do(tmp_path: Path) -> None:
+    # A CI bound (or delta, or fraction) of exactly 0 reads "+0.0000" in a figure but "0.0000" in the table: the
+    # sign would suggest a positive effect.
+    recs = _records("no_inject", None, [False] * 50) + _records("c", 1, [True] + [False] * 49)
+    recs += _records("same", None, [False] * 50)
+    run_report(recs, tmp_path / "p", resamples=200, permutations=20)
+    text = _svg_text(tmp_path / "p" / "deltas.svg")
+    assert "+0.0200 [0.0000, +0.0600]" in text and "0.0000 [0.0000, 0.0000]" in text and "+0.0000" not in text
+    split = _records("receiver_alone", None, [False] * 10) + _records("skyline", None, [True] * 10)
+    run_report(split + _records("slots_zero", None, [False] * 10), tmp_path / "s", resamples=50, permutations=20)
+    gap = _svg_text(tmp_path / "s" / "gap_recovered.svg")
+    assert "0.0000" in gap.split() and "+0.000" not in gap  # slots_zero recovers none of the gap: fraction 0
