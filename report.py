@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         nargs="+",
         default=list(DEFAULT_MARGINS),
-        help="TOST equivalence margins (default 0.05 0.03)",
+        help="TOST equivalence margins in accuracy units, each in (0, 1) (default 0.05 0.03)",
     )
     parser.add_argument("--seed", type=int, default=0, help="base bootstrap seed (default 0)")
     parser.add_argument(

@@ -178,7 +178,7 @@ def run_report(
             records when ``receiver_alone`` or ``skyline`` is present and ``no_inject`` is not. An explicit list must
             be fully present.
         resamples: Bootstrap resamples for the 95% CIs (accuracy and paired deltas).
-        margins: TOST equivalence margins (accuracy units, each > 0).
+        margins: TOST equivalence margins (accuracy units, each in (0, 1): 0.05 is 5 points).
         seed: Base seed; each CI derives its own seed from it and a label, recorded next to the CI.
         intersect: Compare only the sample ids common to a condition and its baseline, reporting how many were
             dropped, instead of failing when they differ (a strict-matched subset is compared on its samples anyway).
@@ -206,9 +206,12 @@ def run_report(
         raise ValueError(f"resamples must be >= 1, got {resamples}")
     margins = [float(g) for g in margins]
     # NaN fails every comparison, so `g <= 0` lets it through to a late JSON "Out of range float" error; inf is no
-    # margin at all. Both are refused here, before any work.
-    if not margins or not all(math.isfinite(g) and g > 0 for g in margins):
-        raise ValueError(f"margins must be finite positive numbers, got {margins}")
+    # margin at all. Both are refused here, before any work. Deltas lie in [-1, 1]: a margin of 1 or more calls every
+    # comparison equivalent (`--margins 5 3` meant as percent did), so it is refused too.
+    if not margins or not all(math.isfinite(g) and 0 < g < 1 for g in margins):
+        raise ValueError(
+            f"margins must be finite positive numbers below 1 (accuracy units: 0.05 is 5 points), got {margins}"
+        )
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ReportInputError(f"--out {out} is a file, not a folder: name a folder (it is created if absent)")

@@ -80,7 +80,8 @@ def _constant_p(c: float, m: float, n: int) -> float:
     """
     if c >= m:
         return 1.0
-    return float(((1.0 - m) / (1.0 - c)) ** n)
+    # m >= 1: no law of deltas in [-1, 1] has mean m while giving c < m (0, not the negative (1 - m)^n of m > 1).
+    return float(max(0.0, (1.0 - m) / (1.0 - c)) ** n)
 
 
 def _constant_bound(c: float, n: int, alpha: float) -> float:

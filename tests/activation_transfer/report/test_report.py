@@ -263,7 +263,7 @@ def test_cli_bad_input_exits_2_with_the_location(tmp_path: Path, capsys) -> None
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
-@pytest.mark.parametrize("margin", ["nan", "inf", "0", "-0.1"])
+@pytest.mark.parametrize("margin", ["nan", "inf", "0", "-0.1", "5", "1"])  # 5: percent, not accuracy units
 def test_cli_margin_not_finite_and_positive_exits_2_naming_margins(tmp_path: Path, capsys, margin: str) -> None:
     path = _write_jsonl(tmp_path / "r.jsonl", _records("no_inject", None, [True, False]))
     with pytest.raises(SystemExit) as exc:

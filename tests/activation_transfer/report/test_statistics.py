@@ -197,6 +197,9 @@ def test_tost_and_degradation_without_variation() -> None:
     assert eq.degradation_p(np.full(50, -0.1)) == pytest.approx((1 / 1.1) ** 50)
     shifted = eq.tost(np.full(50, 0.1), 0.05)
     assert shifted.se == 0.0 and shifted.p_upper == 1.0 and not shifted.equivalent
+    # A margin beyond the deltas' range [-1, 1]: a probability of 0, never the negative (1 - m)^n.
+    wide = eq.tost(np.zeros(3), 2.0)
+    assert wide.p_lower == wide.p_upper == wide.p == 0.0 and wide.equivalent
     with pytest.raises(ValueError, match="margin"):
         eq.tost(np.zeros(5), 0.0)
     with pytest.raises(ValueError, match="at least 2"):
