@@ -125,3 +125,23 @@ def mixed_configurations(inputs: Iterable) -> str | None:
         "were computed with other models, translators, samples or settings, so comparisons across folders are not "
         "within one experiment"
     )
+
+
+def unfinished_runs(inputs: Iterable) -> list[str]:
+    """Notes naming, per input run folder, the runs begun but not finished (``partial/<key>/`` without
+    ``records/<key>.jsonl``): the report reads finished runs only, so a condition would show fewer runs unsaid."""
+    runs: dict[Path, None] = {}
+    for item in inputs:
+        if not isinstance(item, Mapping) and (run := run_folder(Path(item))) is not None:
+            runs[run] = None
+    notes = []
+    for run in runs:
+        partial = run / "partial"
+        keys = sorted(p.name for p in partial.iterdir() if p.is_dir()) if partial.is_dir() else []
+        keys = [k for k in keys if not (run / "records" / f"{k}.jsonl").is_file()]
+        if keys:
+            notes.append(
+                f"run folder {run}: unfinished run(s) {', '.join(keys)} (partial/, no records file) are not in this "
+                "report; rerun the evaluation to finish them"
+            )
+    return notes

@@ -30,7 +30,7 @@ from activation_transfer.report.load import (
     load_records,
 )
 from activation_transfer.report.plots import plot_accuracy, plot_forest
-from activation_transfer.report.protocol import input_protocol, mixed_configurations
+from activation_transfer.report.protocol import input_protocol, mixed_configurations, unfinished_runs
 from activation_transfer.report.split_plots import plot_gap
 from activation_transfer.report.stats import DEFAULT_RESAMPLES
 from activation_transfer.report.tables import (
@@ -234,6 +234,7 @@ def run_report(
     notes += _collapse_notes(runs)
     if (mixed := mixed_configurations(inputs)) is not None:
         notes.append(mixed)
+    notes += unfinished_runs(inputs)
     chosen = _resolve_baselines(groups, baselines, notes, protocol)
     order = chosen + [c for c in groups if c not in chosen]
 

@@ -95,3 +95,15 @@ def test_run_folders_of_different_configurations_are_reported_with_a_warning(tmp
     same = _run_folder(tmp_path, "eval-c", {"additive": (42, CORRECT)}, {"fingerprint": "a" * 64})
     res = run_report([base, same], tmp_path / "o2", resamples=20, permutations=20)
     assert not any("different configurations" in n for n in res.notes)
+
+
+def test_unfinished_runs_of_a_run_folder_are_named(tmp_path: Path) -> None:
+    # A crash mid-run leaves partial/<key>/ and no records/<key>.jsonl: the condition would show fewer runs, unsaid.
+    run = _paper(tmp_path)
+    (run / "partial" / "additive__seed123").mkdir(parents=True)
+    (run / "partial" / "additive__seed123" / "rank0.jsonl").write_text("")
+    (run / "partial" / "additive__seed42").mkdir()  # finished (its records file exists): not named
+    res = run_report([run / "records"], tmp_path / "o", resamples=20, permutations=20)
+    assert res.summary["conditions"]["additive"]["runs"] == 1
+    named = [n for n in res.notes if "unfinished run(s)" in n]
+    assert len(named) == 1 and f"{run}: unfinished run(s) additive__seed123 (partial/" in named[0]
