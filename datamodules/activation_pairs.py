@@ -22,8 +22,8 @@ from activation_transfer.io import atomic_write
 from activation_transfer.models.frozen_lm import ModelRef
 from datamodules.activation_store import ensure_store
 from datamodules.corpora import CorpusSpec
-from datamodules.pair_stream import EpochLoader, PairStream, epoch_order, step_bounds
-from datamodules.rank_samplers import rank_world
+from datamodules.pair_stream import PairStream, epoch_order, step_bounds
+from datamodules.rank_samplers import EpochLoader, rank_world, train_position
 from datamodules.store_format import PairStore, StoreError, read_manifest
 
 log = logging.getLogger(__name__)
@@ -201,17 +201,6 @@ class ActivationPairDataModule(pl.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         self._ensure()
 
-    def _train_position(self) -> tuple[int, int]:
-        """``(epoch, steps already taken in it)`` for the training pass whose first batch is being asked for.
-
-        Both come from the trainer's loop state, which a checkpoint restores: a run resumed at an epoch's end
-        continues with the next epoch's order, and one resumed mid-epoch (a checkpoint every n steps) skips exactly
-        the steps taken, so a resumed run sees what an uninterrupted one sees.
-        """
-        if self.trainer is None:
-            return 0, 0
-        return int(self.trainer.current_epoch), int(self.trainer.fit_loop.epoch_loop.batch_progress.current.ready)
-
     def _loader(self, rows: tuple[int, int], shuffle: bool) -> DataLoader:
         rank, world = rank_world(self.trainer)
         h = self.hparams
@@ -228,7 +217,8 @@ class ActivationPairDataModule(pl.LightningDataModule):
             verify=h.verify,
         )
         # batch_size=None: the dataset yields whole batches (it decides which rows go to which rank and worker).
-        position = self._train_position if shuffle else lambda: (0, 0)  # validation: always all of it, in order
+        # Training resumes where the trainer's loop state says; validation: always all of it, in order.
+        position = (lambda: train_position(self.trainer)) if shuffle else lambda: (0, 0)
         return EpochLoader(ds, position, batch_size=None, num_workers=h.num_workers)
 
     def train_dataloader(self) -> DataLoader:

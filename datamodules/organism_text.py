@@ -10,7 +10,7 @@ import logging
 
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Sampler, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from activation_transfer.errors import UsageError
 from activation_transfer.task.entities import candidates
@@ -21,6 +21,7 @@ from activation_transfer.task.generator import (
     generate_samples,
 )
 from activation_transfer.task.prompts import format_prompt
+from datamodules.rank_samplers import EpochLoader, eval_sampler, rank_world, train_position
 
 log = logging.getLogger(__name__)
 
@@ -100,29 +101,55 @@ def encode_samples(
     return out
 
 
-class LengthBucketBatchSampler(Sampler[list[int]]):
+class LengthBucketBatchSampler(DistributedSampler):
     """Shuffled batches of similar-length rows: padding (and its compute) shrinks, the order stays seeded.
 
-    Each pass draws a permutation from ``seed`` and the pass number, cuts it into pools of ``pool_batches`` batches,
-    sorts each pool by length, splits it into batches and shuffles the batch order. Incomplete batches are dropped.
+    Epoch ``e``'s batches are a pure function of ``(seed, e)``: a permutation drawn from ``seed * 100003 + e``, cut
+    into pools of ``pool_batches`` batches, each pool sorted by length and split into batches, and the batch order
+    shuffled. Incomplete batches are dropped. Lightning calls :meth:`set_epoch` before each pass and
+    :class:`~datamodules.rank_samplers.EpochLoader` says how many of the pass's batches a resumed run already took,
+    so a resumed run reads what an uninterrupted one read.
+
+    Each item is a whole batch (a list of row indices), so the loader takes ``batch_size=None``. Being a
+    ``DistributedSampler``, Lightning leaves it alone under DDP (it cannot put its own sampler into a batch sampler):
+    rank ``r`` of ``w`` reads batches ``r, r + w, ...`` of the epoch's list, cut to a multiple of ``w``, so every rank
+    runs the same number of steps and no batch is read twice.
 
     Args:
         lengths: Used length of every row.
         batch_size: Rows per batch.
         seed: Seed of the permutations.
         pool_batches: Batches per sorting pool (1 disables bucketing; larger gives tighter buckets).
+        num_replicas: Number of processes.
+        rank: This process's rank.
     """
 
-    def __init__(self, lengths: torch.Tensor, batch_size: int, seed: int = 0, pool_batches: int = 16) -> None:
-        self.lengths, self.batch_size, self.seed, self.pool_batches = lengths, batch_size, seed, pool_batches
-        self.passes = 0
+    def __init__(
+        self,
+        lengths: torch.Tensor,
+        batch_size: int,
+        seed: int = 0,
+        pool_batches: int = 16,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        if len(lengths) // batch_size < num_replicas:
+            raise UsageError(
+                f"{len(lengths) // batch_size} training batches cannot be split over {num_replicas} processes; give "
+                f"at least {num_replicas * batch_size} training samples or fewer --trainer.devices"
+            )
+        super().__init__(lengths, num_replicas=num_replicas, rank=rank, shuffle=True, seed=int(seed), drop_last=True)
+        self.lengths, self.batch_size, self.pool_batches = lengths, batch_size, pool_batches
+        self.skip_steps = 0
 
-    def __len__(self) -> int:
-        return len(self.lengths) // self.batch_size
+    def set_epoch(self, epoch: int, skip_steps: int = 0) -> None:
+        """Read epoch ``epoch``'s batches, starting after this rank's first ``skip_steps`` (a mid-epoch resume)."""
+        super().set_epoch(int(epoch))
+        self.skip_steps = int(skip_steps)
 
-    def __iter__(self):
-        gen = torch.Generator().manual_seed(self.seed * 100003 + self.passes)
-        self.passes += 1
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        """All of epoch ``epoch``'s batches, in order, before they are shared out over the ranks."""
+        gen = torch.Generator().manual_seed(self.seed * 100003 + int(epoch))
         order = torch.randperm(len(self.lengths), generator=gen)
         pool = self.batch_size * self.pool_batches
         batches = []
@@ -131,8 +158,15 @@ class LengthBucketBatchSampler(Sampler[list[int]]):
             chunk = chunk[torch.argsort(self.lengths[chunk], stable=True)]
             batches += [chunk[i : i + self.batch_size] for i in range(0, len(chunk), self.batch_size)]
         batches = [b for b in batches if len(b) == self.batch_size]
-        for i in torch.randperm(len(batches), generator=gen).tolist():
-            yield batches[i].tolist()
+        return [batches[i].tolist() for i in torch.randperm(len(batches), generator=gen).tolist()]
+
+    def __len__(self) -> int:
+        return len(self.lengths) // self.batch_size // self.num_replicas
+
+    def __iter__(self):
+        batches = self.epoch_batches(self.epoch)
+        share = batches[self.rank : len(self) * self.num_replicas : self.num_replicas]
+        return iter(share[self.skip_steps :])
 
 
 class OrganismTextDataModule(pl.LightningDataModule):
@@ -214,25 +248,45 @@ class OrganismTextDataModule(pl.LightningDataModule):
         self.val_set = TensorDataset(enc_val["input_ids"], enc_val["token_type"], enc_val["candidates"])
 
     def _collate(self, rows):
-        input_ids, token_type, *rest = (torch.stack(column) for column in zip(*rows))
+        return self._trim(tuple(torch.stack(column) for column in zip(*rows)))
+
+    def _trim(self, columns):
+        input_ids, token_type, *rest = columns
         if self.hparams.trim_padding:
             used = int((token_type != PAD).any(dim=0).nonzero().max()) + 1
             input_ids, token_type = input_ids[:, :used], token_type[:, :used]
         return (input_ids, token_type, *rest)
 
     def train_dataloader(self) -> DataLoader:
-        # Private generators: the order depends on shuffle_seed only, not on how much global RNG ran before.
+        # Private generators: the order depends on shuffle_seed and the epoch only, not on how much global RNG ran
+        # before, nor on whether the run was resumed.
         hp = self.hparams
+        rank, world = rank_world(self.trainer)
         lengths = (self.train_set.tensors[1] != PAD).sum(dim=1)
         sampler = LengthBucketBatchSampler(
-            lengths, hp.batch_size, seed=hp.shuffle_seed, pool_batches=max(hp.bucket_pool_batches, 1)
+            lengths,
+            hp.batch_size,
+            seed=hp.shuffle_seed,
+            pool_batches=max(hp.bucket_pool_batches, 1),
+            num_replicas=world,
+            rank=rank,
         )
-        return DataLoader(self.train_set, batch_sampler=sampler, num_workers=hp.num_workers, collate_fn=self._collate)
+        # The sampler yields whole batches of row indices; the TensorDataset returns their rows in one indexing.
+        return EpochLoader(
+            self.train_set,
+            lambda: train_position(self.trainer),
+            sampler=sampler,
+            batch_size=None,
+            num_workers=hp.num_workers,
+            collate_fn=self._trim,
+        )
 
     def val_dataloader(self) -> DataLoader:
+        # Under DDP each validation row goes to one rank only, so the val/* means count every row once.
         return DataLoader(
             self.val_set,
             batch_size=self.hparams.batch_size,
+            sampler=eval_sampler(self.val_set, *rank_world(self.trainer)),
             num_workers=self.hparams.num_workers,
             collate_fn=self._collate,
         )

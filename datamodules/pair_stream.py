@@ -7,11 +7,11 @@ every rank runs the same number of steps and each pair is seen exactly once per 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from activation_transfer.errors import UsageError
 from datamodules.store_format import PairStore
@@ -169,48 +169,3 @@ class PairStream(IterableDataset):
                 for k in parts:
                     parts[k].append(windows[j][k][sel])
             yield {k: torch.cat(v) for k, v in parts.items()}
-
-
-class _LazyIterator:
-    """An iterator that calls ``start()`` for the real one when the first item is asked for."""
-
-    def __init__(self, start: Callable[[], Iterator]):
-        self._start, self._it = start, None
-
-    def __iter__(self) -> _LazyIterator:
-        return self
-
-    def __next__(self):
-        if self._it is None:
-            self._it = self._start()
-        return next(self._it)
-
-
-class EpochLoader(DataLoader):
-    """A DataLoader that tells its dataset where to start before each pass (workers get a fresh copy every pass).
-
-    ``position_fn`` returns ``(epoch, steps already taken)``; it is read when the pass's first batch is asked for,
-    not when ``iter()`` is called: Lightning creates the first iterator while estimating the number of steps,
-    *before* it restores a checkpoint's loop state, so a resumed run would otherwise replay epoch 0's order.
-    """
-
-    def __init__(self, dataset: PairStream, position_fn: Callable[[], tuple[int, int]], **kwargs):
-        super().__init__(dataset, **kwargs)
-        self._position_fn = position_fn
-
-    def _start(self) -> Iterator:
-        epoch, done = self._position_fn()
-        # Steps taken are 0 at a fresh epoch, and all of them when the last epoch finished: skip nothing then.
-        self.dataset.set_epoch(epoch, done if 0 < done < len(self.dataset) else 0)
-        return super().__iter__()
-
-    def __iter__(self):
-        return _LazyIterator(self._start)
-
-    # Nothing to save: the position is the trainer's loop state, restored from the same checkpoint. Having these
-    # methods tells Lightning that this loader resumes mid-epoch correctly (it warns about loaders without them).
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass

@@ -3,14 +3,17 @@
 Lightning replaces a plain sampler under DDP with a ``DistributedSampler`` that pads every rank to the same count by
 repeating samples: validation metrics then count up to ``world - 1`` samples twice, and the training order is set by
 the global seed instead of the data module's own. Samplers that already are ``DistributedSampler`` s are left alone,
-so these are.
+so these are. :class:`EpochLoader` also says where in its epoch a pass starts, so a resumed run reads what an
+uninterrupted one read.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import torch
 from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
 
 from activation_transfer.errors import UsageError
 
@@ -69,3 +72,66 @@ def eval_sampler(dataset, rank: int, world: int) -> UnrepeatedDistributedSampler
         return None
     _check_enough(dataset, world, "validation")
     return UnrepeatedDistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=False)
+
+
+def train_position(trainer) -> tuple[int, int]:
+    """``(epoch, steps already taken in it)`` for the training pass whose first batch is being asked for.
+
+    Both come from the trainer's loop state, which a checkpoint restores: a run resumed at an epoch's end continues
+    with the next epoch's order, and one resumed mid-epoch (a checkpoint every n steps) skips exactly the steps
+    taken, so a resumed run sees what an uninterrupted one sees. ``(0, 0)`` without a trainer.
+    """
+    if trainer is None:
+        return 0, 0
+    return int(trainer.current_epoch), int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
+
+
+class _LazyIterator:
+    """An iterator that calls ``start()`` for the real one when the first item is asked for."""
+
+    def __init__(self, start: Callable[[], Iterator]):
+        self._start, self._it = start, None
+
+    def __iter__(self) -> _LazyIterator:
+        return self
+
+    def __next__(self):
+        if self._it is None:
+            self._it = self._start()
+        return next(self._it)
+
+
+class EpochLoader(DataLoader):
+    """A DataLoader that tells whatever orders its batches where to start before each pass (workers get a fresh copy
+    every pass): the dataset of an ``IterableDataset`` stream, else the sampler; either has
+    ``set_epoch(epoch, skip_steps)`` and a ``len`` in steps.
+
+    ``position_fn`` returns ``(epoch, steps already taken)`` (:func:`train_position`); it is read when the pass's
+    first batch is asked for, not when ``iter()`` is called: Lightning creates the first iterator while estimating
+    the number of steps, *before* it restores a checkpoint's loop state, so a resumed run would otherwise replay
+    epoch 0's order (and worker processes ask the sampler for indices as soon as the iterator exists).
+    """
+
+    def __init__(self, dataset, position_fn: Callable[[], tuple[int, int]], **kwargs):
+        super().__init__(dataset, **kwargs)
+        self._position_fn = position_fn
+
+    def _start(self) -> Iterator:
+        epoch, done = self._position_fn()
+        ordered = self.dataset if isinstance(self.dataset, IterableDataset) else self.sampler
+        # All of the epoch's steps are taken when a run resumes from a checkpoint written at the epoch's end
+        # (on_train_epoch_end) under max_steps: Lightning asks for one batch more in that epoch, and an empty pass
+        # makes it go on to the next one instead of training on a batch the uninterrupted run never took.
+        ordered.set_epoch(epoch, min(done, len(ordered)))
+        return super().__iter__()
+
+    def __iter__(self):
+        return _LazyIterator(self._start)
+
+    # Nothing to save: the position is the trainer's loop state, restored from the same checkpoint. Having these
+    # methods tells Lightning that this loader resumes mid-epoch correctly (it warns about loaders without them).
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

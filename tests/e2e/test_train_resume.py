@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from functools import partial
 from pathlib import Path
@@ -171,3 +172,43 @@ def test_a_resume_with_other_decisive_options_is_refused(tmp_path, capsys, train
         train(tmp_path / "run", "--trainer.max_epochs", "2", "--ckpt_path", "last", *changed)
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert exit_.value.code == 2 and line.startswith("train.py: error: cannot resume from") and expected in line
+
+
+# ------------------------------------------------------------------------------------------------ organisms
+
+
+def _fit_organism(root: Path, *extra: str) -> dict:
+    """40 steps of a 1-block sender organism on 256 samples: 16 batches per epoch, the cosine schedule over 40 steps."""
+    from cli.organism_cli import main as organism_main
+    from cli.organisms import organism_config
+
+    small = "--model.hidden_size 32 --model.num_layers 1 --model.num_heads 2 --model.intermediate_size 64".split()
+    data = "--data.num_train_samples 256 --data.num_val_samples 16 --data.batch_size 16".split()
+    run = ["--trainer.max_steps", "40", "--trainer.val_check_interval", "12", "--trainer.logger", "false"]
+    cli = organism_main(
+        ["fit", "-c", str(organism_config("sender")), *small, *data, *run, "--trainer.default_root_dir", str(root)]
+        + list(extra)
+    )
+    assert cli.trainer.global_step == 40 and cli.trainer.num_training_batches == 16
+    return {k: v.clone() for k, v in cli.model.state_dict().items()}
+
+
+# The resumed runs need no checkpoints of their own: Lightning warns that the callbacks that wrote them are missing.
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
+def test_an_organism_resumed_mid_epoch_or_at_an_epoch_end_equals_an_uninterrupted_run(tmp_path):
+    # The batch sampler counted its own passes from 0 in every process: a resumed run replayed epoch 0's order, and
+    # one resumed mid-epoch restarted the epoch's order from its first batch.
+    saves = [
+        {"every_n_train_steps": 20, "filename": "mid-{step}"},  # batch 4 of epoch 1
+        {"save_on_train_epoch_end": True, "filename": "end-{step}"},  # the end of epoch 0 (and 1)
+    ]
+    callbacks = [
+        {"class_path": "ModelCheckpoint", "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_top_k": -1, **kw}}
+        for kw in saves
+    ]
+    full = _fit_organism(
+        tmp_path / "full", "--trainer.enable_checkpointing", "true", "--trainer.callbacks", json.dumps(callbacks)
+    )
+    for ckpt in ("end-step=16.ckpt", "mid-step=20.ckpt"):
+        resumed = _fit_organism(tmp_path / ckpt, "--ckpt_path", str(tmp_path / "ckpt" / ckpt))
+        _assert_identical(full, resumed)
