@@ -4,8 +4,9 @@ Batches are plain lists of :class:`QASample`: the functional module owns both to
 Held out twice over, as for the model organisms: the generator's ``EVAL_SEED`` is refused, every generated sample whose
 key occurs in the built-in evaluation set is dropped (validation keys are dropped from training too), the paper's
 evaluation files are refused as training or validation sources, and every sample whose context is one of the paper's
-clean_eval contexts is dropped, whatever its source: the paper's val.jsonl holds 4 clean_eval questions verbatim and
-its train.jsonl 13 clean_eval contexts with other questions (the paper deduplicated clean_eval against train by key).
+clean_eval contexts is dropped (read from the pinned file; a file source needs it, a generated one is checked when
+it is at hand): the paper's val.jsonl holds 4 clean_eval questions verbatim and its train.jsonl 13 clean_eval contexts
+with other questions (the paper deduplicated clean_eval against train by key).
 """
 
 from __future__ import annotations
@@ -13,10 +14,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import json
 import logging
 import random
-from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
@@ -26,7 +25,14 @@ from activation_transfer.errors import UsageError
 from activation_transfer.task.generator import EVAL_SEED
 from datamodules.multihop_qa import QADataset
 from datamodules.organism_text import held_out_samples
-from datamodules.qa_sources import PAPER_FILES, QASample, load_source, resolve_paper_file
+from datamodules.qa_sources import (
+    PAPER_FILES,
+    QASample,
+    load_source,
+    paper_cache_path,
+    read_jsonl,
+    resolve_paper_file,
+)
 from datamodules.rank_samplers import EpochOrderSampler, eval_sampler, rank_world
 
 log = logging.getLogger(__name__)
@@ -35,24 +41,45 @@ log = logging.getLogger(__name__)
 TRAINING_PAPER_FILES = ("train", "val")
 
 
-# Digests of the paper's clean_eval contexts (no copy of the data; checked against the pinned file by the tests).
-CLEAN_EVAL_CONTEXTS = Path(__file__).with_name("clean_eval_contexts.json")
-
-
 def context_digest(context: str) -> str:
-    """First 16 hex digits of the SHA-256 of a context (the form of ``CLEAN_EVAL_CONTEXTS``)."""
+    """First 16 hex digits of the SHA-256 of a context."""
     return hashlib.sha256(context.encode()).hexdigest()[:16]
 
 
 @functools.cache
-def clean_eval_contexts() -> frozenset[str]:
-    """Digests of every context of the paper's clean_eval.jsonl."""
-    return frozenset(json.loads(CLEAN_EVAL_CONTEXTS.read_text())["contexts"])
+def _digests_of(path: str) -> frozenset[str]:
+    return frozenset(context_digest(s.context) for s in read_jsonl(path))
 
 
-def drop_clean_eval_contexts(samples: list[QASample], source: str) -> list[QASample]:
-    """The samples whose context is not one of clean_eval's, with a log line when some were dropped."""
-    held_out = clean_eval_contexts()
+def clean_eval_contexts(data_dir: str | None = None, cache_dir: str | None = None, download: bool = True):
+    """Digests of every context of the paper's clean_eval.jsonl, read from the pinned file (``data_dir``, else the
+    cache, else downloaded when ``download``; SHA-256 checked), or None when it is not at hand and not downloaded."""
+    local = data_dir is not None or paper_cache_path("clean_eval", cache_dir).is_file()
+    if not local and not download:
+        return None
+    try:
+        path, _ = resolve_paper_file("clean_eval", data_dir=data_dir, cache_dir=cache_dir)
+    except UsageError as err:
+        raise UsageError(
+            f"functional training holds out the contexts of the paper's clean_eval.jsonl and could not read it: {err}; "
+            "set data.data_dir to a folder holding it, or allow its download once"
+        ) from None
+    return _digests_of(str(path))
+
+
+def drop_clean_eval_contexts(
+    samples: list[QASample], source: str, data_dir: str | None = None, cache_dir: str | None = None
+) -> list[QASample]:
+    """The samples whose context is not one of clean_eval's, with a log line when some were dropped.
+
+    A generated source is checked when the pinned file is at hand (``data_dir`` or the cache) and not downloaded for
+    it: the generator's contexts link random entities, the paper's state facts (none of the shipped training sets
+    holds one: tests/datamodules/test_qa_training.py). A file source needs the file.
+    """
+    held_out = clean_eval_contexts(data_dir, cache_dir, download=source != "synthetic")
+    if held_out is None:
+        log.info("generated %s samples not checked against clean_eval's contexts (the file is not at hand)", source)
+        return samples
     kept = [s for s in samples if context_digest(s.context) not in held_out]
     if len(kept) < len(samples):
         log.info(
@@ -173,7 +200,7 @@ class QATrainingDataModule(pl.LightningDataModule):
         if source == "synthetic":
             gen = held_out_samples(2000 if num is None else num, seed)
             samples = [QASample(s.sample_id, s.context, s.question, s.answer, s.hops) for s in gen]
-            return drop_clean_eval_contexts(samples, source)
+            return drop_clean_eval_contexts(samples, source, h.data_dir, h.cache_dir)
         samples, info = load_source(source, data_dir=h.data_dir, cache_dir=h.cache_dir)
         copied = info.get("paper_file") if info.get("kind") == "jsonl" else None
         if copied is not None and copied not in TRAINING_PAPER_FILES:  # a renamed copy: the same bytes, other name
@@ -181,7 +208,7 @@ class QATrainingDataModule(pl.LightningDataModule):
                 f"{source} is a copy of the paper's evaluation file {PAPER_FILES[copied].filename} (same SHA-256): "
                 "training on evaluation questions; train on 'synthetic', train, val or other questions"
             )
-        samples = drop_clean_eval_contexts(samples, source)
+        samples = drop_clean_eval_contexts(samples, source, h.data_dir, h.cache_dir)
         return samples if num is None else samples[:num]
 
     def setup(self, stage: str | None = None) -> None:

@@ -13,9 +13,10 @@ import torch
 from torch.utils.data import RandomSampler
 
 from activation_transfer.errors import UsageError
-from datamodules.qa_sources import PAPER_FILES
+from activation_transfer.task.generator import TRAINING_SETS
+from datamodules.organism_text import held_out_samples
+from datamodules.qa_sources import PAPER_FILES, QADataError
 from datamodules.qa_training import (
-    CLEAN_EVAL_CONTEXTS,
     QATrainingDataModule,
     clean_eval_contexts,
     context_digest,
@@ -27,13 +28,22 @@ def _rows(path):
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def test_the_shipped_clean_eval_digests_are_those_of_the_pinned_file(multihop_dir):
+def test_the_clean_eval_digests_are_read_from_the_pinned_file(multihop_dir):
     path = multihop_dir / "clean_eval.jsonl"
-    shipped = json.loads(CLEAN_EVAL_CONTEXTS.read_text())
-    assert hashlib.sha256(path.read_bytes()).hexdigest() == shipped["clean_eval_sha256"]
-    assert shipped["clean_eval_sha256"] == PAPER_FILES["clean_eval"].sha256
-    assert clean_eval_contexts() == {context_digest(r["context"]) for r in _rows(path)}
-    assert len(clean_eval_contexts()) == 394  # 396 questions, 2 contexts asked twice
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == PAPER_FILES["clean_eval"].sha256
+    held = clean_eval_contexts(str(multihop_dir))
+    assert held == {context_digest(r["context"]) for r in _rows(path)}
+    assert len(held) == 394  # 396 questions, 2 contexts asked twice
+    # Not at hand (no data_dir, nothing cached) and not to be downloaded: None, nothing fetched.
+    assert clean_eval_contexts(None, download=False) is None
+
+
+def test_the_shipped_generated_training_sets_hold_no_clean_eval_context(multihop_dir):
+    # Why a generated source may go unchecked when the file is not at hand: the shipped configs' functional sets
+    # (train seed 1, up to 20,000; validation seed 2, up to 256) and the organisms' (generator.TRAINING_SETS).
+    held = clean_eval_contexts(str(multihop_dir))
+    for seed, n in (*TRAINING_SETS, (2, 256)):
+        assert not any(context_digest(s.context) in held for s in held_out_samples(n, seed)), (seed, n)
 
 
 def test_the_papers_train_and_val_files_lose_their_clean_eval_contexts(multihop_dir):
@@ -53,7 +63,7 @@ def test_part_of_an_evaluation_file_under_another_name_leaves_nothing_to_train_o
     # Its SHA-256 is not the file's, so the whole-file check cannot see it; the contexts can.
     part = tmp_path / "my_qa.jsonl"
     part.write_text("".join((multihop_dir / "clean_eval.jsonl").read_text().splitlines(keepends=True)[:50]))
-    dm = QATrainingDataModule(train_source=str(part), num_val_samples=4)
+    dm = QATrainingDataModule(train_source=str(part), num_val_samples=4, data_dir=str(multihop_dir))
     with pytest.raises(UsageError, match="no training samples left"):
         dm.setup("fit")
 
@@ -72,7 +82,9 @@ def test_a_renamed_copy_of_a_paper_evaluation_file_is_refused(tmp_path, multihop
 def test_a_renamed_copy_of_the_papers_train_file_is_accepted(tmp_path, multihop_dir):
     copy = tmp_path / "my_train.jsonl"
     shutil.copy(multihop_dir / "train.jsonl", copy)
-    dm = QATrainingDataModule(train_source=str(copy), num_train_samples=8, num_val_samples=4)
+    dm = QATrainingDataModule(
+        train_source=str(copy), num_train_samples=8, num_val_samples=4, data_dir=str(multihop_dir)
+    )
     dm.setup("fit")
     assert len(dm.train_set) == 8
 
@@ -127,3 +139,15 @@ def test_the_data_modules_loaders_take_this_ranks_share():
     val = [s.sample_id for batch in dm.val_dataloader() for s in batch]
     assert train == one[1:8:2]  # rank 1 of 2: every 2nd of the one-process order, up to 2 * (9 // 2)
     assert val == [s.sample_id for s in dm.val_set.samples[1::2]]
+
+
+def test_a_file_source_without_the_clean_eval_file_at_hand_is_one_line(tmp_path, monkeypatch, multihop_dir):
+    def no_network(url, path, sha256):
+        raise QADataError(f"cannot download {url}")
+
+    monkeypatch.setattr("datamodules.qa_sources.download_verified", no_network)
+    copy = tmp_path / "my_train.jsonl"
+    shutil.copy(multihop_dir / "train.jsonl", copy)
+    dm = QATrainingDataModule(train_source=str(copy), num_train_samples=8, num_val_samples=4)
+    with pytest.raises(UsageError, match="holds out the contexts of the paper's clean_eval.jsonl .* data.data_dir"):
+        dm.setup("fit")
