@@ -35,6 +35,14 @@ class OrganismCLI(LightningCLI):
             help="Folder that receives the trained model and tokenizer (save_pretrained) after fit.",
         )
 
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI parses a checkpoint's hparams over the config, so `fit --ckpt_path` silently trained on with
+        # the saved options instead of the given ones; here, as in train.py, the config builds the module and
+        # CausalLMModule's resume checks refuse a checkpoint whose decisive options differ. Other subcommands keep
+        # Lightning's behaviour (the checkpoint's architecture, whatever the config says).
+        if self.config.get("subcommand") != "fit":
+            super()._parse_ckpt_path()
+
     def after_instantiate_classes(self) -> None:
         max_length = self.datamodule.hparams.max_length
         max_pos = self.model.hparams.max_position_embeddings

@@ -69,6 +69,14 @@ class ActivationPairDataModule(pl.LightningDataModule):
         num_workers: DataLoader worker processes.
     """
 
+    # The options that decide which pairs a fit trains on, in which order (a resumed fit must keep them:
+    # activation_transfer.resume_checks). The models' identities are the translator's own (model.sender/receiver);
+    # folders, extraction batching, shard size (the order is over row offsets) and workers change none of it.
+    RESUME_KEYS = (
+        *("corpus", "max_length", "store_dtype", "batch_size", "val_fraction", "shuffle_buffer", "chunk_rows"),
+        "seed",
+    )
+
     def __init__(
         self,
         sender_model: ModelRef | None = None,

@@ -172,6 +172,13 @@ class LengthBucketBatchSampler(DistributedSampler):
 class OrganismTextDataModule(pl.LightningDataModule):
     """Generated multi-hop QA text (prompt + answer) for training the model organisms."""
 
+    # The options that decide what an organism trains on, in which order (a resumed fit must keep them:
+    # activation_transfer.resume_checks); the cache folder and workers change neither.
+    RESUME_KEYS = (
+        *("num_train_samples", "train_seed", "num_val_samples", "val_seed", "distractor_prob", "max_length"),
+        *("batch_size", "trim_padding", "bucket_pool_batches", "shuffle_seed"),
+    )
+
     def __init__(
         self,
         num_train_samples: int = 20000,

@@ -150,6 +150,13 @@ class QATrainingDataModule(pl.LightningDataModule):
         num_workers: DataLoader worker processes.
     """
 
+    # The options that decide what a fit trains on, in which order (a resumed fit must keep them:
+    # activation_transfer.resume_checks); folders and workers change where and how, not what.
+    RESUME_KEYS = (
+        *("train_source", "val_source", "num_train_samples", "num_val_samples", "train_seed", "val_seed"),
+        *("shuffle_seed", "mismatched_contexts", "mismatch_seed", "batch_size"),
+    )
+
     def __init__(
         self,
         train_source: str = "synthetic",

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torchmetrics import MaxMetric, MeanMetric
 
 from activation_transfer.errors import UsageError
+from activation_transfer.resume_checks import ResumeChecks
 from datamodules.organism_text import ANSWER, PROMPT
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -55,8 +56,16 @@ def build_neox(
     return GPTNeoXForCausalLM(config)
 
 
-class CausalLMModule(pl.LightningModule):
+class CausalLMModule(ResumeChecks, pl.LightningModule):
     """Trains a GPT-NeoX causal LM, built from size arguments, on prompt + answer batches."""
+
+    # What decides the weights a resumed fit continues (refused when the resuming config differs): every option but
+    # compile, which runs the same computation fused (the organism cache's recipe hash leaves it out too).
+    RESUME_KEYS = (
+        *("hidden_size", "num_layers", "num_heads", "intermediate_size", "vocab_size", "max_position_embeddings"),
+        *("rotary_pct", "tie_word_embeddings", "lr", "weight_decay", "beta1", "beta2", "warmup_steps"),
+        *("min_lr_ratio", "prompt_loss_weight"),
+    )
 
     def __init__(
         self,

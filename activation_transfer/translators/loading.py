@@ -5,7 +5,6 @@ becomes one :class:`PretrainedTranslator` (weights, identities, kind, training s
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import torch
 
 from activation_transfer.errors import MissingInput, UsageError
+from activation_transfer.resume_checks import ResumeChecks, check_resume_at_epoch_end, check_resume_with_max_steps
 from activation_transfer.translators.export import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -241,77 +241,26 @@ def load_translator_for(
 # ------------------------------------------------------------------------------------------ resuming training
 
 
-def check_resume_matches(saved: dict, given: dict, keys, ckpt: str = "the checkpoint") -> None:
-    """Raise :class:`UsageError` listing every decisive option whose value in a resumed checkpoint's hparams
-    (``saved``) differs from this run's (``given``): the checkpoint's optimizer and weights ran with the saved
-    values, so a run record claiming the given ones would lie. Keys absent on either side are not compared."""
-
-    def canon(value) -> str:  # tuples and lists, AttributeDicts and dicts alike
-        return json.dumps(value, sort_keys=True, default=str)
-
-    diff = [
-        f"{key}: saved {saved[key]!r} vs given {given[key]!r}"
-        for key in keys
-        if key in saved and key in given and canon(saved[key]) != canon(given[key])
-    ]
-    if diff:
-        raise UsageError(
-            f"cannot resume from {ckpt} with other options ({'; '.join(diff)}): resume with the options it was "
-            "trained with, or start a new run without --ckpt_path"
-        )
-
-
-def check_resume_at_epoch_end(checkpoint: dict, ckpt: str = "the checkpoint") -> None:
-    """Raise :class:`UsageError` when ``checkpoint`` was written part-way through an epoch: for a trainer whose
-    sample order cannot skip the batches an epoch already took, resuming there would retrain on another order."""
-    progress = ((checkpoint.get("loops") or {}).get("fit_loop") or {}).get("epoch_loop.batch_progress") or {}
-    taken = int((progress.get("current") or {}).get("ready", 0))
-    if taken and not progress.get("is_last_batch", True):
-        raise UsageError(
-            f"cannot resume from {ckpt}: it was written mid-epoch (after {taken} batches of its epoch), and this "
-            "trainer's sample order does not skip the batches already taken; resume from an end-of-epoch checkpoint "
-            "(such as last.ckpt written at an epoch's end)"
-        )
-
-
-def check_resume_with_max_steps(checkpoint: dict, max_steps: int, ckpt: str = "the checkpoint") -> None:
-    """Raise :class:`UsageError` when ``checkpoint`` was written in an epoch's end hooks (the fit loop counts the epoch
-    processed, not yet completed) and is resumed with ``max_steps`` and steps left: Lightning 2.6 restarts such a fit
-    at that epoch's end and counts the epoch twice, so it stops one epoch early (at once when that was the last)."""
-    epochs = (((checkpoint.get("loops") or {}).get("fit_loop") or {}).get("epoch_progress") or {}).get("total") or {}
-    ready, started, processed, completed = (
-        int(epochs.get(k, 0)) for k in ("ready", "started", "processed", "completed")
-    )
-    step = int(checkpoint.get("global_step", 0))
-    if max_steps != -1 and step < max_steps and ready == started == processed == completed + 1:
-        raise UsageError(
-            f"cannot resume from {ckpt} with --trainer.max_steps {max_steps}: it was written at the end of epoch "
-            f"{checkpoint.get('epoch')} (step {step}), which Lightning 2.6 then counts twice (the fit stops an epoch "
-            "early); resume with --trainer.max_steps -1 and limit the run by --trainer.max_epochs"
-        )
-
-
-class ResumableTraining:
+class ResumableTraining(ResumeChecks):
     """What the translator LightningModules share about their training state (a mixin: the library has no Lightning).
 
-    A subclass names in ``RESUME_KEYS`` the hyperparameters that decide the weights; a resumed fit whose config
-    differs in one of them is refused, while ``load_from_checkpoint`` (no trainer) may override them. The optimizer
-    and schedule come from ``self.optimizer_args`` over ``self.translator``'s parameters.
+    A subclass names in ``RESUME_KEYS`` the hyperparameters that decide the weights (:class:`ResumeChecks`: a resumed
+    fit whose config, or its data module's, differs in one of them is refused, while ``load_from_checkpoint`` may
+    override them). The optimizer and schedule come from ``self.optimizer_args`` over ``self.translator``'s
+    parameters.
     """
 
-    RESUME_KEYS: tuple[str, ...] = ()
     # False for a trainer whose data order cannot resume part-way through an epoch: such a resume is refused.
     RESUMES_MID_EPOCH = True
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        if self._trainer is None:  # load_from_checkpoint (overrides allowed), not a resumed fit
+        super().on_load_checkpoint(checkpoint)
+        if not self.resuming_fit():
             return
-        check_resume_matches(checkpoint.get("hyper_parameters") or {}, dict(self.hparams), self.RESUME_KEYS)
-        check_resume_with_max_steps(
-            checkpoint, int(self._trainer.max_steps), str(self._trainer.ckpt_path or "the checkpoint")
-        )
+        ckpt = str(self._trainer.ckpt_path or "the checkpoint")
+        check_resume_with_max_steps(checkpoint, int(self._trainer.max_steps), ckpt)
         if not self.RESUMES_MID_EPOCH:
-            check_resume_at_epoch_end(checkpoint, str(self._trainer.ckpt_path or "the checkpoint"))
+            check_resume_at_epoch_end(checkpoint, ckpt)
 
     def configure_optimizers(self):
         total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1

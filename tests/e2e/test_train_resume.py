@@ -149,7 +149,20 @@ def test_a_functional_resume_mid_epoch_is_refused(tmp_path, capsys):
     [
         ("functional", [], ["--model.slots.scheme", "last", "--model.slots.k", "8"], "slots: saved {"),
         ("functional", [], ["--model.objective", "distill"], "objective: saved 'answer_ce' vs given 'distill'"),
-        ("aligned", [], ["--model.lr", "0.5", "--model.loss", "mse"], "loss: saved 'cosine' vs given 'mse'; lr: saved"),
+        (
+            "aligned",
+            [],
+            ["--model.lr", "0.5", "--model.loss", "mse"],
+            "model.loss: saved 'cosine' vs given 'mse'; model.lr: saved",
+        ),
+        # The data's order and batches decide the weights as much as the model's options do.
+        ("aligned", [], ["--data.seed", "7"], "(data.seed: saved 42 vs given 7)"),
+        (
+            "functional",
+            [],
+            ["--data.batch_size", "2", "--data.shuffle_seed", "3"],
+            "(data.shuffle_seed: saved 0 vs given 3; data.batch_size: saved 4 vs given 2)",
+        ),
         # Another block of the sender (same hidden size) would relabel the translator as reading it.
         ("aligned", [], ["--data.sender_model.layer", "0"], "sender: saved {"),
         ("functional", [], ["--model.sender_site", "embeddings"], "sender_site: saved 'block' vs given 'embeddings'"),
@@ -212,3 +225,20 @@ def test_an_organism_resumed_mid_epoch_or_at_an_epoch_end_equals_an_uninterrupte
     for ckpt in ("end-step=16.ckpt", "mid-step=20.ckpt"):
         resumed = _fit_organism(tmp_path / ckpt, "--ckpt_path", str(tmp_path / "ckpt" / ckpt))
         _assert_identical(full, resumed)
+
+
+@pytest.mark.filterwarnings("ignore:Be aware that when using `ckpt_path`")
+def test_an_organism_resume_with_other_recipe_options_is_refused(tmp_path, capsys):
+    # Nothing compared an organism's recipe with its checkpoint's: another data seed or learning rate trained on.
+    save = {
+        "class_path": "ModelCheckpoint",
+        "init_args": {"dirpath": str(tmp_path / "ckpt"), "every_n_train_steps": 20},
+    }
+    _fit_organism(tmp_path / "run", "--trainer.enable_checkpointing", "true", "--trainer.callbacks", json.dumps([save]))
+    (ckpt,) = (tmp_path / "ckpt").glob("*.ckpt")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        _fit_organism(tmp_path / "resumed", "--ckpt_path", str(ckpt), "--data.shuffle_seed", "1", "--model.lr", "0.01")
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_.value.code == 2 and "cannot resume from" in line
+    assert "(model.lr: saved 0.003 vs given 0.01; data.shuffle_seed: saved 0 vs given 1)" in line
