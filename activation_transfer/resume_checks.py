@@ -37,19 +37,6 @@ def raise_differences(diff: list[str], ckpt: str) -> None:
         )
 
 
-def check_resume_at_epoch_end(checkpoint: dict, ckpt: str = "the checkpoint") -> None:
-    """Raise :class:`UsageError` when ``checkpoint`` was written part-way through an epoch: for a trainer whose
-    sample order cannot skip the batches an epoch already took, resuming there would retrain on another order."""
-    progress = ((checkpoint.get("loops") or {}).get("fit_loop") or {}).get("epoch_loop.batch_progress") or {}
-    taken = int((progress.get("current") or {}).get("ready", 0))
-    if taken and not progress.get("is_last_batch", True):
-        raise UsageError(
-            f"cannot resume from {ckpt}: it was written mid-epoch (after {taken} batches of its epoch), and this "
-            "trainer's sample order does not skip the batches already taken; resume from an end-of-epoch checkpoint "
-            "(such as last.ckpt written at an epoch's end)"
-        )
-
-
 def check_resume_with_max_steps(checkpoint: dict, max_steps: int, ckpt: str = "the checkpoint") -> None:
     """Raise :class:`UsageError` when ``checkpoint`` was written in an epoch's end hooks (the fit loop counts the epoch
     processed, not yet completed) and is resumed with ``max_steps`` and steps left: Lightning 2.6 restarts such a fit

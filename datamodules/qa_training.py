@@ -33,7 +33,7 @@ from datamodules.qa_sources import (
     read_jsonl,
     resolve_paper_file,
 )
-from datamodules.rank_samplers import EpochOrderSampler, eval_sampler, rank_world
+from datamodules.rank_samplers import EpochLoader, EpochOrderSampler, eval_sampler, rank_world, train_position
 
 log = logging.getLogger(__name__)
 
@@ -241,10 +241,16 @@ class QATrainingDataModule(pl.LightningDataModule):
         # A private generator: the order depends on shuffle_seed and the epoch only, not on how much global RNG ran
         # before, nor on whether the run was resumed.
         rank, world = rank_world(self.trainer)
-        return DataLoader(
+        batch = int(self.hparams.batch_size)
+        sampler = EpochOrderSampler(self.train_set, int(self.hparams.shuffle_seed), world, rank, batch_size=batch)
+        # EpochLoader: the epoch and the steps already taken are read when the first batch is asked for, after a
+        # checkpoint's loop state is restored (worker processes ask the sampler for indices as soon as an iterator
+        # exists, and Lightning creates the first one before restoring).
+        return EpochLoader(
             self.train_set,
-            batch_size=self.hparams.batch_size,
-            sampler=EpochOrderSampler(self.train_set, int(self.hparams.shuffle_seed), num_replicas=world, rank=rank),
+            lambda: train_position(self.trainer),
+            batch_size=batch,
+            sampler=sampler,
             num_workers=self.hparams.num_workers,
             collate_fn=list,
         )

@@ -42,7 +42,9 @@ def _check_enough(dataset, world: int, what: str) -> None:
 
 
 class EpochOrderSampler(DistributedSampler):
-    """Training order: :func:`sample_order` of ``(seed, epoch)`` (Lightning calls :meth:`set_epoch`).
+    """Training order: :func:`sample_order` of ``(seed, epoch)``. Lightning calls :meth:`set_epoch` before each pass,
+    and :class:`EpochLoader` says how many of the pass's steps a resumed run already took (read before the loader's
+    workers ask for indices), so a resumed run reads what an uninterrupted one read.
 
     One process reads the whole order. Under DDP rank ``r`` of ``w`` reads every ``w``-th sample of it from ``r``,
     up to ``w * (n // w)``: every rank runs the same number of steps (DDP syncs gradients at each), no sample is read
@@ -53,15 +55,23 @@ class EpochOrderSampler(DistributedSampler):
         seed: Seed of the order, independent of the global seed.
         num_replicas: Number of processes.
         rank: This process's rank.
+        batch_size: Samples per step of the loader that batches this order (a resumed pass skips whole steps).
     """
 
-    def __init__(self, dataset, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+    def __init__(self, dataset, seed: int, num_replicas: int = 1, rank: int = 0, batch_size: int = 1) -> None:
         _check_enough(dataset, num_replicas, "training")
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=int(seed), drop_last=True)
+        self.batch_size, self.skip_steps = int(batch_size), 0
+
+    def set_epoch(self, epoch: int, skip_steps: int = 0) -> None:
+        """Read epoch ``epoch``'s order, starting after this rank's first ``skip_steps`` steps (a mid-epoch resume)."""
+        super().set_epoch(int(epoch))
+        self.skip_steps = int(skip_steps)
 
     def __iter__(self):
         order = sample_order(len(self.dataset), self.seed, self.epoch)
-        return iter(order[self.rank : self.total_size : self.num_replicas])
+        share = order[self.rank : self.total_size : self.num_replicas]
+        return iter(share[self.skip_steps * self.batch_size :])
 
 
 def eval_sampler(dataset, rank: int, world: int) -> UnrepeatedDistributedSampler | None:

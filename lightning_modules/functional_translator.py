@@ -375,8 +375,6 @@ class FunctionalTranslatorModule(ResumableTraining, pl.LightningModule):
     def validation_step(self, batch: list, batch_idx: int) -> None:
         self._log_all("val", self.losses(batch), len(batch))
 
-    # QATrainingDataModule's EpochOrderSampler restarts its epoch's order: a mid-epoch resume would retrain on another.
-    RESUMES_MID_EPOCH = False
     # What decides the weights a resumed run continues: refused when the resuming config differs.
     RESUME_KEYS = (
         *("sender", "receiver", "translator", "normalize", "objective", "mse_weight", "distill_on"),

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from activation_transfer.errors import MissingInput, UsageError
-from activation_transfer.resume_checks import ResumeChecks, check_resume_at_epoch_end, check_resume_with_max_steps
+from activation_transfer.resume_checks import ResumeChecks, check_resume_with_max_steps
 from activation_transfer.translators.export import (
     CONFIG_NAME,
     WEIGHTS_NAME,
@@ -250,17 +250,11 @@ class ResumableTraining(ResumeChecks):
     parameters.
     """
 
-    # False for a trainer whose data order cannot resume part-way through an epoch: such a resume is refused.
-    RESUMES_MID_EPOCH = True
-
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
-        if not self.resuming_fit():
-            return
-        ckpt = str(self._trainer.ckpt_path or "the checkpoint")
-        check_resume_with_max_steps(checkpoint, int(self._trainer.max_steps), ckpt)
-        if not self.RESUMES_MID_EPOCH:
-            check_resume_at_epoch_end(checkpoint, ckpt)
+        if self.resuming_fit():
+            ckpt = str(self._trainer.ckpt_path or "the checkpoint")
+            check_resume_with_max_steps(checkpoint, int(self._trainer.max_steps), ckpt)
 
     def configure_optimizers(self):
         total = int(self.trainer.estimated_stepping_batches) if self._trainer is not None else 1

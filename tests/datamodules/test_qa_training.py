@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -102,6 +103,13 @@ def test_epoch_order_is_the_once_seeded_order_and_depends_only_on_seed_and_epoch
     resumed = EpochOrderSampler(data, 5)  # a fresh sampler, as after a restart, at epoch 2
     resumed.set_epoch(2)
     assert list(resumed) == expected[2]
+    # A pass resumed after 2 steps of 3 samples reads the rest of that epoch's order; Lightning's own set_epoch(e)
+    # at the next epoch's start reads it whole again.
+    resumed = EpochOrderSampler(data, 5, batch_size=3)
+    resumed.set_epoch(1, skip_steps=2)
+    assert list(resumed) == expected[1][6:]
+    resumed.set_epoch(2)
+    assert list(resumed) == expected[2]
 
 
 def test_under_ddp_each_rank_reads_its_share_of_the_seeded_order_and_no_sample_twice():
@@ -134,7 +142,10 @@ def test_the_data_modules_loaders_take_this_ranks_share():
     dm = QATrainingDataModule(num_train_samples=9, num_val_samples=5, batch_size=2, shuffle_seed=3)
     dm.setup("fit")
     one = [s.sample_id for batch in dm.train_dataloader() for s in batch]
-    dm.trainer = type("Trainer", (), {"global_rank": 1, "world_size": 2})()  # rank 1 of a DDP run of 2
+    # Rank 1 of a DDP run of 2, at the start of epoch 0 (the loop state EpochLoader reads).
+    progress = SimpleNamespace(current=SimpleNamespace(ready=0))
+    loop = SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress))
+    dm.trainer = SimpleNamespace(global_rank=1, world_size=2, current_epoch=0, fit_loop=loop)
     train = [s.sample_id for batch in dm.train_dataloader() for s in batch]
     val = [s.sample_id for batch in dm.val_dataloader() for s in batch]
     assert train == one[1:8:2]  # rank 1 of 2: every 2nd of the one-process order, up to 2 * (9 // 2)
