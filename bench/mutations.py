@@ -68,12 +68,12 @@ CANARY = _m(
 MUTATIONS: tuple[Mutation, ...] = (
     # ---- statistics: bootstrap, McNemar, TOST, degradation, run SD, gap
     _m("bootstrap-lower-index-plus-one", S,
-       "return float(values[int(q * (b - 1))]),",
-       "return float(values[int(q * (b - 1)) + 1]),",
+       "return float(values[int(round(q * (b - 1), 9))]),",
+       "return float(values[int(round(q * (b - 1), 9)) + 1]),",
        "tests/activation_transfer/report/test_statistics.py"),
     _m("bootstrap-upper-index-over-B", S,
-       "float(values[int((1.0 - q) * (b - 1))])",
-       "float(values[int((1.0 - q) * b)])",
+       "float(values[int(round((1.0 - q) * (b - 1), 9))])",
+       "float(values[int(round((1.0 - q) * b, 9))])",
        "tests/activation_transfer/report/test_statistics.py"),
     _m("bootstrap-uniform-over-levels", S,
        "draws = rng.multinomial(n, counts / n, size=resamples)",

@@ -36,11 +36,15 @@ def derive_seed(seed: int, label: str) -> int:
 
 def percentile_ci(values: np.ndarray, confidence: float) -> tuple[float, float]:
     """The one percentile rule of every bootstrap here (the paper's): the sorted values at ``int(q * (B - 1))`` and
-    ``int((1 - q) * (B - 1))`` with ``q = (1 - confidence) / 2``."""
+    ``int((1 - q) * (B - 1))`` with ``q = (1 - confidence) / 2``, the products taken in decimal (0.05, not the float
+    0.04999999999999999 that ``(1 - 0.90) / 2`` gives)."""
     values = np.sort(values)
     q = (1.0 - confidence) / 2.0
     b = values.size
-    return float(values[int(q * (b - 1))]), float(values[int((1.0 - q) * (b - 1))])
+    # Rounded before the floor: (1 - 0.90) / 2 is 0.04999999999999999, whose product with B - 1 falls just short of a
+    # whole 0.05 * (B - 1) (B = 21, 1001, 10001) and floored one index too low. The rule's decimal fractions are far
+    # coarser than 1e-9, so the rounding moves nothing else (the defaults B = 5000, 10000 read the same indices).
+    return float(values[int(round(q * (b - 1), 9))]), float(values[int(round((1.0 - q) * (b - 1), 9))])
 
 
 def bootstrap_mean_ci(

@@ -245,3 +245,20 @@ def test_run_means_ci_matches_resampling_each_run_by_index() -> None:
     assert lo < centre < hi and not lo < np.concatenate(runs).mean() < hi
     with pytest.raises(ValueError, match="every run"):
         st.bootstrap_run_means_ci([[True], []])
+
+
+@pytest.mark.parametrize(
+    ("resamples", "confidence", "lo_i", "hi_i"),
+    [(21, 0.90, 1, 19), (1001, 0.90, 50, 950), (11, 0.80, 1, 9), (41, 0.95, 1, 39)],
+)
+def test_percentile_index_is_the_decimal_rule_where_q_times_b_minus_1_is_whole(resamples, confidence, lo_i, hi_i):
+    # (1 - 0.90) / 2 is 0.04999999999999999 in floats, so int(q * (B - 1)) fell one short whenever 0.05 * (B - 1)
+    # is whole (B = 21, 101, 1001, 10001): the 90% CI's lower end was read one order statistic further out than
+    # its upper end (B = 1001: sorted indices 49 and 950 instead of 50 and 950). Distinct values, so an index off by
+    # one shows.
+    from activation_transfer.report.clustered import question_means_ci
+
+    assert st.percentile_ci(np.arange(resamples, dtype=float)[::-1], confidence) == (lo_i, hi_i)
+    x = np.random.default_rng(1).random(30)  # question-level bootstrap read by the same rule, against a direct one
+    means = np.sort(x[np.random.default_rng(5).integers(0, 30, size=(resamples, 30))].mean(axis=1))
+    assert question_means_ci(x, resamples, confidence, seed=5) == (means[lo_i], means[hi_i])
