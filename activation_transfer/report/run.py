@@ -309,7 +309,7 @@ def _gap_notes(rows: Sequence[Mapping]) -> list[str]:
     notes = [f"gap recovered, {r['condition']}: {r['note']}" for r in rows if r.get("note")]
     notes += [
         f"gap recovered, {r['condition']}: {r['undefined_resamples']} of {r['resamples']} resamples had "
-        f"{r['high']} not above {r['low']} and were left out of the CI"
+        f"{r['high']} not above {r['low']}; they are ranked at the infinity of their numerator's sign, not left out"
         for r in rows
         if r.get("undefined_resamples")
     ]

@@ -12,6 +12,7 @@ from test_report import EXPECTED_FILES, _records, _write_jsonl, main  # report.p
 
 from activation_transfer.report import ReportResult, condition_accuracy, gap_recovered, run_report
 from activation_transfer.report import gap as gap_module
+from activation_transfer.report.run import _gap_notes
 from activation_transfer.report.stats import derive_seed
 from activation_transfer.task.scoring import MAIN_METRIC, METRICS
 
@@ -180,6 +181,11 @@ def test_resamples_without_a_gap_make_the_ci_unbounded_when_a_percentile_lands_o
     (row,) = gap_recovered(_groups(low, high, c=[high]), resamples=1000)
     assert 0 < row["undefined_resamples"] < 25 and "note" not in row
     assert row["fraction"] == row["ci_low"] == row["ci_high"] == 1.0
+    # The report's note says what happened to them: ranked, not left out (as it used to say).
+    (note,) = _gap_notes([{**row, "condition": "c", "low": "low", "high": "high"}])
+    assert note.endswith(
+        "had high not above low; they are ranked at the infinity of their numerator's sign, not left out"
+    )
 
 
 def test_an_undefined_resample_ranks_on_its_numerators_side() -> None:
