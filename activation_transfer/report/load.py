@@ -146,7 +146,9 @@ def _load_file(path: Path, notes: dict[str, Any], in_folder: bool = False) -> li
             "pass record files (JSONL) or their folder"
         )
     out = []
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # "\n" only, as JSONL is written: str.splitlines would also break at a U+2028, U+2029 or U+0085 inside a string
+    # (json.dumps with ensure_ascii=False leaves them as they are), making a valid record file unreadable.
+    for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         where = f"{path}:{lineno}"

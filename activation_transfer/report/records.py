@@ -93,17 +93,24 @@ def read_records(path: str | Path, tolerate_torn_tail: bool = False) -> list[dic
         ValueError: Naming the file and line of a malformed record.
     """
     path = Path(path)
-    lines = path.read_text(encoding="utf-8").splitlines()
+    # Split the bytes on "\n" only, as written: records are written with ensure_ascii=False, and str.splitlines would
+    # also break a line inside a string holding U+2028, U+2029 or U+0085 (which json.dumps leaves as they are), and a
+    # crash can tear the last line inside a multi-byte character, which must not make the whole file undecodable.
+    lines = path.read_bytes().split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()
     out = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
+    for i, raw in enumerate(lines, 1):
         try:
+            line = raw.decode("utf-8")
+            if not line.strip():
+                continue
             rec = json.loads(line)
-        except json.JSONDecodeError as err:
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
             if tolerate_torn_tail and i == len(lines):
                 break
-            raise ValueError(f"{path}:{i}: not valid JSON ({err.msg})") from err
+            why = f"not UTF-8 ({err.reason})" if isinstance(err, UnicodeDecodeError) else f"not valid JSON ({err.msg})"
+            raise ValueError(f"{path}:{i}: {why}") from err
         missing = [f for f in RECORD_FIELDS if f not in rec] if isinstance(rec, dict) else list(RECORD_FIELDS)
         if missing:
             raise ValueError(f"{path}:{i}: record lacks field(s) {', '.join(missing)}")

@@ -26,7 +26,9 @@ def read_records(run_dirs: Iterable[str | Path]) -> list[dict]:
     out = []
     for run_dir in run_dirs:
         for path in sorted(Path(run_dir, "records").glob("*.jsonl")):
-            out += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+            # "\n" only, as written: str.splitlines also breaks at a U+2028 or U+0085 inside a prediction
+            text = path.read_text(encoding="utf-8")
+            out += [json.loads(line) for line in text.split("\n") if line.strip()]
     return out
 
 

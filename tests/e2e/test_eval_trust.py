@@ -16,6 +16,8 @@ from activation_transfer.injection.conditions import build_conditions
 from activation_transfer.injection.sources import condition_source
 from activation_transfer.models.frozen_lm import load_ref
 from activation_transfer.report import records as rio
+from activation_transfer.report.load import load_records
+from activation_transfer.report.subgroups import read_records as subgroup_records
 from activation_transfer.translators.loading import load_translator
 from datamodules.multihop_qa import MultiHopQADataModule
 
@@ -197,6 +199,40 @@ def test_resume_after_a_torn_line_and_a_second_interruption_finishes(tmp_path, c
     rio.append_partial(first.run_dir, "same_norm_random", 42, 0, recs[3:5])  # a second invocation, crashed again
     second = run_eval(tmp_path, ckpt, conditions=conds, seeds=[42])
     assert second.run_dir == first.run_dir and target.read_text() == old
+
+
+def test_resume_after_a_line_torn_inside_a_multibyte_character_finishes(tmp_path, ckpt):
+    conds = ["no_inject", "same_norm_random"]
+    first = run_eval(tmp_path, ckpt, conditions=conds, seeds=[42])
+    target = rio.records_path(first.run_dir, "same_norm_random", 42)
+    old = target.read_text()
+    target.unlink()
+    recs = [json.loads(line) for line in old.splitlines()]
+    shard = rio.partial_dir(first.run_dir, "same_norm_random", 42) / "rank0.jsonl"
+    shard.parent.mkdir(parents=True)
+    # records are written with ensure_ascii=False: a crash can cut the last line between the bytes of one character
+    torn = rio.records_text([{**recs[3], "prediction": "\u00e9" * 20}]).encode()
+    cut = torn.index("\u00e9".encode()) + 1
+    shard.write_bytes(rio.records_text(recs[:3]).encode() + torn[:cut])
+    second = run_eval(tmp_path, ckpt, conditions=conds, seeds=[42])
+    assert second.run_dir == first.run_dir and target.read_text() == old
+
+
+def test_a_gold_answer_with_a_unicode_line_separator_reads_back(tmp_path, ckpt):
+    # U+2028 and U+0085 are left as they are by json.dumps(ensure_ascii=False) but are line breaks to str.splitlines
+    rows = [
+        {"id": f"q{i}", "context": f"A{i} is in B{i}.", "question": f"Where is A{i}?", "answer": f"B{i}"}
+        for i in range(3)
+    ] + [{"id": "sep", "context": "A is in Saint Louis.", "question": "Where is A?", "answer": "St\u2028\u0085Louis"}]
+    path = tmp_path / "qa.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dm = lambda: MultiHopQADataModule(source=str(path), batch_size=4)  # noqa: E731 (one per trainer.test)
+    first = run_eval(tmp_path, ckpt, conditions=["no_inject"], seeds=[], dm=dm())
+    again = run_eval(tmp_path, ckpt, conditions=["no_inject"], seeds=[], dm=dm())  # rerun of a finished run
+    assert again.run_dir == first.run_dir and again.results == first.results
+    assert {r["sample_id"]: r["gold"] for r in again.results["no_inject__deterministic"]}["sep"] == rows[3]["answer"]
+    assert len(load_records([first.run_dir])) == 4  # report.py's reader
+    assert len(subgroup_records([first.run_dir])) == 4  # the split report's subgroups.json reader
 
 
 # ------------------------------------------------------------------------------------ item 9b: truncated prompts
