@@ -301,6 +301,12 @@ def run_report(
         texts |= {f"{stem}.{fmt}": blob for fmt, blob in data.items()}
     # Short names as before: "summary_json", "accuracy_png", "accuracy_svg", ...
     files = {name.replace(".", "_"): atomic_write(out / name, data) for name, data in texts.items()}
+    # The one optional file set: a report without the gap written where one with it was (an evaluation rewrites its
+    # report/ on every rerun, for that invocation's conditions) would leave the earlier report's gap numbers and plot
+    # beside this summary. Only the names this function writes are removed.
+    for ext in ("json", "csv", "md", "png", "svg"):
+        if f"gap_recovered.{ext}" not in texts:
+            (out / f"gap_recovered.{ext}").unlink(missing_ok=True)
     return ReportResult(summary, comparisons, equivalence, files, md_summary, notes, gap_rows, md_comparisons)
 
 

@@ -295,3 +295,14 @@ def test_default_baselines_with_only_one_split_baseline(tmp_path: Path) -> None:
     res = run_report(recs, tmp_path, resamples=50)
     assert res.summary["meta"]["baselines"] == [LOW] and any(HIGH in n and "skipped" in n for n in res.notes)
     assert res.gap_recovered == [] and not (tmp_path / "gap_recovered.json").exists()
+
+
+def test_a_report_without_the_gap_removes_an_earlier_reports_gap_files(tmp_path: Path) -> None:
+    # An evaluation rewrites <run folder>/report on every rerun, for the conditions of that invocation (the condition
+    # list is not part of the run folder's identity): the gap files of an earlier run with skyline would stay beside
+    # a summary without it, numbers of another report.
+    recs, out = _split_records(), tmp_path / "report"
+    run_report(recs, out, resamples=50)
+    assert GAP_FILES <= {p.name for p in out.iterdir()}
+    res = run_report([r for r in recs if r["condition"] != HIGH], out, resamples=50)
+    assert res.gap_recovered == [] and {p.name for p in out.iterdir()} == EXPECTED_FILES
