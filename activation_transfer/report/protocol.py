@@ -18,8 +18,11 @@ PAPER = "paper"
 
 def run_folder(path: Path) -> Path | None:
     """The evaluation run folder an input belongs to (the folder itself, its ``records/``, or a file in it)."""
+    # fingerprint.json too: it is written before any record, while meta.json and config.yaml come only once the first
+    # invocation finishes, so a folder whose first invocation was killed after writing some records is a run folder.
+    markers = ("fingerprint.json", "meta.json", "config.yaml")
     for candidate in (path, path.parent, path.parent.parent):
-        if (candidate / "records").is_dir() and any((candidate / f).is_file() for f in ("meta.json", "config.yaml")):
+        if (candidate / "records").is_dir() and any((candidate / f).is_file() for f in markers):
             if candidate == path or path.is_relative_to(candidate / "records"):
                 return candidate
     return None

@@ -16,6 +16,7 @@ from activation_transfer.injection.conditions import build_conditions
 from activation_transfer.injection.sources import condition_source
 from activation_transfer.models.frozen_lm import load_ref
 from activation_transfer.report import records as rio
+from activation_transfer.report import run_report
 from activation_transfer.report.load import load_records
 from activation_transfer.report.subgroups import read_records as subgroup_records
 from activation_transfer.translators.loading import load_translator
@@ -233,6 +234,27 @@ def test_a_gold_answer_with_a_unicode_line_separator_reads_back(tmp_path, ckpt):
     assert {r["sample_id"]: r["gold"] for r in again.results["no_inject__deterministic"]}["sep"] == rows[3]["answer"]
     assert len(load_records([first.run_dir])) == 4  # report.py's reader
     assert len(subgroup_records([first.run_dir])) == 4  # the split report's subgroups.json reader
+
+
+def test_report_names_the_unfinished_runs_of_a_first_invocation_killed_while_writing(tmp_path, ckpt, monkeypatch):
+    # Killed between two records files at the end of its first invocation: no meta.json or config.yaml yet
+    real, written = rio.write_records, []
+
+    def crash_on_second(path, records):
+        if written:
+            raise _Crash
+        written.append(path)
+        return real(path, records)
+
+    monkeypatch.setattr(rio, "write_records", crash_on_second)
+    with pytest.raises(_Crash):
+        run_eval(tmp_path, ckpt, conditions=["no_inject", "additive"], seeds=[42], run_name="r")
+    monkeypatch.undo()
+    run = tmp_path / "r"
+    assert [p.stem for p in written] == ["no_inject__deterministic"] and not (run / "meta.json").exists()
+    res = run_report([run], tmp_path / "report", resamples=20, permutations=20)
+    assert set(res.summary["conditions"]) == {"no_inject"}
+    assert any(f"{run}: unfinished run(s) additive__seed42 (partial/" in n for n in res.notes), res.notes
 
 
 # ------------------------------------------------------------------------------------ item 9b: truncated prompts
