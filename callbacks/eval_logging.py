@@ -197,7 +197,9 @@ class EvalLoggingCallback(pl.Callback):
             self.metrics_key: metric_table(results),
             self.table_key: sample_table(results, pl_module.samples_by_id),
         }
-        if run_dir is not None:
+        # Only a report this invocation wrote: one without a baseline skips it, and the report/ an earlier invocation
+        # left in the run folder would be logged as this one's.
+        if run_dir is not None and pl_module.report_result is not None:
             tables |= {f"{self.tables_prefix}/{k}": v for k, v in report_tables(run_dir / "report").items()}
         loggers = [logger for logger in trainer.loggers if hasattr(logger, "log_table")]
         for logger in loggers:

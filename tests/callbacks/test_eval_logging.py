@@ -246,3 +246,33 @@ def test_a_rerun_logs_only_what_its_wandb_run_does_not_hold(tmp_path, ckpt, monk
     assert [a for a in artifacts if a != "run_table"] == ["eval_results"]
     ledger = json.loads((first.model.run_dir / LEDGER_FILE).read_text())
     assert ledger[f"activation-transfer/{run_id}"]["step"] == max(step for step, _ in more) + 1
+
+
+def test_an_invocation_without_a_report_logs_no_earlier_reports_tables(tmp_path, ckpt):  # noqa: F811
+    # A rerun of the run folder for conditions without a baseline skips the report; the report/ an earlier invocation
+    # wrote stays (its records are still there), but its tables were logged as this invocation's.
+    from datamodules.multihop_qa import MultiHopQADataModule
+    from lightning_modules.injection_eval import InjectionEvalModule
+
+    def evaluate(conditions):
+        fake = _FakeWandbLogger()
+        module = InjectionEvalModule(
+            ModelRef("tiny-neox"),
+            ModelRef("tiny-neox-large"),
+            translator_ckpt=ckpt,
+            conditions=conditions,
+            seeds=[42],
+            generation=GenerationSettings(max_new_tokens=3),
+            report_resamples=50,
+        )
+        trainer = quiet_trainer(tmp_path, logger=fake, callbacks=[EvalLoggingCallback()])
+        trainer.test(module, datamodule=MultiHopQADataModule(num_samples=4, batch_size=4), verbose=False)
+        return module, fake
+
+    first, fake = evaluate(["no_inject", "additive"])
+    assert "eval/tables/summary" in fake.tables
+    second, fake = evaluate(["additive"])
+    assert second.run_dir == first.run_dir and second.report_result is None
+    assert (first.run_dir / "report" / "summary.json").is_file()  # the earlier report stays on disk
+    assert not any(key.startswith("eval/tables/") for key in fake.tables)
+    assert "eval/samples" in fake.tables  # this invocation's own tables are still logged
