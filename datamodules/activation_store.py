@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from activation_transfer.errors import UsageError
-from activation_transfer.io import write_json
+from activation_transfer.io import sha256_file, write_json
 from activation_transfer.loop_progress import Progress
 from activation_transfer.models.frozen_lm import LoadedModel, ModelRef, as_ref, load_ref, resolve_dtype
 from activation_transfer.models.hooks import capture_hidden
@@ -51,6 +51,12 @@ def _remove_temporaries(folder: Path) -> None:
 def _clear_store(folder: Path) -> None:
     for p in list(folder.glob("shard-*.safetensors")) + [folder / MANIFEST, folder / PARTIAL]:
         p.unlink(missing_ok=True)
+
+
+def _shard_intact(folder: Path, shard: dict) -> bool:
+    """The shard's file holds the bytes its (partial) manifest entry recorded."""
+    path = folder / shard["file"]
+    return path.is_file() and sha256_file(path) == shard.get("sha256")
 
 
 def _hidden(lm: LoadedModel, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -95,8 +101,10 @@ def extract_store(
     partial = read_manifest(folder, PARTIAL)
     shards: list[dict] = []
     if partial is not None and partial.get("spec") == spec and partial.get("batch_size") == batch_size:
-        # The finished shards up to the first missing file: rows after a gap would be kept with the gap's lost.
-        shards = list(itertools.takewhile(lambda s: (folder / s["file"]).is_file(), partial["shards"]))
+        # The finished shards up to the first missing or changed file: rows after a gap would be kept with the gap's
+        # lost, and a file's existence is not enough: an extraction with another batch size, which cannot resume
+        # this partial, overwrites its shards and can be killed before it records them.
+        shards = list(itertools.takewhile(lambda s: _shard_intact(folder, s), partial["shards"]))
         if shards:
             log.info("resuming extraction in %s after %d finished shard(s)", folder, len(shards))
     doc_start = shards[-1]["doc_end"] if shards else 0

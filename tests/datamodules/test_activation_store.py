@@ -151,6 +151,36 @@ def test_resume_after_a_missing_middle_shard_reextracts_from_the_gap(tmp_path, m
     torch.testing.assert_close(PairStore(folder).read_rows(rows), PairStore(ref_folder).read_rows(rows))
 
 
+def test_resume_ignores_a_listed_shard_that_another_batch_size_overwrote(tmp_path, monkeypatch):
+    # Run A (batch 4) stops after two shards; run B (batch 8) cannot resume A's partial, writes its own shard-00000
+    # over A's and is killed before recording it. Resuming A's partial trusted the file's existence: the manifest
+    # then listed A's 162-row shard 0 over B's 318-row file, and a store reported as finished did not open.
+    ref_folder, ref = ensure_store(SENDER, RECEIVER, CORPUS, store_dir=str(tmp_path / "ref"), **SMALL)
+    folder, real_save, calls = tmp_path / "s", store_mod.save_shard, {"n": 0}
+
+    def interrupted(path, tensors):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_save(path, tensors)
+
+    def killed(path, obj):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store_mod, "save_shard", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ensure_store(SENDER, RECEIVER, CORPUS, store_dir=str(folder), **SMALL)
+    monkeypatch.setattr(store_mod, "save_shard", real_save)
+    monkeypatch.setattr(store_mod, "write_json", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ensure_store(SENDER, RECEIVER, CORPUS, store_dir=str(folder), **dict(SMALL, batch_size=8))
+    monkeypatch.undo()
+    _, m = ensure_store(SENDER, RECEIVER, CORPUS, store_dir=str(folder), **SMALL)
+    assert m["shards"] == ref["shards"]
+    rows = torch.arange(ref["num_tokens"]).numpy()
+    torch.testing.assert_close(PairStore(folder).read_rows(rows), PairStore(ref_folder).read_rows(rows))
+
+
 def test_nan_in_stored_shard_is_reported(tmp_path):
     s, r = torch.randn(50, 4), torch.randn(50, 3)
     r[37, 1] = float("inf")
