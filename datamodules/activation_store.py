@@ -94,6 +94,15 @@ def extract_store(
             "identical token ids; choose models that share a tokenizer "
             "(data.sender_model.name / data.receiver_model.name)"
         )
+    for option, lm in (("data.sender_model", sender), ("data.receiver_model", receiver)):
+        # Past its position table a learned-position model (GPT-2) fails with a bare IndexError, and a rotary one
+        # returns states for positions it never saw: refuse before any document is run.
+        limit = getattr(lm.model.config, "max_position_embeddings", None)
+        if isinstance(limit, int) and spec["max_length"] > limit:
+            raise StoreError(
+                f"data.max_length={spec['max_length']} exceeds the {limit} positions of {option} {lm.ref.name!r} "
+                f"(max_position_embeddings); set data.max_length <= {limit}"
+            )
     out_dtype = resolve_dtype(store_dtype)
     tok = sender.tokenizer
     tok.padding_side = "right"  # real tokens keep positions 0..len-1, exactly as when run one at a time

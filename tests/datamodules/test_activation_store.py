@@ -215,6 +215,17 @@ def test_different_tokenizers_are_refused(tmp_path):
         extract_store(s, r, load_corpus(CORPUS), tmp_path / "s", {}, batch_size=4)
 
 
+def test_max_length_past_a_models_positions_names_the_option(tmp_path):
+    # tiny-gpt2 has 512 learned positions: a longer document at max_length 1024 stopped extraction with a bare
+    # "IndexError: index out of range in self"; rotary tiny-neox silently stored positions past its 512.
+    corpus = tmp_path / "long.txt"
+    corpus.write_text("short one\n" + " ".join(["river stone"] * 450) + "\n")
+    for sender in (ModelRef("tiny-gpt2"), SENDER):  # learned positions, rotary ones
+        with pytest.raises(StoreError, match=r"max_length=1024 exceeds the 512 positions of data\.sender_model"):
+            ensure_store(sender, RECEIVER, str(corpus), store_dir=str(tmp_path / "s"), **dict(SMALL, max_length=1024))
+    assert not list((tmp_path / "s").glob("shard-*"))
+
+
 @pytest.mark.parametrize(
     ("ref", "match"),
     [
