@@ -18,11 +18,14 @@ from pathlib import Path
 
 def cache_root(cache_dir: str | None = None) -> Path:
     """The project's cache folder: ``cache_dir`` if given, else ``$ACTIVATION_TRANSFER_CACHE``, else
-    ``$XDG_CACHE_HOME/activation-transfer`` (``~/.cache/activation-transfer``)."""
+    ``$XDG_CACHE_HOME/activation-transfer`` (``~/.cache/activation-transfer``).
+
+    A leading ``~`` is the home folder, as in ``data.store_dir``: YAML and ``--data.cache_dir=~/c`` pass it unexpanded,
+    and a literal ``./~`` folder would be another cache for every working folder."""
     if cache_dir:
-        return Path(cache_dir)
+        return Path(cache_dir).expanduser()
     if os.environ.get("ACTIVATION_TRANSFER_CACHE"):
-        return Path(os.environ["ACTIVATION_TRANSFER_CACHE"])
+        return Path(os.environ["ACTIVATION_TRANSFER_CACHE"]).expanduser()
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "activation-transfer"
 
 

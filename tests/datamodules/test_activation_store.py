@@ -91,6 +91,20 @@ def test_cache_hit_then_mismatch_rebuilt(tmp_path, caplog):
     assert other != folder
 
 
+def test_a_cache_dir_under_home_is_the_same_cache_from_any_folder(tmp_path, monkeypatch):
+    # data.store_dir expanded "~", data.cache_dir and $ACTIVATION_TRANSFER_CACHE did not (bash leaves
+    # --data.cache_dir=~/c alone, YAML always): the store went to ./~/c/activations under the current folder.
+    from activation_transfer.io import cache_root
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    folder, _ = ensure_store(SENDER, RECEIVER, CORPUS, cache_dir="~/c", **SMALL)
+    assert folder.parent == tmp_path / "home" / "c" / "activations" and not (tmp_path / "work" / "~").exists()
+    monkeypatch.setenv("ACTIVATION_TRANSFER_CACHE", "~/env")
+    assert cache_root() == tmp_path / "home" / "env"
+
+
 def test_explicit_store_mismatch_is_an_error_and_keeps_data(tmp_path):
     folder, _ = ensure_store(SENDER, RECEIVER, CORPUS, store_dir=str(tmp_path / "s"), **SMALL)
     before = {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if p.name != ".lock"}
