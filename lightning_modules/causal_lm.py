@@ -193,7 +193,9 @@ class CausalLMModule(ResumeChecks, pl.LightningModule):
     def validation_step(self, batch, batch_idx: int) -> None:
         input_ids, token_type, *rest = batch
         answer_loss, _, correct = self._losses(input_ids, token_type)
-        self.val_loss.update(answer_loss, weight=input_ids.size(0))
+        # Weighted by the batch's answer tokens, not its rows: answer_loss is a mean over them, so val/loss is the
+        # mean over every answer token of the set, the same whatever the batch size or which rows share a batch.
+        self.val_loss.update(answer_loss, weight=(token_type[:, 1:] == ANSWER).sum())
         self.val_answer_acc.update(correct)
         self.log("val/loss", self.val_loss, on_epoch=True, prog_bar=True)
         self.log("val/answer_acc", self.val_answer_acc, on_epoch=True, prog_bar=True)

@@ -6,8 +6,9 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 
+from datamodules.organism_text import ANSWER, PROMPT
 from lightning_modules.causal_lm import CausalLMModule
 from lightning_modules.translator import TranslatorModule
 
@@ -63,3 +64,25 @@ def test_the_best_answer_accuracy_is_saved_and_kept_at_train_start():
     resumed.load_state_dict(trained.state_dict())  # what a resumed fit does before on_train_start
     resumed.on_train_start()
     assert float(resumed.val_answer_acc_best.max_value) == pytest.approx(0.7)  # the state (compute wants an update)
+
+
+def test_the_organisms_validation_loss_is_the_mean_over_every_answer_token():
+    # Rows with 1 to 6 answer tokens (the EOS included) after prompts of other lengths, right padded. val/loss is the
+    # answer cross-entropy of the whole validation set: one mean over its answer tokens, whatever the batching.
+    kwargs = {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "intermediate_size": 32, "vocab_size": 32}
+    pl.seed_everything(0, verbose=False)
+    module = CausalLMModule(**kwargs)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, 32, (6, 12), generator=g)
+    kind = torch.zeros(6, 12, dtype=torch.long)  # PAD
+    for i, (prompt, answer) in enumerate([(3, 1), (5, 6), (2, 2), (7, 4), (4, 1), (3, 5)]):
+        kind[i, :prompt], kind[i, prompt : prompt + answer] = PROMPT, ANSWER
+    with torch.no_grad():
+        logits = module.model.eval()(input_ids=ids).logits[:, :-1]
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+    expected = float(nll[kind[:, 1:] == ANSWER].mean())
+    for batch_size in (1, 4, 6):
+        trainer = pl.Trainer(enable_checkpointing=False, **QUIET)
+        loader = DataLoader(TensorDataset(ids, kind), batch_size=batch_size)
+        logged = trainer.validate(module, loader, verbose=False)[0]
+        assert logged["val/loss"] == pytest.approx(expected, rel=1e-5), batch_size
