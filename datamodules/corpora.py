@@ -42,15 +42,6 @@ class CorpusSpec:
     builtin_samples: int = 2000
     builtin_seed: int = 0
 
-    def __post_init__(self) -> None:
-        # max_documents 0 kept one document (the count was checked after keeping it): an empty corpus is no request.
-        for name in ("max_documents", "builtin_samples"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise UsageError(
-                    f"data.corpus.{name} must be >= 1{' or null' if name == 'max_documents' else ''}, got {value}"
-                )
-
 
 @dataclass
 class Corpus:

@@ -52,11 +52,3 @@ def test_jsonl_null_text_is_skipped_like_a_blank_row(tmp_path):
     path = tmp_path / "corpus.jsonl"
     path.write_text('{"text": null}\n{"text": "kept"}\n', encoding="utf-8")
     assert load_corpus(CorpusSpec(source=str(path))).documents == ["kept"]
-
-
-@pytest.mark.parametrize("option", ["max_documents", "builtin_samples"])
-def test_a_corpus_of_no_documents_is_refused_naming_the_option(option):
-    # max_documents 0 used to keep one document.
-    with pytest.raises(UsageError, match=f"data.corpus.{option} must be >= 1"):
-        CorpusSpec(**{option: 0})
-    assert len(load_corpus(CorpusSpec(builtin_samples=20, max_documents=1)).documents) == 1
