@@ -42,6 +42,17 @@ class CorpusSpec:
     builtin_samples: int = 2000
     builtin_seed: int = 0
 
+    def __post_init__(self) -> None:
+        # Checked here, at parsing: `_keep` stops after the first document once it has max_documents of them, so 0
+        # or a negative count silently trained on one document; a negative builtin_samples was the generator's
+        # traceback after the models had loaded.
+        if self.max_documents is not None and self.max_documents < 1:
+            raise UsageError(
+                f"data.corpus.max_documents must be >= 1 or null (all documents), got {self.max_documents}"
+            )
+        if self.builtin_samples < 1:
+            raise UsageError(f"data.corpus.builtin_samples must be >= 1, got {self.builtin_samples}")
+
 
 @dataclass
 class Corpus:

@@ -221,3 +221,18 @@ def test_wandb_without_a_login_is_one_line_and_other_wandb_errors_keep_their_tra
     with pytest.raises(Exception, match="No API key") as other, usage_errors("train.py"):
         raise wandb_error("CommError")
     assert type(other.value).__name__ == "CommError"
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        # max_documents 0 or below kept one document and trained on it, silently; builtin_samples < 0 was a traceback.
+        ("--data.corpus.max_documents", "0", "data.corpus.max_documents must be >= 1 or null (all documents), got 0"),
+        ("--data.corpus.max_documents", "-3", "data.corpus.max_documents must be >= 1 or null (all documents), got -3"),
+        ("--data.corpus.builtin_samples", "-1", "data.corpus.builtin_samples must be >= 1, got -1"),
+    ],
+)
+def test_a_corpus_size_out_of_range_is_one_line(tmp_path, capsys, option, value, message):
+    args = ["fit", "-c", TINY_TRAIN, "--trainer.default_root_dir", str(tmp_path), option, value]
+    line = _one_line_exit(capsys, lambda: train_main(args), "train.py")
+    assert message in line
