@@ -142,6 +142,9 @@ class InjectionEvalModule(pl.LightningModule):
         gen = generation
         self.generation = GenerationSettings(**gen) if isinstance(gen, dict) else dataclasses.replace(gen)
         self.allow_mismatch, self.run_name, self.cache_dir = allow_mismatch, run_name, cache_dir
+        # The report runs last, after every condition is computed: a bad count found there was a traceback at the end.
+        if report_resamples < 1:
+            raise UsageError(f"model.report_resamples must be >= 1, got {report_resamples}")
         self.do_report, self.report_resamples = report, report_resamples
         self.stack_runs, self.max_generate_rows = stack_runs, checked_rows(max_generate_rows)
         self.generate_rows: int | None = None  # rows per stacked generate (on_test_start), None: one per run

@@ -236,3 +236,11 @@ def test_a_corpus_size_out_of_range_is_one_line(tmp_path, capsys, option, value,
     args = ["fit", "-c", TINY_TRAIN, "--trainer.default_root_dir", str(tmp_path), option, value]
     line = _one_line_exit(capsys, lambda: train_main(args), "train.py")
     assert message in line
+
+
+def test_a_bad_report_resamples_is_one_line_before_evaluating(tmp_path, ckpt, capsys):
+    # The report's own check came after every condition was computed, as a traceback.
+    args = small(tmp_path, ckpt, "--model.report_resamples", "0", "--model.conditions", "[no_inject]")
+    line = _one_line_exit(capsys, lambda: eval_main(args), "evaluate.py")
+    assert "model.report_resamples must be >= 1, got 0" in line
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*/records"))
