@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import copy
 import difflib
+import importlib
 import inspect
 import os
 import re
@@ -50,6 +51,31 @@ CONFIG_KEY_NOT_ACCEPTED = re.compile(r"Subcommand '\w+' does not accept option '
 GROUP_CONFIG = re.compile(r"\n  --[\w.]+ CONFIG\s+Path to a configuration file\.")
 # Trainer options named in the short help (the rest: --help-full).
 COMMON_TRAINER = ("max_epochs", "accelerator", "devices", "precision", "default_root_dir", "logger", "callbacks")
+
+
+# A class_path that does not import: jsonargparse's reason is on the line after, which the one-line summary lost.
+CLASS_NOT_IMPORTED = re.compile(
+    r"Problem with given class_path '([\w.]+)':\s*(No module named '[\w.]+'|module '([\w.]+)' has no attribute '\w+')"
+)
+
+
+def class_path_error(message: str) -> str | None:
+    """``--KEY PATH: cannot import it (REASON); did you mean ...?`` for a class path that names no class (a typo in
+    the class or module name), else None."""
+    m = CLASS_NOT_IMPORTED.search(message)
+    keys = PARSER_KEY.findall(message)
+    if m is None or not keys:
+        return None
+    path, reason, module = m.groups()
+    close = []
+    if module is not None:  # the module imports (its attribute is missing): suggest its classes spelled alike
+        try:
+            classes = [name for name, value in vars(importlib.import_module(module)).items() if inspect.isclass(value)]
+        except ImportError:  # the attribute was missing inside the module's own import: no suggestion
+            classes = []
+        close = [f"{module}.{n}" for n in difflib.get_close_matches(path.rpartition(".")[2], classes, n=2, cutoff=0.6)]
+    maybe = f"; did you mean {' or '.join(close)}?" if close else "; give a class as module.ClassName"
+    return f"--{keys[0]} {path}: cannot import it ({reason}){maybe}"
 
 
 # jsonargparse's report of a value that fits no type of an Optional/Union: the real reason is a nested "- " line.
@@ -214,7 +240,9 @@ class ProjectParser(LightningArgumentParser):
             names = [f"--{key}.{p}" for p in params if p != "self"]
             return self._closest(f"--{key}.{option}", names)
         # jsonargparse's own message, without the page of usage before it (and without its union noise)
-        return option_type_error(message) or union_error(message) or " ".join(message.split())
+        return (
+            class_path_error(message) or option_type_error(message) or union_error(message) or " ".join(message.split())
+        )
 
     def _config_files(self) -> list[str]:
         args = list(getattr(self, "args", None) or [])

@@ -181,6 +181,30 @@ def test_a_value_of_the_wrong_type_names_the_option_and_the_types(capsys, monkey
     assert err == f"train.py fit: error: {expected}\n"
 
 
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        (
+            "lightning_modules.translator.TranslatorModul",
+            "(module 'lightning_modules.translator' has no attribute 'TranslatorModul'); did you mean "
+            "lightning_modules.translator.TranslatorModule or lightning_modules.translator.Translator?",
+        ),
+        ("foo.Bar", "(No module named 'foo'); give a class as module.ClassName"),
+    ],
+)
+def test_a_class_path_that_does_not_import_names_the_option_and_the_reason(
+    capsys, monkeypatch, tmp_path, given, expected
+):
+    # The line was "Expected a path but ... either not accessible or invalid; Problem with given class_path '...':",
+    # without the option or the reason (on jsonargparse's next line); from a config file, only its last part.
+    err = _error(train_main, ["fit", "-c", TRAIN_TINY, "--model", given], capsys, "train.py", monkeypatch)
+    assert err == f"train.py fit: error: --model {given}: cannot import it {expected}\n"
+    config = tmp_path / "model.yaml"
+    config.write_text(f"model:\n  class_path: {given}\n")
+    err = _error(train_main, ["fit", "-c", TRAIN_TINY, "-c", str(config)], capsys, "train.py", monkeypatch)
+    assert err == f"train.py fit: error: --model {given}: cannot import it {expected}\n"
+
+
 def test_a_list_option_given_one_value_names_the_list_type(capsys, monkeypatch):
     # model.seeds: None | Sequence[int]; the list type was dropped, so "expected null" was all the line said.
     err = _error(eval_main, ["test", "-c", EVAL_TINY, "--model.seeds", "42"], capsys, "evaluate.py", monkeypatch)
