@@ -20,6 +20,7 @@ import shutil
 import sys
 import textwrap
 from collections.abc import Iterator
+from pathlib import Path
 from typing import NoReturn
 
 from jsonargparse import ArgumentParser, Namespace
@@ -231,6 +232,8 @@ class ProjectParser(LightningArgumentParser):
             return self._closest(m.group(1), self._option_names())
         if "Problems parsing config" in message:
             return self._bad_yaml() or " ".join(message.split())
+        if message.startswith("Unexpected config") or 'Parser key "config": Path is not a file' in message:
+            return self._not_a_config() or " ".join(message.split())
         if m := CONFIG_KEY_NOT_ACCEPTED.search(message):
             found = self._closest(f"--{m.group(1)}", self._option_names()).replace("--", "")
             return f"{self._config_names(m.group(1))}: {found.replace('unknown option', 'unknown key')}"
@@ -271,6 +274,20 @@ class ProjectParser(LightningArgumentParser):
                 mark = getattr(err, "problem_mark", None)
                 where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
                 return f"config {path}: not valid YAML ({getattr(err, 'problem', None) or err}{where})"
+        return None
+
+    def _not_a_config(self) -> str | None:
+        """``config FILE: ...`` for the first -c path that is a folder or a file without a mapping of options (empty,
+        a comment, a list, a word), else None: jsonargparse's "Unexpected config: <its text>" named no file."""
+        for path in self._config_files():
+            if Path(path).is_dir():
+                return f"config {path} is a folder; -c takes a YAML file"
+            if not Path(path).is_file():  # an inline config (-c '{...}')
+                continue
+            content, err = _read_yaml(path)
+            if err is None and not isinstance(content, dict):
+                what = "is empty" if content is None else f"holds a {type(content).__name__}"
+                return f"config {path} {what}, not a mapping of options (e.g. trainer:, model:, data:); fix or drop it"
         return None
 
     def _subcommand(self) -> tuple[str | None, ArgumentParser]:

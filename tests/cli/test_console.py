@@ -170,6 +170,24 @@ def test_a_config_files_unknown_key_and_bad_yaml_name_the_file(capsys, monkeypat
 
 
 @pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ("", "is empty, not a mapping of options"),
+        ("# nothing yet\n", "is empty, not a mapping of options"),
+        ("x", "holds a str, not a mapping of options"),
+        ("- 1\n- 2\n", "holds a list, not a mapping of options"),
+        (None, "is a folder; -c takes a YAML file"),
+    ],
+)
+def test_a_config_file_without_options_names_the_file(capsys, monkeypatch, tmp_path, content, expected):
+    # jsonargparse's line was "Unexpected config: <the file's text>" (for an empty file: nothing), naming no file.
+    config = tmp_path / "run.yaml"
+    config.mkdir() if content is None else config.write_text(content)
+    err = _error(train_main, ["fit", "-c", TRAIN_TINY, "-c", str(config)], capsys, "train.py", monkeypatch)
+    assert err.startswith(f"train.py fit: error: config {config} {expected}"), err
+
+
+@pytest.mark.parametrize(
     ("option", "value", "expected"),
     [
         ("--trainer.max_epochs", "abc", "--trainer.max_epochs: expected null or int; got abc"),
