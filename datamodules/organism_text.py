@@ -217,6 +217,18 @@ class OrganismTextDataModule(pl.LightningDataModule):
             cache_dir: Project cache folder holding the offline tokenizer (default: ``cache_root()``).
         """
         super().__init__()
+        # Checked before the tokenizer and the samples: each was a traceback at setup (an empty batch's IndexError, a
+        # ZeroDivisionError in the sampler, the generator's ValueError) or, for a distractor_prob above 1, silently 1.
+        for name, value in (
+            *(("num_train_samples", num_train_samples), ("num_val_samples", num_val_samples)),
+            *(("max_length", max_length), ("batch_size", batch_size)),
+        ):
+            if value < 1:
+                raise UsageError(f"data.{name} must be >= 1, got {value}")
+        if num_workers < 0:
+            raise UsageError(f"data.num_workers must be >= 0, got {num_workers}")
+        if not 0 <= distractor_prob <= 1:
+            raise UsageError(f"data.distractor_prob must be in [0, 1], got {distractor_prob}")
         for name, seed in (("train_seed", train_seed), ("val_seed", val_seed)):
             if seed == EVAL_SEED:
                 raise UsageError(f"{name}={seed} is EVAL_SEED, which is held out for evaluation")

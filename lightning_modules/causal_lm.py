@@ -112,6 +112,28 @@ class CausalLMModule(ResumeChecks, pl.LightningModule):
                 little. Pair it with ``data.trim_padding: false``: one sequence length, one compiled graph.
         """
         super().__init__()
+        # Each of these was a traceback (a ZeroDivisionError, a tensor shape, torch's "Invalid learning rate") or a
+        # silent run (lr 0, a negative loss weight, a model without blocks) instead of one line naming the option.
+        for name, value in (
+            *(("hidden_size", hidden_size), ("num_layers", num_layers), ("num_heads", num_heads)),
+            *(("intermediate_size", intermediate_size), ("max_position_embeddings", max_position_embeddings)),
+        ):
+            if value < 1:
+                raise UsageError(f"model.{name} must be >= 1, got {value}")
+        if not lr > 0:
+            raise UsageError(f"model.lr must be > 0, got {lr}")
+        if not 0 <= rotary_pct <= 1:  # 0 trains (no rotary dimensions); above 1 was a tensor shape traceback
+            raise UsageError(f"model.rotary_pct must be in [0, 1] (of each head's dimensions), got {rotary_pct}")
+        for name, value in (("warmup_steps", warmup_steps), ("weight_decay", weight_decay)):
+            if value < 0:
+                raise UsageError(f"model.{name} must be >= 0, got {value}")
+        if prompt_loss_weight < 0:  # a negative weight trains the prompt's loss upwards, silently
+            raise UsageError(f"model.prompt_loss_weight must be >= 0, got {prompt_loss_weight}")
+        if not 0 <= min_lr_ratio <= 1:
+            raise UsageError(f"model.min_lr_ratio must be in [0, 1] (a fraction of model.lr), got {min_lr_ratio}")
+        for name, value in (("beta1", beta1), ("beta2", beta2)):
+            if not 0 <= value < 1:
+                raise UsageError(f"model.{name} must be in [0, 1), got {value}")
         if hidden_size % num_heads:
             raise UsageError(f"num_heads={num_heads} must divide hidden_size={hidden_size}")
         if compile is not None and compile not in COMPILE_MODES:

@@ -244,3 +244,44 @@ def test_a_bad_report_resamples_is_one_line_before_evaluating(tmp_path, ckpt, ca
     line = _one_line_exit(capsys, lambda: eval_main(args), "evaluate.py")
     assert "model.report_resamples must be >= 1, got 0" in line
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("*/records"))
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "message"),
+    [
+        # Tracebacks: an empty batch's IndexError, the sampler's ZeroDivisionError, torch's "Invalid learning rate",
+        # "integer modulo by zero", a rotary tensor shape; distractor_prob 1.5 trained as 1, silently.
+        ("--data.num_train_samples", "0", "data.num_train_samples must be >= 1, got 0"),
+        ("--data.batch_size", "0", "data.batch_size must be >= 1, got 0"),
+        ("--data.distractor_prob", "1.5", "data.distractor_prob must be in [0, 1], got 1.5"),
+        ("--model.lr", "-1", "model.lr must be > 0, got -1.0"),
+        ("--model.num_heads", "0", "model.num_heads must be >= 1, got 0"),
+        ("--model.rotary_pct", "2", "model.rotary_pct must be in [0, 1]"),
+        ("--model.beta2", "1.5", "model.beta2 must be in [0, 1), got 1.5"),
+    ],
+)
+def test_organism_option_out_of_range_is_one_line(tmp_path, capsys, option, value, message):
+    from cli.organism_cli import main as organism_main
+
+    recipe = str(ROOT / "configs" / "organisms" / "sender.yaml")
+    args = ["fit", "-c", recipe, option, value, "--trainer.default_root_dir", str(tmp_path)]
+    line = _one_line_exit(capsys, lambda: organism_main(args), "organism.py")
+    assert message in line
+
+
+@pytest.mark.parametrize("under", [False, True])
+def test_an_organism_export_dir_that_cannot_be_made_is_one_line_before_training(tmp_path, capsys, monkeypatch, under):
+    # Found at the export, after training (the recipes keep no checkpoint): a traceback that lost the trained model.
+    from cli.organism_cli import main as organism_main
+
+    def trained(*_args, **_kwargs):
+        raise AssertionError("the organism trained before --export_dir was checked")
+
+    monkeypatch.setattr("pytorch_lightning.Trainer._run", trained)
+    (tmp_path / "afile").write_text("")
+    export = tmp_path / "afile" / "sub" if under else tmp_path / "afile"
+    recipe = str(ROOT / "configs" / "organisms" / "sender.yaml")
+    args = ["fit", "-c", recipe, "--export_dir", str(export), "--trainer.default_root_dir", str(tmp_path / "run")]
+    args += ["--data.num_train_samples", "64", "--data.num_val_samples", "8"]
+    line = _one_line_exit(capsys, lambda: organism_main(args), "organism.py")
+    assert f"--export_dir {export} " in line and ("cannot be made" if under else "is a file") in line
