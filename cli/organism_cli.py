@@ -8,6 +8,8 @@ Usage: ``python organism.py fit -c configs/organisms/receiver.yaml --export_dir 
 from __future__ import annotations
 
 import logging
+import tempfile
+from pathlib import Path
 
 from pytorch_lightning.cli import ArgsType, LightningCLI
 
@@ -49,11 +51,32 @@ class OrganismCLI(LightningCLI):
         if max_length > max_pos:
             raise UsageError(f"data.max_length={max_length} exceeds model.max_position_embeddings={max_pos}")
 
+    def before_fit(self) -> None:
+        check_export_dir(self.config[self.subcommand].get("export_dir"))
+
     def after_fit(self) -> None:
         export_dir = self.config[self.subcommand].get("export_dir")
         if export_dir and self.trainer.is_global_zero:
             self.model.export(export_dir, self.datamodule.tokenizer)
             log.info("exported the organism to %s", export_dir)
+
+
+def check_export_dir(export_dir: str | None) -> None:
+    """``--export_dir`` must be a folder that can be made and written: found only at the export, after training
+    (the recipes keep no checkpoint), it was a traceback that lost the trained model. Nothing is created here."""
+    if not export_dir:
+        return
+    path = Path(export_dir).expanduser().absolute()
+    existing = next(p for p in (path, *path.parents) if p.exists())  # the root always exists
+    if not existing.is_dir():
+        what = "is a file" if existing == path else f"cannot be made ({existing} is a file)"
+        raise UsageError(f"--export_dir {export_dir} {what}; name a folder (it is created if absent)")
+    try:  # a real write (os.access says yes to root everywhere, and /proc refuses anyway): a folder made and removed
+        tempfile.TemporaryDirectory(dir=existing).cleanup()
+    except OSError as err:
+        raise UsageError(
+            f"--export_dir {export_dir}: cannot write in {existing} ({err.strerror}); pick a writable folder"
+        ) from None
 
 
 def cli_kwargs() -> dict:
