@@ -194,6 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-samples", type=int, default=None, help="evaluation questions (default: config)")
     parser.add_argument("--skip-split", action="store_true", help="run only the paper protocol")
     args = parser.parse_args(argv)
+    # Every step tests `if num_samples`: 0 silently ran the configs' 300 questions, and a negative count reached
+    # evaluate.py only after the organisms and translators were trained (minutes on a cold cache).
+    if args.num_samples is not None and args.num_samples < 1:
+        parser.error(f"--num-samples must be >= 1, got {args.num_samples} (leave it out for the configs' count)")
     from cli.parser import usage_errors
 
     with usage_errors("demo"):

@@ -285,3 +285,20 @@ def test_an_organism_export_dir_that_cannot_be_made_is_one_line_before_training(
     args += ["--data.num_train_samples", "64", "--data.num_val_samples", "8"]
     line = _one_line_exit(capsys, lambda: organism_main(args), "organism.py")
     assert f"--export_dir {export} " in line and ("cannot be made" if under else "is a file") in line
+
+
+@pytest.mark.parametrize("count", ["0", "-3"])
+def test_the_demo_refuses_a_question_count_below_one_before_anything_runs(tmp_path, monkeypatch, capsys, count):
+    # 0 silently ran the configs' 300 questions; -3 reached evaluate.py after organisms and translators had trained.
+    import cli.demo
+
+    def started(*_args, **_kwargs):
+        raise AssertionError("the demo started before checking --num-samples")
+
+    monkeypatch.setattr(cli.demo, "_run", started)
+    with pytest.raises(SystemExit) as exit_:
+        cli.demo.main(["--out", str(tmp_path / "demo"), "--num-samples", count])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_.value.code == 2 and line.endswith(
+        f"error: --num-samples must be >= 1, got {count} (leave it out for the configs' count)"
+    ), line
