@@ -52,6 +52,10 @@ class CorpusSpec:
             )
         if self.builtin_samples < 1:
             raise UsageError(f"data.corpus.builtin_samples must be >= 1, got {self.builtin_samples}")
+        # random.Random seeds an int by its absolute value: -S draws seed S's questions under other ids, silently, and
+        # past the EVAL_SEED / training-seed checks.
+        if self.builtin_seed < 0:
+            raise UsageError(f"data.corpus.builtin_seed must be >= 0, got {self.builtin_seed}")
 
 
 @dataclass

@@ -181,6 +181,10 @@ class QATrainingDataModule(pl.LightningDataModule):
                     f"{' or '.join(TRAINING_PAPER_FILES)}, 'synthetic' or a local JSONL file"
                 )
         for name, seed in (("train_seed", train_seed), ("val_seed", val_seed)):
+            # random.Random seeds an int by its absolute value: -S draws seed S's questions under other ids,
+            # silently, and past the EVAL_SEED / training-seed checks.
+            if seed < 0:
+                raise UsageError(f"data.{name} must be >= 0, got {seed}")
             if seed == EVAL_SEED:
                 raise UsageError(
                     f"data.{name}={seed} is EVAL_SEED, the held-out evaluation set's generator seed; pick another seed"

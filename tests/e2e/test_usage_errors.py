@@ -302,3 +302,23 @@ def test_the_demo_refuses_a_question_count_below_one_before_anything_runs(tmp_pa
     assert exit_.value.code == 2 and line.endswith(
         f"error: --num-samples must be >= 1, got {count} (leave it out for the configs' count)"
     ), line
+
+
+def test_a_negative_generator_seed_is_one_line(tmp_path, ckpt, capsys):
+    # random.Random(-1234) draws what random.Random(1234) draws: the evaluation set under other ids, unsaid.
+    args = small(tmp_path, ckpt, "--data.generator_seed", "-1234", "--model.conditions", "[no_inject]")
+    line = _one_line_exit(capsys, lambda: eval_main(args), "evaluate.py")
+    assert "data.generator_seed must be >= 0, got -1234" in line
+
+
+def test_negative_training_and_corpus_seeds_are_refused():
+    from datamodules.corpora import CorpusSpec
+    from datamodules.organism_text import OrganismTextDataModule
+    from datamodules.qa_training import QATrainingDataModule
+
+    with pytest.raises(UsageError, match="data.train_seed must be >= 0, got -1234"):
+        OrganismTextDataModule(train_seed=-1234)  # past the EVAL_SEED check, which compares 1234
+    with pytest.raises(UsageError, match="data.val_seed must be >= 0, got -2"):
+        QATrainingDataModule(val_seed=-2)
+    with pytest.raises(UsageError, match="data.corpus.builtin_seed must be >= 0, got -3"):
+        CorpusSpec(builtin_seed=-3)
