@@ -29,7 +29,7 @@ from activation_transfer.injection.slots import SlotSpec, check_slots_fit
 from activation_transfer.io import atomic_write, fingerprint
 from activation_transfer.models.frozen_lm import ModelRef, as_ref, load_ref
 from activation_transfer.models.generation import GenerationSettings
-from activation_transfer.report import logged_metrics, run_report
+from activation_transfer.report import checked_resamples, logged_metrics, run_report
 from activation_transfer.report import records as rio
 from activation_transfer.run_lock import RunFolderLock
 from activation_transfer.translators.loading import load_translator_for
@@ -142,10 +142,7 @@ class InjectionEvalModule(pl.LightningModule):
         gen = generation
         self.generation = GenerationSettings(**gen) if isinstance(gen, dict) else dataclasses.replace(gen)
         self.allow_mismatch, self.run_name, self.cache_dir = allow_mismatch, run_name, cache_dir
-        # The report runs last, after every condition is computed: a bad count found there was a traceback at the end.
-        if report_resamples < 1:
-            raise UsageError(f"model.report_resamples must be >= 1, got {report_resamples}")
-        self.do_report, self.report_resamples = report, report_resamples
+        self.do_report, self.report_resamples = report, checked_resamples(report_resamples, "model.report_resamples")
         self.stack_runs, self.max_generate_rows = stack_runs, checked_rows(max_generate_rows)
         self.generate_rows: int | None = None  # rows per stacked generate (on_test_start), None: one per run
         self.save_hyperparameters(ignore=["sender", "receiver", "generation", "slots"], logger=False)  # see save_config

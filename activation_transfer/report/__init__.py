@@ -32,6 +32,7 @@ from activation_transfer.report.run import (
     REPORT_SCHEMA,
     ReportResult,
     accuracy_summary,
+    checked_resamples,
     logged_metrics,
     run_report,
 )
@@ -63,6 +64,7 @@ __all__ = [
     "accuracy_summary",
     "build_comparisons",
     "build_summary",
+    "checked_resamples",
     "collapse_repeated_runs",
     "comparisons_markdown",
     "condition_accuracy",

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from activation_transfer.errors import UsageError
 from activation_transfer.io import atomic_write
 from activation_transfer.report.analysis import (
     DEFAULT_TOST_RESAMPLES,
@@ -153,6 +154,15 @@ def _collapse_notes(runs: RunCollapse) -> list[str]:
     return notes
 
 
+def checked_resamples(resamples: int, option: str = "resamples") -> int:
+    """``resamples`` if it is >= 1, else one line naming ``option``. An evaluation checks its
+    ``model.report_resamples`` when it is built: its report runs after every condition is computed, where a bad
+    count was a traceback at the end."""
+    if resamples < 1:
+        raise UsageError(f"{option} must be >= 1, got {resamples}")
+    return resamples
+
+
 def run_report(
     inputs: Sequence[str | Path] | Sequence[Mapping],
     out_dir: str | Path,
@@ -202,8 +212,7 @@ def run_report(
     Runs of one computation (one translator's answers to a condition that ignores the seed, written once per seed)
     count as one run: see ``load.collapse_repeated_runs``; ``summary.json``'s ``meta.collapsed_runs`` lists them.
     """
-    if resamples < 1:
-        raise ValueError(f"resamples must be >= 1, got {resamples}")
+    checked_resamples(resamples)
     margins = [float(g) for g in margins]
     # NaN fails every comparison, so `g <= 0` lets it through to a late JSON "Out of range float" error; inf is no
     # margin at all. Both are refused here, before any work. Deltas lie in [-1, 1]: a margin of 1 or more calls every
