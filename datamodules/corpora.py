@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from activation_transfer.errors import MissingInput, UsageError
+from activation_transfer.task.generator import check_seed
 
 BUILTIN = "builtin"
 HF_PREFIX = "hf:"
@@ -52,10 +53,7 @@ class CorpusSpec:
             )
         if self.builtin_samples < 1:
             raise UsageError(f"data.corpus.builtin_samples must be >= 1, got {self.builtin_samples}")
-        # random.Random seeds an int by its absolute value: -S draws seed S's questions under other ids, silently, and
-        # past the EVAL_SEED / training-seed checks.
-        if self.builtin_seed < 0:
-            raise UsageError(f"data.corpus.builtin_seed must be >= 0, got {self.builtin_seed}")
+        check_seed("data.corpus.builtin_seed", self.builtin_seed)
 
 
 @dataclass

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from activation_transfer.errors import UsageError
 from activation_transfer.task.entities import counterfactual as substitute
-from activation_transfer.task.generator import EVAL_NUM_SAMPLES, EVAL_SEED
+from activation_transfer.task.generator import EVAL_NUM_SAMPLES, EVAL_SEED, check_seed
 from datamodules.qa_sources import PAPER_FILES, QADataError, QASample, load_source, resolve_paper_file
 
 __all__ = ["MultiHopQADataModule", "QADataError", "QADataset", "QASample"]
@@ -97,10 +97,7 @@ class MultiHopQADataModule(pl.LightningDataModule):
             raise UsageError(f"batch_size must be >= 1, got {batch_size}")
         if num_workers < 0:
             raise UsageError(f"num_workers must be >= 0, got {num_workers}")
-        # random.Random seeds an int by its absolute value: -S draws seed S's questions under other ids, silently, and
-        # past the EVAL_SEED / training-seed checks.
-        if generator_seed < 0:
-            raise UsageError(f"data.generator_seed must be >= 0, got {generator_seed}")
+        check_seed("data.generator_seed", generator_seed)
         self.save_hyperparameters(logger=False)  # the logger gets the nested CLI config (save_config), once
         self.source = source
         self.data_dir = data_dir

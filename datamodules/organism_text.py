@@ -17,6 +17,7 @@ from activation_transfer.task.entities import candidates
 from activation_transfer.task.generator import (
     EVAL_SEED,
     MultiHopSample,
+    check_seed,
     eval_keys,
     generate_samples,
 )
@@ -230,10 +231,7 @@ class OrganismTextDataModule(pl.LightningDataModule):
         if not 0 <= distractor_prob <= 1:
             raise UsageError(f"data.distractor_prob must be in [0, 1], got {distractor_prob}")
         for name, seed in (("train_seed", train_seed), ("val_seed", val_seed)):
-            # random.Random seeds an int by its absolute value: -S draws seed S's questions under other ids,
-            # silently, and past the EVAL_SEED / training-seed checks.
-            if seed < 0:
-                raise UsageError(f"data.{name} must be >= 0, got {seed}")
+            check_seed(f"data.{name}", seed)
             if seed == EVAL_SEED:
                 raise UsageError(f"{name}={seed} is EVAL_SEED, which is held out for evaluation")
         if train_seed == val_seed:

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from activation_transfer.errors import UsageError
-from activation_transfer.task.generator import EVAL_SEED
+from activation_transfer.task.generator import EVAL_SEED, check_seed
 from datamodules.multihop_qa import QADataset
 from datamodules.organism_text import held_out_samples
 from datamodules.qa_sources import (
@@ -181,10 +181,7 @@ class QATrainingDataModule(pl.LightningDataModule):
                     f"{' or '.join(TRAINING_PAPER_FILES)}, 'synthetic' or a local JSONL file"
                 )
         for name, seed in (("train_seed", train_seed), ("val_seed", val_seed)):
-            # random.Random seeds an int by its absolute value: -S draws seed S's questions under other ids,
-            # silently, and past the EVAL_SEED / training-seed checks.
-            if seed < 0:
-                raise UsageError(f"data.{name} must be >= 0, got {seed}")
+            check_seed(f"data.{name}", seed)
             if seed == EVAL_SEED:
                 raise UsageError(
                     f"data.{name}={seed} is EVAL_SEED, the held-out evaluation set's generator seed; pick another seed"

@@ -13,6 +13,7 @@ import hashlib
 import random
 from dataclasses import asdict, dataclass
 
+from activation_transfer.errors import UsageError
 from activation_transfer.task.prompts import format_prompt
 
 # Generator seed of the built-in evaluation set. Anything trained on generated data (the model organisms) must
@@ -180,6 +181,14 @@ def _question(hops: int, qtype: str, phrases: tuple[str, str], links: dict[str, 
     if hops == 3 or (hops == 4 and qtype == "mid"):
         return f"What continent is the country {rel} located on?", links["continent"]
     return f"About how many countries are there on the continent of the country {rel}?", links["count"]
+
+
+def check_seed(option: str, seed: int) -> None:
+    """Refuse a negative generator seed in one line naming ``option``: ``random.Random`` seeds an int by its absolute
+    value, so -S would draw seed S's questions under other ids, silently, and past the EVAL_SEED / training-seed
+    checks."""
+    if seed < 0:
+        raise UsageError(f"{option} must be >= 0, got {seed}")
 
 
 def generate_samples(
